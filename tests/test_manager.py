@@ -1,0 +1,187 @@
+import pytest
+
+from conftest import PAGE, SMALL, FakeFence, make_manager
+from vllm_vattention.errors import MappingError, OutOfAddressSpaceError, OutOfPagesError
+from vllm_vattention.memory import ZERO, FakeDriver, FakeDriverError, KVMemoryManager, make_layout
+
+
+def token_bytes(mgr, row, tok, layer=0, kv=0, head=0):
+    return mgr.address(row, tok, layer, kv, head)
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "per_layer"])
+def test_writes_cross_block_boundaries_and_alias(driver, layout):
+    mgr = make_manager(driver, layout)
+    bs = mgr.layout.block_size
+    r0, r1 = mgr.acquire_row(), mgr.acquire_row()
+    mgr.set_blocks(r0, [3, 5, 7])
+    mgr.set_blocks(r1, [3, 9])  # block 3 shared: a common prefix
+    for tok in range(3 * bs):
+        for layer in range(SMALL.num_layers):
+            for kv in (0, 1):
+                driver.write(mgr.address(r0, tok, layer, kv, 1), bytes([tok % 251, layer, kv]))
+    for tok in range(bs):  # the shared block shows the same bytes in both rows
+        for layer in range(SMALL.num_layers):
+            assert driver.read(mgr.address(r1, tok, layer, 1, 1), 3) == bytes([tok % 251, layer, 1])
+    assert driver.read(mgr.address(r1, bs, 0, 0, 1), 3) == bytes(3)  # block 9 is fresh: zeroed
+    assert mgr.mapper.where[3] == {(r0, 0), (r1, 0)}
+    mgr.mapper.check_invariants()
+    mgr.close()
+    assert driver.leaks() == []
+
+
+def test_remap_shows_the_new_blocks_data_and_only_changes_are_mapped(driver):
+    mgr = make_manager(driver)
+    a, b = mgr.acquire_row(), mgr.acquire_row()
+    mgr.set_blocks(a, [1])
+    mgr.set_blocks(b, [2])
+    driver.write(mgr.address(a, 0, 0, 0), b"AAAA")
+    driver.write(mgr.address(b, 0, 0, 0), b"BBBB")
+    maps = mgr.mapper.stats.block_maps
+    mgr.set_blocks(a, [1])  # unchanged: no driver call
+    assert mgr.mapper.stats.block_maps == maps
+    mgr.set_blocks(a, [2])
+    assert driver.read(mgr.address(a, 0, 0, 0), 4) == b"BBBB"
+    assert mgr.mapper.stats.block_unmaps == 1
+    mgr.close()
+
+
+def test_zero_page_guard_is_readable_zero_and_read_only(driver):
+    mgr = make_manager(driver)
+    r = mgr.acquire_row()
+    bs = mgr.layout.block_size
+    mgr.set_blocks(r, [4])
+    mgr.ensure_readable(r, 3 * bs)
+    assert mgr.mapper.slots[r][:4] == [4, ZERO, ZERO, None]
+    assert driver.read(mgr.address(r, 2 * bs + 1, 1, 1), 16) == bytes(16)
+    with pytest.raises(FakeDriverError, match="illegal write"):
+        driver.write(mgr.address(r, bs, 0, 0), b"x")
+    with pytest.raises(FakeDriverError, match="illegal read"):
+        driver.read(mgr.address(r, 3 * bs, 0, 0), 1)
+    mgr.set_blocks(r, [4, 6])  # growth replaces the guard with a real block
+    driver.write(mgr.address(r, bs, 0, 0), b"ok")
+    mgr.close()
+    assert driver.leaks() == []
+
+
+def test_unmap_waits_for_steps_in_flight_that_read_the_slot(driver):
+    mgr = make_manager(driver)
+    bs = mgr.layout.block_size
+    r = mgr.acquire_row()
+    mgr.set_blocks(r, [1])
+    mgr.ensure_readable(r, 3 * bs)
+    reading_guard, unrelated = FakeFence(), FakeFence()
+    mgr.record_reads(reading_guard, {r: 3 * bs})  # e.g. FA3 over-reading two blocks past the end
+    mgr.record_reads(unrelated, {})
+    mgr.set_blocks(r, [1], start=0)  # nothing changes: nothing to wait for
+    assert reading_guard.waited == 0
+    mgr.set_blocks(r, [1, 2])  # replaces a guard slot the step may be reading
+    assert reading_guard.waited == 1 and mgr.mapper.stats.hazard_waits == 1
+    assert unrelated.waited == 0
+    mgr.set_blocks(r, [1, 2, 3])  # the reader finished: no more waiting
+    assert mgr.mapper.stats.hazard_waits == 1
+    mgr.close()
+
+
+def test_finished_fences_cost_nothing(driver):
+    mgr = make_manager(driver)
+    r = mgr.acquire_row()
+    mgr.set_blocks(r, [1])
+    f = FakeFence()
+    mgr.record_reads(f, {r: 64})
+    f.complete()
+    mgr.set_blocks(r, [2])
+    assert f.waited == 0 and mgr.mapper.stats.hazard_waits == 0
+    mgr.close()
+
+
+def test_deferred_reclaim_keeps_mappings_for_the_next_user_eager_unmaps(driver):
+    mgr = make_manager(driver, rows=1)
+    r = mgr.acquire_row()
+    mgr.set_blocks(r, [1, 2])
+    mgr.release_row(r)
+    r2 = mgr.acquire_row()
+    assert r2 == r and mgr.mapper.slots[r][:2] == [1, 2]
+    before = mgr.mapper.stats.block_maps
+    mgr.set_blocks(r2, [1, 2])  # e.g. a prefix-cache hit on the same blocks: free
+    assert mgr.mapper.stats.block_maps == before
+    mgr.close()
+
+    d2 = FakeDriver(PAGE)
+    eager = make_manager(d2, rows=1, reclaim="eager")
+    r = eager.acquire_row()
+    eager.set_blocks(r, [1, 2])
+    f = FakeFence()
+    eager.record_reads(f, {r: 8})
+    eager.release_row(r)
+    assert f.waited == 1  # the unmap waited for the step reading the row
+    assert list(eager.mapper.mapped_slots(r)) == []
+    eager.close()
+    assert d2.leaks() == []
+
+
+def test_rows_and_blocks_are_bounded(driver):
+    mgr = make_manager(driver, rows=2, max_tokens=8, num_blocks=4)
+    a, _ = mgr.acquire_row(), mgr.acquire_row()
+    with pytest.raises(MappingError, match="all 2 rows are in use"):
+        mgr.acquire_row()
+    with pytest.raises(MappingError, match="longer than max_model_len"):
+        mgr.set_blocks(a, [0, 1, 2])
+    with pytest.raises(IndexError, match="block id 4"):
+        mgr.set_blocks(a, [4])
+    with pytest.raises(MappingError, match="not in use"):
+        mgr.release_row(3)
+    for _ in range(4):
+        mgr.pool.allocate()
+    with pytest.raises(OutOfPagesError, match="all 4 KV blocks"):
+        mgr.pool.allocate()
+    mgr.close()
+    assert driver.leaks() == []
+
+
+def test_out_of_device_memory_and_address_space_are_typed_and_leak_nothing():
+    d = FakeDriver(PAGE, capacity=6 * PAGE)
+    with pytest.raises(OutOfPagesError, match="could create only"):
+        make_manager(d, num_blocks=8)
+    assert d.leaks() == []
+    d = FakeDriver(PAGE, va_limit=(1 << 32) + 1024 * PAGE)
+    with pytest.raises(OutOfAddressSpaceError, match="--max-num-seqs or --max-model-len"):
+        make_manager(d, rows=64, max_tokens=4096)
+    assert d.leaks() == []
+
+
+def test_background_thread_gives_the_same_mappings_and_reports_errors(driver):
+    fg = make_manager(FakeDriver(PAGE))
+    bg = make_manager(driver, background=True)
+    for m in (fg, bg):
+        r = m.acquire_row()
+        m.set_blocks(r, [2, 3])
+        m.ensure_readable(r, 40)
+        m.set_blocks(r, [2, 5], start=1)
+        m.sync()
+    assert fg.mapper.slots == bg.mapper.slots
+    bg.set_blocks(0, [99])  # invalid id: raised on the thread, reported at sync
+    with pytest.raises(IndexError, match="block id 99"):
+        bg.sync()
+    bg.close()
+    fg.close()
+    assert driver.leaks() == []
+
+
+def test_close_is_idempotent_and_releases_everything(driver):
+    mgr = make_manager(driver)
+    r = mgr.acquire_row()
+    mgr.set_blocks(r, [0, 1])
+    mgr.ensure_readable(r, 64)
+    f = FakeFence()
+    mgr.record_reads(f, {r: 64})
+    mgr.close()
+    mgr.close()
+    assert f.waited == 1  # shutdown waited for the step in flight before unmapping
+    assert driver.leaks() == []
+
+
+def test_page_size_must_match_driver_granularity():
+    lay = make_layout("interleaved", SMALL, PAGE, rows=1, min_row_tokens=8)
+    with pytest.raises(ValueError, match="granularity"):
+        KVMemoryManager(FakeDriver(granularity=8192), lay, 4)

@@ -1,0 +1,123 @@
+"""Random allocate / grow / alias / free / reuse sequences against the fake driver.
+
+After every step: the slot table, the reverse index and the driver's page table agree; no slot
+that an unfinished step may read has changed since that step was launched; and at the end
+everything is released.
+"""
+
+import os
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from conftest import PAGE, SMALL, FakeStream
+from vllm_vattention.memory import ZERO, FakeDriver, KVMemoryManager, make_layout
+
+NUM_BLOCKS = 12
+ROWS = 3
+
+
+class ManagerMachine(RuleBasedStateMachine):
+    @initialize(layout=st.sampled_from(["interleaved", "per_layer"]),
+                reclaim=st.sampled_from(["deferred", "eager"]))
+    def setup(self, layout, reclaim):
+        self.driver = FakeDriver(PAGE)
+        lay = make_layout(layout, SMALL, PAGE, rows=ROWS, min_row_tokens=60)
+        self.mgr = KVMemoryManager(self.driver, lay, NUM_BLOCKS, reclaim=reclaim)
+        self.bs = lay.block_size
+        self.active: dict[int, list[int]] = {}  # row -> blocks
+        self.stream = FakeStream()
+        self.fences: list = []  # (fence, {row: slots it may read, as they were at launch})
+
+    @precondition(lambda self: self.mgr.num_free_rows > 0)
+    @rule()
+    def acquire(self):
+        self.active[self.mgr.acquire_row()] = []
+
+    @precondition(lambda self: self.active)
+    @rule(data=st.data())
+    def release(self, data):
+        row = data.draw(st.sampled_from(sorted(self.active)))
+        self.mgr.release_row(row)
+        del self.active[row]
+
+    @precondition(lambda self: self.active)
+    @rule(data=st.data(), n=st.integers(1, 3))
+    def grow(self, data, n):
+        row = data.draw(st.sampled_from(sorted(self.active)))
+        have = self.active[row]
+        n = min(n, self.mgr.layout.blocks_per_row - len(have))
+        new = data.draw(st.lists(st.integers(0, NUM_BLOCKS - 1), min_size=n, max_size=n))
+        self.mgr.set_blocks(row, new, start=len(have))
+        have.extend(new)
+
+    @precondition(lambda self: len(self.active) >= 1)
+    @rule(data=st.data())
+    def replace_all(self, data):
+        """A preempted-and-resumed request, or a new one reusing a row: a whole new block list."""
+        row = data.draw(st.sampled_from(sorted(self.active)))
+        k = data.draw(st.integers(0, self.mgr.layout.blocks_per_row))
+        blocks = data.draw(st.lists(st.integers(0, NUM_BLOCKS - 1), min_size=k, max_size=k))
+        self.mgr.set_blocks(row, blocks)
+        self.active[row] = blocks
+
+    @precondition(lambda self: self.active)
+    @rule(data=st.data(), extra=st.integers(0, 40))
+    def launch_step(self, data, extra):
+        rows = data.draw(st.lists(st.sampled_from(sorted(self.active)), unique=True, min_size=1))
+        reads = {}
+        for r in rows:
+            n = len(self.active[r]) * self.bs + extra  # FA3-style over-read past the end
+            self.mgr.ensure_readable(r, n)
+            reads[r] = n
+        f = self.stream.fence()
+        self.mgr.record_reads(f, reads)
+        snap = {r: list(self.mgr.mapper.slots[r][:-(-n // self.bs)]) for r, n in reads.items()}
+        self.fences.append((f, snap))
+
+    @precondition(lambda self: self.stream.finished < self.stream.launched)
+    @rule()
+    def finish_oldest_step(self):
+        self.stream.finished += 1
+
+    @invariant()
+    def page_table_matches_slots(self):
+        if not hasattr(self, "mgr"):
+            return
+        m = self.mgr
+        m.mapper.check_invariants()
+        for row in range(ROWS):
+            for slot, target in enumerate(m.mapper.slots[row]):
+                for i, off in enumerate(m.layout.chunks(row, slot)):
+                    got = self.driver.mapping_at(m.base_va + off)
+                    if target is None:
+                        assert got is None
+                    elif target == ZERO:
+                        assert got == (m.pool.zero_handle, 0, 1)
+                    else:
+                        assert got == (m.pool.handle(target), i * m.layout.chunk_bytes(), 3)
+        for row, blocks in self.active.items():
+            assert m.mapper.slots[row][:len(blocks)] == blocks
+
+    @invariant()
+    def nothing_in_flight_was_changed(self):
+        for f, snap in getattr(self, "fences", []):
+            if not f.completed:
+                for r, before in snap.items():
+                    assert self.mgr.mapper.slots[r][:len(before)] == before
+
+    def teardown(self):
+        if hasattr(self, "mgr"):
+            self.mgr.close()
+            assert self.driver.leaks() == []
+
+
+ManagerMachine.TestCase.settings = settings(
+    max_examples=int(os.environ.get("VATTN_HYPOTHESIS_EXAMPLES", "150")),
+    stateful_step_count=40,
+    deadline=None,
+    derandomize=bool(os.environ.get("CI")),
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestManagerMachine = ManagerMachine.TestCase

@@ -1,0 +1,87 @@
+"""Every option of the plugin, read and checked in one place. Nothing else reads the environment.
+
+| variable | values | default | meaning |
+|---|---|---|---|
+| VLLM_ATTENTION_BACKEND | VATTENTION | unset | turn vAttention on (vLLM 0.25 dropped this variable; we honour it) |
+| VATTN_LAYOUT | interleaved, per_layer | interleaved | how a token's KV is laid out in a row |
+| VATTN_RECLAIM | deferred, eager | deferred | keep a released row's pages mapped, or unmap them |
+| VATTN_DECODE_KERNEL | fa2, fa3 | fa2 | kernel for decode-only batches (FA3 always runs prefill) |
+| VATTN_BACKGROUND_MAP | 0, 1 | 0 | map pages on a background thread while the step is prepared |
+| VATTN_EXTRA_ROWS | integer >= 0 | max_num_seqs | rows beyond max_num_seqs, so a new request rarely waits for a row still read by a step in flight |
+| VATTN_GUARD_TOKENS | integer >= 0 | 256 | readable tokens kept past each sequence end for kernels that over-read (FA3) |
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+from .errors import ConfigError
+from .memory.layout import LAYOUTS
+from .memory.manager import RECLAIM_POLICIES
+
+BACKEND_ENV = "VLLM_ATTENTION_BACKEND"
+BACKEND_VALUE = "VATTENTION"
+DECODE_KERNELS = ("fa2", "fa3")
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
+    value = env.get(name, default).strip().lower()
+    if value not in choices:
+        raise ConfigError(f"{name}={env[name]!r} is not supported; use one of: {', '.join(choices)}")
+    return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int | None, minimum: int = 0) -> int | None:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer; set a whole number >= {minimum}") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={value} is below {minimum}; set a whole number >= {minimum}")
+    return value
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    v = raw.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean; use 1 or 0")
+
+
+@dataclass(frozen=True)
+class VattnConfig:
+    requested_by_env: bool = False
+    layout: str = "interleaved"
+    reclaim: str = "deferred"
+    decode_kernel: str = "fa2"
+    background_map: bool = False
+    extra_rows: int | None = None
+    guard_tokens: int = 256
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "VattnConfig":
+        env = os.environ if env is None else env
+        backend = env.get(BACKEND_ENV, "").strip()
+        return cls(
+            requested_by_env=backend.upper() == BACKEND_VALUE,
+            layout=_choice(env, "VATTN_LAYOUT", LAYOUTS, "interleaved"),
+            reclaim=_choice(env, "VATTN_RECLAIM", RECLAIM_POLICIES, "deferred"),
+            decode_kernel=_choice(env, "VATTN_DECODE_KERNEL", DECODE_KERNELS, "fa2"),
+            background_map=_flag(env, "VATTN_BACKGROUND_MAP", False),
+            extra_rows=_int(env, "VATTN_EXTRA_ROWS", None),
+            guard_tokens=_int(env, "VATTN_GUARD_TOKENS", 256),
+        )
+
+    def num_rows(self, max_num_seqs: int) -> int:
+        extra = max_num_seqs if self.extra_rows is None else self.extra_rows
+        return max_num_seqs + extra

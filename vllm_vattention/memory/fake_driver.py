@@ -1,0 +1,223 @@
+"""A CPU stand-in for CudaDriver with the same interface, strict about misuse.
+
+It keeps a page table (virtual page -> (handle, page within handle, access)) and real bytes per
+handle, so tests can check that aliasing shows the same bytes in two rows. Everything the real
+driver would reject, or that would be a bug on a GPU (double map, unmap of unmapped memory, use of
+a released handle, access before cuMemSetAccess, writes through a read-only mapping), raises
+FakeDriverError. `leaks()` lists what was not given back.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from ..errors import OutOfAddressSpaceError, OutOfPagesError
+
+
+class FakeDriverError(AssertionError):
+    """Misuse of the driver that the real one would reject or that would corrupt memory."""
+
+
+@dataclass
+class _Handle:
+    size: int
+    data: bytearray | None = None  # allocated on first write, to keep big pools cheap
+    released: bool = False
+    maps: int = 0
+
+
+@dataclass
+class _Reservation:
+    size: int
+    freed: bool = False
+
+
+@dataclass
+class _Pte:
+    handle: int
+    page: int  # page index inside the handle
+    access: int = 0  # 0 none, 1 read, 3 read-write
+
+
+@dataclass
+class FakeStats:
+    calls: dict = field(default_factory=dict)
+
+    def bump(self, name: str, pages: int = 1) -> None:
+        self.calls[name] = self.calls.get(name, 0) + pages
+
+
+class FakeDriver:
+    def __init__(self, granularity: int = 4096, capacity: int = 1 << 40, va_limit: int = 1 << 47):
+        self.granularity = granularity
+        self.capacity = capacity  # bytes of "device memory"
+        self.va_limit = va_limit
+        self._lock = threading.Lock()
+        self._next_va = 1 << 32
+        self._next_handle = 1
+        self._reservations: dict[int, _Reservation] = {}
+        self._handles: dict[int, _Handle] = {}
+        self._ptes: dict[int, _Pte] = {}  # virtual page number -> entry
+        self._used = 0
+        self.stats = FakeStats()
+
+    # -- helpers -------------------------------------------------------------------------
+    def _aligned(self, *values: int) -> None:
+        for v in values:
+            if v % self.granularity:
+                raise FakeDriverError(f"{v:#x} is not a multiple of the granularity {self.granularity}")
+
+    def _pages(self, va: int, size: int) -> range:
+        self._aligned(va, size)
+        if size <= 0:
+            raise FakeDriverError(f"size {size} must be positive")
+        return range(va // self.granularity, (va + size) // self.granularity)
+
+    def _reserved(self, va: int, size: int) -> None:
+        for base, r in self._reservations.items():
+            if not r.freed and base <= va and va + size <= base + r.size:
+                return
+        raise FakeDriverError(f"[{va:#x}, {va + size:#x}) is not inside one live reservation")
+
+    def _handle(self, handle: int) -> _Handle:
+        h = self._handles.get(handle)
+        if h is None:
+            raise FakeDriverError(f"unknown handle {handle}")
+        if h.released:
+            raise FakeDriverError(f"handle {handle} was released")
+        return h
+
+    # -- Driver interface ------------------------------------------------------------------
+    def reserve(self, size: int) -> int:
+        with self._lock:
+            self._aligned(size)
+            if self._next_va + size > self.va_limit:
+                raise OutOfAddressSpaceError(f"fake reserve of {size} bytes exceeds the VA limit")
+            va = self._next_va
+            self._next_va += size + self.granularity  # a gap, so ranges never touch
+            self._reservations[va] = _Reservation(size)
+            self.stats.bump("reserve")
+            return va
+
+    def free_reservation(self, va: int, size: int) -> None:
+        with self._lock:
+            r = self._reservations.get(va)
+            if r is None or r.freed or r.size != size:
+                raise FakeDriverError(f"free_reservation({va:#x}, {size}) matches no live reservation")
+            if any(vpn in self._ptes for vpn in self._pages(va, size)):
+                raise FakeDriverError(f"reservation {va:#x} freed while pages are still mapped")
+            r.freed = True
+            self.stats.bump("free_reservation")
+
+    def create(self, size: int) -> int:
+        with self._lock:
+            self._aligned(size)
+            if self._used + size > self.capacity:
+                raise OutOfPagesError(f"fake device is full ({self._used} + {size} > {self.capacity})")
+            self._used += size
+            h = self._next_handle
+            self._next_handle += 1
+            self._handles[h] = _Handle(size)
+            self.stats.bump("create")
+            return h
+
+    def release(self, handle: int) -> None:
+        with self._lock:
+            h = self._handle(handle)
+            if h.maps:
+                raise FakeDriverError(f"handle {handle} released while mapped {h.maps} page(s)")
+            h.released = True
+            self._used -= h.size
+            self.stats.bump("release")
+
+    def map(self, va: int, size: int, handle: int, offset: int = 0) -> None:
+        with self._lock:
+            h = self._handle(handle)
+            self._aligned(offset)
+            if offset + size > h.size:
+                raise FakeDriverError(f"map of {size} bytes at offset {offset} overruns handle {handle} ({h.size})")
+            self._reserved(va, size)
+            pages = self._pages(va, size)
+            for vpn in pages:
+                if vpn in self._ptes:
+                    raise FakeDriverError(f"double map at {vpn * self.granularity:#x}")
+            first = offset // self.granularity
+            for i, vpn in enumerate(pages):
+                self._ptes[vpn] = _Pte(handle, first + i)
+            h.maps += len(pages)
+            self.stats.bump("map", len(pages))
+
+    def set_access(self, va: int, size: int, writable: bool = True) -> None:
+        with self._lock:
+            pages = self._pages(va, size)
+            for vpn in pages:
+                if vpn not in self._ptes:
+                    raise FakeDriverError(f"set_access on unmapped page {vpn * self.granularity:#x}")
+            for vpn in pages:
+                self._ptes[vpn].access = 3 if writable else 1
+            self.stats.bump("set_access", len(pages))
+
+    def unmap(self, va: int, size: int) -> None:
+        with self._lock:
+            pages = self._pages(va, size)
+            for vpn in pages:
+                if vpn not in self._ptes:
+                    raise FakeDriverError(f"unmap of unmapped page {vpn * self.granularity:#x}")
+            for vpn in pages:
+                pte = self._ptes.pop(vpn)
+                self._handles[pte.handle].maps -= 1
+            self.stats.bump("unmap", len(pages))
+
+    def memset_zero(self, va: int, size: int) -> None:
+        self.write(va, bytes(size))
+
+    def mem_info(self) -> tuple[int, int]:
+        return self.capacity - self._used, self.capacity
+
+    # -- what a kernel would do: byte access through the page table ------------------------
+    def _walk(self, va: int, n: int, need: int):
+        g = self.granularity
+        pos = va
+        while pos < va + n:
+            pte = self._ptes.get(pos // g)
+            if pte is None or (pte.access & need) != need:
+                kind = "write" if need == 3 else "read"
+                raise FakeDriverError(f"illegal {kind} at {pos:#x} (unmapped or no access)")
+            h = self._handles[pte.handle]
+            if h.released:
+                raise FakeDriverError(f"access at {pos:#x} through released handle {pte.handle}")
+            start = pos % g
+            take = min(g - start, va + n - pos)
+            yield h, pte.page * g + start, take
+            pos += take
+
+    def read(self, va: int, n: int) -> bytes:
+        out = bytearray()
+        with self._lock:
+            for h, off, take in self._walk(va, n, 1):
+                out += h.data[off:off + take] if h.data is not None else bytes(take)
+        return bytes(out)
+
+    def write(self, va: int, data: bytes) -> None:
+        with self._lock:
+            pos = 0
+            for h, off, take in self._walk(va, len(data), 3):
+                if h.data is None:
+                    h.data = bytearray(h.size)
+                h.data[off:off + take] = data[pos:pos + take]
+                pos += take
+
+    # -- inspection -------------------------------------------------------------------------
+    def mapping_at(self, va: int) -> tuple[int, int, int] | None:
+        """(handle, byte offset inside the handle, access) of the page holding va, or None."""
+        pte = self._ptes.get(va // self.granularity)
+        if pte is None:
+            return None
+        return pte.handle, pte.page * self.granularity + va % self.granularity, pte.access
+
+    def leaks(self) -> list[str]:
+        out = [f"reservation {va:#x} ({r.size} bytes)" for va, r in self._reservations.items() if not r.freed]
+        out += [f"handle {h} ({x.size} bytes)" for h, x in self._handles.items() if not x.released]
+        out += [f"{len(self._ptes)} mapped page(s)"] if self._ptes else []
+        return out

@@ -1,0 +1,142 @@
+"""The KV memory manager: one reservation, a page pool, rows, and the mapper. No vLLM here.
+
+Typical use, once per step:
+
+    row = mgr.acquire_row()                  # a new request
+    mgr.set_blocks(row, block_ids)           # its block list (only changed slots are remapped)
+    mgr.ensure_readable(row, read_tokens)    # zero page behind the end, for kernels that over-read
+    ... launch the step ...
+    mgr.record_reads(fence, {row: read_tokens})
+    mgr.release_row(row)                     # finished or preempted
+
+`reclaim="deferred"` (default) leaves a released row's slots mapped: a later request in that row
+whose blocks are the same pays nothing, and stale slots are only ever read past a sequence's end
+(masked). `reclaim="eager"` unmaps them once no step in flight reads them.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Sequence
+
+from ..errors import MappingError, OutOfAddressSpaceError
+from .background import MappingThread
+from .driver import Driver
+from .layout import Layout
+from .mapper import Fence, RowMapper
+from .pool import PagePool
+
+RECLAIM_POLICIES = ("deferred", "eager")
+
+
+class KVMemoryManager:
+    def __init__(self, driver: Driver, layout: Layout, num_blocks: int, reclaim: str = "deferred",
+                 background: bool = False):
+        if reclaim not in RECLAIM_POLICIES:
+            raise ValueError(f"reclaim={reclaim!r}; use one of {RECLAIM_POLICIES}")
+        if layout.page_size % driver.granularity:
+            raise ValueError(f"page size {layout.page_size} is not a multiple of the driver's "
+                             f"granularity {driver.granularity}")
+        self.driver = driver
+        self.layout = layout
+        self.reclaim = reclaim
+        self.base_va = 0
+        self.pool: PagePool | None = None
+        try:
+            self.base_va = driver.reserve(layout.total_bytes)
+        except OutOfAddressSpaceError as e:
+            raise OutOfAddressSpaceError(
+                f"{layout.rows} rows x {layout.row_tokens} tokens x {layout.geometry.token_bytes} "
+                f"bytes/token = {layout.total_bytes / 2**40:.2f} TiB of virtual memory could not be "
+                f"reserved ({e}); lower --max-num-seqs or --max-model-len") from e
+        try:
+            self.pool = PagePool(driver, num_blocks, layout.block_bytes, layout.chunk_bytes())
+        except BaseException:
+            driver.free_reservation(self.base_va, layout.total_bytes)
+            raise
+        self.mapper = RowMapper(driver, layout, self.pool, self.base_va)
+        self._free_rows: deque[int] = deque(range(layout.rows))
+        self._active: set[int] = set()
+        self._thread = MappingThread() if background else None
+        self._closed = False
+
+    # -- rows --------------------------------------------------------------------------
+    @property
+    def num_free_rows(self) -> int:
+        return len(self._free_rows)
+
+    def acquire_row(self) -> int:
+        if not self._free_rows:
+            raise MappingError(
+                f"all {self.layout.rows} rows are in use; more requests run at once than rows were "
+                "reserved for (rows follow --max-num-seqs)")
+        row = self._free_rows.popleft()  # FIFO: the longest-idle row, least likely to be in flight
+        self._active.add(row)
+        return row
+
+    def release_row(self, row: int) -> None:
+        if row not in self._active:
+            raise MappingError(f"row {row} is not in use")
+        self._active.remove(row)
+        if self.reclaim == "eager":
+            self._run(lambda: self.mapper.clear_row(row))
+        self._free_rows.append(row)
+
+    # -- mappings ----------------------------------------------------------------------
+    def _require_active(self, row: int) -> None:
+        if row not in self._active:
+            raise MappingError(f"row {row} is not in use; acquire_row() first")
+
+    def set_blocks(self, row: int, blocks: Sequence[int], start: int = 0) -> None:
+        """Slots [start, start + len(blocks)) of `row` will hold `blocks` (maps only what differs)."""
+        self._require_active(row)
+        blocks = list(blocks)
+        self._run(lambda: self.mapper.set_blocks(row, blocks, start))
+
+    def ensure_readable(self, row: int, num_tokens: int) -> None:
+        """Tokens [0, num_tokens) of `row` will be readable (the zero page where nothing is mapped)."""
+        self._require_active(row)
+        slots = -(-num_tokens // self.layout.block_size)
+        self._run(lambda: self.mapper.ensure_readable(row, slots))
+
+    def record_reads(self, fence: Fence, reads: dict[int, int]) -> None:
+        """A launched step may read tokens [0, reads[row]) of each row until `fence` completes."""
+        bs = self.layout.block_size
+        slots = {r: -(-n // bs) for r, n in reads.items()}
+        self._run(lambda: self.mapper.record_reads(fence, slots))
+
+    def _run(self, fn) -> None:
+        if self._thread is None:
+            fn()
+        else:
+            self._thread.submit(fn)
+
+    def sync(self) -> None:
+        """Wait until every submitted mapping is in place (before launching the step that needs it)."""
+        if self._thread is not None:
+            self._thread.sync()
+
+    # -- inspection and shutdown --------------------------------------------------------
+    def address(self, row: int, token: int, layer: int, kv: int, head: int = 0) -> int:
+        return self.base_va + self.layout.element_offset(row, token, layer, kv, head)
+
+    def stats(self) -> dict:
+        s = self.mapper.stats.as_dict()
+        s.update(rows=self.layout.rows, active_rows=len(self._active), num_blocks=self.pool.num_blocks,
+                 block_size=self.layout.block_size, pages_per_block=self.layout.pages_per_block,
+                 reserved_bytes=self.layout.total_bytes)
+        return s
+
+    def close(self) -> None:
+        """Unmap everything (after every step in flight), release all memory. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is not None:
+            try:
+                self._thread.sync()
+            finally:
+                self._thread.close()
+        self.mapper.clear_all()
+        self.pool.close()
+        self.driver.free_reservation(self.base_va, self.layout.total_bytes)

@@ -1,0 +1,172 @@
+"""Makes each row's block slots point at the right physical blocks, changing only what differs.
+
+Slot states: unmapped (None), the shared read-only zero page (ZERO), or a block id. A block may be
+mapped in several rows at once (aliasing: a shared prefix, or a stale slot of a released row that
+deferred reclamation kept mapped).
+
+Hazard: cuMemUnmap does not wait for kernels that are running. Every step that reads rows reports
+how many slots of each row it may read, with a fence (a CUDA event recorded after the step). Before
+a slot is unmapped, the mapper waits for every unfinished fence whose step reads that slot.
+`stats.hazard_waits` counts those waits; the fast path has none.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, fields
+from typing import Iterable, Protocol, Sequence
+
+from ..errors import MappingError
+from .driver import Driver
+from .layout import Layout
+from .pool import PagePool
+
+ZERO = -1  # slot state: the shared zero page
+
+
+class Fence(Protocol):
+    """Completion of a step on the device (a CUDA event in production)."""
+
+    def done(self) -> bool: ...
+    def wait(self) -> None: ...
+
+
+@dataclass
+class MapperStats:
+    block_maps: int = 0  # blocks mapped into a slot (each costs pages_per_block pages)
+    block_unmaps: int = 0
+    zero_maps: int = 0  # slots given the zero page
+    hazard_waits: int = 0  # times an unmap had to wait for a step in flight
+    driver_seconds: float = 0.0  # wall time inside map/unmap/set_access
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class RowMapper:
+    def __init__(self, driver: Driver, layout: Layout, pool: PagePool, base_va: int):
+        self.driver = driver
+        self.layout = layout
+        self.pool = pool
+        self.base_va = base_va
+        self.slots: list[list[int | None]] = [[None] * layout.blocks_per_row for _ in range(layout.rows)]
+        self.where: dict[int, set[tuple[int, int]]] = {}  # block id -> {(row, slot)} that map it
+        self._inflight: deque[tuple[Fence, dict[int, int]]] = deque()
+        self.stats = MapperStats()
+
+    # -- fences ----------------------------------------------------------------------------
+    def record_reads(self, fence: Fence, reads: dict[int, int]) -> None:
+        """A step that may read slots [0, reads[row]) of each row was launched; `fence` completes after it."""
+        self._inflight.append((fence, dict(reads)))
+
+    def _retire(self) -> None:
+        while self._inflight and self._inflight[0][0].done():
+            self._inflight.popleft()
+
+    def _wait_readers(self, row: int, slot: int) -> None:
+        self._retire()
+        last = -1
+        for i, (_, reads) in enumerate(self._inflight):
+            if reads.get(row, 0) > slot:
+                last = i
+        if last >= 0:
+            # Fences complete in launch order: waiting on the last reader covers the earlier ones.
+            self._inflight[last][0].wait()
+            self.stats.hazard_waits += 1
+            for _ in range(last + 1):
+                self._inflight.popleft()
+
+    def wait_all(self) -> None:
+        while self._inflight:
+            self._inflight.popleft()[0].wait()
+
+    # -- slot changes ----------------------------------------------------------------------
+    def _unmap_slot(self, row: int, slot: int) -> None:
+        old = self.slots[row][slot]
+        if old is None:
+            return
+        self._wait_readers(row, slot)
+        size = self.layout.chunk_bytes()
+        t = time.perf_counter()
+        for off in self.layout.chunks(row, slot):
+            self.driver.unmap(self.base_va + off, size)
+        self.stats.driver_seconds += time.perf_counter() - t
+        self.slots[row][slot] = None
+        if old != ZERO:
+            self.stats.block_unmaps += 1
+            users = self.where[old]
+            users.discard((row, slot))
+            if not users:
+                del self.where[old]
+
+    def _map_slot(self, row: int, slot: int, target: int) -> None:
+        size = self.layout.chunk_bytes()
+        if target == ZERO:
+            handle, step, writable = self.pool.zero_handle, 0, False
+        else:
+            handle, step, writable = self.pool.handle(target), size, True
+        t = time.perf_counter()
+        for i, off in enumerate(self.layout.chunks(row, slot)):
+            va = self.base_va + off
+            self.driver.map(va, size, handle, i * step)
+            self.driver.set_access(va, size, writable)
+        self.stats.driver_seconds += time.perf_counter() - t
+        self.slots[row][slot] = target
+        if target == ZERO:
+            self.stats.zero_maps += 1
+        else:
+            self.stats.block_maps += 1
+            self.where.setdefault(target, set()).add((row, slot))
+
+    def set_slot(self, row: int, slot: int, target: int) -> bool:
+        """Point one slot at `target` (a block id or ZERO). Returns whether anything changed."""
+        if target != ZERO:
+            self.pool.handle(target)  # validates the id
+        if self.slots[row][slot] == target:
+            return False
+        self._unmap_slot(row, slot)
+        self._map_slot(row, slot, target)
+        return True
+
+    def set_blocks(self, row: int, blocks: Sequence[int], start: int = 0) -> int:
+        """Make slots [start, start + len(blocks)) of `row` hold `blocks`. Returns slots changed."""
+        if start + len(blocks) > self.layout.blocks_per_row:
+            raise MappingError(
+                f"row {row} needs {start + len(blocks)} blocks but rows hold {self.layout.blocks_per_row} "
+                f"({self.layout.row_tokens} tokens); the request is longer than max_model_len")
+        return sum(self.set_slot(row, start + j, b) for j, b in enumerate(blocks))
+
+    def ensure_readable(self, row: int, num_slots: int) -> int:
+        """Give every unmapped slot in [0, num_slots) the zero page, so over-reads cannot fault."""
+        num_slots = min(num_slots, self.layout.blocks_per_row)
+        changed = 0
+        for s in range(num_slots):
+            if self.slots[row][s] is None:
+                self._map_slot(row, s, ZERO)
+                changed += 1
+        return changed
+
+    def clear_row(self, row: int, from_slot: int = 0) -> None:
+        """Unmap slots [from_slot, end) of `row`, waiting for any step that still reads them."""
+        for s in range(from_slot, self.layout.blocks_per_row):
+            self._unmap_slot(row, s)
+
+    def clear_all(self) -> None:
+        self.wait_all()
+        for r in range(self.layout.rows):
+            self.clear_row(r)
+
+    # -- inspection ------------------------------------------------------------------------
+    def mapped_slots(self, row: int) -> Iterable[tuple[int, int]]:
+        return ((s, t) for s, t in enumerate(self.slots[row]) if t is not None)
+
+    def check_invariants(self) -> None:
+        """The reverse index agrees with the slot table (used by the tests)."""
+        seen: dict[int, set[tuple[int, int]]] = {}
+        for r, row in enumerate(self.slots):
+            for s, t in enumerate(row):
+                if t is not None and t != ZERO:
+                    seen.setdefault(t, set()).add((r, s))
+        if seen != self.where:
+            raise MappingError(f"reverse index out of sync: {seen} != {self.where}")
