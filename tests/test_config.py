@@ -1,0 +1,36 @@
+import pytest
+
+from vllm_vattention.config import VattnConfig
+from vllm_vattention.errors import ConfigError
+
+
+def test_defaults():
+    c = VattnConfig.from_env({})
+    assert (c.requested_by_env, c.layout, c.reclaim, c.decode_kernel, c.background_map) == \
+        (False, "interleaved", "deferred", "fa2", False)
+    assert c.num_rows(128) == 256
+
+
+def test_values_are_parsed():
+    c = VattnConfig.from_env({"VLLM_ATTENTION_BACKEND": "vattention", "VATTN_LAYOUT": "PER_LAYER",
+                              "VATTN_RECLAIM": "eager", "VATTN_DECODE_KERNEL": "fa3",
+                              "VATTN_BACKGROUND_MAP": "1", "VATTN_EXTRA_ROWS": "0", "VATTN_GUARD_TOKENS": "512"})
+    assert c.requested_by_env and c.layout == "per_layer" and c.reclaim == "eager"
+    assert c.decode_kernel == "fa3" and c.background_map and c.num_rows(8) == 8 and c.guard_tokens == 512
+
+
+def test_other_backend_names_do_not_select_us():
+    assert not VattnConfig.from_env({"VLLM_ATTENTION_BACKEND": "FLASH_ATTN"}).requested_by_env
+
+
+@pytest.mark.parametrize("env, match", [
+    ({"VATTN_LAYOUT": "paged"}, "VATTN_LAYOUT='paged' .* interleaved, per_layer"),
+    ({"VATTN_RECLAIM": "never"}, "VATTN_RECLAIM='never' .* deferred, eager"),
+    ({"VATTN_DECODE_KERNEL": "fa4"}, "VATTN_DECODE_KERNEL='fa4' .* fa2, fa3"),
+    ({"VATTN_BACKGROUND_MAP": "maybe"}, "VATTN_BACKGROUND_MAP='maybe' .* 1 or 0"),
+    ({"VATTN_EXTRA_ROWS": "many"}, "VATTN_EXTRA_ROWS='many' is not an integer"),
+    ({"VATTN_GUARD_TOKENS": "-1"}, "VATTN_GUARD_TOKENS=-1 is below 0"),
+])
+def test_bad_values_name_the_variable_and_the_choices(env, match):
+    with pytest.raises(ConfigError, match=match):
+        VattnConfig.from_env(env)

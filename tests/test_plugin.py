@@ -1,0 +1,176 @@
+"""Plugin activation and configuration errors, on real vLLM 0.25 config objects (CPU)."""
+
+import copy
+import json
+import os
+
+import pytest
+
+from vllm_vattention import plugin
+from vllm_vattention.config import VattnConfig
+from vllm_vattention.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "models", "tiny-llama-kv8b")
+YI6B = os.path.join(ROOT, "models", "yi-6b")
+ON = {"VLLM_ATTENTION_BACKEND": "VATTENTION"}
+
+
+@pytest.fixture(scope="module")
+def vllm_config_factory():
+    from vllm.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig, VllmConfig
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+    from vllm.config.attention import AttentionConfig
+
+    plugin.register()
+    models = {}
+    real_v2 = VllmConfig.__dict__["use_v2_model_runner"]
+
+    def make(model=TINY, max_model_len=4096, block_size=None, kv_cache_dtype="auto", backend=None,
+             max_num_seqs=64, **model_kw):
+        key = (model, max_model_len, tuple(sorted(model_kw.items())))
+        if key not in models:
+            models[key] = ModelConfig(model=model, max_model_len=max_model_len, skip_tokenizer_init=True, **model_kw)
+        cache = CacheConfig(block_size=block_size, cache_dtype=kv_cache_dtype)
+        att = AttentionConfig(backend=AttentionBackendEnum[backend] if backend else None)
+        patched = VllmConfig.__dict__["use_v2_model_runner"]
+        VllmConfig.use_v2_model_runner = real_v2  # construct as vLLM would on this machine
+        try:
+            return VllmConfig(model_config=copy.deepcopy(models[key]), cache_config=cache, attention_config=att,
+                              device_config=DeviceConfig(device="cuda"),
+                              scheduler_config=SchedulerConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                                                               is_encoder_decoder=False))
+        finally:
+            VllmConfig.use_v2_model_runner = patched
+
+    return make
+
+
+@pytest.fixture
+def v2_runner(monkeypatch):
+    """On a CPU vLLM picks the V1 runner (no Triton driver); on a GPU it picks V2 for Llama."""
+    from vllm.config import VllmConfig
+    monkeypatch.setattr(VllmConfig, "use_v2_model_runner", property(lambda self: True))
+
+
+def test_register_is_idempotent_and_points_custom_at_our_backend():
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+    plugin.register()
+    plugin.register()
+    assert AttentionBackendEnum.CUSTOM.get_path() == plugin.BACKEND_PATH
+    cls = AttentionBackendEnum.CUSTOM.get_class()
+    assert cls.get_name() == "CUSTOM"
+
+
+def test_entry_points_are_installed():
+    from importlib.metadata import entry_points
+    general = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
+    platform = {e.name: e.value for e in entry_points(group="vllm.platform_plugins")}
+    assert general["vattention"] == "vllm_vattention.plugin:register"
+    assert platform["vattention"] == "vllm_vattention.plugin:platform_plugin"
+
+
+def test_platform_plugin_stays_out_without_cuda():
+    # This CPU machine has no NVIDIA driver: vLLM's CUDA platform would not load, so neither do we.
+    from vllm.platforms import cuda_platform_plugin
+    assert cuda_platform_plugin() is None
+    assert plugin.platform_plugin() is None
+
+
+def test_not_selected_leaves_vllm_untouched(vllm_config_factory, v2_runner):
+    from vllm_vattention.selection import is_selected
+    vc = vllm_config_factory()
+    before = (vc.cache_config.block_size, vc.parallel_config.worker_cls, vc.attention_config.backend)
+    assert not is_selected(vc, VattnConfig.from_env({}))
+    assert (vc.cache_config.block_size, vc.parallel_config.worker_cls, vc.attention_config.backend) == before
+
+
+@pytest.mark.parametrize("how", ["env", "flag"])
+def test_selected_by_env_or_flag_sets_block_size_and_worker(vllm_config_factory, v2_runner, how):
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+    from vllm_vattention.selection import WORKER_PATH, is_selected, validate_and_apply
+    vc = vllm_config_factory(backend="CUSTOM" if how == "flag" else None)
+    cfg = VattnConfig.from_env(ON if how == "env" else {})
+    assert is_selected(vc, cfg)
+    assert vc.attention_config.backend == AttentionBackendEnum.CUSTOM
+    validate_and_apply(vc, cfg)
+    assert vc.cache_config.block_size == 16  # one 2 MiB page of Llama-3-8B-shaped KV
+    assert vc.parallel_config.worker_cls == WORKER_PATH
+
+
+def test_block_size_follows_kv_heads_and_layout(vllm_config_factory, v2_runner):
+    from vllm_vattention.selection import validate_and_apply
+    vc = vllm_config_factory(model=YI6B)
+    validate_and_apply(vc, VattnConfig.from_env(ON))
+    assert vc.cache_config.block_size == 32  # 4 KV heads: 64 KiB per token
+    vc = vllm_config_factory()
+    validate_and_apply(vc, VattnConfig.from_env({**ON, "VATTN_LAYOUT": "per_layer"}))
+    assert vc.cache_config.block_size == 1024
+
+
+def test_env_conflicting_with_another_backend_flag(vllm_config_factory):
+    from vllm_vattention.selection import is_selected
+    vc = vllm_config_factory(backend="FLASH_ATTN")
+    with pytest.raises(ConfigError, match="conflicts with --attention-backend FLASH_ATTN"):
+        is_selected(vc, VattnConfig.from_env(ON))
+
+
+def test_selected_without_gpu_raises_in_check_and_update_config(vllm_config_factory, monkeypatch):
+    from vllm_vattention.selection import apply_if_selected
+    vc = vllm_config_factory()
+    before = (vc.cache_config.block_size, vc.parallel_config.worker_cls)
+    apply_if_selected(vc)  # not selected: nothing changes
+    assert (vc.cache_config.block_size, vc.parallel_config.worker_cls) == before
+    monkeypatch.setenv("VLLM_ATTENTION_BACKEND", "VATTENTION")
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        apply_if_selected(vc)
+
+
+@pytest.mark.parametrize("kwargs, env, match", [
+    (dict(block_size=24), {}, r"--block-size 24 .* multiple of 16"),
+    (dict(kv_cache_dtype="fp8"), {}, r"--kv-cache-dtype fp8"),
+    (dict(dtype="float32"), {}, r"--dtype torch.float32"),
+    (dict(max_model_len=16384, max_num_seqs=1024), {"VATTN_EXTRA_ROWS": "100000"},
+     r"TiB of virtual memory .* lower --max-model-len or --max-num-seqs"),
+])
+def test_config_errors_name_the_value_and_the_fix(vllm_config_factory, v2_runner, kwargs, env, match):
+    from vllm_vattention.selection import validate_and_apply
+    vc = vllm_config_factory(**kwargs)
+    with pytest.raises(ConfigError, match=match):
+        validate_and_apply(vc, VattnConfig.from_env({**ON, **env}))
+
+
+def test_unsupported_vllm_version(vllm_config_factory, v2_runner, monkeypatch):
+    import vllm
+    from vllm_vattention.selection import validate_and_apply
+    monkeypatch.setattr(vllm, "__version__", "0.26.1")
+    with pytest.raises(ConfigError, match=r"supports vLLM 0.25.x, but vLLM 0.26.1 .* vllm==0.25.0"):
+        validate_and_apply(vllm_config_factory(), VattnConfig.from_env(ON))
+
+
+def test_v1_runner_is_refused(vllm_config_factory):
+    from vllm_vattention.selection import validate_and_apply
+    vc = vllm_config_factory()
+    assert not vc.use_v2_model_runner  # what vLLM picks on this CPU machine
+    with pytest.raises(ConfigError, match="V2 model runner"):
+        validate_and_apply(vc, VattnConfig.from_env(ON))
+
+
+def test_sliding_window_model_is_refused(vllm_config_factory, v2_runner, tmp_path):
+    cfg = json.load(open(os.path.join(TINY, "config.json")))
+    cfg.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=1024)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    from vllm_vattention.selection import validate_and_apply
+    with pytest.raises(ConfigError, match="sliding-window attention .* stock vLLM"):
+        validate_and_apply(vllm_config_factory(model=str(tmp_path)), VattnConfig.from_env(ON))
+
+
+def test_custom_backend_of_another_plugin_is_left_alone(vllm_config_factory, monkeypatch):
+    from vllm.v1.attention.backends import registry
+    from vllm_vattention.selection import is_selected
+    monkeypatch.setitem(registry._ATTN_OVERRIDES, registry.AttentionBackendEnum.CUSTOM, "other.Backend")
+    plugin.register()  # must not overwrite it
+    assert registry._ATTN_OVERRIDES[registry.AttentionBackendEnum.CUSTOM] == "other.Backend"
+    assert not is_selected(vllm_config_factory(backend="CUSTOM"), VattnConfig.from_env({}))
+    with pytest.raises(ConfigError, match="another plugin"):
+        is_selected(vllm_config_factory(), VattnConfig.from_env(ON))

@@ -1,0 +1,159 @@
+"""The CUSTOM attention backend: contiguous KV rows, stock non-paged FlashAttention kernels.
+
+The KV tensor each layer receives is [2, rows, row_len, kv_heads, head_size] (K and V views over
+the virtual reservation). Kernels get, per request, its row and its sequence length; they never see
+a block table. The model runner (worker.py) hands the rows in `block_table_tensor[:, 0]` and the
+slots (row * row_len + position) in `slot_mapping`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+
+from ..config import VattnConfig
+from . import ops
+
+SUPPORTED_HEAD_SIZES = [64, 80, 96, 112, 128, 160, 192, 256]
+
+
+class VattnBackend(AttentionBackend):
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16]
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto", "float16", "bfloat16"]
+    forward_includes_kv_cache_update: bool = True
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls():
+        return VattnImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return VattnMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes() -> list:
+        return [MultipleOf(1)]  # kernels never see blocks
+
+    @staticmethod
+    def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
+                           cache_dtype_str: str = "auto") -> tuple[int, ...]:
+        # What the bytes would be in vLLM's own layout; only used for sizing (we allocate ourselves).
+        return (2, num_blocks, block_size, num_kv_heads, head_size)
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return SUPPORTED_HEAD_SIZES
+
+    @classmethod
+    def get_preferred_block_size(cls, default_block_size: int) -> int:
+        from ..selection import geometry_of, vattn_block_size
+        vllm_config = get_current_vllm_config()
+        return vattn_block_size(VattnConfig.from_env(), geometry_of(vllm_config))
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def supports_compute_capability(cls, capability) -> bool:
+        return capability.major >= 8
+
+
+@dataclass
+class VattnMetadata:
+    num_actual_tokens: int
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc: torch.Tensor  # int32 [num_reqs + 1]
+    seq_lens: torch.Tensor  # int32 [num_reqs]
+    rows: torch.Tensor  # int32 [num_reqs]
+    slot_mapping: torch.Tensor  # int64 [num_tokens]
+    use_fa3: bool
+    kv_len: int  # row length the kernels see (rows sliced to it when not under a CUDA graph)
+
+
+class VattnMetadataBuilder(AttentionMetadataBuilder[VattnMetadata]):
+    # Decode batches run the same kernels with the same full-row views at capture and at replay.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+
+    def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config: VllmConfig, device: torch.device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.cfg = VattnConfig.from_env()
+        self.row_len: int | None = None  # set by the model runner once rows exist
+        self._init_reorder_batch_threshold(1)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> VattnMetadata:
+        m = common_attn_metadata
+        use_fa3 = ops.uses_fa3(m.max_query_len, self.cfg.decode_kernel)
+        row_len = self.row_len or 0
+        # Decode batches may be replayed from a CUDA graph: keep their shapes fixed (whole rows).
+        # Mixed batches run eagerly: slice rows to the longest sequence plus FA3's over-read.
+        if m.max_query_len == 1:
+            kv_len = row_len
+        else:
+            kv_len = min(row_len, -(-(m.max_seq_len + self.cfg.guard_tokens) // 256) * 256)
+        return VattnMetadata(
+            num_actual_tokens=m.num_actual_tokens, max_query_len=m.max_query_len,
+            max_seq_len=m.max_seq_len, query_start_loc=m.query_start_loc, seq_lens=m.seq_lens,
+            rows=m.block_table_tensor[:, 0], slot_mapping=m.slot_mapping, use_fa3=use_fa3, kv_len=kv_len)
+
+
+class VattnImpl(AttentionImpl[VattnMetadata]):
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
+                 alibi_slopes=None, sliding_window=None, kv_cache_dtype: str = "auto",
+                 logits_soft_cap=None, attn_type: str = AttentionType.DECODER,
+                 kv_sharing_target_layer_name=None, **kwargs) -> None:
+        from ..errors import ConfigError
+        self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        unsupported = {
+            "alibi_slopes": alibi_slopes, "sliding_window": sliding_window,
+            "logits_soft_cap": logits_soft_cap, "kv_sharing_target_layer_name": kv_sharing_target_layer_name,
+        }
+        for name, value in unsupported.items():
+            if value not in (None, 0, 0.0):
+                raise ConfigError(f"vAttention does not support {name}={value!r} yet; unset "
+                                  "VLLM_ATTENTION_BACKEND to serve this model with stock vLLM")
+        if attn_type != AttentionType.DECODER:
+            raise ConfigError(f"vAttention serves decoder attention only, not {attn_type}")
+
+    def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, attn_metadata: VattnMetadata, output: torch.Tensor,
+                output_scale=None, output_block_scale=None) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("vAttention does not fuse output quantization")
+        if attn_metadata is None:  # memory profiling run: no KV exists yet
+            return output.fill_(0)
+        md = attn_metadata
+        n = md.num_actual_tokens
+        k_rows, v_rows = kv_cache[0], kv_cache[1]
+        if key is not None and value is not None:
+            ops.write_kv(key[:n], value[:n], k_rows, v_rows, md.slot_mapping[:n])
+        k_view, v_view = k_rows[:, :md.kv_len], v_rows[:, :md.kv_len]
+        q = query[:n].view(n, self.num_heads, self.head_size)
+        out = output[:n].view(n, self.num_heads, self.head_size)
+        if md.use_fa3:
+            ops.fa3_varlen(q, k_view, v_view, out, md.query_start_loc, md.seq_lens, md.rows,
+                           md.max_query_len, self.scale)
+        else:
+            num_reqs = md.seq_lens.shape[0]
+            ops.fa2_decode(q[:num_reqs], k_view, v_view, out[:num_reqs], md.seq_lens, md.rows, self.scale)
+        return output

@@ -1,0 +1,88 @@
+"""Stock, non-paged FlashAttention kernels over contiguous KV rows (the ops inside the vLLM wheel).
+
+Shapes (all on the GPU, fp16 or bf16 unless said):
+- q: [num_tokens, num_heads, head_size], tokens of request i at [cu_seqlens_q[i], cu_seqlens_q[i+1])
+- k_rows, v_rows: [rows, row_len, num_kv_heads, head_size], last stride 1, any other strides
+- rows: int32 [num_reqs], the row of each request; seq_lens: int32 [num_reqs], KV tokens to attend
+- out: like q, written in place
+
+Which kernel reads what (DESIGN.md, re-measured by tests/gpu): FA2 `fwd_kvcache` never reads
+past `seq_lens`; FA3 `fwd` with `kv_batch_idx` reads whole key tiles, up to one tile (<= 192
+tokens for head sizes we accept) past each sequence's end, clipped to `row_len`. The caller keeps
+those tokens readable (`read_extent`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+FA3_MAX_OVERREAD = 192  # tokens; FA3's largest key tile for head sizes <= 256
+
+
+def _ops():
+    import vllm.vllm_flash_attn  # noqa: F401  (loads _vllm_fa2_C and _vllm_fa3_C)
+    return torch.ops._vllm_fa2_C, torch.ops._vllm_fa3_C
+
+
+def uses_fa3(max_query_len: int, decode_kernel: str) -> bool:
+    """The kernel choice for a batch: FA2 decode where configured, FA3 for everything else."""
+    return not (max_query_len == 1 and decode_kernel == "fa2")
+
+
+def read_extent(seq_len: int, fa3: bool, guard_tokens: int, row_len: int) -> int:
+    """Tokens of a row a step may read: the sequence, plus FA3's over-read."""
+    return min(seq_len + (guard_tokens if fa3 else 0), row_len)
+
+
+def write_kv(key: torch.Tensor, value: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store key/value [n, kv_heads, head_size] at slots row * row_len + position (-1: skip).
+
+    vLLM's reshape_and_cache_flash with each row taken as one 'block' of row_len tokens; it reads the
+    cache's block, token and head strides, so the interleaved views work as they are.
+    """
+    from vllm import _custom_ops
+    one = torch.ones((), dtype=torch.float32, device=key.device)
+    _custom_ops.reshape_and_cache_flash(key, value, k_rows, v_rows, slot_mapping, "auto", one, one)
+
+
+def fa3_varlen(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, out: torch.Tensor,
+               cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, rows: torch.Tensor,
+               max_query_len: int, scale: float, causal: bool = True) -> torch.Tensor:
+    """Mixed prefill + decode in one launch. k_rows.shape[1] is FA3's max_seqlen_k."""
+    _, fa3 = _ops()
+    return fa3.fwd(
+        q, k_rows, v_rows, None, None, None, out,
+        cu_seqlens_q, None, None, None, seq_lens,
+        max_query_len, k_rows.shape[1], None, rows, None,
+        None, None, None, None, None, None,
+        scale, causal, -1, -1, 0.0, True, None, 0, None, 0, None, 1, 0, None)[0]
+
+
+def fa2_decode(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, out: torch.Tensor,
+               seq_lens: torch.Tensor, rows: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token per request ([num_reqs, num_heads, head_size])."""
+    fa2, _ = _ops()
+    b, h, d = q.shape
+    fa2.fwd_kvcache(q.view(b, 1, h, d), k_rows, v_rows, None, None, seq_lens, None, None, rows,
+                    None, None, None, out.view(b, 1, h, d), scale, True, -1, -1, 0.0, True, 0)
+    return out
+
+
+def reference_attention(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,
+                        cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, rows: torch.Tensor,
+                        scale: float) -> torch.Tensor:
+    """float32 causal attention, query tokens aligned to the end of each sequence (for tests)."""
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    hq, hk = q.shape[1], k_rows.shape[2]
+    cu, lens, rws = cu_seqlens_q.tolist(), seq_lens.tolist(), rows.tolist()
+    for i, (row, n) in enumerate(zip(rws, lens)):
+        qi = q[cu[i]:cu[i + 1]].float()
+        ki = k_rows[row, :n].float().repeat_interleave(hq // hk, dim=1)
+        vi = v_rows[row, :n].float().repeat_interleave(hq // hk, dim=1)
+        s = torch.einsum("qhd,khd->hqk", qi, ki) * scale
+        ql = qi.shape[0]
+        mask = torch.arange(n, device=q.device)[None, :] > (torch.arange(ql, device=q.device)[:, None] + n - ql)
+        s.masked_fill_(mask[None], float("-inf"))
+        out[cu[i]:cu[i + 1]] = torch.einsum("hqk,khd->qhd", s.softmax(-1), vi)
+    return out

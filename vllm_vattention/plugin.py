@@ -1,0 +1,29 @@
+"""vLLM entry points (pyproject.toml). Both run in every vLLM process and must stay cheap."""
+
+from __future__ import annotations
+
+BACKEND_PATH = "vllm_vattention.attention.backend.VattnBackend"
+PLATFORM_PATH = "vllm_vattention.platform.VattnPlatform"
+
+
+def register() -> None:
+    """`vllm.general_plugins`: register our backend as AttentionBackendEnum.CUSTOM. Idempotent.
+
+    A CUSTOM backend that another plugin registered is left alone: then our platform stays inert.
+    """
+    from vllm.v1.attention.backends.registry import _ATTN_OVERRIDES, AttentionBackendEnum, register_backend
+    current = _ATTN_OVERRIDES.get(AttentionBackendEnum.CUSTOM)
+    if current in (None, BACKEND_PATH):
+        register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
+
+
+def platform_plugin() -> str | None:
+    """`vllm.platform_plugins`: our CUDA platform wherever vLLM's own CUDA platform would run.
+
+    It must take over whenever CUDA is present, because `--attention-backend CUSTOM` is only known
+    after the platform is chosen. Until vAttention is selected it behaves exactly like vLLM's
+    CudaPlatform (it only adds to check_and_update_config). vLLM swallows exceptions raised here,
+    so this function only detects; configuration errors are raised in check_and_update_config.
+    """
+    from vllm.platforms import cuda_platform_plugin
+    return PLATFORM_PATH if cuda_platform_plugin() is not None else None
