@@ -53,6 +53,7 @@ class RowMapper:
         self.slots: list[list[int | None]] = [[None] * layout.blocks_per_row for _ in range(layout.rows)]
         self.where: dict[int, set[tuple[int, int]]] = {}  # block id -> {(row, slot)} that map it
         self._inflight: deque[tuple[Fence, dict[int, int]]] = deque()
+        self._readable = [0] * layout.rows  # slots [0, _readable[row]) are known to be mapped
         self.stats = MapperStats()
 
     # -- fences ----------------------------------------------------------------------------
@@ -93,6 +94,7 @@ class RowMapper:
             self.driver.unmap(self.base_va + off, size)
         self.stats.driver_seconds += time.perf_counter() - t
         self.slots[row][slot] = None
+        self._readable[row] = min(self._readable[row], slot)
         if old != ZERO:
             self.stats.block_unmaps += 1
             users = self.where[old]
@@ -141,10 +143,11 @@ class RowMapper:
         """Give every unmapped slot in [0, num_slots) the zero page, so over-reads cannot fault."""
         num_slots = min(num_slots, self.layout.blocks_per_row)
         changed = 0
-        for s in range(num_slots):
+        for s in range(self._readable[row], num_slots):
             if self.slots[row][s] is None:
                 self._map_slot(row, s, ZERO)
                 changed += 1
+        self._readable[row] = max(self._readable[row], num_slots)
         return changed
 
     def clear_row(self, row: int, from_slot: int = 0) -> None:
@@ -170,3 +173,6 @@ class RowMapper:
                     seen.setdefault(t, set()).add((r, s))
         if seen != self.where:
             raise MappingError(f"reverse index out of sync: {seen} != {self.where}")
+        for r, row in enumerate(self.slots):
+            if any(t is None for t in row[:self._readable[r]]):
+                raise MappingError(f"row {r}: a slot below the readable mark {self._readable[r]} is unmapped")

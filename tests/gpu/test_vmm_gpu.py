@@ -1,0 +1,85 @@
+"""The real CUDA driver and the manager on a GPU: mapping, aliasing, remapping, views, no leaks."""
+
+import torch
+
+from vllm_vattention.errors import OutOfAddressSpaceError
+from vllm_vattention.memory import PAGE_SIZE
+from vllm_vattention.memory.views import flat_tensor, layer_views
+
+
+def test_granularity_is_2mib(driver):
+    assert driver.granularity == PAGE_SIZE
+
+
+def test_tensor_over_mapped_pages_reads_and_writes_across_page_boundaries(driver, cuda):
+    n = 3
+    va = driver.reserve(2 * n * PAGE_SIZE)
+    handles = [driver.create(PAGE_SIZE) for _ in range(n)]
+    try:
+        for i, h in enumerate(handles):  # pages at [0, n) and the same pages again at [n, 2n)
+            for base in (0, n):
+                driver.map(va + (base + i) * PAGE_SIZE, PAGE_SIZE, h)
+        driver.set_access(va, 2 * n * PAGE_SIZE)
+        t = flat_tensor(va, 2 * n * PAGE_SIZE, torch.float32, cuda)
+        first, second = t[: t.numel() // 2], t[t.numel() // 2:]
+        data = torch.randn(first.numel(), device=cuda)
+        first.copy_(data)
+        torch.cuda.synchronize()
+        assert torch.equal(second, data)  # aliasing: the same bytes at two addresses
+        edge = PAGE_SIZE // 4  # floats per page
+        assert torch.equal(first[edge - 7: edge + 9], data[edge - 7: edge + 9])
+    finally:
+        torch.cuda.synchronize()
+        driver.unmap(va, 2 * n * PAGE_SIZE)
+        for h in handles:
+            driver.release(h)
+        driver.free_reservation(va, 2 * n * PAGE_SIZE)
+
+
+def test_manager_alias_and_remap_show_the_right_bytes(manager_factory, cuda):
+    m = manager_factory()
+    views = layer_views(m.base_va, m.layout, torch.bfloat16, cuda)
+    bs = m.layout.block_size
+    a, b = m.acquire_row(), m.acquire_row()
+    m.set_blocks(a, [1, 2, 3])
+    m.set_blocks(b, [1, 7])  # block 1 shared
+    k_a, k_b = views[5][0][a], views[5][0][b]
+    data = torch.randn(3 * bs, 8, 128, device=cuda, dtype=torch.bfloat16)
+    k_a[: 3 * bs].copy_(data)
+    torch.cuda.synchronize()
+    assert torch.equal(k_b[:bs], data[:bs])  # shared prefix block
+    assert torch.equal(k_b[bs: 2 * bs], torch.zeros_like(data[:bs]))  # block 7: zeroed at creation
+    m.set_blocks(b, [2], start=1)  # remap slot 1 of b to block 2
+    torch.cuda.synchronize()
+    assert torch.equal(k_b[bs: 2 * bs], data[bs: 2 * bs])
+    # Other layers of the same tokens live in the same pages (interleaved) and were untouched.
+    assert torch.equal(views[4][1][a][: 3 * bs], torch.zeros_like(data))
+
+
+def test_close_returns_device_memory(driver, manager_factory):
+    torch.cuda.synchronize()
+    free_before, _ = driver.mem_info()
+    m = manager_factory(num_blocks=256)  # 512 MiB
+    free_during, _ = driver.mem_info()
+    assert free_before - free_during >= 256 * PAGE_SIZE
+    r = m.acquire_row()
+    m.set_blocks(r, list(range(100)))
+    m.ensure_readable(r, 4096)
+    m.close()
+    free_after, _ = driver.mem_info()
+    assert free_after >= free_before - 4 * PAGE_SIZE
+
+
+def test_address_space_we_allow_can_be_reserved(driver):
+    from vllm_vattention.selection import MAX_RESERVATION_BYTES
+    va = driver.reserve(MAX_RESERVATION_BYTES)
+    driver.free_reservation(va, MAX_RESERVATION_BYTES)
+
+
+def test_impossible_reservation_is_a_typed_error(driver):
+    try:
+        driver.reserve(1 << 60)
+    except OutOfAddressSpaceError as e:
+        assert "--max-num-seqs or --max-model-len" in str(e)
+    else:
+        raise AssertionError("reserving 2^60 bytes should fail")

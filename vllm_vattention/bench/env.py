@@ -1,0 +1,33 @@
+"""Where a benchmark ran: GPU, driver, versions, commit (the header of every results table)."""
+
+from __future__ import annotations
+
+import datetime
+import subprocess
+
+
+def _cmd(args: list[str]) -> str:
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment() -> dict:
+    import torch
+    env = {"date": datetime.date.today().isoformat(), "torch": torch.__version__}
+    try:
+        import vllm
+        env["vllm"] = vllm.__version__
+    except ImportError:
+        env["vllm"] = None
+    env["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    env["driver"] = _cmd(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]).splitlines()[0:1]
+    env["driver"] = env["driver"][0] if env["driver"] else "unknown"
+    env["commit"] = _cmd(["git", "rev-parse", "--short", "HEAD"]) or "unknown"
+    return env
+
+
+def header(env: dict) -> str:
+    return (f"GPU: {env['gpu']} | driver {env['driver']} | torch {env['torch']} | vLLM {env['vllm']} | "
+            f"commit {env['commit']} | {env['date']}")

@@ -1,0 +1,218 @@
+"""vLLM glue: the worker and model runner that put the KV cache in vAttention's virtual rows.
+
+What changes against vLLM's V2 GPU model runner (everything else is inherited):
+- `initialize_kv_cache`: the KV tensors are views over one virtual reservation whose physical
+  pages are vLLM's blocks (num_blocks from vLLM's own memory profiling), instead of torch.zeros.
+- request add / grow / remove: the scheduler's block ids become page mappings in the request's row
+  (only changed slots are remapped); removed requests (finished or preempted) give their row back.
+- `prepare_attn`: instead of gathering block tables, it writes each request's row into column 0 of
+  vLLM's persistent block-table buffer and row*row_len+position into its persistent slot-mapping
+  buffer, the same tensors that CUDA graphs were captured with.
+- after each step, a CUDA event tells the mapper which rows the step may still be reading.
+
+Row 0 is reserved: fully backed by the read-only zero page, it is what dummy runs, CUDA-graph
+capture and padded batch entries read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import numpy as np
+import torch
+from vllm.v1.worker.gpu import model_runner as v2_model_runner
+from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2ModelRunner
+from vllm.v1.worker.gpu_worker import Worker
+
+from .attention import ops
+from .config import VattnConfig
+from .errors import ConfigError
+from .memory import PAGE_SIZE, CudaDriver, KVMemoryManager, make_layout
+from .memory.views import flat_tensor
+from .selection import geometry_of, kv_dtype_of
+
+logger = logging.getLogger("vllm_vattention")
+
+DUMMY_ROW = 0
+
+
+class EventFence:
+    """A CUDA event recorded after a step (memory.Fence)."""
+
+    def __init__(self):
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def done(self) -> bool:
+        return self.event.query()
+
+    def wait(self) -> None:
+        self.event.synchronize()
+
+
+@contextlib.contextmanager
+def _replace_init_kv_cache(fn):
+    """Scoped monkeypatch of the V2 runner's module-level `init_kv_cache`.
+
+    Why: GPUModelRunner.initialize_kv_cache allocates KV with torch.zeros through this function in
+    its last lines; everything before it (attention groups, block tables, CUDA-graph manager) we
+    want unchanged. What: for the duration of our call only, the name points at our allocator.
+    When it can go: once vLLM lets a platform or backend provide the KV allocation.
+    """
+    original = v2_model_runner.init_kv_cache
+    v2_model_runner.init_kv_cache = fn
+    try:
+        yield
+    finally:
+        v2_model_runner.init_kv_cache = original
+
+
+class VattnModelRunner(V2ModelRunner):
+    """vLLM's V2 runner with vAttention's KV; the worker swaps its runner's class to this one."""
+
+    vattn: KVMemoryManager | None = None
+
+    # -- KV allocation ---------------------------------------------------------------------
+    def initialize_kv_cache(self, kv_cache_config) -> None:
+        if len(kv_cache_config.kv_cache_groups) != 1:
+            raise ConfigError(f"vAttention needs one KV cache group; this model has "
+                              f"{len(kv_cache_config.kv_cache_groups)} (hybrid or mixed attention)")
+        if getattr(kv_cache_config, "needs_kv_cache_zeroing", False):
+            raise ConfigError("this model needs vLLM's KV block zeroing, which vAttention does not support")
+        with _replace_init_kv_cache(self._init_vattn_kv_cache):
+            super().initialize_kv_cache(kv_cache_config)
+        for groups in self.attn_groups:
+            for group in groups:
+                group.get_metadata_builder(0).row_len = self.vattn.layout.row_tokens
+
+    def _init_vattn_kv_cache(self, runner_kv_caches, forward_context, kv_cache_config, attn_groups,
+                             device, cache_dtype, kernel_block_sizes, vllm_config):
+        from vllm.v1.worker.utils import bind_kv_cache
+
+        cfg = VattnConfig.from_env()
+        self.vattn_cfg = cfg
+        group = kv_cache_config.kv_cache_groups[0]
+        geometry = geometry_of(vllm_config)
+        if len(group.layer_names) != geometry.num_layers:
+            raise ConfigError(f"expected {geometry.num_layers} attention layers, found {len(group.layer_names)}")
+        rows = cfg.num_rows(self.max_num_reqs) + 1  # + the dummy row
+        layout = make_layout(cfg.layout, geometry, PAGE_SIZE, rows=rows,
+                             min_row_tokens=self.max_model_len + cfg.guard_tokens,
+                             block_size=group.kv_cache_spec.block_size)
+        driver = CudaDriver(device.index if device.index is not None else torch.cuda.current_device())
+        self.vattn = KVMemoryManager(driver, layout, kv_cache_config.num_blocks, reclaim=cfg.reclaim,
+                                     background=cfg.background_map)
+        dummy = self.vattn.acquire_row()
+        assert dummy == DUMMY_ROW
+        self.vattn.ensure_readable(DUMMY_ROW, layout.row_tokens)
+        self.vattn.sync()
+
+        dtype = kv_dtype_of(vllm_config)
+        flat = flat_tensor(self.vattn.base_va, layout.total_bytes, dtype, device)
+        es = flat.element_size()
+        kv_caches = {}
+        for i, name in enumerate(group.layer_names):
+            k, v = layout.view(i, 0), layout.view(i, 1)
+            kv_caches[name] = flat.as_strided(
+                (2,) + k.shape, ((v.offset - k.offset) // es,) + k.strides, k.offset // es)
+        bind_kv_cache(kv_caches, forward_context, runner_kv_caches)
+
+        self._row_of: dict[int, int] = {}  # request-state index -> row
+        self._num_blocks: dict[int, int] = {}  # row -> blocks mapped for its request
+        self._row_np = np.zeros(self.max_num_reqs, dtype=np.int64)
+        self._pending_reads: dict[int, int] | None = None
+        logger.info("vAttention KV: %d blocks of %d tokens (%d MiB), %d rows x %d tokens, %.1f GiB reserved",
+                    kv_cache_config.num_blocks, layout.block_size, layout.block_bytes >> 20, rows,
+                    layout.row_tokens, layout.total_bytes / 2**30)
+        return kv_caches
+
+    # -- request lifecycle -----------------------------------------------------------------
+    def _remove_request(self, req_id: str) -> bool:
+        idx = self.req_states.req_id_to_index.get(req_id)
+        removed = super()._remove_request(req_id)
+        if removed and idx is not None and idx in self._row_of:
+            row = self._row_of.pop(idx)
+            del self._num_blocks[row]
+            self.vattn.release_row(row)
+        return removed
+
+    def add_requests(self, scheduler_output) -> None:
+        super().add_requests(scheduler_output)
+        for new in scheduler_output.scheduled_new_reqs:
+            idx = self.req_states.req_id_to_index[new.req_id]
+            row = self.vattn.acquire_row()
+            self._row_of[idx] = row
+            self._row_np[idx] = row
+            blocks = new.block_ids[0]
+            self.vattn.set_blocks(row, blocks)
+            self._num_blocks[row] = len(blocks)
+
+    def update_requests(self, scheduler_output) -> None:
+        super().update_requests(scheduler_output)
+        reqs = scheduler_output.scheduled_cached_reqs
+        for req_id, new_ids in zip(reqs.req_ids, reqs.new_block_ids):
+            if new_ids is not None and new_ids[0]:
+                row = self._row_of[self.req_states.req_id_to_index[req_id]]
+                self.vattn.set_blocks(row, new_ids[0], start=self._num_blocks[row])
+                self._num_blocks[row] += len(new_ids[0])
+
+    # -- per-step attention inputs ---------------------------------------------------------
+    def prepare_attn(self, input_batch):
+        bt = self.block_tables.input_block_tables[0]
+        slots = self.block_tables.slot_mappings[0]
+        n, padded_reqs = input_batch.num_reqs, input_batch.num_reqs_after_padding
+        n_tok, padded_tok = input_batch.num_tokens, input_batch.num_tokens_after_padding
+        rows = np.zeros(padded_reqs, dtype=np.int64)
+        rows[:n] = self._row_np[input_batch.idx_mapping_np]
+        token_rows = np.repeat(rows[:n], input_batch.num_scheduled_tokens)
+
+        row_len = self.vattn.layout.row_tokens
+        seq_lens = input_batch.seq_lens_cpu_upper_bound[:n].numpy()
+        fa3 = ops.uses_fa3(int(input_batch.num_scheduled_tokens.max()), self.vattn_cfg.decode_kernel)
+        reads = {}
+        for row, seq_len in zip(rows[:n].tolist(), seq_lens.tolist()):
+            extent = ops.read_extent(seq_len, fa3, self.vattn_cfg.guard_tokens, row_len)
+            if fa3:
+                self.vattn.ensure_readable(row, extent)
+            reads[row] = extent
+        self._pending_reads = reads
+        self.vattn.sync()  # every mapping this step needs is in place before anything is launched
+
+        bt[:padded_reqs, 0].copy_(torch.from_numpy(rows).pin_memory(), non_blocking=True)
+        slots[:n_tok].copy_(torch.from_numpy(token_rows).pin_memory(), non_blocking=True)
+        slots[:n_tok].mul_(row_len).add_(input_batch.positions[:n_tok])
+        slots[n_tok:padded_tok].fill_(-1)
+        block_tables = (bt[:padded_reqs],)
+        return block_tables, self.block_tables.slot_mappings[:, :padded_tok]
+
+    def prepare_dummy_attn(self, input_batch):
+        self.block_tables.input_block_tables[0][:, 0].fill_(DUMMY_ROW)
+        return super().prepare_dummy_attn(input_batch)
+
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        self._pending_reads = None
+        out = super().execute_model(scheduler_output, *args, **kwargs)
+        if self._pending_reads:
+            self.vattn.record_reads(EventFence(), self._pending_reads)
+            self._pending_reads = None
+        return out
+
+    def shutdown(self) -> None:
+        if self.vattn is not None:
+            torch.cuda.synchronize()
+            logger.info("vAttention mapper stats: %s", self.vattn.stats())
+            self.vattn.close()
+            self.vattn = None
+        super().shutdown()
+
+
+class VattnWorker(Worker):
+    def init_device(self):
+        super().init_device()
+        runner = self.model_runner
+        if not isinstance(runner, V2ModelRunner):
+            raise ConfigError("vAttention runs on vLLM's V2 model runner; this worker built "
+                              f"{type(runner).__name__}. Unset VLLM_USE_V2_MODEL_RUNNER=0")
+        # The runner was built by vLLM's own init_device; we only add behaviour (no new __init__ state).
+        runner.__class__ = VattnModelRunner
