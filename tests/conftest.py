@@ -1,55 +1,6 @@
-import pytest
+import os
+import sys
 
-from vllm_vattention.memory import FakeDriver, KVGeometry, KVMemoryManager, make_layout
+sys.path.insert(0, os.path.dirname(__file__))  # tests import helpers.py by name
 
-# Llama-3-8B's KV geometry, scaled down so the fake driver's pages stay small: with 4 KiB pages a
-# token of 2 layers x 2 heads x 64 dims x 2 bytes x (K, V) = 1 KiB, so 4 tokens fill a page, just as
-# 16 tokens of Llama-3-8B fill a 2 MiB page.
-SMALL = KVGeometry(num_layers=2, num_kv_heads=2, head_size=64, dtype_bytes=2)
-PAGE = 4096
-
-
-class FakeStream:
-    """Steps complete in launch order, as on one CUDA stream."""
-
-    def __init__(self):
-        self.launched = 0
-        self.finished = 0
-
-    def fence(self) -> "FakeFence":
-        self.launched += 1
-        return FakeFence(self, self.launched)
-
-
-class FakeFence:
-    """A CUDA event stand-in: `wait()` (like cudaEventSynchronize) finishes it and every earlier step."""
-
-    def __init__(self, stream: FakeStream | None = None, seq: int = 1):
-        self.stream = stream or FakeStream()
-        self.seq = seq
-        self.waited = 0
-
-    @property
-    def completed(self) -> bool:
-        return self.stream.finished >= self.seq
-
-    def done(self):
-        return self.completed
-
-    def wait(self):
-        self.waited += 1
-        self.complete()
-
-    def complete(self):
-        self.stream.finished = max(self.stream.finished, self.seq)
-
-
-@pytest.fixture
-def driver():
-    d = FakeDriver(granularity=PAGE)
-    yield d
-
-
-def make_manager(driver, layout="interleaved", rows=4, max_tokens=64, num_blocks=16, **kw):
-    lay = make_layout(layout, SMALL, PAGE, rows=rows, min_row_tokens=max_tokens)
-    return KVMemoryManager(driver, lay, num_blocks, **kw)
+from helpers import driver  # noqa: E402,F401  (the FakeDriver fixture)

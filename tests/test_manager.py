@@ -1,6 +1,6 @@
 import pytest
 
-from conftest import PAGE, SMALL, FakeFence, make_manager
+from helpers import PAGE, SMALL, FakeFence, make_manager
 from vllm_vattention.errors import MappingError, OutOfAddressSpaceError, OutOfPagesError
 from vllm_vattention.memory import ZERO, FakeDriver, FakeDriverError, KVMemoryManager, make_layout
 

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from conftest import PAGE, SMALL, FakeStream
+from helpers import PAGE, SMALL, FakeStream
 from vllm_vattention.memory import ZERO, FakeDriver, KVMemoryManager, make_layout
 
 NUM_BLOCKS = 12
