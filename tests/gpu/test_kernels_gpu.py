@@ -64,8 +64,12 @@ def test_write_kv_lands_in_rows(manager_factory, cuda):
 def test_fa3_and_fa2_over_vmm_match_ordinary_memory_and_reference(manager_factory, cuda, layout, seq_lens, q_lens):
     m = manager_factory(layout=layout, rows=8, max_tokens=2048, num_blocks=256 if layout == "interleaved" else 16)
     k_rows, v_rows, _, _, rows, lens, cu_q, q = _setup(m, cuda, seq_lens, q_lens, guard=ops.FA3_MAX_OVERREAD)
-    plain_k = k_rows.clone()  # ordinary cudaMalloc memory, same contents (the guard reads zeros there too)
-    plain_v = v_rows.clone()
+    # Ordinary cudaMalloc memory with the same contents: everything the rows have readable
+    # (their blocks, then the zero guard), zeros elsewhere.
+    plain_k, plain_v = torch.zeros_like(k_rows), torch.zeros_like(v_rows)
+    for r, n in zip(rows.tolist(), seq_lens):
+        e = min(n + ops.FA3_MAX_OVERREAD, k_rows.shape[1])
+        plain_k[r, :e], plain_v[r, :e] = k_rows[r, :e], v_rows[r, :e]
     ref = ops.reference_attention(q, k_rows, v_rows, cu_q, lens, rows, SCALE)
     tol = _bf16_tolerance(ref)
 
