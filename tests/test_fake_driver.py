@@ -27,7 +27,8 @@ def test_map_read_write_alias():
     (lambda d, va, h: (d.map(va, G, h), d.set_access(va, G, writable=False), d.write(va, b"x")), "illegal write"),
     (lambda d, va, h: d.map(va + 1, G, h), "granularity"),
     (lambda d, va, h: d.map(va + 8 * G, G, h), "reservation"),
-    (lambda d, va, h: d.map(va, 2 * G, h), "overruns"),
+    (lambda d, va, h: d.map(va, 2 * G, h), "map it whole"),
+    (lambda d, va, h: d.map(va, G, h, offset=G), "offset 0"),
     (lambda d, va, h: (d.map(va, G, h), d.free_reservation(va, 4 * G)), "still mapped"),
 ])
 def test_misuse_is_detected(misuse, match):

@@ -96,7 +96,7 @@ class ManagerMachine(RuleBasedStateMachine):
                     elif target == ZERO:
                         assert got == (m.pool.zero_handle, 0, 1)
                     else:
-                        assert got == (m.pool.handle(target), i * m.layout.chunk_bytes(), 3)
+                        assert got == (m.pool.handles(target)[i], 0, 3)
         for row, blocks in self.active.items():
             assert m.mapper.slots[row][:len(blocks)] == blocks
 

@@ -5,8 +5,8 @@ What changes against vLLM's V2 GPU model runner (everything else is inherited):
   pages are vLLM's blocks (num_blocks from vLLM's own memory profiling), instead of torch.zeros.
 - request add / grow / remove: the scheduler's block ids become page mappings in the request's row
   (only changed slots are remapped); removed requests (finished or preempted) give their row back.
-- `prepare_attn`: instead of gathering block tables, it writes each request's row into column 0 of
-  vLLM's persistent block-table buffer and row*row_len+position into its persistent slot-mapping
+- `prepare_attn`: instead of gathering block tables, it writes the requests' rows into the first
+  entries of vLLM's persistent block-table buffer (contiguous, as the kernels need) and row*row_len+position into its persistent slot-mapping
   buffer, the same tensors that CUDA graphs were captured with.
 - after each step, a CUDA event tells the mapper which rows the step may still be reading.
 
@@ -163,9 +163,9 @@ class VattnModelRunner(V2ModelRunner):
         slots = self.block_tables.slot_mappings[0]
         n, padded_reqs = input_batch.num_reqs, input_batch.num_reqs_after_padding
         n_tok, padded_tok = input_batch.num_tokens, input_batch.num_tokens_after_padding
-        rows = np.zeros(padded_reqs, dtype=np.int64)
+        rows = np.zeros(padded_reqs, dtype=np.int32)
         rows[:n] = self._row_np[input_batch.idx_mapping_np]
-        token_rows = np.repeat(rows[:n], input_batch.num_scheduled_tokens)
+        token_rows = np.repeat(rows[:n].astype(np.int64), input_batch.num_scheduled_tokens)
 
         row_len = self.vattn.layout.row_tokens
         seq_lens = input_batch.seq_lens_cpu_upper_bound[:n].numpy()
@@ -179,7 +179,7 @@ class VattnModelRunner(V2ModelRunner):
         self._pending_reads = reads
         self.vattn.sync()  # every mapping this step needs is in place before anything is launched
 
-        bt[:padded_reqs, 0].copy_(torch.from_numpy(rows).pin_memory(), non_blocking=True)
+        bt.view(-1)[:padded_reqs].copy_(torch.from_numpy(rows).pin_memory(), non_blocking=True)
         slots[:n_tok].copy_(torch.from_numpy(token_rows).pin_memory(), non_blocking=True)
         slots[:n_tok].mul_(row_len).add_(input_batch.positions[:n_tok])
         slots[n_tok:padded_tok].fill_(-1)
@@ -187,7 +187,8 @@ class VattnModelRunner(V2ModelRunner):
         return block_tables, self.block_tables.slot_mappings[:, :padded_tok]
 
     def prepare_dummy_attn(self, input_batch):
-        self.block_tables.input_block_tables[0][:, 0].fill_(DUMMY_ROW)
+        bt = self.block_tables.input_block_tables[0]
+        bt.view(-1)[:bt.shape[0]].fill_(DUMMY_ROW)
         return super().prepare_dummy_attn(input_batch)
 
     def execute_model(self, scheduler_output, *args, **kwargs):

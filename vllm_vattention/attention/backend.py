@@ -2,8 +2,8 @@
 
 The KV tensor each layer receives is [2, rows, row_len, kv_heads, head_size] (K and V views over
 the virtual reservation). Kernels get, per request, its row and its sequence length; they never see
-a block table. The model runner (worker.py) hands the rows in `block_table_tensor[:, 0]` and the
-slots (row * row_len + position) in `slot_mapping`.
+a block table. The model runner (worker.py) hands the rows as the first num_reqs entries of the (persistent,
+contiguous) block-table buffer and the slots (row * row_len + position) in `slot_mapping`.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class VattnMetadataBuilder(AttentionMetadataBuilder[VattnMetadata]):
         return VattnMetadata(
             num_actual_tokens=m.num_actual_tokens, max_query_len=m.max_query_len,
             max_seq_len=m.max_seq_len, query_start_loc=m.query_start_loc, seq_lens=m.seq_lens,
-            rows=m.block_table_tensor[:, 0], slot_mapping=m.slot_mapping, use_fa3=use_fa3, kv_len=kv_len)
+            rows=m.block_table_tensor.reshape(-1)[:m.num_reqs], slot_mapping=m.slot_mapping, use_fa3=use_fa3, kv_len=kv_len)
 
 
 class VattnImpl(AttentionImpl[VattnMetadata]):

@@ -134,17 +134,17 @@ class FakeDriver:
     def map(self, va: int, size: int, handle: int, offset: int = 0) -> None:
         with self._lock:
             h = self._handle(handle)
-            self._aligned(offset)
-            if offset + size > h.size:
-                raise FakeDriverError(f"map of {size} bytes at offset {offset} overruns handle {handle} ({h.size})")
+            if offset != 0:  # cuMemMap: "offset ... currently must be zero" (seen on H100, driver 580)
+                raise FakeDriverError(f"map at offset {offset}: the driver maps allocations whole (offset 0)")
+            if size != h.size:
+                raise FakeDriverError(f"map of {size} bytes of handle {handle} ({h.size} bytes): map it whole")
             self._reserved(va, size)
             pages = self._pages(va, size)
             for vpn in pages:
                 if vpn in self._ptes:
                     raise FakeDriverError(f"double map at {vpn * self.granularity:#x}")
-            first = offset // self.granularity
             for i, vpn in enumerate(pages):
-                self._ptes[vpn] = _Pte(handle, first + i)
+                self._ptes[vpn] = _Pte(handle, i)
             h.maps += len(pages)
             self.stats.bump("map", len(pages))
 

@@ -50,7 +50,8 @@ class KVMemoryManager:
                 f"bytes/token = {layout.total_bytes / 2**40:.2f} TiB of virtual memory could not be "
                 f"reserved ({e}); lower --max-num-seqs or --max-model-len") from e
         try:
-            self.pool = PagePool(driver, num_blocks, layout.block_bytes, layout.chunk_bytes())
+            self.pool = PagePool(driver, num_blocks, layout.block_bytes // layout.chunk_bytes(),
+                                 layout.chunk_bytes())
         except BaseException:
             driver.free_reservation(self.base_va, layout.total_bytes)
             raise

@@ -104,14 +104,15 @@ class RowMapper:
 
     def _map_slot(self, row: int, slot: int, target: int) -> None:
         size = self.layout.chunk_bytes()
+        offsets = self.layout.chunks(row, slot)
         if target == ZERO:
-            handle, step, writable = self.pool.zero_handle, 0, False
+            handles, writable = [self.pool.zero_handle] * len(offsets), False
         else:
-            handle, step, writable = self.pool.handle(target), size, True
+            handles, writable = self.pool.handles(target), True
         t = time.perf_counter()
-        for i, off in enumerate(self.layout.chunks(row, slot)):
+        for off, handle in zip(offsets, handles):
             va = self.base_va + off
-            self.driver.map(va, size, handle, i * step)
+            self.driver.map(va, size, handle)
             self.driver.set_access(va, size, writable)
         self.stats.driver_seconds += time.perf_counter() - t
         self.slots[row][slot] = target
@@ -124,7 +125,7 @@ class RowMapper:
     def set_slot(self, row: int, slot: int, target: int) -> bool:
         """Point one slot at `target` (a block id or ZERO). Returns whether anything changed."""
         if target != ZERO:
-            self.pool.handle(target)  # validates the id
+            self.pool.handles(target)  # validates the id
         if self.slots[row][slot] == target:
             return False
         self._unmap_slot(row, slot)
