@@ -10,7 +10,7 @@ for s in $steps; do
   echo "=== $s $(date +%T)"
   case $s in
     install) python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1; tail -2 "$OUT/install.log";;
-    gpu_tests) timeout 300 python3 -m pytest -m gpu tests/gpu -q -x -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1; echo "rc=$?"; tail -15 "$OUT/gpu_tests.log";;
+    gpu_tests) timeout 300 python3 -m pytest -m gpu tests/gpu -q -x -p no:cacheprovider --durations=8 > "$OUT/gpu_tests.log" 2>&1; echo "rc=$?"; tail -15 "$OUT/gpu_tests.log";;
     sanitizer) timeout 400 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -m gpu -q -p no:cacheprovider \
         tests/gpu/test_kernels_gpu.py -k "guard" > "$OUT/sanitizer.log" 2>&1; echo "rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer.log" | tail -5;;
     mapbench) timeout 200 python3 -m vllm_vattention.bench.mapbench --out "$OUT" > "$OUT/mapbench.log" 2>&1; echo "rc=$?"; tail -30 "$OUT/mapbench.log";;
