@@ -32,7 +32,7 @@ def driver(cuda):
 def manager_factory(driver):
     made = []
 
-    def make(layout="interleaved", rows=8, max_tokens=4096, num_blocks=64, geometry=LLAMA3_8B, **kw):
+    def make(layout="interleaved", rows=8, max_tokens=4096, num_blocks=160, geometry=LLAMA3_8B, **kw):
         lay = make_layout(layout, geometry, PAGE_SIZE, rows=rows, min_row_tokens=max_tokens)
         m = KVMemoryManager(driver, lay, num_blocks, **kw)
         made.append(m)
