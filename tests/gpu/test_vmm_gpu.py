@@ -80,6 +80,6 @@ def test_impossible_reservation_is_a_typed_error(driver):
     try:
         driver.reserve(1 << 60)
     except OutOfAddressSpaceError as e:
-        assert "--max-num-seqs or --max-model-len" in str(e)
+        assert "lower --max-model-len or --max-num-seqs" in str(e)
     else:
         raise AssertionError("reserving 2^60 bytes should fail")

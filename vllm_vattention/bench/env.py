@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import subprocess
 
 
@@ -24,7 +25,8 @@ def environment() -> dict:
     env["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     env["driver"] = _cmd(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]).splitlines()[0:1]
     env["driver"] = env["driver"][0] if env["driver"] else "unknown"
-    env["commit"] = _cmd(["git", "rev-parse", "--short", "HEAD"]) or "unknown"
+    # The device machine gets the tree without .git: the caller passes VATTN_COMMIT there.
+    env["commit"] = os.environ.get("VATTN_COMMIT") or _cmd(["git", "rev-parse", "--short", "HEAD"]) or "unknown"
     return env
 
 
