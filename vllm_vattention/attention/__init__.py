@@ -1,0 +1,1 @@
+"""The CUSTOM attention backend and the FlashAttention calls it makes."""
