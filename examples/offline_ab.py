@@ -23,26 +23,66 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(3, 500) for _ in range(lens[i % len(lens)] + i // len(lens))] for i in range(n)]
 
 
+def randomize_weights(worker) -> int:
+    """Gaussian weights scaled to keep activations O(1), the same on every system (seeded).
+
+    vLLM's dummy weights are tiny, so every logit is ~0 and every logprob is -log(vocab): a
+    comparison of logprobs would then say nothing about attention.
+    """
+    import torch
+    g = torch.Generator(device="cuda").manual_seed(1234)
+    model = worker.model_runner.model
+    n = 0
+    for _, p in sorted(model.named_parameters(), key=lambda x: x[0]):
+        if p.dim() >= 2:
+            p.data.copy_(torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32)
+                         .mul_(p.shape[-1] ** -0.5).to(p.dtype))
+        else:
+            p.data.fill_(1.0)
+        n += 1
+    return n
+
+
+def shared_prefix_prompts(n: int, prefix_len: int = 300, seed: int = 1) -> list[list[int]]:
+    import random
+    rng = random.Random(seed)
+    prefix = [rng.randrange(3, 500) for _ in range(prefix_len)]
+    return [prefix + [rng.randrange(3, 500) for _ in range(5 + 7 * i)] for i in range(n)]
+
+
 def run_one(args) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     kw = dict(model=args.model, load_format="dummy", seed=0, max_model_len=args.max_model_len,
               gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-              max_num_seqs=args.max_num_seqs)
+              max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching,
+              disable_log_stats=False)
+    if args.num_gpu_blocks:
+        kw["num_gpu_blocks_override"] = args.num_gpu_blocks
     if args.attention_backend:
         kw["attention_config"] = {"backend": args.attention_backend}
     t = time.time()
     llm = LLM(**kw)
     start = time.time() - t
-    sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, logprobs=0, ignore_eos=True)
+    llm.collective_rpc(randomize_weights)
+    sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, logprobs=0, ignore_eos=True, n=1)
+    ps = shared_prefix_prompts(args.num_prompts) if args.shared_prefix else prompts(args.num_prompts)
     t = time.time()
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts(args.num_prompts)], sp)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in ps], sp)
     gen = time.time() - t
-    res = {"start_s": start, "generate_s": gen, "outputs": []}
+    res = {"start_s": start, "generate_s": gen, "outputs": [],
+           "attention_backend": str(llm.llm_engine.vllm_config.attention_config.backend),
+           "cached_tokens": sum(o.num_cached_tokens or 0 for o in outs)}
     for o in outs:
         c = o.outputs[0]
         res["outputs"].append({"tokens": list(c.token_ids),
                                "logprobs": [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]})
+    if args.parallel_n > 1:  # parallel sampling: n samples share the prompt's blocks
+        spn = SamplingParams(temperature=1.0, max_tokens=16, n=args.parallel_n, seed=7, ignore_eos=True)
+        outn = llm.generate([TokensPrompt(prompt_token_ids=p) for p in ps[:4]], spn)
+        res["parallel_n_lengths"] = [[len(c.token_ids) for c in o.outputs] for o in outn]
+    metrics = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
+    res["num_preemptions"] = metrics.get("vllm:num_preemptions")
     with open(args.child_out, "w") as f:
         json.dump(res, f)
 
@@ -78,6 +118,10 @@ def main() -> None:
     ap.add_argument("--child", default=None)
     ap.add_argument("--child-out", default=None)
     ap.add_argument("--attention-backend", default=None)
+    ap.add_argument("--num-gpu-blocks", type=int, default=0, help="KV budget override (forces preemption)")
+    ap.add_argument("--shared-prefix", action="store_true", help="prompts share a 300-token prefix")
+    ap.add_argument("--no-prefix-caching", action="store_true")
+    ap.add_argument("--parallel-n", type=int, default=1)
     args = ap.parse_args()
     if args.child:
         return run_one(args)
@@ -98,13 +142,15 @@ def main() -> None:
                "--num-prompts", str(args.num_prompts), "--max-tokens", str(args.max_tokens),
                "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs),
                "--gpu-memory-utilization", str(args.gpu_memory_utilization)] + extra
-        if args.enforce_eager:
-            cmd.append("--enforce-eager")
+        for flag in ("enforce_eager", "shared_prefix", "no_prefix_caching"):
+            if getattr(args, flag):
+                cmd.append("--" + flag.replace("_", "-"))
+        cmd += ["--num-gpu-blocks", str(args.num_gpu_blocks), "--parallel-n", str(args.parallel_n)]
         print("running", system, flush=True)
         subprocess.run(cmd, env=env, check=True)
         results[system] = json.load(open(child_out))
     names = list(results)
-    summary = {n: {"start_s": results[n]["start_s"], "generate_s": results[n]["generate_s"]} for n in names}
+    summary = {n: {k: v for k, v in results[n].items() if k != "outputs"} for n in names}
     for other in names[1:]:
         summary[f"{names[0]}_vs_{other}"] = compare(results[names[0]], results[other])
     with open(args.out, "w") as f:
