@@ -1,0 +1,93 @@
+"""`VLLM_ATTENTION_BACKEND=VATTENTION vllm serve` answers the OpenAI API, streams, rejects bad
+input with vLLM's usual errors, survives clients that disconnect, and keeps serving."""
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MODEL = os.path.join(ROOT, "models", "tiny-llama-kv8b")
+PORT = 8123
+
+
+def _post(path, body, timeout=60):
+    c = http.client.HTTPConnection("127.0.0.1", PORT, timeout=timeout)
+    c.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    r = c.getresponse()
+    return r.status, r.read().decode()
+
+
+@pytest.fixture(scope="module")
+def server(cuda, tmp_path_factory):
+    log = open(tmp_path_factory.mktemp("srv") / "server.log", "w+")
+    env = {**os.environ, "VLLM_ATTENTION_BACKEND": "VATTENTION", "VLLM_USE_FLASHINFER_SAMPLER": "0"}
+    p = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", MODEL,
+                          "--load-format", "dummy", "--max-model-len", "2048", "--port", str(PORT),
+                          "--gpu-memory-utilization", "0.3", "--enforce-eager"],
+                         env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        if p.poll() is not None:
+            log.seek(0)
+            pytest.fail("server exited:\n" + log.read()[-4000:])
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", PORT, timeout=2)
+            c.request("GET", "/health")
+            if c.getresponse().status == 200:
+                break
+        except OSError:
+            time.sleep(2)
+    else:
+        pytest.fail("server did not come up")
+    yield p, log
+    p.terminate()
+    p.wait(60)
+    log.seek(0)
+    text = log.read()
+    assert "vAttention KV:" in text  # our KV manager really served
+    assert "Traceback" not in text, text[-4000:]
+
+
+def test_completion_and_chat(server):
+    st, body = _post("/v1/completions", {"model": MODEL, "prompt": "hello world", "max_tokens": 8})
+    assert st == 200 and len(json.loads(body)["choices"][0]["text"]) > 0
+    st, body = _post("/v1/chat/completions", {"model": MODEL, "max_tokens": 8,
+                                               "messages": [{"role": "user", "content": "hello"}]})
+    assert st == 200 and json.loads(body)["choices"][0]["message"]["content"] is not None
+
+
+def test_streaming(server):
+    st, body = _post("/v1/completions", {"model": MODEL, "prompt": "memory page", "max_tokens": 12,
+                                          "stream": True, "ignore_eos": True})
+    chunks = [l for l in body.splitlines() if l.startswith("data: ") and l != "data: [DONE]"]
+    assert st == 200 and len(chunks) >= 12 and body.rstrip().endswith("data: [DONE]")
+
+
+def test_prompt_longer_than_max_model_len_is_a_400(server):
+    st, body = _post("/v1/completions", {"model": MODEL, "prompt": "hello " * 3000, "max_tokens": 4})
+    assert st == 400, body
+
+
+def test_disconnecting_clients_and_a_burst_do_not_hurt_the_server(server):
+    for _ in range(4):  # open a long stream, read a little, hang up
+        s = socket.create_connection(("127.0.0.1", PORT))
+        body = json.dumps({"model": MODEL, "prompt": "stream " * 200, "max_tokens": 500, "stream": True,
+                           "ignore_eos": True})
+        s.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {len(body)}\r\n\r\n{body}").encode())
+        assert s.recv(200)
+        s.close()
+    import concurrent.futures as cf
+    with cf.ThreadPoolExecutor(32) as ex:  # a burst larger than comfortable for the KV budget
+        res = list(ex.map(lambda i: _post("/v1/completions", {"model": MODEL, "prompt": "x " * (100 + 37 * i),
+                                                              "max_tokens": 64, "ignore_eos": True}, 300),
+                          range(48)))
+    assert all(st == 200 for st, _ in res)
+    st, _ = _post("/v1/completions", {"model": MODEL, "prompt": "still there?", "max_tokens": 4})
+    assert st == 200
