@@ -13,7 +13,7 @@ from .config import VattnConfig
 from .errors import ConfigError
 from .memory import PAGE_SIZE, KVGeometry, preferred_block_size
 
-logger = logging.getLogger("vllm_vattention")
+logger = logging.getLogger("vllm.vattention")  # under vLLM's logger, so its handlers print us
 
 WORKER_PATH = "vllm_vattention.worker.VattnWorker"
 # Virtual address space we allow one rank to reserve. Hopper exposes 2^49 bytes of GPU VA; we keep

@@ -32,7 +32,7 @@ from .memory import PAGE_SIZE, CudaDriver, KVMemoryManager, make_layout
 from .memory.views import flat_tensor
 from .selection import geometry_of, kv_dtype_of
 
-logger = logging.getLogger("vllm_vattention")
+logger = logging.getLogger("vllm.vattention")  # under vLLM's logger, so its handlers print us
 
 DUMMY_ROW = 0
 
