@@ -185,3 +185,15 @@ def test_page_size_must_match_driver_granularity():
     lay = make_layout("interleaved", SMALL, PAGE, rows=1, min_row_tokens=8)
     with pytest.raises(ValueError, match="granularity"):
         KVMemoryManager(FakeDriver(granularity=8192), lay, 4)
+
+
+def test_contiguous_new_slots_get_one_set_access_call(driver):
+    mgr = make_manager(driver)
+    r = mgr.acquire_row()
+    before = driver.stats.calls.get("set_access_calls", 0)
+    mgr.set_blocks(r, [5, 6, 7, 8])  # four adjacent slots of one row: one range
+    assert driver.stats.calls["set_access_calls"] - before == 1
+    mgr.ensure_readable(r, 8 * mgr.layout.block_size)  # four zero slots after them: read-only, one more
+    assert driver.stats.calls["set_access_calls"] - before == 2
+    assert driver.mapping_at(mgr.address(r, 5 * mgr.layout.block_size, 0, 0))[2] == 1
+    mgr.close()

@@ -169,13 +169,11 @@ class VattnModelRunner(V2ModelRunner):
 
         row_len = self.vattn.layout.row_tokens
         seq_lens = input_batch.seq_lens_cpu_upper_bound[:n].numpy()
-        fa3 = ops.uses_fa3(int(input_batch.num_scheduled_tokens.max()), self.vattn_cfg.decode_kernel)
-        reads = {}
-        for row, seq_len in zip(rows[:n].tolist(), seq_lens.tolist()):
-            extent = ops.read_extent(seq_len, fa3, self.vattn_cfg.guard_tokens, row_len)
-            if fa3:
-                self.vattn.ensure_readable(row, extent)
-            reads[row] = extent
+        fa3, extents = ops.read_extents(seq_lens, input_batch.num_scheduled_tokens,
+                                        self.vattn_cfg.decode_kernel, self.vattn_cfg.guard_tokens, row_len)
+        for row, extent in zip(rows[:n][fa3].tolist(), extents[fa3].tolist()):
+            self.vattn.ensure_readable(row, extent)  # FA3 over-reads: zero page behind the end
+        reads = dict(zip(rows[:n].tolist(), extents.tolist()))
         self._pending_reads = reads
         self.vattn.sync()  # every mapping this step needs is in place before anything is launched
 

@@ -107,3 +107,36 @@ def test_fa3_with_the_guard_reads_only_mapped_memory(manager_factory, cuda, seq_
     ref = ops.reference_attention(q, k_rows, v_rows, cu_q, lens, rows, SCALE)
     torch.cuda.synchronize()
     assert (out.float() - ref).abs().max().item() <= _bf16_tolerance(ref)
+
+
+def test_mixed_batch_split_fa2_decodes_fa3_prefills(manager_factory, cuda):
+    """How the backend runs a mixed batch: decodes (first) through FA2 with no guard behind them,
+    prefills through FA3 with the guard; together equal to the float32 reference."""
+    m = manager_factory(rows=8, max_tokens=2048)
+    seq_lens, q_lens = [33, 1024, 200, 48], [1, 1, 200, 16]
+    bs = m.layout.block_size
+    views = layer_views(m.base_va, m.layout, torch.bfloat16, cuda)
+    k_rows, v_rows = views[7]
+    rows, nxt = [], 0
+    for n, ql in zip(seq_lens, q_lens):
+        r = m.acquire_row()
+        nb = -(-n // bs)
+        m.set_blocks(r, list(range(nxt, nxt + nb)))
+        nxt += nb
+        if ql > 1:
+            m.ensure_readable(r, n + ops.FA3_MAX_OVERREAD)
+        rows.append(r)
+    k = torch.randn(sum(seq_lens), 8, 128, device=cuda, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    slots = torch.cat([torch.arange(n, device=cuda) + r * m.layout.row_tokens for r, n in zip(rows, seq_lens)])
+    ops.write_kv(k, v, k_rows, v_rows, slots)
+    rows_t = torch.tensor(rows, dtype=torch.int32, device=cuda)
+    lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=cuda)
+    cu = torch.tensor([0, 1, 2, 202, 218], dtype=torch.int32, device=cuda)
+    q = torch.randn(218, 32, 128, device=cuda, dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    ops.fa2_decode(q[:2], k_rows, v_rows, out[:2], lens_t[:2], rows_t[:2], SCALE)
+    ops.fa3_varlen(q[2:], k_rows, v_rows, out[2:], cu[2:] - 2, lens_t[2:], rows_t[2:], 200, SCALE)
+    ref = ops.reference_attention(q, k_rows, v_rows, cu, lens_t, rows_t, SCALE)
+    torch.cuda.synchronize()
+    assert (out.float() - ref).abs().max().item() <= _bf16_tolerance(ref)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.v1.attention.backend import (
@@ -84,7 +85,9 @@ class VattnMetadata:
     seq_lens: torch.Tensor  # int32 [num_reqs]
     rows: torch.Tensor  # int32 [num_reqs]
     slot_mapping: torch.Tensor  # int64 [num_tokens]
-    use_fa3: bool
+    num_decodes: int  # leading requests (and tokens) with one query token that run FA2
+    num_reqs: int
+    prefill_query_start_loc: torch.Tensor | None  # int32, the FA3 part's cu_seqlens_q (from 0)
     kv_len: int  # row length the kernels see (rows sliced to it when not under a CUDA graph)
 
 
@@ -101,18 +104,31 @@ class VattnMetadataBuilder(AttentionMetadataBuilder[VattnMetadata]):
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> VattnMetadata:
         m = common_attn_metadata
-        use_fa3 = ops.uses_fa3(m.max_query_len, self.cfg.decode_kernel)
         row_len = self.row_len or 0
-        # Decode batches may be replayed from a CUDA graph: keep their shapes fixed (whole rows).
-        # Mixed batches run eagerly: slice rows to the longest sequence plus FA3's over-read.
+        prefill_qsl = None
         if m.max_query_len == 1:
+            # Decode batches may be replayed from a CUDA graph: fixed shapes (whole rows), and every
+            # (padded) request in one kernel.
             kv_len = row_len
+            num_decodes = m.num_reqs if self.cfg.decode_kernel == "fa2" else 0
         else:
+            # Mixed batches run eagerly: rows sliced to the longest sequence plus FA3's over-read.
+            # vLLM orders a batch decodes first; those run FA2 and need no guard.
             kv_len = min(row_len, -(-(m.max_seq_len + self.cfg.guard_tokens) // 256) * 256)
+            qsl = m.query_start_loc_cpu[:m.num_reqs + 1].numpy()
+            fa3 = ops.fa3_mask(qsl[1:] - qsl[:-1], self.cfg.decode_kernel)
+            num_decodes = int(np.argmax(fa3)) if fa3.any() else m.num_reqs
+            if fa3[num_decodes:].sum() != m.num_reqs - num_decodes:
+                raise AssertionError("vLLM's batch is not ordered decodes first")
+            if num_decodes < m.num_reqs:
+                prefill_qsl = m.query_start_loc[num_decodes:m.num_reqs + 1] - num_decodes
+        if num_decodes == 0 and prefill_qsl is None:
+            prefill_qsl = m.query_start_loc
         return VattnMetadata(
             num_actual_tokens=m.num_actual_tokens, max_query_len=m.max_query_len,
             max_seq_len=m.max_seq_len, query_start_loc=m.query_start_loc, seq_lens=m.seq_lens,
-            rows=m.block_table_tensor.reshape(-1)[:m.num_reqs], slot_mapping=m.slot_mapping, use_fa3=use_fa3, kv_len=kv_len)
+            rows=m.block_table_tensor.reshape(-1)[:m.num_reqs], slot_mapping=m.slot_mapping,
+            num_decodes=num_decodes, num_reqs=m.num_reqs, prefill_query_start_loc=prefill_qsl, kv_len=kv_len)
 
 
 class VattnImpl(AttentionImpl[VattnMetadata]):
@@ -148,12 +164,13 @@ class VattnImpl(AttentionImpl[VattnMetadata]):
         if key is not None and value is not None:
             ops.write_kv(key[:n], value[:n], k_rows, v_rows, md.slot_mapping[:n])
         k_view, v_view = k_rows[:, :md.kv_len], v_rows[:, :md.kv_len]
-        q = query[:n].view(n, self.num_heads, self.head_size)
-        out = output[:n].view(n, self.num_heads, self.head_size)
-        if md.use_fa3:
-            ops.fa3_varlen(q, k_view, v_view, out, md.query_start_loc, md.seq_lens, md.rows,
+        h, d = self.num_heads, self.head_size
+        nd = md.num_decodes
+        if nd:  # one query token each: tokens [0, nd)
+            ops.fa2_decode(query[:nd].view(nd, h, d), k_view, v_view, output[:nd].view(nd, h, d),
+                           md.seq_lens[:nd], md.rows[:nd], self.scale)
+        if md.prefill_query_start_loc is not None:  # the rest, tokens [nd, n)
+            ops.fa3_varlen(query[nd:n].view(n - nd, h, d), k_view, v_view, output[nd:n].view(n - nd, h, d),
+                           md.prefill_query_start_loc, md.seq_lens[nd:md.num_reqs], md.rows[nd:md.num_reqs],
                            md.max_query_len, self.scale)
-        else:
-            num_reqs = md.seq_lens.shape[0]
-            ops.fa2_decode(q[:num_reqs], k_view, v_view, out[:num_reqs], md.seq_lens, md.rows, self.scale)
         return output

@@ -9,11 +9,12 @@ Shapes (all on the GPU, fp16 or bf16 unless said):
 Which kernel reads what (DESIGN.md, re-measured by tests/gpu): FA2 `fwd_kvcache` never reads
 past `seq_lens`; FA3 `fwd` with `kv_batch_idx` reads whole key tiles, up to one tile (<= 192
 tokens for head sizes we accept) past each sequence's end, clipped to `row_len`. The caller keeps
-those tokens readable (`read_extent`).
+those tokens readable (`read_extents`).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 FA3_MAX_OVERREAD = 192  # tokens; FA3's largest key tile for head sizes <= 256
@@ -24,14 +25,19 @@ def _ops():
     return torch.ops._vllm_fa2_C, torch.ops._vllm_fa3_C
 
 
-def uses_fa3(max_query_len: int, decode_kernel: str) -> bool:
-    """The kernel choice for a batch: FA2 decode where configured, FA3 for everything else."""
-    return not (max_query_len == 1 and decode_kernel == "fa2")
+def fa3_mask(query_lens: np.ndarray, decode_kernel: str) -> np.ndarray:
+    """Which requests run FA3: single-token queries go to FA2 when configured (it reads nothing
+    past the sequence, so those rows need no guard), everything else to FA3."""
+    if decode_kernel == "fa2":
+        return query_lens != 1
+    return np.ones(len(query_lens), dtype=bool)
 
 
-def read_extent(seq_len: int, fa3: bool, guard_tokens: int, row_len: int) -> int:
-    """Tokens of a row a step may read: the sequence, plus FA3's over-read."""
-    return min(seq_len + (guard_tokens if fa3 else 0), row_len)
+def read_extents(seq_lens: np.ndarray, query_lens: np.ndarray, decode_kernel: str, guard_tokens: int,
+                 row_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(FA3 mask, tokens of each row the step may read: the sequence, plus FA3's over-read)."""
+    fa3 = fa3_mask(query_lens, decode_kernel)
+    return fa3, np.minimum(seq_lens + np.where(fa3, guard_tokens, 0), row_len)
 
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,

@@ -157,6 +157,7 @@ class FakeDriver:
             for vpn in pages:
                 self._ptes[vpn].access = 3 if writable else 1
             self.stats.bump("set_access", len(pages))
+            self.stats.bump("set_access_calls")
 
     def unmap(self, va: int, size: int) -> None:
         with self._lock:
