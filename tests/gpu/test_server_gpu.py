@@ -96,6 +96,17 @@ def test_disconnecting_clients_and_a_burst_do_not_hurt_the_server(server):
     assert [st for st, _ in res] == [200] * len(res), [b for st, b in res if st != 200][:2]
     st, _ = _post("/v1/completions", {"model": MODEL, "prompt": "still there?", "max_tokens": 4})
     assert st == 200
+    # Every block came back: once idle, vLLM reports no KV in use (cached prefixes count as free).
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        c = http.client.HTTPConnection("127.0.0.1", PORT, timeout=10)
+        c.request("GET", "/metrics")
+        lines = [l for l in c.getresponse().read().decode().splitlines() if l.startswith("vllm:kv_cache_usage_perc")]
+        usage = float(lines[0].rsplit(" ", 1)[1])
+        if usage == 0.0:
+            break
+        time.sleep(1)
+    assert usage == 0.0, lines
 
 
 def test_unservable_model_fails_at_start_with_the_fix(cuda, tmp_path):
@@ -110,3 +121,30 @@ def test_unservable_model_fails_at_start_with_the_fix(cuda, tmp_path):
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     assert "sliding-window attention" in r.stdout + r.stderr and "stock vLLM" in r.stdout + r.stderr
+
+
+def test_served_with_the_flag_alone(cuda, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ATTENTION_BACKEND"}
+    env["VLLM_USE_FLASHINFER_SAMPLER"] = "0"
+    log = open(tmp_path / "flag.log", "w+")
+    p = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", MODEL, "--load-format",
+                          "dummy", "--max-model-len", "1024", "--port", str(PORT + 2), "--enforce-eager",
+                          "--gpu-memory-utilization", "0.3", "--attention-backend", "CUSTOM"],
+                         env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline, status = time.time() + 300, None
+        while time.time() < deadline and p.poll() is None:
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", PORT + 2, timeout=60)
+                c.request("POST", "/v1/completions", json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 4}),
+                          {"Content-Type": "application/json"})
+                status = c.getresponse().status
+                break
+            except OSError:
+                time.sleep(2)
+        assert status == 200
+    finally:
+        p.terminate()
+        p.wait(60)
+    log.seek(0)
+    assert "vAttention KV:" in log.read()
