@@ -1,0 +1,70 @@
+"""The A/B suite's orchestration on a CPU: resuming across calls, the JSON schema of issue 4,
+ratios with spread, failed runs recorded without stopping the suite. (Measurements are the
+device's job; here the engine run is replaced by a function with known outputs.)"""
+
+import json
+
+from vllm_vattention.bench import suite as S
+
+ENV = {"gpu": "TEST GPU", "driver": "1", "commit": "abc", "vllm": "0.25.0", "torch": "x", "date": "2026-11-27"}
+RATE = {"stock-fa3": 10.0, "vattn-fa2": 11.0, "vattn-per-layer": 9.0}
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def fake_job(clock, fail=()):
+    def job(model, w, system, out_dir, timeout):
+        clock.t += w.est_seconds
+        if system in fail:
+            raise RuntimeError(f"{system} crashed")
+        rep_noise = 0.1 * (clock.t % 3)  # small run-to-run spread
+        return {k: None for k in S.METRICS} | {"requests_per_s": RATE[system] + rep_noise,
+                                                "total_tokens_per_s": 1000.0, "output_tokens_per_s": 100.0}
+    return job
+
+
+def test_resumes_across_calls_and_writes_the_schema(tmp_path):
+    path = str(tmp_path / "r.json")
+    w = [S.Workload("a", "throughput", 8, 8, 1, est_seconds=100), S.Workload("b", "throughput", 8, 8, 1, est_seconds=100)]
+    suite = S.Suite("m", w, ["stock-fa3", "vattn-fa2"], reps=3)
+    clock = FakeClock()
+    left = S.run(suite, path, max_seconds=450, job=fake_job(clock), env=ENV, clock=clock, log=lambda *_: None)
+    assert left == 12 - 4  # four 100 s jobs fit in 450 s
+    resumed = S.Suite("m", w, ["stock-fa3", "vattn-fa2"], reps=3)
+    resumed.results = json.load(open(path))["results"]
+    clock2 = FakeClock()
+    assert S.run(resumed, path, 10_000, job=fake_job(clock2), env=ENV, clock=clock2, log=lambda *_: None) == 0
+    doc = json.load(open(path))
+    assert {"gpu", "commit", "vllm", "results"} <= doc.keys()
+    assert len(doc["results"]) == 12
+    for r in doc["results"]:
+        assert set(S.METRICS) <= r.keys() and r["system"] in S.SYSTEMS
+    assert len({(r["workload"], r["system"], r["rep"]) for r in doc["results"]}) == 12  # nothing ran twice
+
+
+def test_ratios_spread_and_report(tmp_path):
+    path = str(tmp_path / "r.json")
+    w = [S.Workload("a", "throughput", 8, 8, 1, est_seconds=1)]
+    suite = S.Suite("m", w, ["stock-fa3", "vattn-fa2", "vattn-per-layer"], reps=3)
+    clock = FakeClock()
+    S.run(suite, path, 1e9, job=fake_job(clock, fail=("vattn-per-layer",)), env=ENV, clock=clock, log=lambda *_: None)
+    rows = {r["system"]: r for r in S.summarize(suite.results)}
+    assert rows["stock-fa3"]["ratio"] == 1.0
+    assert 1.05 < rows["vattn-fa2"]["ratio"] < 1.15 and rows["vattn-fa2"]["significant"]
+    assert "vattn-per-layer" not in rows  # failed runs carry no numbers
+    doc = json.load(open(path))
+    md = S.markdown(doc)
+    assert "TEST GPU" in md and "commit abc" in md and "Geometric mean of vattn-fa2" in md
+    assert "vattn-per-layer: " in md and "crashed" in md  # failures are reported, not hidden
+
+
+def test_capacity_from_the_startup_log():
+    log = "GPU KV cache size: 457,504 tokens\n"
+    assert S._kv_capacity(log, 300, 16) == 457504 // 16 // 19
+    assert S._kv_capacity(log + "vAttention KV: 447 blocks of 1024 tokens", 300, S._block_size(log + "vAttention KV: 447 blocks of 1024 tokens")) == 446
