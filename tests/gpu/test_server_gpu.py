@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from vllm_vattention.bench.suite import wait_healthy
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODEL = os.path.join(ROOT, "models", "tiny-llama-kv8b")
 PORT = 8123
@@ -31,20 +33,11 @@ def server(cuda, tmp_path_factory):
                           "--load-format", "dummy", "--max-model-len", "2048", "--port", str(PORT),
                           "--gpu-memory-utilization", "0.3", "--enforce-eager"],
                          env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 400
-    while time.time() < deadline:
-        if p.poll() is not None:
-            log.seek(0)
-            pytest.fail("server exited:\n" + log.read()[-4000:])
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", PORT, timeout=2)
-            c.request("GET", "/health")
-            if c.getresponse().status == 200:
-                break
-        except OSError:
-            time.sleep(2)
-    else:
-        pytest.fail("server did not come up")
+    try:
+        wait_healthy(PORT, p, 400)
+    except RuntimeError as e:
+        log.seek(0)
+        pytest.fail(f"{e}:\n" + log.read()[-4000:])
     yield p, log
     p.terminate()
     p.wait(60)

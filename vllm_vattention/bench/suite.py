@@ -123,7 +123,7 @@ def run_job(model: str, w: Workload, system: str, out_dir: str, timeout: int) ->
     return res
 
 
-def _wait_healthy(port: int, server: subprocess.Popen, timeout: float) -> None:
+def wait_healthy(port: int, server: subprocess.Popen, timeout: float) -> None:
     import http.client
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -145,7 +145,7 @@ def _run_serve(cli, common, w: Workload, spec, env, raw, timeout) -> dict:
     server = subprocess.Popen(cli + ["serve", model, *common[2:], "--port", str(port), *spec["args"]],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_healthy(port, server, timeout / 2)
+        wait_healthy(port, server, timeout / 2)
         client = cli + ["bench", "serve", "--model", model, "--port", str(port), "--dataset-name", "random",
                         "--random-input-len", str(w.input_len), "--random-output-len", str(w.output_len),
                         "--num-prompts", str(w.num_prompts), "--request-rate", str(w.request_rate),
