@@ -150,7 +150,8 @@ def test_out_of_device_memory_and_address_space_are_typed_and_leak_nothing():
     assert d.leaks() == []
 
 
-def test_background_thread_gives_the_same_mappings_and_reports_errors(driver):
+def test_native_thread_gives_the_same_mappings_and_reports_driver_errors(driver):
+    """The C++ mapping thread (csrc/mapper.cpp) calling the fake driver through its table."""
     fg = make_manager(FakeDriver(PAGE))
     bg = make_manager(driver, background=True)
     for m in (fg, bg):
@@ -160,12 +161,29 @@ def test_background_thread_gives_the_same_mappings_and_reports_errors(driver):
         m.set_blocks(r, [2, 5], start=1)
         m.sync()
     assert fg.mapper.slots == bg.mapper.slots
-    bg.set_blocks(0, [99])  # invalid id: raised on the thread, reported at sync
-    with pytest.raises(IndexError, match="block id 99"):
-        bg.sync()
-    bg.close()
+    for m in (fg, bg):
+        for s, t in bg.mapper.mapped_slots(0):
+            off = m.layout.chunks(0, s)[0]
+            got = m.driver.mapping_at(m.base_va + off)
+            assert got[0] == (m.pool.zero_handle if t == ZERO else m.pool.handles(t)[0])
+    assert bg.mapper.executor.ops_done > 0
     fg.close()
+    bg.close()
     assert driver.leaks() == []
+
+
+def test_native_thread_failure_surfaces_at_sync_as_a_driver_error():
+    from vllm_vattention.errors import DriverError
+    d = FakeDriver(PAGE)
+    m = make_manager(d, background=True)
+    r = m.acquire_row()
+    squatter = d.create(PAGE)
+    d.map(m.base_va + m.layout.chunks(r, 0)[0], PAGE, squatter)  # something else sits in slot 0
+    m.set_blocks(r, [1])
+    with pytest.raises(DriverError, match="native mapping thread"):
+        m.sync()
+    assert isinstance(d.native_errors[0], FakeDriverError) and "double map" in str(d.native_errors[0])
+    m.sync()  # the error was reported once; the thread keeps serving
 
 
 def test_close_is_idempotent_and_releases_everything(driver):

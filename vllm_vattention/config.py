@@ -6,7 +6,7 @@
 | VATTN_LAYOUT | interleaved, per_layer | interleaved | how a token's KV is laid out in a row |
 | VATTN_RECLAIM | deferred, eager | deferred | keep a released row's pages mapped, or unmap them |
 | VATTN_DECODE_KERNEL | fa2, fa3 | fa2 | kernel for decode-only batches (FA3 always runs prefill) |
-| VATTN_BACKGROUND_MAP | 0, 1 | 0 | map pages on a background thread while the step is prepared |
+| VATTN_BACKGROUND_MAP | 0, 1 | 0 | run driver calls on a native thread (no GIL) while the step is prepared |
 | VATTN_EXTRA_ROWS | integer >= 0 | max_num_seqs | rows beyond max_num_seqs, so a new request rarely waits for a row still read by a step in flight |
 | VATTN_GUARD_TOKENS | integer >= 0 | 256 | readable tokens kept past each sequence end for kernels that over-read (FA3) |
 """

@@ -1,5 +1,6 @@
 """The real CUDA driver and the manager on a GPU: mapping, aliasing, remapping, views, no leaks."""
 
+import pytest
 import torch
 
 from vllm_vattention.errors import OutOfAddressSpaceError
@@ -36,13 +37,15 @@ def test_tensor_over_mapped_pages_reads_and_writes_across_page_boundaries(driver
         driver.free_reservation(va, 2 * n * PAGE_SIZE)
 
 
-def test_manager_alias_and_remap_show_the_right_bytes(manager_factory, cuda):
-    m = manager_factory()
+@pytest.mark.parametrize("background", [False, True])
+def test_manager_alias_and_remap_show_the_right_bytes(manager_factory, cuda, background):
+    m = manager_factory(background=background)  # True: libcuda called from the native thread
     views = layer_views(m.base_va, m.layout, torch.bfloat16, cuda)
     bs = m.layout.block_size
     a, b = m.acquire_row(), m.acquire_row()
     m.set_blocks(a, [1, 2, 3])
     m.set_blocks(b, [1, 7])  # block 1 shared
+    m.sync()
     k_a, k_b = views[5][0][a], views[5][0][b]
     data = torch.randn(3 * bs, 8, 128, device=cuda, dtype=torch.bfloat16)
     k_a[: 3 * bs].copy_(data)
@@ -50,6 +53,7 @@ def test_manager_alias_and_remap_show_the_right_bytes(manager_factory, cuda):
     assert torch.equal(k_b[:bs], data[:bs])  # shared prefix block
     assert torch.equal(k_b[bs: 2 * bs], torch.zeros_like(data[:bs]))  # block 7: zeroed at creation
     m.set_blocks(b, [2], start=1)  # remap slot 1 of b to block 2
+    m.sync()
     torch.cuda.synchronize()
     assert torch.equal(k_b[bs: 2 * bs], data[bs: 2 * bs])
     # Other layers of the same tokens live in the same pages (interleaved) and were untouched.

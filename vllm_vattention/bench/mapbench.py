@@ -1,5 +1,5 @@
 """Mapper micro-benchmark on the GPU: driver cost per page, map vs remap per block and per token,
-and how long the launching thread is blocked with foreground vs background mapping.
+and how long the launching thread is blocked with foreground mapping vs the native mapping thread.
 
     vattn-mapbench --out benchmarks/results/   (writes <date>-<gpu>-mapbench.json and .md)
 """
@@ -135,7 +135,7 @@ def main(argv=None) -> None:
     lines += ["", "| step loop (32 blocks/step, 4 ms CPU work) | blocked ms/step (median) | p90 | wall ms/step |",
               "|---|---|---|---|"]
     for r in res["step_loop"]:
-        lines.append(f"| {'background' if r['background'] else 'foreground'} thread | "
+        lines.append(f"| {'native background' if r['background'] else 'foreground'} thread | "
                      f"{r['blocked_ms_per_step_median']:.3f} | {r['blocked_ms_per_step_p90']:.3f} | {r['wall_ms_per_step']:.2f} |")
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")

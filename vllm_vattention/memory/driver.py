@@ -29,6 +29,7 @@ class Driver(Protocol):
     def unmap(self, va: int, size: int) -> None: ...
     def memset_zero(self, va: int, size: int) -> None: ...
     def mem_info(self) -> tuple[int, int]: ...
+    def native_table(self): ...  # (DriverTable, keepalive) for the native mapping thread
 
 
 # CUresult values we treat specially.
@@ -186,6 +187,15 @@ class CudaDriver:
         free, total = ctypes.c_size_t(), ctypes.c_size_t()
         self._check("cuMemGetInfo", self._cu.cuMemGetInfo_v2(ctypes.byref(free), ctypes.byref(total)))
         return free.value, total.value
+
+    def native_table(self):
+        """libcuda's entry points for the native mapping thread (memory/native.py)."""
+        from .native import DriverTable
+        cu = self._cu
+        fn = lambda f: ctypes.cast(f, ctypes.c_void_p)  # noqa: E731
+        table = DriverTable(fn(cu.cuMemMap), fn(cu.cuMemUnmap), fn(cu.cuMemSetAccess), fn(cu.cuCtxSetCurrent),
+                            self._ctx, ctypes.addressof(self._access[True]), ctypes.addressof(self._access[False]))
+        return table, (self._access,)
 
     def close(self) -> None:
         if self._ctx:

@@ -176,6 +176,12 @@ class FakeDriver:
     def mem_info(self) -> tuple[int, int]:
         return self.capacity - self._used, self.capacity
 
+    def native_table(self):
+        """Callbacks into this fake for the native mapping thread; misuse is kept in native_errors."""
+        from .native import fake_table
+        table, keepalive, self.native_errors = fake_table(self)
+        return table, keepalive
+
     # -- what a kernel would do: byte access through the page table ------------------------
     def _walk(self, va: int, n: int, need: int):
         g = self.granularity

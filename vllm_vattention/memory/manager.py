@@ -20,7 +20,6 @@ from collections import deque
 from typing import Sequence
 
 from ..errors import MappingError, OutOfAddressSpaceError
-from .background import MappingThread
 from .driver import Driver
 from .layout import Layout
 from .mapper import Fence, RowMapper
@@ -55,10 +54,13 @@ class KVMemoryManager:
         except BaseException:
             driver.free_reservation(self.base_va, layout.total_bytes)
             raise
-        self.mapper = RowMapper(driver, layout, self.pool, self.base_va)
+        executor = None
+        if background:
+            from .native import NativeExecutor
+            executor = NativeExecutor(*driver.native_table())
+        self.mapper = RowMapper(driver, layout, self.pool, self.base_va, executor)
         self._free_rows: deque[int] = deque(range(layout.rows))
         self._active: set[int] = set()
-        self._thread = MappingThread() if background else None
         self._closed = False
 
     # -- rows --------------------------------------------------------------------------
@@ -80,7 +82,7 @@ class KVMemoryManager:
             raise MappingError(f"row {row} is not in use")
         self._active.remove(row)
         if self.reclaim == "eager":
-            self._run(lambda: self.mapper.clear_row(row))
+            self.mapper.clear_row(row)
         self._free_rows.append(row)
 
     # -- mappings ----------------------------------------------------------------------
@@ -91,31 +93,22 @@ class KVMemoryManager:
     def set_blocks(self, row: int, blocks: Sequence[int], start: int = 0) -> None:
         """Slots [start, start + len(blocks)) of `row` will hold `blocks` (maps only what differs)."""
         self._require_active(row)
-        blocks = list(blocks)
-        self._run(lambda: self.mapper.set_blocks(row, blocks, start))
+        self.mapper.set_blocks(row, list(blocks), start)
 
     def ensure_readable(self, row: int, num_tokens: int) -> None:
         """Tokens [0, num_tokens) of `row` will be readable (the zero page where nothing is mapped)."""
         self._require_active(row)
-        slots = -(-num_tokens // self.layout.block_size)
-        self._run(lambda: self.mapper.ensure_readable(row, slots))
+        self.mapper.ensure_readable(row, -(-num_tokens // self.layout.block_size))
 
     def record_reads(self, fence: Fence, reads: dict[int, int]) -> None:
         """A launched step may read tokens [0, reads[row]) of each row until `fence` completes."""
         bs = self.layout.block_size
-        slots = {r: -(-n // bs) for r, n in reads.items()}
-        self._run(lambda: self.mapper.record_reads(fence, slots))
-
-    def _run(self, fn) -> None:
-        if self._thread is None:
-            fn()
-        else:
-            self._thread.submit(fn)
+        self.mapper.record_reads(fence, {r: -(-n // bs) for r, n in reads.items()})
 
     def sync(self) -> None:
-        """Wait until every submitted mapping is in place (before launching the step that needs it)."""
-        if self._thread is not None:
-            self._thread.sync()
+        """Wait until every planned mapping is in place (before launching the step that needs it).
+        With background=True the driver calls run on a native thread; otherwise this is free."""
+        self.mapper.executor.wait()
 
     # -- inspection and shutdown --------------------------------------------------------
     def address(self, row: int, token: int, layer: int, kv: int, head: int = 0) -> int:
@@ -133,11 +126,10 @@ class KVMemoryManager:
         if self._closed:
             return
         self._closed = True
-        if self._thread is not None:
-            try:
-                self._thread.sync()
-            finally:
-                self._thread.close()
-        self.mapper.clear_all()
+        try:
+            self.mapper.executor.wait()
+            self.mapper.clear_all()
+        finally:
+            self.mapper.executor.close()
         self.pool.close()
         self.driver.free_reservation(self.base_va, self.layout.total_bytes)

@@ -19,6 +19,7 @@ from typing import Iterable, Protocol, Sequence
 
 from ..errors import MappingError
 from .driver import Driver
+from .executor import ACCESS_RO, ACCESS_RW, MAP, UNMAP, Op, SyncExecutor
 from .layout import Layout
 from .pool import PagePool
 
@@ -38,15 +39,17 @@ class MapperStats:
     block_unmaps: int = 0
     zero_maps: int = 0  # slots given the zero page
     hazard_waits: int = 0  # times an unmap had to wait for a step in flight
-    driver_seconds: float = 0.0  # wall time inside map/unmap/set_access
+    driver_seconds: float = 0.0  # wall time the calling thread spent handing calls to the executor
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 class RowMapper:
-    def __init__(self, driver: Driver, layout: Layout, pool: PagePool, base_va: int):
+    def __init__(self, driver: Driver, layout: Layout, pool: PagePool, base_va: int, executor=None):
         self.driver = driver
+        self.executor = executor or SyncExecutor(driver)
+        self._ops: list[Op] = []  # planned driver calls, run by the executor at the end of each call
         self.layout = layout
         self.pool = pool
         self.base_va = base_va
@@ -89,10 +92,8 @@ class RowMapper:
             return
         self._wait_readers(row, slot)
         size = self.layout.chunk_bytes()
-        t = time.perf_counter()
         for off in self.layout.chunks(row, slot):
-            self.driver.unmap(self.base_va + off, size)
-        self.stats.driver_seconds += time.perf_counter() - t
+            self._ops.append((UNMAP, self.base_va + off, size, 0))
         self.slots[row][slot] = None
         self._readable[row] = min(self._readable[row], slot)
         if old != ZERO:
@@ -108,7 +109,6 @@ class RowMapper:
         over a range: 26.5 vs 31.9 us on H100)."""
         size = self.layout.chunk_bytes()
         runs: list[list] = []  # [va, size, writable]
-        t = time.perf_counter()
         for slot, target in items:
             offsets = self.layout.chunks(row, slot)
             if target == ZERO:
@@ -117,14 +117,13 @@ class RowMapper:
                 handles, writable = self.pool.handles(target), True
             for off, handle in zip(offsets, handles):
                 va = self.base_va + off
-                self.driver.map(va, size, handle)
+                self._ops.append((MAP, va, size, handle))
                 if runs and runs[-1][0] + runs[-1][1] == va and runs[-1][2] == writable:
                     runs[-1][1] += size
                 else:
                     runs.append([va, size, writable])
         for va, n, writable in runs:
-            self.driver.set_access(va, n, writable)
-        self.stats.driver_seconds += time.perf_counter() - t
+            self._ops.append((ACCESS_RW if writable else ACCESS_RO, va, n, 0))
         for slot, target in items:
             self.slots[row][slot] = target
             if target == ZERO:
@@ -147,7 +146,15 @@ class RowMapper:
             self._unmap_slot(row, slot)
         if changes:
             self._map_slots(row, changes)
+        self._flush()
         return len(changes)
+
+    def _flush(self) -> None:
+        if self._ops:
+            ops, self._ops = self._ops, []
+            t = time.perf_counter()
+            self.executor.run(ops)
+            self.stats.driver_seconds += time.perf_counter() - t
 
     def ensure_readable(self, row: int, num_slots: int) -> int:
         """Give every unmapped slot in [0, num_slots) the zero page, so over-reads cannot fault."""
@@ -155,6 +162,7 @@ class RowMapper:
         holes = [(s, ZERO) for s in range(self._readable[row], num_slots) if self.slots[row][s] is None]
         if holes:
             self._map_slots(row, holes)
+            self._flush()
         self._readable[row] = max(self._readable[row], num_slots)
         return len(holes)
 
@@ -162,11 +170,13 @@ class RowMapper:
         """Unmap slots [from_slot, end) of `row`, waiting for any step that still reads them."""
         for s in range(from_slot, self.layout.blocks_per_row):
             self._unmap_slot(row, s)
+        self._flush()
 
     def clear_all(self) -> None:
         self.wait_all()
         for r in range(self.layout.rows):
             self.clear_row(r)
+        self.executor.wait()
 
     # -- inspection ------------------------------------------------------------------------
     def mapped_slots(self, row: int) -> Iterable[tuple[int, int]]:

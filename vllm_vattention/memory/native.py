@@ -1,0 +1,109 @@
+"""ctypes binding of csrc/mapper.cpp: a C++ thread that runs VMM calls without the GIL.
+
+The driver's entry points come as a table of C function pointers: libcuda's on a GPU
+(`CudaDriver.native_table`), or callbacks into the fake driver in CPU tests (`fake_table`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+from typing import Sequence
+
+from ..errors import DriverError
+from .executor import Op
+
+MAP_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_uint64,
+                          ctypes.c_uint64)
+UNMAP_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint64, ctypes.c_size_t)
+ACCESS_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t)
+CONTEXT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
+
+
+class DriverTable(ctypes.Structure):
+    _fields_ = [("map", ctypes.c_void_p), ("unmap", ctypes.c_void_p), ("set_access", ctypes.c_void_p),
+                ("set_context", ctypes.c_void_p), ("context", ctypes.c_void_p),
+                ("access_rw", ctypes.c_void_p), ("access_ro", ctypes.c_void_p)]
+
+
+class _COp(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int32), ("pad", ctypes.c_int32), ("va", ctypes.c_uint64),
+                ("size", ctypes.c_uint64), ("handle", ctypes.c_uint64)]
+
+
+_LIB = None
+
+
+def load_library() -> ctypes.CDLL:
+    """The compiled csrc/mapper.cpp (built by `pip install`, as the extension vllm_vattention._mapper)."""
+    global _LIB
+    if _LIB is None:
+        spec = importlib.util.find_spec("vllm_vattention._mapper")
+        if spec is None or not spec.origin:
+            raise ImportError("vllm_vattention._mapper is not built; reinstall with `pip install -e .` "
+                              "(needs a C++ compiler) or set VATTN_BACKGROUND_MAP=0")
+        lib = ctypes.CDLL(spec.origin)
+        lib.vattn_mapper_create.restype = ctypes.c_void_p
+        lib.vattn_mapper_create.argtypes = [ctypes.POINTER(DriverTable)]
+        lib.vattn_mapper_submit.argtypes = [ctypes.c_void_p, ctypes.POINTER(_COp), ctypes.c_uint64]
+        lib.vattn_mapper_wait.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint64,
+                                          ctypes.POINTER(ctypes.c_uint64)]
+        lib.vattn_mapper_destroy.argtypes = [ctypes.c_void_p]
+        _LIB = lib
+    return _LIB
+
+
+class NativeExecutor:
+    def __init__(self, table: DriverTable, keepalive: tuple = ()):
+        self._lib = load_library()
+        self._table = table
+        self._keepalive = keepalive  # callbacks and descriptors the table points at
+        self._handle = self._lib.vattn_mapper_create(ctypes.byref(table))
+        if not self._handle:
+            raise RuntimeError("vattn_mapper_create failed (incomplete driver table)")
+        self.ops_done = 0
+
+    def run(self, ops: Sequence[Op]) -> None:
+        arr = (_COp * len(ops))(*[_COp(k, 0, va, size, h) for k, va, size, h in ops])
+        if self._lib.vattn_mapper_submit(self._handle, arr, len(ops)):
+            raise RuntimeError("the native mapping thread has stopped")
+
+    def wait(self) -> None:
+        text = ctypes.create_string_buffer(256)
+        done = ctypes.c_uint64()
+        rc = self._lib.vattn_mapper_wait(self._handle, text, 256, ctypes.byref(done))
+        self.ops_done = done.value
+        if rc:
+            raise DriverError("native mapping thread", rc, f"CUresult {rc}", text.value.decode())
+
+    def close(self) -> None:
+        if self._handle:
+            self._lib.vattn_mapper_destroy(self._handle)
+            self._handle = None
+
+
+def fake_table(driver) -> tuple[DriverTable, tuple, list]:
+    """A table whose entries call a FakeDriver (CPU tests). Exceptions become error code 999 and
+    are kept in the returned list, in order."""
+    errors: list[BaseException] = []
+
+    def guard(fn):
+        def call(*args):
+            try:
+                fn(*args)
+                return 0
+            except BaseException as e:  # noqa: BLE001 - reported through the error code
+                errors.append(e)
+                return 999
+        return call
+
+    rw, ro = ctypes.c_int(3), ctypes.c_int(1)
+    cbs = (
+        MAP_FN(guard(lambda va, size, off, h, flags: driver.map(va, size, h, off))),
+        UNMAP_FN(guard(driver.unmap)),
+        ACCESS_FN(guard(lambda va, size, desc, n: driver.set_access(
+            va, size, ctypes.cast(desc, ctypes.POINTER(ctypes.c_int))[0] == 3))),
+    )
+    table = DriverTable(*(ctypes.cast(c, ctypes.c_void_p) for c in cbs), None, None,
+                        ctypes.cast(ctypes.pointer(rw), ctypes.c_void_p), ctypes.cast(ctypes.pointer(ro), ctypes.c_void_p))
+    return table, cbs + (rw, ro), errors
