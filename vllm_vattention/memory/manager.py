@@ -21,6 +21,7 @@ from typing import Sequence
 
 from ..errors import MappingError, OutOfAddressSpaceError
 from .driver import Driver
+from .executor import SyncExecutor
 from .layout import Layout
 from .mapper import Fence, RowMapper
 from .pool import PagePool
@@ -54,11 +55,12 @@ class KVMemoryManager:
         except BaseException:
             driver.free_reservation(self.base_va, layout.total_bytes)
             raise
-        executor = None
         if background:
             from .native import NativeExecutor
             executor = NativeExecutor(*driver.native_table())
-        self.mapper = RowMapper(driver, layout, self.pool, self.base_va, executor)
+        else:
+            executor = SyncExecutor(driver)
+        self.mapper = RowMapper(layout, self.pool, self.base_va, executor)
         self._free_rows: deque[int] = deque(range(layout.rows))
         self._active: set[int] = set()
         self._closed = False

@@ -18,8 +18,7 @@ from dataclasses import dataclass, fields
 from typing import Iterable, Protocol, Sequence
 
 from ..errors import MappingError
-from .driver import Driver
-from .executor import ACCESS_RO, ACCESS_RW, MAP, UNMAP, Op, SyncExecutor
+from .executor import ACCESS_RO, ACCESS_RW, MAP, UNMAP, Op
 from .layout import Layout
 from .pool import PagePool
 
@@ -46,9 +45,8 @@ class MapperStats:
 
 
 class RowMapper:
-    def __init__(self, driver: Driver, layout: Layout, pool: PagePool, base_va: int, executor=None):
-        self.driver = driver
-        self.executor = executor or SyncExecutor(driver)
+    def __init__(self, layout: Layout, pool: PagePool, base_va: int, executor):
+        self.executor = executor  # runs the planned driver calls (executor.py)
         self._ops: list[Op] = []  # planned driver calls, run by the executor at the end of each call
         self.layout = layout
         self.pool = pool
