@@ -20,11 +20,12 @@ ROWS = 3
 
 class ManagerMachine(RuleBasedStateMachine):
     @initialize(layout=st.sampled_from(["interleaved", "per_layer"]),
-                reclaim=st.sampled_from(["deferred", "eager"]))
-    def setup(self, layout, reclaim):
+                reclaim=st.sampled_from(["deferred", "eager"]), background=st.booleans())
+    def setup(self, layout, reclaim, background):
         self.driver = FakeDriver(PAGE)
         lay = make_layout(layout, SMALL, PAGE, rows=ROWS, min_row_tokens=60)
-        self.mgr = KVMemoryManager(self.driver, lay, NUM_BLOCKS, reclaim=reclaim)
+        # background: driver calls run on the native thread (csrc/mapper.cpp) through the fake's table
+        self.mgr = KVMemoryManager(self.driver, lay, NUM_BLOCKS, reclaim=reclaim, background=background)
         self.bs = lay.block_size
         self.active: dict[int, list[int]] = {}  # row -> blocks
         self.stream = FakeStream()
@@ -86,6 +87,7 @@ class ManagerMachine(RuleBasedStateMachine):
         if not hasattr(self, "mgr"):
             return
         m = self.mgr
+        m.sync()  # the page table is complete once the executor has run every planned call
         m.mapper.check_invariants()
         for row in range(ROWS):
             for slot, target in enumerate(m.mapper.slots[row]):
