@@ -29,7 +29,7 @@ def test_other_backend_names_do_not_select_us():
     ({"VATTN_DECODE_KERNEL": "fa4"}, "VATTN_DECODE_KERNEL='fa4' .* fa2, fa3"),
     ({"VATTN_BACKGROUND_MAP": "maybe"}, "VATTN_BACKGROUND_MAP='maybe' .* 1 or 0"),
     ({"VATTN_EXTRA_ROWS": "many"}, "VATTN_EXTRA_ROWS='many' is not an integer"),
-    ({"VATTN_GUARD_TOKENS": "-1"}, "VATTN_GUARD_TOKENS=-1 is below 0"),
+    ({"VATTN_GUARD_TOKENS": "64"}, "VATTN_GUARD_TOKENS=64 is below 192"),
 ])
 def test_bad_values_name_the_variable_and_the_choices(env, match):
     with pytest.raises(ConfigError, match=match):

@@ -8,7 +8,7 @@
 | VATTN_DECODE_KERNEL | fa2, fa3 | fa2 | kernel for decode-only batches (FA3 always runs prefill) |
 | VATTN_BACKGROUND_MAP | 0, 1 | 0 | run driver calls on a native thread (no GIL) while the step is prepared |
 | VATTN_EXTRA_ROWS | integer >= 0 | max_num_seqs | rows beyond max_num_seqs, so a new request rarely waits for a row still read by a step in flight |
-| VATTN_GUARD_TOKENS | integer >= 0 | 256 | readable tokens kept past each sequence end for kernels that over-read (FA3) |
+| VATTN_GUARD_TOKENS | integer >= 192 | 256 | readable tokens kept past each sequence end for kernels that over-read (FA3) |
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ class VattnConfig:
             decode_kernel=_choice(env, "VATTN_DECODE_KERNEL", DECODE_KERNELS, "fa2"),
             background_map=_flag(env, "VATTN_BACKGROUND_MAP", False),
             extra_rows=_int(env, "VATTN_EXTRA_ROWS", None),
-            guard_tokens=_int(env, "VATTN_GUARD_TOKENS", 256),
+            # FA3 reads up to one key tile (<= 192 tokens, ops.FA3_MAX_OVERREAD) past a sequence's end.
+            guard_tokens=_int(env, "VATTN_GUARD_TOKENS", 256, minimum=192),
         )
 
     def num_rows(self, max_num_seqs: int) -> int:
