@@ -34,3 +34,10 @@ def test_other_backend_names_do_not_select_us():
 def test_bad_values_name_the_variable_and_the_choices(env, match):
     with pytest.raises(ConfigError, match=match):
         VattnConfig.from_env(env)
+
+
+def test_guard_floor_is_fa3s_overread_bound():
+    from vllm_vattention.attention.ops import FA3_MAX_OVERREAD
+    assert VattnConfig.from_env({"VATTN_GUARD_TOKENS": str(FA3_MAX_OVERREAD)}).guard_tokens == FA3_MAX_OVERREAD
+    with pytest.raises(ConfigError):
+        VattnConfig.from_env({"VATTN_GUARD_TOKENS": str(FA3_MAX_OVERREAD - 1)})
