@@ -202,6 +202,7 @@ class VattnModelRunner(V2ModelRunner):
             torch.cuda.synchronize()
             logger.info("vAttention mapper stats: %s", self.vattn.stats())
             self.vattn.close()
+            self.vattn.driver.close()  # releases the primary-context reference CudaDriver retained
             self.vattn = None
         super().shutdown()
 

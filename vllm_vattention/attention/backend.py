@@ -110,7 +110,10 @@ class VattnMetadataBuilder(AttentionMetadataBuilder[VattnMetadata]):
             # Decode batches may be replayed from a CUDA graph: fixed shapes (whole rows), and every
             # (padded) request in one kernel.
             kv_len = row_len
-            num_decodes = m.num_reqs if self.cfg.decode_kernel == "fa2" else 0
+            if self.cfg.decode_kernel == "fa2":
+                num_decodes = m.num_reqs
+            else:
+                num_decodes, prefill_qsl = 0, m.query_start_loc
         else:
             # Mixed batches run eagerly: rows sliced to the longest sequence plus FA3's over-read.
             # vLLM orders a batch decodes first; those run FA2 and need no guard.
@@ -122,8 +125,6 @@ class VattnMetadataBuilder(AttentionMetadataBuilder[VattnMetadata]):
                 raise AssertionError("vLLM's batch is not ordered decodes first")
             if num_decodes < m.num_reqs:
                 prefill_qsl = m.query_start_loc[num_decodes:m.num_reqs + 1] - num_decodes
-        if num_decodes == 0 and prefill_qsl is None:
-            prefill_qsl = m.query_start_loc
         return VattnMetadata(
             num_actual_tokens=m.num_actual_tokens, max_query_len=m.max_query_len,
             max_seq_len=m.max_seq_len, query_start_loc=m.query_start_loc, seq_lens=m.seq_lens,

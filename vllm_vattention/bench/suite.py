@@ -224,12 +224,13 @@ def markdown(doc: dict) -> str:
     lines = ["# vAttention A/B suite", "", header(env), "", f"Model: `{doc.get('model')}`", "",
              "| workload | system | runs | req/s median | min | max | vs stock-fa3 | outside spread |",
              "|---|---|---|---|---|---|---|---|"]
-    for r in summarize(doc["results"]):
+    rows = summarize(doc["results"])
+    for r in rows:
         ratio = f"{r['ratio']:.3f}x" if r["ratio"] is not None else "-"
         sig = {True: "yes", False: "no", None: "-"}[r["significant"]]
         lines.append(f"| {r['workload']} | {r['system']} | {r['n']} | {r['median']:.2f} | {r['min']:.2f} | "
                      f"{r['max']:.2f} | {ratio} | {sig} |")
-    ratios = [r["ratio"] for r in summarize(doc["results"]) if r["system"] == DEFAULT_CANDIDATE and r["ratio"]]
+    ratios = [r["ratio"] for r in rows if r["system"] == DEFAULT_CANDIDATE and r["ratio"]]
     if ratios:
         geo = statistics.geometric_mean(ratios)
         lines += ["", f"Geometric mean of {DEFAULT_CANDIDATE} / {BASELINE} over {len(ratios)} workload(s): {geo:.3f}x"]
