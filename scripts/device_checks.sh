@@ -1,7 +1,8 @@
 #!/bin/bash
 # Runs on the device machine after `source /root/vattn-env.sh`: installs the project, runs the GPU
 # tests, the mapper benchmark and an offline A/B smoke test. Logs go to $OUT.
-# Usage: bash scripts/device_checks.sh [steps...]   (steps: install gpu_tests sanitizer mapbench ab)
+# Usage: bash scripts/device_checks.sh [steps...]
+#   steps: install gpu_tests (all of tests/gpu) unit (VMM + kernels) e2e server sanitizer mapbench ab
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export VLLM_USE_FLASHINFER_SAMPLER=0 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -11,6 +12,9 @@ for s in $steps; do
   case $s in
     install) python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1; tail -2 "$OUT/install.log";;
     gpu_tests) timeout 300 python3 -m pytest -m gpu tests/gpu -q -x -p no:cacheprovider --durations=8 > "$OUT/gpu_tests.log" 2>&1; echo "rc=$?"; tail -15 "$OUT/gpu_tests.log";;
+    unit) timeout 300 python3 -m pytest -m gpu tests/gpu/test_vmm_gpu.py tests/gpu/test_kernels_gpu.py -q -p no:cacheprovider > "$OUT/unit.log" 2>&1; echo "rc=$?"; tail -6 "$OUT/unit.log";;
+    e2e) timeout 420 python3 -m pytest -m gpu tests/gpu/test_e2e_gpu.py -q -s -p no:cacheprovider --durations=5 > "$OUT/e2e.log" 2>&1; echo "rc=$?"; grep -E "greedy|passed|failed|Error" "$OUT/e2e.log" | tail -12;;
+    server) timeout 420 python3 -m pytest -m gpu tests/gpu/test_server_gpu.py -q -p no:cacheprovider --durations=8 > "$OUT/server.log" 2>&1; echo "rc=$?"; tail -14 "$OUT/server.log";;
     sanitizer) timeout 400 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -m gpu -q -p no:cacheprovider \
         tests/gpu/test_kernels_gpu.py -k "guard" > "$OUT/sanitizer.log" 2>&1; echo "rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer.log" | tail -5;;
     mapbench) timeout 200 python3 -m vllm_vattention.bench.mapbench --out "$OUT" > "$OUT/mapbench.log" 2>&1; echo "rc=$?"; tail -30 "$OUT/mapbench.log";;

@@ -215,3 +215,19 @@ def test_contiguous_new_slots_get_one_set_access_call(driver):
     assert driver.stats.calls["set_access_calls"] - before == 2
     assert driver.mapping_at(mgr.address(r, 5 * mgr.layout.block_size, 0, 0))[2] == 1
     mgr.close()
+
+
+def test_reset_stats_starts_the_counters_again_but_keeps_the_mappings(driver):
+    mgr = make_manager(driver)
+    row = mgr.acquire_row()
+    mgr.set_blocks(row, [1, 2])
+    mgr.ensure_readable(row, 3 * mgr.layout.block_size)
+    assert mgr.stats()["block_maps"] == 2 and mgr.stats()["zero_maps"] == 1
+    mgr.reset_stats()
+    assert mgr.stats()["block_maps"] == 0 and mgr.stats()["zero_maps"] == 0
+    mgr.set_blocks(row, [1, 2])
+    assert mgr.stats()["block_maps"] == 0  # still mapped: nothing to do
+    mgr.set_blocks(row, [5], start=2)  # replaces the zero page
+    assert mgr.stats()["block_maps"] == 1 and mgr.stats()["block_unmaps"] == 0
+    mgr.close()
+    assert driver.leaks() == []

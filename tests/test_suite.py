@@ -19,30 +19,49 @@ class FakeClock:
 
 
 def fake_job(clock, fail=()):
-    def job(model, w, system, out_dir, timeout):
-        clock.t += w.est_seconds
+    def job(model, group, workloads, system, out_dir, timeout):
+        clock.t += S.EST_SECONDS[group]
         if system in fail:
             raise RuntimeError(f"{system} crashed")
         rep_noise = 0.1 * (clock.t % 3)  # small run-to-run spread
-        return {k: None for k in S.METRICS} | {"requests_per_s": RATE[system] + rep_noise,
-                                                "total_tokens_per_s": 1000.0, "output_tokens_per_s": 100.0}
+        mapper = {"map_share": 0.004, "driver_seconds": 0.1, "execute_seconds": 20.0, "block_maps": 10,
+                  "zero_maps": 2, "hazard_waits": 0} if system.startswith("vattn") else None
+        return [{k: None for k in S.METRICS} | {"workload": w.name, "requests_per_s": RATE[system] + rep_noise,
+                                                 "total_tokens_per_s": 1000.0, "output_tokens_per_s": 100.0,
+                                                 "max_concurrent_requests": 50, "mapper": mapper}
+                for w in workloads]
     return job
+
+
+def quiet(*_):
+    pass
+
+
+def test_rounds_keep_baseline_and_candidate_together():
+    w = [S.Workload("a", "offline", 8, 8, 1), S.Workload("s", "serve", 8, 8, 1, request_rate=1.0)]
+    suite = S.Suite("m", w, ["stock-fa3", "vattn-fa2", "vattn-per-layer"], reps=3, extra_reps=1)
+    rounds = suite.rounds()
+    assert rounds[0] == [("offline", "stock-fa3", 0), ("offline", "vattn-fa2", 0)]
+    assert [("offline", "vattn-per-layer", 0)] in rounds and [("offline", "vattn-per-layer", 1)] not in rounds
+    jobs = [j for r in rounds for j in r]
+    assert len(jobs) == len(set(jobs)) == 2 * (3 + 3 + 1)
 
 
 def test_resumes_across_calls_and_writes_the_schema(tmp_path):
     path = str(tmp_path / "r.json")
-    w = [S.Workload("a", "throughput", 8, 8, 1, est_seconds=100), S.Workload("b", "throughput", 8, 8, 1, est_seconds=100)]
+    w = [S.Workload("a", "offline", 8, 8, 1), S.Workload("b", "offline", 8, 8, 1)]
     suite = S.Suite("m", w, ["stock-fa3", "vattn-fa2"], reps=3)
     clock = FakeClock()
-    left = S.run(suite, path, max_seconds=450, job=fake_job(clock), env=ENV, clock=clock, log=lambda *_: None)
-    assert left == 12 - 4  # four 100 s jobs fit in 450 s
+    per_job = S.EST_SECONDS["offline"]
+    left = S.run(suite, path, max_seconds=4.5 * per_job, job=fake_job(clock), env=ENV, clock=clock, log=quiet)
+    assert left == 6 - 4  # two rounds of two jobs fit
     resumed = S.Suite("m", w, ["stock-fa3", "vattn-fa2"], reps=3)
     resumed.results = json.load(open(path))["results"]
     clock2 = FakeClock()
-    assert S.run(resumed, path, 10_000, job=fake_job(clock2), env=ENV, clock=clock2, log=lambda *_: None) == 0
+    assert S.run(resumed, path, 10_000, job=fake_job(clock2), env=ENV, clock=clock2, log=quiet) == 0
     doc = json.load(open(path))
     assert {"gpu", "commit", "vllm", "results"} <= doc.keys()
-    assert len(doc["results"]) == 12
+    assert len(doc["results"]) == 12  # 2 workloads x 2 systems x 3 reps
     for r in doc["results"]:
         assert set(S.METRICS) <= r.keys() and r["system"] in S.SYSTEMS
     assert len({(r["workload"], r["system"], r["rep"]) for r in doc["results"]}) == 12  # nothing ran twice
@@ -50,11 +69,11 @@ def test_resumes_across_calls_and_writes_the_schema(tmp_path):
 
 def test_ratios_spread_and_report(tmp_path):
     path = str(tmp_path / "r.json")
-    w = [S.Workload("a", "throughput", 8, 8, 1, est_seconds=1)]
+    w = [S.Workload("a", "offline", 8, 8, 1), S.Workload("capacity-300-tokens", "capacity", 280, 20, 0)]
     suite = S.Suite("m", w, ["stock-fa3", "vattn-fa2", "vattn-per-layer"], reps=3)
     clock = FakeClock()
-    S.run(suite, path, 1e9, job=fake_job(clock, fail=("vattn-per-layer",)), env=ENV, clock=clock, log=lambda *_: None)
-    rows = {r["system"]: r for r in S.summarize(suite.results)}
+    S.run(suite, path, 1e9, job=fake_job(clock, fail=("vattn-per-layer",)), env=ENV, clock=clock, log=quiet)
+    rows = {r["system"]: r for r in S.summarize(suite.results) if r["workload"] == "a"}
     assert rows["stock-fa3"]["ratio"] == 1.0
     assert 1.05 < rows["vattn-fa2"]["ratio"] < 1.15 and rows["vattn-fa2"]["significant"]
     assert "vattn-per-layer" not in rows  # failed runs carry no numbers
@@ -62,6 +81,15 @@ def test_ratios_spread_and_report(tmp_path):
     md = S.markdown(doc)
     assert "TEST GPU" in md and "commit abc" in md and "Geometric mean of vattn-fa2" in md
     assert "vattn-per-layer: " in md and "crashed" in md  # failures are reported, not hidden
+    assert "| capacity-300-tokens | vattn-fa2 | 3 | 50 |" in md
+    assert "| a | vattn-fa2 | 3 | 0.40% |" in md  # mapping share of execute_model time
+
+
+def test_mapper_stats_from_a_server_log():
+    log = ("INFO vAttention warm-up mapper stats: {'zero_maps': 9, 'map_share': 0.5}\n"
+           "INFO vAttention mapper stats: {'zero_maps': 3, 'map_share': 0.01}\n")
+    assert S._mapper_stats(log) == {"zero_maps": 3, "map_share": 0.01}
+    assert S._mapper_stats("nothing") is None
 
 
 def test_capacity_from_the_startup_log():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 
 import numpy as np
 import torch
@@ -118,44 +119,65 @@ class VattnModelRunner(V2ModelRunner):
                 (2,) + k.shape, ((v.offset - k.offset) // es,) + k.strides, k.offset // es)
         bind_kv_cache(kv_caches, forward_context, runner_kv_caches)
 
-        self._row_of: dict[int, int] = {}  # request-state index -> row
+        self._row_np = np.full(self.max_num_reqs, -1, dtype=np.int64)  # request-state index -> row (-1: none)
         self._num_blocks: dict[int, int] = {}  # row -> blocks mapped for its request
-        self._row_np = np.zeros(self.max_num_reqs, dtype=np.int64)
         self._pending_reads: dict[int, int] | None = None
+        self.reset_timers()
         logger.info("vAttention KV: %d blocks of %d tokens (%d MiB), %d rows x %d tokens, %.1f GiB reserved",
                     kv_cache_config.num_blocks, layout.block_size, layout.block_bytes >> 20, rows,
                     layout.row_tokens, layout.total_bytes / 2**30)
         return kv_caches
 
+    # -- accounting ------------------------------------------------------------------------
+    def reset_timers(self) -> None:
+        """Time the engine thread spends on page mapping (planning, driver calls, waiting for the
+        native thread) against the time it spends in execute_model, from now on."""
+        self.map_seconds = 0.0
+        self.execute_seconds = 0.0
+        self.steps = 0
+
+    def vattn_report(self) -> dict:
+        s = self.vattn.stats()
+        s.update(steps=self.steps, map_seconds=round(self.map_seconds, 4),
+                 execute_seconds=round(self.execute_seconds, 4),
+                 map_share=round(self.map_seconds / self.execute_seconds, 5) if self.execute_seconds else None)
+        return s
+
     # -- request lifecycle -----------------------------------------------------------------
     def _remove_request(self, req_id: str) -> bool:
         idx = self.req_states.req_id_to_index.get(req_id)
         removed = super()._remove_request(req_id)
-        if removed and idx is not None and idx in self._row_of:
-            row = self._row_of.pop(idx)
+        if removed and idx is not None and self._row_np[idx] >= 0:
+            t = time.perf_counter()
+            row = int(self._row_np[idx])
+            self._row_np[idx] = -1
             del self._num_blocks[row]
             self.vattn.release_row(row)
+            self.map_seconds += time.perf_counter() - t
         return removed
 
     def add_requests(self, scheduler_output) -> None:
         super().add_requests(scheduler_output)
+        t = time.perf_counter()
         for new in scheduler_output.scheduled_new_reqs:
             idx = self.req_states.req_id_to_index[new.req_id]
             row = self.vattn.acquire_row()
-            self._row_of[idx] = row
             self._row_np[idx] = row
             blocks = new.block_ids[0]
             self.vattn.set_blocks(row, blocks)
             self._num_blocks[row] = len(blocks)
+        self.map_seconds += time.perf_counter() - t
 
     def update_requests(self, scheduler_output) -> None:
         super().update_requests(scheduler_output)
+        t = time.perf_counter()
         reqs = scheduler_output.scheduled_cached_reqs
         for req_id, new_ids in zip(reqs.req_ids, reqs.new_block_ids):
             if new_ids is not None and new_ids[0]:
-                row = self._row_of[self.req_states.req_id_to_index[req_id]]
+                row = int(self._row_np[self.req_states.req_id_to_index[req_id]])
                 self.vattn.set_blocks(row, new_ids[0], start=self._num_blocks[row])
                 self._num_blocks[row] += len(new_ids[0])
+        self.map_seconds += time.perf_counter() - t
 
     # -- per-step attention inputs ---------------------------------------------------------
     def prepare_attn(self, input_batch):
@@ -169,6 +191,7 @@ class VattnModelRunner(V2ModelRunner):
 
         row_len = self.vattn.layout.row_tokens
         seq_lens = input_batch.seq_lens_cpu_upper_bound[:n].numpy()
+        t = time.perf_counter()
         fa3, extents = ops.read_extents(seq_lens, input_batch.num_scheduled_tokens,
                                         self.vattn_cfg.decode_kernel, self.vattn_cfg.guard_tokens, row_len)
         for row, extent in zip(rows[:n][fa3].tolist(), extents[fa3].tolist()):
@@ -176,6 +199,7 @@ class VattnModelRunner(V2ModelRunner):
         reads = dict(zip(rows[:n].tolist(), extents.tolist()))
         self._pending_reads = reads
         self.vattn.sync()  # every mapping this step needs is in place before anything is launched
+        self.map_seconds += time.perf_counter() - t
 
         bt.view(-1)[:padded_reqs].copy_(torch.from_numpy(rows).pin_memory(), non_blocking=True)
         slots[:n_tok].copy_(torch.from_numpy(token_rows).pin_memory(), non_blocking=True)
@@ -190,17 +214,20 @@ class VattnModelRunner(V2ModelRunner):
         return super().prepare_dummy_attn(input_batch)
 
     def execute_model(self, scheduler_output, *args, **kwargs):
+        t = time.perf_counter()
         self._pending_reads = None
         out = super().execute_model(scheduler_output, *args, **kwargs)
         if self._pending_reads:
             self.vattn.record_reads(EventFence(), self._pending_reads)
             self._pending_reads = None
+        self.execute_seconds += time.perf_counter() - t
+        self.steps += 1
         return out
 
     def shutdown(self) -> None:
         if self.vattn is not None:
             torch.cuda.synchronize()
-            logger.info("vAttention mapper stats: %s", self.vattn.stats())
+            logger.info("vAttention mapper stats: %s", self.vattn_report())
             self.vattn.close()
             self.vattn.driver.close()  # releases the primary-context reference CudaDriver retained
             self.vattn = None
@@ -216,3 +243,24 @@ class VattnWorker(Worker):
                               f"{type(runner).__name__}. Unset VLLM_USE_V2_MODEL_RUNNER=0")
         # The runner was built by vLLM's own init_device; we only add behaviour (no new __init__ state).
         runner.__class__ = VattnModelRunner
+
+    def vattn_report(self, reset: bool = False) -> dict | None:
+        """Mapper counters and mapping time since the last reset (for benchmarks, via collective_rpc)."""
+        runner = self.model_runner
+        if getattr(runner, "vattn", None) is None:
+            return None
+        rep = runner.vattn_report()
+        if reset:
+            runner.vattn.reset_stats()
+            runner.reset_timers()
+        return rep
+
+    def compile_or_warm_up_model(self):
+        """vLLM's warm-up runs real requests through the runner (V2: up to max_num_seqs 2-token
+        prefills, each given FA3's guard); those mappings are start-up cost, so they are logged
+        apart and the serving counters start at zero."""
+        out = super().compile_or_warm_up_model()
+        runner = self.model_runner
+        if getattr(runner, "vattn", None) is not None:
+            logger.info("vAttention warm-up mapper stats: %s", self.vattn_report(reset=True))
+        return out

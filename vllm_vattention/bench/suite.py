@@ -3,11 +3,13 @@
     vattn-bench --out benchmarks/results --max-seconds 540      # run (resumes where it stopped)
     vattn-bench --out benchmarks/results --report               # tables and plot from what is there
 
-Each (workload, system, repetition) is one job in a fresh engine (a `vllm bench` subprocess). One
-command may run at most 10 minutes on the device, so the suite stops starting jobs when the next
-would not fit in `--max-seconds`, and a later call resumes from the JSON it wrote. Jobs run
-workload by workload, systems interleaved within a repetition, so each ratio compares runs made
-on the same machine minutes apart.
+A job is one fresh engine (a subprocess) for one system and repetition, running every workload of
+its group in turn: the offline workloads in one `LLM` (bench/offline.py), the serving workloads
+against one `vllm serve` with `vllm bench serve` at each rate. One command may run at most 10
+minutes on the device, so jobs come in rounds (each repetition of stock-fa3 with the default
+vAttention system; the other systems one job per round), the suite starts a round only if it fits
+in `--max-seconds`, and a later call resumes from the JSON it wrote. The baseline and the default
+candidate of a repetition therefore always ran in the same call, minutes apart.
 """
 
 from __future__ import annotations
@@ -41,23 +43,27 @@ METRICS = ("requests_per_s", "output_tokens_per_s", "total_tokens_per_s", "ttft_
 @dataclass(frozen=True)
 class Workload:
     name: str
-    kind: str  # "throughput" (vllm bench throughput) or "serve" (vllm bench serve at a request rate)
+    kind: str  # "offline" (LLM.generate), "serve" (vllm bench serve at request_rate), "capacity" (KV budget)
     input_len: int
     output_len: int
     num_prompts: int
     request_rate: float | None = None
-    est_seconds: int = 150  # one job, engine start included, on an H100 (planning only)
 
 
 WORKLOADS = [
-    Workload("1024-in-128-out", "throughput", 1024, 128, 300),
-    Workload("8192-in-256-out", "throughput", 8192, 256, 100, est_seconds=180),
-    Workload("512-in-1024-out", "throughput", 512, 1024, 300, est_seconds=180),
-    Workload("24k-context-decode", "throughput", 24576, 512, 32, est_seconds=200),
-    Workload("serve-rate-4", "serve", 1024, 128, 200, request_rate=4.0, est_seconds=170),
-    Workload("serve-rate-16", "serve", 1024, 128, 400, request_rate=16.0, est_seconds=170),
-    Workload("capacity-300-tokens", "throughput", 280, 20, 2000, est_seconds=150),
+    Workload("1024-in-128-out", "offline", 1024, 128, 300),
+    Workload("8192-in-256-out", "offline", 8192, 256, 64),
+    Workload("512-in-1024-out", "offline", 512, 1024, 256),
+    Workload("16k-context-decode", "offline", 16384, 1024, 24),
+    Workload("serve-rate-4", "serve", 1024, 128, 120, request_rate=4.0),
+    Workload("serve-rate-16", "serve", 1024, 128, 240, request_rate=16.0),
+    # How many 300-token requests fit at once in the KV budget vLLM's profiling gives each system
+    # (read from the offline engine's start-up log: same GPU, same --gpu-memory-utilization).
+    Workload("capacity-300-tokens", "capacity", 280, 20, 0),
 ]
+# A job is one fresh engine running every chosen workload of its group in turn.
+GROUP_OF = {"offline": "offline", "capacity": "offline", "serve": "serve"}
+EST_SECONDS = {"offline": 200, "serve": 150}  # one job on an H100, engine start included (planning)
 
 
 @dataclass
@@ -65,14 +71,32 @@ class Suite:
     model: str
     workloads: list[Workload]
     systems: list[str]
-    reps: int
+    reps: int  # for the baseline and the default candidate
+    extra_reps: int = 1  # for the other systems
     results: list[dict] = field(default_factory=list)
 
-    def jobs(self) -> list[tuple[Workload, str, int]]:
-        return [(w, s, r) for w in self.workloads for r in range(self.reps) for s in self.systems]
+    def reps_of(self, system: str) -> int:
+        return self.reps if system in (BASELINE, DEFAULT_CANDIDATE) else min(self.extra_reps, self.reps)
 
-    def done(self, w: Workload, system: str, rep: int) -> bool:
-        return any(x["workload"] == w.name and x["system"] == system and x["rep"] == rep for x in self.results)
+    def rounds(self) -> list[list[tuple[str, str, int]]]:
+        """Jobs (group, system, rep) in rounds that must share a device call: each repetition of the
+        baseline with the default candidate, then the other systems one per round."""
+        out = []
+        for group in dict.fromkeys(GROUP_OF[w.kind] for w in self.workloads):
+            main = [s for s in self.systems if s in (BASELINE, DEFAULT_CANDIDATE)]
+            for rep in range(self.reps):
+                out.append([(group, s, rep) for s in main])
+            for s in self.systems:
+                if s not in main:
+                    out += [[(group, s, rep)] for rep in range(self.reps_of(s))]
+        return [r for r in out if r]
+
+    def group_workloads(self, group: str) -> list[Workload]:
+        return [w for w in self.workloads if GROUP_OF[w.kind] == group]
+
+    def done(self, group: str, system: str, rep: int) -> bool:
+        names = {w.name for w in self.group_workloads(group)}
+        return any(x["workload"] in names and x["system"] == system and x["rep"] == rep for x in self.results)
 
 
 def _kv_capacity(log: str, tokens_per_request: int, block_size: int) -> int | None:
@@ -89,38 +113,58 @@ def _block_size(log: str) -> int:
     return int(m.group(1)) if m else 16
 
 
-def run_job(model: str, w: Workload, system: str, out_dir: str, timeout: int) -> dict:
-    """One engine, one measurement. Returns the metrics of issue 4's schema (None where n/a)."""
-    spec = SYSTEMS[system]
+def _mapper_stats(log: str) -> dict | None:
+    """The last 'vAttention mapper stats' line an engine logged at shutdown."""
+    found = re.findall(r"vAttention mapper stats: (\{.*?\})\s*$", log, re.M)
+    if not found:
+        return None
+    import ast
+    return ast.literal_eval(found[-1])
+
+
+def _env_for(system: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("VLLM_ATTENTION_BACKEND", "VATTN_DECODE_KERNEL", "VATTN_LAYOUT")}
-    env.update(spec["env"])
+    env.update(SYSTEMS[system]["env"])
     env.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
-    tag = f"{w.name}-{system}-{int(time.time())}"
-    raw = os.path.join(out_dir, f"raw-{tag}.json")
-    max_len = w.input_len + w.output_len + 64
+    return env
+
+
+def run_job(model: str, group: str, workloads: list[Workload], system: str, out_dir: str, timeout: int) -> list[dict]:
+    """One fresh engine runs `workloads` in turn. Returns one row per workload (issue 4's schema,
+    None where a metric does not apply)."""
+    env = _env_for(system)
+    raw = os.path.join(out_dir, f"raw-{group}-{system}-{int(time.time())}.json")
     cli = [sys.executable, "-m", "vllm.entrypoints.cli.main"]
-    common = ["--model", model, "--load-format", "dummy", "--max-model-len", str(max_len)]
-    res = {k: None for k in METRICS}
-    if w.kind == "throughput":
-        cmd = cli + ["bench", "throughput", *common, "--input-len", str(w.input_len), "--output-len",
-                     str(w.output_len), "--num-prompts", str(w.num_prompts), "--output-json", raw, *spec["args"]]
+    rows = []
+    if group == "offline":
+        timed = [w for w in workloads if w.kind == "offline"]
+        spec = [[w.name, w.input_len, w.output_len, w.num_prompts] for w in timed] or [["smoke", 64, 16, 4]]
+        cmd = [sys.executable, "-m", "vllm_vattention.bench.offline", "--model", model, "--workloads",
+               json.dumps(spec), "--out", raw]
+        backend = SYSTEMS[system]["args"]
+        if backend:
+            cmd += ["--attention-backend", backend[1]]
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         log = p.stdout + p.stderr
+        with open(os.path.join(out_dir, f"log-{group}-{system}.txt"), "w") as f:
+            f.write(log)
         if p.returncode != 0:
-            raise RuntimeError(f"{system} on {w.name} failed:\n{log[-3000:]}")
+            raise RuntimeError(f"{system} offline job failed:\n{log[-3000:]}")
         data = json.load(open(raw))
-        res["requests_per_s"] = data["requests_per_second"]
-        res["total_tokens_per_s"] = data["tokens_per_second"]
-        res["output_tokens_per_s"] = data["requests_per_second"] * w.output_len
+        by_name = {r["workload"]: r for r in data["results"]}
+        for w in workloads:
+            row = {k: None for k in METRICS}
+            if w.kind == "offline":
+                r = by_name[w.name]
+                row.update({k: r[k] for k in ("requests_per_s", "output_tokens_per_s", "total_tokens_per_s")})
+                row["mapper"] = r.get("mapper")
+            row["max_concurrent_requests"] = _kv_capacity(log, w.input_len + w.output_len, _block_size(log))
+            rows.append({"workload": w.name, **row})
     else:
-        res.update(_run_serve(cli, common, w, spec, env, raw, timeout))
-        log = res.pop("_log")
-    res["max_concurrent_requests"] = _kv_capacity(log, w.input_len + w.output_len, _block_size(log))
-    stats = re.search(r"vAttention mapper stats: (\{.*?\})", log)
-    res["mapper"] = stats.group(1) if stats else None
+        rows = _run_serve(cli, model, workloads, system, env, raw, timeout)
     if os.path.exists(raw):
         os.remove(raw)
-    return res
+    return rows
 
 
 def wait_healthy(port: int, server: subprocess.Popen, timeout: float) -> None:
@@ -139,51 +183,72 @@ def wait_healthy(port: int, server: subprocess.Popen, timeout: float) -> None:
     raise RuntimeError(f"the server did not answer /health within {timeout:.0f} s")
 
 
-def _run_serve(cli, common, w: Workload, spec, env, raw, timeout) -> dict:
+def _run_serve(cli, model: str, workloads: list[Workload], system: str, env, raw, timeout) -> list[dict]:
+    """One server; `vllm bench serve` at each workload's request rate in turn."""
     port = 8190
-    model = common[1]
-    server = subprocess.Popen(cli + ["serve", model, *common[2:], "--port", str(port), *spec["args"]],
+    max_len = max(w.input_len + w.output_len for w in workloads) + 64
+    server = subprocess.Popen(cli + ["serve", model, "--load-format", "dummy", "--max-model-len", str(max_len),
+                                     "--port", str(port), *SYSTEMS[system]["args"]],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    results = []
     try:
         wait_healthy(port, server, timeout / 2)
-        client = cli + ["bench", "serve", "--model", model, "--port", str(port), "--dataset-name", "random",
-                        "--random-input-len", str(w.input_len), "--random-output-len", str(w.output_len),
-                        "--num-prompts", str(w.num_prompts), "--request-rate", str(w.request_rate),
-                        "--ignore-eos", "--save-result", "--result-filename", raw]
-        p = subprocess.run(client, env=env, capture_output=True, text=True, timeout=timeout)
-        if p.returncode != 0:
-            raise RuntimeError(f"bench serve failed:\n{(p.stdout + p.stderr)[-3000:]}")
-        d = json.load(open(raw))
+        for w in workloads:
+            client = cli + ["bench", "serve", "--model", model, "--port", str(port), "--dataset-name", "random",
+                            "--random-input-len", str(w.input_len), "--random-output-len", str(w.output_len),
+                            "--num-prompts", str(w.num_prompts), "--request-rate", str(w.request_rate),
+                            "--ignore-eos", "--save-result", "--result-filename", raw]
+            p = subprocess.run(client, env=env, capture_output=True, text=True, timeout=timeout)
+            if p.returncode != 0:
+                raise RuntimeError(f"bench serve failed:\n{(p.stdout + p.stderr)[-3000:]}")
+            d = json.load(open(raw))
+            results.append({"workload": w.name, "requests_per_s": d.get("request_throughput"),
+                            "output_tokens_per_s": d.get("output_throughput"),
+                            "total_tokens_per_s": d.get("total_token_throughput"),
+                            "ttft_p50_ms": d.get("median_ttft_ms"), "ttft_p99_ms": d.get("p99_ttft_ms"),
+                            "tpot_p50_ms": d.get("median_tpot_ms"), "tpot_p99_ms": d.get("p99_tpot_ms")})
     finally:
         server.terminate()
         log, _ = server.communicate(timeout=120)
-    return {"requests_per_s": d.get("request_throughput"), "output_tokens_per_s": d.get("output_throughput"),
-            "total_tokens_per_s": d.get("total_token_throughput"), "ttft_p50_ms": d.get("median_ttft_ms"),
-            "ttft_p99_ms": d.get("p99_ttft_ms"), "tpot_p50_ms": d.get("median_tpot_ms"),
-            "tpot_p99_ms": d.get("p99_tpot_ms"), "_log": log}
+        with open(os.path.join(os.path.dirname(raw), f"log-serve-{system}.txt"), "w") as f:
+            f.write(log)
+    mapper = _mapper_stats(log)  # the server's whole run, both rates
+    for r, w in zip(results, workloads):
+        r["max_concurrent_requests"] = _kv_capacity(log, w.input_len + w.output_len, _block_size(log))
+        r["mapper"] = mapper
+    return results
 
 
 def run(suite: Suite, path: str, max_seconds: float, job: Callable = run_job, env: dict | None = None,
         clock: Callable[[], float] = time.monotonic, log=print) -> int:
-    """Run the jobs not yet in `path` while they fit in `max_seconds`. Returns how many are left."""
+    """Run the rounds not yet in `path` while they fit in `max_seconds`. Returns jobs left."""
     env = env or environment()
     start = clock()
-    todo = [j for j in suite.jobs() if not suite.done(*j)]
-    for i, (w, system, rep) in enumerate(todo):
-        if clock() - start + w.est_seconds > max_seconds:
-            log(f"[suite] stopping: {len(todo) - i} job(s) left for the next call")
-            return len(todo) - i
-        log(f"[suite] {i + 1}/{len(todo)}: {w.name} / {system} / rep {rep} ...")
-        t = clock()
-        try:
-            metrics = job(suite.model, w, system, os.path.dirname(path) or ".", int(max_seconds))
-            error = None
-        except Exception as e:  # noqa: BLE001 - a failed system is recorded, the suite goes on
-            metrics, error = {k: None for k in METRICS}, str(e)[-2000:]
-        suite.results.append({"workload": w.name, "system": system, "rep": rep, **metrics,
-                              "seconds": round(clock() - t, 1), "error": error})
-        save(suite, path, env)
-        log(f"[suite]   {system}: {metrics.get('requests_per_s')} req/s" + (f"  ERROR {error[:200]}" if error else ""))
+    todo = [[j for j in r if not suite.done(*j)] for r in suite.rounds()]
+    todo = [r for r in todo if r]
+    for i, rnd in enumerate(todo):
+        est = sum(EST_SECONDS[g] for g, _, _ in rnd)
+        if clock() - start + est > max_seconds:
+            left = sum(len(r) for r in todo[i:])
+            log(f"[suite] stopping: {left} job(s) left for the next call")
+            return left
+        for group, system, rep in rnd:
+            log(f"[suite] round {i + 1}/{len(todo)}: {group} / {system} / rep {rep} ...")
+            t = clock()
+            ws = suite.group_workloads(group)
+            try:
+                rows = job(suite.model, group, ws, system, os.path.dirname(path) or ".", int(max_seconds))
+                error = None
+            except Exception as e:  # noqa: BLE001 - a failed system is recorded, the suite goes on
+                rows, error = [{"workload": w.name, **{k: None for k in METRICS}} for w in ws], str(e)[-2000:]
+            secs = round(clock() - t, 1)
+            for r in rows:
+                suite.results.append({**{k: None for k in METRICS}, **r, "system": system, "rep": rep,
+                                      "job_seconds": secs, "error": error})
+                log(f"[suite]   {r['workload']}: {r.get('requests_per_s')} req/s")
+            save(suite, path, env)
+            if error:
+                log(f"[suite]   ERROR {error[-300:]}")
     return 0
 
 
@@ -219,22 +284,64 @@ def summarize(results: list[dict], metric: str = "requests_per_s") -> list[dict]
     return rows
 
 
-def markdown(doc: dict) -> str:
-    env = {k: doc.get(k) for k in ("gpu", "driver", "torch", "vllm", "commit", "date")}
-    lines = ["# vAttention A/B suite", "", header(env), "", f"Model: `{doc.get('model')}`", "",
-             "| workload | system | runs | req/s median | min | max | vs stock-fa3 | outside spread |",
+def _table(rows: list[dict], title: str, fmt: str = "{:.2f}") -> list[str]:
+    lines = [f"| workload | system | runs | {title} median | min | max | vs stock-fa3 | outside spread |",
              "|---|---|---|---|---|---|---|---|"]
-    rows = summarize(doc["results"])
     for r in rows:
         ratio = f"{r['ratio']:.3f}x" if r["ratio"] is not None else "-"
         sig = {True: "yes", False: "no", None: "-"}[r["significant"]]
-        lines.append(f"| {r['workload']} | {r['system']} | {r['n']} | {r['median']:.2f} | {r['min']:.2f} | "
-                     f"{r['max']:.2f} | {ratio} | {sig} |")
+        lines.append(f"| {r['workload']} | {r['system']} | {r['n']} | {fmt.format(r['median'])} | "
+                     f"{fmt.format(r['min'])} | {fmt.format(r['max'])} | {ratio} | {sig} |")
+    return lines
+
+
+def mapping_rows(results: list[dict]) -> list[dict]:
+    """Per workload and vAttention system: median share of execute_model time spent on mapping,
+    and median driver seconds, over repetitions."""
+    by: dict[tuple[str, str], list[dict]] = {}
+    for r in results:
+        m = r.get("mapper")
+        if isinstance(m, dict) and m.get("map_share") is not None and not r.get("error"):
+            by.setdefault((r["workload"], r["system"]), []).append(m)
+    return [{"workload": w, "system": s, "n": len(ms),
+             "map_share": statistics.median(m["map_share"] for m in ms),
+             "driver_seconds": statistics.median(m["driver_seconds"] for m in ms),
+             "execute_seconds": statistics.median(m["execute_seconds"] for m in ms),
+             "block_maps": statistics.median(m["block_maps"] for m in ms),
+             "zero_maps": statistics.median(m["zero_maps"] for m in ms),
+             "hazard_waits": max(m["hazard_waits"] for m in ms)} for (w, s), ms in by.items()]
+
+
+def markdown(doc: dict) -> str:
+    env = {k: doc.get(k) for k in ("gpu", "driver", "torch", "vllm", "commit", "date")}
+    res = doc["results"]
+    lines = ["# vAttention A/B suite", "", header(env), "", f"Model: `{doc.get('model')}`", "",
+             "## Throughput (requests/s; higher is better)", ""]
+    rows = summarize(res)
+    lines += _table(rows, "req/s")
     ratios = [r["ratio"] for r in rows if r["system"] == DEFAULT_CANDIDATE and r["ratio"]]
     if ratios:
         geo = statistics.geometric_mean(ratios)
         lines += ["", f"Geometric mean of {DEFAULT_CANDIDATE} / {BASELINE} over {len(ratios)} workload(s): {geo:.3f}x"]
-    errors = [r for r in doc["results"] if r.get("error")]
+    for metric, title in (("ttft_p50_ms", "TTFT p50 ms"), ("ttft_p99_ms", "TTFT p99 ms"),
+                          ("tpot_p50_ms", "TPOT p50 ms"), ("tpot_p99_ms", "TPOT p99 ms")):
+        rows = summarize(res, metric)
+        if rows:
+            lines += ["", f"## {title} (lower is better)", ""] + _table(rows, title)
+    cap = [r for r in summarize(res, "max_concurrent_requests") if r["workload"].startswith("capacity")]
+    if cap:
+        lines += ["", "## Capacity: requests that fit in the KV budget at once (higher is better)", ""]
+        lines += _table(cap, "requests", "{:.0f}")
+    maps = mapping_rows(res)
+    if maps:
+        lines += ["", "## Page mapping on the engine thread (medians over repetitions)", "",
+                  "| workload | system | runs | mapping / execute_model time | driver s | execute_model s | block maps | zero-page maps | max hazard waits |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for m in maps:
+            lines.append(f"| {m['workload']} | {m['system']} | {m['n']} | {100 * m['map_share']:.2f}% | "
+                         f"{m['driver_seconds']:.3f} | {m['execute_seconds']:.2f} | {m['block_maps']:.0f} | "
+                         f"{m['zero_maps']:.0f} | {m['hazard_waits']} |")
+    errors = [r for r in res if r.get("error")]
     if errors:
         lines += ["", "Failed runs:"] + [f"- {r['workload']} / {r['system']}: {r['error'][:300]!r}" for r in errors]
     return "\n".join(lines) + "\n"
@@ -272,7 +379,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--workloads", default=",".join(w.name for w in WORKLOADS))
     ap.add_argument("--systems", default=",".join(SYSTEMS))
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of stock-fa3 and vattn-fa2")
+    ap.add_argument("--extra-reps", type=int, default=1, help="repetitions of the other systems")
     ap.add_argument("--max-seconds", type=float, default=540)
     ap.add_argument("--report", action="store_true", help="only write the table and plot")
     args = ap.parse_args(argv)
@@ -284,7 +392,7 @@ def main(argv=None) -> None:
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"{env['date']}-{(env['gpu'] or 'cpu').replace(' ', '-')}")
     path = stem + ".json"
-    suite = Suite(args.model, chosen, args.systems.split(","), args.reps)
+    suite = Suite(args.model, chosen, args.systems.split(","), args.reps, args.extra_reps)
     if os.path.exists(path):
         suite.results = json.load(open(path))["results"]
     if not args.report:

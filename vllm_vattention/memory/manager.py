@@ -123,6 +123,10 @@ class KVMemoryManager:
                  reserved_bytes=self.layout.total_bytes)
         return s
 
+    def reset_stats(self) -> None:
+        """Counters start again from zero (e.g. after start-up)."""
+        self.mapper.stats = type(self.mapper.stats)()
+
     def close(self) -> None:
         """Unmap everything (after every step in flight), release all memory. Idempotent."""
         if self._closed:

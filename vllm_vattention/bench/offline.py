@@ -1,0 +1,73 @@
+"""One engine, several offline workloads: the suite's offline job (run as a subprocess).
+
+    python3 -m vllm_vattention.bench.offline --model M --workloads '[[name, in, out, n], ...]' --out r.json
+
+The engine starts once (fresh process), runs a short untimed warm-up, then each workload in turn
+with `LLM.generate` on random token ids (fixed lengths, ignore_eos, temperature 1 as `vllm bench
+throughput` does). With vAttention, the mapper's counters are read and reset after each workload
+through the worker method `vattn_report`, so each workload gets its own mapping statistics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+
+def token_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(10, vocab) for _ in range(length)] for _ in range(n)]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--workloads", required=True, help="JSON list of [name, input_len, output_len, num_prompts]")
+    ap.add_argument("--attention-backend", default=None)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    workloads = json.loads(args.workloads)
+    max_len = max(i + o for _, i, o, _ in workloads) + 64
+    kw = dict(model=args.model, load_format="dummy", seed=0, max_model_len=max_len)
+    if args.attention_backend:
+        kw["attention_config"] = {"backend": args.attention_backend}
+    t = time.perf_counter()
+    llm = LLM(**kw)
+    start_s = time.perf_counter() - t
+    vattn = "CUSTOM" in str(llm.llm_engine.vllm_config.attention_config.backend)
+    vocab = llm.llm_engine.model_config.get_vocab_size()
+
+    def report() -> dict | None:
+        return llm.collective_rpc("vattn_report", kwargs={"reset": True})[0] if vattn else None
+
+    warm = token_prompts(16, 64, vocab, seed=99)
+    llm.generate([TokensPrompt(prompt_token_ids=p) for p in warm],
+                 SamplingParams(max_tokens=16, ignore_eos=True), use_tqdm=False)
+    report()
+    results = []
+    for k, (name, in_len, out_len, n) in enumerate(workloads):
+        ps = [TokensPrompt(prompt_token_ids=p) for p in token_prompts(n, in_len, vocab, seed=k)]
+        sp = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=out_len, ignore_eos=True)
+        t = time.perf_counter()
+        outs = llm.generate(ps, sp, use_tqdm=False)
+        elapsed = time.perf_counter() - t
+        out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        if out_tokens != n * out_len:
+            raise RuntimeError(f"{name}: {out_tokens} output tokens, expected {n * out_len}")
+        results.append({"workload": name, "elapsed_s": elapsed, "requests_per_s": n / elapsed,
+                        "output_tokens_per_s": out_tokens / elapsed,
+                        "total_tokens_per_s": (out_tokens + n * in_len) / elapsed, "mapper": report()})
+        print(f"[offline] {name}: {n / elapsed:.2f} req/s", flush=True)
+    with open(args.out, "w") as f:
+        json.dump({"start_s": start_s, "attention_backend": str(llm.llm_engine.vllm_config.attention_config.backend),
+                   "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
