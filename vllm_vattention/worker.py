@@ -73,6 +73,10 @@ class VattnModelRunner(V2ModelRunner):
     """vLLM's V2 runner with vAttention's KV; the worker swaps its runner's class to this one."""
 
     vattn: KVMemoryManager | None = None
+    # class defaults: vLLM's profiling run calls execute_model before the KV cache exists
+    map_seconds = 0.0
+    execute_seconds = 0.0
+    steps = 0
 
     # -- KV allocation ---------------------------------------------------------------------
     def initialize_kv_cache(self, kv_cache_config) -> None:
