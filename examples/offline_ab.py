@@ -61,6 +61,8 @@ def run_one(args) -> None:
         kw["num_gpu_blocks_override"] = args.num_gpu_blocks
     if args.attention_backend:
         kw["attention_config"] = {"backend": args.attention_backend}
+        if args.flash_attn_version:
+            kw["attention_config"]["flash_attn_version"] = args.flash_attn_version
     t = time.time()
     llm = LLM(**kw)
     start = time.time() - t
@@ -72,6 +74,7 @@ def run_one(args) -> None:
     gen = time.time() - t
     res = {"start_s": start, "generate_s": gen, "outputs": [],
            "attention_backend": str(llm.llm_engine.vllm_config.attention_config.backend),
+           "flash_attn_version": llm.llm_engine.vllm_config.attention_config.flash_attn_version,
            "cached_tokens": sum(o.num_cached_tokens or 0 for o in outs)}
     for o in outs:
         c = o.outputs[0]
@@ -118,6 +121,7 @@ def main() -> None:
     ap.add_argument("--child", default=None)
     ap.add_argument("--child-out", default=None)
     ap.add_argument("--attention-backend", default=None)
+    ap.add_argument("--flash-attn-version", type=int, default=None)
     ap.add_argument("--num-gpu-blocks", type=int, default=0, help="KV budget override (forces preemption)")
     ap.add_argument("--shared-prefix", action="store_true", help="prompts share a 300-token prefix")
     ap.add_argument("--no-prefix-caching", action="store_true")
@@ -135,8 +139,8 @@ def main() -> None:
         elif system == "vattention-flag":
             extra = ["--attention-backend", "CUSTOM"]
         elif system == "stock-fa2":
-            extra = ["--attention-backend", "FLASH_ATTN"]
-            env["VLLM_FLASH_ATTN_VERSION"] = "2"
+            # vLLM 0.25 takes the version from attention_config (VLLM_FLASH_ATTN_VERSION is ignored)
+            extra = ["--attention-backend", "FLASH_ATTN", "--flash-attn-version", "2"]
         child_out = f"{args.out}.{system}.json"
         cmd = [sys.executable, __file__, "--child", system, "--child-out", child_out, "--model", args.model,
                "--num-prompts", str(args.num_prompts), "--max-tokens", str(args.max_tokens),

@@ -24,6 +24,7 @@ def test_logprobs_match_stock_within_the_fa2_fa3_spread(cuda, tmp_path):
     s = run_ab(tmp_path, "--systems", "stock,stock-fa2,vattention", "--num-prompts", "26", "--max-tokens", "32")
     assert "CUSTOM" not in s["stock"]["attention_backend"]
     assert "CUSTOM" in s["vattention"]["attention_backend"]
+    assert s["stock-fa2"]["flash_attn_version"] == 2  # the spread really is FA2 against FA3
     spread = s["stock_vs_stock-fa2"]
     ours = s["stock_vs_vattention"]
     print(json.dumps({"fa2_vs_fa3_spread": spread, "stock_vs_vattention": ours}, indent=1))
