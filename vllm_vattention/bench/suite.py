@@ -383,6 +383,7 @@ def main(argv=None) -> None:
     ap.add_argument("--extra-reps", type=int, default=1, help="repetitions of the other systems")
     ap.add_argument("--max-seconds", type=float, default=540)
     ap.add_argument("--report", action="store_true", help="only write the table and plot")
+    ap.add_argument("--json", default=None, help="with --report: the results file (default: today's, this GPU's)")
     args = ap.parse_args(argv)
     unknown = set(args.systems.split(",")) - set(SYSTEMS)
     if unknown:
@@ -391,6 +392,8 @@ def main(argv=None) -> None:
     env = environment()
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"{env['date']}-{(env['gpu'] or 'cpu').replace(' ', '-')}")
+    if args.report and args.json:
+        stem = args.json[:-len(".json")] if args.json.endswith(".json") else args.json
     path = stem + ".json"
     suite = Suite(args.model, chosen, args.systems.split(","), args.reps, args.extra_reps)
     if os.path.exists(path):
