@@ -1,3 +1,4 @@
+import pytest
 import os
 
 import vllm_vattention
@@ -14,9 +15,11 @@ def test_every_module_folder_is_a_regular_package():
             assert "__init__.py" in files, f"{folder} has modules but no __init__.py"
 
 
-def test_memory_manager_does_not_import_vllm():
-    """The memory manager knows nothing of vLLM (the glue lives in worker/platform/selection)."""
-    for name in os.listdir(os.path.join(PKG, "memory")):
+@pytest.mark.parametrize("sub", ["memory", "evict"])
+def test_memory_manager_and_eviction_simulator_do_not_import_vllm(sub):
+    """The memory manager and the eviction simulator know nothing of vLLM (the glue lives in
+    worker/platform/selection)."""
+    for name in os.listdir(os.path.join(PKG, sub)):
         if name.endswith(".py"):
-            src = open(os.path.join(PKG, "memory", name)).read()
+            src = open(os.path.join(PKG, sub, name)).read()
             assert "import vllm" not in src and "from vllm" not in src, name
