@@ -1,5 +1,6 @@
-import pytest
 import os
+
+import pytest
 
 import vllm_vattention
 
