@@ -33,3 +33,15 @@ def environment() -> dict:
 def header(env: dict) -> str:
     return (f"GPU: {env['gpu']} | driver {env['driver']} | torch {env['torch']} | vLLM {env['vllm']} | "
             f"commit {env['commit']} | {env['date']}")
+
+
+def pyplot():
+    """matplotlib's pyplot with a file backend, or None where matplotlib is not installed (plots
+    are optional; tables are always written)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt

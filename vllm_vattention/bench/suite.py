@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .env import environment, header
+from .env import environment, header, pyplot
 
 SYSTEMS: dict[str, dict] = {
     "stock-fa3": {"env": {}, "args": []},
@@ -348,11 +348,8 @@ def markdown(doc: dict) -> str:
 
 
 def plot(doc: dict, png: str) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     rows = [r for r in summarize(doc["results"]) if r["ratio"] is not None]
     workloads = sorted({r["workload"] for r in rows})

@@ -18,6 +18,7 @@ import time
 from . import policies as P
 from . import predictors as R
 from . import trace as T
+from ..bench.env import pyplot
 from .sim import simulate
 
 NOISE = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
@@ -139,11 +140,8 @@ def markdown(doc: dict) -> str:
 
 
 def plot(doc: dict, png: str) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     runs = doc["runs"]
     g = max(r["granularity"] for r in runs)
