@@ -3,7 +3,13 @@
 // Loaded with ctypes (vllm_vattention/memory/native.py); plain C ABI, no Python headers. The
 // driver entry points come in a table, so CPU tests pass the fake driver's functions and the GPU
 // path passes libcuda's. Errors never abort: the first failing call's CUresult and a description
-// are kept and returned by vattn_mapper_wait, and the operations queued after it are dropped.
+// are kept and returned by vattn_mapper_wait / vattn_mapper_poll, and the driver calls queued after
+// it are dropped, except SIGNAL ops, which always run: a GPU stream may be waiting on that flag
+// (cuStreamWaitValue32), and must not wait forever because a mapping failed.
+//
+// Op kinds: MAP, UNMAP, ACCESS_RW/RO (driver calls), WAIT_EVENT (cuEventSynchronize on `handle`:
+// a step that still reads memory the next UNMAP removes), SIGNAL (store `handle` into the 32-bit
+// host word at `va` with release ordering, after every earlier op of the queue has run).
 #include <condition_variable>
 #include <cstdint>
 #include <cstdio>
@@ -20,6 +26,7 @@ typedef int (*map_fn)(uint64_t va, size_t size, size_t offset, uint64_t handle, 
 typedef int (*unmap_fn)(uint64_t va, size_t size);
 typedef int (*set_access_fn)(uint64_t va, size_t size, const void* desc, size_t count);
 typedef int (*set_context_fn)(void* ctx);
+typedef int (*event_sync_fn)(void* event);
 
 struct vattn_driver_table {
   map_fn map;
@@ -29,9 +36,17 @@ struct vattn_driver_table {
   void* context;
   const void* access_rw;  // CUmemAccessDesc for read-write
   const void* access_ro;  // CUmemAccessDesc for read-only
+  event_sync_fn event_sync;  // may be null when no WAIT_EVENT op is ever submitted
 };
 
-enum { VATTN_OP_MAP = 0, VATTN_OP_UNMAP = 1, VATTN_OP_ACCESS_RW = 2, VATTN_OP_ACCESS_RO = 3 };
+enum {
+  VATTN_OP_MAP = 0,
+  VATTN_OP_UNMAP = 1,
+  VATTN_OP_ACCESS_RW = 2,
+  VATTN_OP_ACCESS_RO = 3,
+  VATTN_OP_SIGNAL = 4,
+  VATTN_OP_WAIT_EVENT = 5
+};
 
 struct vattn_op {
   int32_t kind;
@@ -63,6 +78,11 @@ struct Mapper {
       case VATTN_OP_UNMAP: return table.unmap(op.va, op.size);
       case VATTN_OP_ACCESS_RW: return table.set_access(op.va, op.size, table.access_rw, 1);
       case VATTN_OP_ACCESS_RO: return table.set_access(op.va, op.size, table.access_ro, 1);
+      case VATTN_OP_WAIT_EVENT:
+        return table.event_sync ? table.event_sync(reinterpret_cast<void*>(op.handle)) : -3;
+      case VATTN_OP_SIGNAL:
+        __atomic_store_n(reinterpret_cast<uint32_t*>(op.va), static_cast<uint32_t>(op.handle), __ATOMIC_RELEASE);
+        return 0;
       default: return -1;
     }
   }
@@ -85,16 +105,21 @@ struct Mapper {
         batch = std::move(queue.front());
         queue.pop_front();
         busy = true;
-        if (error) batch.clear();  // after a failure, drop work until the caller sees the error
       }
       for (const vattn_op& op : batch) {
+        bool failed;
+        {
+          std::lock_guard<std::mutex> g(mu);
+          failed = error != 0;
+        }
+        // After a failure, drop driver calls until the caller has seen the error; signals still run.
+        if (failed && op.kind != VATTN_OP_SIGNAL) continue;
         int rc = execute(op);
         if (rc) {
           std::lock_guard<std::mutex> g(mu);
           error = rc;
           std::snprintf(error_text, sizeof(error_text), "op kind %d at va=0x%llx size=%llu returned %d",
                         op.kind, (unsigned long long)op.va, (unsigned long long)op.size, rc);
-          break;
         }
       }
       {
@@ -140,6 +165,21 @@ int vattn_mapper_wait(void* handle, char* text, uint64_t text_len, uint64_t* ops
     text[text_len - 1] = 0;
   }
   if (ops_done) *ops_done = m->ops_done;
+  m->error = 0;
+  m->error_text[0] = 0;
+  return rc;
+}
+
+// Does not block: returns the first error so far (then clears it), 0 if none.
+int vattn_mapper_poll(void* handle, char* text, uint64_t text_len) {
+  auto* m = static_cast<Mapper*>(handle);
+  if (!m) return -1;
+  std::lock_guard<std::mutex> g(m->mu);
+  int rc = m->error;
+  if (text && text_len) {
+    std::strncpy(text, m->error_text, text_len - 1);
+    text[text_len - 1] = 0;
+  }
   m->error = 0;
   m->error_text[0] = 0;
   return rc;

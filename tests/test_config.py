@@ -19,6 +19,11 @@ def test_values_are_parsed():
     assert c.decode_kernel == "fa3" and c.background_map and c.num_rows(8) == 8 and c.guard_tokens == 512
 
 
+def test_stream_map_mode():
+    assert VattnConfig.from_env({"VATTN_BACKGROUND_MAP": "Stream"}).background_map == "stream"
+    assert VattnConfig.from_env({"VATTN_BACKGROUND_MAP": "0"}).background_map is False
+
+
 def test_other_backend_names_do_not_select_us():
     assert not VattnConfig.from_env({"VLLM_ATTENTION_BACKEND": "FLASH_ATTN"}).requested_by_env
 
@@ -27,7 +32,7 @@ def test_other_backend_names_do_not_select_us():
     ({"VATTN_LAYOUT": "paged"}, "VATTN_LAYOUT='paged' .* interleaved, per_layer"),
     ({"VATTN_RECLAIM": "never"}, "VATTN_RECLAIM='never' .* deferred, eager"),
     ({"VATTN_DECODE_KERNEL": "fa4"}, "VATTN_DECODE_KERNEL='fa4' .* fa2, fa3"),
-    ({"VATTN_BACKGROUND_MAP": "maybe"}, "VATTN_BACKGROUND_MAP='maybe' .* 1 or 0"),
+    ({"VATTN_BACKGROUND_MAP": "maybe"}, "VATTN_BACKGROUND_MAP='maybe' .* use 0, 1 or stream"),
     ({"VATTN_EXTRA_ROWS": "many"}, "VATTN_EXTRA_ROWS='many' is not an integer"),
     ({"VATTN_GUARD_TOKENS": "64"}, "VATTN_GUARD_TOKENS=64 is below 192"),
 ])

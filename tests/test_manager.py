@@ -231,3 +231,76 @@ def test_reset_stats_starts_the_counters_again_but_keeps_the_mappings(driver):
     assert mgr.stats()["block_maps"] == 1 and mgr.stats()["block_unmaps"] == 0
     mgr.close()
     assert driver.leaks() == []
+
+
+class BlockingFence:
+    """A step still running on the GPU: wait() blocks until release() (another thread)."""
+
+    def __init__(self, driver):
+        import threading
+        self._done = threading.Event()
+        self.native_handle = driver.register_event(self)
+        self.waiters = []
+
+    def done(self):
+        return self._done.is_set()
+
+    def wait(self):
+        import threading
+        self.waiters.append(threading.current_thread().name)
+        self._done.wait(timeout=10)
+
+    def release(self):
+        self._done.set()
+
+
+def test_stream_mode_moves_hazard_waits_off_the_calling_thread(driver):
+    import threading
+    mgr = make_manager(driver, background="stream")
+    row = mgr.acquire_row()
+    mgr.set_blocks(row, [1])
+    assert mgr.publish() == 1
+    mgr.sync()
+    assert mgr.flag_value() == 1
+    driver.write(mgr.address(row, 0, 0, 0), b"old!")
+    fence = BlockingFence(driver)
+    mgr.record_reads(fence, {row: mgr.layout.block_size})  # a step in flight reads slot 0
+    mgr.set_blocks(row, [2])  # needs slot 0 unmapped: the native thread waits, not us
+    seq = mgr.publish()
+    assert seq == 2 and mgr.flag_value() == 1  # the GPU would still be waiting
+    assert threading.current_thread().name not in fence.waiters  # we did not wait
+    assert driver.read(mgr.address(row, 0, 0, 0), 4) == b"old!"  # still mapped for the running step
+    fence.release()
+    mgr.sync()
+    assert mgr.flag_value() == 2 and threading.current_thread().name not in fence.waiters
+    assert driver.read(mgr.address(row, 0, 0, 0), 4) == bytes(4)  # block 2, fresh
+    assert driver.stats.calls["event_sync"] == 1 and mgr.stats()["hazard_waits"] == 1
+    mgr.close()
+    assert driver.leaks() == []
+
+
+def test_stream_mode_signals_even_after_a_failed_mapping_and_reports_it(driver):
+    import time
+
+    from vllm_vattention.errors import DriverError
+    from vllm_vattention.memory.executor import MAP, SIGNAL
+    mgr = make_manager(driver, background="stream")
+    # a map outside any reservation (the fake refuses it), then the step's signal
+    mgr.mapper.executor.run([(MAP, 1 << 20, PAGE, 12345), (SIGNAL, mgr._flag_host, 0, 7)])
+    for _ in range(500):
+        if mgr.flag_value() == 7:
+            break
+        time.sleep(0.01)
+    assert mgr.flag_value() == 7  # the GPU would not wait forever
+    with pytest.raises(DriverError, match="native mapping thread"):
+        mgr.publish()  # the error surfaces at the next step, without waiting
+    assert driver.native_errors
+    mgr.close()
+    assert driver.leaks() == []
+
+
+def test_publish_outside_stream_mode_is_an_error(driver):
+    mgr = make_manager(driver)
+    with pytest.raises(MappingError, match="VATTN_BACKGROUND_MAP=stream"):
+        mgr.publish()
+    mgr.close()

@@ -20,11 +20,12 @@ ROWS = 3
 
 class ManagerMachine(RuleBasedStateMachine):
     @initialize(layout=st.sampled_from(["interleaved", "per_layer"]),
-                reclaim=st.sampled_from(["deferred", "eager"]), background=st.booleans())
+                reclaim=st.sampled_from(["deferred", "eager"]), background=st.sampled_from([False, True, "stream"]))
     def setup(self, layout, reclaim, background):
         self.driver = FakeDriver(PAGE)
         lay = make_layout(layout, SMALL, PAGE, rows=ROWS, min_row_tokens=60)
-        # background: driver calls run on the native thread (csrc/mapper.cpp) through the fake's table
+        # background: driver calls run on the native thread (csrc/mapper.cpp) through the fake's table;
+        # "stream": hazard waits also move to that thread, and each step publishes a flag
         self.mgr = KVMemoryManager(self.driver, lay, NUM_BLOCKS, reclaim=reclaim, background=background)
         self.bs = lay.block_size
         self.active: dict[int, list[int]] = {}  # row -> blocks
@@ -73,6 +74,9 @@ class ManagerMachine(RuleBasedStateMachine):
             self.mgr.ensure_readable(r, n)
             reads[r] = n
         f = self.stream.fence()
+        if self.mgr.stream_mode:
+            f.native_handle = self.driver.register_event(f)
+            self.mgr.publish()
         self.mgr.record_reads(f, reads)
         snap = {r: list(self.mgr.mapper.slots[r][:-(-n // self.bs)]) for r, n in reads.items()}
         self.fences.append((f, snap))
@@ -89,6 +93,7 @@ class ManagerMachine(RuleBasedStateMachine):
         m = self.mgr
         m.sync()  # the page table is complete once the executor has run every planned call
         m.mapper.check_invariants()
+        assert m.flag_value() == m._seq  # every published step's mappings are done (stream mode)
         for row in range(ROWS):
             for slot, target in enumerate(m.mapper.slots[row]):
                 for i, off in enumerate(m.layout.chunks(row, slot)):
@@ -104,6 +109,8 @@ class ManagerMachine(RuleBasedStateMachine):
 
     @invariant()
     def nothing_in_flight_was_changed(self):
+        if hasattr(self, "mgr"):
+            self.mgr.sync()  # stream mode: the native thread waits for in-flight steps before unmapping
         for f, snap in getattr(self, "fences", []):
             if not f.completed:
                 for r, before in snap.items():

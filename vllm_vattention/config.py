@@ -6,7 +6,7 @@
 | VATTN_LAYOUT | interleaved, per_layer | interleaved | how a token's KV is laid out in a row |
 | VATTN_RECLAIM | deferred, eager | deferred | keep a released row's pages mapped, or unmap them |
 | VATTN_DECODE_KERNEL | fa2, fa3 | fa2 | kernel for decode-only batches (FA3 always runs prefill) |
-| VATTN_BACKGROUND_MAP | 0, 1 | 0 | run driver calls on a native thread (no GIL) while the step is prepared |
+| VATTN_BACKGROUND_MAP | 0, 1, stream | 0 | 1: driver calls on a native thread (no GIL), joined before the step launches; stream: the GPU stream waits for them (cuStreamWaitValue32 on a host flag), the CPU never joins |
 | VATTN_EXTRA_ROWS | integer >= 0 | max_num_seqs | rows beyond max_num_seqs, so a new request rarely waits for a row still read by a step in flight |
 | VATTN_GUARD_TOKENS | integer >= 192 | 256 | readable tokens kept past each sequence end for kernels that over-read (FA3) |
 """
@@ -58,13 +58,23 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name}={raw!r} is not a boolean; use 1 or 0")
 
 
+def _map_mode(env: Mapping[str, str], name: str) -> bool | str:
+    raw = env.get(name)
+    if raw is not None and raw.strip().lower() == "stream":
+        return "stream"
+    try:
+        return _flag(env, name, False)
+    except ConfigError:
+        raise ConfigError(f"{name}={raw!r} is not supported; use 0, 1 or stream") from None
+
+
 @dataclass(frozen=True)
 class VattnConfig:
     requested_by_env: bool = False
     layout: str = "interleaved"
     reclaim: str = "deferred"
     decode_kernel: str = "fa2"
-    background_map: bool = False
+    background_map: bool | str = False  # False, True (native thread) or "stream"
     extra_rows: int | None = None
     guard_tokens: int = 256
 
@@ -77,7 +87,7 @@ class VattnConfig:
             layout=_choice(env, "VATTN_LAYOUT", LAYOUTS, "interleaved"),
             reclaim=_choice(env, "VATTN_RECLAIM", RECLAIM_POLICIES, "deferred"),
             decode_kernel=_choice(env, "VATTN_DECODE_KERNEL", DECODE_KERNELS, "fa2"),
-            background_map=_flag(env, "VATTN_BACKGROUND_MAP", False),
+            background_map=_map_mode(env, "VATTN_BACKGROUND_MAP"),
             extra_rows=_int(env, "VATTN_EXTRA_ROWS", None),
             # FA3 reads up to one key tile (<= 192 tokens, ops.FA3_MAX_OVERREAD) past a sequence's end.
             guard_tokens=_int(env, "VATTN_GUARD_TOKENS", 256, minimum=192),

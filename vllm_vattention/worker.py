@@ -51,6 +51,11 @@ class EventFence:
     def wait(self) -> None:
         self.event.synchronize()
 
+    @property
+    def native_handle(self) -> int:
+        """The CUevent, for the native mapping thread to synchronize on (stream mode)."""
+        return self.event.cuda_event
+
 
 @contextlib.contextmanager
 def _replace_init_kv_cache(fn):
@@ -202,7 +207,12 @@ class VattnModelRunner(V2ModelRunner):
             self.vattn.ensure_readable(row, extent)  # FA3 over-reads: zero page behind the end
         reads = dict(zip(rows[:n].tolist(), extents.tolist()))
         self._pending_reads = reads
-        self.vattn.sync()  # every mapping this step needs is in place before anything is launched
+        if self.vattn.stream_mode:
+            # The GPU, not this thread, waits for the native thread to finish this step's mappings.
+            seq = self.vattn.publish()
+            self.vattn.driver.stream_wait(torch.cuda.current_stream().cuda_stream, self.vattn.flag_device_address, seq)
+        else:
+            self.vattn.sync()  # every mapping this step needs is in place before anything is launched
         self.map_seconds += time.perf_counter() - t
 
         bt.view(-1)[:padded_reqs].copy_(torch.from_numpy(rows).pin_memory(), non_blocking=True)

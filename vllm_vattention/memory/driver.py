@@ -30,6 +30,11 @@ class Driver(Protocol):
     def memset_zero(self, va: int, size: int) -> None: ...
     def mem_info(self) -> tuple[int, int]: ...
     def native_table(self): ...  # (DriverTable, keepalive) for the native mapping thread
+    # stream mode (VATTN_BACKGROUND_MAP=stream): the GPU waits on a host flag the native thread sets
+    def event_sync(self, event: int) -> None: ...
+    def host_flag(self) -> tuple[int, int]: ...  # (host address, device address) of a zeroed uint32
+    def free_host_flag(self, host_addr: int) -> None: ...
+    def stream_wait(self, stream: int, device_addr: int, value: int) -> None: ...
 
 
 # CUresult values we treat specially.
@@ -181,6 +186,33 @@ class CudaDriver:
                                                          ctypes.c_size_t(size)))
         self._check("cuCtxSynchronize", self._cu.cuCtxSynchronize())
 
+    def event_sync(self, event: int) -> None:
+        self._ensure_context()
+        self._check("cuEventSynchronize", self._cu.cuEventSynchronize(ctypes.c_void_p(event)))
+
+    def host_flag(self) -> tuple[int, int]:
+        """A zeroed 32-bit word of pinned host memory that the GPU can read (for cuStreamWaitValue32)."""
+        self._ensure_context()
+        p = ctypes.c_void_p()
+        self._check("cuMemHostAlloc", self._cu.cuMemHostAlloc(ctypes.byref(p), ctypes.c_size_t(64),
+                                                             ctypes.c_uint(0x01 | 0x02)))  # PORTABLE | DEVICEMAP
+        ctypes.memset(p.value, 0, 64)
+        d = ctypes.c_uint64()
+        self._check("cuMemHostGetDevicePointer", self._cu.cuMemHostGetDevicePointer_v2(
+            ctypes.byref(d), p, ctypes.c_uint(0)))
+        return p.value, d.value
+
+    def free_host_flag(self, host_addr: int) -> None:
+        self._ensure_context()
+        self._check("cuMemFreeHost", self._cu.cuMemFreeHost(ctypes.c_void_p(host_addr)))
+
+    def stream_wait(self, stream: int, device_addr: int, value: int) -> None:
+        """Work enqueued on `stream` after this starts once the word at device_addr >= value."""
+        self._ensure_context()
+        self._check("cuStreamWaitValue32", self._cu.cuStreamWaitValue32_v2(
+            ctypes.c_void_p(stream), ctypes.c_uint64(device_addr), ctypes.c_uint32(value & 0xFFFFFFFF),
+            ctypes.c_uint(0)))  # CU_STREAM_WAIT_VALUE_GEQ
+
     def mem_info(self) -> tuple[int, int]:
         """(free, total) bytes of device memory."""
         self._ensure_context()
@@ -194,7 +226,8 @@ class CudaDriver:
         cu = self._cu
         fn = lambda f: ctypes.cast(f, ctypes.c_void_p)  # noqa: E731
         table = DriverTable(fn(cu.cuMemMap), fn(cu.cuMemUnmap), fn(cu.cuMemSetAccess), fn(cu.cuCtxSetCurrent),
-                            self._ctx, ctypes.addressof(self._access[True]), ctypes.addressof(self._access[False]))
+                            self._ctx, ctypes.addressof(self._access[True]), ctypes.addressof(self._access[False]),
+                            fn(cu.cuEventSynchronize))
         return table, (self._access,)
 
     def close(self) -> None:

@@ -4,14 +4,19 @@ The mapper plans a list of operations per request (bookkeeping, fence waits and 
 while planning, in Python) and hands it to an executor:
 - `SyncExecutor` runs them at once on the calling thread (the default).
 - `NativeExecutor` (native.py) queues them to a C++ thread that calls the driver without the GIL;
-  `wait()` joins before the step that needs the mappings is launched.
+  `wait()` joins before the step that needs the mappings is launched, or, in stream mode, a SIGNAL
+  op at the end of a step's work sets a host flag that the GPU stream waits on (the CPU never joins).
+
+Two op kinds are not driver calls: WAIT_EVENT (block until a fence completes: a step in flight
+still reads what the next UNMAP removes) and SIGNAL (store a sequence number into a 32-bit host
+word once every earlier op has run).
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-MAP, UNMAP, ACCESS_RW, ACCESS_RO = 0, 1, 2, 3  # the kinds in csrc/mapper.cpp
+MAP, UNMAP, ACCESS_RW, ACCESS_RO, SIGNAL, WAIT_EVENT = 0, 1, 2, 3, 4, 5  # the kinds in csrc/mapper.cpp
 
 Op = tuple[int, int, int, int]  # (kind, va, size, handle)
 
@@ -27,10 +32,15 @@ class SyncExecutor:
                 d.map(va, size, handle)
             elif kind == UNMAP:
                 d.unmap(va, size)
-            else:
+            elif kind in (ACCESS_RW, ACCESS_RO):
                 d.set_access(va, size, kind == ACCESS_RW)
+            else:
+                raise ValueError(f"op kind {kind} needs the native executor (VATTN_BACKGROUND_MAP=stream)")
 
     def wait(self) -> None:
+        pass
+
+    def poll(self) -> None:
         pass
 
     def close(self) -> None:

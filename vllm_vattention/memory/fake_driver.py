@@ -61,6 +61,9 @@ class FakeDriver:
         self._ptes: dict[int, _Pte] = {}  # virtual page number -> entry
         self._used = 0
         self.stats = FakeStats()
+        self._events: dict[int, object] = {}  # event handle -> fence (stream mode)
+        self._flags: dict[int, object] = {}  # host flag address -> buffer
+        self.waits: list[tuple[int, int, int]] = []  # (stream, flag address, value) the GPU would wait for
 
     # -- helpers -------------------------------------------------------------------------
     def _aligned(self, *values: int) -> None:
@@ -176,6 +179,35 @@ class FakeDriver:
     def mem_info(self) -> tuple[int, int]:
         return self.capacity - self._used, self.capacity
 
+    # -- stream mode: events and the host flag ---------------------------------------------
+    def register_event(self, fence) -> int:
+        """A handle for a fence (what a CUevent is to the real driver)."""
+        with self._lock:
+            h = len(self._events) + 1
+            self._events[h] = fence
+        return h
+
+    def event_sync(self, event: int) -> None:
+        fence = self._events.get(event)
+        if fence is None:
+            raise FakeDriverError(f"event_sync on unknown event {event}")
+        self.stats.bump("event_sync")
+        fence.wait()
+
+    def host_flag(self) -> tuple[int, int]:
+        import ctypes
+        buf = ctypes.create_string_buffer(64)
+        self._flags[ctypes.addressof(buf)] = buf
+        return ctypes.addressof(buf), ctypes.addressof(buf)
+
+    def free_host_flag(self, host_addr: int) -> None:
+        if self._flags.pop(host_addr, None) is None:
+            raise FakeDriverError(f"free_host_flag of unknown flag {host_addr:#x}")
+
+    def stream_wait(self, stream: int, device_addr: int, value: int) -> None:
+        """Records what the GPU would wait for; `waits` lets tests check it."""
+        self.waits.append((stream, device_addr, value))
+
     def native_table(self):
         """Callbacks into this fake for the native mapping thread; misuse is kept in native_errors."""
         from .native import fake_table
@@ -227,4 +259,5 @@ class FakeDriver:
         out = [f"reservation {va:#x} ({r.size} bytes)" for va, r in self._reservations.items() if not r.freed]
         out += [f"handle {h} ({x.size} bytes)" for h, x in self._handles.items() if not x.released]
         out += [f"{len(self._ptes)} mapped page(s)"] if self._ptes else []
+        out += [f"host flag {a:#x}" for a in self._flags]
         return out

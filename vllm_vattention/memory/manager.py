@@ -9,6 +9,11 @@ Typical use, once per step:
     mgr.record_reads(fence, {row: read_tokens})
     mgr.release_row(row)                     # finished or preempted
 
+With `background="stream"`, the launching thread does not wait for the mappings at all:
+
+    seq = mgr.publish()                      # after the step's set_blocks / ensure_readable
+    driver.stream_wait(stream, mgr.flag_device_address, seq)   # the GPU waits, not the CPU
+
 `reclaim="deferred"` (default) leaves a released row's slots mapped: a later request in that row
 whose blocks are the same pays nothing, and stale slots are only ever read past a sequence's end
 (masked). `reclaim="eager"` unmaps them once no step in flight reads them.
@@ -21,7 +26,7 @@ from typing import Sequence
 
 from ..errors import MappingError, OutOfAddressSpaceError
 from .driver import Driver
-from .executor import SyncExecutor
+from .executor import SIGNAL, SyncExecutor
 from .layout import Layout
 from .mapper import Fence, RowMapper
 from .pool import PagePool
@@ -31,7 +36,7 @@ RECLAIM_POLICIES = ("deferred", "eager")
 
 class KVMemoryManager:
     def __init__(self, driver: Driver, layout: Layout, num_blocks: int, reclaim: str = "deferred",
-                 background: bool = False):
+                 background: bool | str = False):
         if reclaim not in RECLAIM_POLICIES:
             raise ValueError(f"reclaim={reclaim!r}; use one of {RECLAIM_POLICIES}")
         if layout.page_size % driver.granularity:
@@ -55,11 +60,20 @@ class KVMemoryManager:
         except BaseException:
             driver.free_reservation(self.base_va, layout.total_bytes)
             raise
+        if background not in (False, True, "stream"):
+            raise ValueError(f"background={background!r}; use False, True or 'stream'")
+        self.stream_mode = background == "stream"
+        self._flag_host = self.flag_device_address = 0
+        self._seq = 0
+        self._handed_over: deque[tuple[int, list]] = deque()  # (seq, fences the native thread waits on)
         if background:
             from .native import NativeExecutor
             executor = NativeExecutor(*driver.native_table())
+            executor.defers_waits = self.stream_mode
         else:
             executor = SyncExecutor(driver)
+        if self.stream_mode:
+            self._flag_host, self.flag_device_address = driver.host_flag()
         self.mapper = RowMapper(layout, self.pool, self.base_va, executor)
         self._free_rows: deque[int] = deque(range(layout.rows))
         self._active: set[int] = set()
@@ -112,6 +126,27 @@ class KVMemoryManager:
         With background=True the driver calls run on a native thread; otherwise this is free."""
         self.mapper.executor.wait()
 
+    def publish(self) -> int:
+        """Stream mode: queue a signal after every mapping planned so far and return its sequence
+        number; a GPU stream that waits for the flag to reach it (driver.stream_wait) runs after
+        those mappings. Raises the native thread's first error, if any, without waiting."""
+        if not self.stream_mode:
+            raise MappingError("publish() needs background='stream' (VATTN_BACKGROUND_MAP=stream)")
+        self.mapper.executor.poll()
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        self.mapper.executor.run([(SIGNAL, self._flag_host, 0, self._seq)])
+        if self.mapper.handed_over:
+            self._handed_over.append((self._seq, self.mapper.handed_over))
+            self.mapper.handed_over = []
+        done = self.flag_value()
+        while self._handed_over and self._handed_over[0][0] <= done:
+            self._handed_over.popleft()  # the native thread has waited on them: drop the references
+        return self._seq
+
+    def flag_value(self) -> int:
+        import ctypes
+        return ctypes.c_uint32.from_address(self._flag_host).value if self._flag_host else 0
+
     # -- inspection and shutdown --------------------------------------------------------
     def address(self, row: int, token: int, layer: int, kv: int, head: int = 0) -> int:
         return self.base_va + self.layout.element_offset(row, token, layer, kv, head)
@@ -137,5 +172,9 @@ class KVMemoryManager:
             self.mapper.clear_all()
         finally:
             self.mapper.executor.close()
+        self._handed_over.clear()
+        if self._flag_host:
+            self.driver.free_host_flag(self._flag_host)
+            self._flag_host = 0
         self.pool.close()
         self.driver.free_reservation(self.base_va, self.layout.total_bytes)

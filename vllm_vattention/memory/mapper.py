@@ -7,7 +7,9 @@ deferred reclamation kept mapped).
 Hazard: cuMemUnmap does not wait for kernels that are running. Every step that reads rows reports
 how many slots of each row it may read, with a fence (a CUDA event recorded after the step). Before
 a slot is unmapped, the mapper waits for every unfinished fence whose step reads that slot.
-`stats.hazard_waits` counts those waits; the fast path has none.
+`stats.hazard_waits` counts those waits; the fast path has none. When the executor defers waits
+(stream mode), the wait is not done here: a WAIT_EVENT op ahead of the unmaps makes the native
+thread wait, and the engine thread goes on.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass, fields
 from typing import Iterable, Protocol, Sequence
 
 from ..errors import MappingError
-from .executor import ACCESS_RO, ACCESS_RW, MAP, UNMAP, Op
+from .executor import ACCESS_RO, ACCESS_RW, MAP, UNMAP, WAIT_EVENT, Op
 from .layout import Layout
 from .pool import PagePool
 
@@ -30,6 +32,8 @@ class Fence(Protocol):
 
     def done(self) -> bool: ...
     def wait(self) -> None: ...
+    # stream mode only: the handle the native thread synchronizes on (a CUevent)
+    native_handle: int
 
 
 @dataclass
@@ -56,6 +60,8 @@ class RowMapper:
         self._inflight: deque[tuple[Fence, dict[int, int]]] = deque()
         self._readable = [0] * layout.rows  # slots [0, _readable[row]) are known to be mapped
         self.stats = MapperStats()
+        self.defer_waits = getattr(executor, "defers_waits", False)
+        self.handed_over: list[Fence] = []  # fences the native thread waits on (kept alive until it has)
 
     # -- fences ----------------------------------------------------------------------------
     def record_reads(self, fence: Fence, reads: dict[int, int]) -> None:
@@ -74,7 +80,12 @@ class RowMapper:
                 last = i
         if last >= 0:
             # Fences complete in launch order: waiting on the last reader covers the earlier ones.
-            self._inflight[last][0].wait()
+            fence = self._inflight[last][0]
+            if self.defer_waits:
+                self._ops.append((WAIT_EVENT, 0, 0, fence.native_handle))
+                self.handed_over.append(fence)
+            else:
+                fence.wait()
             self.stats.hazard_waits += 1
             for _ in range(last + 1):
                 self._inflight.popleft()

@@ -18,12 +18,13 @@ MAP_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint64, ctypes.c_size_t, ctypes
 UNMAP_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint64, ctypes.c_size_t)
 ACCESS_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t)
 CONTEXT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
+EVENT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
 
 
 class DriverTable(ctypes.Structure):
     _fields_ = [("map", ctypes.c_void_p), ("unmap", ctypes.c_void_p), ("set_access", ctypes.c_void_p),
                 ("set_context", ctypes.c_void_p), ("context", ctypes.c_void_p),
-                ("access_rw", ctypes.c_void_p), ("access_ro", ctypes.c_void_p)]
+                ("access_rw", ctypes.c_void_p), ("access_ro", ctypes.c_void_p), ("event_sync", ctypes.c_void_p)]
 
 
 class _COp(ctypes.Structure):
@@ -48,6 +49,7 @@ def load_library() -> ctypes.CDLL:
         lib.vattn_mapper_submit.argtypes = [ctypes.c_void_p, ctypes.POINTER(_COp), ctypes.c_uint64]
         lib.vattn_mapper_wait.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint64,
                                           ctypes.POINTER(ctypes.c_uint64)]
+        lib.vattn_mapper_poll.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint64]
         lib.vattn_mapper_destroy.argtypes = [ctypes.c_void_p]
         _LIB = lib
     return _LIB
@@ -73,6 +75,13 @@ class NativeExecutor:
         done = ctypes.c_uint64()
         rc = self._lib.vattn_mapper_wait(self._handle, text, 256, ctypes.byref(done))
         self.ops_done = done.value
+        if rc:
+            raise DriverError("native mapping thread", rc, f"CUresult {rc}", text.value.decode())
+
+    def poll(self) -> None:
+        """Raise the first error of the native thread so far, without waiting for it."""
+        text = ctypes.create_string_buffer(256)
+        rc = self._lib.vattn_mapper_poll(self._handle, text, 256)
         if rc:
             raise DriverError("native mapping thread", rc, f"CUresult {rc}", text.value.decode())
 
@@ -104,6 +113,9 @@ def fake_table(driver) -> tuple[DriverTable, tuple, list]:
         ACCESS_FN(guard(lambda va, size, desc, n: driver.set_access(
             va, size, ctypes.cast(desc, ctypes.POINTER(ctypes.c_int))[0] == 3))),
     )
+    event_cb = EVENT_FN(guard(lambda ev: driver.event_sync(ev)))
     table = DriverTable(*(ctypes.cast(c, ctypes.c_void_p) for c in cbs), None, None,
-                        ctypes.cast(ctypes.pointer(rw), ctypes.c_void_p), ctypes.cast(ctypes.pointer(ro), ctypes.c_void_p))
+                        ctypes.cast(ctypes.pointer(rw), ctypes.c_void_p), ctypes.cast(ctypes.pointer(ro), ctypes.c_void_p),
+                        ctypes.cast(event_cb, ctypes.c_void_p))
+    cbs = cbs + (event_cb,)
     return table, cbs + (rw, ro), errors
