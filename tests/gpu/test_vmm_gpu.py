@@ -37,9 +37,9 @@ def test_tensor_over_mapped_pages_reads_and_writes_across_page_boundaries(driver
         driver.free_reservation(va, 2 * n * PAGE_SIZE)
 
 
-@pytest.mark.parametrize("background", [False, True])
+@pytest.mark.parametrize("background", [False, True, "stream"])
 def test_manager_alias_and_remap_show_the_right_bytes(manager_factory, cuda, background):
-    m = manager_factory(background=background)  # True: libcuda called from the native thread
+    m = manager_factory(background=background)  # True/"stream": libcuda called from the native thread
     views = layer_views(m.base_va, m.layout, torch.bfloat16, cuda)
     bs = m.layout.block_size
     a, b = m.acquire_row(), m.acquire_row()
@@ -87,3 +87,59 @@ def test_impossible_reservation_is_a_typed_error(driver):
         assert "lower --max-model-len or --max-num-seqs" in str(e)
     else:
         raise AssertionError("reserving 2^60 bytes should fail")
+
+
+def test_stream_mode_gpu_waits_for_mappings_made_after_its_kernels_were_enqueued(manager_factory, driver, cuda):
+    """VATTN_BACKGROUND_MAP=stream: a kernel enqueued behind cuStreamWaitValue32 writes into a slot
+    that is only mapped (by the native thread) 200 ms later, while the stream is busy; without the
+    wait it would touch unmapped memory (illegal address). It must see the mapping and write the bytes."""
+    import time
+
+    class Fence:  # a CUDA event, as the worker's EventFence
+        def __init__(self, stream):
+            self.event = torch.cuda.Event()
+            self.event.record(stream)
+
+        def done(self):
+            return self.event.query()
+
+        def wait(self):
+            self.event.synchronize()
+
+        @property
+        def native_handle(self):
+            return self.event.cuda_event
+
+    m = manager_factory(background="stream")
+    views = layer_views(m.base_va, m.layout, torch.bfloat16, cuda)
+    bs = m.layout.block_size
+    row = m.acquire_row()
+    m.set_blocks(row, [3])
+    first = m.publish()
+    stream = torch.cuda.Stream()
+    k = views[7][0][row]
+    with torch.cuda.stream(stream):
+        driver.stream_wait(stream.cuda_stream, m.flag_device_address, first)
+        k[:bs].fill_(1.0)  # block 3, slot 0
+        torch.cuda._sleep(50_000_000)  # keep the stream busy (~25-50 ms)
+        driver.stream_wait(stream.cuda_stream, m.flag_device_address, first + 1)
+        k[bs: 2 * bs].fill_(2.0)  # slot 1: not mapped yet when this is enqueued
+        out = k[: 2 * bs].float().sum().clone()
+    fence = Fence(stream)
+    time.sleep(0.2)
+    assert not fence.done()  # the GPU is waiting for the flag
+    m.set_blocks(row, [9], start=1)
+    assert m.publish() == first + 1
+    fence.wait()
+    assert out.item() == bs * 8 * 128 * (1.0 + 2.0)
+    # and the hazard path: remap slot 0 while a step that reads it is in flight
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(50_000_000)
+        busy = Fence(stream)
+    m.record_reads(busy, {row: 2 * bs})
+    m.set_blocks(row, [5], start=0)  # the native thread waits for `busy` before unmapping
+    seq = m.publish()
+    m.sync()
+    assert busy.done() and m.flag_value() == seq and m.stats()["hazard_waits"] == 1
+    torch.cuda.synchronize()
+    assert torch.count_nonzero(k[:bs]).item() == 0  # block 5 is fresh
