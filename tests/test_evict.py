@@ -175,3 +175,14 @@ def test_report_on_a_small_trace(tmp_path):
             assert r["faults"] == r["opt_faults"]
     md = report.markdown({**doc, "commit": "abc", "date": "d"})
     assert "## Bound checks" in md and "| 512 | 10% |" in md
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_discard_lru_is_lru_without_predictions_and_evicts_discard_bits_first(seed):
+    rng = random.Random(seed)
+    seq = [rng.randrange(15) for _ in range(300)]
+    assert run(P.DiscardLRU(4), seq, [0] * len(seq)) == run(P.LRU(4), seq)
+    d = P.DiscardLRU(3)
+    for t, (p, b) in enumerate([(1, 0), (2, 1), (3, 0), (4, 0)]):
+        d.access(p, t, b)
+    assert set(d.keep) == {1, 3, 4} and not d.drop  # page 2 (bit 1) went first, not LRU page 1

@@ -65,12 +65,13 @@ def noisy(bits: list[int], rate: float, seed: int = 0) -> tuple[list[int], int]:
 
 
 def online_reuse(requests, paged_requests, parent: list[int], min_shared: int = 2, horizon_ms: int = 600_000,
-                 max_depth: int = 6) -> list[int]:
+                 max_depth: int = 6, continuation: bool = True) -> list[int]:
     """Keep-bits (1 = predicted reused) for every page position, computed online in arrival order.
 
     Shared: the page appeared in >= min_shared earlier requests (of different conversations or turns).
     Continuation: P(a request at turn depth d gets a follow-up turn), estimated from earlier requests
     that arrived more than horizon_ms ago (their outcome is known by then); predicted if >= 0.5.
+    continuation=False: the shared rule alone (what the vLLM hook computes from block hit counts).
     """
     depth: list[int] = []
     children: list[int] = [0] * len(requests)
@@ -94,7 +95,7 @@ def online_reuse(requests, paged_requests, parent: list[int], min_shared: int = 
                 stats[depth[q]][1] += 1
             resolved_upto += 1
         n, c = stats[d]
-        continues = n > 0 and c / n >= 0.5
+        continues = continuation and n > 0 and c / n >= 0.5
         for page in pr.pages:
             cnt = seen.get(page, 0) + 1
             seen[page] = cnt

@@ -31,6 +31,7 @@ def run_point(reqs, pr, par, k: int, noise=NOISE, seed: int = 0, log=print) -> l
     discard, opt = R.discard_oracle(seq, k, nxt)
     phase = R.phase_oracle(seq, k)
     keep = R.online_reuse(reqs, pr, par)
+    shared = R.online_reuse(reqs, pr, par, continuation=False)  # what the vLLM hook computes
     rows = []
 
     def add(policy, bits, predictor, rate=None, flipped=None):
@@ -43,18 +44,20 @@ def run_point(reqs, pr, par, k: int, noise=NOISE, seed: int = 0, log=print) -> l
     rows.append(opt_run)
     add(P.LRU(k), None, None)
     add(P.Marking(k, seed), None, None)
-    for cls, oracle in ((P.DiscardMarking, discard), (P.PhaseMarking, phase)):
+    for cls, oracle in ((P.DiscardMarking, discard), (P.DiscardLRU, discard), (P.PhaseMarking, phase)):
         for rate in noise:
             bits, flipped = R.noisy(oracle, rate, seed) if rate else (oracle, 0)
             add(cls(k, seed), bits, "oracle" if not rate else "noisy-oracle", rate, flipped)
-        online = [1 - b for b in keep] if cls.uses == "discard" else keep
-        wrong = sum(a != b for a, b in zip(online, oracle))
-        add(cls(k, seed), online, "online", None, wrong)
+        for label, pred in (("online", keep), ("online-shared", shared)):
+            online = [1 - b for b in pred] if cls.uses == "discard" else pred
+            wrong = sum(a != b for a, b in zip(online, oracle))
+            add(cls(k, seed), online, label, None, wrong)
     log(f"  k={k}: OPT {opt}, LRU {rows[1]['faults']}, Marking {rows[2]['faults']}")
     return rows
 
 
-def sweep(trace_path: str, granularities, fractions, noise=NOISE, limit=None, log=print) -> dict:
+def sweep(trace_path: str, granularities, fractions, noise=NOISE, limit=None, log=print,
+          fine_noise=(0.0, 0.1, 0.5)) -> dict:
     reqs = T.load_jsonl(trace_path, limit)
     par = T.parents(reqs)
     out = {"trace": os.path.basename(trace_path), "requests": len(reqs),
@@ -67,7 +70,7 @@ def sweep(trace_path: str, granularities, fractions, noise=NOISE, limit=None, lo
         for f in fractions:
             k = max(1, int(f * distinct))
             t = time.time()
-            for r in run_point(reqs, pr, par, k, noise if g == granularities[0] else (0.0, 0.1, 0.5), log=log):
+            for r in run_point(reqs, pr, par, k, noise if g == granularities[0] else fine_noise, log=log):
                 r.update(granularity=g, fraction=f, distinct_pages=distinct)
                 out["runs"].append(r)
             log(f"  ({time.time() - t:.1f} s)")
@@ -91,7 +94,7 @@ def bound_checks(runs: list[dict]) -> list[str]:
             opt = rs[0]["opt_faults"]
             k = rs[0]["k"]
             marking = next(r["faults"] for r in rs if r["policy"] == "Marking")
-            for pol in ("Discard-Marking", "Phase-Marking"):
+            for pol in ("Discard-Marking", "Discard-LRU", "Phase-Marking"):
                 mine = [r for r in rs if r["policy"] == pol]
                 oracle = next(r for r in mine if r["predictor"] == "oracle")
                 noisy = [r for r in mine if r["predictor"] == "noisy-oracle"]
@@ -159,7 +162,7 @@ def plot(doc: dict, png: str) -> bool:
     a.set_title(f"{g}-token pages")
     a.legend(fontsize=7)
     mid = sorted(fr)[len(fr) // 2]
-    for pol in ("Discard-Marking", "Phase-Marking"):
+    for pol in ("Discard-Marking", "Discard-LRU", "Phase-Marking"):
         pts = sorted((r["noise"] or 0.0, r["faults"] / r["opt_faults"]) for r in rs
                      if r["policy"] == pol and r["fraction"] == mid and r["predictor"] in ("oracle", "noisy-oracle"))
         b.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=pol)
@@ -182,16 +185,20 @@ def main(argv=None) -> None:
     ap.add_argument("--granularities", default="512,128,64")
     ap.add_argument("--fractions", default="0.01,0.02,0.05,0.1,0.2,0.35,0.5")
     ap.add_argument("--limit", type=int, default=None, help="only the first N requests")
+    ap.add_argument("--noise", default=",".join(map(str, NOISE)),
+                    help="bit-flip rates at the first granularity (later ones use 0, 0.1, 0.5)")
+    ap.add_argument("--tag", default="", help="suffix of the output file names")
     args = ap.parse_args(argv)
     if not os.path.exists(args.trace):
         ap.error(f"trace {args.trace} not found (the Mooncake trace is in ../shared/traces/)")
     doc = sweep(args.trace, [int(x) for x in args.granularities.split(",")],
-                [float(x) for x in args.fractions.split(",")], limit=args.limit)
+                [float(x) for x in args.fractions.split(",")], limit=args.limit,
+                noise=tuple(float(x) for x in args.noise.split(",")))
     from ..bench.env import _cmd
     doc["commit"] = os.environ.get("VATTN_COMMIT") or _cmd(["git", "rev-parse", "--short", "HEAD"])
     doc["date"] = datetime.date.today().isoformat()
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"{doc['date']}-evict-sim")
+    stem = os.path.join(args.out, f"{doc['date']}-evict-sim{args.tag}")
     with open(stem + ".json", "w") as f:
         json.dump(doc, f)
     with open(stem + ".md", "w") as f:
