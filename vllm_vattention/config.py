@@ -9,6 +9,8 @@
 | VATTN_BACKGROUND_MAP | 0, 1, stream | 0 | 1: driver calls on a native thread (no GIL), joined before the step launches; stream: the GPU stream waits for them (cuStreamWaitValue32 on a host flag), the CPU never joins |
 | VATTN_EXTRA_ROWS | integer >= 0 | max_num_seqs | rows beyond max_num_seqs, so a new request rarely waits for a row still read by a step in flight |
 | VATTN_GUARD_TOKENS | integer >= 192 | 256 | readable tokens kept past each sequence end for kernels that over-read (FA3) |
+| VATTN_PREFIX_EVICTION | lru, discard-lru | lru | prefix-cache eviction order in vLLM's scheduler (prefix_eviction.py); works with any attention backend |
+| VATTN_PREFIX_MIN_USERS | integer >= 2 | 2 | discard-lru keeps cached blocks used by at least this many requests |
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .memory.manager import RECLAIM_POLICIES
 BACKEND_ENV = "VLLM_ATTENTION_BACKEND"
 BACKEND_VALUE = "VATTENTION"
 DECODE_KERNELS = ("fa2", "fa3")
+PREFIX_EVICTION_MODES = ("lru", "discard-lru")  # prefix_eviction.MODES (kept free of vLLM imports)
 
 
 def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
@@ -77,6 +80,8 @@ class VattnConfig:
     background_map: bool | str = False  # False, True (native thread) or "stream"
     extra_rows: int | None = None
     guard_tokens: int = 256
+    prefix_eviction: str = "lru"
+    prefix_min_users: int = 2
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "VattnConfig":
@@ -91,6 +96,8 @@ class VattnConfig:
             extra_rows=_int(env, "VATTN_EXTRA_ROWS", None),
             # FA3 reads up to one key tile (<= 192 tokens, ops.FA3_MAX_OVERREAD) past a sequence's end.
             guard_tokens=_int(env, "VATTN_GUARD_TOKENS", 256, minimum=192),
+            prefix_eviction=_choice(env, "VATTN_PREFIX_EVICTION", PREFIX_EVICTION_MODES, "lru"),
+            prefix_min_users=_int(env, "VATTN_PREFIX_MIN_USERS", 2, minimum=2),
         )
 
     def num_rows(self, max_num_seqs: int) -> int:

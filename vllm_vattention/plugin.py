@@ -15,6 +15,13 @@ def register() -> None:
     current = _ATTN_OVERRIDES.get(AttentionBackendEnum.CUSTOM)
     if current in (None, BACKEND_PATH):
         register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
+    # Opt-in prefix-cache eviction order (default "lru": vLLM's, nothing patched). This entry point
+    # runs in the engine-core process too, where the scheduler's block pool lives.
+    from .config import VattnConfig
+    cfg = VattnConfig.from_env()
+    if cfg.prefix_eviction != "lru":
+        from .prefix_eviction import install
+        install(cfg.prefix_eviction, cfg.prefix_min_users)
 
 
 def platform_plugin() -> str | None:

@@ -13,9 +13,10 @@ prediction that came with the request (ignored by policies without predictions).
   wrong "1" costs at most one extra fault. Not reproduced: a guard that caps what adversarially
   wrong "1" bits can cost relative to marking (an earlier variant that kept a page dropped twice in
   one phase broke consistency on the trace: 1.009 x OPT), so robustness here is measured, not proven.
-- DiscardLRU: discard predictions applied lazily, as a change to vLLM's free-block queue can:
-  pages whose latest bit is 1 are evicted first (least recently used first among them), then the
-  rest in LRU order. No marking, so no worst-case guarantee beyond LRU's; with all bits 0 it is LRU.
+- DiscardLRU: discard predictions applied lazily, as vllm_vattention/prefix_eviction.py does to
+  vLLM's free-block queue: pages whose latest bit is 1 are evicted first (the most recently dropped
+  first, as blocks prepended to vLLM's queue are), then the rest in LRU order. No marking, so no
+  worst-case guarantee beyond LRU's; with all bits 0 it is LRU.
 - PhaseMarking: phase predictions (bit 1 = "requested again in the next phase", phases being the
   marking phases of the request sequence). Marking; on a fault with a full cache, evict an unmarked
   page whose latest bit says it is not requested in the next phase, uniformly at random among them,
@@ -241,7 +242,10 @@ class DiscardLRU(Policy):
         else:
             self.faults += 1
             if len(self.drop) + len(self.keep) >= self.k:
-                (self.drop if self.drop else self.keep).popitem(last=False)
+                if self.drop:
+                    self.drop.popitem(last=True)  # the most recently dropped: the front of vLLM's queue
+                else:
+                    self.keep.popitem(last=False)
         (self.drop if bit else self.keep)[page] = None
         return hit
 

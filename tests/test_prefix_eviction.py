@@ -1,0 +1,86 @@
+"""The opt-in eviction order on vLLM's real BlockPool (CPU): blocks used by one request are
+evicted before blocks several requests shared, only after the first pass over the pool; vLLM's
+order is untouched when the mode is lru; installing twice does not stack the patch."""
+
+import pytest
+from vllm.v1.core.block_pool import BlockPool
+from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id
+
+from vllm_vattention import prefix_eviction as PE
+from vllm_vattention.config import VattnConfig
+from vllm_vattention.errors import ConfigError
+
+
+@pytest.fixture
+def patched():
+    assert PE.install("discard-lru", min_users=2)
+    yield
+    PE.uninstall()
+
+
+def cache(pool, blocks, tag):
+    for i, b in enumerate(blocks):
+        b.set_block_hash(make_block_hash_with_group_id(f"{tag}{i}".encode(), 0))
+
+
+def cycle(pool):
+    """Hand out every block once (the first pass), then give them back without hashes."""
+    blocks = pool.get_new_blocks(pool.get_num_free_blocks())
+    pool.free_blocks(blocks)
+
+
+def test_lru_mode_patches_nothing():
+    original = BlockPool.free_blocks
+    assert PE.install("lru") is False
+    assert BlockPool.free_blocks is original
+    with pytest.raises(ValueError, match="mode 'mru'"):
+        PE.install("mru")
+
+
+def test_install_is_idempotent(patched):
+    patched_free = BlockPool.free_blocks
+    assert PE.install("discard-lru", min_users=3)
+    assert BlockPool.free_blocks is patched_free  # not wrapped twice
+    PE.uninstall()
+    assert BlockPool.free_blocks is not patched_free
+    PE.install("discard-lru", min_users=2)
+
+
+def test_single_use_blocks_are_evicted_before_shared_ones(patched):
+    pool = BlockPool(num_gpu_blocks=9, enable_caching=True, hash_block_size=16)
+    cycle(pool)
+    a = pool.get_new_blocks(2)  # request A: a shared prefix block and one of its own
+    cache(pool, a, "a")
+    b = pool.get_new_blocks(1)  # request B hits A's first block and adds one of its own
+    pool.touch([a[0]])
+    cache(pool, b, "b")
+    pool.free_blocks(reversed(a))  # A finishes (tail first, as vLLM frees)
+    pool.free_blocks(reversed([a[0]] + b))  # B finishes
+    order = [blk.block_id for blk in pool.free_block_queue.get_all_free_blocks()]
+    # single-user cached blocks (a[1], b[0]) come first, the shared a[0] last; LRU would have
+    # a[1] first and a[0] and b[0] at the tail
+    assert order[:2] == [b[0].block_id, a[1].block_id]
+    assert order[-1] == a[0].block_id
+    assert pool._vattn_uses.discarded == 2 and pool._vattn_uses.kept == 1
+    nxt = pool.get_new_blocks(2)  # the next allocations evict the single-user blocks
+    assert {x.block_id for x in nxt} == {a[1].block_id, b[0].block_id}
+
+
+def test_vllm_order_is_kept_during_the_first_pass(patched):
+    pool = BlockPool(num_gpu_blocks=9, enable_caching=True, hash_block_size=16)
+    a = pool.get_new_blocks(2)
+    cache(pool, a, "a")
+    pool.free_blocks(reversed(a))
+    order = [blk.block_id for blk in pool.free_block_queue.get_all_free_blocks()]
+    assert order[-2:] == [a[1].block_id, a[0].block_id]  # appended at the tail, as vLLM does
+    assert pool._vattn_uses.discarded == 0
+
+
+def test_config_reads_the_mode_and_threshold():
+    c = VattnConfig.from_env({"VATTN_PREFIX_EVICTION": "discard-lru", "VATTN_PREFIX_MIN_USERS": "3"})
+    assert (c.prefix_eviction, c.prefix_min_users) == ("discard-lru", 3)
+    assert VattnConfig.from_env({}).prefix_eviction == "lru"
+    with pytest.raises(ConfigError, match="VATTN_PREFIX_EVICTION='lfu' .* lru, discard-lru"):
+        VattnConfig.from_env({"VATTN_PREFIX_EVICTION": "lfu"})
+    with pytest.raises(ConfigError, match="VATTN_PREFIX_MIN_USERS=1 is below 2"):
+        VattnConfig.from_env({"VATTN_PREFIX_MIN_USERS": "1"})
