@@ -16,6 +16,7 @@ LLAMA3_8B = KVGeometry(num_layers=32, num_kv_heads=8, head_size=128, dtype_bytes
     (KVGeometry(32, 4, 128, 2), "per_layer", 2048, 64),
     (KVGeometry(60, 8, 128, 2), "interleaved", 128, 15),  # Yi-34B: 240 KiB/token does not divide 2 MiB
     (KVGeometry(32, 4, 128, 2), "interleaved", 32, 1),  # Llama-3-8B at TP=2: 4 heads per rank
+    (KVGeometry(60, 4, 128, 2), "interleaved", 256, 15),  # Yi-34B at TP=2: 120 KiB/token per rank
     (KVGeometry(80, 1, 128, 2), "interleaved", 256, 5),  # Llama-3-70B at TP=8
 ])
 def test_block_size_fills_whole_pages(geometry, layout, block, pages):
