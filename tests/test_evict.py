@@ -186,3 +186,18 @@ def test_discard_lru_is_lru_without_predictions_and_evicts_discard_bits_first(se
     for t, (p, b) in enumerate([(1, 0), (2, 1), (3, 0), (4, 0)]):
         d.access(p, t, b)
     assert set(d.keep) == {1, 3, 4} and not d.drop  # page 2 (bit 1) went first, not LRU page 1
+
+
+def test_threshold_study_on_a_small_trace(tmp_path):
+    reqs = T.synthetic(num_conversations=25, turns=4, seed=6)
+    path = tmp_path / "t.jsonl"
+    with open(path, "w") as f:
+        for r in reqs:
+            f.write(json.dumps({"timestamp": r.t_ms, "input_length": r.input_len, "output_length": 1,
+                                "hash_ids": r.blocks}) + "\n")
+    doc = report.threshold_study(str(path), [0.2], thresholds=(2, 3))
+    assert len(doc["rows"]) == 1 + 2 * 2
+    assert all(0.0 <= r["prefix_hit_rate"] <= 1.0 for r in doc["rows"])
+    assert "m=3, lru" in report.threshold_markdown(doc)
+    with pytest.raises(ValueError, match="drop_order='fifo'"):
+        P.DiscardLRU(4, drop_order="fifo")

@@ -57,10 +57,11 @@ def test_single_use_blocks_are_evicted_before_shared_ones(patched):
     pool.free_blocks(reversed(a))  # A finishes (tail first, as vLLM frees)
     pool.free_blocks(reversed([a[0]] + b))  # B finishes
     order = [blk.block_id for blk in pool.free_block_queue.get_all_free_blocks()]
-    # single-user cached blocks (a[1], b[0]) come first, the shared a[0] last; LRU would have
-    # a[1] first and a[0] and b[0] at the tail
-    assert order[:2] == [b[0].block_id, a[1].block_id]
+    # single-user cached blocks come first, oldest first (a[1], then b[0]), the shared a[0] last;
+    # vLLM's LRU would put all three at the tail: a[1], b[0], a[0]
+    assert order[:2] == [a[1].block_id, b[0].block_id]
     assert order[-1] == a[0].block_id
+    assert len(order) == pool.free_block_queue.num_free_blocks
     assert pool._vattn_uses.discarded == 2 and pool._vattn_uses.kept == 1
     nxt = pool.get_new_blocks(2)  # the next allocations evict the single-user blocks
     assert {x.block_id for x in nxt} == {a[1].block_id, b[0].block_id}
@@ -84,3 +85,28 @@ def test_config_reads_the_mode_and_threshold():
         VattnConfig.from_env({"VATTN_PREFIX_EVICTION": "lfu"})
     with pytest.raises(ConfigError, match="VATTN_PREFIX_MIN_USERS=1 is below 2"):
         VattnConfig.from_env({"VATTN_PREFIX_MIN_USERS": "1"})
+
+
+def test_the_discard_segment_survives_hits_and_allocations(patched):
+    pool = BlockPool(num_gpu_blocks=12, enable_caching=True, hash_block_size=16)
+    cycle(pool)
+    reqs = [pool.get_new_blocks(1) for _ in range(4)]
+    for i, r in enumerate(reqs):
+        cache(pool, r, f"r{i}")
+    for r in reqs:
+        pool.free_blocks(r)  # four single-user cached blocks: a segment of four, oldest first
+    ids = [r[0].block_id for r in reqs]
+    order = [b.block_id for b in pool.free_block_queue.get_all_free_blocks()]
+    assert order[:4] == ids
+    pool.touch([reqs[3][0]])  # a prefix hit on the newest (the segment's tail) takes it out
+    assert pool._vattn_uses.drop_tail is reqs[2][0]
+    pool.free_blocks([reqs[3][0]])  # now used by 2 requests: kept, at the tail
+    order = [b.block_id for b in pool.free_block_queue.get_all_free_blocks()]
+    assert order[:3] == ids[:3] and order[-1] == ids[3]
+    got = pool.get_new_blocks(3)  # the whole segment, oldest first
+    assert [b.block_id for b in got] == ids[:3] and pool._vattn_uses.drop_tail is None
+    new = pool.get_new_blocks(1)
+    cache(pool, new, "n")
+    pool.free_blocks(new)  # a new segment starts at the front
+    assert pool.free_block_queue.get_all_free_blocks()[0].block_id == new[0].block_id
+    assert len(pool.free_block_queue.get_all_free_blocks()) == pool.free_block_queue.num_free_blocks

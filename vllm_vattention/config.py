@@ -10,7 +10,7 @@
 | VATTN_EXTRA_ROWS | integer >= 0 | max_num_seqs | rows beyond max_num_seqs, so a new request rarely waits for a row still read by a step in flight |
 | VATTN_GUARD_TOKENS | integer >= 192 | 256 | readable tokens kept past each sequence end for kernels that over-read (FA3) |
 | VATTN_PREFIX_EVICTION | lru, discard-lru | lru | prefix-cache eviction order in vLLM's scheduler (prefix_eviction.py); works with any attention backend |
-| VATTN_PREFIX_MIN_USERS | integer >= 2 | 2 | discard-lru keeps cached blocks used by at least this many requests |
+| VATTN_PREFIX_MIN_USERS | integer >= 2 | 5 | discard-lru keeps cached blocks used by at least this many requests |
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class VattnConfig:
     extra_rows: int | None = None
     guard_tokens: int = 256
     prefix_eviction: str = "lru"
-    prefix_min_users: int = 2
+    prefix_min_users: int = 5
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "VattnConfig":
@@ -97,7 +97,7 @@ class VattnConfig:
             # FA3 reads up to one key tile (<= 192 tokens, ops.FA3_MAX_OVERREAD) past a sequence's end.
             guard_tokens=_int(env, "VATTN_GUARD_TOKENS", 256, minimum=192),
             prefix_eviction=_choice(env, "VATTN_PREFIX_EVICTION", PREFIX_EVICTION_MODES, "lru"),
-            prefix_min_users=_int(env, "VATTN_PREFIX_MIN_USERS", 2, minimum=2),
+            prefix_min_users=_int(env, "VATTN_PREFIX_MIN_USERS", 5, minimum=2),
         )
 
     def num_rows(self, max_num_seqs: int) -> int:

@@ -2,11 +2,14 @@
 
 vLLM keeps the KV of finished requests as a prefix cache and evicts free cached blocks in LRU order
 (its free-block queue). With `discard-lru`, each freed cached block carries a one-bit prediction,
-"discard" (not reused soon) or "keep", and discard blocks are evicted before every kept one. The
-predictor is what the scheduler can compute online: a block is kept if at least
-`VATTN_PREFIX_MIN_USERS` requests (default 2) have used it (a shared system prompt, a document
-several conversations read), discarded otherwise. The simulator (`vllm_vattention/evict/`,
-policy "Discard-LRU" with predictor "online-shared") measures the same rule on a trace.
+"discard" (not reused soon) or "keep", and discard blocks are evicted before every kept one, the
+oldest discarded first. The predictor is what the scheduler can compute online: a block is kept if
+at least `VATTN_PREFIX_MIN_USERS` requests (default 5) have used it (a shared system prompt, a
+document several conversations read), discarded otherwise. The simulator (`vllm_vattention/evict/`,
+policy "Discard-LRU", drop order "lru", predictor "online-shared") measures the same rule on a trace:
+on the Mooncake conversation trace, m=5 was within 3% of LRU's prefix hit rate at every cache size
+and 1.4-1.8x LRU's at caches of 1-2% of the working set (benchmarks/results/*-evict-threshold.md;
+the threshold was chosen on that same trace).
 
 This is independent of the vAttention attention backend (it changes only which cached blocks the
 scheduler reuses) and off by default: with `lru` nothing is patched.
@@ -16,9 +19,10 @@ Monkeypatch (the only one outside worker.py):
 - What: `BlockPool.get_new_blocks` and `touch` are wrapped to count the requests using each block
   (a new allocation is the first user, a prefix hit by another request one more); `free_blocks` is
   replaced by a version that mirrors vLLM 0.25's (reference counts, blocks without a hash first)
-  and puts discard-predicted cached blocks at the front of the queue, after the first pass over
-  the pool (while never-used blocks remain, vLLM's order is kept: evicting a cached block while an
-  empty one is free would only lose). Installed once per process (idempotent), from the
+  and keeps discard-predicted cached blocks in a segment at the front of the queue, newest at the
+  segment's end (linked in after the segment's last block, as FreeKVCacheBlockQueue links blocks),
+  after the first pass over the pool (while never-used blocks remain, vLLM's order is kept:
+  evicting a cached block while an empty one is free would only lose). Installed once per process (idempotent), from the
   `vllm.general_plugins` entry point, which vLLM runs in the engine-core process too.
 - When it can go: when vLLM exposes an eviction policy interface for its block pool.
 """
@@ -37,9 +41,39 @@ class _UseCounts:
         self.uses = [0] * num_blocks
         self.seen = bytearray(num_blocks)
         self.fresh_left = num_blocks - 1  # block 0 is vLLM's null block, never handed out
+        self.in_drop = bytearray(num_blocks)  # block is in the discard segment of the free queue
+        self.drop_tail = None  # the segment's last (newest) block
         self.discarded = 0
         self.kept = 0
 
+    def leave_drop(self, block) -> None:
+        """`block` is about to leave the free queue (allocated or hit)."""
+        if not self.in_drop[block.block_id]:
+            return
+        self.in_drop[block.block_id] = 0
+        if block is self.drop_tail:
+            prev = block.prev_free_block  # the queue's fake head has block_id -1
+            keep_prev = prev is not None and prev.block_id >= 0 and self.in_drop[prev.block_id]
+            self.drop_tail = prev if keep_prev else None
+
+    def tail_linked(self):
+        t = self.drop_tail
+        if t is None or not self.in_drop[t.block_id] or t.prev_free_block is None or t.next_free_block is None:
+            self.drop_tail = None
+        return self.drop_tail
+
+
+def _link_after(queue, anchor, blocks) -> None:
+    """Link `blocks` (in order) right after `anchor` in vLLM's free-block list."""
+    nxt = anchor.next_free_block
+    prev = anchor
+    for b in blocks:
+        b.prev_free_block = prev
+        prev.next_free_block = b
+        prev = b
+    prev.next_free_block = nxt
+    nxt.prev_free_block = prev
+    queue.num_free_blocks += len(blocks)
 
 def _counts(pool) -> _UseCounts:
     c = pool.__dict__.get("_vattn_uses")
@@ -48,7 +82,7 @@ def _counts(pool) -> _UseCounts:
     return c
 
 
-def install(mode: str, min_users: int = 2) -> bool:
+def install(mode: str, min_users: int = 5) -> bool:
     """Patch vLLM's BlockPool for `mode` (no-op for "lru"). Returns whether a policy is active."""
     if mode not in MODES:
         raise ValueError(f"prefix eviction mode {mode!r}; use one of {MODES}")
@@ -63,8 +97,14 @@ def install(mode: str, min_users: int = 2) -> bool:
     orig_new, orig_touch, _ = state["originals"]
 
     def get_new_blocks(self, num_blocks):
-        blocks = orig_new(self, num_blocks)
         c = _counts(self)
+        if c.drop_tail is not None:
+            # popleft_n takes from the front: blocks without a hash, then the segment, oldest first
+            node, n = self.free_block_queue.fake_free_list_head.next_free_block, num_blocks
+            while n and node is not None and node is not self.free_block_queue.fake_free_list_tail:
+                c.leave_drop(node)
+                node, n = node.next_free_block, n - 1
+        blocks = orig_new(self, num_blocks)
         for b in blocks:
             c.uses[b.block_id] = 1
             if not c.seen[b.block_id]:
@@ -77,6 +117,8 @@ def install(mode: str, min_users: int = 2) -> bool:
         for b in blocks:
             if not b.is_null:
                 c.uses[b.block_id] += 1
+                if b.ref_cnt == 0:
+                    c.leave_drop(b)  # a prefix hit takes it out of the free queue
         return orig_touch(self, blocks)
 
     def free_blocks(self, ordered_blocks):
@@ -95,8 +137,18 @@ def install(mode: str, min_users: int = 2) -> bool:
                     keep.append(block)
         c.discarded += len(discard)
         c.kept += len(keep)
-        self.free_block_queue.prepend_n(no_hash + discard)  # evicted first, in the order given
-        self.free_block_queue.append_n(keep)
+        q = self.free_block_queue
+        if discard:
+            tail = c.tail_linked()
+            if tail is not None:
+                _link_after(q, tail, discard)  # behind older discarded blocks
+            else:
+                q.prepend_n(discard)
+            for b in discard:
+                c.in_drop[b.block_id] = 1
+            c.drop_tail = discard[-1]
+        q.prepend_n(no_hash)  # empty blocks are always used first, as in vLLM
+        q.append_n(keep)
 
     BlockPool.get_new_blocks = get_new_blocks
     BlockPool.touch = touch

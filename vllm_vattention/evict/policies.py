@@ -14,8 +14,9 @@ prediction that came with the request (ignored by policies without predictions).
   wrong "1" bits can cost relative to marking (an earlier variant that kept a page dropped twice in
   one phase broke consistency on the trace: 1.009 x OPT), so robustness here is measured, not proven.
 - DiscardLRU: discard predictions applied lazily, as vllm_vattention/prefix_eviction.py does to
-  vLLM's free-block queue: pages whose latest bit is 1 are evicted first (the most recently dropped
-  first, as blocks prepended to vLLM's queue are), then the rest in LRU order. No marking, so no
+  vLLM's free-block queue: pages whose latest bit is 1 are evicted first (oldest dropped first, as
+  the hook's discard segment; drop_order="mru" evicts the newest dropped first, as a plain prepend
+  to vLLM's queue would), then the rest in LRU order. No marking, so no
   worst-case guarantee beyond LRU's; with all bits 0 it is LRU.
 - PhaseMarking: phase predictions (bit 1 = "requested again in the next phase", phases being the
   marking phases of the request sequence). Marking; on a fault with a full cache, evict an unmarked
@@ -229,8 +230,11 @@ class DiscardLRU(Policy):
     name = "Discard-LRU"
     uses = "discard"
 
-    def __init__(self, k: int, seed: int = 0):
+    def __init__(self, k: int, seed: int = 0, drop_order: str = "lru"):
         super().__init__(k)
+        if drop_order not in ("mru", "lru"):
+            raise ValueError(f"drop_order={drop_order!r}; use 'mru' (vLLM's prepend) or 'lru'")
+        self.newest_first = drop_order == "mru"
         self.drop: OrderedDict[int, None] = OrderedDict()
         self.keep: OrderedDict[int, None] = OrderedDict()
 
@@ -243,7 +247,7 @@ class DiscardLRU(Policy):
             self.faults += 1
             if len(self.drop) + len(self.keep) >= self.k:
                 if self.drop:
-                    self.drop.popitem(last=True)  # the most recently dropped: the front of vLLM's queue
+                    self.drop.popitem(last=self.newest_first)  # mru: the front of vLLM's queue
                 else:
                     self.keep.popitem(last=False)
         (self.drop if bit else self.keep)[page] = None

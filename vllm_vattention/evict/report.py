@@ -31,7 +31,8 @@ def run_point(reqs, pr, par, k: int, noise=NOISE, seed: int = 0, log=print) -> l
     discard, opt = R.discard_oracle(seq, k, nxt)
     phase = R.phase_oracle(seq, k)
     keep = R.online_reuse(reqs, pr, par)
-    shared = R.online_reuse(reqs, pr, par, continuation=False)  # what the vLLM hook computes
+    # what the vLLM hook computes, at its default threshold (VATTN_PREFIX_MIN_USERS=5)
+    shared = R.online_reuse(reqs, pr, par, continuation=False, min_shared=5)
     rows = []
 
     def add(policy, bits, predictor, rate=None, flipped=None):
@@ -75,6 +76,45 @@ def sweep(trace_path: str, granularities, fractions, noise=NOISE, limit=None, lo
                 out["runs"].append(r)
             log(f"  ({time.time() - t:.1f} s)")
     return out
+
+
+def threshold_study(trace_path: str, fractions, thresholds=(2, 3, 5), granularity: int = 512,
+                    limit=None) -> dict:
+    """Discard-LRU with the shared-block predictor (what the vLLM hook computes) for several
+    thresholds m and both orders among dropped blocks, against LRU: prefix hit rates."""
+    reqs = T.load_jsonl(trace_path, limit)
+    par = T.parents(reqs)
+    pr = T.paged(reqs, granularity)
+    seq, _ = T.flatten(pr)
+    distinct = len(set(seq))
+    rows = []
+    for f in fractions:
+        k = max(1, int(f * distinct))
+        rows.append({"fraction": f, "k": k, "policy": "LRU", "m": None, "drop_order": None,
+                     "prefix_hit_rate": simulate(pr, P.LRU(k)).prefix_hit_rate})
+        for m in thresholds:
+            drop = [1 - b for b in R.online_reuse(reqs, pr, par, min_shared=m, continuation=False)]
+            for order in ("mru", "lru"):
+                r = simulate(pr, P.DiscardLRU(k, drop_order=order), drop)
+                rows.append({"fraction": f, "k": k, "policy": "Discard-LRU", "m": m, "drop_order": order,
+                             "prefix_hit_rate": r.prefix_hit_rate})
+    return {"trace": os.path.basename(trace_path), "granularity": granularity, "rows": rows}
+
+
+def threshold_markdown(doc: dict) -> str:
+    rows = doc["rows"]
+    fr = sorted({r["fraction"] for r in rows})
+    L = [f"# Discard-LRU with the shared-block predictor: threshold and drop order ({doc['granularity']}-token pages)", "",
+         f"Trace `{doc['trace']}`. Prefix hit rate (vLLM semantics). m: a block is kept once m requests used it. "
+         "mru: newest dropped block evicted first (what prepending to vLLM's free queue does); lru: oldest first.", "",
+         "| policy | " + " | ".join(f"k={f:.0%}" for f in fr) + " |", "|---|" + "---|" * len(fr)]
+    labels = list(dict.fromkeys((r["policy"], r["m"], r["drop_order"]) for r in rows))
+    for pol, m, order in labels:
+        vals = [next(r["prefix_hit_rate"] for r in rows if (r["policy"], r["m"], r["drop_order"]) == (pol, m, order)
+                     and r["fraction"] == f) for f in fr]
+        name = pol if m is None else f"{pol}, m={m}, {order}"
+        L.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+    return "\n".join(L) + "\n"
 
 
 def _label(r) -> str:
@@ -188,9 +228,21 @@ def main(argv=None) -> None:
     ap.add_argument("--noise", default=",".join(map(str, NOISE)),
                     help="bit-flip rates at the first granularity (later ones use 0, 0.1, 0.5)")
     ap.add_argument("--tag", default="", help="suffix of the output file names")
+    ap.add_argument("--threshold-study", action="store_true",
+                    help="only the Discard-LRU threshold / drop-order table (512-token pages)")
     args = ap.parse_args(argv)
     if not os.path.exists(args.trace):
         ap.error(f"trace {args.trace} not found (the Mooncake trace is in ../shared/traces/)")
+    if args.threshold_study:
+        doc = threshold_study(args.trace, [float(x) for x in args.fractions.split(",")], limit=args.limit)
+        stem = os.path.join(args.out, f"{datetime.date.today().isoformat()}-evict-threshold{args.tag}")
+        os.makedirs(args.out, exist_ok=True)
+        with open(stem + ".json", "w") as f:
+            json.dump(doc, f)
+        with open(stem + ".md", "w") as f:
+            f.write(threshold_markdown(doc))
+        print(threshold_markdown(doc))
+        return
     doc = sweep(args.trace, [int(x) for x in args.granularities.split(",")],
                 [float(x) for x in args.fractions.split(",")], limit=args.limit,
                 noise=tuple(float(x) for x in args.noise.split(",")))
