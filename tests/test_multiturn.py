@@ -1,0 +1,41 @@
+"""The multi-turn replay's pure parts (CPU): prompts built from block hashes share exactly the
+token prefixes their hashes share, lengths and caps follow the trace, and the prefix-cache
+counters are read from vLLM's Prometheus text."""
+
+import json
+
+from vllm_vattention.bench import multiturn as M
+
+
+def write_trace(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def test_prompts_share_token_prefixes_exactly_where_hashes_do(tmp_path):
+    p = tmp_path / "t.jsonl"
+    write_trace(p, [
+        {"timestamp": 0, "input_length": 1100, "output_length": 50, "hash_ids": [0, 1, 2]},
+        {"timestamp": 2000, "input_length": 1600, "output_length": 500, "hash_ids": [0, 1, 5, 6]},
+        {"timestamp": 3000, "input_length": 5000, "output_length": 10, "hash_ids": [0, 7, 8, 9, 10, 11, 12, 13, 14, 15]},
+    ])
+    reqs = M.build_requests(str(p), 10, max_input_tokens=2048, max_output_tokens=64, time_scale=2.0)
+    a, b, c = (r["prompt"] for r in reqs)
+    assert len(a) == 1100 and len(b) == 1600 and len(c) == 2048  # c is cut to 4 whole blocks
+    assert a[:1024] == b[:1024] and a[1024:1100] != b[1024:1100]  # blocks 0, 1 shared; 2 vs 5 differ
+    assert c[:512] == a[:512] and c[512:1024] != a[512:1024]
+    assert [r["t"] for r in reqs] == [0.0, 1.0, 1.5]
+    assert [r["max_tokens"] for r in reqs] == [50, 64, 10]
+    assert reqs[2]["blocks"] == [0, 7, 8, 9]
+    assert all(M.VOCAB_LOW <= t < M.VOCAB_HIGH for t in a)
+
+
+def test_prefix_counters_from_prometheus_text():
+    text = """# HELP vllm:prefix_cache_hits_total Prefix cache hits, in tokens.
+vllm:prefix_cache_hits_total{engine="0",model_name="m"} 1536.0
+vllm:prefix_cache_queries_total{engine="0",model_name="m"} 4096.0
+vllm:prefix_cache_hits_created{engine="0",model_name="m"} 1.7e9
+"""
+    assert M.prefix_counters(text) == (1536.0, 4096.0)
+    assert M.prefix_counters("") == (0.0, 0.0)

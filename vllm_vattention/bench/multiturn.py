@@ -1,0 +1,178 @@
+"""Multi-turn serving workload from a prefix-hash trace (Mooncake format): prefix hit rate and TTFT.
+
+    python3 -m vllm_vattention.bench.multiturn --trace ../shared/traces/mooncake_conversation_trace.jsonl \\
+        --model models/llama-3.1-8b --systems lru,discard-lru --num-requests 800 --out benchmarks/results
+
+Each trace request becomes a prompt of token ids: block hash h always expands to the same 512
+tokens (drawn from a generator seeded by h), so requests that share hash prefixes share token
+prefixes and vLLM's prefix cache sees the trace's reuse. Prompts are cut to `--max-input-tokens`
+whole blocks; arrivals keep the trace's order and gaps, compressed by `--time-scale`. For each
+system a fresh `vllm serve` (prefix caching on, KV budget set with `--num-gpu-blocks`) replays the
+same requests with streaming completions; reported: prefix cache hit rate (from the server's
+Prometheus counters), TTFT p50/p99, request throughput. Systems: `lru` (vLLM's eviction order) and
+`discard-lru` (VATTN_PREFIX_EVICTION=discard-lru), each optionally with vAttention (`+vattn`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+from ..evict.trace import BLOCK_TOKENS, load_jsonl
+from .env import environment, header
+
+VOCAB_LOW, VOCAB_HIGH = 1000, 30000
+
+
+def block_tokens(h: int, n: int = BLOCK_TOKENS) -> list[int]:
+    """The tokens of block hash h (its first n of BLOCK_TOKENS): the same for every request."""
+    rng = random.Random(h * 1_000_003 + 17)
+    return [rng.randrange(VOCAB_LOW, VOCAB_HIGH) for _ in range(BLOCK_TOKENS)][:n]
+
+
+def build_requests(trace_path: str, num_requests: int, max_input_tokens: int, max_output_tokens: int,
+                   time_scale: float) -> list[dict]:
+    """[{"t": seconds after start, "prompt": token ids, "max_tokens": n, "blocks": hash ids used}]."""
+    out = []
+    reqs = load_jsonl(trace_path, num_requests)
+    t0 = reqs[0].t_ms if reqs else 0
+    max_blocks = max(1, max_input_tokens // BLOCK_TOKENS)
+    for r in reqs:
+        blocks = r.blocks[:max_blocks]
+        last = r.input_len - BLOCK_TOKENS * (len(r.blocks) - 1) if len(blocks) == len(r.blocks) else BLOCK_TOKENS
+        prompt = []
+        for j, h in enumerate(blocks):
+            prompt += block_tokens(h, last if j == len(blocks) - 1 else BLOCK_TOKENS)
+        out.append({"t": (r.t_ms - t0) / 1000.0 / time_scale, "prompt": prompt,
+                    "max_tokens": max(1, min(r.output_len, max_output_tokens)), "blocks": blocks})
+    return out
+
+
+def prefix_counters(metrics_text: str) -> tuple[float, float]:
+    """(hits, queries) of vLLM's prefix cache, in tokens, summed over label sets."""
+    def total(name: str) -> float:
+        return sum(float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? ([0-9.eE+-]+)$", metrics_text, re.M))
+    return total("vllm:prefix_cache_hits_total"), total("vllm:prefix_cache_queries_total")
+
+
+async def _replay(port: int, model: str, requests: list[dict]) -> list[dict]:
+    import asyncio
+
+    import aiohttp
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    results: list[dict] = []
+
+    async def one(session, req):
+        await asyncio.sleep(req["t"])
+        body = {"model": model, "prompt": req["prompt"], "max_tokens": req["max_tokens"], "stream": True,
+                "ignore_eos": True, "temperature": 0.0}
+        start = time.perf_counter()
+        ttft = None
+        async with session.post(url, json=body) as resp:
+            if resp.status != 200:
+                results.append({"error": resp.status})
+                return
+            async for line in resp.content:
+                if ttft is None and line.startswith(b"data: ") and b"[DONE]" not in line:
+                    ttft = time.perf_counter() - start
+        results.append({"ttft_s": ttft, "latency_s": time.perf_counter() - start})
+
+    timeout = aiohttp.ClientTimeout(total=None)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        await asyncio.gather(*(one(session, r) for r in requests))
+    return results
+
+
+def _get(port: int, path: str) -> str:
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+        return r.read().decode()
+
+
+def run_system(system: str, args, requests: list[dict]) -> dict:
+    import asyncio
+
+    from .suite import wait_healthy
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_ATTENTION_BACKEND", "VATTN_PREFIX_EVICTION")}
+    env.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    policy, _, backend = system.partition("+")
+    env["VATTN_PREFIX_EVICTION"] = policy
+    if backend == "vattn":
+        env["VLLM_ATTENTION_BACKEND"] = "VATTENTION"
+    port = args.port
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", args.model, "--load-format", "dummy",
+           "--port", str(port), "--max-model-len", str(args.max_input_tokens + args.max_output_tokens + 64),
+           "--enable-prefix-caching", "--num-gpu-blocks-override", str(args.num_gpu_blocks)]
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_healthy(port, server, 600)
+        h0, q0 = prefix_counters(_get(port, "/metrics"))
+        t = time.perf_counter()
+        res = asyncio.run(_replay(port, args.model, requests))
+        elapsed = time.perf_counter() - t
+        h1, q1 = prefix_counters(_get(port, "/metrics"))
+    finally:
+        server.terminate()
+        log, _ = server.communicate(timeout=120)
+    ok = [r for r in res if r.get("ttft_s") is not None]
+    ttfts = sorted(r["ttft_s"] * 1e3 for r in ok)
+    return {"system": system, "requests": len(requests), "completed": len(ok),
+            "errors": len(res) - len(ok), "prefix_hit_rate": (h1 - h0) / (q1 - q0) if q1 > q0 else None,
+            "prefix_hit_tokens": h1 - h0, "prefix_query_tokens": q1 - q0,
+            "ttft_p50_ms": statistics.median(ttfts) if ttfts else None,
+            "ttft_p99_ms": ttfts[int(0.99 * (len(ttfts) - 1))] if ttfts else None,
+            "requests_per_s": len(ok) / elapsed, "elapsed_s": elapsed,
+            "backend_log_tail": log[-1500:] if len(ok) < len(requests) else None}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trace", required=True)
+    ap.add_argument("--model", default="models/llama-3.1-8b")
+    ap.add_argument("--systems", default="lru,discard-lru")
+    ap.add_argument("--num-requests", type=int, default=800)
+    ap.add_argument("--max-input-tokens", type=int, default=8192)
+    ap.add_argument("--max-output-tokens", type=int, default=64)
+    ap.add_argument("--time-scale", type=float, default=3.0, help="trace seconds per replay second")
+    ap.add_argument("--num-gpu-blocks", type=int, default=4096, help="KV budget (16-token blocks)")
+    ap.add_argument("--port", type=int, default=8191)
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args(argv)
+    requests = build_requests(args.trace, args.num_requests, args.max_input_tokens, args.max_output_tokens,
+                              args.time_scale)
+    distinct = len({h for r in requests for h in r["blocks"]})
+    env = environment()
+    doc = {**env, "trace": os.path.basename(args.trace), "args": vars(args), "distinct_blocks": distinct,
+           "kv_share_of_working_set": args.num_gpu_blocks * 16 / (distinct * BLOCK_TOKENS), "results": []}
+    for system in args.systems.split(","):
+        print(f"[multiturn] {system} ...", flush=True)
+        doc["results"].append(run_system(system, args, requests))
+        print(f"[multiturn]   {json.dumps({k: v for k, v in doc['results'][-1].items() if k != 'backend_log_tail'})}",
+              flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"{env['date']}-{(env['gpu'] or 'cpu').replace(' ', '-')}-multiturn")
+    with open(stem + ".json", "w") as f:
+        json.dump(doc, f, indent=1)
+    lines = ["# Multi-turn replay: prefix-cache eviction order", "", header(env), "",
+             f"Trace `{doc['trace']}`, first {args.num_requests} requests, prompts cut to {args.max_input_tokens} "
+             f"tokens, KV budget {args.num_gpu_blocks} blocks = {100 * doc['kv_share_of_working_set']:.1f}% of the "
+             f"{distinct} distinct 512-token blocks replayed, time x{args.time_scale}.", "",
+             "| system | prefix hit rate | TTFT p50 ms | TTFT p99 ms | req/s | errors |", "|---|---|---|---|---|---|"]
+    for r in doc["results"]:
+        fmt = lambda v, f: f.format(v) if v is not None else "-"  # noqa: E731
+        lines.append(f"| {r['system']} | {fmt(r['prefix_hit_rate'], '{:.3f}')} | {fmt(r['ttft_p50_ms'], '{:.1f}')} | "
+                     f"{fmt(r['ttft_p99_ms'], '{:.1f}')} | {r['requests_per_s']:.2f} | {r['errors']} |")
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
