@@ -9,6 +9,7 @@
 | VATTN_BACKGROUND_MAP | 0, 1, stream | 0 | 1: driver calls on a native thread (no GIL), joined before the step launches; stream: the GPU stream waits for them (cuStreamWaitValue32 on a host flag), the CPU never joins |
 | VATTN_EXTRA_ROWS | integer >= 0 | max_num_seqs | rows beyond max_num_seqs, so a new request rarely waits for a row still read by a step in flight |
 | VATTN_GUARD_TOKENS | integer >= 192 | 256 | readable tokens kept past each sequence end for kernels that over-read (FA3) |
+| VATTN_FA3_GUARD | always, clipped | always | clipped: FA3's view of a prefill batch ends at its longest FA3 sequence, whose row then needs no guard (relies on TMA clipping; not yet checked on a GPU) |
 | VATTN_PREFIX_EVICTION | lru, discard-lru | lru | prefix-cache eviction order in vLLM's scheduler (prefix_eviction.py); works with any attention backend |
 | VATTN_PREFIX_MIN_USERS | integer >= 2 | 5 | discard-lru keeps cached blocks used by at least this many requests |
 """
@@ -80,6 +81,7 @@ class VattnConfig:
     background_map: bool | str = False  # False, True (native thread) or "stream"
     extra_rows: int | None = None
     guard_tokens: int = 256
+    fa3_guard: str = "always"
     prefix_eviction: str = "lru"
     prefix_min_users: int = 5
 
@@ -96,6 +98,7 @@ class VattnConfig:
             extra_rows=_int(env, "VATTN_EXTRA_ROWS", None),
             # FA3 reads up to one key tile (<= 192 tokens, ops.FA3_MAX_OVERREAD) past a sequence's end.
             guard_tokens=_int(env, "VATTN_GUARD_TOKENS", 256, minimum=192),
+            fa3_guard=_choice(env, "VATTN_FA3_GUARD", ("always", "clipped"), "always"),
             prefix_eviction=_choice(env, "VATTN_PREFIX_EVICTION", PREFIX_EVICTION_MODES, "lru"),
             prefix_min_users=_int(env, "VATTN_PREFIX_MIN_USERS", 5, minimum=2),
         )

@@ -202,7 +202,8 @@ class VattnModelRunner(V2ModelRunner):
         seq_lens = input_batch.seq_lens_cpu_upper_bound[:n].numpy()
         t = time.perf_counter()
         fa3, extents = ops.read_extents(seq_lens, input_batch.num_scheduled_tokens,
-                                        self.vattn_cfg.decode_kernel, self.vattn_cfg.guard_tokens, row_len)
+                                        self.vattn_cfg.decode_kernel, self.vattn_cfg.guard_tokens, row_len,
+                                        clip_to_view=self.vattn_cfg.fa3_guard == "clipped")
         for row, extent in zip(rows[:n][fa3].tolist(), extents[fa3].tolist()):
             self.vattn.ensure_readable(row, extent)  # FA3 over-reads: zero page behind the end
         reads = dict(zip(rows[:n].tolist(), extents.tolist()))

@@ -109,6 +109,43 @@ def test_fa3_with_the_guard_reads_only_mapped_memory(manager_factory, cuda, seq_
     assert (out.float() - ref).abs().max().item() <= _bf16_tolerance(ref)
 
 
+@pytest.mark.parametrize("seq_lens, q_lens", [([17], [17]), ([1025], [300]), ([2000, 1025, 48], [500, 25, 16])])
+def test_fa3_view_clipped_to_the_longest_sequence_needs_no_guard_there(manager_factory, cuda, seq_lens, q_lens):
+    """VATTN_FA3_GUARD=clipped: the FA3 view ends at the longest FA3 sequence; that row has only its
+    own blocks mapped, the others readable up to the view's end (ops.read_extents). Run under
+    compute-sanitizer: an over-read past the view would be an illegal address."""
+    import numpy as np
+    m = manager_factory(rows=4, max_tokens=4096)
+    seq, ql = np.array(seq_lens), np.array(q_lens)
+    _, ext = ops.read_extents(seq, ql, "fa2", ops.FA3_MAX_OVERREAD, m.layout.row_tokens, clip_to_view=True)
+    view = ops.fa3_view_len(seq, ql, "fa2")
+    bs = m.layout.block_size
+    views = layer_views(m.base_va, m.layout, torch.bfloat16, cuda)
+    k_rows, v_rows = views[3]
+    rows, nxt = [], 0
+    for n, e in zip(seq_lens, ext.tolist()):
+        r = m.acquire_row()
+        nb = -(-n // bs)
+        m.set_blocks(r, list(range(nxt, nxt + nb)))
+        nxt += nb
+        m.ensure_readable(r, e)
+        rows.append(r)
+    m.sync()
+    k = torch.randn(sum(seq_lens), HK, D, device=cuda, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    slots = torch.cat([torch.arange(n, device=cuda) + r * m.layout.row_tokens for r, n in zip(rows, seq_lens)])
+    ops.write_kv(k, v, k_rows, v_rows, slots)
+    rows_t = torch.tensor(rows, dtype=torch.int32, device=cuda)
+    lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=cuda)
+    cu_q = torch.tensor([0] + list(np.cumsum(q_lens)), dtype=torch.int32, device=cuda)
+    q = torch.randn(sum(q_lens), HQ, D, device=cuda, dtype=torch.bfloat16)
+    out = ops.fa3_varlen(q, k_rows[:, :view], v_rows[:, :view], torch.empty_like(q), cu_q, lens_t, rows_t,
+                         max(q_lens), SCALE)
+    ref = ops.reference_attention(q, k_rows, v_rows, cu_q, lens_t, rows_t, SCALE)
+    torch.cuda.synchronize()
+    assert (out.float() - ref).abs().max().item() <= _bf16_tolerance(ref)
+
+
 def test_mixed_batch_split_fa2_decodes_fa3_prefills(manager_factory, cuda):
     """How the backend runs a mixed batch: decodes (first) through FA2 with no guard behind them,
     prefills through FA3 with the guard; together equal to the float32 reference."""

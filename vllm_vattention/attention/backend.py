@@ -89,6 +89,7 @@ class VattnMetadata:
     num_reqs: int
     prefill_query_start_loc: torch.Tensor | None  # int32, the FA3 part's cu_seqlens_q (from 0)
     kv_len: int  # row length the kernels see (rows sliced to it when not under a CUDA graph)
+    fa3_kv_len: int  # row length of FA3's view (kv_len, or the longest FA3 sequence with VATTN_FA3_GUARD=clipped)
 
 
 class VattnMetadataBuilder(AttentionMetadataBuilder[VattnMetadata]):
@@ -125,11 +126,20 @@ class VattnMetadataBuilder(AttentionMetadataBuilder[VattnMetadata]):
                 raise AssertionError("vLLM's batch is not ordered decodes first")
             if num_decodes < m.num_reqs:
                 prefill_qsl = m.query_start_loc[num_decodes:m.num_reqs + 1] - num_decodes
+        fa3_kv_len = kv_len
+        if self.cfg.fa3_guard == "clipped" and m.max_query_len > 1 and m.seq_lens_cpu_upper_bound is not None:
+            # the same numbers the model runner gave the memory manager (worker.prepare_attn)
+            qsl = m.query_start_loc_cpu[:m.num_reqs + 1].numpy()
+            view = ops.fa3_view_len(m.seq_lens_cpu_upper_bound[:m.num_reqs].numpy(), qsl[1:] - qsl[:-1],
+                                    self.cfg.decode_kernel)
+            if view is not None:
+                fa3_kv_len = min(kv_len, view)
         return VattnMetadata(
             num_actual_tokens=m.num_actual_tokens, max_query_len=m.max_query_len,
             max_seq_len=m.max_seq_len, query_start_loc=m.query_start_loc, seq_lens=m.seq_lens,
             rows=m.block_table_tensor.reshape(-1)[:m.num_reqs], slot_mapping=m.slot_mapping,
-            num_decodes=num_decodes, num_reqs=m.num_reqs, prefill_query_start_loc=prefill_qsl, kv_len=kv_len)
+            num_decodes=num_decodes, num_reqs=m.num_reqs, prefill_query_start_loc=prefill_qsl, kv_len=kv_len,
+            fa3_kv_len=fa3_kv_len)
 
 
 class VattnImpl(AttentionImpl[VattnMetadata]):
@@ -171,6 +181,8 @@ class VattnImpl(AttentionImpl[VattnMetadata]):
             ops.fa2_decode(query[:nd].view(nd, h, d), k_view, v_view, output[:nd].view(nd, h, d),
                            md.seq_lens[:nd], md.rows[:nd], self.scale)
         if md.prefill_query_start_loc is not None:  # the rest, tokens [nd, n)
+            if md.fa3_kv_len != md.kv_len:
+                k_view, v_view = k_rows[:, :md.fa3_kv_len], v_rows[:, :md.fa3_kv_len]
             ops.fa3_varlen(query[nd:n].view(n - nd, h, d), k_view, v_view, output[nd:n].view(n - nd, h, d),
                            md.prefill_query_start_loc, md.seq_lens[nd:md.num_reqs], md.rows[nd:md.num_reqs],
                            md.max_query_len, self.scale)

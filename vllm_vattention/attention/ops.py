@@ -33,11 +33,31 @@ def fa3_mask(query_lens: np.ndarray, decode_kernel: str) -> np.ndarray:
     return np.ones(len(query_lens), dtype=bool)
 
 
-def read_extents(seq_lens: np.ndarray, query_lens: np.ndarray, decode_kernel: str, guard_tokens: int,
-                 row_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """(FA3 mask, tokens of each row the step may read: the sequence, plus FA3's over-read)."""
+def fa3_view_len(seq_lens: np.ndarray, query_lens: np.ndarray, decode_kernel: str) -> int | None:
+    """With VATTN_FA3_GUARD=clipped: the row length of the FA3 view of a batch that has a prefill
+    (the longest FA3 sequence), or None where the view cannot be narrowed (no prefill: decode-only
+    batches replay CUDA graphs over whole rows)."""
     fa3 = fa3_mask(query_lens, decode_kernel)
-    return fa3, np.minimum(seq_lens + np.where(fa3, guard_tokens, 0), row_len)
+    if not fa3.any() or not (query_lens > 1).any():
+        return None
+    return int(seq_lens[fa3].max())
+
+
+def read_extents(seq_lens: np.ndarray, query_lens: np.ndarray, decode_kernel: str, guard_tokens: int,
+                 row_len: int, clip_to_view: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(FA3 mask, tokens of each row the step may read: the sequence, plus FA3's over-read).
+
+    clip_to_view (VATTN_FA3_GUARD=clipped): FA3 loads K/V tiles with TMA against the view's shape,
+    so nothing past the view's row length (`fa3_view_len`) is read: the longest FA3 row needs no
+    guard, the others only up to that length. Assumption to be checked on a GPU under
+    compute-sanitizer before it becomes the default.
+    """
+    fa3 = fa3_mask(query_lens, decode_kernel)
+    ext = np.minimum(seq_lens + np.where(fa3, guard_tokens, 0), row_len)
+    view = fa3_view_len(seq_lens, query_lens, decode_kernel) if clip_to_view else None
+    if view is not None:
+        ext = np.where(fa3, np.minimum(ext, view), ext)
+    return fa3, ext
 
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,
