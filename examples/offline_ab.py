@@ -56,7 +56,7 @@ def run_one(args) -> None:
     kw = dict(model=args.model, load_format="dummy", seed=0, max_model_len=args.max_model_len,
               gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
               max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching,
-              disable_log_stats=False)
+              disable_log_stats=False, tensor_parallel_size=args.tensor_parallel_size)
     if args.num_gpu_blocks:
         kw["num_gpu_blocks_override"] = args.num_gpu_blocks
     if args.attention_backend:
@@ -126,6 +126,7 @@ def main() -> None:
     ap.add_argument("--shared-prefix", action="store_true", help="prompts share a 300-token prefix")
     ap.add_argument("--no-prefix-caching", action="store_true")
     ap.add_argument("--parallel-n", type=int, default=1)
+    ap.add_argument("--tensor-parallel-size", type=int, default=1)
     args = ap.parse_args()
     if args.child:
         return run_one(args)
@@ -149,7 +150,8 @@ def main() -> None:
         for flag in ("enforce_eager", "shared_prefix", "no_prefix_caching"):
             if getattr(args, flag):
                 cmd.append("--" + flag.replace("_", "-"))
-        cmd += ["--num-gpu-blocks", str(args.num_gpu_blocks), "--parallel-n", str(args.parallel_n)]
+        cmd += ["--num-gpu-blocks", str(args.num_gpu_blocks), "--parallel-n", str(args.parallel_n),
+                "--tensor-parallel-size", str(args.tensor_parallel_size)]
         print("running", system, flush=True)
         subprocess.run(cmd, env=env, check=True)
         results[system] = json.load(open(child_out))
