@@ -3,6 +3,9 @@
 # tests, the mapper benchmark and an offline A/B smoke test. Logs go to $OUT.
 # Usage: bash scripts/device_checks.sh [steps...]
 #   steps: install gpu_tests (all of tests/gpu) unit (VMM + kernels) e2e server sanitizer mapbench ab
+#          new_paths (stream-mode mapping and the clipped FA3 guard, under compute-sanitizer)
+#          tp (needs 2 GPUs) multiturn (needs the trace carried: cp ../shared/traces/*.jsonl .gpu/trace/,
+#          carry [".gpu/trace"]; shared/ does not travel)
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export VLLM_USE_FLASHINFER_SAMPLER=0 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -17,6 +20,10 @@ for s in $steps; do
     server) timeout 420 python3 -m pytest -m gpu tests/gpu/test_server_gpu.py -q -p no:cacheprovider --durations=8 > "$OUT/server.log" 2>&1; echo "rc=$?"; tail -14 "$OUT/server.log";;
     sanitizer) timeout 400 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -m gpu -q -p no:cacheprovider \
         tests/gpu/test_kernels_gpu.py -k "guard" > "$OUT/sanitizer.log" 2>&1; echo "rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer.log" | tail -5;;
+    new_paths) timeout 420 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -m gpu -q -p no:cacheprovider \
+        tests/gpu/test_vmm_gpu.py tests/gpu/test_kernels_gpu.py -k "stream or clipped" > "$OUT/new_paths.log" 2>&1; echo "rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/new_paths.log" | tail -5;;
+    tp) timeout 580 python3 -m pytest -m gpu2 tests/gpu_multi -q -s -p no:cacheprovider > "$OUT/tp.log" 2>&1; echo "rc=$?"; grep -E "greedy|absdiff_max|passed|failed" "$OUT/tp.log" | tail -12;;
+    multiturn) timeout 580 python3 -m vllm_vattention.bench.multiturn --trace .gpu/trace/mooncake_conversation_trace.jsonl --out "$OUT" ${MT_ARGS:-} > "$OUT/multiturn.log" 2>&1; echo "rc=$?"; tail -8 "$OUT/multiturn.log";;
     mapbench) timeout 200 python3 -m vllm_vattention.bench.mapbench --out "$OUT" > "$OUT/mapbench.log" 2>&1; echo "rc=$?"; tail -30 "$OUT/mapbench.log";;
     ab) timeout 420 python3 examples/offline_ab.py --out "$OUT/ab.json" ${AB_ARGS:-} > "$OUT/ab.log" 2>&1; echo "rc=$?"; tail -40 "$OUT/ab.log";;
     *) echo "unknown step $s";;
