@@ -110,3 +110,50 @@ def test_the_discard_segment_survives_hits_and_allocations(patched):
     pool.free_blocks(new)  # a new segment starts at the front
     assert pool.free_block_queue.get_all_free_blocks()[0].block_id == new[0].block_id
     assert len(pool.free_block_queue.get_all_free_blocks()) == pool.free_block_queue.num_free_blocks
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_use_keeps_vllms_free_queue_consistent(patched, seed):
+    """Random allocations, prefix hits and frees through the patched pool: the free list is a
+    proper list holding exactly the free blocks, and the discard segment sits at its front."""
+    import random
+    rng = random.Random(seed)
+    pool = BlockPool(num_gpu_blocks=40, enable_caching=True, hash_block_size=16)
+    live: list[list] = []  # blocks held by running requests
+    cached: list = []  # blocks with a hash (candidates for prefix hits)
+    tag = 0
+    for _ in range(400):
+        op = rng.random()
+        if op < 0.45 and pool.get_num_free_blocks() >= 3:
+            blocks = pool.get_new_blocks(rng.randint(1, 3))
+            for b in blocks:
+                if rng.random() < 0.8:
+                    tag += 1
+                    b.set_block_hash(make_block_hash_with_group_id(f"h{tag}".encode(), 0))
+                    cached.append(b)
+            live.append(blocks)
+        elif op < 0.65 and cached:
+            b = rng.choice(cached)
+            if b.block_hash is not None and b.ref_cnt == 0 and b.prev_free_block is not None:
+                pool.touch([b])  # a prefix hit on a free cached block
+                live.append([b])
+        elif live:
+            blocks = live.pop(rng.randrange(len(live)))
+            pool.free_blocks(reversed(blocks))
+        q = pool.free_block_queue
+        order = q.get_all_free_blocks()
+        assert len(order) == q.num_free_blocks == pool.get_num_free_blocks()
+        assert len({b.block_id for b in order}) == len(order)
+        assert all(b.ref_cnt == 0 for b in order)
+        held = {b.block_id for blocks in live for b in blocks}
+        assert held.isdisjoint(b.block_id for b in order)
+        c = PE._counts(pool)
+        in_seg = [bool(c.in_drop[b.block_id]) for b in order]
+        assert sum(c.in_drop) == sum(in_seg)  # flags only on queued blocks
+        if any(in_seg):  # the segment is contiguous, and its tail is the newest discarded block
+            first = in_seg.index(True)
+            last = len(in_seg) - 1 - in_seg[::-1].index(True)
+            assert all(in_seg[first:last + 1])
+            assert order[last] is c.drop_tail
+        cached = [b for b in cached if b.block_hash is not None]
+    assert PE._counts(pool).discarded > 0 and PE._counts(pool).kept > 0  # both paths were exercised
