@@ -35,6 +35,16 @@ def brute_force_opt(seq, k):
     return min(states.values())
 
 
+def synthetic_trace_file(tmp_path, seed):
+    """A generated multi-turn trace written in the Mooncake format."""
+    path = tmp_path / "t.jsonl"
+    with open(path, "w") as f:
+        for r in T.synthetic(num_conversations=25, turns=4, seed=seed):
+            f.write(json.dumps({"timestamp": r.t_ms, "input_length": r.input_len, "output_length": 1,
+                                "hash_ids": r.blocks}) + "\n")
+    return path
+
+
 def run(policy, seq, bits=None):
     for t, p in enumerate(seq):
         policy.access(p, t, bits[t] if bits else 0)
@@ -160,12 +170,7 @@ def test_simulator_counts_prefix_hits_up_to_the_first_miss():
 
 
 def test_report_on_a_small_trace(tmp_path):
-    reqs = T.synthetic(num_conversations=25, turns=4, seed=5)
-    path = tmp_path / "t.jsonl"
-    with open(path, "w") as f:
-        for r in reqs:
-            f.write(json.dumps({"timestamp": r.t_ms, "input_length": r.input_len, "output_length": 1,
-                                "hash_ids": r.blocks}) + "\n")
+    path = synthetic_trace_file(tmp_path, seed=5)
     doc = report.sweep(str(path), [512, 128], [0.1, 0.3], log=lambda *_: None)
     labels = {(r["granularity"], r["policy"], r["predictor"]) for r in doc["runs"]}
     assert (512, "Discard-Marking", "online") in labels and (128, "Belady", None) in labels
@@ -189,12 +194,7 @@ def test_discard_lru_is_lru_without_predictions_and_evicts_discard_bits_first(se
 
 
 def test_threshold_study_on_a_small_trace(tmp_path):
-    reqs = T.synthetic(num_conversations=25, turns=4, seed=6)
-    path = tmp_path / "t.jsonl"
-    with open(path, "w") as f:
-        for r in reqs:
-            f.write(json.dumps({"timestamp": r.t_ms, "input_length": r.input_len, "output_length": 1,
-                                "hash_ids": r.blocks}) + "\n")
+    path = synthetic_trace_file(tmp_path, seed=6)
     doc = report.threshold_study(str(path), [0.2], thresholds=(2, 3))
     assert len(doc["rows"]) == 1 + 2 * 2
     assert all(0.0 <= r["prefix_hit_rate"] <= 1.0 for r in doc["rows"])
