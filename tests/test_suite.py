@@ -18,8 +18,9 @@ class FakeClock:
         return self.t
 
 
-def fake_job(clock, fail=()):
-    def job(model, group, workloads, system, out_dir, timeout):
+def fake_job(clock, fail=(), expect_tp=1):
+    def job(model, group, workloads, system, out_dir, timeout, tp=1):
+        assert tp == expect_tp
         clock.t += S.EST_SECONDS[group]
         if system in fail:
             raise RuntimeError(f"{system} crashed")
@@ -83,6 +84,14 @@ def test_ratios_spread_and_report(tmp_path):
     assert "vattn-per-layer: " in md and "crashed" in md  # failures are reported, not hidden
     assert "| capacity-300-tokens | vattn-fa2 | 3 | 50 |" in md
     assert "| a | vattn-fa2 | 3 | 0.40% |" in md  # mapping share of execute_model time
+
+
+def test_tensor_parallel_size_reaches_every_job(tmp_path):
+    path = str(tmp_path / "r.json")
+    suite = S.Suite("m", [S.Workload("a", "offline", 8, 8, 1)], ["stock-fa3", "vattn-fa2"], reps=1, tp=2)
+    clock = FakeClock()
+    assert S.run(suite, path, 1e9, job=fake_job(clock, expect_tp=2), env=ENV, clock=clock, log=quiet) == 0
+    assert json.load(open(path))["tensor_parallel_size"] == 2 and len(suite.results) == 2
 
 
 def test_mapper_stats_from_a_server_log():

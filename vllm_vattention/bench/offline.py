@@ -26,6 +26,7 @@ def main(argv=None) -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--workloads", required=True, help="JSON list of [name, input_len, output_len, num_prompts]")
     ap.add_argument("--attention-backend", default=None)
+    ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
@@ -34,7 +35,8 @@ def main(argv=None) -> None:
 
     workloads = json.loads(args.workloads)
     max_len = max(i + o for _, i, o, _ in workloads) + 64
-    kw = dict(model=args.model, load_format="dummy", seed=0, max_model_len=max_len)
+    kw = dict(model=args.model, load_format="dummy", seed=0, max_model_len=max_len,
+              tensor_parallel_size=args.tensor_parallel_size)
     if args.attention_backend:
         kw["attention_config"] = {"backend": args.attention_backend}
     t = time.perf_counter()

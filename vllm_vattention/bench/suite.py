@@ -74,6 +74,7 @@ class Suite:
     reps: int  # for the baseline and the default candidate
     extra_reps: int = 1  # for the other systems
     results: list[dict] = field(default_factory=list)
+    tp: int = 1  # --tensor-parallel-size of every engine
 
     def reps_of(self, system: str) -> int:
         return self.reps if system in (BASELINE, DEFAULT_CANDIDATE) else min(self.extra_reps, self.reps)
@@ -129,7 +130,8 @@ def _env_for(system: str) -> dict:
     return env
 
 
-def run_job(model: str, group: str, workloads: list[Workload], system: str, out_dir: str, timeout: int) -> list[dict]:
+def run_job(model: str, group: str, workloads: list[Workload], system: str, out_dir: str, timeout: int,
+            tp: int = 1) -> list[dict]:
     """One fresh engine runs `workloads` in turn. Returns one row per workload (issue 4's schema,
     None where a metric does not apply)."""
     env = _env_for(system)
@@ -140,7 +142,7 @@ def run_job(model: str, group: str, workloads: list[Workload], system: str, out_
         timed = [w for w in workloads if w.kind == "offline"]
         spec = [[w.name, w.input_len, w.output_len, w.num_prompts] for w in timed] or [["smoke", 64, 16, 4]]
         cmd = [sys.executable, "-m", "vllm_vattention.bench.offline", "--model", model, "--workloads",
-               json.dumps(spec), "--out", raw]
+               json.dumps(spec), "--out", raw, "--tensor-parallel-size", str(tp)]
         backend = SYSTEMS[system]["args"]
         if backend:
             cmd += ["--attention-backend", backend[1]]
@@ -161,7 +163,7 @@ def run_job(model: str, group: str, workloads: list[Workload], system: str, out_
             row["max_concurrent_requests"] = _kv_capacity(log, w.input_len + w.output_len, _block_size(log))
             rows.append({"workload": w.name, **row})
     else:
-        rows = _run_serve(cli, model, workloads, system, env, raw, timeout)
+        rows = _run_serve(cli, model, workloads, system, env, raw, timeout, tp)
     if os.path.exists(raw):
         os.remove(raw)
     return rows
@@ -183,12 +185,12 @@ def wait_healthy(port: int, server: subprocess.Popen, timeout: float) -> None:
     raise RuntimeError(f"the server did not answer /health within {timeout:.0f} s")
 
 
-def _run_serve(cli, model: str, workloads: list[Workload], system: str, env, raw, timeout) -> list[dict]:
+def _run_serve(cli, model: str, workloads: list[Workload], system: str, env, raw, timeout, tp: int = 1) -> list[dict]:
     """One server; `vllm bench serve` at each workload's request rate in turn."""
     port = 8190
     max_len = max(w.input_len + w.output_len for w in workloads) + 64
     server = subprocess.Popen(cli + ["serve", model, "--load-format", "dummy", "--max-model-len", str(max_len),
-                                     "--port", str(port), *SYSTEMS[system]["args"]],
+                                     "--port", str(port), "--tensor-parallel-size", str(tp), *SYSTEMS[system]["args"]],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     results = []
     try:
@@ -237,7 +239,7 @@ def run(suite: Suite, path: str, max_seconds: float, job: Callable = run_job, en
             t = clock()
             ws = suite.group_workloads(group)
             try:
-                rows = job(suite.model, group, ws, system, os.path.dirname(path) or ".", int(max_seconds))
+                rows = job(suite.model, group, ws, system, os.path.dirname(path) or ".", int(max_seconds), tp=suite.tp)
                 error = None
             except Exception as e:  # noqa: BLE001 - a failed system is recorded, the suite goes on
                 rows, error = [{"workload": w.name, **{k: None for k in METRICS}} for w in ws], str(e)[-2000:]
@@ -255,7 +257,7 @@ def run(suite: Suite, path: str, max_seconds: float, job: Callable = run_job, en
 def save(suite: Suite, path: str, env: dict) -> None:
     doc = {"gpu": env.get("gpu"), "driver": env.get("driver"), "commit": env.get("commit"),
            "vllm": env.get("vllm"), "torch": env.get("torch"), "date": env.get("date"), "model": suite.model,
-           "results": suite.results}
+           "tensor_parallel_size": suite.tp, "results": suite.results}
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(doc, f, indent=1)
@@ -379,6 +381,7 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=3, help="repetitions of stock-fa3 and vattn-fa2")
     ap.add_argument("--extra-reps", type=int, default=1, help="repetitions of the other systems")
     ap.add_argument("--max-seconds", type=float, default=540)
+    ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--report", action="store_true", help="only write the table and plot")
     ap.add_argument("--json", default=None, help="with --report: the results file (default: today's, this GPU's)")
     args = ap.parse_args(argv)
@@ -388,11 +391,13 @@ def main(argv=None) -> None:
     chosen = [w for w in WORKLOADS if w.name in args.workloads.split(",")]
     env = environment()
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"{env['date']}-{(env['gpu'] or 'cpu').replace(' ', '-')}")
+    tp_tag = f"-tp{args.tensor_parallel_size}" if args.tensor_parallel_size > 1 else ""
+    stem = os.path.join(args.out, f"{env['date']}-{(env['gpu'] or 'cpu').replace(' ', '-')}{tp_tag}")
     if args.report and args.json:
         stem = args.json[:-len(".json")] if args.json.endswith(".json") else args.json
     path = stem + ".json"
-    suite = Suite(args.model, chosen, args.systems.split(","), args.reps, args.extra_reps)
+    suite = Suite(args.model, chosen, args.systems.split(","), args.reps, args.extra_reps,
+                  tp=args.tensor_parallel_size)
     if os.path.exists(path):
         suite.results = json.load(open(path))["results"]
     if not args.report:
