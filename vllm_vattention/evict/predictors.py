@@ -25,10 +25,15 @@ def discard_oracle(seq: list[int], k: int, nxt: list[float] | None = None) -> tu
     opt = Belady(k, nxt)
     for t, p in enumerate(seq):
         opt.access(p, t)
-    bits = [1 if n == float("inf") else 0 for n in nxt]
+    return discard_bits(opt), opt.faults
+
+
+def discard_bits(opt: Belady) -> list[int]:
+    """The discard bit of every position, from a Belady run over the whole sequence."""
+    bits = [1 if n == float("inf") else 0 for n in opt.nxt]
     for t in opt.evicted_last:
         bits[t] = 1
-    return bits, opt.faults
+    return bits
 
 
 def phases(seq: list[int], k: int) -> list[int]:

@@ -24,25 +24,31 @@ from .sim import simulate
 NOISE = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
 
 
-def run_point(reqs, pr, par, k: int, noise=NOISE, seed: int = 0, log=print) -> list[dict]:
-    """Every policy at one cache size. Returns rows (dicts)."""
+def cache_independent(reqs, pr, par) -> dict:
+    """What every cache size of one granularity shares: the page sequence, next-use times and the
+    online predictors (none depends on k)."""
     seq, _ = T.flatten(pr)
-    nxt = P.next_uses(seq)
-    discard, opt = R.discard_oracle(seq, k, nxt)
+    return {"seq": seq, "nxt": P.next_uses(seq), "keep": R.online_reuse(reqs, pr, par),
+            # what the vLLM hook computes, at its default threshold (VATTN_PREFIX_MIN_USERS=5)
+            "shared": R.online_reuse(reqs, pr, par, continuation=False, min_shared=5)}
+
+
+def run_point(pr, shared_inputs: dict, k: int, noise=NOISE, seed: int = 0, log=print) -> list[dict]:
+    """Every policy at one cache size. Returns rows (dicts)."""
+    seq, nxt = shared_inputs["seq"], shared_inputs["nxt"]
+    keep, shared = shared_inputs["keep"], shared_inputs["shared"]
+    belady = P.Belady(k, nxt)
+    opt_run = simulate(pr, belady).as_dict()  # one Belady run: OPT's metrics and the discard oracle
+    discard, opt = R.discard_bits(belady), belady.faults
     phase = R.phase_oracle(seq, k)
-    keep = R.online_reuse(reqs, pr, par)
-    # what the vLLM hook computes, at its default threshold (VATTN_PREFIX_MIN_USERS=5)
-    shared = R.online_reuse(reqs, pr, par, continuation=False, min_shared=5)
-    rows = []
+    opt_run.update(predictor=None, noise=None, wrong_bits=None, opt_faults=opt)
+    rows = [opt_run]
 
     def add(policy, bits, predictor, rate=None, flipped=None):
         r = simulate(pr, policy, bits).as_dict()
         r.update(predictor=predictor, noise=rate, wrong_bits=flipped, opt_faults=opt)
         rows.append(r)
 
-    opt_run = simulate(pr, P.Belady(k, nxt)).as_dict()
-    opt_run.update(predictor=None, noise=None, wrong_bits=None, opt_faults=opt)
-    rows.append(opt_run)
     add(P.LRU(k), None, None)
     add(P.Marking(k, seed), None, None)
     for cls, oracle in ((P.DiscardMarking, discard), (P.DiscardLRU, discard), (P.PhaseMarking, phase)):
@@ -65,13 +71,13 @@ def sweep(trace_path: str, granularities, fractions, noise=NOISE, limit=None, lo
            "conversations_continued": sum(p >= 0 for p in par), "runs": []}
     for g in granularities:
         pr = T.paged(reqs, g)
-        seq, _ = T.flatten(pr)
-        distinct = len(set(seq))
-        log(f"granularity {g}: {len(seq)} page requests, {distinct} distinct pages")
+        inputs = cache_independent(reqs, pr, par)
+        distinct = len(set(inputs["seq"]))
+        log(f"granularity {g}: {len(inputs['seq'])} page requests, {distinct} distinct pages")
         for f in fractions:
             k = max(1, int(f * distinct))
             t = time.time()
-            for r in run_point(reqs, pr, par, k, noise if g == granularities[0] else fine_noise, log=log):
+            for r in run_point(pr, inputs, k, noise if g == granularities[0] else fine_noise, log=log):
                 r.update(granularity=g, fraction=f, distinct_pages=distinct)
                 out["runs"].append(r)
             log(f"  ({time.time() - t:.1f} s)")
@@ -87,13 +93,14 @@ def threshold_study(trace_path: str, fractions, thresholds=(2, 3, 5), granularit
     pr = T.paged(reqs, granularity)
     seq, _ = T.flatten(pr)
     distinct = len(set(seq))
+    drops = {m: [1 - b for b in R.online_reuse(reqs, pr, par, min_shared=m, continuation=False)]
+             for m in thresholds}
     rows = []
     for f in fractions:
         k = max(1, int(f * distinct))
         rows.append({"fraction": f, "k": k, "policy": "LRU", "m": None, "drop_order": None,
                      "prefix_hit_rate": simulate(pr, P.LRU(k)).prefix_hit_rate})
-        for m in thresholds:
-            drop = [1 - b for b in R.online_reuse(reqs, pr, par, min_shared=m, continuation=False)]
+        for m, drop in drops.items():
             for order in ("mru", "lru"):
                 r = simulate(pr, P.DiscardLRU(k, drop_order=order), drop)
                 rows.append({"fraction": f, "k": k, "policy": "Discard-LRU", "m": m, "drop_order": order,
