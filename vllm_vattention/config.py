@@ -23,11 +23,12 @@ from typing import Mapping
 from .errors import ConfigError
 from .memory.layout import LAYOUTS
 from .memory.manager import RECLAIM_POLICIES
+from .prefix_eviction import MODES as PREFIX_EVICTION_MODES  # that module imports vLLM only when installing
 
 BACKEND_ENV = "VLLM_ATTENTION_BACKEND"
 BACKEND_VALUE = "VATTENTION"
 DECODE_KERNELS = ("fa2", "fa3")
-PREFIX_EVICTION_MODES = ("lru", "discard-lru")  # prefix_eviction.MODES (kept free of vLLM imports)
+
 
 
 def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
