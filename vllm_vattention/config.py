@@ -30,7 +30,6 @@ BACKEND_VALUE = "VATTENTION"
 DECODE_KERNELS = ("fa2", "fa3")
 
 
-
 def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
     value = env.get(name, default).strip().lower()
     if value not in choices:
