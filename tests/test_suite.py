@@ -105,3 +105,17 @@ def test_capacity_from_the_startup_log():
     log = "GPU KV cache size: 457,504 tokens\n"
     assert S._kv_capacity(log, 300, 16) == 457504 // 16 // 19
     assert S._kv_capacity(log + "vAttention KV: 447 blocks of 1024 tokens", 300, S._block_size(log + "vAttention KV: 447 blocks of 1024 tokens")) == 446
+
+
+def test_engine_env_clears_the_selecting_variables_and_applies_the_systems(monkeypatch):
+    from vllm_vattention.bench.env import engine_env
+    monkeypatch.setenv("VLLM_ATTENTION_BACKEND", "VATTENTION")
+    monkeypatch.setenv("VATTN_LAYOUT", "per_layer")
+    monkeypatch.setenv("KEEP_ME", "1")
+    monkeypatch.delenv("VLLM_USE_FLASHINFER_SAMPLER", raising=False)
+    env = engine_env({"VATTN_DECODE_KERNEL": "fa3"}, ("VLLM_ATTENTION_BACKEND", "VATTN_LAYOUT"))
+    assert "VLLM_ATTENTION_BACKEND" not in env and "VATTN_LAYOUT" not in env
+    assert env["VATTN_DECODE_KERNEL"] == "fa3" and env["KEEP_ME"] == "1"
+    assert env["VLLM_USE_FLASHINFER_SAMPLER"] == "0"
+    monkeypatch.setenv("VLLM_USE_FLASHINFER_SAMPLER", "1")
+    assert engine_env({}, ())["VLLM_USE_FLASHINFER_SAMPLER"] == "1"  # a user's choice is kept

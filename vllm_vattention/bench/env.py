@@ -30,6 +30,16 @@ def environment() -> dict:
     return env
 
 
+def engine_env(overrides: dict, clear: tuple[str, ...]) -> dict:
+    """The environment of one engine under test: this process's, without the variables that select
+    a system (`clear`), plus the system's own; FlashInfer's sampler stays off (its one-time JIT
+    would be timed)."""
+    env = {k: v for k, v in os.environ.items() if k not in clear}
+    env.update(overrides)
+    env.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    return env
+
+
 def header(env: dict) -> str:
     return (f"GPU: {env['gpu']} | driver {env['driver']} | torch {env['torch']} | vLLM {env['vllm']} | "
             f"commit {env['commit']} | {env['date']}")

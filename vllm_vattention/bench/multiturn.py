@@ -26,7 +26,7 @@ import sys
 import time
 
 from ..evict.trace import BLOCK_TOKENS, load_jsonl
-from .env import environment, header
+from .env import engine_env, environment, header
 
 VOCAB_LOW, VOCAB_HIGH = 1000, 30000
 
@@ -100,12 +100,9 @@ def run_system(system: str, args, requests: list[dict]) -> dict:
     import asyncio
 
     from .suite import wait_healthy
-    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_ATTENTION_BACKEND", "VATTN_PREFIX_EVICTION")}
-    env.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     policy, _, backend = system.partition("+")
-    env["VATTN_PREFIX_EVICTION"] = policy
-    if backend == "vattn":
-        env["VLLM_ATTENTION_BACKEND"] = "VATTENTION"
+    overrides = {"VATTN_PREFIX_EVICTION": policy, **({"VLLM_ATTENTION_BACKEND": "VATTENTION"} if backend == "vattn" else {})}
+    env = engine_env(overrides, ("VLLM_ATTENTION_BACKEND", "VATTN_PREFIX_EVICTION"))
     port = args.port
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", args.model, "--load-format", "dummy",
            "--port", str(port), "--max-model-len", str(args.max_input_tokens + args.max_output_tokens + 64),

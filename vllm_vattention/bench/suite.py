@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .env import environment, header, pyplot
+from .env import engine_env, environment, header, pyplot
 
 SYSTEMS: dict[str, dict] = {
     "stock-fa3": {"env": {}, "args": []},
@@ -123,18 +123,11 @@ def _mapper_stats(log: str) -> dict | None:
     return ast.literal_eval(found[-1])
 
 
-def _env_for(system: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_ATTENTION_BACKEND", "VATTN_DECODE_KERNEL", "VATTN_LAYOUT")}
-    env.update(SYSTEMS[system]["env"])
-    env.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
-    return env
-
-
 def run_job(model: str, group: str, workloads: list[Workload], system: str, out_dir: str, timeout: int,
             tp: int = 1) -> list[dict]:
     """One fresh engine runs `workloads` in turn. Returns one row per workload (issue 4's schema,
     None where a metric does not apply)."""
-    env = _env_for(system)
+    env = engine_env(SYSTEMS[system]["env"], ("VLLM_ATTENTION_BACKEND", "VATTN_DECODE_KERNEL", "VATTN_LAYOUT"))
     raw = os.path.join(out_dir, f"raw-{group}-{system}-{int(time.time())}.json")
     cli = [sys.executable, "-m", "vllm.entrypoints.cli.main"]
     rows = []
