@@ -40,6 +40,13 @@ def engine_env(overrides: dict, clear: tuple[str, ...]) -> dict:
     return env
 
 
+def write_markdown(stem: str, text: str) -> None:
+    """Write a report's table to `<stem>.md` and show it."""
+    with open(stem + ".md", "w") as f:
+        f.write(text)
+    print(text)
+
+
 def header(env: dict) -> str:
     return (f"GPU: {env['gpu']} | driver {env['driver']} | torch {env['torch']} | vLLM {env['vllm']} | "
             f"commit {env['commit']} | {env['date']}")

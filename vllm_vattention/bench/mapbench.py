@@ -15,7 +15,7 @@ import time
 import torch
 
 from ..memory import PAGE_SIZE, CudaDriver, KVGeometry, KVMemoryManager, make_layout
-from .env import environment, header
+from .env import environment, header, write_markdown
 
 LLAMA3_8B = KVGeometry(num_layers=32, num_kv_heads=8, head_size=128, dtype_bytes=2)
 
@@ -137,9 +137,7 @@ def main(argv=None) -> None:
     for r in res["step_loop"]:
         lines.append(f"| {'native background' if r['background'] else 'foreground'} thread | "
                      f"{r['blocked_ms_per_step_median']:.3f} | {r['blocked_ms_per_step_p90']:.3f} | {r['wall_ms_per_step']:.2f} |")
-    with open(stem + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown(stem, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import sys
 import time
 
 from ..evict.trace import BLOCK_TOKENS, load_jsonl
-from .env import engine_env, environment, header
+from .env import engine_env, environment, header, write_markdown
 
 VOCAB_LOW, VOCAB_HIGH = 1000, 30000
 
@@ -166,9 +166,7 @@ def main(argv=None) -> None:
         fmt = lambda v, f: f.format(v) if v is not None else "-"  # noqa: E731
         lines.append(f"| {r['system']} | {fmt(r['prefix_hit_rate'], '{:.3f}')} | {fmt(r['ttft_p50_ms'], '{:.1f}')} | "
                      f"{fmt(r['ttft_p99_ms'], '{:.1f}')} | {r['requests_per_s']:.2f} | {r['errors']} |")
-    with open(stem + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown(stem, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

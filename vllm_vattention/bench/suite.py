@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .env import engine_env, environment, header, pyplot
+from .env import engine_env, environment, header, pyplot, write_markdown
 
 SYSTEMS: dict[str, dict] = {
     "stock-fa3": {"env": {}, "args": []},
@@ -397,10 +397,8 @@ def main(argv=None) -> None:
         left = run(suite, path, args.max_seconds, env=env)
         print(f"[suite] {left} job(s) left" if left else "[suite] all jobs done")
     doc = json.load(open(path)) if os.path.exists(path) else {**env, "results": []}
-    with open(stem + ".md", "w") as f:
-        f.write(markdown(doc))
+    write_markdown(stem, markdown(doc))
     plotted = plot(doc, stem + ".png")
-    print(markdown(doc))
     print(f"[suite] wrote {stem}.json, .md" + (", .png" if plotted else " (no matplotlib: no plot)"))
 
 

@@ -18,7 +18,7 @@ import time
 from . import policies as P
 from . import predictors as R
 from . import trace as T
-from ..bench.env import pyplot
+from ..bench.env import pyplot, write_markdown
 from .sim import simulate
 
 NOISE = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
@@ -246,9 +246,7 @@ def main(argv=None) -> None:
         os.makedirs(args.out, exist_ok=True)
         with open(stem + ".json", "w") as f:
             json.dump(doc, f)
-        with open(stem + ".md", "w") as f:
-            f.write(threshold_markdown(doc))
-        print(threshold_markdown(doc))
+        write_markdown(stem, threshold_markdown(doc))
         return
     doc = sweep(args.trace, [int(x) for x in args.granularities.split(",")],
                 [float(x) for x in args.fractions.split(",")], limit=args.limit,
@@ -260,9 +258,7 @@ def main(argv=None) -> None:
     stem = os.path.join(args.out, f"{doc['date']}-evict-sim{args.tag}")
     with open(stem + ".json", "w") as f:
         json.dump(doc, f)
-    with open(stem + ".md", "w") as f:
-        f.write(markdown(doc))
-    print(markdown(doc))
+    write_markdown(stem, markdown(doc))
     print(f"wrote {stem}.json, .md" + (", .png" if plot(doc, stem + ".png") else " (no matplotlib: no plot)"))
 
 
