@@ -8,12 +8,6 @@ from vllm_vattention.memory import PAGE_SIZE, CudaDriver, KVGeometry, KVMemoryMa
 LLAMA3_8B = KVGeometry(num_layers=32, num_kv_heads=8, head_size=128, dtype_bytes=2)
 
 
-def pytest_collection_modifyitems(items):
-    for item in items:
-        if "tests/gpu/" in str(item.fspath).replace("\\", "/"):
-            item.add_marker(pytest.mark.gpu)
-
-
 @pytest.fixture(scope="session")
 def cuda():
     if not torch.cuda.is_available():

@@ -10,12 +10,6 @@ import torch
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
-def pytest_collection_modifyitems(items):
-    for item in items:
-        if "tests/gpu_multi/" in str(item.fspath).replace("\\", "/"):
-            item.add_marker(pytest.mark.gpu2)
-
-
 @pytest.fixture(scope="session")
 def two_gpus():
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
