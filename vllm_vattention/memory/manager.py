@@ -21,6 +21,7 @@ whose blocks are the same pays nothing, and stale slots are only ever read past 
 
 from __future__ import annotations
 
+import ctypes
 from collections import deque
 from typing import Sequence
 
@@ -69,12 +70,11 @@ class KVMemoryManager:
         if background:
             from .native import NativeExecutor
             executor = NativeExecutor(*driver.native_table())
-            executor.defers_waits = self.stream_mode
         else:
             executor = SyncExecutor(driver)
         if self.stream_mode:
             self._flag_host, self.flag_device_address = driver.host_flag()
-        self.mapper = RowMapper(layout, self.pool, self.base_va, executor)
+        self.mapper = RowMapper(layout, self.pool, self.base_va, executor, defer_waits=self.stream_mode)
         self._free_rows: deque[int] = deque(range(layout.rows))
         self._active: set[int] = set()
         self._closed = False
@@ -144,7 +144,6 @@ class KVMemoryManager:
         return self._seq
 
     def flag_value(self) -> int:
-        import ctypes
         return ctypes.c_uint32.from_address(self._flag_host).value if self._flag_host else 0
 
     # -- inspection and shutdown --------------------------------------------------------

@@ -49,7 +49,7 @@ class MapperStats:
 
 
 class RowMapper:
-    def __init__(self, layout: Layout, pool: PagePool, base_va: int, executor):
+    def __init__(self, layout: Layout, pool: PagePool, base_va: int, executor, defer_waits: bool = False):
         self.executor = executor  # runs the planned driver calls (executor.py)
         self._ops: list[Op] = []  # planned driver calls, run by the executor at the end of each call
         self.layout = layout
@@ -60,7 +60,7 @@ class RowMapper:
         self._inflight: deque[tuple[Fence, dict[int, int]]] = deque()
         self._readable = [0] * layout.rows  # slots [0, _readable[row]) are known to be mapped
         self.stats = MapperStats()
-        self.defer_waits = getattr(executor, "defers_waits", False)
+        self.defer_waits = defer_waits  # stream mode: WAIT_EVENT ops for the native thread, not fence.wait()
         self.handed_over: list[Fence] = []  # fences the native thread waits on (kept alive until it has)
 
     # -- fences ----------------------------------------------------------------------------
