@@ -107,6 +107,7 @@ class VattnMetadataBuilder(AttentionMetadataBuilder[VattnMetadata]):
         m = common_attn_metadata
         row_len = self.row_len or 0
         prefill_qsl = None
+        fa3_kv_len = None
         if m.max_query_len == 1:
             # Decode batches may be replayed from a CUDA graph: fixed shapes (whole rows), and every
             # (padded) request in one kernel.
@@ -120,26 +121,27 @@ class VattnMetadataBuilder(AttentionMetadataBuilder[VattnMetadata]):
             # vLLM orders a batch decodes first; those run FA2 and need no guard.
             kv_len = min(row_len, -(-(m.max_seq_len + self.cfg.guard_tokens) // 256) * 256)
             qsl = m.query_start_loc_cpu[:m.num_reqs + 1].numpy()
-            fa3 = ops.fa3_mask(qsl[1:] - qsl[:-1], self.cfg.decode_kernel)
+            query_lens = qsl[1:] - qsl[:-1]
+            fa3 = ops.fa3_mask(query_lens, self.cfg.decode_kernel)
             num_decodes = int(np.argmax(fa3)) if fa3.any() else m.num_reqs
             if fa3[num_decodes:].sum() != m.num_reqs - num_decodes:
                 raise AssertionError("vLLM's batch is not ordered decodes first")
             if num_decodes < m.num_reqs:
                 prefill_qsl = m.query_start_loc[num_decodes:m.num_reqs + 1] - num_decodes
-        fa3_kv_len = kv_len
-        if self.cfg.fa3_guard == "clipped" and m.max_query_len > 1 and m.seq_lens_cpu_upper_bound is not None:
-            # the same numbers the model runner gave the memory manager (worker.prepare_attn)
-            qsl = m.query_start_loc_cpu[:m.num_reqs + 1].numpy()
-            view = ops.fa3_view_len(m.seq_lens_cpu_upper_bound[:m.num_reqs].numpy(), qsl[1:] - qsl[:-1],
-                                    self.cfg.decode_kernel)
-            if view is not None:
-                fa3_kv_len = min(kv_len, view)
+            if self.cfg.fa3_guard == "clipped":
+                # the same numbers the model runner gave the memory manager (worker.prepare_attn)
+                if m.seq_lens_cpu_upper_bound is None:
+                    raise AssertionError("VATTN_FA3_GUARD=clipped needs vLLM's seq_lens_cpu_upper_bound")
+                view = ops.fa3_view_len(m.seq_lens_cpu_upper_bound[:m.num_reqs].numpy(), query_lens,
+                                        self.cfg.decode_kernel)
+                if view is not None:
+                    fa3_kv_len = min(kv_len, view)
         return VattnMetadata(
             num_actual_tokens=m.num_actual_tokens, max_query_len=m.max_query_len,
             max_seq_len=m.max_seq_len, query_start_loc=m.query_start_loc, seq_lens=m.seq_lens,
             rows=m.block_table_tensor.reshape(-1)[:m.num_reqs], slot_mapping=m.slot_mapping,
             num_decodes=num_decodes, num_reqs=m.num_reqs, prefill_query_start_loc=prefill_qsl, kv_len=kv_len,
-            fa3_kv_len=fa3_kv_len)
+            fa3_kv_len=kv_len if fa3_kv_len is None else fa3_kv_len)
 
 
 class VattnImpl(AttentionImpl[VattnMetadata]):
