@@ -119,3 +119,23 @@ def test_engine_env_clears_the_selecting_variables_and_applies_the_systems(monke
     assert env["VLLM_USE_FLASHINFER_SAMPLER"] == "0"
     monkeypatch.setenv("VLLM_USE_FLASHINFER_SAMPLER", "1")
     assert engine_env({}, ())["VLLM_USE_FLASHINFER_SAMPLER"] == "1"  # a user's choice is kept
+
+
+def test_paired_systems_run_every_repetition_with_the_baseline():
+    w = [S.Workload("a", "offline", 8, 8, 1)]
+    suite = S.Suite("m", w, ["stock-fa3", "vattn-fa2", "vattn-stream-clipped", "vattn-per-layer"], reps=3,
+                    paired=("vattn-fa2", "vattn-stream-clipped"))
+    rounds = suite.rounds()
+    for rep in range(3):
+        assert rounds[rep] == [("offline", s, rep) for s in ("stock-fa3", "vattn-fa2", "vattn-stream-clipped")]
+    assert rounds[3:] == [[("offline", "vattn-per-layer", 0)]]
+
+
+def test_no_system_setting_leaks_from_the_callers_environment(monkeypatch):
+    monkeypatch.setenv("VATTN_FA3_GUARD", "clipped")
+    monkeypatch.setenv("VATTN_BACKGROUND_MAP", "stream")
+    monkeypatch.setenv("VLLM_ATTENTION_BACKEND", "VATTENTION")
+    stock = S.engine_env(S.SYSTEMS["stock-fa3"]["env"], S.SYSTEM_VARS)
+    assert not {"VATTN_FA3_GUARD", "VATTN_BACKGROUND_MAP", "VLLM_ATTENTION_BACKEND"} & stock.keys()
+    cand = S.engine_env(S.SYSTEMS["vattn-stream-clipped"]["env"], S.SYSTEM_VARS)
+    assert cand["VATTN_FA3_GUARD"] == "clipped" and cand["VATTN_BACKGROUND_MAP"] == "stream"

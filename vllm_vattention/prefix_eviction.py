@@ -30,6 +30,7 @@ Monkeypatch (the only one outside worker.py):
 from __future__ import annotations
 
 MODES = ("lru", "discard-lru")
+ACTIVE_LOG = "vAttention prefix eviction:"  # logged once per process where a policy is installed
 _STATE_ATTR = "_vattn_prefix_eviction"
 
 
@@ -154,6 +155,9 @@ def install(mode: str, min_users: int = 5) -> bool:
     BlockPool.touch = touch
     BlockPool.free_blocks = free_blocks
     setattr(BlockPool, _STATE_ATTR, state)
+    from vllm.logger import init_logger
+    init_logger(__name__).info("%s %s: blocks used by fewer than %d requests are evicted first",
+                               ACTIVE_LOG, mode, min_users)
     return True
 
 

@@ -118,6 +118,10 @@ def run_system(system: str, args, requests: list[dict]) -> dict:
     finally:
         server.terminate()
         log, _ = server.communicate(timeout=120)
+    from ..prefix_eviction import ACTIVE_LOG
+    if (f"{ACTIVE_LOG} {policy}" in log) != (policy != "lru"):
+        raise RuntimeError(f"{system}: the server's log does not show prefix eviction {policy!r} "
+                           f"as {'active' if policy != 'lru' else 'inactive'}:\n{log[-2000:]}")
     ok = [r for r in res if r.get("ttft_s") is not None]
     ttfts = sorted(r["ttft_s"] * 1e3 for r in ok)
     return {"system": system, "requests": len(requests), "completed": len(ok),
@@ -148,13 +152,17 @@ def main(argv=None) -> None:
     env = environment()
     doc = {**env, "trace": os.path.basename(args.trace), "args": vars(args), "distinct_blocks": distinct,
            "kv_share_of_working_set": args.num_gpu_blocks * 16 / (distinct * BLOCK_TOKENS), "results": []}
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"{env['date']}-{(env['gpu'] or 'cpu').replace(' ', '-')}-multiturn")
     for system in args.systems.split(","):
         print(f"[multiturn] {system} ...", flush=True)
         doc["results"].append(run_system(system, args, requests))
         print(f"[multiturn]   {json.dumps({k: v for k, v in doc['results'][-1].items() if k != 'backend_log_tail'})}",
               flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"{env['date']}-{(env['gpu'] or 'cpu').replace(' ', '-')}-multiturn")
+        write_report(stem, doc, args, distinct, env)  # after every system: a cut-off call keeps what ran
+
+
+def write_report(stem: str, doc: dict, args, distinct: int, env: dict) -> None:
     with open(stem + ".json", "w") as f:
         json.dump(doc, f, indent=1)
     lines = ["# Multi-turn replay: prefix-cache eviction order", "", header(env), "",

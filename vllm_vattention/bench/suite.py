@@ -33,7 +33,13 @@ SYSTEMS: dict[str, dict] = {
     "vattn-fa2": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION"}, "args": []},
     "vattn-fa3": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_DECODE_KERNEL": "fa3"}, "args": []},
     "vattn-per-layer": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_LAYOUT": "per_layer"}, "args": []},
+    # candidates for the default, measured against it before they become it (benchmarks/NOTES.md #7, #9)
+    "vattn-stream-clipped": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_BACKGROUND_MAP": "stream",
+                                     "VATTN_FA3_GUARD": "clipped"}, "args": []},
 }
+# Every variable that selects a system: cleared from the caller's environment before a system's own
+# are set, so that one engine's settings never leak into another's.
+SYSTEM_VARS = tuple(sorted({k for spec in SYSTEMS.values() for k in spec["env"]}))
 BASELINE = "stock-fa3"
 DEFAULT_CANDIDATE = "vattn-fa2"
 METRICS = ("requests_per_s", "output_tokens_per_s", "total_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms",
@@ -63,7 +69,7 @@ WORKLOADS = [
 ]
 # A job is one fresh engine running every chosen workload of its group in turn.
 GROUP_OF = {"offline": "offline", "capacity": "offline", "serve": "serve"}
-EST_SECONDS = {"offline": 200, "serve": 150}  # one job on an H100, engine start included (planning)
+EST_SECONDS = {"offline": 160, "serve": 200}  # one job, engine start included (H200: 121-156 s, 203 s)
 
 
 @dataclass
@@ -75,16 +81,17 @@ class Suite:
     extra_reps: int = 1  # for the other systems
     results: list[dict] = field(default_factory=list)
     tp: int = 1  # --tensor-parallel-size of every engine
+    paired: tuple[str, ...] = (DEFAULT_CANDIDATE,)  # run `reps` times, each time with the baseline
 
     def reps_of(self, system: str) -> int:
-        return self.reps if system in (BASELINE, DEFAULT_CANDIDATE) else min(self.extra_reps, self.reps)
+        return self.reps if system == BASELINE or system in self.paired else min(self.extra_reps, self.reps)
 
     def rounds(self) -> list[list[tuple[str, str, int]]]:
         """Jobs (group, system, rep) in rounds that must share a device call: each repetition of the
         baseline with the default candidate, then the other systems one per round."""
         out = []
         for group in dict.fromkeys(GROUP_OF[w.kind] for w in self.workloads):
-            main = [s for s in self.systems if s in (BASELINE, DEFAULT_CANDIDATE)]
+            main = [s for s in self.systems if s == BASELINE or s in self.paired]
             for rep in range(self.reps):
                 out.append([(group, s, rep) for s in main])
             for s in self.systems:
@@ -127,7 +134,7 @@ def run_job(model: str, group: str, workloads: list[Workload], system: str, out_
             tp: int = 1) -> list[dict]:
     """One fresh engine runs `workloads` in turn. Returns one row per workload (issue 4's schema,
     None where a metric does not apply)."""
-    env = engine_env(SYSTEMS[system]["env"], ("VLLM_ATTENTION_BACKEND", "VATTN_DECODE_KERNEL", "VATTN_LAYOUT"))
+    env = engine_env(SYSTEMS[system]["env"], SYSTEM_VARS)
     raw = os.path.join(out_dir, f"raw-{group}-{system}-{int(time.time())}.json")
     cli = [sys.executable, "-m", "vllm.entrypoints.cli.main"]
     rows = []
@@ -314,10 +321,12 @@ def markdown(doc: dict) -> str:
              "## Throughput (requests/s; higher is better)", ""]
     rows = summarize(res)
     lines += _table(rows, "req/s")
-    ratios = [r["ratio"] for r in rows if r["system"] == DEFAULT_CANDIDATE and r["ratio"]]
-    if ratios:
-        geo = statistics.geometric_mean(ratios)
-        lines += ["", f"Geometric mean of {DEFAULT_CANDIDATE} / {BASELINE} over {len(ratios)} workload(s): {geo:.3f}x"]
+    lines.append("")
+    for system in dict.fromkeys(r["system"] for r in rows if r["system"] != BASELINE):
+        ratios = [r["ratio"] for r in rows if r["system"] == system and r["ratio"]]
+        if ratios:
+            geo = statistics.geometric_mean(ratios)
+            lines.append(f"Geometric mean of {system} / {BASELINE} over {len(ratios)} workload(s): {geo:.3f}x  ")
     for metric, title in (("ttft_p50_ms", "TTFT p50 ms"), ("ttft_p99_ms", "TTFT p99 ms"),
                           ("tpot_p50_ms", "TPOT p50 ms"), ("tpot_p99_ms", "TPOT p99 ms")):
         rows = summarize(res, metric)
@@ -371,26 +380,30 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--workloads", default=",".join(w.name for w in WORKLOADS))
     ap.add_argument("--systems", default=",".join(SYSTEMS))
-    ap.add_argument("--reps", type=int, default=3, help="repetitions of stock-fa3 and vattn-fa2")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of stock-fa3 and the --paired systems")
+    ap.add_argument("--paired", default=DEFAULT_CANDIDATE,
+                    help="systems run in every repetition, each in the same call as the baseline")
+    ap.add_argument("--tag", default="", help="appended to the results file's name (a separate experiment)")
     ap.add_argument("--extra-reps", type=int, default=1, help="repetitions of the other systems")
     ap.add_argument("--max-seconds", type=float, default=540)
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--report", action="store_true", help="only write the table and plot")
     ap.add_argument("--json", default=None, help="with --report: the results file (default: today's, this GPU's)")
     args = ap.parse_args(argv)
-    unknown = set(args.systems.split(",")) - set(SYSTEMS)
+    unknown = (set(args.systems.split(",")) | set(args.paired.split(","))) - set(SYSTEMS)
     if unknown:
         ap.error(f"unknown system(s) {sorted(unknown)}; choose from {list(SYSTEMS)}")
     chosen = [w for w in WORKLOADS if w.name in args.workloads.split(",")]
     env = environment()
     os.makedirs(args.out, exist_ok=True)
     tp_tag = f"-tp{args.tensor_parallel_size}" if args.tensor_parallel_size > 1 else ""
-    stem = os.path.join(args.out, f"{env['date']}-{(env['gpu'] or 'cpu').replace(' ', '-')}{tp_tag}")
+    tag = f"-{args.tag}" if args.tag else ""
+    stem = os.path.join(args.out, f"{env['date']}-{(env['gpu'] or 'cpu').replace(' ', '-')}{tp_tag}{tag}")
     if args.report and args.json:
         stem = args.json[:-len(".json")] if args.json.endswith(".json") else args.json
     path = stem + ".json"
     suite = Suite(args.model, chosen, args.systems.split(","), args.reps, args.extra_reps,
-                  tp=args.tensor_parallel_size)
+                  tp=args.tensor_parallel_size, paired=tuple(args.paired.split(",")))
     if os.path.exists(path):
         suite.results = json.load(open(path))["results"]
     if not args.report:
