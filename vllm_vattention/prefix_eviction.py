@@ -155,8 +155,8 @@ def install(mode: str, min_users: int = 5) -> bool:
     BlockPool.touch = touch
     BlockPool.free_blocks = free_blocks
     setattr(BlockPool, _STATE_ATTR, state)
-    from vllm.logger import init_logger
-    init_logger(__name__).info("%s %s: blocks used by fewer than %d requests are evicted first",
+    import logging  # under vLLM's logger, so its handlers print us (a "vllm_vattention.*" logger is dropped)
+    logging.getLogger("vllm.vattention").info("%s %s: blocks used by fewer than %d requests are evicted first",
                                ACTIVE_LOG, mode, min_users)
     return True
 
