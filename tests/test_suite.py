@@ -139,3 +139,13 @@ def test_no_system_setting_leaks_from_the_callers_environment(monkeypatch):
     assert not {"VATTN_FA3_GUARD", "VATTN_BACKGROUND_MAP", "VLLM_ATTENTION_BACKEND"} & stock.keys()
     cand = S.engine_env(S.SYSTEMS["vattn-stream-clipped"]["env"], S.SYSTEM_VARS)
     assert cand["VATTN_FA3_GUARD"] == "clipped" and cand["VATTN_BACKGROUND_MAP"] == "stream"
+
+
+def test_a_single_run_has_no_spread_to_lie_outside():
+    res = [{"workload": "a", "system": "stock-fa3", "requests_per_s": 10.0},
+           {"workload": "a", "system": "vattn-fa2", "requests_per_s": 9.0}]
+    rows = {r["system"]: r for r in S.summarize(res)}
+    assert rows["vattn-fa2"]["ratio"] == 0.9 and rows["vattn-fa2"]["significant"] is None
+    res += [{"workload": "a", "system": "stock-fa3", "requests_per_s": 10.2},
+            {"workload": "a", "system": "vattn-fa2", "requests_per_s": 9.1}]
+    assert {r["system"]: r for r in S.summarize(res)}["vattn-fa2"]["significant"] is True

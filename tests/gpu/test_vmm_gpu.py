@@ -110,6 +110,15 @@ def test_stream_mode_gpu_waits_for_mappings_made_after_its_kernels_were_enqueued
         def native_handle(self):
             return self.event.cuda_event
 
+    def wait_for(fence, seq, what):
+        # bounded: a hang becomes a failure that says whether the native thread signalled
+        deadline = time.monotonic() + 20
+        while not fence.done():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what}: stream still blocked after 20 s; host flag {m.flag_value()}, "
+                                     f"waiting for {seq} ({'signalled: the GPU does not see it' if m.flag_value() >= seq else 'the native thread has not signalled'})")
+            time.sleep(0.001)
+
     m = manager_factory(background="stream")
     views = layer_views(m.base_va, m.layout, torch.bfloat16, cuda)
     bs = m.layout.block_size
@@ -118,6 +127,14 @@ def test_stream_mode_gpu_waits_for_mappings_made_after_its_kernels_were_enqueued
     first = m.publish()
     stream = torch.cuda.Stream()
     k = views[7][0][row]
+    # Allocate on `stream` once before any wait: torch's caching allocator then reuses these blocks.
+    # A cudaMalloc made by this (the only) thread while the stream is blocked on a flag that this
+    # thread has yet to publish can block for good (the driver may wait for the stream): our best
+    # explanation, not yet confirmed, of why the first version of this test hung on the H200. In
+    # the engine the flag is signalled by the native thread, not by the thread that allocates.
+    with torch.cuda.stream(stream):
+        k[: 2 * bs].float().sum().clone()
+    stream.synchronize()
     with torch.cuda.stream(stream):
         driver.stream_wait(stream.cuda_stream, m.flag_device_address, first)
         k[:bs].fill_(1.0)  # block 3, slot 0
@@ -130,7 +147,7 @@ def test_stream_mode_gpu_waits_for_mappings_made_after_its_kernels_were_enqueued
     assert not fence.done()  # the GPU is waiting for the flag
     m.set_blocks(row, [9], start=1)
     assert m.publish() == first + 1
-    fence.wait()
+    wait_for(fence, first + 1, "after publish()")
     assert out.item() == bs * 8 * 128 * (1.0 + 2.0)
     # and the hazard path: remap slot 0 while a step that reads it is in flight
     with torch.cuda.stream(stream):

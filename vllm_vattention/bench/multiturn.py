@@ -168,7 +168,8 @@ def write_report(stem: str, doc: dict, args, distinct: int, env: dict) -> None:
     lines = ["# Multi-turn replay: prefix-cache eviction order", "", header(env), "",
              f"Trace `{doc['trace']}`, first {args.num_requests} requests, prompts cut to {args.max_input_tokens} "
              f"tokens, KV budget {args.num_gpu_blocks} blocks = {100 * doc['kv_share_of_working_set']:.1f}% of the "
-             f"{distinct} distinct 512-token blocks replayed, time x{args.time_scale}.", "",
+             f"{distinct} distinct 512-token blocks replayed, time x{args.time_scale}."
+             + (f" Placement: {doc['placement']}." if doc.get("placement") else ""), "",
              "| system | prefix hit rate | TTFT p50 ms | TTFT p99 ms | req/s | errors |", "|---|---|---|---|---|---|"]
     for r in doc["results"]:
         fmt = lambda v, f: f.format(v) if v is not None else "-"  # noqa: E731

@@ -281,7 +281,9 @@ def summarize(results: list[dict], metric: str = "requests_per_s") -> list[dict]
             if base:
                 bmed = statistics.median(base)
                 row["ratio"] = med / bmed
-                row["significant"] = min(vals) > max(base) or max(vals) < min(base)
+                # one run has no spread: nothing can be said to lie outside it
+                if len(vals) > 1 and len(base) > 1:
+                    row["significant"] = min(vals) > max(base) or max(vals) < min(base)
             rows.append(row)
     return rows
 
