@@ -4,8 +4,10 @@
 # Usage: bash scripts/device_checks.sh [steps...]
 #   steps: install gpu_tests (all of tests/gpu) unit (VMM + kernels) e2e server sanitizer mapbench ab
 #          new_paths (stream-mode mapping and the clipped FA3 guard, under compute-sanitizer)
-#          tp (needs 2 GPUs) multiturn (needs the trace carried: cp ../shared/traces/*.jsonl .gpu/trace/,
-#          carry [".gpu/trace"]; shared/ does not travel)
+#          stream_check (the stream-mode GPU test alone, no sanitizer; then the clipped-guard tests under it)
+#          tp (needs 2 GPUs) tp_rest (the Yi-34B and preemption cases) tp_ab (TP=2 suite round, $OUT/tp)
+#          multiturn (needs the trace carried: cp ../shared/traces/*.jsonl .gpu/trace/, carry [".gpu/trace"];
+#          shared/ does not travel) multiturn_pair (2 GPUs: lru and discard-lru at once, then swapped, merged)
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export VLLM_USE_FLASHINFER_SAMPLER=0 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -22,6 +24,18 @@ for s in $steps; do
         tests/gpu/test_kernels_gpu.py -k "guard" > "$OUT/sanitizer.log" 2>&1; echo "rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer.log" | tail -5;;
     new_paths) timeout 420 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -m gpu -q -p no:cacheprovider \
         tests/gpu/test_vmm_gpu.py tests/gpu/test_kernels_gpu.py -k "stream or clipped" > "$OUT/new_paths.log" 2>&1; echo "rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/new_paths.log" | tail -5;;
+    stream_check) timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_vmm_gpu.py -k stream > "$OUT/stream.log" 2>&1; echo "rc=$?"; tail -4 "$OUT/stream.log"
+        timeout 400 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -m gpu -q -p no:cacheprovider \
+        tests/gpu/test_kernels_gpu.py -k clipped > "$OUT/clipped.log" 2>&1; echo "rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/clipped.log" | tail -4;;
+    tp_rest) timeout 580 python3 -m pytest -m gpu2 tests/gpu_multi -q -s -p no:cacheprovider -k "yi or preemption" > "$OUT/tp_rest.log" 2>&1; echo "rc=$?"; grep -E "greedy|absdiff_max|passed|failed" "$OUT/tp_rest.log" | tail -12;;
+    tp_ab) timeout 580 vattn-bench --tensor-parallel-size 2 --systems stock-fa3,vattn-fa2 --workloads ${TP_WORKLOADS:-1024-in-128-out,16k-context-decode} \
+        --reps ${TP_REPS:-1} --max-seconds 560 --out "$OUT/tp" > "$OUT/tp_ab.log" 2>&1; echo "rc=$?"; grep "^\[suite\]" "$OUT/tp_ab.log" | tail -12;;
+    multiturn_pair) for order in "lru discard-lru" "discard-lru lru"; do set -- $order; i=$((${i:-0} + 1))
+          for g in 0 1; do policy=$1; [ $g = 1 ] && policy=$2
+            CUDA_VISIBLE_DEVICES=$g timeout -s INT 280 python3 -m vllm_vattention.bench.multiturn --trace .gpu/trace/mooncake_conversation_trace.jsonl \
+              --systems $policy --port $((8191 + g)) --out "$OUT/mt-$i-$g" ${MT_ARGS:-} > "$OUT/mt-$i-$g.log" 2>&1 &
+          done; wait; done
+        python3 -m vllm_vattention.bench.multiturn --merge "$OUT"/mt-*/*.json --out "$OUT" --tag pair 2>&1 | grep "^|";;
     tp) timeout 580 python3 -m pytest -m gpu2 tests/gpu_multi -q -s -p no:cacheprovider > "$OUT/tp.log" 2>&1; echo "rc=$?"; grep -E "greedy|absdiff_max|passed|failed" "$OUT/tp.log" | tail -12;;
     multiturn) timeout 580 python3 -m vllm_vattention.bench.multiturn --trace .gpu/trace/mooncake_conversation_trace.jsonl --out "$OUT" ${MT_ARGS:-} > "$OUT/multiturn.log" 2>&1; echo "rc=$?"; tail -8 "$OUT/multiturn.log";;
     mapbench) timeout 200 python3 -m vllm_vattention.bench.mapbench --out "$OUT" > "$OUT/mapbench.log" 2>&1; echo "rc=$?"; tail -30 "$OUT/mapbench.log";;

@@ -4,6 +4,8 @@ counters are read from vLLM's Prometheus text."""
 
 import json
 
+import pytest
+
 from vllm_vattention.bench import multiturn as M
 
 
@@ -36,6 +38,32 @@ def test_prefix_counters_from_prometheus_text():
 vllm:prefix_cache_hits_total{engine="0",model_name="m"} 1536.0
 vllm:prefix_cache_queries_total{engine="0",model_name="m"} 4096.0
 vllm:prefix_cache_hits_created{engine="0",model_name="m"} 1.7e9
+vllm:num_preemptions_total{engine="0",model_name="m"} 3.0
+vllm:prompt_tokens_total{engine="0",model_name="m"} 2048.0
+vllm:prompt_tokens_cached_total{engine="0",model_name="m"} 512.0
+vllm:request_prefill_kv_computed_tokens_sum{engine="0",model_name="m"} 1536.0
+vllm:request_prefill_kv_computed_tokens_count{engine="0",model_name="m"} 2.0
 """
-    assert M.prefix_counters(text) == (1536.0, 4096.0)
-    assert M.prefix_counters("") == (0.0, 0.0)
+    c = M.counters(text)
+    assert (c["prefix_hits"], c["prefix_queries"], c["preemptions"]) == (1536.0, 4096.0, 3.0)
+    assert (c["prompt_tokens"], c["prompt_tokens_cached"], c["prefill_kv_computed"]) == (2048.0, 512.0, 1536.0)
+    assert set(M.counters("").values()) == {0.0}
+
+
+def _doc(system, gpu, **args):
+    base = {"trace": "t.jsonl", "num_requests": 10, "max_input_tokens": 1024, "max_output_tokens": 8,
+            "time_scale": 1.0, "num_gpu_blocks": 64, "systems": system, "port": 1, "out": "o", "tag": "", "merge": None}
+    return {"date": "2026-11-27", "gpu": "G", "driver": "1", "torch": "t", "vllm": "0.25.0", "commit": "c",
+            "trace": "t.jsonl", "distinct_blocks": 4, "kv_share_of_working_set": 0.5, "args": {**base, **args},
+            "results": [{"system": system, "cuda_visible_devices": gpu, "prefix_hit_rate": 0.1, "ttft_p50_ms": 1.0,
+                         "ttft_p99_ms": 2.0, "requests_per_s": 3.0, "errors": 0}]}
+
+
+def test_merge_runs_of_one_replay_and_refuse_different_ones(tmp_path):
+    doc = M.merge([_doc("lru", "0", port=1), _doc("discard-lru", "1", port=2)])
+    assert [r["system"] for r in doc["results"]] == ["lru", "discard-lru"] and doc["args"]["systems"] == "lru,discard-lru"
+    M.write_report(str(tmp_path / "r"), doc)
+    md = (tmp_path / "r.md").read_text()
+    assert "| lru | 0 | 0.100 |" in md and "| discard-lru | 1 | 0.100 |" in md
+    with pytest.raises(ValueError, match="different replays"):
+        M.merge([_doc("lru", "0"), _doc("discard-lru", "1", num_gpu_blocks=128)])

@@ -55,11 +55,21 @@ def build_requests(trace_path: str, num_requests: int, max_input_tokens: int, ma
     return out
 
 
-def prefix_counters(metrics_text: str) -> tuple[float, float]:
-    """(hits, queries) of vLLM's prefix cache, in tokens, summed over label sets."""
+COUNTERS = {  # our name: vLLM's Prometheus counter (summed over label sets)
+    "prefix_hits": "vllm:prefix_cache_hits_total",  # tokens, counted at every scheduling attempt
+    "prefix_queries": "vllm:prefix_cache_queries_total",
+    "prompt_tokens": "vllm:prompt_tokens_total",  # per request, once
+    "prompt_tokens_cached": "vllm:prompt_tokens_cached_total",
+    "preemptions": "vllm:num_preemptions_total",
+    "prefill_kv_computed": "vllm:request_prefill_kv_computed_tokens_sum",  # new KV, cached excluded
+}
+
+
+def counters(metrics_text: str) -> dict[str, float]:
+    """vLLM's counters (COUNTERS) from its /metrics text; 0 where absent."""
     def total(name: str) -> float:
         return sum(float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? ([0-9.eE+-]+)$", metrics_text, re.M))
-    return total("vllm:prefix_cache_hits_total"), total("vllm:prefix_cache_queries_total")
+    return {k: total(v) for k, v in COUNTERS.items()}
 
 
 async def _replay(port: int, model: str, requests: list[dict]) -> list[dict]:
@@ -110,11 +120,12 @@ def run_system(system: str, args, requests: list[dict]) -> dict:
     server = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_healthy(port, server, 600)
-        h0, q0 = prefix_counters(_get(port, "/metrics"))
+        c0 = counters(_get(port, "/metrics"))
         t = time.perf_counter()
         res = asyncio.run(_replay(port, args.model, requests))
         elapsed = time.perf_counter() - t
-        h1, q1 = prefix_counters(_get(port, "/metrics"))
+        c1 = counters(_get(port, "/metrics"))
+        d = {k: c1[k] - c0[k] for k in COUNTERS}
     finally:
         server.terminate()
         log, _ = server.communicate(timeout=120)
@@ -125,8 +136,14 @@ def run_system(system: str, args, requests: list[dict]) -> dict:
     ok = [r for r in res if r.get("ttft_s") is not None]
     ttfts = sorted(r["ttft_s"] * 1e3 for r in ok)
     return {"system": system, "requests": len(requests), "completed": len(ok),
-            "errors": len(res) - len(ok), "prefix_hit_rate": (h1 - h0) / (q1 - q0) if q1 > q0 else None,
-            "prefix_hit_tokens": h1 - h0, "prefix_query_tokens": q1 - q0,
+            "errors": len(res) - len(ok),
+            # per scheduling attempt (a request that waits or is preempted queries again)
+            "prefix_hit_rate": d["prefix_hits"] / d["prefix_queries"] if d["prefix_queries"] else None,
+            # per request: share of the prompts' tokens served from the cache
+            "cached_prompt_share": d["prompt_tokens_cached"] / d["prompt_tokens"] if d["prompt_tokens"] else None,
+            "prefix_hit_tokens": d["prefix_hits"], "prefix_query_tokens": d["prefix_queries"],
+            "prompt_tokens": d["prompt_tokens"], "prompt_tokens_cached": d["prompt_tokens_cached"],
+            "prefill_kv_computed_tokens": d["prefill_kv_computed"], "preemptions": d["preemptions"],
             "ttft_p50_ms": statistics.median(ttfts) if ttfts else None,
             "ttft_p99_ms": ttfts[int(0.99 * (len(ttfts) - 1))] if ttfts else None,
             "requests_per_s": len(ok) / elapsed, "elapsed_s": elapsed,
@@ -135,7 +152,7 @@ def run_system(system: str, args, requests: list[dict]) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--trace", required=True)
+    ap.add_argument("--trace")
     ap.add_argument("--model", default="models/llama-3.1-8b")
     ap.add_argument("--systems", default="lru,discard-lru")
     ap.add_argument("--num-requests", type=int, default=800)
@@ -145,35 +162,73 @@ def main(argv=None) -> None:
     ap.add_argument("--num-gpu-blocks", type=int, default=4096, help="KV budget (16-token blocks)")
     ap.add_argument("--port", type=int, default=8191)
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--tag", default="", help="appended to the results file's name")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="only combine results files of the same replay (e.g. one per GPU) into one report")
     args = ap.parse_args(argv)
+    env = environment()
+    os.makedirs(args.out, exist_ok=True)
+    if args.merge:
+        doc = merge([json.load(open(p)) for p in args.merge])
+        write_report(_stem(args.out, doc, args.tag), doc)
+        return
+    if not args.trace:
+        ap.error("--trace is required (or --merge)")
     requests = build_requests(args.trace, args.num_requests, args.max_input_tokens, args.max_output_tokens,
                               args.time_scale)
     distinct = len({h for r in requests for h in r["blocks"]})
-    env = environment()
     doc = {**env, "trace": os.path.basename(args.trace), "args": vars(args), "distinct_blocks": distinct,
            "kv_share_of_working_set": args.num_gpu_blocks * 16 / (distinct * BLOCK_TOKENS), "results": []}
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"{env['date']}-{(env['gpu'] or 'cpu').replace(' ', '-')}-multiturn")
+    stem = _stem(args.out, doc, args.tag)
     for system in args.systems.split(","):
         print(f"[multiturn] {system} ...", flush=True)
-        doc["results"].append(run_system(system, args, requests))
-        print(f"[multiturn]   {json.dumps({k: v for k, v in doc['results'][-1].items() if k != 'backend_log_tail'})}",
-              flush=True)
-        write_report(stem, doc, args, distinct, env)  # after every system: a cut-off call keeps what ran
+        row = run_system(system, args, requests)
+        row["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+        doc["results"].append(row)
+        print(f"[multiturn]   {json.dumps({k: v for k, v in row.items() if k != 'backend_log_tail'})}", flush=True)
+        write_report(stem, doc)  # after every system: a cut-off call keeps what ran
 
 
-def write_report(stem: str, doc: dict, args, distinct: int, env: dict) -> None:
+# arguments that may differ between runs of one replay
+_RUN_ARGS = ("systems", "port", "out", "tag", "merge")
+
+
+def merge(docs: list[dict]) -> dict:
+    """One document from several runs of the same replay (same trace, requests, budget and GPU model)."""
+    def same(d):
+        return ({k: v for k, v in d["args"].items() if k not in _RUN_ARGS}, d["gpu"], d["trace"])
+    for d in docs[1:]:
+        if same(d) != same(docs[0]):
+            raise ValueError(f"cannot merge different replays: {same(d)} vs {same(docs[0])}")
+    out = {**docs[0], "results": [r for d in docs for r in d["results"]]}
+    out["commit"] = ",".join(dict.fromkeys(d["commit"] for d in docs))
+    out["args"] = {**docs[0]["args"], "systems": ",".join(dict.fromkeys(r["system"] for r in out["results"]))}
+    return out
+
+
+def _stem(out_dir: str, doc: dict, tag: str) -> str:
+    return os.path.join(out_dir, f"{doc['date']}-{(doc['gpu'] or 'cpu').replace(' ', '-')}-multiturn"
+                                 + (f"-{tag}" if tag else ""))
+
+
+def write_report(stem: str, doc: dict) -> None:
+    args = doc["args"]
     with open(stem + ".json", "w") as f:
         json.dump(doc, f, indent=1)
+    env = {k: doc.get(k) for k in ("gpu", "driver", "torch", "vllm", "commit", "date")}
     lines = ["# Multi-turn replay: prefix-cache eviction order", "", header(env), "",
-             f"Trace `{doc['trace']}`, first {args.num_requests} requests, prompts cut to {args.max_input_tokens} "
-             f"tokens, KV budget {args.num_gpu_blocks} blocks = {100 * doc['kv_share_of_working_set']:.1f}% of the "
-             f"{distinct} distinct 512-token blocks replayed, time x{args.time_scale}."
-             + (f" Placement: {doc['placement']}." if doc.get("placement") else ""), "",
-             "| system | prefix hit rate | TTFT p50 ms | TTFT p99 ms | req/s | errors |", "|---|---|---|---|---|---|"]
+             f"Trace `{doc['trace']}`, first {args['num_requests']} requests, prompts cut to "
+             f"{args['max_input_tokens']} tokens, KV budget {args['num_gpu_blocks']} blocks = "
+             f"{100 * doc['kv_share_of_working_set']:.1f}% of the {doc['distinct_blocks']} distinct 512-token blocks "
+             f"replayed, time x{args['time_scale']}." + (f" {doc['placement']}." if doc.get("placement") else ""), "",
+             "| system | GPU | prefix hit rate (per query) | cached prompt share | prefill tokens computed | preemptions "
+             "| TTFT p50 ms | TTFT p99 ms | req/s | errors |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["results"]:
         fmt = lambda v, f: f.format(v) if v is not None else "-"  # noqa: E731
-        lines.append(f"| {r['system']} | {fmt(r['prefix_hit_rate'], '{:.3f}')} | {fmt(r['ttft_p50_ms'], '{:.1f}')} | "
+        lines.append(f"| {r['system']} | {r.get('cuda_visible_devices') or '-'} | {fmt(r['prefix_hit_rate'], '{:.3f}')} | "
+                     f"{fmt(r.get('cached_prompt_share'), '{:.3f}')} | "
+                     f"{fmt(r.get('prefill_kv_computed_tokens'), '{:.0f}')} | {fmt(r.get('preemptions'), '{:.0f}')} | "
+                     f"{fmt(r['ttft_p50_ms'], '{:.1f}')} | "
                      f"{fmt(r['ttft_p99_ms'], '{:.1f}')} | {r['requests_per_s']:.2f} | {r['errors']} |")
     write_markdown(stem, "\n".join(lines) + "\n")
 
