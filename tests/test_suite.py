@@ -29,7 +29,9 @@ def fake_job(clock, fail=(), expect_tp=1):
                   "zero_maps": 2, "hazard_waits": 0} if system.startswith("vattn") else None
         return [{k: None for k in S.METRICS} | {"workload": w.name, "requests_per_s": RATE[system] + rep_noise,
                                                  "total_tokens_per_s": 1000.0, "output_tokens_per_s": 100.0,
-                                                 "max_concurrent_requests": 50, "mapper": mapper}
+                                                 "max_concurrent_requests": 50, "mapper": mapper,
+                                                 "worker_calls": {"execute_model": {"calls": 100, "seconds": 0.5,
+                                                                                    "ms_per_call": 5.0}}}
                 for w in workloads]
     return job
 
@@ -84,6 +86,7 @@ def test_ratios_spread_and_report(tmp_path):
     assert "vattn-per-layer: " in md and "crashed" in md  # failures are reported, not hidden
     assert "| capacity-300-tokens | vattn-fa2 | 3 | 50 |" in md
     assert "| a | vattn-fa2 | 3 | 0.40% |" in md  # mapping share of execute_model time
+    assert "| a | stock-fa3 | 3 | 100 | 5.000 | nan |" in md  # worker time per call, every system
 
 
 def test_tensor_parallel_size_reaches_every_job(tmp_path):

@@ -5,15 +5,54 @@
 The engine starts once (fresh process), runs a short untimed warm-up, then each workload in turn
 with `LLM.generate` on random token ids (fixed lengths, ignore_eos, temperature 1 as `vllm bench
 throughput` does). With vAttention, the mapper's counters are read and reset after each workload
-through the worker method `vattn_report`, so each workload gets its own mapping statistics.
+through the worker method `vattn_report`, so each workload gets its own mapping statistics. For
+every system alike, the worker's `execute_model` and `sample_tokens` calls are timed (count and
+seconds per workload; a wrapper on the worker instance, installed by this benchmark only), so the
+CPU time per step of stock vLLM and of vAttention can be compared.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import time
+
+TIMED = ("execute_model", "sample_tokens")
+
+
+def install_step_timer(worker) -> bool:
+    """In the worker process (via collective_rpc): time `TIMED` calls on this worker instance."""
+    if getattr(worker, "_bench_timer", None) is not None:
+        return True
+    timer: dict[str, list] = {}
+    worker._bench_timer = timer
+    for name in TIMED:
+        fn = getattr(worker, name, None)
+        if fn is None:
+            continue
+
+        def timed(*a, _fn=fn, _name=name, **kw):
+            t = time.perf_counter()
+            try:
+                return _fn(*a, **kw)
+            finally:
+                entry = timer.setdefault(_name, [0, 0.0])
+                entry[0] += 1
+                entry[1] += time.perf_counter() - t
+        setattr(worker, name, timed)
+    return True
+
+
+def read_step_timer(worker, reset: bool = True) -> dict:
+    """{method: {"calls", "seconds", "ms_per_call"}} since the last reset."""
+    timer = getattr(worker, "_bench_timer", None) or {}
+    out = {k: {"calls": c, "seconds": round(sec, 4), "ms_per_call": round(1e3 * sec / c, 4) if c else None}
+           for k, (c, sec) in timer.items()}
+    if reset:
+        timer.clear()
+    return out
 
 
 def token_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -39,6 +78,8 @@ def main(argv=None) -> None:
               tensor_parallel_size=args.tensor_parallel_size)
     if args.attention_backend:
         kw["attention_config"] = {"backend": args.attention_backend}
+    # the step timer is a function sent to the workers (pickled by reference to this module)
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     t = time.perf_counter()
     llm = LLM(**kw)
     start_s = time.perf_counter() - t
@@ -52,6 +93,7 @@ def main(argv=None) -> None:
     llm.generate([TokensPrompt(prompt_token_ids=p) for p in warm],
                  SamplingParams(max_tokens=16, ignore_eos=True), use_tqdm=False)
     report()
+    llm.collective_rpc(install_step_timer)
     results = []
     for k, (name, in_len, out_len, n) in enumerate(workloads):
         ps = [TokensPrompt(prompt_token_ids=p) for p in token_prompts(n, in_len, vocab, seed=k)]
@@ -64,7 +106,8 @@ def main(argv=None) -> None:
             raise RuntimeError(f"{name}: {out_tokens} output tokens, expected {n * out_len}")
         results.append({"workload": name, "elapsed_s": elapsed, "requests_per_s": n / elapsed,
                         "output_tokens_per_s": out_tokens / elapsed,
-                        "total_tokens_per_s": (out_tokens + n * in_len) / elapsed, "mapper": report()})
+                        "total_tokens_per_s": (out_tokens + n * in_len) / elapsed, "mapper": report(),
+                        "worker_calls": llm.collective_rpc(read_step_timer)[0]})
         print(f"[offline] {name}: {n / elapsed:.2f} req/s", flush=True)
     with open(args.out, "w") as f:
         json.dump({"start_s": start_s, "attention_backend": str(llm.llm_engine.vllm_config.attention_config.backend),

@@ -160,6 +160,7 @@ def run_job(model: str, group: str, workloads: list[Workload], system: str, out_
                 r = by_name[w.name]
                 row.update({k: r[k] for k in ("requests_per_s", "output_tokens_per_s", "total_tokens_per_s")})
                 row["mapper"] = r.get("mapper")
+                row["worker_calls"] = r.get("worker_calls")
             row["max_concurrent_requests"] = _kv_capacity(log, w.input_len + w.output_len, _block_size(log))
             rows.append({"workload": w.name, **row})
     else:
@@ -316,6 +317,21 @@ def mapping_rows(results: list[dict]) -> list[dict]:
              "hazard_waits": max(m["hazard_waits"] for m in ms)} for (w, s), ms in by.items()]
 
 
+def step_rows(results: list[dict]) -> list[dict]:
+    """Per workload and system: median worker time per execute_model / sample_tokens call."""
+    by: dict[tuple[str, str], list[dict]] = {}
+    for r in results:
+        w = r.get("worker_calls")
+        if isinstance(w, dict) and w.get("execute_model") and not r.get("error"):
+            by.setdefault((r["workload"], r["system"]), []).append(w)
+    nan = float("nan")
+    return [{"workload": wl, "system": s, "n": len(ws),
+             "calls": statistics.median(w["execute_model"]["calls"] for w in ws),
+             "execute_ms": statistics.median(w["execute_model"]["ms_per_call"] for w in ws),
+             "sample_ms": statistics.median((w.get("sample_tokens") or {}).get("ms_per_call") or nan for w in ws)}
+            for (wl, s), ws in by.items()]
+
+
 def markdown(doc: dict) -> str:
     env = {k: doc.get(k) for k in ("gpu", "driver", "torch", "vllm", "commit", "date")}
     res = doc["results"]
@@ -347,6 +363,14 @@ def markdown(doc: dict) -> str:
             lines.append(f"| {m['workload']} | {m['system']} | {m['n']} | {100 * m['map_share']:.2f}% | "
                          f"{m['driver_seconds']:.3f} | {m['execute_seconds']:.2f} | {m['block_maps']:.0f} | "
                          f"{m['zero_maps']:.0f} | {m['hazard_waits']} |")
+    steps = step_rows(res)
+    if steps:
+        lines += ["", "## Worker time per call (CPU side of a step; medians over repetitions)", "",
+                  "| workload | system | runs | execute_model calls | execute_model ms/call | sample_tokens ms/call |",
+                  "|---|---|---|---|---|---|"]
+        for m in steps:
+            lines.append(f"| {m['workload']} | {m['system']} | {m['n']} | {m['calls']:.0f} | "
+                         f"{m['execute_ms']:.3f} | {m['sample_ms']:.3f} |")
     errors = [r for r in res if r.get("error")]
     if errors:
         lines += ["", "Failed runs:"] + [f"- {r['workload']} / {r['system']}: {r['error'][:300]!r}" for r in errors]
