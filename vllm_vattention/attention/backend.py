@@ -175,7 +175,8 @@ class VattnImpl(AttentionImpl[VattnMetadata]):
         n = md.num_actual_tokens
         k_rows, v_rows = kv_cache[0], kv_cache[1]
         if key is not None and value is not None:
-            ops.write_kv(key[:n], value[:n], k_rows, v_rows, md.slot_mapping[:n])
+            ops.write_kv(key[:n], value[:n], k_rows, v_rows, md.slot_mapping[:n],
+                         getattr(layer, "_k_scale", None), getattr(layer, "_v_scale", None))
         k_view, v_view = k_rows[:, :md.kv_len], v_rows[:, :md.kv_len]
         h, d = self.num_heads, self.head_size
         nd = md.num_decodes

@@ -61,15 +61,20 @@ def read_extents(seq_lens: np.ndarray, query_lens: np.ndarray, decode_kernel: st
 
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+             slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+             v_scale: torch.Tensor | None = None) -> None:
     """Store key/value [n, kv_heads, head_size] at slots row * row_len + position (-1: skip).
 
     vLLM's reshape_and_cache_flash with each row taken as one 'block' of row_len tokens; it reads the
-    cache's block, token and head strides, so the interleaved views work as they are.
+    cache's block, token and head strides, so the interleaved views work as they are. The scales are
+    unused with an unquantized cache ("auto"), but the op takes them: the backend passes the layer's
+    own (`layer._k_scale`), so no tensor is made per layer and step (a fill kernel each, also inside
+    decode CUDA graphs); without them (tests) ones are made here.
     """
     from vllm import _custom_ops
-    one = torch.ones((), dtype=torch.float32, device=key.device)
-    _custom_ops.reshape_and_cache_flash(key, value, k_rows, v_rows, slot_mapping, "auto", one, one)
+    if k_scale is None or v_scale is None:
+        k_scale = v_scale = torch.ones((), dtype=torch.float32, device=key.device)
+    _custom_ops.reshape_and_cache_flash(key, value, k_rows, v_rows, slot_mapping, "auto", k_scale, v_scale)
 
 
 def fa3_varlen(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, out: torch.Tensor,
