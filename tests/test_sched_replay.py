@@ -53,3 +53,14 @@ def test_discard_lru_keeps_a_prefix_many_requests_shared(policy, expected):
     r = S.run(reqs, MODEL, budget=40, policy=policy, step=S.StepModel())
     assert r["cached_tokens_by_request"][8 + 1: 8 + 6] == [64] * 5  # the shared prefix hits meanwhile
     assert r["cached_tokens_by_request"][-1] == expected  # LRU evicted it; discard-lru evicted the one-offs
+
+
+def test_report_compares_each_policy_with_lru_at_the_same_budget():
+    row = {"prefill_tokens_computed": 10, "preemptions": 0, "ttft_p50_s": 0.1, "ttft_p99_s": 0.2, "makespan_s": 1.0}
+    doc = {"vllm": "0.25.0", "commit": "c", "date": "d", "distinct_blocks": 4,
+           "args": {"trace": "t.jsonl", "num_requests": 2, "max_input_tokens": 64, "time_scale": 1.0,
+                    "step_base_s": 0.006, "step_token_s": 1.8e-5, "max_num_batched_tokens": 8192},
+           "results": [{"policy": "lru", "num_gpu_blocks": 8, "cached_prompt_share": 0.2, **row},
+                       {"policy": "discard-lru", "num_gpu_blocks": 8, "cached_prompt_share": 0.3, **row}]}
+    md = S.markdown(doc)
+    assert "| 8 | discard-lru | 0.300 | 1.50x |" in md and "commit c" in md

@@ -147,7 +147,7 @@ def run(requests: list[dict], model: str, budget: int, policy: str, step: StepMo
 def markdown(doc: dict) -> str:
     a = doc["args"]
     lines = ["# Multi-turn replay through vLLM's scheduler (CPU, modelled step time)", "",
-             f"vLLM {doc['vllm']} | trace `{os.path.basename(a['trace'])}`, first {a['num_requests']} requests, "
+             f"CPU only | vLLM {doc['vllm']} | commit {doc.get('commit', '?')} | {doc.get('date', '?')} | trace `{os.path.basename(a['trace'])}`, first {a['num_requests']} requests, "
              f"prompts cut to {a['max_input_tokens']} tokens, time x{a['time_scale']}, "
              f"{doc['distinct_blocks']} distinct 512-token blocks (= {32 * doc['distinct_blocks']} 16-token blocks); "
              f"step = {a['step_base_s'] * 1e3:.1f} ms + {a['step_token_s'] * 1e6:.1f} us/token; "
@@ -183,11 +183,11 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     import vllm
 
-    from .env import write_markdown
+    from .env import environment, write_markdown
     requests = build_requests(args.trace, args.num_requests, args.max_input_tokens, args.max_output_tokens,
                               args.time_scale)
     step = StepModel(args.step_base_s, args.step_token_s)
-    doc = {"vllm": vllm.__version__, "args": vars(args), "results": [],
+    doc = {**environment(), "gpu": None, "driver": None, "vllm": vllm.__version__, "args": vars(args), "results": [],
            "distinct_blocks": len({h for r in requests for h in r["blocks"]})}
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"sched-replay{('-' + args.tag) if args.tag else ''}")
