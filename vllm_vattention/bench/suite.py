@@ -332,6 +332,12 @@ def step_rows(results: list[dict]) -> list[dict]:
             for (wl, s), ws in by.items()]
 
 
+def _section(title: str, columns: list[str], rows: list[list]) -> list[str]:
+    """A markdown section: heading, then a table of `rows` (cells already formatted)."""
+    return (["", f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
 def markdown(doc: dict) -> str:
     env = {k: doc.get(k) for k in ("gpu", "driver", "torch", "vllm", "commit", "date")}
     res = doc["results"]
@@ -356,21 +362,19 @@ def markdown(doc: dict) -> str:
         lines += _table(cap, "requests", "{:.0f}")
     maps = mapping_rows(res)
     if maps:
-        lines += ["", "## Page mapping on the engine thread (medians over repetitions)", "",
-                  "| workload | system | runs | mapping / execute_model time | driver s | execute_model s | block maps | zero-page maps | max hazard waits |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for m in maps:
-            lines.append(f"| {m['workload']} | {m['system']} | {m['n']} | {100 * m['map_share']:.2f}% | "
-                         f"{m['driver_seconds']:.3f} | {m['execute_seconds']:.2f} | {m['block_maps']:.0f} | "
-                         f"{m['zero_maps']:.0f} | {m['hazard_waits']} |")
+        lines += _section("Page mapping on the engine thread (medians over repetitions)",
+                          ["workload", "system", "runs", "mapping / execute_model time", "driver s", "execute_model s",
+                           "block maps", "zero-page maps", "max hazard waits"],
+                          [[m["workload"], m["system"], m["n"], f"{100 * m['map_share']:.2f}%", f"{m['driver_seconds']:.3f}",
+                            f"{m['execute_seconds']:.2f}", f"{m['block_maps']:.0f}", f"{m['zero_maps']:.0f}",
+                            m["hazard_waits"]] for m in maps])
     steps = step_rows(res)
     if steps:
-        lines += ["", "## Worker time per call (CPU side of a step; medians over repetitions)", "",
-                  "| workload | system | runs | execute_model calls | execute_model ms/call | sample_tokens ms/call |",
-                  "|---|---|---|---|---|---|"]
-        for m in steps:
-            lines.append(f"| {m['workload']} | {m['system']} | {m['n']} | {m['calls']:.0f} | "
-                         f"{m['execute_ms']:.3f} | {m['sample_ms']:.3f} |")
+        lines += _section("Worker time per call (CPU side of a step; medians over repetitions)",
+                          ["workload", "system", "runs", "execute_model calls", "execute_model ms/call",
+                           "sample_tokens ms/call"],
+                          [[m["workload"], m["system"], m["n"], f"{m['calls']:.0f}", f"{m['execute_ms']:.3f}",
+                            f"{m['sample_ms']:.3f}"] for m in steps])
     errors = [r for r in res if r.get("error")]
     if errors:
         lines += ["", "Failed runs:"] + [f"- {r['workload']} / {r['system']}: {r['error'][:300]!r}" for r in errors]
