@@ -11,7 +11,7 @@
 | VATTN_GUARD_TOKENS | integer >= 192 | 256 | readable tokens kept past each sequence end for kernels that over-read (FA3) |
 | VATTN_FA3_GUARD | always, clipped | always | clipped: FA3's view of a prefill batch ends at its longest FA3 sequence, whose row then needs no guard (relies on TMA clipping; not yet checked on a GPU) |
 | VATTN_PREFIX_EVICTION | lru, discard-lru | lru | prefix-cache eviction order in vLLM's scheduler (prefix_eviction.py); works with any attention backend |
-| VATTN_PREFIX_MIN_USERS | integer >= 2 | 5 | discard-lru keeps cached blocks used by at least this many requests |
+| VATTN_PREFIX_MIN_USERS | integer >= 2 | 2 | discard-lru keeps cached blocks used by at least this many requests |
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Mapping
 from .errors import ConfigError
 from .memory.layout import LAYOUTS
 from .memory.manager import RECLAIM_POLICIES
-from .prefix_eviction import MODES as PREFIX_EVICTION_MODES  # that module imports vLLM only when installing
+from .prefix_eviction import DEFAULT_MIN_USERS, MODES as PREFIX_EVICTION_MODES  # that module imports vLLM only when installing
 
 BACKEND_ENV = "VLLM_ATTENTION_BACKEND"
 BACKEND_VALUE = "VATTENTION"
@@ -83,7 +83,7 @@ class VattnConfig:
     guard_tokens: int = 256
     fa3_guard: str = "always"
     prefix_eviction: str = "lru"
-    prefix_min_users: int = 5
+    prefix_min_users: int = DEFAULT_MIN_USERS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "VattnConfig":
@@ -100,7 +100,7 @@ class VattnConfig:
             guard_tokens=_int(env, "VATTN_GUARD_TOKENS", 256, minimum=192),
             fa3_guard=_choice(env, "VATTN_FA3_GUARD", ("always", "clipped"), "always"),
             prefix_eviction=_choice(env, "VATTN_PREFIX_EVICTION", PREFIX_EVICTION_MODES, "lru"),
-            prefix_min_users=_int(env, "VATTN_PREFIX_MIN_USERS", 5, minimum=2),
+            prefix_min_users=_int(env, "VATTN_PREFIX_MIN_USERS", DEFAULT_MIN_USERS, minimum=2),
         )
 
     def num_rows(self, max_num_seqs: int) -> int:

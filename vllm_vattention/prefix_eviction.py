@@ -4,12 +4,13 @@ vLLM keeps the KV of finished requests as a prefix cache and evicts free cached 
 (its free-block queue). With `discard-lru`, each freed cached block carries a one-bit prediction,
 "discard" (not reused soon) or "keep", and discard blocks are evicted before every kept one, the
 oldest discarded first. The predictor is what the scheduler can compute online: a block is kept if
-at least `VATTN_PREFIX_MIN_USERS` requests (default 5) have used it (a shared system prompt, a
-document several conversations read), discarded otherwise. The simulator (`vllm_vattention/evict/`,
-policy "Discard-LRU", drop order "lru", predictor "online-shared") measures the same rule on a trace:
-on the Mooncake conversation trace, m=5 was within 3% of LRU's prefix hit rate at every cache size
-and 1.4-1.8x LRU's at caches of 1-2% of the working set (benchmarks/results/*-evict-threshold.md;
-the threshold was chosen on that same trace).
+at least `VATTN_PREFIX_MIN_USERS` requests (default 2: it was reused at least once) have used it,
+discarded otherwise. Measured with vLLM's own scheduler on the CPU (`bench/sched_replay.py`,
+Mooncake conversation trace; benchmarks/results/*-sched-replay-threshold.md): m=2 gave 1.00-1.46x
+LRU's cached prompt tokens over 300-1000 requests at budgets of 2.6-34% of the working set, and m=5
+never more than m=2; but both lose over 3000 requests at one H200's budget (m=2: 0.92x, m=5: 0.81x),
+so the policy is off by default. The paper-model simulator (`vllm_vattention/evict/`, policy
+"Discard-LRU", predictor "online-shared") had preferred m=5 (its cache holds no running requests).
 
 This is independent of the vAttention attention backend (it changes only which cached blocks the
 scheduler reuses) and off by default: with `lru` nothing is patched.
@@ -30,6 +31,7 @@ Monkeypatch (the only one outside worker.py):
 from __future__ import annotations
 
 MODES = ("lru", "discard-lru")
+DEFAULT_MIN_USERS = 2
 ACTIVE_LOG = "vAttention prefix eviction:"  # logged once per process where a policy is installed
 _STATE_ATTR = "_vattn_prefix_eviction"
 
@@ -83,7 +85,7 @@ def _counts(pool) -> _UseCounts:
     return c
 
 
-def install(mode: str, min_users: int = 5) -> bool:
+def install(mode: str, min_users: int = DEFAULT_MIN_USERS) -> bool:
     """Patch vLLM's BlockPool for `mode` (no-op for "lru"). Returns whether a policy is active."""
     if mode not in MODES:
         raise ValueError(f"prefix eviction mode {mode!r}; use one of {MODES}")

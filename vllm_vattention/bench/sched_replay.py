@@ -130,14 +130,14 @@ def replay(sched, hasher, requests: list[dict], step: StepModel, max_steps: int 
             "makespan_s": clock}
 
 
-def run(requests: list[dict], model: str, budget: int, policy: str, step: StepModel, min_users: int = 5,
+def run(requests: list[dict], model: str, budget: int, policy: str, step: StepModel, min_users: int | None = None,
         max_num_batched_tokens: int = 8192) -> dict:
     from .. import prefix_eviction
     max_len = max(len(r["prompt"]) + r["max_tokens"] for r in requests) + 64
     prefix_eviction.uninstall()
     try:
         if policy != "lru":
-            prefix_eviction.install(policy, min_users)
+            prefix_eviction.install(policy, min_users or prefix_eviction.DEFAULT_MIN_USERS)
         sched, hasher = make_scheduler(model, budget, max_len, max_num_batched_tokens)
         return {"policy": policy, "num_gpu_blocks": budget, **replay(sched, hasher, requests, step)}
     finally:
@@ -174,7 +174,7 @@ def main(argv=None) -> None:
     ap.add_argument("--time-scale", type=float, default=1.5)
     ap.add_argument("--budgets", default="2560,4096,8192,16384", help="KV budgets, 16-token blocks")
     ap.add_argument("--policies", default="lru,discard-lru")
-    ap.add_argument("--min-users", type=int, default=5)
+    ap.add_argument("--min-users", type=int, default=None, help="discard-lru's threshold (default: the hook's)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--step-base-s", type=float, default=StepModel.base_s)
     ap.add_argument("--step-token-s", type=float, default=StepModel.token_s)
