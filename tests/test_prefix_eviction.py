@@ -157,3 +157,40 @@ def test_random_use_keeps_vllms_free_queue_consistent(patched, seed):
             assert order[last] is c.drop_tail
         cached = [b for b in cached if b.block_hash is not None]
     assert PE._counts(pool).discarded > 0 and PE._counts(pool).kept > 0  # both paths were exercised
+
+
+def test_second_chance_passes_over_a_reused_block_once():
+    assert PE.install("second-chance", min_users=2)
+    try:
+        pool = BlockPool(num_gpu_blocks=6, enable_caching=True, hash_block_size=16)
+        cycle(pool)
+        a = pool.get_new_blocks(1)  # used by two requests: kept
+        cache(pool, a, "a")
+        pool.touch(a)
+        pool.free_blocks(a)
+        pool.free_blocks(a)
+        b = pool.get_new_blocks(1)  # used by one request
+        cache(pool, b, "b")
+        pool.free_blocks(b)
+        # free queue: 3 empty blocks at the front (vLLM prefers them), then a, then b
+        empty = pool.get_new_blocks(3)
+        assert a[0].block_id not in {x.block_id for x in empty}
+        got = pool.get_new_blocks(1)  # LRU would evict a; a is passed over once, b goes
+        assert got[0].block_id == b[0].block_id and a[0].block_hash is not None
+        order = [x.block_id for x in pool.free_block_queue.get_all_free_blocks()]
+        assert order == [a[0].block_id]
+        cache(pool, got, "c")
+        pool.free_blocks(got)  # a new single-use cached block, behind a
+        got2 = pool.get_new_blocks(1)  # a had its pass: now it is evicted, as LRU would
+        assert got2[0].block_id == a[0].block_id and a[0].block_hash is None
+    finally:
+        PE.uninstall()
+
+
+def test_switching_mode_in_a_process_takes_effect():
+    try:
+        assert PE.install("discard-lru", min_users=2) and PE.install("second-chance", min_users=3)
+        assert getattr(BlockPool, PE._STATE_ATTR)["mode"] == "second-chance"
+        assert getattr(BlockPool, PE._STATE_ATTR)["min_users"] == 3
+    finally:
+        PE.uninstall()

@@ -1,4 +1,5 @@
-"""Opt-in prefix-cache eviction order for vLLM's scheduler: `VATTN_PREFIX_EVICTION=discard-lru`.
+"""Opt-in prefix-cache eviction order for vLLM's scheduler: `VATTN_PREFIX_EVICTION=discard-lru`
+or `second-chance`.
 
 vLLM keeps the KV of finished requests as a prefix cache and evicts free cached blocks in LRU order
 (its free-block queue). With `discard-lru`, each freed cached block carries a one-bit prediction,
@@ -12,6 +13,11 @@ never more than m=2; but both lose over 3000 requests at one H200's budget (m=2:
 so the policy is off by default. The paper-model simulator (`vllm_vattention/evict/`, policy
 "Discard-LRU", predictor "online-shared") had preferred m=5 (its cache holds no running requests).
 
+`second-chance` trusts the same bit less: the queue stays LRU, and a "keep" block that reaches the
+front is moved to the back once (CLOCK with the prediction as reference bit), so a wrong bit costs
+at most one extra trip through the queue, and a first turn whose continuation comes later is kept
+as long as LRU would keep it (what discard-lru gets wrong at large budgets).
+
 This is independent of the vAttention attention backend (it changes only which cached blocks the
 scheduler reuses) and off by default: with `lru` nothing is patched.
 
@@ -23,14 +29,17 @@ Monkeypatch (the only one outside worker.py):
   and keeps discard-predicted cached blocks in a segment at the front of the queue, newest at the
   segment's end (linked in after the segment's last block, as FreeKVCacheBlockQueue links blocks),
   after the first pass over the pool (while never-used blocks remain, vLLM's order is kept:
-  evicting a cached block while an empty one is free would only lose). Installed once per process (idempotent), from the
+  evicting a cached block while an empty one is free would only lose); with second-chance,
+  `get_new_blocks` first moves the "keep" blocks it meets at the front to the back, once each
+  (`_pass_over_kept`). Installed once per process (idempotent; a second install may change the
+  mode and threshold), from the
   `vllm.general_plugins` entry point, which vLLM runs in the engine-core process too.
 - When it can go: when vLLM exposes an eviction policy interface for its block pool.
 """
 
 from __future__ import annotations
 
-MODES = ("lru", "discard-lru")
+MODES = ("lru", "discard-lru", "second-chance")
 DEFAULT_MIN_USERS = 2
 ACTIVE_LOG = "vAttention prefix eviction:"  # logged once per process where a policy is installed
 _STATE_ATTR = "_vattn_prefix_eviction"
@@ -45,6 +54,7 @@ class _UseCounts:
         self.seen = bytearray(num_blocks)
         self.fresh_left = num_blocks - 1  # block 0 is vLLM's null block, never handed out
         self.in_drop = bytearray(num_blocks)  # block is in the discard segment of the free queue
+        self.chance = bytearray(num_blocks)  # second-chance: a kept block not yet passed over once
         self.drop_tail = None  # the segment's last (newest) block
         self.discarded = 0
         self.kept = 0
@@ -93,14 +103,17 @@ def install(mode: str, min_users: int = DEFAULT_MIN_USERS) -> bool:
     state = getattr(BlockPool, _STATE_ATTR, None)
     if mode == "lru":
         return False
-    if state is not None:  # already installed in this process: only the threshold may change
-        state["min_users"] = min_users
+    if state is not None:  # already installed in this process: the mode and threshold may change
+        state.update(mode=mode, min_users=min_users)
         return True
-    state = {"min_users": min_users, "originals": (BlockPool.get_new_blocks, BlockPool.touch, BlockPool.free_blocks)}
+    state = {"mode": mode, "min_users": min_users,
+             "originals": (BlockPool.get_new_blocks, BlockPool.touch, BlockPool.free_blocks)}
     orig_new, orig_touch, _ = state["originals"]
 
     def get_new_blocks(self, num_blocks):
         c = _counts(self)
+        if state["mode"] == "second-chance":
+            _pass_over_kept(self.free_block_queue, c, num_blocks)
         if c.drop_tail is not None:
             # popleft_n takes from the front: blocks without a hash, then the segment, oldest first
             node, n = self.free_block_queue.fake_free_list_head.next_free_block, num_blocks
@@ -110,6 +123,7 @@ def install(mode: str, min_users: int = DEFAULT_MIN_USERS) -> bool:
         blocks = orig_new(self, num_blocks)
         for b in blocks:
             c.uses[b.block_id] = 1
+            c.chance[b.block_id] = 0
             if not c.seen[b.block_id]:
                 c.seen[b.block_id] = 1
                 c.fresh_left -= 1
@@ -127,7 +141,8 @@ def install(mode: str, min_users: int = DEFAULT_MIN_USERS) -> bool:
     def free_blocks(self, ordered_blocks):
         # vLLM 0.25's free_blocks, with the discard-predicted cached blocks moved to the front.
         c = _counts(self)
-        reorder = c.fresh_left <= 0
+        second_chance = state["mode"] == "second-chance"
+        reorder = c.fresh_left <= 0 and not second_chance
         no_hash, discard, keep = [], [], []
         for block in ordered_blocks:
             block.ref_cnt -= 1
@@ -138,6 +153,8 @@ def install(mode: str, min_users: int = DEFAULT_MIN_USERS) -> bool:
                     discard.append(block)
                 else:
                     keep.append(block)
+                    if second_chance:
+                        c.chance[block.block_id] = c.uses[block.block_id] >= state["min_users"]
         c.discarded += len(discard)
         c.kept += len(keep)
         q = self.free_block_queue
@@ -158,9 +175,28 @@ def install(mode: str, min_users: int = DEFAULT_MIN_USERS) -> bool:
     BlockPool.free_blocks = free_blocks
     setattr(BlockPool, _STATE_ATTR, state)
     import logging  # under vLLM's logger, so its handlers print us (a "vllm_vattention.*" logger is dropped)
-    logging.getLogger("vllm.vattention").info("%s %s: blocks used by fewer than %d requests are evicted first",
-                               ACTIVE_LOG, mode, min_users)
+    rule = ("are evicted first" if mode == "discard-lru" else "get no second pass through the free queue")
+    logging.getLogger("vllm.vattention").info("%s %s: blocks used by fewer than %d requests %s",
+                                              ACTIVE_LOG, mode, min_users, rule)
     return True
+
+
+def _pass_over_kept(queue, c: _UseCounts, n: int) -> None:
+    """second-chance: before vLLM takes `n` blocks from the front of its free queue, move each kept
+    block met there (reused by >= min_users requests, not yet passed over) to the back, once: a
+    kept block is evicted after one more trip through the queue, not never (CLOCK's reference bit,
+    set by the one-bit prediction). Walks at most the queue's length; vLLM then pops the front."""
+    tail = queue.fake_free_list_tail
+    node, taken, budget = queue.fake_free_list_head.next_free_block, 0, queue.num_free_blocks
+    while taken < n and budget > 0 and node is not tail:
+        nxt = node.next_free_block
+        if c.chance[node.block_id]:
+            c.chance[node.block_id] = 0
+            queue.remove(node)
+            queue.append(node)  # met again at the end of this walk, if it gets that far: then taken
+        else:
+            taken += 1
+        node, budget = nxt, budget - 1
 
 
 def uninstall() -> None:
