@@ -7,7 +7,7 @@
 #          stream_check (the stream-mode GPU test alone, no sanitizer; then the clipped-guard tests under it)
 #          tp (needs 2 GPUs) tp_rest (the Yi-34B and preemption cases) tp_ab (TP=2 suite round, $OUT/tp)
 #          multiturn (needs the trace carried: cp ../shared/traces/*.jsonl .gpu/trace/, carry [".gpu/trace"];
-#          shared/ does not travel) multiturn_pair (2 GPUs: lru and discard-lru at once, then swapped, merged)
+#          shared/ does not travel) multiturn_pair (2 GPUs: lru and $MT_POLICY at once, then swapped, merged)
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export VLLM_USE_FLASHINFER_SAMPLER=0 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -30,7 +30,7 @@ for s in $steps; do
     tp_rest) timeout 580 python3 -m pytest -m gpu2 tests/gpu_multi -q -s -p no:cacheprovider -k "yi or preemption" > "$OUT/tp_rest.log" 2>&1; echo "rc=$?"; grep -E "greedy|absdiff_max|passed|failed" "$OUT/tp_rest.log" | tail -12;;
     tp_ab) timeout 580 vattn-bench --tensor-parallel-size 2 --systems stock-fa3,vattn-fa2 --workloads ${TP_WORKLOADS:-1024-in-128-out,16k-context-decode} \
         --reps ${TP_REPS:-1} --max-seconds 560 --out "$OUT/tp" > "$OUT/tp_ab.log" 2>&1; echo "rc=$?"; grep "^\[suite\]" "$OUT/tp_ab.log" | tail -12;;
-    multiturn_pair) for order in "lru discard-lru" "discard-lru lru"; do set -- $order; i=$((${i:-0} + 1))
+    multiturn_pair) P=${MT_POLICY:-second-chance}; for order in "lru $P" "$P lru"; do set -- $order; i=$((${i:-0} + 1))
           for g in 0 1; do policy=$1; [ $g = 1 ] && policy=$2
             CUDA_VISIBLE_DEVICES=$g timeout -s INT 280 python3 -m vllm_vattention.bench.multiturn --trace .gpu/trace/mooncake_conversation_trace.jsonl \
               --systems $policy --port $((8191 + g)) --out "$OUT/mt-$i-$g" ${MT_ARGS:-} > "$OUT/mt-$i-$g.log" 2>&1 &

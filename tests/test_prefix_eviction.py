@@ -194,3 +194,29 @@ def test_switching_mode_in_a_process_takes_effect():
         assert getattr(BlockPool, PE._STATE_ATTR)["min_users"] == 3
     finally:
         PE.uninstall()
+
+
+def test_second_chance_with_two_passes_keeps_a_reused_block_for_two_more_trips():
+    assert PE.install("second-chance", min_users=2, passes=2)
+    try:
+        pool = BlockPool(num_gpu_blocks=4, enable_caching=True, hash_block_size=16)
+        cycle(pool)
+        a = pool.get_new_blocks(1)
+        cache(pool, a, "a")
+        pool.touch(a)
+        pool.free_blocks(a)
+        pool.free_blocks(a)  # reused: two extra passes
+        others = pool.get_new_blocks(2)  # the two empty blocks
+        cache(pool, others, "o")
+        pool.free_blocks(others)  # queue: a, o0, o1 (single use)
+        for expected in (others[0], others[1]):  # a is passed over twice
+            got = pool.get_new_blocks(1)
+            assert got[0].block_id == expected.block_id
+            cache(pool, got, f"x{expected.block_id}")
+            pool.free_blocks(got)
+        # queue: a, o0, o1: a is passed over a second time, then it has no pass left
+        assert [b.block_id for b in pool.get_new_blocks(3)] == [others[0].block_id, others[1].block_id, a[0].block_id]
+    finally:
+        PE.uninstall()
+    with pytest.raises(ValueError, match="passes=0"):
+        PE.install("second-chance", passes=0)

@@ -54,7 +54,7 @@ class _UseCounts:
         self.seen = bytearray(num_blocks)
         self.fresh_left = num_blocks - 1  # block 0 is vLLM's null block, never handed out
         self.in_drop = bytearray(num_blocks)  # block is in the discard segment of the free queue
-        self.chance = bytearray(num_blocks)  # second-chance: a kept block not yet passed over once
+        self.chance = bytearray(num_blocks)  # second-chance: extra passes left to a kept block
         self.drop_tail = None  # the segment's last (newest) block
         self.discarded = 0
         self.kept = 0
@@ -95,18 +95,20 @@ def _counts(pool) -> _UseCounts:
     return c
 
 
-def install(mode: str, min_users: int = DEFAULT_MIN_USERS) -> bool:
+def install(mode: str, min_users: int = DEFAULT_MIN_USERS, passes: int = 1) -> bool:
     """Patch vLLM's BlockPool for `mode` (no-op for "lru"). Returns whether a policy is active."""
     if mode not in MODES:
         raise ValueError(f"prefix eviction mode {mode!r}; use one of {MODES}")
+    if not 1 <= passes <= 255:
+        raise ValueError(f"second-chance passes={passes}: use 1 to 255")
     from vllm.v1.core.block_pool import BlockPool
     state = getattr(BlockPool, _STATE_ATTR, None)
     if mode == "lru":
         return False
     if state is not None:  # already installed in this process: the mode and threshold may change
-        state.update(mode=mode, min_users=min_users)
+        state.update(mode=mode, min_users=min_users, passes=passes)
         return True
-    state = {"mode": mode, "min_users": min_users,
+    state = {"mode": mode, "min_users": min_users, "passes": passes,
              "originals": (BlockPool.get_new_blocks, BlockPool.touch, BlockPool.free_blocks)}
     orig_new, orig_touch, _ = state["originals"]
 
@@ -154,7 +156,7 @@ def install(mode: str, min_users: int = DEFAULT_MIN_USERS) -> bool:
                 else:
                     keep.append(block)
                     if second_chance:
-                        c.chance[block.block_id] = c.uses[block.block_id] >= state["min_users"]
+                        c.chance[block.block_id] = state["passes"] if c.uses[block.block_id] >= state["min_users"] else 0
         c.discarded += len(discard)
         c.kept += len(keep)
         q = self.free_block_queue
@@ -191,7 +193,7 @@ def _pass_over_kept(queue, c: _UseCounts, n: int) -> None:
     while taken < n and budget > 0 and node is not tail:
         nxt = node.next_free_block
         if c.chance[node.block_id]:
-            c.chance[node.block_id] = 0
+            c.chance[node.block_id] -= 1
             queue.remove(node)
             queue.append(node)  # met again at the end of this walk, if it gets that far: then taken
         else:

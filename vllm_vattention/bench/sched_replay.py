@@ -131,13 +131,13 @@ def replay(sched, hasher, requests: list[dict], step: StepModel, max_steps: int 
 
 
 def run(requests: list[dict], model: str, budget: int, policy: str, step: StepModel, min_users: int | None = None,
-        max_num_batched_tokens: int = 8192) -> dict:
+        max_num_batched_tokens: int = 8192, passes: int = 1) -> dict:
     from .. import prefix_eviction
     max_len = max(len(r["prompt"]) + r["max_tokens"] for r in requests) + 64
     prefix_eviction.uninstall()
     try:
         if policy != "lru":
-            prefix_eviction.install(policy, min_users or prefix_eviction.DEFAULT_MIN_USERS)
+            prefix_eviction.install(policy, min_users or prefix_eviction.DEFAULT_MIN_USERS, passes)
         sched, hasher = make_scheduler(model, budget, max_len, max_num_batched_tokens)
         return {"policy": policy, "num_gpu_blocks": budget, **replay(sched, hasher, requests, step)}
     finally:
@@ -176,6 +176,7 @@ def main(argv=None) -> None:
     ap.add_argument("--policies", default="lru,discard-lru")
     ap.add_argument("--min-users", type=int, default=None, help="discard-lru's threshold (default: the hook's)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--passes", type=int, default=1, help="second-chance: extra passes a kept block gets")
     ap.add_argument("--step-base-s", type=float, default=StepModel.base_s)
     ap.add_argument("--step-token-s", type=float, default=StepModel.token_s)
     ap.add_argument("--out", default="benchmarks/results")
@@ -193,7 +194,8 @@ def main(argv=None) -> None:
     stem = os.path.join(args.out, f"sched-replay{('-' + args.tag) if args.tag else ''}")
     for budget in (int(b) for b in args.budgets.split(",")):
         for policy in args.policies.split(","):
-            r = run(requests, args.model, budget, policy, step, args.min_users, args.max_num_batched_tokens)
+            r = run(requests, args.model, budget, policy, step, args.min_users, args.max_num_batched_tokens,
+                    args.passes)
             doc["results"].append(r)
             print(f"[sched-replay] {json.dumps(r)}", flush=True)
             with open(stem + ".json", "w") as f:
