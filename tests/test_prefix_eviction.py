@@ -220,3 +220,35 @@ def test_second_chance_with_two_passes_keeps_a_reused_block_for_two_more_trips()
         PE.uninstall()
     with pytest.raises(ValueError, match="passes=0"):
         PE.install("second-chance", passes=0)
+
+
+def test_adaptive_evicts_by_the_bit_then_learns_from_ghost_hits():
+    from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id
+    assert PE.install("adaptive", min_users=2)
+    try:
+        pool = BlockPool(num_gpu_blocks=5, enable_caching=True, hash_block_size=16)
+        cycle(pool)
+        keep = pool.get_new_blocks(1)
+        cache(pool, keep, "k")
+        pool.touch(keep)
+        pool.free_blocks(keep)
+        pool.free_blocks(keep)  # reused: T2
+        once = pool.get_new_blocks(3)  # the three empty blocks
+        for i, b in enumerate(once):
+            cache(pool, [b], f"o{i}")
+        pool.free_blocks(once)  # single use: T1, newer than `keep`
+        arc = pool._vattn_arc
+        assert (arc.count[1], arc.count[2], arc.p) == (3, 1, 0.0)
+        got = pool.get_new_blocks(1)  # p = 0: the oldest T1 goes, although `keep` is older (LRU's pick)
+        assert got[0].block_id == once[0].block_id and keep[0].block_hash is not None
+        # a request now asks for the evicted single-use block: a ghost hit in T1 raises p
+        assert pool.get_cached_block(b"o00", [0]) is None
+        assert arc.ghost_hits[1] == 1 and arc.p >= 1.0
+        assert pool.get_cached_block(b"o00", [0]) is None and arc.ghost_hits[1] == 1  # counted once
+        # with T1 (2 blocks) above p again the next victim is still T1; raise p past it: LRU's T2
+        arc.p = 5.0
+        got2 = pool.get_new_blocks(1)
+        assert got2[0].block_id == keep[0].block_id
+        assert make_block_hash_with_group_id(b"k0", 0) in arc.ghosts[2]
+    finally:
+        PE.uninstall()

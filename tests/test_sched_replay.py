@@ -36,7 +36,7 @@ def test_a_tight_budget_preempts_and_still_finishes_everything():
     assert r["prefill_tokens_computed"] > 4 * 64  # preempted requests recompute their KV
 
 
-@pytest.mark.parametrize("policy, expected", [("lru", 0), ("discard-lru", 64), ("second-chance", 64)])
+@pytest.mark.parametrize("policy, expected", [("lru", 0), ("discard-lru", 64), ("second-chance", 64), ("adaptive", 64)])
 def test_discard_lru_keeps_a_prefix_many_requests_shared(policy, expected):
     shared = toks(99, 64)  # 4 blocks, used by 6 requests: kept by the one-bit rule (>= 5 users)
     reqs, t = [], 0.0

@@ -39,7 +39,7 @@ Monkeypatch (the only one outside worker.py):
 
 from __future__ import annotations
 
-MODES = ("lru", "discard-lru", "second-chance")
+MODES = ("lru", "discard-lru", "second-chance", "adaptive")
 DEFAULT_MIN_USERS = 2
 ACTIVE_LOG = "vAttention prefix eviction:"  # logged once per process where a policy is installed
 _STATE_ATTR = "_vattn_prefix_eviction"
@@ -76,6 +76,105 @@ class _UseCounts:
         return self.drop_tail
 
 
+class _Adaptive:
+    """adaptive (ARC's adaptation over the one bit): free cached blocks form two LRU lists by the
+    bit, T1 ("discard": used by fewer than m requests) and T2 ("keep"); the victim is T1's oldest
+    while T1 holds more than a target p of the free cached blocks, else T2's oldest. Evicted
+    hashes are remembered in two ghost lists; a later lookup that misses on a ghost says which
+    choice was wrong: a T1 ghost (the bit said discard, a request wanted it) raises p (evict T1
+    less, toward LRU), a T2 ghost lowers it (evict T1 first, toward discard-lru)."""
+
+    def __init__(self, num_blocks: int):
+        from collections import OrderedDict, deque
+        self.cls = bytearray(num_blocks)  # 0: not a free cached block; 1: in T1; 2: in T2
+        self.stamp = [0] * num_blocks  # lazy deletion from the lists
+        self.lists = (None, deque(), deque())
+        self.count = [0, 0, 0]
+        self.ghosts = (None, OrderedDict(), OrderedDict())
+        self.capacity = num_blocks
+        self.p = 0.0
+        self.ghost_hits = [0, 0, 0]
+
+    def enter(self, block, k: int) -> None:
+        i = block.block_id
+        self.cls[i] = k
+        self.stamp[i] += 1
+        self.count[k] += 1
+        lst = self.lists[k]
+        lst.append((i, self.stamp[i]))
+        if len(lst) > 4 * self.capacity:  # drop stale entries now and then
+            live = [(j, st) for j, st in lst if self.cls[j] == k and self.stamp[j] == st]
+            lst.clear()
+            lst.extend(live)
+
+    def leave(self, block) -> None:
+        k = self.cls[block.block_id]
+        if k:
+            self.cls[block.block_id] = 0
+            self.count[k] -= 1
+
+    def victim(self) -> int:
+        """Block id to evict next (a free cached block exists); it leaves its list."""
+        k = 1 if self.count[1] and (self.count[1] > self.p or not self.count[2]) else 2
+        lst = self.lists[k]
+        while True:
+            i, st = lst.popleft()
+            if self.cls[i] == k and self.stamp[i] == st:
+                self.cls[i] = 0
+                self.count[k] -= 1
+                return i, k
+
+    def remember(self, block_hash, k: int) -> None:
+        g = self.ghosts[k]
+        g[block_hash] = None
+        if len(g) > self.capacity:
+            g.popitem(last=False)
+
+    def missed(self, key) -> None:
+        """A lookup missed `key` (a block hash with its group id)."""
+        g1, g2 = self.ghosts[1], self.ghosts[2]
+        if key in g1:
+            del g1[key]
+            self.ghost_hits[1] += 1
+            self.p = min(self.capacity, self.p + max(1.0, len(g2) / max(1, len(g1))))
+        elif key in g2:
+            del g2[key]
+            self.ghost_hits[2] += 1
+            self.p = max(0.0, self.p - max(1.0, len(g1) / max(1, len(g2))))
+
+
+def _adaptive(pool) -> _Adaptive:
+    a = pool.__dict__.get("_vattn_arc")
+    if a is None:
+        a = pool._vattn_arc = _Adaptive(len(pool.blocks))
+    return a
+
+
+def _choose_victims(pool, a: _Adaptive, n: int) -> None:
+    """adaptive: put the blocks the rule evicts at the front of vLLM's free queue, so that its
+    popleft_n(n) takes them (after the never-cached blocks, which vLLM keeps at the front)."""
+    q = pool.free_block_queue
+    node, empty = q.fake_free_list_head.next_free_block, 0
+    while empty < n and node is not q.fake_free_list_tail and node.block_hash is None:
+        empty, node = empty + 1, node.next_free_block
+    victims = []
+    for _ in range(n - empty):
+        if not (a.count[1] or a.count[2]):
+            break
+        i, k = a.victim()
+        block = pool.blocks[i]
+        a.remember(block.block_hash, k)
+        victims.append(block)
+    for b in victims:
+        q.remove(b)
+    if victims:
+        # behind the empty blocks: popleft_n(n) then takes the empty ones and exactly these
+        anchor = q.fake_free_list_head
+        for _ in range(empty):
+            anchor = anchor.next_free_block
+        _link_after(q, anchor, victims)
+
+
 def _link_after(queue, anchor, blocks) -> None:
     """Link `blocks` (in order) right after `anchor` in vLLM's free-block list."""
     nxt = anchor.next_free_block
@@ -109,13 +208,16 @@ def install(mode: str, min_users: int = DEFAULT_MIN_USERS, passes: int = 1) -> b
         state.update(mode=mode, min_users=min_users, passes=passes)
         return True
     state = {"mode": mode, "min_users": min_users, "passes": passes,
-             "originals": (BlockPool.get_new_blocks, BlockPool.touch, BlockPool.free_blocks)}
-    orig_new, orig_touch, _ = state["originals"]
+             "originals": (BlockPool.get_new_blocks, BlockPool.touch, BlockPool.free_blocks,
+                           BlockPool.get_cached_block)}
+    orig_new, orig_touch, _, orig_lookup = state["originals"]
 
     def get_new_blocks(self, num_blocks):
         c = _counts(self)
         if state["mode"] == "second-chance":
             _pass_over_kept(self.free_block_queue, c, num_blocks)
+        elif state["mode"] == "adaptive":
+            _choose_victims(self, _adaptive(self), num_blocks)
         if c.drop_tail is not None:
             # popleft_n takes from the front: blocks without a hash, then the segment, oldest first
             node, n = self.free_block_queue.fake_free_list_head.next_free_block, num_blocks
@@ -123,9 +225,12 @@ def install(mode: str, min_users: int = DEFAULT_MIN_USERS, passes: int = 1) -> b
                 c.leave_drop(node)
                 node, n = node.next_free_block, n - 1
         blocks = orig_new(self, num_blocks)
+        arc = self.__dict__.get("_vattn_arc")
         for b in blocks:
             c.uses[b.block_id] = 1
             c.chance[b.block_id] = 0
+            if arc is not None:
+                arc.leave(b)
             if not c.seen[b.block_id]:
                 c.seen[b.block_id] = 1
                 c.fresh_left -= 1
@@ -138,13 +243,25 @@ def install(mode: str, min_users: int = DEFAULT_MIN_USERS, passes: int = 1) -> b
                 c.uses[b.block_id] += 1
                 if b.ref_cnt == 0:
                     c.leave_drop(b)  # a prefix hit takes it out of the free queue
+                    if state["mode"] == "adaptive":
+                        _adaptive(self).leave(b)
         return orig_touch(self, blocks)
+
+    def get_cached_block(self, block_hash, kv_cache_group_ids):
+        found = orig_lookup(self, block_hash, kv_cache_group_ids)
+        if found is None and state["mode"] == "adaptive":
+            from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id
+            a = _adaptive(self)
+            for gid in kv_cache_group_ids:
+                a.missed(make_block_hash_with_group_id(block_hash, gid))
+        return found
 
     def free_blocks(self, ordered_blocks):
         # vLLM 0.25's free_blocks, with the discard-predicted cached blocks moved to the front.
         c = _counts(self)
         second_chance = state["mode"] == "second-chance"
-        reorder = c.fresh_left <= 0 and not second_chance
+        adaptive = _adaptive(self) if state["mode"] == "adaptive" else None
+        reorder = c.fresh_left <= 0 and state["mode"] == "discard-lru"
         no_hash, discard, keep = [], [], []
         for block in ordered_blocks:
             block.ref_cnt -= 1
@@ -157,6 +274,8 @@ def install(mode: str, min_users: int = DEFAULT_MIN_USERS, passes: int = 1) -> b
                     keep.append(block)
                     if second_chance:
                         c.chance[block.block_id] = state["passes"] if c.uses[block.block_id] >= state["min_users"] else 0
+                    elif adaptive is not None:
+                        adaptive.enter(block, 2 if c.uses[block.block_id] >= state["min_users"] else 1)
         c.discarded += len(discard)
         c.kept += len(keep)
         q = self.free_block_queue
@@ -175,9 +294,11 @@ def install(mode: str, min_users: int = DEFAULT_MIN_USERS, passes: int = 1) -> b
     BlockPool.get_new_blocks = get_new_blocks
     BlockPool.touch = touch
     BlockPool.free_blocks = free_blocks
+    BlockPool.get_cached_block = get_cached_block
     setattr(BlockPool, _STATE_ATTR, state)
     import logging  # under vLLM's logger, so its handlers print us (a "vllm_vattention.*" logger is dropped)
-    rule = ("are evicted first" if mode == "discard-lru" else "get no second pass through the free queue")
+    rule = {"discard-lru": "are evicted first", "second-chance": "get no second pass through the free queue",
+            "adaptive": "form the list whose share of the free queue adapts to ghost hits"}[mode]
     logging.getLogger("vllm.vattention").info("%s %s: blocks used by fewer than %d requests %s",
                                               ACTIVE_LOG, mode, min_users, rule)
     return True
@@ -206,5 +327,6 @@ def uninstall() -> None:
     from vllm.v1.core.block_pool import BlockPool
     state = getattr(BlockPool, _STATE_ATTR, None)
     if state is not None:
-        BlockPool.get_new_blocks, BlockPool.touch, BlockPool.free_blocks = state["originals"]
+        (BlockPool.get_new_blocks, BlockPool.touch, BlockPool.free_blocks,
+         BlockPool.get_cached_block) = state["originals"]
         delattr(BlockPool, _STATE_ATTR)
