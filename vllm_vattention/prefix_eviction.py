@@ -1,5 +1,5 @@
-"""Opt-in prefix-cache eviction order for vLLM's scheduler: `VATTN_PREFIX_EVICTION=discard-lru`
-or `second-chance`.
+"""Opt-in prefix-cache eviction order for vLLM's scheduler: `VATTN_PREFIX_EVICTION=discard-lru`,
+`second-chance` or `adaptive`.
 
 vLLM keeps the KV of finished requests as a prefix cache and evicts free cached blocks in LRU order
 (its free-block queue). With `discard-lru`, each freed cached block carries a one-bit prediction,
@@ -18,6 +18,12 @@ front is moved to the back once (CLOCK with the prediction as reference bit), so
 at most one extra trip through the queue, and a first turn whose continuation comes later is kept
 as long as LRU would keep it (what discard-lru gets wrong at large budgets).
 
+`adaptive` learns how far to trust the bit, as ARC learns recency against frequency: free cached
+blocks form two LRU lists by the bit, the victim comes from the "discard" list while that list
+holds more than a target share, and misses on recently evicted hashes (ghost lists) move the
+target: toward LRU when evicted "discard" blocks are asked for again, toward discard-first when
+evicted "keep" blocks are (class `_Adaptive`).
+
 This is independent of the vAttention attention backend (it changes only which cached blocks the
 scheduler reuses) and off by default: with `lru` nothing is patched.
 
@@ -31,7 +37,9 @@ Monkeypatch (the only one outside worker.py):
   after the first pass over the pool (while never-used blocks remain, vLLM's order is kept:
   evicting a cached block while an empty one is free would only lose); with second-chance,
   `get_new_blocks` first moves the "keep" blocks it meets at the front to the back, once each
-  (`_pass_over_kept`). Installed once per process (idempotent; a second install may change the
+  (`_pass_over_kept`); with adaptive, it first moves the chosen victims right behind the
+  never-cached blocks at the front (`_choose_victims`), and `get_cached_block` is wrapped to see
+  lookup misses (ghost hits). Installed once per process (idempotent; a second install may change the
   mode and threshold), from the
   `vllm.general_plugins` entry point, which vLLM runs in the engine-core process too.
 - When it can go: when vLLM exposes an eviction policy interface for its block pool.
