@@ -23,6 +23,16 @@ def cache(pool, blocks, tag):
         b.set_block_hash(make_block_hash_with_group_id(f"{tag}{i}".encode(), 0))
 
 
+def reused_block(pool, tag):
+    """A cached block two requests used (allocated, hit by a second request, freed by both)."""
+    b = pool.get_new_blocks(1)
+    cache(pool, b, tag)
+    pool.touch(b)
+    pool.free_blocks(b)
+    pool.free_blocks(b)
+    return b
+
+
 def cycle(pool):
     """Hand out every block once (the first pass), then give them back without hashes."""
     blocks = pool.get_new_blocks(pool.get_num_free_blocks())
@@ -164,11 +174,7 @@ def test_second_chance_passes_over_a_reused_block_once():
     try:
         pool = BlockPool(num_gpu_blocks=6, enable_caching=True, hash_block_size=16)
         cycle(pool)
-        a = pool.get_new_blocks(1)  # used by two requests: kept
-        cache(pool, a, "a")
-        pool.touch(a)
-        pool.free_blocks(a)
-        pool.free_blocks(a)
+        a = reused_block(pool, "a")  # used by two requests: kept
         b = pool.get_new_blocks(1)  # used by one request
         cache(pool, b, "b")
         pool.free_blocks(b)
@@ -201,11 +207,7 @@ def test_second_chance_with_two_passes_keeps_a_reused_block_for_two_more_trips()
     try:
         pool = BlockPool(num_gpu_blocks=4, enable_caching=True, hash_block_size=16)
         cycle(pool)
-        a = pool.get_new_blocks(1)
-        cache(pool, a, "a")
-        pool.touch(a)
-        pool.free_blocks(a)
-        pool.free_blocks(a)  # reused: two extra passes
+        a = reused_block(pool, "a")  # reused: two extra passes
         others = pool.get_new_blocks(2)  # the two empty blocks
         cache(pool, others, "o")
         pool.free_blocks(others)  # queue: a, o0, o1 (single use)
@@ -228,11 +230,7 @@ def test_adaptive_evicts_by_the_bit_then_learns_from_ghost_hits():
     try:
         pool = BlockPool(num_gpu_blocks=5, enable_caching=True, hash_block_size=16)
         cycle(pool)
-        keep = pool.get_new_blocks(1)
-        cache(pool, keep, "k")
-        pool.touch(keep)
-        pool.free_blocks(keep)
-        pool.free_blocks(keep)  # reused: T2
+        keep = reused_block(pool, "k")  # reused: T2
         once = pool.get_new_blocks(3)  # the three empty blocks
         for i, b in enumerate(once):
             cache(pool, [b], f"o{i}")
