@@ -7,11 +7,11 @@ vLLM keeps the KV of finished requests as a prefix cache and evicts free cached 
 oldest discarded first. The predictor is what the scheduler can compute online: a block is kept if
 at least `VATTN_PREFIX_MIN_USERS` requests (default 2: it was reused at least once) have used it,
 discarded otherwise. Measured with vLLM's own scheduler on the CPU (`bench/sched_replay.py`,
-Mooncake conversation trace; benchmarks/results/*-sched-replay-threshold.md): m=2 gave 1.00-1.46x
-LRU's cached prompt tokens over 300-1000 requests at budgets of 2.6-34% of the working set, and m=5
-never more than m=2; but both lose over 3000 requests at one H200's budget (m=2: 0.92x, m=5: 0.81x),
-so the policy is off by default. The paper-model simulator (`vllm_vattention/evict/`, policy
-"Discard-LRU", predictor "online-shared") had preferred m=5 (its cache holds no running requests).
+Mooncake conversation trace; benchmarks/results/*-sched-replay-threshold.md): 0.81-0.92x of LRU's
+cached prompt tokens over 3000 requests at one H200's budget; the gains it showed over shorter runs
+(up to 1.46x) came from its first-pass rule (below), not from the bit: without the rule, 0.58-0.95x.
+m=2 was never worse than m=5 or 10. Off by default. (The paper-model simulator,
+`vllm_vattention/evict/`, had preferred m=5; its cache holds no running requests.)
 
 `second-chance` trusts the same bit less: the queue stays LRU, and a "keep" block that reaches the
 front is moved to the back once (CLOCK with the prediction as reference bit), so a wrong bit costs
@@ -21,8 +21,9 @@ as long as LRU would keep it (what discard-lru gets wrong at large budgets).
 `adaptive` learns how far to trust the bit, as ARC learns recency against frequency: free cached
 blocks form two LRU lists by the bit, the victim comes from the "discard" list while that list
 holds more than a target share, and misses on recently evicted hashes (ghost lists) move the
-target: toward LRU when evicted "discard" blocks are asked for again, toward discard-first when
-evicted "keep" blocks are (class `_Adaptive`).
+target: up (protect single-use blocks) when evicted "discard" blocks are asked for again, down
+(discard-first) when evicted "keep" blocks are (class `_Adaptive`). second-chance and adaptive
+measured 1.00-1.05x of LRU at every point of the replay: safe, small gains.
 
 This is independent of the vAttention attention backend (it changes only which cached blocks the
 scheduler reuses) and off by default: with `lru` nothing is patched.
@@ -90,7 +91,7 @@ class _Adaptive:
     while T1 holds more than a target p of the free cached blocks, else T2's oldest. Evicted
     hashes are remembered in two ghost lists; a later lookup that misses on a ghost says which
     choice was wrong: a T1 ghost (the bit said discard, a request wanted it) raises p (evict T1
-    less, toward LRU), a T2 ghost lowers it (evict T1 first, toward discard-lru)."""
+    less), a T2 ghost lowers it (evict T1 first, as discard-lru does)."""
 
     def __init__(self, num_blocks: int):
         from collections import OrderedDict, deque
@@ -121,8 +122,8 @@ class _Adaptive:
             self.cls[block.block_id] = 0
             self.count[k] -= 1
 
-    def victim(self) -> int:
-        """Block id to evict next (a free cached block exists); it leaves its list."""
+    def victim(self) -> tuple[int, int]:
+        """(block id, list) to evict next (a free cached block exists); it leaves its list."""
         k = 1 if self.count[1] and (self.count[1] > self.p or not self.count[2]) else 2
         lst = self.lists[k]
         while True:
