@@ -250,3 +250,45 @@ def test_adaptive_evicts_by_the_bit_then_learns_from_ghost_hits():
         assert make_block_hash_with_group_id(b"k0", 0) in arc.ghosts[2]
     finally:
         PE.uninstall()
+
+
+@pytest.mark.parametrize("mode", ["discard-lru", "second-chance", "adaptive"])
+@pytest.mark.parametrize("seed", range(4))
+def test_random_use_keeps_vllms_free_queue_consistent(mode, seed):
+    """Random allocate / hit / free / lookup sequences (as vLLM's KV cache manager issues them):
+    the free queue stays a list of exactly the free blocks, each once, whatever the mode does to it."""
+    import random
+    rng = random.Random(seed)
+    assert PE.install(mode, min_users=2)
+    try:
+        pool = BlockPool(num_gpu_blocks=24, enable_caching=True, hash_block_size=16)
+        held: list[list] = []  # blocks of running "requests"
+        known: list[bytes] = []  # hashes handed out so far
+        for step in range(600):
+            op = rng.random()
+            if op < 0.4 and pool.get_num_free_blocks() > 0:  # a request allocates 1-4 new blocks
+                blocks = pool.get_new_blocks(rng.randint(1, min(4, pool.get_num_free_blocks())))
+                for b in blocks:
+                    h = f"h{seed}-{step}-{b.block_id}".encode()
+                    if rng.random() < 0.8:  # full blocks get a hash; a partial last block does not
+                        b.set_block_hash(make_block_hash_with_group_id(h, 0))
+                        pool.cached_block_hash_to_block.insert(b.block_hash, b)
+                        known.append(h)
+                held.append(blocks)
+            elif op < 0.6 and known:  # a request looks up a prefix and takes the hits
+                found = pool.get_cached_block(rng.choice(known), [0])
+                if found:
+                    pool.touch(found)
+                    held.append(list(found))
+            elif held:  # a request finishes or is preempted: its blocks go back, tail first
+                pool.free_blocks(reversed(held.pop(rng.randrange(len(held)))))
+            free = pool.free_block_queue.get_all_free_blocks()
+            ids = [b.block_id for b in free]
+            assert len(ids) == len(set(ids)) == pool.free_block_queue.num_free_blocks
+            assert set(ids) == {b.block_id for b in pool.blocks[1:] if b.ref_cnt == 0}
+            arc = pool.__dict__.get("_vattn_arc")  # made at the first free
+            if arc is not None:
+                assert arc.count[1] + arc.count[2] == sum(1 for b in free if arc.cls[b.block_id])
+                assert all(b.block_hash is not None for b in free if arc.cls[b.block_id])
+    finally:
+        PE.uninstall()
