@@ -254,7 +254,7 @@ def test_adaptive_evicts_by_the_bit_then_learns_from_ghost_hits():
 
 @pytest.mark.parametrize("mode", ["discard-lru", "second-chance", "adaptive"])
 @pytest.mark.parametrize("seed", range(4))
-def test_random_use_keeps_vllms_free_queue_consistent(mode, seed):
+def test_random_use_under_every_mode_keeps_the_free_queue_consistent(mode, seed):
     """Random allocate / hit / free / lookup sequences (as vLLM's KV cache manager issues them):
     the free queue stays a list of exactly the free blocks, each once, whatever the mode does to it."""
     import random
