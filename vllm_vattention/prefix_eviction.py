@@ -43,7 +43,8 @@ Monkeypatch (the only one outside worker.py):
   lookup misses (ghost hits). Installed once per process (idempotent; a second install may change the
   mode and threshold), from the
   `vllm.general_plugins` entry point, which vLLM runs in the engine-core process too.
-- When it can go: when vLLM exposes an eviction policy interface for its block pool.
+- When it can go: when vLLM exposes an eviction policy interface for its block pool (our draft:
+  patches/vllm-block-pool-eviction-policy.diff).
 """
 
 from __future__ import annotations
