@@ -16,7 +16,7 @@ def test_fa2_decode_rows_need_no_guard_fa3_rows_do():
 def test_clipped_guard_spares_the_longest_fa3_row_and_clips_the_others():
     q = np.array([1, 1, 5, 300, 40])
     seq = np.array([17, 5000, 700, 1200, 1190])
-    assert ops.fa3_view_len(seq, q, "fa2") == 1200
+    assert ops.fa3_view_len(seq, q, ops.fa3_mask(q, "fa2")) == 1200
     fa3, ext = ops.read_extents(seq, q, "fa2", guard_tokens=256, row_len=8192, clip_to_view=True)
     assert fa3.tolist() == [False, False, True, True, True]
     # decode rows (FA2) unchanged; longest FA3 row: no guard; the others: up to the view's end
@@ -28,6 +28,6 @@ def test_clipped_guard_spares_the_longest_fa3_row_and_clips_the_others():
 def test_decode_only_batches_are_never_clipped():
     q = np.array([1, 1, 1])
     seq = np.array([10, 20, 30])
-    assert ops.fa3_view_len(seq, q, "fa3") is None  # CUDA graphs replay whole rows
+    assert ops.fa3_view_len(seq, q, ops.fa3_mask(q, "fa3")) is None  # CUDA graphs replay whole rows
     _, ext = ops.read_extents(seq, q, "fa3", guard_tokens=256, row_len=4096, clip_to_view=True)
     assert ext.tolist() == [266, 276, 286]

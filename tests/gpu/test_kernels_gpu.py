@@ -118,7 +118,7 @@ def test_fa3_view_clipped_to_the_longest_sequence_needs_no_guard_there(manager_f
     m = manager_factory(rows=4, max_tokens=4096)
     seq, ql = np.array(seq_lens), np.array(q_lens)
     _, ext = ops.read_extents(seq, ql, "fa2", ops.FA3_MAX_OVERREAD, m.layout.row_tokens, clip_to_view=True)
-    view = ops.fa3_view_len(seq, ql, "fa2")
+    view = ops.fa3_view_len(seq, ql, ops.fa3_mask(ql, "fa2"))
     bs = m.layout.block_size
     views = layer_views(m.base_va, m.layout, torch.bfloat16, cuda)
     k_rows, v_rows = views[3]

@@ -132,8 +132,7 @@ class VattnMetadataBuilder(AttentionMetadataBuilder[VattnMetadata]):
                 # the same numbers the model runner gave the memory manager (worker.prepare_attn)
                 if m.seq_lens_cpu_upper_bound is None:
                     raise AssertionError("VATTN_FA3_GUARD=clipped needs vLLM's seq_lens_cpu_upper_bound")
-                view = ops.fa3_view_len(m.seq_lens_cpu_upper_bound[:m.num_reqs].numpy(), query_lens,
-                                        self.cfg.decode_kernel)
+                view = ops.fa3_view_len(m.seq_lens_cpu_upper_bound[:m.num_reqs].numpy(), query_lens, fa3)
                 if view is not None:
                     fa3_kv_len = min(kv_len, view)
         return VattnMetadata(

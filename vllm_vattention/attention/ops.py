@@ -33,11 +33,10 @@ def fa3_mask(query_lens: np.ndarray, decode_kernel: str) -> np.ndarray:
     return np.ones(len(query_lens), dtype=bool)
 
 
-def fa3_view_len(seq_lens: np.ndarray, query_lens: np.ndarray, decode_kernel: str) -> int | None:
+def fa3_view_len(seq_lens: np.ndarray, query_lens: np.ndarray, fa3: np.ndarray) -> int | None:
     """With VATTN_FA3_GUARD=clipped: the row length of the FA3 view of a batch that has a prefill
     (the longest FA3 sequence), or None where the view cannot be narrowed (no prefill: decode-only
-    batches replay CUDA graphs over whole rows)."""
-    fa3 = fa3_mask(query_lens, decode_kernel)
+    batches replay CUDA graphs over whole rows). `fa3`: the batch's `fa3_mask`."""
     if not fa3.any() or not (query_lens > 1).any():
         return None
     return int(seq_lens[fa3].max())
@@ -54,7 +53,7 @@ def read_extents(seq_lens: np.ndarray, query_lens: np.ndarray, decode_kernel: st
     """
     fa3 = fa3_mask(query_lens, decode_kernel)
     ext = np.minimum(seq_lens + np.where(fa3, guard_tokens, 0), row_len)
-    view = fa3_view_len(seq_lens, query_lens, decode_kernel) if clip_to_view else None
+    view = fa3_view_len(seq_lens, query_lens, fa3) if clip_to_view else None
     if view is not None:
         ext = np.where(fa3, np.minimum(ext, view), ext)
     return fa3, ext
