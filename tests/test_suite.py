@@ -152,3 +152,10 @@ def test_a_single_run_has_no_spread_to_lie_outside():
     res += [{"workload": "a", "system": "stock-fa3", "requests_per_s": 10.2},
             {"workload": "a", "system": "vattn-fa2", "requests_per_s": 9.1}]
     assert {r["system"]: r for r in S.summarize(res)}["vattn-fa2"]["significant"] is True
+
+
+def test_results_stem_and_nearest_rank():
+    from vllm_vattention.bench.env import nearest_rank, results_stem
+    assert results_stem("out", {"date": "2026-11-27", "gpu": "NVIDIA H200"}, "-tp2") == "out/2026-11-27-NVIDIA-H200-tp2"
+    assert results_stem("out", {"date": "d", "gpu": None}) == "out/d-cpu"
+    assert nearest_rank(list(range(1, 101)), 0.99) == 99 and nearest_rank([5], 0.99) == 5

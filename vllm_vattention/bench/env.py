@@ -14,6 +14,12 @@ def _cmd(args: list[str]) -> str:
         return "unknown"
 
 
+def commit() -> str:
+    """This tree's commit. The device machine gets the tree without .git: the caller passes
+    VATTN_COMMIT there."""
+    return os.environ.get("VATTN_COMMIT") or _cmd(["git", "rev-parse", "--short", "HEAD"]) or "unknown"
+
+
 def environment() -> dict:
     import torch
     env = {"date": datetime.date.today().isoformat(), "torch": torch.__version__}
@@ -25,9 +31,18 @@ def environment() -> dict:
     env["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     env["driver"] = _cmd(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]).splitlines()[0:1]
     env["driver"] = env["driver"][0] if env["driver"] else "unknown"
-    # The device machine gets the tree without .git: the caller passes VATTN_COMMIT there.
-    env["commit"] = os.environ.get("VATTN_COMMIT") or _cmd(["git", "rev-parse", "--short", "HEAD"]) or "unknown"
+    env["commit"] = commit()
     return env
+
+
+def results_stem(out_dir: str, env: dict, suffix: str = "") -> str:
+    """`<out_dir>/<date>-<gpu><suffix>`: where a device benchmark writes its .json/.md/.png."""
+    return os.path.join(out_dir, f"{env['date']}-{(env['gpu'] or 'cpu').replace(' ', '-')}{suffix}")
+
+
+def nearest_rank(sorted_values: list, q: float):
+    """The q-quantile of already sorted values (nearest rank below; q=0.99: p99)."""
+    return sorted_values[int(q * (len(sorted_values) - 1))]
 
 
 def engine_env(overrides: dict, clear: tuple[str, ...]) -> dict:
@@ -50,6 +65,11 @@ def write_markdown(stem: str, text: str) -> None:
 def header(env: dict) -> str:
     return (f"GPU: {env['gpu']} | driver {env['driver']} | torch {env['torch']} | vLLM {env['vllm']} | "
             f"commit {env['commit']} | {env['date']}")
+
+
+def save_figure(fig, png: str) -> None:
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
 
 
 def pyplot():

@@ -15,7 +15,7 @@ import time
 import torch
 
 from ..memory import PAGE_SIZE, CudaDriver, KVGeometry, KVMemoryManager, make_layout
-from .env import environment, header, write_markdown
+from .env import environment, header, results_stem, write_markdown
 
 LLAMA3_8B = KVGeometry(num_layers=32, num_kv_heads=8, head_size=128, dtype_bytes=2)
 
@@ -122,8 +122,7 @@ def main(argv=None) -> None:
            "manager": manager_costs(d, rows=32, blocks_per_row=64),
            "step_loop": [step_loop(d, bg, steps=60, batch=32, cpu_work_s=0.004) for bg in (False, True)]}
     os.makedirs(args.out, exist_ok=True)
-    gpu = (env["gpu"] or "cpu").replace(" ", "-")
-    stem = os.path.join(args.out, f"{env['date']}-{gpu}-mapbench")
+    stem = results_stem(args.out, env, "-mapbench")
     with open(stem + ".json", "w") as f:
         json.dump(res, f, indent=1)
     dp, mg = res["driver_per_page"], res["manager"]

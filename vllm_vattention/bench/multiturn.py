@@ -26,7 +26,7 @@ import sys
 import time
 
 from ..evict.trace import BLOCK_TOKENS, load_jsonl
-from .env import engine_env, environment, header, write_markdown
+from .env import engine_env, environment, header, nearest_rank, results_stem, write_markdown
 
 VOCAB_LOW, VOCAB_HIGH = 1000, 30000
 
@@ -145,7 +145,7 @@ def run_system(system: str, args, requests: list[dict]) -> dict:
             "prompt_tokens": d["prompt_tokens"], "prompt_tokens_cached": d["prompt_tokens_cached"],
             "prefill_kv_computed_tokens": d["prefill_kv_computed"], "preemptions": d["preemptions"],
             "ttft_p50_ms": statistics.median(ttfts) if ttfts else None,
-            "ttft_p99_ms": ttfts[int(0.99 * (len(ttfts) - 1))] if ttfts else None,
+            "ttft_p99_ms": nearest_rank(ttfts, 0.99) if ttfts else None,
             "requests_per_s": len(ok) / elapsed, "elapsed_s": elapsed,
             "backend_log_tail": log[-1500:] if len(ok) < len(requests) else None}
 
@@ -207,8 +207,7 @@ def merge(docs: list[dict]) -> dict:
 
 
 def _stem(out_dir: str, doc: dict, tag: str) -> str:
-    return os.path.join(out_dir, f"{doc['date']}-{(doc['gpu'] or 'cpu').replace(' ', '-')}-multiturn"
-                                 + (f"-{tag}" if tag else ""))
+    return results_stem(out_dir, doc, "-multiturn" + (f"-{tag}" if tag else ""))
 
 
 def write_report(stem: str, doc: dict) -> None:

@@ -28,6 +28,7 @@ import os
 import statistics
 from dataclasses import dataclass
 
+from .env import environment, nearest_rank, write_markdown
 from .multiturn import build_requests
 
 
@@ -126,7 +127,7 @@ def replay(sched, hasher, requests: list[dict], step: StepModel, max_steps: int 
             "prefill_tokens_computed": scheduled - (produced - len(first_token)),
             "preemptions": sum(preemptions.values()),
             "cached_tokens_by_request": [cached.get(str(i), 0) for i in range(len(requests))],
-            "ttft_p50_s": statistics.median(ttft), "ttft_p99_s": ttft[int(0.99 * (len(ttft) - 1))],
+            "ttft_p50_s": statistics.median(ttft), "ttft_p99_s": nearest_rank(ttft, 0.99),
             "makespan_s": clock}
 
 
@@ -184,7 +185,6 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     import vllm
 
-    from .env import environment, write_markdown
     requests = build_requests(args.trace, args.num_requests, args.max_input_tokens, args.max_output_tokens,
                               args.time_scale)
     step = StepModel(args.step_base_s, args.step_token_s)

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .env import engine_env, environment, header, pyplot, write_markdown
+from .env import engine_env, environment, header, pyplot, results_stem, save_figure, write_markdown
 
 SYSTEMS: dict[str, dict] = {
     "stock-fa3": {"env": {}, "args": []},
@@ -399,8 +399,7 @@ def plot(doc: dict, png: str) -> bool:
     ax.set_ylabel("requests/s vs stock-fa3 (median)")
     ax.set_title(f"{doc.get('gpu')} @ {doc.get('commit')}")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
+    save_figure(fig, png)
     return True
 
 
@@ -427,8 +426,7 @@ def main(argv=None) -> None:
     env = environment()
     os.makedirs(args.out, exist_ok=True)
     tp_tag = f"-tp{args.tensor_parallel_size}" if args.tensor_parallel_size > 1 else ""
-    tag = f"-{args.tag}" if args.tag else ""
-    stem = os.path.join(args.out, f"{env['date']}-{(env['gpu'] or 'cpu').replace(' ', '-')}{tp_tag}{tag}")
+    stem = results_stem(args.out, env, tp_tag + (f"-{args.tag}" if args.tag else ""))
     if args.report and args.json:
         stem = args.json[:-len(".json")] if args.json.endswith(".json") else args.json
     path = stem + ".json"

@@ -18,7 +18,7 @@ import time
 from . import policies as P
 from . import predictors as R
 from . import trace as T
-from ..bench.env import pyplot, write_markdown
+from ..bench.env import commit, pyplot, save_figure, write_markdown
 from .sim import simulate
 
 NOISE = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
@@ -29,7 +29,8 @@ def cache_independent(reqs, pr, par) -> dict:
     online predictors (none depends on k)."""
     seq, _ = T.flatten(pr)
     return {"seq": seq, "nxt": P.next_uses(seq), "keep": R.online_reuse(reqs, pr, par),
-            # what the vLLM hook computes, at its default threshold (VATTN_PREFIX_MIN_USERS=5)
+            # what the vLLM hook computes, at m=5 (its default when these results were made; now 2,
+            # chosen with vLLM's scheduler: benchmarks/results/*-sched-replay-threshold.md)
             "shared": R.online_reuse(reqs, pr, par, continuation=False, min_shared=5)}
 
 
@@ -220,8 +221,7 @@ def plot(doc: dict, png: str) -> bool:
     b.set_ylabel("faults / OPT")
     b.set_title(f"k = {mid:.0%} of distinct pages")
     b.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
+    save_figure(fig, png)
     return True
 
 
@@ -251,8 +251,7 @@ def main(argv=None) -> None:
     doc = sweep(args.trace, [int(x) for x in args.granularities.split(",")],
                 [float(x) for x in args.fractions.split(",")], limit=args.limit,
                 noise=tuple(float(x) for x in args.noise.split(",")))
-    from ..bench.env import _cmd
-    doc["commit"] = os.environ.get("VATTN_COMMIT") or _cmd(["git", "rev-parse", "--short", "HEAD"])
+    doc["commit"] = commit()
     doc["date"] = datetime.date.today().isoformat()
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"{doc['date']}-evict-sim{args.tag}")
