@@ -159,3 +159,34 @@ def test_results_stem_and_nearest_rank():
     assert results_stem("out", {"date": "2026-11-27", "gpu": "NVIDIA H200"}, "-tp2") == "out/2026-11-27-NVIDIA-H200-tp2"
     assert results_stem("out", {"date": "d", "gpu": None}) == "out/d-cpu"
     assert nearest_rank(list(range(1, 101)), 0.99) == 99 and nearest_rank([5], 0.99) == 5
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_running_server_is_stopped_and_its_log_kept(tmp_path):
+    import sys
+    port = _free_port()
+    script = tmp_path / "srv.py"
+    script.write_text(
+        "import http.server, sys\n"
+        "class H(http.server.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        "        self.send_response(200); self.end_headers()\n"
+        "    def log_message(self, *a): pass\n"
+        "print('server up', flush=True)\n"
+        f"http.server.HTTPServer(('127.0.0.1', {port}), H).serve_forever()\n")
+    with S.RunningServer([sys.executable, str(script)], {}, port, 30) as server:
+        assert server._proc.poll() is None  # healthy and running inside the block
+    assert server._proc.poll() is not None and "server up" in server.log
+    failing = S.RunningServer([sys.executable, "-c", "print('bad flag'); raise SystemExit(2)"], {}, _free_port(), 30)
+    try:
+        with failing:
+            raise AssertionError("the block must not run when the server does not start")
+    except RuntimeError as e:
+        assert "exited during start-up" in str(e)
+    assert "bad flag" in failing.log

@@ -21,7 +21,6 @@ import os
 import random
 import re
 import statistics
-import subprocess
 import sys
 import time
 
@@ -109,7 +108,7 @@ def _get(port: int, path: str) -> str:
 def run_system(system: str, args, requests: list[dict]) -> dict:
     import asyncio
 
-    from .suite import wait_healthy
+    from .suite import RunningServer
     policy, _, backend = system.partition("+")
     overrides = {"VATTN_PREFIX_EVICTION": policy, **({"VLLM_ATTENTION_BACKEND": "VATTENTION"} if backend == "vattn" else {})}
     env = engine_env(overrides, ("VLLM_ATTENTION_BACKEND", "VATTN_PREFIX_EVICTION"))
@@ -117,18 +116,14 @@ def run_system(system: str, args, requests: list[dict]) -> dict:
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", args.model, "--load-format", "dummy",
            "--port", str(port), "--max-model-len", str(args.max_input_tokens + args.max_output_tokens + 64),
            "--enable-prefix-caching", "--num-gpu-blocks-override", str(args.num_gpu_blocks)]
-    server = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_healthy(port, server, 600)
+    with RunningServer(cmd, env, port, 600) as server:
         c0 = counters(_get(port, "/metrics"))
         t = time.perf_counter()
         res = asyncio.run(_replay(port, args.model, requests))
         elapsed = time.perf_counter() - t
         c1 = counters(_get(port, "/metrics"))
         d = {k: c1[k] - c0[k] for k in COUNTERS}
-    finally:
-        server.terminate()
-        log, _ = server.communicate(timeout=120)
+    log = server.log
     from ..prefix_eviction import ACTIVE_LOG
     if (f"{ACTIVE_LOG} {policy}" in log) != (policy != "lru"):
         raise RuntimeError(f"{system}: the server's log does not show prefix eviction {policy!r} "

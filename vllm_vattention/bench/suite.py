@@ -186,35 +186,62 @@ def wait_healthy(port: int, server: subprocess.Popen, timeout: float) -> None:
     raise RuntimeError(f"the server did not answer /health within {timeout:.0f} s")
 
 
+class RunningServer:
+    """`with RunningServer(cmd, env, port, start_timeout) as s:` - `vllm serve` (cmd) started and
+    healthy on `port` inside the block, stopped after it; `s.log` then holds its output, also when
+    start-up or the block failed."""
+
+    def __init__(self, cmd: list[str], env: dict, port: int, start_timeout: float):
+        self.cmd, self.env, self.port, self.start_timeout = cmd, env, port, start_timeout
+        self.log = ""
+        self._proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "RunningServer":
+        self._proc = subprocess.Popen(self.cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True)
+        try:
+            wait_healthy(self.port, self._proc, self.start_timeout)
+        except BaseException:
+            self._stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        self._proc.terminate()
+        self.log, _ = self._proc.communicate(timeout=120)
+
+
 def _run_serve(cli, model: str, workloads: list[Workload], system: str, env, raw, timeout, tp: int = 1) -> list[dict]:
     """One server; `vllm bench serve` at each workload's request rate in turn."""
     port = 8190
     max_len = max(w.input_len + w.output_len for w in workloads) + 64
-    server = subprocess.Popen(cli + ["serve", model, "--load-format", "dummy", "--max-model-len", str(max_len),
-                                     "--port", str(port), "--tensor-parallel-size", str(tp), *SYSTEMS[system]["args"]],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = cli + ["serve", model, "--load-format", "dummy", "--max-model-len", str(max_len),
+                 "--port", str(port), "--tensor-parallel-size", str(tp), *SYSTEMS[system]["args"]]
     results = []
+    server = RunningServer(cmd, env, port, timeout / 2)
     try:
-        wait_healthy(port, server, timeout / 2)
-        for w in workloads:
-            client = cli + ["bench", "serve", "--model", model, "--port", str(port), "--dataset-name", "random",
-                            "--random-input-len", str(w.input_len), "--random-output-len", str(w.output_len),
-                            "--num-prompts", str(w.num_prompts), "--request-rate", str(w.request_rate),
-                            "--ignore-eos", "--save-result", "--result-filename", raw]
-            p = subprocess.run(client, env=env, capture_output=True, text=True, timeout=timeout)
-            if p.returncode != 0:
-                raise RuntimeError(f"bench serve failed:\n{(p.stdout + p.stderr)[-3000:]}")
-            d = json.load(open(raw))
-            results.append({"workload": w.name, "requests_per_s": d.get("request_throughput"),
-                            "output_tokens_per_s": d.get("output_throughput"),
-                            "total_tokens_per_s": d.get("total_token_throughput"),
-                            "ttft_p50_ms": d.get("median_ttft_ms"), "ttft_p99_ms": d.get("p99_ttft_ms"),
-                            "tpot_p50_ms": d.get("median_tpot_ms"), "tpot_p99_ms": d.get("p99_tpot_ms")})
+        with server:
+            for w in workloads:
+                client = cli + ["bench", "serve", "--model", model, "--port", str(port), "--dataset-name", "random",
+                                "--random-input-len", str(w.input_len), "--random-output-len", str(w.output_len),
+                                "--num-prompts", str(w.num_prompts), "--request-rate", str(w.request_rate),
+                                "--ignore-eos", "--save-result", "--result-filename", raw]
+                p = subprocess.run(client, env=env, capture_output=True, text=True, timeout=timeout)
+                if p.returncode != 0:
+                    raise RuntimeError(f"bench serve failed:\n{(p.stdout + p.stderr)[-3000:]}")
+                d = json.load(open(raw))
+                results.append({"workload": w.name, "requests_per_s": d.get("request_throughput"),
+                                "output_tokens_per_s": d.get("output_throughput"),
+                                "total_tokens_per_s": d.get("total_token_throughput"),
+                                "ttft_p50_ms": d.get("median_ttft_ms"), "ttft_p99_ms": d.get("p99_ttft_ms"),
+                                "tpot_p50_ms": d.get("median_tpot_ms"), "tpot_p99_ms": d.get("p99_tpot_ms")})
     finally:
-        server.terminate()
-        log, _ = server.communicate(timeout=120)
         with open(os.path.join(os.path.dirname(raw), f"log-serve-{system}.txt"), "w") as f:
-            f.write(log)
+            f.write(server.log)
+    log = server.log
     mapper = _mapper_stats(log)  # the server's whole run, both rates
     for r, w in zip(results, workloads):
         r["max_concurrent_requests"] = _kv_capacity(log, w.input_len + w.output_len, _block_size(log))
