@@ -79,7 +79,6 @@ def replay(sched, hasher, requests: list[dict], step: StepModel, max_steps: int 
     live: dict[str, Request] = {}
     first_token: dict[str, float] = {}
     cached: dict[str, int] = {}
-    preemptions: dict[str, int] = {}
     clock, nxt, steps, scheduled, produced = 0.0, 0, 0, 0, 0
     while nxt < len(pending) or sched.has_requests():
         while nxt < len(pending) and requests[pending[nxt]]["t"] <= clock:
@@ -116,8 +115,6 @@ def replay(sched, hasher, requests: list[dict], step: StepModel, max_steps: int 
                 first_token.setdefault(rid, clock)
         sched.update_from_output(out, ModelRunnerOutput(req_ids=ids, req_id_to_index={r: k for k, r in enumerate(ids)},
                                                         sampled_token_ids=sampled))
-        for rid in ids:
-            preemptions[rid] = live[rid].num_preemptions
     prompt_tokens = sum(len(r["prompt"]) for r in requests)
     ttft = sorted(first_token[str(i)] - requests[i]["t"] for i in range(len(requests)))
     return {"requests": len(requests), "steps": steps, "prompt_tokens": prompt_tokens,
@@ -125,7 +122,7 @@ def replay(sched, hasher, requests: list[dict], step: StepModel, max_steps: int 
             "cached_prompt_share": sum(cached.values()) / prompt_tokens if prompt_tokens else None,
             # every scheduled token is prefill work except one per sampled token after the first of a request
             "prefill_tokens_computed": scheduled - (produced - len(first_token)),
-            "preemptions": sum(preemptions.values()),
+            "preemptions": sum(r.num_preemptions for r in live.values()),
             "cached_tokens_by_request": [cached.get(str(i), 0) for i in range(len(requests))],
             "ttft_p50_s": statistics.median(ttft), "ttft_p99_s": nearest_rank(ttft, 0.99),
             "makespan_s": clock}

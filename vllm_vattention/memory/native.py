@@ -75,20 +75,22 @@ class NativeExecutor:
         done = ctypes.c_uint64()
         rc = self._lib.vattn_mapper_wait(self._handle, text, 256, ctypes.byref(done))
         self.ops_done = done.value
-        if rc:
-            raise DriverError("native mapping thread", rc, f"CUresult {rc}", text.value.decode())
+        _raise_if_failed(rc, text)
 
     def poll(self) -> None:
         """Raise the first error of the native thread so far, without waiting for it."""
         text = ctypes.create_string_buffer(256)
-        rc = self._lib.vattn_mapper_poll(self._handle, text, 256)
-        if rc:
-            raise DriverError("native mapping thread", rc, f"CUresult {rc}", text.value.decode())
+        _raise_if_failed(self._lib.vattn_mapper_poll(self._handle, text, 256), text)
 
     def close(self) -> None:
         if self._handle:
             self._lib.vattn_mapper_destroy(self._handle)
             self._handle = None
+
+
+def _raise_if_failed(rc: int, text) -> None:
+    if rc:
+        raise DriverError("native mapping thread", rc, f"CUresult {rc}", text.value.decode())
 
 
 def fake_table(driver) -> tuple[DriverTable, tuple, list]:
