@@ -153,11 +153,17 @@ class _Adaptive:
             self.p = max(0.0, self.p - max(1.0, len(g1) / max(1, len(g2))))
 
 
+def _pool_state(pool, attr: str, cls):
+    """Our per-pool state (`cls(num_blocks)`), kept on the BlockPool instance, made on first use."""
+    st = pool.__dict__.get(attr)
+    if st is None:
+        st = cls(len(pool.blocks))
+        setattr(pool, attr, st)
+    return st
+
+
 def _adaptive(pool) -> _Adaptive:
-    a = pool.__dict__.get("_vattn_arc")
-    if a is None:
-        a = pool._vattn_arc = _Adaptive(len(pool.blocks))
-    return a
+    return _pool_state(pool, "_vattn_arc", _Adaptive)
 
 
 def _choose_victims(pool, a: _Adaptive, n: int) -> None:
@@ -197,11 +203,9 @@ def _link_after(queue, anchor, blocks) -> None:
     nxt.prev_free_block = prev
     queue.num_free_blocks += len(blocks)
 
+
 def _counts(pool) -> _UseCounts:
-    c = pool.__dict__.get("_vattn_uses")
-    if c is None:
-        c = pool._vattn_uses = _UseCounts(len(pool.blocks))
-    return c
+    return _pool_state(pool, "_vattn_uses", _UseCounts)
 
 
 def install(mode: str, min_users: int = DEFAULT_MIN_USERS, passes: int = 1) -> bool:
