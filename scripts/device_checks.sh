@@ -3,7 +3,6 @@
 # tests, the mapper benchmark and an offline A/B smoke test. Logs go to $OUT.
 # Usage: bash scripts/device_checks.sh [steps...]
 #   steps: install gpu_tests (all of tests/gpu) unit (VMM + kernels) e2e server sanitizer mapbench ab
-#          new_paths (stream-mode mapping and the clipped FA3 guard, under compute-sanitizer)
 #          stream_check (the stream-mode GPU test alone, no sanitizer; then the clipped-guard tests under it)
 #          tp (needs 2 GPUs) tp_rest (the Yi-34B and preemption cases) tp_ab (TP=2 suite round, $OUT/tp)
 #          multiturn (needs the trace carried: cp ../shared/traces/*.jsonl .gpu/trace/, carry [".gpu/trace"];
@@ -12,6 +11,10 @@ set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export VLLM_USE_FLASHINFER_SAMPLER=0 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 steps=${*:-install gpu_tests mapbench ab}
+# sanitized LOG PYTEST_ARGS...: GPU tests under compute-sanitizer's memcheck (fails on any error)
+sanitized() { local log=$1; shift
+  timeout 400 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -m gpu -q -p no:cacheprovider "$@" \
+    > "$OUT/$log.log" 2>&1; echo "rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/$log.log" | tail -5; }
 for s in $steps; do
   echo "=== $s $(date +%T)"
   case $s in
@@ -20,13 +23,11 @@ for s in $steps; do
     unit) timeout 300 python3 -m pytest -m gpu tests/gpu/test_vmm_gpu.py tests/gpu/test_kernels_gpu.py -q -p no:cacheprovider > "$OUT/unit.log" 2>&1; echo "rc=$?"; tail -6 "$OUT/unit.log";;
     e2e) timeout 420 python3 -m pytest -m gpu tests/gpu/test_e2e_gpu.py -q -s -p no:cacheprovider --durations=5 > "$OUT/e2e.log" 2>&1; echo "rc=$?"; grep -E "greedy|passed|failed|Error" "$OUT/e2e.log" | tail -12;;
     server) timeout 420 python3 -m pytest -m gpu tests/gpu/test_server_gpu.py -q -p no:cacheprovider --durations=8 > "$OUT/server.log" 2>&1; echo "rc=$?"; tail -14 "$OUT/server.log";;
-    sanitizer) timeout 400 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -m gpu -q -p no:cacheprovider \
-        tests/gpu/test_kernels_gpu.py -k "guard" > "$OUT/sanitizer.log" 2>&1; echo "rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer.log" | tail -5;;
-    new_paths) timeout 420 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -m gpu -q -p no:cacheprovider \
-        tests/gpu/test_vmm_gpu.py tests/gpu/test_kernels_gpu.py -k "stream or clipped" > "$OUT/new_paths.log" 2>&1; echo "rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/new_paths.log" | tail -5;;
-    stream_check) timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_vmm_gpu.py -k stream > "$OUT/stream.log" 2>&1; echo "rc=$?"; tail -4 "$OUT/stream.log"
-        timeout 400 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -m gpu -q -p no:cacheprovider \
-        tests/gpu/test_kernels_gpu.py -k clipped > "$OUT/clipped.log" 2>&1; echo "rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/clipped.log" | tail -4;;
+    sanitizer) sanitized sanitizer tests/gpu/test_kernels_gpu.py -k guard;;
+    stream_check) # the stream-mode tests without the sanitizer (under it they did not finish in 170 s), then
+        # the clipped-guard tests under it
+        timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_vmm_gpu.py -k stream > "$OUT/stream.log" 2>&1; echo "rc=$?"; tail -4 "$OUT/stream.log"
+        sanitized clipped tests/gpu/test_kernels_gpu.py -k clipped;;
     tp_rest) timeout 580 python3 -m pytest -m gpu2 tests/gpu_multi -q -s -p no:cacheprovider -k "yi or preemption" > "$OUT/tp_rest.log" 2>&1; echo "rc=$?"; grep -E "greedy|absdiff_max|passed|failed" "$OUT/tp_rest.log" | tail -12;;
     tp_ab) timeout 580 vattn-bench --tensor-parallel-size 2 --systems stock-fa3,vattn-fa2 --workloads ${TP_WORKLOADS:-1024-in-128-out,16k-context-decode} \
         --reps ${TP_REPS:-1} --max-seconds 560 --out "$OUT/tp" > "$OUT/tp_ab.log" 2>&1; echo "rc=$?"; grep "^\[suite\]" "$OUT/tp_ab.log" | tail -12;;
