@@ -3,8 +3,12 @@
 # tests, the mapper benchmark and an offline A/B smoke test. Logs go to $OUT.
 # Usage: bash scripts/device_checks.sh [steps...]
 #   steps: install gpu_tests (all of tests/gpu) unit (VMM + kernels) e2e server sanitizer mapbench ab
-#          stream_check (the stream-mode GPU test alone, no sanitizer; then the clipped-guard tests under it)
-#          tp (needs 2 GPUs) tp_rest (the Yi-34B and preemption cases) tp_ab (TP=2 suite round, $OUT/tp)
+#          stream_check (the stream-mode GPU tests alone, no sanitizer; then the clipped-guard tests under it)
+#          suite_round (offline rounds of stock-fa3 with the candidate: stream+clipped if stream_check passed on
+#          this machine, else background+clipped; results kept in /root/suite across calls, copied to $OUT;
+#          DEADLINE=epoch seconds bounds it)
+#          tp (needs 2 GPUs) tp_rest (-k "$TP_K", default the Yi-34B and preemption cases) tp_ab (TP=2 suite
+#          rounds, kept in /root/tp across calls, copied to $OUT/tp)
 #          multiturn (needs the trace carried: cp ../shared/traces/*.jsonl .gpu/trace/, carry [".gpu/trace"];
 #          shared/ does not travel) multiturn_pair (2 GPUs: lru and $MT_POLICY at once, then swapped, merged)
 set -u
@@ -13,7 +17,7 @@ export VLLM_USE_FLASHINFER_SAMPLER=0 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_M
 steps=${*:-install gpu_tests mapbench ab}
 # sanitized LOG PYTEST_ARGS...: GPU tests under compute-sanitizer's memcheck (fails on any error)
 sanitized() { local log=$1; shift
-  timeout 400 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -m gpu -q -p no:cacheprovider "$@" \
+  timeout ${SAN_TIMEOUT:-400} compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -m gpu -q -p no:cacheprovider "$@" \
     > "$OUT/$log.log" 2>&1; echo "rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/$log.log" | tail -5; }
 for s in $steps; do
   echo "=== $s $(date +%T)"
@@ -26,11 +30,18 @@ for s in $steps; do
     sanitizer) sanitized sanitizer tests/gpu/test_kernels_gpu.py -k guard;;
     stream_check) # the stream-mode tests without the sanitizer (under it they did not finish in 170 s), then
         # the clipped-guard tests under it
-        timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_vmm_gpu.py -k stream > "$OUT/stream.log" 2>&1; echo "rc=$?"; tail -4 "$OUT/stream.log"
+        timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_vmm_gpu.py -k stream > "$OUT/stream.log" 2>&1
+        rc=$?; echo "rc=$rc"; tail -4 "$OUT/stream.log"; [ $rc = 0 ] && touch /root/stream_ok
         sanitized clipped tests/gpu/test_kernels_gpu.py -k clipped;;
-    tp_rest) timeout 580 python3 -m pytest -m gpu2 tests/gpu_multi -q -s -p no:cacheprovider -k "yi or preemption" > "$OUT/tp_rest.log" 2>&1; echo "rc=$?"; grep -E "greedy|absdiff_max|passed|failed" "$OUT/tp_rest.log" | tail -12;;
+    suite_round) c=vattn-bg-clipped; [ -e /root/stream_ok ] && c=vattn-stream-clipped; mkdir -p /root/suite
+        left=$(( ${DEADLINE:-$(( $(date +%s) + 580 ))} - $(date +%s) - 15 ))
+        vattn-bench --systems stock-fa3,$c --paired $c --reps ${SUITE_REPS:-3} --workloads ${SUITE_WORKLOADS:-1024-in-128-out,8192-in-256-out,512-in-1024-out,16k-context-decode,capacity-300-tokens} \
+          --tag ${SUITE_TAG:-final} --max-seconds $left --out /root/suite > "$OUT/suite_round.log" 2>&1; echo "rc=$? candidate=$c"
+        grep "^\[suite\]" "$OUT/suite_round.log" | tail -14; cp -r /root/suite "$OUT/";;
+    tp_rest) timeout ${TP_TIMEOUT:-580} python3 -m pytest -m gpu2 tests/gpu_multi -q -s -p no:cacheprovider -k "${TP_K:-yi or preemption}" > "$OUT/tp_rest.log" 2>&1; echo "rc=$?"; grep -E "greedy|absdiff_max|passed|failed" "$OUT/tp_rest.log" | tail -12;;
     tp_ab) timeout 580 vattn-bench --tensor-parallel-size 2 --systems stock-fa3,vattn-fa2 --workloads ${TP_WORKLOADS:-1024-in-128-out,16k-context-decode} \
-        --reps ${TP_REPS:-1} --max-seconds 560 --out "$OUT/tp" > "$OUT/tp_ab.log" 2>&1; echo "rc=$?"; grep "^\[suite\]" "$OUT/tp_ab.log" | tail -12;;
+        --reps ${TP_REPS:-1} --max-seconds $(( ${DEADLINE:-$(( $(date +%s) + 575 ))} - $(date +%s) - 15 )) --out /root/tp > "$OUT/tp_ab.log" 2>&1
+        echo "rc=$?"; grep "^\[suite\]" "$OUT/tp_ab.log" | tail -12; cp -r /root/tp "$OUT/";;
     multiturn_pair) P=${MT_POLICY:-second-chance}; for order in "lru $P" "$P lru"; do set -- $order; i=$((${i:-0} + 1))
           for g in 0 1; do policy=$1; [ $g = 1 ] && policy=$2
             CUDA_VISIBLE_DEVICES=$g timeout -s INT 280 python3 -m vllm_vattention.bench.multiturn --trace .gpu/trace/mooncake_conversation_trace.jsonl \

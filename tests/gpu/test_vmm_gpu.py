@@ -89,35 +89,59 @@ def test_impossible_reservation_is_a_typed_error(driver):
         raise AssertionError("reserving 2^60 bytes should fail")
 
 
+class Fence:  # a CUDA event, as the worker's EventFence
+    def __init__(self, stream):
+        self.event = torch.cuda.Event()
+        self.event.record(stream)
+
+    def done(self):
+        return self.event.query()
+
+    def wait(self):
+        self.event.synchronize()
+
+    @property
+    def native_handle(self):
+        return self.event.cuda_event
+
+
+def wait_for(m, fence, seq, what):
+    """Bounded: a stream that never runs on becomes a failure saying whether the native thread signalled."""
+    import time
+    deadline = time.monotonic() + 20
+    while not fence.done():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: stream still blocked after 20 s; host flag {m.flag_value()}, "
+                                 f"waiting for {seq} ({'signalled: the GPU does not see it' if m.flag_value() >= seq else 'the native thread has not signalled: its driver calls block while the stream waits'})")
+        time.sleep(0.001)
+
+
+def stalled_stream(m, driver, k, bs, first):
+    """A stream that waits for `first`, writes 1.0 into slot 0 of row view `k`, stays busy, then waits
+    for `first + 1` and writes 2.0 into slot 1. Returns (stream, fence, sum of slots 0-1)."""
+    stream = torch.cuda.Stream()
+    # Allocate on `stream` once before any wait: torch's caching allocator then reuses these blocks.
+    # A cudaMalloc made by this (the only) thread while the stream is blocked on a flag that this
+    # thread has yet to publish can block for good (the driver may wait for the stream). In the
+    # engine the flag is signalled by the native thread, not by the thread that allocates.
+    with torch.cuda.stream(stream):
+        k[: 2 * bs].float().sum().clone()
+    stream.synchronize()
+    with torch.cuda.stream(stream):
+        driver.stream_wait(stream.cuda_stream, m.flag_device_address, first)
+        k[:bs].fill_(1.0)  # slot 0
+        torch.cuda._sleep(50_000_000)  # keep the stream busy (~25-50 ms)
+        driver.stream_wait(stream.cuda_stream, m.flag_device_address, first + 1)
+        k[bs: 2 * bs].fill_(2.0)  # slot 1: its block is mapped only after this is enqueued
+        out = k[: 2 * bs].float().sum().clone()
+    return stream, Fence(stream), out
+
+
 def test_stream_mode_gpu_waits_for_mappings_made_after_its_kernels_were_enqueued(manager_factory, driver, cuda):
     """VATTN_BACKGROUND_MAP=stream: a kernel enqueued behind cuStreamWaitValue32 writes into a slot
     that is only mapped (by the native thread) 200 ms later, while the stream is busy; without the
     wait it would touch unmapped memory (illegal address). It must see the mapping and write the bytes."""
     import time
-
-    class Fence:  # a CUDA event, as the worker's EventFence
-        def __init__(self, stream):
-            self.event = torch.cuda.Event()
-            self.event.record(stream)
-
-        def done(self):
-            return self.event.query()
-
-        def wait(self):
-            self.event.synchronize()
-
-        @property
-        def native_handle(self):
-            return self.event.cuda_event
-
-    def wait_for(fence, seq, what):
-        # bounded: a hang becomes a failure that says whether the native thread signalled
-        deadline = time.monotonic() + 20
-        while not fence.done():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{what}: stream still blocked after 20 s; host flag {m.flag_value()}, "
-                                     f"waiting for {seq} ({'signalled: the GPU does not see it' if m.flag_value() >= seq else 'the native thread has not signalled'})")
-            time.sleep(0.001)
 
     m = manager_factory(background="stream")
     views = layer_views(m.base_va, m.layout, torch.bfloat16, cuda)
@@ -125,29 +149,13 @@ def test_stream_mode_gpu_waits_for_mappings_made_after_its_kernels_were_enqueued
     row = m.acquire_row()
     m.set_blocks(row, [3])
     first = m.publish()
-    stream = torch.cuda.Stream()
     k = views[7][0][row]
-    # Allocate on `stream` once before any wait: torch's caching allocator then reuses these blocks.
-    # A cudaMalloc made by this (the only) thread while the stream is blocked on a flag that this
-    # thread has yet to publish can block for good (the driver may wait for the stream): our best
-    # explanation, not yet confirmed, of why the first version of this test hung on the H200. In
-    # the engine the flag is signalled by the native thread, not by the thread that allocates.
-    with torch.cuda.stream(stream):
-        k[: 2 * bs].float().sum().clone()
-    stream.synchronize()
-    with torch.cuda.stream(stream):
-        driver.stream_wait(stream.cuda_stream, m.flag_device_address, first)
-        k[:bs].fill_(1.0)  # block 3, slot 0
-        torch.cuda._sleep(50_000_000)  # keep the stream busy (~25-50 ms)
-        driver.stream_wait(stream.cuda_stream, m.flag_device_address, first + 1)
-        k[bs: 2 * bs].fill_(2.0)  # slot 1: not mapped yet when this is enqueued
-        out = k[: 2 * bs].float().sum().clone()
-    fence = Fence(stream)
+    stream, fence, out = stalled_stream(m, driver, k, bs, first)
     time.sleep(0.2)
     assert not fence.done()  # the GPU is waiting for the flag
     m.set_blocks(row, [9], start=1)
     assert m.publish() == first + 1
-    wait_for(fence, first + 1, "after publish()")
+    wait_for(m, fence, first + 1, "after publish()")
     assert out.item() == bs * 8 * 128 * (1.0 + 2.0)
     # and the hazard path: remap slot 0 while a step that reads it is in flight
     with torch.cuda.stream(stream):
@@ -160,3 +168,32 @@ def test_stream_mode_gpu_waits_for_mappings_made_after_its_kernels_were_enqueued
     assert busy.done() and m.flag_value() == seq and m.stats()["hazard_waits"] == 1
     torch.cuda.synchronize()
     assert torch.count_nonzero(k[:bs]).item() == 0  # block 5 is fresh
+
+
+def test_stream_mode_gpu_replaces_a_guard_page_while_the_stream_waits(manager_factory, driver, cuda):
+    """The engine's common stream-mode case: slot 1 holds the shared zero page (the guard behind a
+    sequence end) when the step that grows into it is enqueued; the native thread unmaps the zero
+    page and maps the real block while the stream waits. cuMemUnmap must not wait for that stream
+    (it would deadlock), and the write must land in the new block, never in the shared zero page."""
+    import time
+
+    m = manager_factory(background="stream")
+    views = layer_views(m.base_va, m.layout, torch.bfloat16, cuda)
+    bs = m.layout.block_size
+    row, other = m.acquire_row(), m.acquire_row()
+    m.set_blocks(row, [3])
+    m.ensure_readable(row, 2 * bs)  # slot 1: the zero page
+    m.ensure_readable(other, bs)  # a second reader of the zero page
+    first = m.publish()
+    k = views[7][0][row]
+    stream, fence, out = stalled_stream(m, driver, k, bs, first)
+    time.sleep(0.2)
+    assert not fence.done()  # the GPU is waiting for the flag
+    m.set_blocks(row, [9], start=1)  # unmap the zero page, map block 9, while the stream waits
+    assert m.publish() == first + 1
+    wait_for(m, fence, first + 1, "after the guard's remap was published")
+    assert out.item() == bs * 8 * 128 * (1.0 + 2.0)
+    torch.cuda.synchronize()
+    assert torch.all(k[bs: 2 * bs] == 2.0)  # block 9 holds the write
+    assert torch.count_nonzero(views[7][0][other][:bs]).item() == 0  # the zero page is still zero
+    assert m.stats()["zero_maps"] >= 2

@@ -36,6 +36,10 @@ SYSTEMS: dict[str, dict] = {
     # candidates for the default, measured against it before they become it (benchmarks/NOTES.md #7, #9)
     "vattn-stream-clipped": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_BACKGROUND_MAP": "stream",
                                      "VATTN_FA3_GUARD": "clipped"}, "args": []},
+    # the same without stream mode (the native thread joined before each step), in case the GPU
+    # shows stream mode unsafe (NOTES #10, #16)
+    "vattn-bg-clipped": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_BACKGROUND_MAP": "1",
+                                 "VATTN_FA3_GUARD": "clipped"}, "args": []},
 }
 # Every variable that selects a system: cleared from the caller's environment before a system's own
 # are set, so that one engine's settings never leak into another's.
