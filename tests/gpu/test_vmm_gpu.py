@@ -124,8 +124,9 @@ def stalled_stream(m, driver, k, bs, first):
     # A cudaMalloc made by this (the only) thread while the stream is blocked on a flag that this
     # thread has yet to publish can block for good (the driver may wait for the stream). In the
     # engine the flag is signalled by the native thread, not by the thread that allocates.
+    # (Not through `k`: its slots are mapped by the native thread, slot 1 not at all yet.)
     with torch.cuda.stream(stream):
-        k[: 2 * bs].float().sum().clone()
+        torch.zeros_like(k[: 2 * bs]).float().sum().clone()
     stream.synchronize()
     with torch.cuda.stream(stream):
         driver.stream_wait(stream.cuda_stream, m.flag_device_address, first)
