@@ -115,7 +115,7 @@ def test_fa3_view_clipped_to_the_longest_sequence_needs_no_guard_there(manager_f
     own blocks mapped, the others readable up to the view's end (ops.read_extents). Run under
     compute-sanitizer: an over-read past the view would be an illegal address."""
     import numpy as np
-    m = manager_factory(rows=4, max_tokens=4096)
+    m = manager_factory(rows=4, max_tokens=4096, num_blocks=256)  # 2000 + 1025 + 48 tokens: 193 blocks
     seq, ql = np.array(seq_lens), np.array(q_lens)
     _, ext = ops.read_extents(seq, ql, "fa2", ops.FA3_MAX_OVERREAD, m.layout.row_tokens, clip_to_view=True)
     view = ops.fa3_view_len(seq, ql, ops.fa3_mask(ql, "fa2"))
