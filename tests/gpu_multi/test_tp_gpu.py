@@ -26,6 +26,14 @@ def run_ab(tmp_path, *flags):
     return json.load(open(out)), log
 
 
+def assert_clean_shutdown(log: str) -> None:
+    """Both ranks shut their managers down in order: only the dummy row still held, no error after."""
+    stats = re.findall(r"vAttention mapper stats: (\{.*?\})\s*$", log, re.M)
+    assert len(stats) == 2, log[-3000:]
+    assert all("'active_rows': 1" in x for x in stats)
+    assert "vAttention KV: " in log and "Traceback" not in log
+
+
 # Llama with CUDA graphs (the serving default); Yi-34B eager, to keep the three 34B engines' start-up
 # inside one device call (graphs at TP=2 are exercised by Llama and by the TP=2 benchmark)
 @pytest.mark.parametrize("model", ["llama-3.1-8b", "yi-34b"])
@@ -38,19 +46,17 @@ def test_tp2_logprobs_within_the_fa2_fa3_spread_and_clean_shutdown(two_gpus, tmp
     print(json.dumps({"model": model, "fa2_vs_fa3_spread": spread, "stock_vs_vattention": ours}, indent=1))
     assert ours["logprob_absdiff_max"] <= max(2 * spread["logprob_absdiff_max"], 1e-2), (ours, spread)
     assert ours["greedy_prefix_agreement"] >= min(spread["greedy_prefix_agreement"], 0.9)
-    # both ranks shut their managers down in order: only the dummy row still held, no error after
-    stats = re.findall(r"vAttention mapper stats: (\{.*?\})\s*$", log, re.M)
-    assert len(stats) == 2, log[-3000:]
-    assert all("'active_rows': 1" in x for x in stats)
-    assert "vAttention KV: " in log and "Traceback" not in log
+    assert_clean_shutdown(log)
 
 
 def test_tp2_preemption_completes_every_request(two_gpus, tmp_path):
     # Llama-3-8B at TP=2: 4 KV heads per rank, so 32-token blocks; 40 blocks = 1280 tokens of KV
-    s, _ = run_ab(tmp_path, "--model", os.path.join(ROOT, "models", "llama-3.1-8b"), "--systems", "vattention",
+    s, log = run_ab(tmp_path, "--model", os.path.join(ROOT, "models", "llama-3.1-8b"), "--systems", "vattention",
                   "--num-prompts", "10", "--max-tokens", "64", "--num-gpu-blocks", "40", "--max-model-len", "1024",
                   "--enforce-eager", "--gpu-memory-utilization", "0.85")
     r = s["vattention"]
     out = json.load(open(tmp_path / "ab.json.vattention.json"))
     assert all(len(o["tokens"]) == 64 for o in out["outputs"])
+    print(json.dumps({"preemption_test": {"num_preemptions": r["num_preemptions"], "requests": len(out["outputs"])}}))
     assert r["num_preemptions"] and r["num_preemptions"] > 0, r
+    assert_clean_shutdown(log)
