@@ -190,3 +190,29 @@ def test_running_server_is_stopped_and_its_log_kept(tmp_path):
     except RuntimeError as e:
         assert "exited during start-up" in str(e)
     assert "bad flag" in failing.log
+
+
+def test_running_server_that_logs_more_than_a_pipe_holds_does_not_block(tmp_path):
+    # vLLM logs every request; the first version read the server's output through a pipe only at
+    # the end, so a server that wrote more than the pipe holds (64 KiB) blocked on its next write
+    # (a 1000-request replay hung on the device). 2 MiB before it listens, more on every request.
+    import sys
+    import urllib.request
+    port = _free_port()
+    script = tmp_path / "chatty.py"
+    script.write_text(
+        "import http.server, sys\n"
+        "print('x' * (2 << 20), flush=True)\n"
+        "class H(http.server.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        "        print('y' * (256 << 10), flush=True)\n"
+        "        self.send_response(200); self.end_headers()\n"
+        "    def log_message(self, *a): pass\n"
+        f"http.server.HTTPServer(('127.0.0.1', {port}), H).serve_forever()\n")
+    log_path = tmp_path / "server.log"
+    with S.RunningServer([sys.executable, str(script)], {}, port, 30, str(log_path)) as server:
+        for _ in range(8):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
+                assert r.status == 200
+        assert log_path.stat().st_size > (2 << 20)  # on disk while the server runs
+    assert len(server.log) > (2 << 20) + 8 * (256 << 10)

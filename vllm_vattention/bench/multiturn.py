@@ -116,7 +116,8 @@ def run_system(system: str, args, requests: list[dict]) -> dict:
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", args.model, "--load-format", "dummy",
            "--port", str(port), "--max-model-len", str(args.max_input_tokens + args.max_output_tokens + 64),
            "--enable-prefix-caching", "--num-gpu-blocks-override", str(args.num_gpu_blocks)]
-    with RunningServer(cmd, env, port, 600) as server:
+    os.makedirs(args.out, exist_ok=True)
+    with RunningServer(cmd, env, port, 600, os.path.join(args.out, f"server-{system}.log")) as server:
         c0 = counters(_get(port, "/metrics"))
         t = time.perf_counter()
         res = asyncio.run(_replay(port, args.model, requests))

@@ -191,18 +191,22 @@ def wait_healthy(port: int, server: subprocess.Popen, timeout: float) -> None:
 
 
 class RunningServer:
-    """`with RunningServer(cmd, env, port, start_timeout) as s:` - `vllm serve` (cmd) started and
-    healthy on `port` inside the block, stopped after it; `s.log` then holds its output, also when
-    start-up or the block failed."""
+    """`with RunningServer(cmd, env, port, start_timeout, log_path) as s:` - `vllm serve` (cmd) started
+    and healthy on `port` inside the block, stopped after it; `s.log` then holds its output, also when
+    start-up or the block failed. The output goes to a file as it is written (`log_path`, else a
+    temporary one), never to a pipe: nobody reads a pipe while the block runs, and a server that
+    logs more than the pipe holds (64 KiB: vLLM logs every request) would block on its next write."""
 
-    def __init__(self, cmd: list[str], env: dict, port: int, start_timeout: float):
-        self.cmd, self.env, self.port, self.start_timeout = cmd, env, port, start_timeout
+    def __init__(self, cmd: list[str], env: dict, port: int, start_timeout: float, log_path: str | None = None):
+        self.cmd, self.env, self.port, self.start_timeout, self.log_path = cmd, env, port, start_timeout, log_path
         self.log = ""
         self._proc: subprocess.Popen | None = None
+        self._file = None
 
     def __enter__(self) -> "RunningServer":
-        self._proc = subprocess.Popen(self.cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True)
+        import tempfile
+        self._file = open(self.log_path, "w+") if self.log_path else tempfile.TemporaryFile("w+")
+        self._proc = subprocess.Popen(self.cmd, env=self.env, stdout=self._file, stderr=subprocess.STDOUT, text=True)
         try:
             wait_healthy(self.port, self._proc, self.start_timeout)
         except BaseException:
@@ -215,7 +219,14 @@ class RunningServer:
 
     def _stop(self) -> None:
         self._proc.terminate()
-        self.log, _ = self._proc.communicate(timeout=120)
+        try:
+            self._proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._file.seek(0)
+        self.log = self._file.read()
+        self._file.close()
 
 
 def _run_serve(cli, model: str, workloads: list[Workload], system: str, env, raw, timeout, tp: int = 1) -> list[dict]:
@@ -225,26 +236,22 @@ def _run_serve(cli, model: str, workloads: list[Workload], system: str, env, raw
     cmd = cli + ["serve", model, "--load-format", "dummy", "--max-model-len", str(max_len),
                  "--port", str(port), "--tensor-parallel-size", str(tp), *SYSTEMS[system]["args"]]
     results = []
-    server = RunningServer(cmd, env, port, timeout / 2)
-    try:
-        with server:
-            for w in workloads:
-                client = cli + ["bench", "serve", "--model", model, "--port", str(port), "--dataset-name", "random",
-                                "--random-input-len", str(w.input_len), "--random-output-len", str(w.output_len),
-                                "--num-prompts", str(w.num_prompts), "--request-rate", str(w.request_rate),
-                                "--ignore-eos", "--save-result", "--result-filename", raw]
-                p = subprocess.run(client, env=env, capture_output=True, text=True, timeout=timeout)
-                if p.returncode != 0:
-                    raise RuntimeError(f"bench serve failed:\n{(p.stdout + p.stderr)[-3000:]}")
-                d = json.load(open(raw))
-                results.append({"workload": w.name, "requests_per_s": d.get("request_throughput"),
-                                "output_tokens_per_s": d.get("output_throughput"),
-                                "total_tokens_per_s": d.get("total_token_throughput"),
-                                "ttft_p50_ms": d.get("median_ttft_ms"), "ttft_p99_ms": d.get("p99_ttft_ms"),
-                                "tpot_p50_ms": d.get("median_tpot_ms"), "tpot_p99_ms": d.get("p99_tpot_ms")})
-    finally:
-        with open(os.path.join(os.path.dirname(raw), f"log-serve-{system}.txt"), "w") as f:
-            f.write(server.log)
+    server = RunningServer(cmd, env, port, timeout / 2, os.path.join(os.path.dirname(raw), f"log-serve-{system}.txt"))
+    with server:
+        for w in workloads:
+            client = cli + ["bench", "serve", "--model", model, "--port", str(port), "--dataset-name", "random",
+                            "--random-input-len", str(w.input_len), "--random-output-len", str(w.output_len),
+                            "--num-prompts", str(w.num_prompts), "--request-rate", str(w.request_rate),
+                            "--ignore-eos", "--save-result", "--result-filename", raw]
+            p = subprocess.run(client, env=env, capture_output=True, text=True, timeout=timeout)
+            if p.returncode != 0:
+                raise RuntimeError(f"bench serve failed:\n{(p.stdout + p.stderr)[-3000:]}")
+            d = json.load(open(raw))
+            results.append({"workload": w.name, "requests_per_s": d.get("request_throughput"),
+                            "output_tokens_per_s": d.get("output_throughput"),
+                            "total_tokens_per_s": d.get("total_token_throughput"),
+                            "ttft_p50_ms": d.get("median_ttft_ms"), "ttft_p99_ms": d.get("p99_ttft_ms"),
+                            "tpot_p50_ms": d.get("median_tpot_ms"), "tpot_p99_ms": d.get("p99_tpot_ms")})
     log = server.log
     mapper = _mapper_stats(log)  # the server's whole run, both rates
     for r, w in zip(results, workloads):
