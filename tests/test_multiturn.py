@@ -67,3 +67,52 @@ def test_merge_runs_of_one_replay_and_refuse_different_ones(tmp_path):
     assert "| lru | 0 | 0.100 |" in md and "| discard-lru | 1 | 0.100 |" in md
     with pytest.raises(ValueError, match="different replays"):
         M.merge([_doc("lru", "0"), _doc("discard-lru", "1", num_gpu_blocks=128)])
+
+
+def test_replay_streams_every_request_without_a_client_side_connection_cap():
+    # 150 requests arrive at once at a stand-in server that holds every stream open until all 150 are
+    # in (at most 10 s): aiohttp's default pool of 100 would hold 50 back and skew their TTFT
+    import asyncio
+
+    from aiohttp import web
+
+    from vllm_vattention.bench.multiturn import _replay
+
+    state = {"inflight": 0, "max": 0, "bodies": []}
+    everyone = asyncio.Event()
+
+    async def completions(request):
+        state["bodies"].append(await request.json())
+        state["inflight"] += 1
+        state["max"] = max(state["max"], state["inflight"])
+        if state["inflight"] == 150:
+            everyone.set()
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        try:
+            await asyncio.wait_for(everyone.wait(), 10)
+        except asyncio.TimeoutError:
+            pass
+        await resp.write(b'data: {"choices": [{"text": "a"}]}\n\n')
+        await resp.write(b"data: [DONE]\n\n")
+        state["inflight"] -= 1
+        return resp
+
+    async def main():
+        app = web.Application()
+        app.router.add_post("/v1/completions", completions)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            reqs = [{"t": 0.0, "prompt": [1, 2, 3], "max_tokens": 4} for _ in range(150)]
+            return await _replay(port, "m", reqs)
+        finally:
+            await runner.cleanup()
+
+    res = asyncio.run(main())
+    assert len(res) == 150 and all(r["ttft_s"] is not None for r in res)
+    assert state["max"] == 150
+    assert all(b["stream"] and b["ignore_eos"] and b["max_tokens"] == 4 for b in state["bodies"])

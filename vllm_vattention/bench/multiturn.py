@@ -93,9 +93,20 @@ async def _replay(port: int, model: str, requests: list[dict]) -> list[dict]:
                     ttft = time.perf_counter() - start
         results.append({"ttft_s": ttft, "latency_s": time.perf_counter() - start})
 
+    async def progress():
+        t0 = time.perf_counter()
+        while True:
+            await asyncio.sleep(20)
+            print(f"[multiturn]   {len(results)}/{len(requests)} done after {time.perf_counter() - t0:.0f} s", flush=True)
+
     timeout = aiohttp.ClientTimeout(total=None)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        await asyncio.gather(*(one(session, r) for r in requests))
+    # limit=0: aiohttp's default pool of 100 connections would hold later arrivals back on the client
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+        ticker = asyncio.create_task(progress())
+        try:
+            await asyncio.gather(*(one(session, r) for r in requests))
+        finally:
+            ticker.cancel()
     return results
 
 
