@@ -107,6 +107,15 @@ def compare(a: dict, b: dict) -> dict:
             "logprob_absdiff_mean": sum(diffs) / len(diffs) if diffs else None}
 
 
+# vAttention systems selected by environment: the default, and the candidate for the default
+# (mapping waited for by the GPU stream, FA3's view clipped; benchmarks/NOTES.md #10, #16)
+VATTN_SYSTEMS = {
+    "vattention": {"VLLM_ATTENTION_BACKEND": "VATTENTION"},
+    "vattention-stream": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_BACKGROUND_MAP": "stream",
+                          "VATTN_FA3_GUARD": "clipped"},
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=os.path.join(os.path.dirname(__file__), "..", "models", "tiny-llama-kv8b"))
@@ -132,11 +141,11 @@ def main() -> None:
         return run_one(args)
     results = {}
     for system in args.systems.split(","):
-        env = dict(os.environ)
-        env.pop("VLLM_ATTENTION_BACKEND", None)
+        # each system's settings only: none of the caller's vAttention variables leak into an engine
+        env = {k: v for k, v in os.environ.items() if k != "VLLM_ATTENTION_BACKEND" and not k.startswith("VATTN_")}
         extra = []
-        if system == "vattention":
-            env["VLLM_ATTENTION_BACKEND"] = "VATTENTION"
+        if system in VATTN_SYSTEMS:
+            env.update(VATTN_SYSTEMS[system])
         elif system == "vattention-flag":
             extra = ["--attention-backend", "CUSTOM"]
         elif system == "stock-fa2":

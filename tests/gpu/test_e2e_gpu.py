@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 AB = os.path.join(ROOT, "examples", "offline_ab.py")
 
@@ -20,27 +22,31 @@ def run_ab(tmp_path, *flags):
 
 
 def test_logprobs_match_stock_within_the_fa2_fa3_spread(cuda, tmp_path):
-    """CUDA graphs on (vLLM's default). Prompts of lengths on and off 16-token block boundaries."""
-    s = run_ab(tmp_path, "--systems", "stock,stock-fa2,vattention", "--num-prompts", "26", "--max-tokens", "32")
+    """CUDA graphs on (vLLM's default). Prompts of lengths on and off 16-token block boundaries. The
+    default configuration and the candidate for the default (stream mode, clipped FA3 view)."""
+    s = run_ab(tmp_path, "--systems", "stock,stock-fa2,vattention,vattention-stream", "--num-prompts", "26",
+               "--max-tokens", "32")
     assert "CUSTOM" not in s["stock"]["attention_backend"]
-    assert "CUSTOM" in s["vattention"]["attention_backend"]
     assert s["stock-fa2"]["flash_attn_version"] == 2  # the spread really is FA2 against FA3
     spread = s["stock_vs_stock-fa2"]
-    ours = s["stock_vs_vattention"]
-    print(json.dumps({"fa2_vs_fa3_spread": spread, "stock_vs_vattention": ours}, indent=1))
-    assert ours["tokens_compared"] >= 26
-    tol = max(2 * spread["logprob_absdiff_max"], 1e-2)
-    assert ours["logprob_absdiff_max"] <= tol, (ours, spread)
-    assert ours["greedy_prefix_agreement"] >= min(spread["greedy_prefix_agreement"], 0.9)
+    for system in ("vattention", "vattention-stream"):
+        assert "CUSTOM" in s[system]["attention_backend"]
+        ours = s[f"stock_vs_{system}"]
+        print(json.dumps({"system": system, "fa2_vs_fa3_spread": spread, "stock_vs_ours": ours}, indent=1))
+        assert ours["tokens_compared"] >= 26
+        tol = max(2 * spread["logprob_absdiff_max"], 1e-2)
+        assert ours["logprob_absdiff_max"] <= tol, (system, ours, spread)
+        assert ours["greedy_prefix_agreement"] >= min(spread["greedy_prefix_agreement"], 0.9), system
 
 
-def test_preemption_under_memory_pressure_completes_every_request(cuda, tmp_path):
+@pytest.mark.parametrize("system", ["vattention-flag", "vattention-stream"])
+def test_preemption_under_memory_pressure_completes_every_request(cuda, tmp_path, system):
     """A KV budget of 80 blocks (1280 tokens) for 10 requests of up to 700 + 64 tokens."""
-    s = run_ab(tmp_path, "--systems", "vattention-flag", "--num-prompts", "10", "--max-tokens", "64",
+    s = run_ab(tmp_path, "--systems", system, "--num-prompts", "10", "--max-tokens", "64",
                "--num-gpu-blocks", "80", "--max-model-len", "1024", "--enforce-eager")
-    r = s["vattention-flag"]
-    assert "CUSTOM" in r["attention_backend"]  # selected by --attention-backend CUSTOM alone
-    out = json.load(open(tmp_path / "ab.json.vattention-flag.json"))
+    r = s[system]
+    assert "CUSTOM" in r["attention_backend"]  # vattention-flag: selected by --attention-backend CUSTOM alone
+    out = json.load(open(tmp_path / f"ab.json.{system}.json"))
     assert all(len(o["tokens"]) == 64 for o in out["outputs"])
     assert r["num_preemptions"] and r["num_preemptions"] > 0, r
 
