@@ -216,3 +216,16 @@ def test_running_server_that_logs_more_than_a_pipe_holds_does_not_block(tmp_path
                 assert r.status == 200
         assert log_path.stat().st_size > (2 << 20)  # on disk while the server runs
     assert len(server.log) > (2 << 20) + 8 * (256 << 10)
+
+
+def test_gpu_time_blocked_at_the_flag_is_reported_for_stream_mode_only():
+    base = {"map_share": 0.01, "driver_seconds": 0.1, "execute_seconds": 5.0, "block_maps": 10, "zero_maps": 2,
+            "hazard_waits": 1}
+    res = [{"workload": "a", "system": "vattn-fa2", "mapper": base, "error": None},
+           *({"workload": "a", "system": "vattn-stream-clipped", "error": None,
+              "mapper": {**base, "gpu_flag_wait_seconds": t, "flag_waits": 100, "flag_stalls": 3}} for t in (0.2, 0.4, 0.3))]
+    rows = {r["system"]: r for r in S.mapping_rows(res)}
+    assert rows["vattn-fa2"]["gpu_flag_wait"] is None and rows["vattn-stream-clipped"]["gpu_flag_wait"] == 0.3
+    md = S.markdown({"results": res})
+    assert "| a | vattn-stream-clipped | 3 | 1.00% | 0.100 | 5.00 | 10 | 2 | 1 | 0.300 |" in md
+    assert "| a | vattn-fa2 | 1 | 1.00% | 0.100 | 5.00 | 10 | 2 | 1 | - |" in md

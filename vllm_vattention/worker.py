@@ -16,6 +16,7 @@ capture and padded batch entries read.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import time
@@ -57,6 +58,47 @@ class EventFence:
         return self.event.cuda_event
 
 
+class StreamWaitTimer:
+    """Stream mode: GPU time spent blocked at the mapping flag, i.e. the GPU idle time that mapping
+    still costs once the CPU no longer waits for it. A pair of timing events brackets each
+    cuStreamWaitValue32; pairs are read back (never synchronized) once their second event has
+    completed. Events are reused."""
+
+    STALL_S = 50e-6  # a wait longer than this counts as a stall (an unblocked wait takes a few us)
+
+    def __init__(self, make_event=lambda: torch.cuda.Event(enable_timing=True)):
+        self._make_event = make_event
+        self._free: list = []
+        self._pending: collections.deque = collections.deque()
+        self.seconds = 0.0
+        self.waits = 0
+        self.stalls = 0
+
+    def around(self, stream, enqueue) -> None:
+        """Run `enqueue()` (which enqueues the wait on `stream`) between two timing events."""
+        start, end = (self._free.pop() if self._free else self._make_event() for _ in range(2))
+        start.record(stream)
+        enqueue()
+        end.record(stream)
+        self._pending.append((start, end))
+        self.collect()
+
+    def collect(self, wait: bool = False) -> None:
+        """Account every pair that has completed (with wait=True: every pair, synchronizing)."""
+        while self._pending and (wait or self._pending[0][1].query()):
+            start, end = self._pending.popleft()
+            if wait:
+                end.synchronize()
+            dt = start.elapsed_time(end) / 1e3
+            self.seconds += dt
+            self.waits += 1
+            self.stalls += dt > self.STALL_S
+            self._free += (start, end)
+
+    def report(self) -> dict:
+        return {"gpu_flag_wait_seconds": round(self.seconds, 4), "flag_waits": self.waits, "flag_stalls": self.stalls}
+
+
 @contextlib.contextmanager
 def _replace_init_kv_cache(fn):
     """Scoped monkeypatch of the V2 runner's module-level `init_kv_cache`.
@@ -82,6 +124,7 @@ class VattnModelRunner(V2ModelRunner):
     map_seconds = 0.0
     execute_seconds = 0.0
     steps = 0
+    flag_timer: StreamWaitTimer | None = None
 
     # -- KV allocation ---------------------------------------------------------------------
     def initialize_kv_cache(self, kv_cache_config) -> None:
@@ -140,16 +183,22 @@ class VattnModelRunner(V2ModelRunner):
     # -- accounting ------------------------------------------------------------------------
     def reset_timers(self) -> None:
         """Time the engine thread spends on page mapping (planning, driver calls, waiting for the
-        native thread) against the time it spends in execute_model, from now on."""
+        native thread) against the time it spends in execute_model, from now on; in stream mode also
+        the GPU's time blocked at the mapping flag."""
         self.map_seconds = 0.0
         self.execute_seconds = 0.0
         self.steps = 0
+        if self.vattn is not None and self.vattn.stream_mode:
+            self.flag_timer = StreamWaitTimer()
 
     def vattn_report(self) -> dict:
         s = self.vattn.stats()
         s.update(steps=self.steps, map_seconds=round(self.map_seconds, 4),
                  execute_seconds=round(self.execute_seconds, 4),
                  map_share=round(self.map_seconds / self.execute_seconds, 5) if self.execute_seconds else None)
+        if self.flag_timer is not None:
+            self.flag_timer.collect(wait=True)
+            s.update(self.flag_timer.report())
         return s
 
     # -- request lifecycle -----------------------------------------------------------------
@@ -211,7 +260,9 @@ class VattnModelRunner(V2ModelRunner):
         if self.vattn.stream_mode:
             # The GPU, not this thread, waits for the native thread to finish this step's mappings.
             seq = self.vattn.publish()
-            self.vattn.driver.stream_wait(torch.cuda.current_stream().cuda_stream, self.vattn.flag_device_address, seq)
+            stream = torch.cuda.current_stream()
+            self.flag_timer.around(stream, lambda: self.vattn.driver.stream_wait(
+                stream.cuda_stream, self.vattn.flag_device_address, seq))
         else:
             self.vattn.sync()  # every mapping this step needs is in place before anything is launched
         self.map_seconds += time.perf_counter() - t

@@ -352,7 +352,10 @@ def mapping_rows(results: list[dict]) -> list[dict]:
              "execute_seconds": statistics.median(m["execute_seconds"] for m in ms),
              "block_maps": statistics.median(m["block_maps"] for m in ms),
              "zero_maps": statistics.median(m["zero_maps"] for m in ms),
-             "hazard_waits": max(m["hazard_waits"] for m in ms)} for (w, s), ms in by.items()]
+             "hazard_waits": max(m["hazard_waits"] for m in ms),
+             # stream mode: the GPU's time blocked at the mapping flag (None for the other modes)
+             "gpu_flag_wait": statistics.median(m["gpu_flag_wait_seconds"] for m in ms)
+             if all(m.get("gpu_flag_wait_seconds") is not None for m in ms) else None} for (w, s), ms in by.items()]
 
 
 def step_rows(results: list[dict]) -> list[dict]:
@@ -402,10 +405,11 @@ def markdown(doc: dict) -> str:
     if maps:
         lines += _section("Page mapping on the engine thread (medians over repetitions)",
                           ["workload", "system", "runs", "mapping / execute_model time", "driver s", "execute_model s",
-                           "block maps", "zero-page maps", "max hazard waits"],
+                           "block maps", "zero-page maps", "max hazard waits", "GPU blocked at flag s"],
                           [[m["workload"], m["system"], m["n"], f"{100 * m['map_share']:.2f}%", f"{m['driver_seconds']:.3f}",
                             f"{m['execute_seconds']:.2f}", f"{m['block_maps']:.0f}", f"{m['zero_maps']:.0f}",
-                            m["hazard_waits"]] for m in maps])
+                            m["hazard_waits"], "-" if m["gpu_flag_wait"] is None else f"{m['gpu_flag_wait']:.3f}"]
+                           for m in maps])
     steps = step_rows(res)
     if steps:
         lines += _section("Worker time per call (CPU side of a step; medians over repetitions)",

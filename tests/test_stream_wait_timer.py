@@ -1,0 +1,53 @@
+"""The stream-mode GPU wait timer (worker.StreamWaitTimer) with stand-in CUDA events: pairs are read
+only once complete, never synchronized unless asked, stalls counted, events reused."""
+
+from vllm_vattention.worker import StreamWaitTimer
+
+
+class FakeEvent:
+    """A timing event whose GPU timestamp is set by the test when 'the GPU reaches it'."""
+    made = 0
+
+    def __init__(self):
+        FakeEvent.made += 1
+        self.t = None  # ms, once reached
+        self.synced = False
+
+    def record(self, stream):
+        self.t, self.stream = None, stream
+
+    def query(self):
+        return self.t is not None
+
+    def synchronize(self):
+        self.synced = True
+
+    def elapsed_time(self, end):
+        assert self.t is not None and end.t is not None, "read before completion"
+        return end.t - self.t
+
+
+def test_waits_are_read_when_complete_and_stalls_counted():
+    FakeEvent.made = 0
+    timer = StreamWaitTimer(make_event=FakeEvent)
+    order = []
+    timer.around("s", lambda: order.append("wait"))  # step 1
+    (a1, b1) = timer._pending[0]
+    assert order == ["wait"] and a1.stream == b1.stream == "s"
+    timer.around("s", lambda: None)  # step 2: step 1's pair not complete yet, nothing read
+    assert timer.waits == 0 and len(timer._pending) == 2
+    a1.t, b1.t = 10.0, 10.003  # 3 us: not blocked
+    (a2, b2) = timer._pending[1]
+    a2.t = 20.0  # the GPU reached step 2's wait but is still blocked there
+    timer.collect()
+    assert timer.waits == 1 and timer.stalls == 0 and len(timer._pending) == 1
+    b2.t = 22.5  # blocked 2.5 ms
+    timer.around("s", lambda: None)  # step 3 reuses step 1's two events
+    assert FakeEvent.made == 4 and timer.waits == 2 and timer.stalls == 1
+    assert abs(timer.seconds - (3e-6 + 2.5e-3)) < 1e-9
+    a3, b3 = timer._pending[0]
+    assert {a3, b3} <= {a1, b1} and not b3.synced
+    a3.t = b3.t = 30.0
+    timer.collect(wait=True)
+    assert b3.synced and timer.waits == 3 and not timer._pending
+    assert timer.report() == {"gpu_flag_wait_seconds": round(3e-6 + 2.5e-3, 4), "flag_waits": 3, "flag_stalls": 1}
