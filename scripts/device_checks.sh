@@ -7,6 +7,7 @@
 #          suite_round (offline rounds of stock-fa3 with the candidate: stream+clipped if stream_check passed on
 #          this machine, else background+clipped; results kept in /root/suite across calls, copied to $OUT;
 #          DEADLINE=epoch seconds bounds it)
+#          profile (kernel time per step of stock, the default and stream+clipped; PROF_ARGS="--phases ...")
 #          tp (needs 2 GPUs) tp_rest (-k "$TP_K", default the Yi-34B and preemption cases) tp_ab (TP=2 suite
 #          rounds, kept in /root/tp across calls, copied to $OUT/tp)
 #          multiturn (needs the trace carried: cp ../shared/traces/*.jsonl .gpu/trace/, carry [".gpu/trace"];
@@ -50,6 +51,14 @@ for s in $steps; do
         python3 -m vllm_vattention.bench.multiturn --merge "$OUT"/mt-*/*.json --out "$OUT" --tag pair 2>&1 | grep "^|";;
     tp) timeout 580 python3 -m pytest -m gpu2 tests/gpu_multi -q -s -p no:cacheprovider > "$OUT/tp.log" 2>&1; echo "rc=$?"; grep -E "greedy|absdiff_max|passed|failed" "$OUT/tp.log" | tail -12;;
     multiturn) timeout 580 python3 -m vllm_vattention.bench.multiturn --trace .gpu/trace/mooncake_conversation_trace.jsonl --out "$OUT" ${MT_ARGS:-} > "$OUT/multiturn.log" 2>&1; echo "rc=$?"; tail -8 "$OUT/multiturn.log";;
+    profile) # kernel time per step (torch.profiler), stock then vAttention's default then stream+clipped
+        for sys in stock vattn stream; do env -u VLLM_ATTENTION_BACKEND -u VATTN_BACKGROUND_MAP -u VATTN_FA3_GUARD \
+            $( [ $sys != stock ] && echo VLLM_ATTENTION_BACKEND=VATTENTION ) \
+            $( [ $sys = stream ] && echo VATTN_BACKGROUND_MAP=stream VATTN_FA3_GUARD=clipped ) \
+            VLLM_ENABLE_V1_MULTIPROCESSING=0 timeout 180 python3 -m vllm_vattention.bench.profile \
+            --out "$OUT/prof-$sys.json" ${PROF_ARGS:-} > "$OUT/prof-$sys.log" 2>&1; echo "$sys rc=$?"; done
+        python3 -m vllm_vattention.bench.profile --report "$OUT"/prof-stock.json "$OUT"/prof-vattn.json "$OUT"/prof-stream.json \
+            --out "$OUT/profile.md";;
     mapbench) timeout 200 python3 -m vllm_vattention.bench.mapbench --out "$OUT" > "$OUT/mapbench.log" 2>&1; echo "rc=$?"; tail -30 "$OUT/mapbench.log";;
     ab) timeout 420 python3 examples/offline_ab.py --out "$OUT/ab.json" ${AB_ARGS:-} > "$OUT/ab.log" 2>&1; echo "rc=$?"; tail -40 "$OUT/ab.log";;
     *) echo "unknown step $s";;

@@ -229,3 +229,20 @@ def test_gpu_time_blocked_at_the_flag_is_reported_for_stream_mode_only():
     md = S.markdown({"results": res})
     assert "| a | vattn-stream-clipped | 3 | 1.00% | 0.100 | 5.00 | 10 | 2 | 1 | 0.300 |" in md
     assert "| a | vattn-fa2 | 1 | 1.00% | 0.100 | 5.00 | 10 | 2 | 1 | - |" in md
+
+
+def test_profile_report_compares_every_run_with_the_first(tmp_path):
+    from vllm_vattention.bench import profile as P
+
+    def run(wall, gpu, attn):
+        return {"phases": [{"phase": "decode", "wall_ms_per_step": wall, "gpu_ms_per_step": gpu, "gpu_busy": gpu / wall,
+                            "attention_ms_per_step": attn, "attention_share_of_gpu": attn / gpu}]}
+    paths = []
+    for name, r in (("stock", run(20.0, 10.0, 5.0)), ("vattn", run(22.0, 9.5, 4.5))):
+        paths.append(str(tmp_path / f"{name}.json"))
+        json.dump(r, open(paths[-1], "w"))
+    out = tmp_path / "t.md"
+    P.main(["--report", *paths, "--out", str(out)])
+    md = out.read_text()
+    assert "| decode | stock | 20.00 | 10.00 | 50% | 5.00 | 50.0% |" in md
+    assert "| decode | vattn / stock | 1.100x | 0.950x | | 0.900x | |" in md

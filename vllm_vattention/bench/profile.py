@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import time
 
-PHASES = [  # name, prompts, input_len, steps before profiling
-    ("decode-256x512", 256, 512, 40),
-    ("decode-24x16k", 24, 16384, 30),
-    ("prefill-8x8k", 8, 8192, 0),
+PHASES = [  # name, prompts, input_len, steps before profiling, then prompts added, their input_len
+    ("decode-256x512", 256, 512, 40, 0, 0),
+    ("decode-24x16k", 24, 16384, 30, 0, 0),
+    ("prefill-8x8k", 8, 8192, 0, 0, 0),
+    # decodes with prefill chunks in the same steps (most steps of the 1024-in-128-out workload)
+    ("mixed-128x1k+chunks", 128, 1024, 20, 16, 2048),
 ]
 ATTENTION_MARKERS = ("flash", "fmha", "attn", "Flash")
 
@@ -29,7 +32,16 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="models/llama-3.1-8b")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--phases", default="", help="comma-separated subset of the phases (default: all)")
+    ap.add_argument("--report", nargs="+", metavar="JSON",
+                    help="only write a markdown table comparing these runs (the first is the baseline) to --out")
     args = ap.parse_args(argv)
+    if args.report:
+        runs = {os.path.basename(p).rsplit(".", 1)[0]: json.load(open(p)) for p in args.report}
+        with open(args.out, "w") as f:
+            f.write(report_table(runs))
+        print(report_table(runs))
+        return
 
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -41,14 +53,21 @@ def main(argv=None) -> None:
     backend = str(engine.vllm_config.attention_config.backend)
     rng = random.Random(0)
     report = {"attention_backend": backend, "phases": []}
-    for name, n, in_len, warm in PHASES:
+    for name, n, in_len, warm, more, more_len in PHASES:
+        if args.phases and name not in args.phases.split(","):
+            continue
         sp = SamplingParams(max_tokens=1024, ignore_eos=True, temperature=1.0)
-        ids = [engine.add_request(f"{name}-{i}", TokensPrompt(
-            prompt_token_ids=[rng.randrange(10, 30000) for _ in range(in_len)]), sp) for i in range(n)]
+
+        def add(tag, count, length):
+            return [engine.add_request(f"{name}-{tag}{i}", TokensPrompt(
+                prompt_token_ids=[rng.randrange(10, 30000) for _ in range(length)]), sp) for i in range(count)]
+        ids = add("", n, in_len)
         for _ in range(warm):
             engine.step()
+        ids += add("late-", more, more_len)  # their prefill chunks share the next steps with the decodes
         torch.cuda.synchronize()
-        steps = args.steps if warm else 6
+        # a prefill phase: its first steps; a mixed one: the ~4 steps that carry the late prompts' chunks
+        steps = 4 if more else (args.steps if warm else 6)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             t = time.perf_counter()
             for _ in range(steps):
@@ -74,6 +93,29 @@ def main(argv=None) -> None:
             engine.step()
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
+
+
+def report_table(runs: dict[str, dict]) -> str:
+    """Per phase, every run's wall and GPU kernel ms per step, GPU busy share and attention time,
+    with ratios to the first run (the baseline)."""
+    names = list(runs)
+    base = {p["phase"]: p for p in runs[names[0]]["phases"]}
+    lines = ["| phase | system | wall ms/step | GPU kernel ms/step | GPU busy | attention ms/step | "
+             "attention share of GPU time |", "|---|---|---|---|---|---|---|"]
+    for phase in base:
+        rows = [(n, next((p for p in runs[n]["phases"] if p["phase"] == phase), None)) for n in names]
+        for n, p in rows:
+            if p:
+                lines.append(f"| {phase} | {n} | {p['wall_ms_per_step']:.2f} | {p['gpu_ms_per_step']:.2f} | "
+                             f"{100 * p['gpu_busy']:.0f}% | {p['attention_ms_per_step']:.2f} | "
+                             f"{100 * (p['attention_share_of_gpu'] or 0):.1f}% |")
+        b = base[phase]
+        for n, p in rows[1:]:
+            if p:
+                lines.append(f"| {phase} | {n} / {names[0]} | {p['wall_ms_per_step'] / b['wall_ms_per_step']:.3f}x | "
+                             f"{p['gpu_ms_per_step'] / b['gpu_ms_per_step']:.3f}x | | "
+                             f"{p['attention_ms_per_step'] / b['attention_ms_per_step']:.3f}x | |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
