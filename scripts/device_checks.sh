@@ -45,7 +45,7 @@ for s in $steps; do
         echo "rc=$?"; grep "^\[suite\]" "$OUT/tp_ab.log" | tail -12; cp -r /root/tp "$OUT/";;
     multiturn_pair) P=${MT_POLICY:-second-chance}; for order in "lru $P" "$P lru"; do set -- $order; i=$((${i:-0} + 1))
           for g in 0 1; do policy=$1; [ $g = 1 ] && policy=$2
-            CUDA_VISIBLE_DEVICES=$g timeout -s INT 280 python3 -m vllm_vattention.bench.multiturn --trace .gpu/trace/mooncake_conversation_trace.jsonl \
+            CUDA_VISIBLE_DEVICES=$g timeout -s INT ${MT_TIMEOUT:-280} python3 -m vllm_vattention.bench.multiturn --trace .gpu/trace/mooncake_conversation_trace.jsonl \
               --systems $policy --port $((8191 + g)) --out "$OUT/mt-$i-$g" ${MT_ARGS:-} > "$OUT/mt-$i-$g.log" 2>&1 &
           done; wait; done
         python3 -m vllm_vattention.bench.multiturn --merge "$OUT"/mt-*/*.json --out "$OUT" --tag pair 2>&1 | grep "^|";;
