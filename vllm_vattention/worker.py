@@ -62,7 +62,8 @@ class StreamWaitTimer:
     """Stream mode: GPU time spent blocked at the mapping flag, i.e. the GPU idle time that mapping
     still costs once the CPU no longer waits for it. A pair of timing events brackets each
     cuStreamWaitValue32; pairs are read back (never synchronized) once their second event has
-    completed. Events are reused."""
+    completed. Events are reused. An upper bound on what mapping costs the GPU: when the GPU is
+    ahead of the launching thread, part of a wait would have been spent waiting for launches anyway."""
 
     STALL_S = 50e-6  # a wait longer than this counts as a stall (an unblocked wait takes a few us)
 
