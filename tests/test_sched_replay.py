@@ -26,6 +26,7 @@ def test_a_repeated_prompt_is_served_from_the_cache():
     assert r["cached_tokens_by_request"] == [0, 48]
     assert r["cached_prompt_share"] == 48 / 128 and r["preemptions"] == 0
     assert r["prefill_tokens_computed"] == 128 - 48
+    assert r["steps"] >= 2 and r["scheduler_ms_per_step"] > 0  # measured around the real scheduler
 
 
 def test_a_tight_budget_preempts_and_still_finishes_everything():
@@ -61,6 +62,8 @@ def test_report_compares_each_policy_with_lru_at_the_same_budget():
            "args": {"trace": "t.jsonl", "num_requests": 2, "max_input_tokens": 64, "time_scale": 1.0,
                     "step_base_s": 0.006, "step_token_s": 1.8e-5, "max_num_batched_tokens": 8192},
            "results": [{"policy": "lru", "num_gpu_blocks": 8, "cached_prompt_share": 0.2, **row},
-                       {"policy": "discard-lru", "num_gpu_blocks": 8, "cached_prompt_share": 0.3, **row}]}
+                       {"policy": "discard-lru", "num_gpu_blocks": 8, "cached_prompt_share": 0.3, **row,
+                        "scheduler_ms_per_step": 0.25}]}
     md = S.markdown(doc)
     assert "| 8 | discard-lru | 0.300 | 1.50x |" in md and "commit c" in md
+    assert md.count(" | 1.0 | 0.250 |") == 1 and md.count(" | 1.0 | - |") == 1  # absent in older runs
