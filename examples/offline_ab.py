@@ -141,8 +141,8 @@ def main() -> None:
         return run_one(args)
     results = {}
     for system in args.systems.split(","):
-        # each system's settings only: none of the caller's vAttention variables leak into an engine
-        env = {k: v for k, v in os.environ.items() if k != "VLLM_ATTENTION_BACKEND" and not k.startswith("VATTN_")}
+        # the caller's VATTN_* options apply to every system (e.g. VATTN_LAYOUT=per_layer); a system's own override them
+        env = {k: v for k, v in os.environ.items() if k != "VLLM_ATTENTION_BACKEND"}
         extra = []
         if system in VATTN_SYSTEMS:
             env.update(VATTN_SYSTEMS[system])
