@@ -4,8 +4,8 @@
 # Usage: bash scripts/device_checks.sh [steps...]
 #   steps: install gpu_tests (all of tests/gpu) unit (VMM + kernels) e2e server sanitizer mapbench ab
 #          stream_check (the stream-mode GPU tests alone, no sanitizer; then the clipped-guard tests under it)
-#          suite_round (offline rounds of stock-fa3 with the candidate: stream+clipped if stream_check passed on
-#          this machine, else background+clipped; results kept in /root/suite across calls, copied to $OUT;
+#          suite_round (offline rounds of stock-fa3 with the candidate: $SUITE_CANDIDATE, else stream+clipped if
+#          stream_check passed on this machine, else background+clipped; results kept in /root/suite across calls, copied to $OUT;
 #          DEADLINE=epoch seconds bounds it)
 #          profile (kernel time per step of stock, the default and stream+clipped; PROF_ARGS="--phases ...")
 #          tp (needs 2 GPUs) tp_rest (-k "$TP_K", default the Yi-34B and preemption cases) tp_ab (TP=2 suite
@@ -34,7 +34,7 @@ for s in $steps; do
         timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_vmm_gpu.py -k stream > "$OUT/stream.log" 2>&1
         rc=$?; echo "rc=$rc"; tail -4 "$OUT/stream.log"; [ $rc = 0 ] && touch /root/stream_ok
         sanitized clipped tests/gpu/test_kernels_gpu.py -k clipped;;
-    suite_round) c=vattn-bg-clipped; [ -e /root/stream_ok ] && c=vattn-stream-clipped; mkdir -p /root/suite
+    suite_round) c=${SUITE_CANDIDATE:-}; [ -z "$c" ] && { c=vattn-bg-clipped; [ -e /root/stream_ok ] && c=vattn-stream-clipped; }; mkdir -p /root/suite
         left=$(( ${DEADLINE:-$(( $(date +%s) + 580 ))} - $(date +%s) - 15 ))
         vattn-bench --systems stock-fa3,$c --paired $c --reps ${SUITE_REPS:-3} --workloads ${SUITE_WORKLOADS:-1024-in-128-out,8192-in-256-out,512-in-1024-out,16k-context-decode,capacity-300-tokens} \
           --tag ${SUITE_TAG:-final} --max-seconds $left --out /root/suite > "$OUT/suite_round.log" 2>&1; echo "rc=$? candidate=$c"
