@@ -6,7 +6,7 @@
 #          stream_check (the stream-mode GPU tests alone, no sanitizer; then the clipped-guard tests under it)
 #          suite_round (offline rounds of stock-fa3 with the candidate: $SUITE_CANDIDATE, else stream+clipped if
 #          stream_check passed on this machine, else background+clipped; results kept in /root/suite across calls, copied to $OUT;
-#          DEADLINE=epoch seconds bounds it)
+#          DEADLINE=epoch seconds bounds it) suite_pair (the same on GPUs 0 and 1 at once, merged into $OUT)
 #          profile (kernel time per step of stock, the default and stream+clipped; PROF_ARGS="--phases ...")
 #          tp (needs 2 GPUs) tp_rest (-k "$TP_K", default the Yi-34B and preemption cases) tp_ab (TP=2 suite
 #          rounds, kept in /root/tp across calls, copied to $OUT/tp)
@@ -20,6 +20,12 @@ steps=${*:-install gpu_tests mapbench ab}
 sanitized() { local log=$1; shift
   timeout ${SAN_TIMEOUT:-400} compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -m gpu -q -p no:cacheprovider "$@" \
     > "$OUT/$log.log" 2>&1; echo "rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/$log.log" | tail -5; }
+# suite_rounds DIR LOG: offline rounds of stock-fa3 paired with the candidate into DIR (kept across calls)
+suite_rounds() { local c=${SUITE_CANDIDATE:-}; [ -z "$c" ] && { c=vattn-bg-clipped; [ -e /root/stream_ok ] && c=vattn-stream-clipped; }
+  mkdir -p "$1"; local left=$(( ${DEADLINE:-$(( $(date +%s) + 580 ))} - $(date +%s) - 15 ))
+  vattn-bench --systems stock-fa3,$c --paired $c --reps ${SUITE_REPS:-3} --tag ${SUITE_TAG:-final} --max-seconds $left --out "$1" \
+    --workloads ${SUITE_WORKLOADS:-1024-in-128-out,8192-in-256-out,512-in-1024-out,16k-context-decode,capacity-300-tokens} \
+    > "$OUT/$2.log" 2>&1; echo "$2 rc=$? candidate=$c"; grep "^\[suite\]" "$OUT/$2.log" | tail -14; }
 for s in $steps; do
   echo "=== $s $(date +%T)"
   case $s in
@@ -34,11 +40,11 @@ for s in $steps; do
         timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_vmm_gpu.py -k stream > "$OUT/stream.log" 2>&1
         rc=$?; echo "rc=$rc"; tail -4 "$OUT/stream.log"; [ $rc = 0 ] && touch /root/stream_ok
         sanitized clipped tests/gpu/test_kernels_gpu.py -k clipped;;
-    suite_round) c=${SUITE_CANDIDATE:-}; [ -z "$c" ] && { c=vattn-bg-clipped; [ -e /root/stream_ok ] && c=vattn-stream-clipped; }; mkdir -p /root/suite
-        left=$(( ${DEADLINE:-$(( $(date +%s) + 580 ))} - $(date +%s) - 15 ))
-        vattn-bench --systems stock-fa3,$c --paired $c --reps ${SUITE_REPS:-3} --workloads ${SUITE_WORKLOADS:-1024-in-128-out,8192-in-256-out,512-in-1024-out,16k-context-decode,capacity-300-tokens} \
-          --tag ${SUITE_TAG:-final} --max-seconds $left --out /root/suite > "$OUT/suite_round.log" 2>&1; echo "rc=$? candidate=$c"
-        grep "^\[suite\]" "$OUT/suite_round.log" | tail -14; cp -r /root/suite "$OUT/";;
+    suite_round) suite_rounds /root/suite suite_round; cp -r /root/suite "$OUT/";;
+    suite_pair) # suite_round on both GPUs at once (each repetition keeps its baseline on its GPU), merged
+        for g in 0 1; do CUDA_VISIBLE_DEVICES=$g suite_rounds /root/suite-g$g suite-g$g & done; wait
+        vattn-bench --merge /root/suite-g0/*-${SUITE_TAG:-final}.json /root/suite-g1/*-${SUITE_TAG:-final}.json \
+          --out "$OUT" --tag ${SUITE_TAG:-final}-pair | tail -1;;
     tp_rest) timeout ${TP_TIMEOUT:-580} python3 -m pytest -m gpu2 tests/gpu_multi -q -s -p no:cacheprovider -k "${TP_K:-yi or preemption}" > "$OUT/tp_rest.log" 2>&1; echo "rc=$?"; grep -E "greedy|absdiff_max|passed|failed" "$OUT/tp_rest.log" | tail -12;;
     tp_ab) timeout 580 vattn-bench --tensor-parallel-size 2 --systems stock-fa3,vattn-fa2 --workloads ${TP_WORKLOADS:-1024-in-128-out,16k-context-decode} \
         --reps ${TP_REPS:-1} --max-seconds $(( ${DEADLINE:-$(( $(date +%s) + 575 ))} - $(date +%s) - 15 )) --out /root/tp > "$OUT/tp_ab.log" 2>&1

@@ -4,6 +4,8 @@ device's job; here the engine run is replaced by a function with known outputs.)
 
 import json
 
+import pytest
+
 from vllm_vattention.bench import suite as S
 
 ENV = {"gpu": "TEST GPU", "driver": "1", "commit": "abc", "vllm": "0.25.0", "torch": "x", "date": "2026-11-27"}
@@ -246,3 +248,24 @@ def test_profile_report_compares_every_run_with_the_first(tmp_path):
     md = out.read_text()
     assert "| decode | stock | 20.00 | 10.00 | 50% | 5.00 | 50.0% |" in md
     assert "| decode | vattn / stock | 1.100x | 0.950x | | 0.900x | |" in md
+
+
+def test_merge_runs_made_side_by_side_keeps_each_repetition_with_its_baseline(tmp_path):
+    paths = []
+    for gpu_index in range(2):
+        suite = S.Suite("m", [S.Workload("a", "offline", 8, 8, 1)], ["stock-fa3", "vattn-fa2"], reps=2)
+        clock = FakeClock()
+        path = str(tmp_path / f"g{gpu_index}.json")
+        S.run(suite, path, 1e9, job=fake_job(clock), env=ENV, clock=clock, log=quiet)
+        paths.append(path)
+    out = tmp_path / "merged"
+    S.main(["--merge", *paths, "--out", str(out), "--tag", "pair"])
+    merged = json.load(open(next(out.glob("*-pair.json"))))
+    reps = sorted({(r["system"], r["rep"], r["source"]) for r in merged["results"]})
+    assert reps == [(s, rep, f"g{rep // 2}.json") for s in ("stock-fa3", "vattn-fa2") for rep in range(4)]
+    assert "| a | vattn-fa2 | 4 |" in next(out.glob("*-pair.md")).read_text()  # medians over all four
+    other = json.load(open(paths[1]))
+    other["commit"] = "different"
+    json.dump(other, open(paths[1], "w"))
+    with pytest.raises(ValueError, match="commit"):
+        S.main(["--merge", *paths, "--out", str(out)])

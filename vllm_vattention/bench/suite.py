@@ -445,6 +445,24 @@ def plot(doc: dict, png: str) -> bool:
     return True
 
 
+def merge(docs: list[dict], sources: list[str]) -> dict:
+    """Runs of one suite made side by side (e.g. one per GPU of a host) as one results document: the
+    same GPU model, vLLM, commit and TP; repetitions renumbered so that each keeps its own baseline
+    (a repetition's systems always ran on one GPU in one call); each row says which file it came from."""
+    keys = ("gpu", "vllm", "commit", "tensor_parallel_size", "model")
+    for d, src in zip(docs[1:], sources[1:]):
+        diff = [k for k in keys if d.get(k) != docs[0].get(k)]
+        if diff:
+            raise ValueError(f"{src} differs from {sources[0]} in {diff}: not one experiment")
+    out = {k: v for k, v in docs[0].items() if k != "results"}
+    out["results"], offset = [], 0
+    for d, src in zip(docs, sources):
+        reps = [r["rep"] for r in d["results"]]
+        out["results"] += [{**r, "rep": r["rep"] + offset, "source": os.path.basename(src)} for r in d["results"]]
+        offset += max(reps) + 1 if reps else 0
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="models/llama-3.1-8b")
@@ -460,6 +478,8 @@ def main(argv=None) -> None:
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--report", action="store_true", help="only write the table and plot")
     ap.add_argument("--json", default=None, help="with --report: the results file (default: today's, this GPU's)")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="only merge these results files of one experiment (e.g. one per GPU) into --out/<date>-<gpu>[-tag]")
     args = ap.parse_args(argv)
     unknown = (set(args.systems.split(",")) | set(args.paired.split(","))) - set(SYSTEMS)
     if unknown:
@@ -469,6 +489,13 @@ def main(argv=None) -> None:
     os.makedirs(args.out, exist_ok=True)
     tp_tag = f"-tp{args.tensor_parallel_size}" if args.tensor_parallel_size > 1 else ""
     stem = results_stem(args.out, env, tp_tag + (f"-{args.tag}" if args.tag else ""))
+    if args.merge:
+        doc = merge([json.load(open(p)) for p in args.merge], args.merge)
+        tp = doc.get("tensor_parallel_size") or 1
+        stem = results_stem(args.out, doc, (f"-tp{tp}" if tp > 1 else "") + (f"-{args.tag}" if args.tag else ""))
+        with open(stem + ".json", "w") as f:
+            json.dump(doc, f, indent=1)
+        args.report, args.json = True, stem + ".json"
     if args.report and args.json:
         stem = args.json[:-len(".json")] if args.json.endswith(".json") else args.json
     path = stem + ".json"
