@@ -9,7 +9,7 @@
 | VATTN_BACKGROUND_MAP | 0, 1, stream | 0 | 1: driver calls on a native thread (no GIL), joined before the step launches; stream: the GPU stream waits for them (cuStreamWaitValue32 on a host flag), the CPU never joins |
 | VATTN_EXTRA_ROWS | integer >= 0 | max_num_seqs | rows beyond max_num_seqs, so a new request rarely waits for a row still read by a step in flight |
 | VATTN_GUARD_TOKENS | integer >= 192 | 256 | readable tokens kept past each sequence end for kernels that over-read (FA3) |
-| VATTN_FA3_GUARD | always, clipped | always | clipped: FA3's view of a prefill batch ends at its longest FA3 sequence, whose row then needs no guard (relies on TMA clipping; not yet checked on a GPU) |
+| VATTN_FA3_GUARD | always, clipped | always | clipped: FA3's view of a prefill batch ends at its longest FA3 sequence, whose row then needs no guard (relies on TMA clipping; clean under compute-sanitizer on an H200) |
 | VATTN_PREFIX_EVICTION | lru, discard-lru, second-chance, adaptive | lru | prefix-cache eviction order in vLLM's scheduler (prefix_eviction.py); works with any attention backend |
 | VATTN_PREFIX_MIN_USERS | integer >= 2 | 2 | the one bit: a cached block used by at least this many requests is "keep" (discard-lru: not evicted before the others; second-chance: one more pass through the free queue; adaptive: in the list evicted second, by a share learned from misses) |
 """

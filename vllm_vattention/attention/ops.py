@@ -48,8 +48,8 @@ def read_extents(seq_lens: np.ndarray, query_lens: np.ndarray, decode_kernel: st
 
     clip_to_view (VATTN_FA3_GUARD=clipped): FA3 loads K/V tiles with TMA against the view's shape,
     so nothing past the view's row length (`fa3_view_len`) is read: the longest FA3 row needs no
-    guard, the others only up to that length. Assumption to be checked on a GPU under
-    compute-sanitizer before it becomes the default.
+    guard, the others only up to that length. Checked on an H200 under compute-sanitizer
+    (tests/gpu/test_kernels_gpu.py -k clipped: no read past the view).
     """
     fa3 = fa3_mask(query_lens, decode_kernel)
     ext = np.minimum(seq_lens + np.where(fa3, guard_tokens, 0), row_len)
