@@ -206,7 +206,11 @@ class RunningServer:
     def __enter__(self) -> "RunningServer":
         import tempfile
         self._file = open(self.log_path, "w+") if self.log_path else tempfile.TemporaryFile("w+")
-        self._proc = subprocess.Popen(self.cmd, env=self.env, stdout=self._file, stderr=subprocess.STDOUT, text=True)
+        try:
+            self._proc = subprocess.Popen(self.cmd, env=self.env, stdout=self._file, stderr=subprocess.STDOUT, text=True)
+        except BaseException:
+            self._file.close()
+            raise
         try:
             wait_healthy(self.port, self._proc, self.start_timeout)
         except BaseException:
