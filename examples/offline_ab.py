@@ -107,12 +107,13 @@ def compare(a: dict, b: dict) -> dict:
             "logprob_absdiff_mean": sum(diffs) / len(diffs) if diffs else None}
 
 
-# vAttention systems selected by environment: the default, and the candidate for the default
-# (mapping waited for by the GPU stream, FA3's view clipped; benchmarks/NOTES.md #10, #16)
+# vAttention systems selected by environment: the default (mapping waited for by the GPU stream, FA3's
+# view clipped; benchmarks/NOTES.md #10, #16, #21), and the former default (mapping on the engine
+# thread, a guard page behind every FA3 row), which keeps the synchronous path checked end to end
 VATTN_SYSTEMS = {
     "vattention": {"VLLM_ATTENTION_BACKEND": "VATTENTION"},
-    "vattention-stream": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_BACKGROUND_MAP": "stream",
-                          "VATTN_FA3_GUARD": "clipped"},
+    "vattention-sync": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_BACKGROUND_MAP": "0",
+                        "VATTN_FA3_GUARD": "always"},
 }
 
 

@@ -6,8 +6,8 @@ from vllm_vattention.errors import ConfigError
 
 def test_defaults():
     c = VattnConfig.from_env({})
-    assert (c.requested_by_env, c.layout, c.reclaim, c.decode_kernel, c.background_map) == \
-        (False, "interleaved", "deferred", "fa2", False)
+    assert (c.requested_by_env, c.layout, c.reclaim, c.decode_kernel, c.background_map, c.fa3_guard) == \
+        (False, "interleaved", "deferred", "fa2", "stream", "clipped")
     assert c.num_rows(128) == 256
 
 
@@ -22,6 +22,10 @@ def test_values_are_parsed():
 def test_stream_map_mode():
     assert VattnConfig.from_env({"VATTN_BACKGROUND_MAP": "Stream"}).background_map == "stream"
     assert VattnConfig.from_env({"VATTN_BACKGROUND_MAP": "0"}).background_map is False
+    assert VattnConfig.from_env({"VATTN_BACKGROUND_MAP": "1"}).background_map is True
+    assert VattnConfig.from_env({"VATTN_FA3_GUARD": "always"}).fa3_guard == "always"
+    with pytest.raises(ConfigError, match="VATTN_BACKGROUND_MAP='later'"):
+        VattnConfig.from_env({"VATTN_BACKGROUND_MAP": "later"})
 
 
 def test_other_backend_names_do_not_select_us():

@@ -6,10 +6,10 @@
 | VATTN_LAYOUT | interleaved, per_layer | interleaved | how a token's KV is laid out in a row |
 | VATTN_RECLAIM | deferred, eager | deferred | keep a released row's pages mapped, or unmap them |
 | VATTN_DECODE_KERNEL | fa2, fa3 | fa2 | kernel for decode-only batches (FA3 always runs prefill) |
-| VATTN_BACKGROUND_MAP | 0, 1, stream | 0 | 1: driver calls on a native thread (no GIL), joined before the step launches; stream: the GPU stream waits for them (cuStreamWaitValue32 on a host flag), the CPU never joins |
+| VATTN_BACKGROUND_MAP | 0, 1, stream | stream | 0: driver calls on the engine thread before the step launches; 1: on a native thread (no GIL), joined before the step launches; stream: on that thread, and the GPU stream waits for them (cuStreamWaitValue32 on a host flag), the CPU never joins |
 | VATTN_EXTRA_ROWS | integer >= 0 | max_num_seqs | rows beyond max_num_seqs, so a new request rarely waits for a row still read by a step in flight |
 | VATTN_GUARD_TOKENS | integer >= 192 | 256 | readable tokens kept past each sequence end for kernels that over-read (FA3) |
-| VATTN_FA3_GUARD | always, clipped | always | clipped: FA3's view of a prefill batch ends at its longest FA3 sequence, whose row then needs no guard (relies on TMA clipping; clean under compute-sanitizer on an H200) |
+| VATTN_FA3_GUARD | always, clipped | clipped | always: a zero page behind every FA3 row; clipped: FA3's view of a prefill batch ends at its longest FA3 sequence, whose row then needs no guard (relies on TMA clipping; clean under compute-sanitizer on an H200) |
 | VATTN_PREFIX_EVICTION | lru, discard-lru, second-chance, adaptive | lru | prefix-cache eviction order in vLLM's scheduler (prefix_eviction.py); works with any attention backend |
 | VATTN_PREFIX_MIN_USERS | integer >= 2 | 2 | the one bit: a cached block used by at least this many requests is "keep" (discard-lru: not evicted before the others; second-chance: one more pass through the free queue; adaptive: in the list evicted second, by a share learned from misses) |
 """
@@ -62,9 +62,11 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name}={raw!r} is not a boolean; use 1 or 0")
 
 
-def _map_mode(env: Mapping[str, str], name: str) -> bool | str:
+def _map_mode(env: Mapping[str, str], name: str, default: bool | str) -> bool | str:
     raw = env.get(name)
-    if raw is not None and raw.strip().lower() == "stream":
+    if raw is None:
+        return default
+    if raw.strip().lower() == "stream":
         return "stream"
     try:
         return _flag(env, name, False)
@@ -78,10 +80,10 @@ class VattnConfig:
     layout: str = "interleaved"
     reclaim: str = "deferred"
     decode_kernel: str = "fa2"
-    background_map: bool | str = False  # False, True (native thread) or "stream"
+    background_map: bool | str = "stream"  # False, True (native thread) or "stream"
     extra_rows: int | None = None
     guard_tokens: int = 256
-    fa3_guard: str = "always"
+    fa3_guard: str = "clipped"
     prefix_eviction: str = "lru"
     prefix_min_users: int = DEFAULT_MIN_USERS
 
@@ -94,11 +96,11 @@ class VattnConfig:
             layout=_choice(env, "VATTN_LAYOUT", LAYOUTS, "interleaved"),
             reclaim=_choice(env, "VATTN_RECLAIM", RECLAIM_POLICIES, "deferred"),
             decode_kernel=_choice(env, "VATTN_DECODE_KERNEL", DECODE_KERNELS, "fa2"),
-            background_map=_map_mode(env, "VATTN_BACKGROUND_MAP"),
+            background_map=_map_mode(env, "VATTN_BACKGROUND_MAP", "stream"),
             extra_rows=_int(env, "VATTN_EXTRA_ROWS", None),
             # FA3 reads up to one key tile (<= 192 tokens, ops.FA3_MAX_OVERREAD) past a sequence's end.
             guard_tokens=_int(env, "VATTN_GUARD_TOKENS", 256, minimum=192),
-            fa3_guard=_choice(env, "VATTN_FA3_GUARD", ("always", "clipped"), "always"),
+            fa3_guard=_choice(env, "VATTN_FA3_GUARD", ("always", "clipped"), "clipped"),
             prefix_eviction=_choice(env, "VATTN_PREFIX_EVICTION", PREFIX_EVICTION_MODES, "lru"),
             prefix_min_users=_int(env, "VATTN_PREFIX_MIN_USERS", DEFAULT_MIN_USERS, minimum=2),
         )

@@ -33,13 +33,15 @@ SYSTEMS: dict[str, dict] = {
     "vattn-fa2": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION"}, "args": []},
     "vattn-fa3": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_DECODE_KERNEL": "fa3"}, "args": []},
     "vattn-per-layer": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_LAYOUT": "per_layer"}, "args": []},
-    # candidates for the default, measured against it before they become it (benchmarks/NOTES.md #7, #9)
+    # named settings, so that a run keeps its meaning when the default changes: the default since
+    # benchmarks/NOTES.md #21 (stream mode, clipped FA3 view), the native thread joined before each
+    # step, and the former default (mapping on the engine thread, a guard page behind every FA3 row)
     "vattn-stream-clipped": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_BACKGROUND_MAP": "stream",
                                      "VATTN_FA3_GUARD": "clipped"}, "args": []},
-    # the same without stream mode (the native thread joined before each step), in case the GPU
-    # shows stream mode unsafe (NOTES #10, #16)
     "vattn-bg-clipped": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_BACKGROUND_MAP": "1",
                                  "VATTN_FA3_GUARD": "clipped"}, "args": []},
+    "vattn-sync": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_BACKGROUND_MAP": "0",
+                           "VATTN_FA3_GUARD": "always"}, "args": []},
 }
 # Every variable that selects a system: cleared from the caller's environment before a system's own
 # are set, so that one engine's settings never leak into another's.
