@@ -10,6 +10,11 @@
 // Op kinds: MAP, UNMAP, ACCESS_RW/RO (driver calls), WAIT_EVENT (cuEventSynchronize on `handle`:
 // a step that still reads memory the next UNMAP removes), SIGNAL (store `handle` into the 32-bit
 // host word at `va` with release ordering, after every earlier op of the queue has run).
+//
+// The thread also times itself (vattn_mapper_stats): nanoseconds spent in driver calls by kind and
+// in WAIT_EVENT, so that a benchmark can compare the mapping work the GPU may wait for (stream
+// mode) with what the engine thread sees.
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdio>
@@ -68,6 +73,8 @@ struct Mapper {
   int error = 0;
   char error_text[256] = {0};
   uint64_t ops_done = 0;
+  // per op kind (index = kind, VATTN_OP_WAIT_EVENT included): time spent and calls; under mu
+  uint64_t kind_ns[6] = {0}, kind_calls[6] = {0};
   std::thread worker;
 
   explicit Mapper(const vattn_driver_table& t) : table(t) { worker = std::thread([this] { run(); }); }
@@ -114,7 +121,17 @@ struct Mapper {
         }
         // After a failure, drop driver calls until the caller has seen the error; signals still run.
         if (failed && op.kind != VATTN_OP_SIGNAL) continue;
+        auto t0 = std::chrono::steady_clock::now();
         int rc = execute(op);
+        uint64_t ns = static_cast<uint64_t>(
+            std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
+        {
+          std::lock_guard<std::mutex> g(mu);
+          if (op.kind >= 0 && op.kind < 6) {
+            kind_ns[op.kind] += ns;
+            kind_calls[op.kind] += 1;
+          }
+        }
         if (rc) {
           std::lock_guard<std::mutex> g(mu);
           error = rc;
@@ -183,6 +200,19 @@ int vattn_mapper_poll(void* handle, char* text, uint64_t text_len) {
   m->error = 0;
   m->error_text[0] = 0;
   return rc;
+}
+
+// Copies the per-kind counters into ns[6] and calls[6] (index = op kind); reset != 0 zeroes them.
+int vattn_mapper_stats(void* handle, uint64_t* ns, uint64_t* calls, int reset) {
+  auto* m = static_cast<Mapper*>(handle);
+  if (!m || !ns || !calls) return -1;
+  std::lock_guard<std::mutex> g(m->mu);
+  for (int k = 0; k < 6; ++k) {
+    ns[k] = m->kind_ns[k];
+    calls[k] = m->kind_calls[k];
+    if (reset) m->kind_ns[k] = m->kind_calls[k] = 0;
+  }
+  return 0;
 }
 
 void vattn_mapper_destroy(void* handle) {

@@ -172,6 +172,31 @@ def test_native_thread_gives_the_same_mappings_and_reports_driver_errors(driver)
     assert driver.leaks() == []
 
 
+def test_native_thread_times_its_own_driver_calls(driver):
+    """stats() carries what the native thread spent (the mapping work a stream may wait for)."""
+    m = make_manager(driver, background=True)
+    m.sync()
+    m.reset_stats()
+    before = dict(driver.stats.calls)
+    r = m.acquire_row()
+    m.set_blocks(r, [2, 3, 4])
+    m.ensure_readable(r, 40)
+    m.set_blocks(r, [5], start=1)  # a remap: one unmap, one map, one set_access
+    m.sync()
+    delta = {k: driver.stats.calls.get(k, 0) - before.get(k, 0) for k in ("map", "unmap", "set_access_calls")}
+    s = m.stats()
+    assert delta["unmap"] == 1 and delta["map"] >= 4
+    assert s["native_driver_calls"] == delta["map"] + delta["unmap"] + delta["set_access_calls"]
+    assert s["native_driver_seconds"] > 0
+    assert s["native_driver_seconds"] == pytest.approx(
+        s["native_map_seconds"] + s["native_unmap_seconds"] + s["native_access_seconds"], abs=3e-6)
+    assert s["native_event_waits"] == 0
+    m.reset_stats()
+    assert m.stats()["native_driver_calls"] == 0 and m.stats()["native_driver_seconds"] == 0
+    assert "native_driver_calls" not in make_manager(FakeDriver(PAGE)).stats()  # foreground: no thread
+    m.close()
+
+
 def test_native_thread_failure_surfaces_at_sync_as_a_driver_error():
     from vllm_vattention.errors import DriverError
     d = FakeDriver(PAGE)
@@ -275,6 +300,7 @@ def test_stream_mode_moves_hazard_waits_off_the_calling_thread(driver):
     assert mgr.flag_value() == 2 and threading.current_thread().name not in fence.waiters
     assert driver.read(mgr.address(row, 0, 0, 0), 4) == bytes(4)  # block 2, fresh
     assert driver.stats.calls["event_sync"] == 1 and mgr.stats()["hazard_waits"] == 1
+    assert mgr.stats()["native_event_waits"] == 1 and mgr.stats()["native_event_wait_seconds"] > 0
     mgr.close()
     assert driver.leaks() == []
 

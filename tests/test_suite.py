@@ -225,12 +225,14 @@ def test_gpu_time_blocked_at_the_flag_is_reported_for_stream_mode_only():
             "hazard_waits": 1}
     res = [{"workload": "a", "system": "vattn-fa2", "mapper": base, "error": None},
            *({"workload": "a", "system": "vattn-stream-clipped", "error": None,
-              "mapper": {**base, "gpu_flag_wait_seconds": t, "flag_waits": 100, "flag_stalls": 3}} for t in (0.2, 0.4, 0.3))]
+              "mapper": {**base, "gpu_flag_wait_seconds": t, "flag_waits": 100, "flag_stalls": 3,
+                         "native_driver_seconds": 2 * t, "native_event_wait_seconds": t / 10}} for t in (0.2, 0.4, 0.3))]
     rows = {r["system"]: r for r in S.mapping_rows(res)}
     assert rows["vattn-fa2"]["gpu_flag_wait"] is None and rows["vattn-stream-clipped"]["gpu_flag_wait"] == 0.3
+    assert rows["vattn-fa2"]["native_driver"] is None and rows["vattn-stream-clipped"]["native_driver"] == 0.6
     md = S.markdown({"results": res})
-    assert "| a | vattn-stream-clipped | 3 | 1.00% | 0.100 | 5.00 | 10 | 2 | 1 | 0.300 |" in md
-    assert "| a | vattn-fa2 | 1 | 1.00% | 0.100 | 5.00 | 10 | 2 | 1 | - |" in md
+    assert "| a | vattn-stream-clipped | 3 | 1.00% | 0.100 | 5.00 | 10 | 2 | 1 | 0.300 | 0.600 | 0.030 |" in md
+    assert "| a | vattn-fa2 | 1 | 1.00% | 0.100 | 5.00 | 10 | 2 | 1 | - | - | - |" in md
 
 
 def test_profile_report_compares_every_run_with_the_first(tmp_path):
@@ -269,3 +271,18 @@ def test_merge_runs_made_side_by_side_keeps_each_repetition_with_its_baseline(tm
     json.dump(other, open(paths[1], "w"))
     with pytest.raises(ValueError, match="commit"):
         S.main(["--merge", *paths, "--out", str(out)])
+
+
+def test_worker_table_shows_our_hooks_per_step_next_to_the_whole_call():
+    calls = {"execute_model": {"calls": 100, "seconds": 0.5, "ms_per_call": 5.0},
+             "sample_tokens": {"calls": 99, "seconds": 0.1, "ms_per_call": 1.0}}
+    mapper = {"map_share": 0.1, "driver_seconds": 0.01, "execute_seconds": 0.5, "block_maps": 1, "zero_maps": 0,
+              "hazard_waits": 0, "steps": 100, "prepare_attn_seconds": 0.12, "metadata_build_seconds": 0.03}
+    res = [{"workload": "a", "system": "stock-fa3", "worker_calls": calls, "error": None},
+           {"workload": "a", "system": "vattn-fa2", "worker_calls": calls, "mapper": mapper, "error": None}]
+    rows = {r["system"]: r for r in S.step_rows(res)}
+    assert rows["stock-fa3"]["prepare_ms"] is None
+    assert rows["vattn-fa2"]["prepare_ms"] == pytest.approx(1.2) and rows["vattn-fa2"]["build_ms"] == pytest.approx(0.3)
+    md = S.markdown({"results": res})
+    assert "| a | vattn-fa2 | 1 | 100 | 5.000 | 1.000 | 1.200 | 0.300 |" in md
+    assert "| a | stock-fa3 | 1 | 100 | 5.000 | 1.000 | - | - |" in md

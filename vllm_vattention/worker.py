@@ -123,6 +123,7 @@ class VattnModelRunner(V2ModelRunner):
     vattn: KVMemoryManager | None = None
     # class defaults: vLLM's profiling run calls execute_model before the KV cache exists
     map_seconds = 0.0
+    prepare_seconds = 0.0
     execute_seconds = 0.0
     steps = 0
     flag_timer: StreamWaitTimer | None = None
@@ -136,9 +137,8 @@ class VattnModelRunner(V2ModelRunner):
             raise ConfigError("this model needs vLLM's KV block zeroing, which vAttention does not support")
         with _replace_init_kv_cache(self._init_vattn_kv_cache):
             super().initialize_kv_cache(kv_cache_config)
-        for groups in self.attn_groups:
-            for group in groups:
-                group.get_metadata_builder(0).row_len = self.vattn.layout.row_tokens
+        for builder in self._vattn_builders():
+            builder.row_len = self.vattn.layout.row_tokens
 
     def _init_vattn_kv_cache(self, runner_kv_caches, forward_context, kv_cache_config, attn_groups,
                              device, cache_dtype, kernel_block_sizes, vllm_config):
@@ -181,20 +181,30 @@ class VattnModelRunner(V2ModelRunner):
                     layout.row_tokens, layout.total_bytes / 2**30)
         return kv_caches
 
+    def _vattn_builders(self) -> list:
+        return [group.get_metadata_builder(0) for groups in getattr(self, "attn_groups", ()) for group in groups]
+
     # -- accounting ------------------------------------------------------------------------
     def reset_timers(self) -> None:
         """Time the engine thread spends on page mapping (planning, driver calls, waiting for the
         native thread) against the time it spends in execute_model, from now on; in stream mode also
         the GPU's time blocked at the mapping flag."""
         self.map_seconds = 0.0
+        self.prepare_seconds = 0.0
         self.execute_seconds = 0.0
         self.steps = 0
+        for builder in self._vattn_builders():
+            builder.build_seconds = 0.0
         if self.vattn is not None and self.vattn.stream_mode:
             self.flag_timer = StreamWaitTimer()
 
     def vattn_report(self) -> dict:
         s = self.vattn.stats()
+        # the engine thread's time in our hooks: prepare_attn (rows, slot mapping, the mapping calls
+        # counted in map_seconds) and the attention metadata build
+        build = sum(b.build_seconds for b in self._vattn_builders())
         s.update(steps=self.steps, map_seconds=round(self.map_seconds, 4),
+                 prepare_attn_seconds=round(self.prepare_seconds, 4), metadata_build_seconds=round(build, 4),
                  execute_seconds=round(self.execute_seconds, 4),
                  map_share=round(self.map_seconds / self.execute_seconds, 5) if self.execute_seconds else None)
         if self.flag_timer is not None:
@@ -240,6 +250,7 @@ class VattnModelRunner(V2ModelRunner):
 
     # -- per-step attention inputs ---------------------------------------------------------
     def prepare_attn(self, input_batch):
+        t0 = time.perf_counter()
         bt = self.block_tables.input_block_tables[0]
         slots = self.block_tables.slot_mappings[0]
         n, padded_reqs = input_batch.num_reqs, input_batch.num_reqs_after_padding
@@ -273,6 +284,7 @@ class VattnModelRunner(V2ModelRunner):
         slots[:n_tok].mul_(row_len).add_(input_batch.positions[:n_tok])
         slots[n_tok:padded_tok].fill_(-1)
         block_tables = (bt[:padded_reqs],)
+        self.prepare_seconds += time.perf_counter() - t0
         return block_tables, self.block_tables.slot_mappings[:, :padded_tok]
 
     def prepare_dummy_attn(self, input_batch):

@@ -8,6 +8,7 @@ contiguous) block-table buffer and the slots (row * row_len + position) in `slot
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -100,11 +101,18 @@ class VattnMetadataBuilder(AttentionMetadataBuilder[VattnMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.cfg = VattnConfig.from_env()
         self.row_len: int | None = None  # set by the model runner once rows exist
+        self.build_seconds = 0.0  # engine-thread time in build(), read and reset by the model runner
         self._init_reorder_batch_threshold(1)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> VattnMetadata:
-        m = common_attn_metadata
+        t = time.perf_counter()
+        try:
+            return self._build(common_attn_metadata)
+        finally:
+            self.build_seconds += time.perf_counter() - t
+
+    def _build(self, m: CommonAttentionMetadata) -> VattnMetadata:
         row_len = self.row_len or 0
         prefill_qsl = None
         fa3_kv_len = None

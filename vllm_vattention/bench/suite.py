@@ -360,8 +360,19 @@ def mapping_rows(results: list[dict]) -> list[dict]:
              "zero_maps": statistics.median(m["zero_maps"] for m in ms),
              "hazard_waits": max(m["hazard_waits"] for m in ms),
              # stream mode: the GPU's time blocked at the mapping flag (None for the other modes)
-             "gpu_flag_wait": statistics.median(m["gpu_flag_wait_seconds"] for m in ms)
-             if all(m.get("gpu_flag_wait_seconds") is not None for m in ms) else None} for (w, s), ms in by.items()]
+             "gpu_flag_wait": _median_of(ms, "gpu_flag_wait_seconds"),
+             # background modes: the native thread's own time in driver calls and in hazard waits
+             "native_driver": _median_of(ms, "native_driver_seconds"),
+             "native_event_wait": _median_of(ms, "native_event_wait_seconds")} for (w, s), ms in by.items()]
+
+
+def _median_of(ms: list[dict], key: str) -> float | None:
+    """Median of one counter over repetitions, None where a repetition lacks it (another mode)."""
+    return statistics.median(m[key] for m in ms) if all(m.get(key) is not None for m in ms) else None
+
+
+def _secs(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
 
 
 def step_rows(results: list[dict]) -> list[dict]:
@@ -370,12 +381,18 @@ def step_rows(results: list[dict]) -> list[dict]:
     for r in results:
         w = r.get("worker_calls")
         if isinstance(w, dict) and w.get("execute_model") and not r.get("error"):
-            by.setdefault((r["workload"], r["system"]), []).append(w)
+            m = r.get("mapper") if isinstance(r.get("mapper"), dict) else {}
+            steps = m.get("steps") or 0
+            # vAttention's own hooks inside execute_model, per step (None for stock, or older runs)
+            ours = {k: 1e3 * m[f"{k}_seconds"] / steps if steps and m.get(f"{k}_seconds") is not None else None
+                    for k in ("prepare_attn", "metadata_build")}
+            by.setdefault((r["workload"], r["system"]), []).append({**w, **ours})
     nan = float("nan")
     return [{"workload": wl, "system": s, "n": len(ws),
              "calls": statistics.median(w["execute_model"]["calls"] for w in ws),
              "execute_ms": statistics.median(w["execute_model"]["ms_per_call"] for w in ws),
-             "sample_ms": statistics.median((w.get("sample_tokens") or {}).get("ms_per_call") or nan for w in ws)}
+             "sample_ms": statistics.median((w.get("sample_tokens") or {}).get("ms_per_call") or nan for w in ws),
+             "prepare_ms": _median_of(ws, "prepare_attn"), "build_ms": _median_of(ws, "metadata_build")}
             for (wl, s), ws in by.items()]
 
 
@@ -411,18 +428,20 @@ def markdown(doc: dict) -> str:
     if maps:
         lines += _section("Page mapping on the engine thread (medians over repetitions)",
                           ["workload", "system", "runs", "mapping / execute_model time", "driver s", "execute_model s",
-                           "block maps", "zero-page maps", "max hazard waits", "GPU blocked at flag s"],
+                           "block maps", "zero-page maps", "max hazard waits", "GPU blocked at flag s",
+                           "native thread: driver s", "native thread: hazard wait s"],
                           [[m["workload"], m["system"], m["n"], f"{100 * m['map_share']:.2f}%", f"{m['driver_seconds']:.3f}",
                             f"{m['execute_seconds']:.2f}", f"{m['block_maps']:.0f}", f"{m['zero_maps']:.0f}",
-                            m["hazard_waits"], "-" if m["gpu_flag_wait"] is None else f"{m['gpu_flag_wait']:.3f}"]
+                            m["hazard_waits"], _secs(m["gpu_flag_wait"]), _secs(m["native_driver"]),
+                            _secs(m["native_event_wait"])]
                            for m in maps])
     steps = step_rows(res)
     if steps:
         lines += _section("Worker time per call (CPU side of a step; medians over repetitions)",
                           ["workload", "system", "runs", "execute_model calls", "execute_model ms/call",
-                           "sample_tokens ms/call"],
+                           "sample_tokens ms/call", "our prepare_attn ms/step", "our metadata build ms/step"],
                           [[m["workload"], m["system"], m["n"], f"{m['calls']:.0f}", f"{m['execute_ms']:.3f}",
-                            f"{m['sample_ms']:.3f}"] for m in steps])
+                            f"{m['sample_ms']:.3f}", _secs(m["prepare_ms"]), _secs(m["build_ms"])] for m in steps])
     errors = [r for r in res if r.get("error")]
     if errors:
         lines += ["", "Failed runs:"] + [f"- {r['workload']} / {r['system']}: {r['error'][:300]!r}" for r in errors]

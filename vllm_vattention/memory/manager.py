@@ -155,11 +155,17 @@ class KVMemoryManager:
         s.update(rows=self.layout.rows, active_rows=len(self._active), num_blocks=self.pool.num_blocks,
                  block_size=self.layout.block_size, pages_per_block=self.layout.pages_per_block,
                  reserved_bytes=self.layout.total_bytes)
+        native = getattr(self.mapper.executor, "stats", None)
+        if native is not None:  # the native thread's own time (background modes)
+            s.update(native())
         return s
 
     def reset_stats(self) -> None:
         """Counters start again from zero (e.g. after start-up)."""
         self.mapper.stats = type(self.mapper.stats)()
+        native = getattr(self.mapper.executor, "stats", None)
+        if native is not None:
+            native(reset=True)
 
     def close(self) -> None:
         """Unmap everything (after every step in flight), release all memory. Idempotent."""

@@ -11,7 +11,7 @@ import importlib.util
 from typing import Sequence
 
 from ..errors import DriverError
-from .executor import Op
+from .executor import ACCESS_RO, ACCESS_RW, MAP, UNMAP, WAIT_EVENT, Op
 
 MAP_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_uint64,
                           ctypes.c_uint64)
@@ -50,6 +50,8 @@ def load_library() -> ctypes.CDLL:
         lib.vattn_mapper_wait.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint64,
                                           ctypes.POINTER(ctypes.c_uint64)]
         lib.vattn_mapper_poll.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint64]
+        lib.vattn_mapper_stats.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64),
+                                           ctypes.POINTER(ctypes.c_uint64), ctypes.c_int]
         lib.vattn_mapper_destroy.argtypes = [ctypes.c_void_p]
         _LIB = lib
     return _LIB
@@ -81,6 +83,20 @@ class NativeExecutor:
         """Raise the first error of the native thread so far, without waiting for it."""
         text = ctypes.create_string_buffer(256)
         _raise_if_failed(self._lib.vattn_mapper_poll(self._handle, text, 256), text)
+
+    def stats(self, reset: bool = False) -> dict:
+        """What the native thread itself spent: seconds in driver calls (map, unmap, set access) and
+        in WAIT_EVENT (a step in flight still reading a slot to unmap), with call counts."""
+        ns, calls = (ctypes.c_uint64 * 6)(), (ctypes.c_uint64 * 6)()
+        if self._lib.vattn_mapper_stats(self._handle, ns, calls, int(reset)):
+            raise RuntimeError("vattn_mapper_stats: the native mapping thread is closed")
+        s = lambda *kinds: round(sum(ns[k] for k in kinds) / 1e9, 6)  # noqa: E731
+        return {"native_map_seconds": s(MAP), "native_unmap_seconds": s(UNMAP),
+                "native_access_seconds": s(ACCESS_RW, ACCESS_RO),
+                "native_driver_seconds": s(MAP, UNMAP, ACCESS_RW, ACCESS_RO),
+                "native_event_wait_seconds": s(WAIT_EVENT),
+                "native_driver_calls": sum(calls[k] for k in (MAP, UNMAP, ACCESS_RW, ACCESS_RO)),
+                "native_event_waits": calls[WAIT_EVENT]}
 
     def close(self) -> None:
         if self._handle:
