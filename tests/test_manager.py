@@ -1,6 +1,6 @@
 import pytest
 
-from helpers import PAGE, SMALL, FakeFence, make_manager
+from helpers import PAGE, SMALL, FakeFence, FakeStream, make_manager
 from vllm_vattention.errors import MappingError, OutOfAddressSpaceError, OutOfPagesError
 from vllm_vattention.memory import ZERO, FakeDriver, FakeDriverError, KVMemoryManager, make_layout
 
@@ -330,3 +330,17 @@ def test_publish_outside_stream_mode_is_an_error(driver):
     with pytest.raises(MappingError, match="VATTN_BACKGROUND_MAP=stream"):
         mgr.publish()
     mgr.close()
+
+
+def test_finished_steps_are_forgotten_even_when_nothing_is_unmapped(driver):
+    """A long decode unmaps nothing; the list of steps in flight must not grow with it."""
+    mgr = make_manager(driver)
+    row = mgr.acquire_row()
+    mgr.set_blocks(row, [1, 2])
+    stream = FakeStream()
+    for _ in range(1000):
+        mgr.record_reads(stream.fence(), {row: 8})
+        stream.finished = stream.launched - 2  # two steps in flight at any time
+    assert len(mgr.mapper._inflight) == 3  # the new one and the two unfinished before it
+    mgr.close()
+    assert driver.leaks() == []

@@ -65,7 +65,10 @@ class RowMapper:
 
     # -- fences ----------------------------------------------------------------------------
     def record_reads(self, fence: Fence, reads: dict[int, int]) -> None:
-        """A step that may read slots [0, reads[row]) of each row was launched; `fence` completes after it."""
+        """A step that may read slots [0, reads[row]) of each row was launched; `fence` completes after it.
+        Finished steps are dropped first, so the list holds only steps in flight even when no slot is
+        unmapped for a long time (e.g. a long decode)."""
+        self._retire()
         self._inflight.append((fence, dict(reads)))
 
     def _retire(self) -> None:
