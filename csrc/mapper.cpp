@@ -9,7 +9,12 @@
 //
 // Op kinds: MAP, UNMAP, ACCESS_RW/RO (driver calls), WAIT_EVENT (cuEventSynchronize on `handle`:
 // a step that still reads memory the next UNMAP removes), SIGNAL (store `handle` into the 32-bit
-// host word at `va` with release ordering, after every earlier op of the queue has run).
+// host word at `va` with release ordering, after every earlier op of the queue has run), DRAIN
+// (run background ops until `handle` of them have run).
+//
+// Background ops (vattn_mapper_submit_background) run one at a time only while no batch is
+// queued, so they never delay a step's mappings by more than the one driver call in progress; a
+// DRAIN op in a batch runs them first where that batch depends on them.
 //
 // The thread also times itself (vattn_mapper_stats): nanoseconds spent in driver calls by kind and
 // in WAIT_EVENT, so that a benchmark can compare the mapping work the GPU may wait for (stream
@@ -50,8 +55,10 @@ enum {
   VATTN_OP_ACCESS_RW = 2,
   VATTN_OP_ACCESS_RO = 3,
   VATTN_OP_SIGNAL = 4,
-  VATTN_OP_WAIT_EVENT = 5
+  VATTN_OP_WAIT_EVENT = 5,
+  VATTN_OP_DRAIN = 6
 };
+#define VATTN_NUM_KINDS 7
 
 struct vattn_op {
   int32_t kind;
@@ -69,12 +76,14 @@ struct Mapper {
   std::mutex mu;
   std::condition_variable work_cv, idle_cv;
   std::deque<std::vector<vattn_op>> queue;
+  std::deque<vattn_op> background;
+  uint64_t bg_done = 0;  // background ops run so far (under mu)
   bool busy = false, stop = false;
   int error = 0;
   char error_text[256] = {0};
   uint64_t ops_done = 0;
   // per op kind (index = kind, VATTN_OP_WAIT_EVENT included): time spent and calls; under mu
-  uint64_t kind_ns[6] = {0}, kind_calls[6] = {0};
+  uint64_t kind_ns[VATTN_NUM_KINDS] = {0}, kind_calls[VATTN_NUM_KINDS] = {0};
   std::thread worker;
 
   explicit Mapper(const vattn_driver_table& t) : table(t) { worker = std::thread([this] { run(); }); }
@@ -94,6 +103,59 @@ struct Mapper {
     }
   }
 
+  // Runs one op (timed; a failure is kept, and later driver calls are dropped until it is seen).
+  void run_op(const vattn_op& op) {
+    if (op.kind == VATTN_OP_DRAIN) {
+      drain(op.handle);
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> g(mu);
+      // After a failure, drop driver calls until the caller has seen the error; signals still run.
+      if (error != 0 && op.kind != VATTN_OP_SIGNAL) return;
+    }
+    auto t0 = std::chrono::steady_clock::now();
+    int rc = execute(op);
+    uint64_t ns = static_cast<uint64_t>(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
+    std::lock_guard<std::mutex> g(mu);
+    if (op.kind >= 0 && op.kind < VATTN_NUM_KINDS) {
+      kind_ns[op.kind] += ns;
+      kind_calls[op.kind] += 1;
+    }
+    if (rc && error == 0) {
+      error = rc;
+      std::snprintf(error_text, sizeof(error_text), "op kind %d at va=0x%llx size=%llu returned %d",
+                    op.kind, (unsigned long long)op.va, (unsigned long long)op.size, rc);
+    }
+  }
+
+  // Pops and runs the next background op; false when there is none.
+  bool run_one_background() {
+    vattn_op op;
+    {
+      std::lock_guard<std::mutex> g(mu);
+      if (background.empty()) return false;
+      op = background.front();
+      background.pop_front();
+    }
+    run_op(op);
+    std::lock_guard<std::mutex> g(mu);
+    ++bg_done;
+    return true;
+  }
+
+  // Runs background ops until `target` of them have run (or none is left).
+  void drain(uint64_t target) {
+    for (;;) {
+      {
+        std::lock_guard<std::mutex> g(mu);
+        if (bg_done >= target) return;
+      }
+      if (!run_one_background()) return;
+    }
+  }
+
   void run() {
     if (table.set_context) {
       int rc = table.set_context(table.context);
@@ -107,37 +169,21 @@ struct Mapper {
       std::vector<vattn_op> batch;
       {
         std::unique_lock<std::mutex> lk(mu);
-        work_cv.wait(lk, [this] { return stop || !queue.empty(); });
-        if (queue.empty() && stop) return;
-        batch = std::move(queue.front());
-        queue.pop_front();
+        work_cv.wait(lk, [this] { return stop || !queue.empty() || !background.empty(); });
+        if (queue.empty() && (stop || background.empty())) {
+          if (stop) return;
+          continue;
+        }
         busy = true;
+        if (!queue.empty()) {
+          batch = std::move(queue.front());
+          queue.pop_front();
+        }
       }
-      for (const vattn_op& op : batch) {
-        bool failed;
-        {
-          std::lock_guard<std::mutex> g(mu);
-          failed = error != 0;
-        }
-        // After a failure, drop driver calls until the caller has seen the error; signals still run.
-        if (failed && op.kind != VATTN_OP_SIGNAL) continue;
-        auto t0 = std::chrono::steady_clock::now();
-        int rc = execute(op);
-        uint64_t ns = static_cast<uint64_t>(
-            std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
-        {
-          std::lock_guard<std::mutex> g(mu);
-          if (op.kind >= 0 && op.kind < 6) {
-            kind_ns[op.kind] += ns;
-            kind_calls[op.kind] += 1;
-          }
-        }
-        if (rc) {
-          std::lock_guard<std::mutex> g(mu);
-          error = rc;
-          std::snprintf(error_text, sizeof(error_text), "op kind %d at va=0x%llx size=%llu returned %d",
-                        op.kind, (unsigned long long)op.va, (unsigned long long)op.size, rc);
-        }
+      if (batch.empty()) {
+        run_one_background();  // nothing urgent: one background op, then look again
+      } else {
+        for (const vattn_op& op : batch) run_op(op);
       }
       {
         std::lock_guard<std::mutex> g(mu);
@@ -170,12 +216,26 @@ int vattn_mapper_submit(void* handle, const vattn_op* ops, uint64_t n) {
   return 0;
 }
 
-// Blocks until every submitted op has run. Returns 0 or the first error (then clears it).
+// Queues ops to run while no batch is waiting (see the top). Returns 0, or -2 once stopped.
+int vattn_mapper_submit_background(void* handle, const vattn_op* ops, uint64_t n) {
+  auto* m = static_cast<Mapper*>(handle);
+  if (!m) return -1;
+  {
+    std::lock_guard<std::mutex> g(m->mu);
+    if (m->stop) return -2;
+    m->background.insert(m->background.end(), ops, ops + n);
+  }
+  m->work_cv.notify_one();
+  return 0;
+}
+
+// Blocks until every submitted op, background ones included, has run. Returns 0 or the first
+// error (then clears it).
 int vattn_mapper_wait(void* handle, char* text, uint64_t text_len, uint64_t* ops_done) {
   auto* m = static_cast<Mapper*>(handle);
   if (!m) return -1;
   std::unique_lock<std::mutex> lk(m->mu);
-  m->idle_cv.wait(lk, [m] { return m->queue.empty() && !m->busy; });
+  m->idle_cv.wait(lk, [m] { return m->queue.empty() && m->background.empty() && !m->busy; });
   int rc = m->error;
   if (text && text_len) {
     std::strncpy(text, m->error_text, text_len - 1);
@@ -202,12 +262,12 @@ int vattn_mapper_poll(void* handle, char* text, uint64_t text_len) {
   return rc;
 }
 
-// Copies the per-kind counters into ns[6] and calls[6] (index = op kind); reset != 0 zeroes them.
+// Copies the per-kind counters into ns[7] and calls[7] (index = op kind); reset != 0 zeroes them.
 int vattn_mapper_stats(void* handle, uint64_t* ns, uint64_t* calls, int reset) {
   auto* m = static_cast<Mapper*>(handle);
   if (!m || !ns || !calls) return -1;
   std::lock_guard<std::mutex> g(m->mu);
-  for (int k = 0; k < 6; ++k) {
+  for (int k = 0; k < VATTN_NUM_KINDS; ++k) {
     ns[k] = m->kind_ns[k];
     calls[k] = m->kind_calls[k];
     if (reset) m->kind_ns[k] = m->kind_calls[k] = 0;

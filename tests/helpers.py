@@ -44,6 +44,27 @@ class FakeFence:
         self.stream.finished = max(self.stream.finished, self.seq)
 
 
+class BlockingFence:
+    """A step still running on the GPU: wait() blocks until release() (another thread)."""
+
+    def __init__(self, driver):
+        import threading
+        self._done = threading.Event()
+        self.native_handle = driver.register_event(self)
+        self.waiters = []
+
+    def done(self):
+        return self._done.is_set()
+
+    def wait(self):
+        import threading
+        self.waiters.append(threading.current_thread().name)
+        self._done.wait(timeout=10)
+
+    def release(self):
+        self._done.set()
+
+
 @pytest.fixture
 def driver():
     d = FakeDriver(granularity=PAGE)

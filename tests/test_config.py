@@ -50,3 +50,12 @@ def test_guard_floor_is_fa3s_overread_bound():
     assert VattnConfig.from_env({"VATTN_GUARD_TOKENS": str(FA3_MAX_OVERREAD)}).guard_tokens == FA3_MAX_OVERREAD
     with pytest.raises(ConfigError):
         VattnConfig.from_env({"VATTN_GUARD_TOKENS": str(FA3_MAX_OVERREAD - 1)})
+
+
+def test_spare_blocks_need_stream_mode():
+    assert VattnConfig.from_env({}).spare_blocks == 0
+    assert VattnConfig.from_env({"VATTN_SPARE_BLOCKS": "512"}).spare_blocks == 512
+    with pytest.raises(ConfigError, match="VATTN_SPARE_BLOCKS=512 needs VATTN_BACKGROUND_MAP=stream"):
+        VattnConfig.from_env({"VATTN_SPARE_BLOCKS": "512", "VATTN_BACKGROUND_MAP": "1"})
+    with pytest.raises(ConfigError, match="VATTN_SPARE_BLOCKS='many' is not an integer"):
+        VattnConfig.from_env({"VATTN_SPARE_BLOCKS": "many"})

@@ -1,6 +1,6 @@
 import pytest
 
-from helpers import PAGE, SMALL, FakeFence, FakeStream, make_manager
+from helpers import PAGE, SMALL, BlockingFence, FakeFence, FakeStream, make_manager
 from vllm_vattention.errors import MappingError, OutOfAddressSpaceError, OutOfPagesError
 from vllm_vattention.memory import ZERO, FakeDriver, FakeDriverError, KVMemoryManager, make_layout
 
@@ -256,27 +256,6 @@ def test_reset_stats_starts_the_counters_again_but_keeps_the_mappings(driver):
     assert mgr.stats()["block_maps"] == 1 and mgr.stats()["block_unmaps"] == 0
     mgr.close()
     assert driver.leaks() == []
-
-
-class BlockingFence:
-    """A step still running on the GPU: wait() blocks until release() (another thread)."""
-
-    def __init__(self, driver):
-        import threading
-        self._done = threading.Event()
-        self.native_handle = driver.register_event(self)
-        self.waiters = []
-
-    def done(self):
-        return self._done.is_set()
-
-    def wait(self):
-        import threading
-        self.waiters.append(threading.current_thread().name)
-        self._done.wait(timeout=10)
-
-    def release(self):
-        self._done.set()
 
 
 def test_stream_mode_moves_hazard_waits_off_the_calling_thread(driver):

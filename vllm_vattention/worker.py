@@ -156,7 +156,7 @@ class VattnModelRunner(V2ModelRunner):
                              block_size=group.kv_cache_spec.block_size)
         driver = CudaDriver(device.index if device.index is not None else torch.cuda.current_device())
         self.vattn = KVMemoryManager(driver, layout, kv_cache_config.num_blocks, reclaim=cfg.reclaim,
-                                     background=cfg.background_map)
+                                     background=cfg.background_map, spare_blocks=cfg.spare_blocks)
         dummy = self.vattn.acquire_row()
         assert dummy == DUMMY_ROW
         self.vattn.ensure_readable(DUMMY_ROW, layout.row_tokens)
@@ -233,7 +233,8 @@ class VattnModelRunner(V2ModelRunner):
             row = self.vattn.acquire_row()
             self._row_np[idx] = row
             blocks = new.block_ids[0]
-            self.vattn.set_blocks(row, blocks)
+            # blocks past the prefix-cache hit hold nothing yet: they may take spare frames
+            self.vattn.set_blocks(row, blocks, fresh_from=new.num_computed_tokens // self.vattn.layout.block_size)
             self._num_blocks[row] = len(blocks)
         self.map_seconds += time.perf_counter() - t
 
@@ -244,7 +245,10 @@ class VattnModelRunner(V2ModelRunner):
         for req_id, new_ids in zip(reqs.req_ids, reqs.new_block_ids):
             if new_ids is not None and new_ids[0]:
                 row = int(self._row_np[self.req_states.req_id_to_index[req_id]])
-                self.vattn.set_blocks(row, new_ids[0], start=self._num_blocks[row])
+                # a running request's new blocks are for tokens not computed yet (fresh); the V2 runner
+                # appends for resumed requests too, but nothing is assumed of those
+                fresh = None if req_id in reqs.resumed_req_ids else 0
+                self.vattn.set_blocks(row, new_ids[0], start=self._num_blocks[row], fresh_from=fresh)
                 self._num_blocks[row] += len(new_ids[0])
         self.map_seconds += time.perf_counter() - t
 
@@ -299,6 +303,12 @@ class VattnModelRunner(V2ModelRunner):
         if self._pending_reads:
             self.vattn.record_reads(EventFence(), self._pending_reads)
             self._pending_reads = None
+            if self.vattn_cfg.spare_blocks:
+                # the step is launched, so the GPU is busy: plan the rows the next new requests get
+                # (the native thread maps them while no step waits for it)
+                t_warm = time.perf_counter()
+                self.vattn.warm()
+                self.map_seconds += time.perf_counter() - t_warm
         self.execute_seconds += time.perf_counter() - t
         self.steps += 1
         return out
@@ -322,6 +332,21 @@ class VattnWorker(Worker):
                               f"{type(runner).__name__}. Unset VLLM_USE_V2_MODEL_RUNNER=0")
         # The runner was built by vLLM's own init_device; we only add behaviour (no new __init__ state).
         runner.__class__ = VattnModelRunner
+
+    def determine_available_memory(self) -> int:
+        """vLLM's KV budget less the spare frames (VATTN_SPARE_BLOCKS) the memory manager creates
+        beyond vLLM's blocks, so that both together take what vLLM alone would."""
+        available = super().determine_available_memory()
+        spares = VattnConfig.from_env().spare_blocks
+        if spares:
+            per_block = sum(spec.page_size_bytes for spec in self.get_kv_cache_spec().values())
+            available -= spares * per_block
+            if available < per_block:
+                raise ConfigError(f"VATTN_SPARE_BLOCKS={spares} ({spares * per_block / 2**30:.1f} GiB) leaves no "
+                                  "KV budget; lower it or raise --gpu-memory-utilization")
+            logger.info("vAttention: %d spare KV blocks (%.2f GiB) kept out of vLLM's KV budget",
+                        spares, spares * per_block / 2**30)
+        return available
 
     def vattn_report(self, reset: bool = False) -> dict | None:
         """Mapper counters and mapping time since the last reset (for benchmarks, via collective_rpc)."""

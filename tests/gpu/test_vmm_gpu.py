@@ -198,3 +198,39 @@ def test_stream_mode_gpu_replaces_a_guard_page_while_the_stream_waits(manager_fa
     assert torch.all(k[bs: 2 * bs] == 2.0)  # block 9 holds the write
     assert torch.count_nonzero(views[7][0][other][:bs]).item() == 0  # the zero page is still zero
     assert m.stats()["zero_maps"] >= 2
+
+
+def test_stream_mode_spare_frames_on_libcuda(manager_factory, driver, cuda):
+    """VATTN_SPARE_BLOCKS: rows warmed by the native thread in the background; a new request's fresh
+    blocks move into the warm slots (no driver call), its prefix hit keeps its own frame, and a later
+    row that shares a moved block reads what was written through the first."""
+    m = manager_factory(background="stream", spare_blocks=8)
+    views = layer_views(m.base_va, m.layout, torch.bfloat16, cuda)
+    k = views[5][0]
+    bs = m.layout.block_size
+    stream = torch.cuda.current_stream()
+
+    def step():
+        seq = m.publish()
+        driver.stream_wait(stream.cuda_stream, m.flag_device_address, seq)
+
+    a = m.acquire_row()
+    m.set_blocks(a, [1, 2, 3], fresh_from=0)
+    step()
+    data = torch.randn(3 * bs, 8, 128, device=cuda, dtype=torch.bfloat16)
+    k[a][: 3 * bs].copy_(data)
+    m.release_row(a)  # blocks 1-3 stay cached
+    assert m.warm() == 8  # the next free rows, 3 slots deep, until the 8 spares run out
+    b = m.acquire_row()
+    m.set_blocks(b, [1, 10, 11], fresh_from=1)  # block 1: a prefix hit; 10 and 11 fresh
+    step()
+    new = torch.randn(2 * bs, 8, 128, device=cuda, dtype=torch.bfloat16)
+    k[b][bs: 3 * bs].copy_(new)
+    c = m.acquire_row()
+    m.set_blocks(c, [10], fresh_from=1)  # shares block 10, wherever it lives now
+    step()
+    torch.cuda.synchronize()
+    assert m.stats()["swaps"] == 2 and m.pool.frame(10) >= 160
+    assert torch.equal(k[b][:bs], data[:bs])
+    assert torch.equal(k[b][bs: 3 * bs], new)
+    assert torch.equal(k[c][:bs], new[:bs])

@@ -42,6 +42,9 @@ SYSTEMS: dict[str, dict] = {
                                  "VATTN_FA3_GUARD": "clipped"}, "args": []},
     "vattn-sync": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_BACKGROUND_MAP": "0",
                            "VATTN_FA3_GUARD": "always"}, "args": []},
+    # the default plus 1024 spare frames (2 GiB for Llama-3-8B: one 16K-token step of new requests'
+    # fresh blocks) warmed ahead of time (benchmarks/NOTES.md #23)
+    "vattn-spare": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_SPARE_BLOCKS": "1024"}, "args": []},
 }
 # Every variable that selects a system: cleared from the caller's environment before a system's own
 # are set, so that one engine's settings never leak into another's.

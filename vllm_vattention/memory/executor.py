@@ -7,16 +7,20 @@ while planning, in Python) and hands it to an executor:
   `wait()` joins before the step that needs the mappings is launched, or, in stream mode, a SIGNAL
   op at the end of a step's work sets a host flag that the GPU stream waits on (the CPU never joins).
 
-Two op kinds are not driver calls: WAIT_EVENT (block until a fence completes: a step in flight
-still reads what the next UNMAP removes) and SIGNAL (store a sequence number into a 32-bit host
-word once every earlier op has run).
+Three op kinds are not driver calls: WAIT_EVENT (block until a fence completes: a step in flight
+still reads what the next UNMAP removes), SIGNAL (store a sequence number into a 32-bit host
+word once every earlier op has run) and DRAIN (run the first `handle` background ops first).
+
+Background ops (`run_background`, e.g. warming rows no request holds yet) run on the native thread
+only while no step's ops are queued; `run_background` returns how many have been submitted in all,
+the number a later DRAIN waits for. `SyncExecutor` runs them at once.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-MAP, UNMAP, ACCESS_RW, ACCESS_RO, SIGNAL, WAIT_EVENT = 0, 1, 2, 3, 4, 5  # the kinds in csrc/mapper.cpp
+MAP, UNMAP, ACCESS_RW, ACCESS_RO, SIGNAL, WAIT_EVENT, DRAIN = 0, 1, 2, 3, 4, 5, 6  # the kinds in csrc/mapper.cpp
 
 Op = tuple[int, int, int, int]  # (kind, va, size, handle)
 
@@ -24,10 +28,18 @@ Op = tuple[int, int, int, int]  # (kind, va, size, handle)
 class SyncExecutor:
     def __init__(self, driver):
         self.driver = driver
+        self.background_submitted = 0
+
+    def run_background(self, ops: Sequence[Op]) -> int:
+        self.run(ops)
+        self.background_submitted += len(ops)
+        return self.background_submitted
 
     def run(self, ops: Sequence[Op]) -> None:
         d = self.driver
         for kind, va, size, handle in ops:
+            if kind == DRAIN:
+                continue  # background ops already ran
             if kind == MAP:
                 d.map(va, size, handle)
             elif kind == UNMAP:

@@ -17,6 +17,15 @@ With `background="stream"`, the launching thread does not wait for the mappings 
 `reclaim="deferred"` (default) leaves a released row's slots mapped: a later request in that row
 whose blocks are the same pays nothing, and stale slots are only ever read past a sequence's end
 (masked). `reclaim="eager"` unmaps them once no step in flight reads them.
+
+`spare_blocks=S` (stream mode) creates S frames more than blocks and keeps the rows that
+`acquire_row` hands out next mapped with them ahead of time, in the background (`warm()`, once per
+step): a fresh block put in such a slot moves into that frame (mapper.py), so a new request's first
+mappings cost no driver call while its step waits. How deep a row is warmed follows the recent new
+requests' fresh blocks.
+
+    mgr.set_blocks(row, block_ids, fresh_from=num_computed_tokens // block_size)
+    seq = mgr.publish(); ...; mgr.warm()
 """
 
 from __future__ import annotations
@@ -36,8 +45,10 @@ RECLAIM_POLICIES = ("deferred", "eager")
 
 
 class KVMemoryManager:
+    WARM_HISTORY = 64  # new requests whose fresh block counts set the warm depth
+
     def __init__(self, driver: Driver, layout: Layout, num_blocks: int, reclaim: str = "deferred",
-                 background: bool | str = False):
+                 background: bool | str = False, spare_blocks: int = 0):
         if reclaim not in RECLAIM_POLICIES:
             raise ValueError(f"reclaim={reclaim!r}; use one of {RECLAIM_POLICIES}")
         if layout.page_size % driver.granularity:
@@ -57,7 +68,7 @@ class KVMemoryManager:
                 f"reserved ({e}); lower --max-num-seqs or --max-model-len") from e
         try:
             self.pool = PagePool(driver, num_blocks, layout.block_bytes // layout.chunk_bytes(),
-                                 layout.chunk_bytes())
+                                 layout.chunk_bytes(), spares=spare_blocks)
         except BaseException:
             driver.free_reservation(self.base_va, layout.total_bytes)
             raise
@@ -78,6 +89,7 @@ class KVMemoryManager:
         self._free_rows: deque[int] = deque(range(layout.rows))
         self._active: set[int] = set()
         self._closed = False
+        self._recent_fresh: deque[int] = deque(maxlen=self.WARM_HISTORY)  # fresh blocks of new requests
 
     # -- rows --------------------------------------------------------------------------
     @property
@@ -106,10 +118,45 @@ class KVMemoryManager:
         if row not in self._active:
             raise MappingError(f"row {row} is not in use; acquire_row() first")
 
-    def set_blocks(self, row: int, blocks: Sequence[int], start: int = 0) -> None:
-        """Slots [start, start + len(blocks)) of `row` will hold `blocks` (maps only what differs)."""
+    def set_blocks(self, row: int, blocks: Sequence[int], start: int = 0, fresh_from: int | None = None) -> None:
+        """Slots [start, start + len(blocks)) of `row` will hold `blocks` (maps only what differs).
+        blocks[fresh_from:] hold no content yet (tokens not computed): they may move into spare
+        frames (mapper.set_blocks); None: every block's content counts."""
         self._require_active(row)
-        self.mapper.set_blocks(row, list(blocks), start)
+        if start == 0 and fresh_from is not None:
+            self._recent_fresh.append(max(0, len(blocks) - fresh_from))
+        self.mapper.set_blocks(row, list(blocks), start, fresh_from)
+
+    def warm(self) -> int:
+        """Map spare frames, in the background, into the rows acquire_row() hands out next, each as
+        deep as the most fresh blocks a recent new request had, until no spare is left unmapped.
+        Call once per step, after the step's mappings were published. Returns slots now warm."""
+        if not self.pool.spare_frames or not self._recent_fresh:
+            return 0
+        depth = max(self._recent_fresh)
+        if depth == 0:
+            return 0
+        where = self.mapper.where
+        cold = [f for f in self.pool.spare_frames if f not in where]
+        spares = iter(cold)
+        in_flight = self.mapper.rows_in_flight()
+        warm, warmed = 0, set()
+        for row in self._free_rows:
+            got = self.mapper.warm(row, depth, spares, row in in_flight)
+            warmed.add(row)
+            warm += got
+            if got < depth:  # out of spares mapped nowhere (or the row is still read by a step in flight)
+                break
+        else:
+            return warm
+        # A fresh block's former frame is a spare, but usually still mapped in the row of the request
+        # that last used it (deferred reclamation). Unmap such aliases in idle rows not being warmed,
+        # in the background, so that the next step can warm with them.
+        idle = set(self._free_rows) - warmed - in_flight
+        in_warm_rows = {f for r in warmed for f in self.mapper.slots[r][:depth]}
+        self.mapper.unmap_aliases([f for f in self.pool.spare_frames if f in where and f not in in_warm_rows],
+                                  idle.__contains__)
+        return warm
 
     def ensure_readable(self, row: int, num_tokens: int) -> None:
         """Tokens [0, num_tokens) of `row` will be readable (the zero page where nothing is mapped)."""

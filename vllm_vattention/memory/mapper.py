@@ -1,8 +1,14 @@
-"""Makes each row's block slots point at the right physical blocks, changing only what differs.
+"""Makes each row's block slots point at the right physical memory, changing only what differs.
 
-Slot states: unmapped (None), the shared read-only zero page (ZERO), or a block id. A block may be
-mapped in several rows at once (aliasing: a shared prefix, or a stale slot of a released row that
-deferred reclamation kept mapped).
+Slot states: unmapped (None), the shared read-only zero page (ZERO), or a frame (pool.py: the
+memory a block's content lives in; frame b for block b unless spare frames are in use). A frame may
+be mapped in several rows at once (aliasing: a shared prefix, or a stale slot of a released row
+that deferred reclamation kept mapped).
+
+Spare frames (pool.py): a slot of a row no request holds yet can be given a spare frame ahead of
+time, in the background (`warm`). When a fresh block (one whose tokens are not computed yet) is
+then put in that slot, the block moves into the spare frame (`pool.swap`) instead of its own frame
+being mapped there: no driver call while a step waits.
 
 Hazard: cuMemUnmap does not wait for kernels that are running. Every step that reads rows reports
 how many slots of each row it may read, with a fence (a CUDA event recorded after the step). Before
@@ -17,10 +23,10 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, fields
-from typing import Iterable, Protocol, Sequence
+from typing import Iterable, Iterator, Protocol, Sequence
 
 from ..errors import MappingError
-from .executor import ACCESS_RO, ACCESS_RW, MAP, UNMAP, WAIT_EVENT, Op
+from .executor import ACCESS_RO, ACCESS_RW, DRAIN, MAP, UNMAP, WAIT_EVENT, Op
 from .layout import Layout
 from .pool import PagePool
 
@@ -41,6 +47,8 @@ class MapperStats:
     block_maps: int = 0  # blocks mapped into a slot (each costs pages_per_block pages)
     block_unmaps: int = 0
     zero_maps: int = 0  # slots given the zero page
+    swaps: int = 0  # fresh blocks moved into the spare frame their slot already mapped (no driver call)
+    warm_maps: int = 0  # spare frames mapped ahead of time into rows no request holds (background)
     hazard_waits: int = 0  # times an unmap had to wait for a step in flight
     driver_seconds: float = 0.0  # wall time the calling thread spent handing calls to the executor
 
@@ -62,6 +70,7 @@ class RowMapper:
         self.stats = MapperStats()
         self.defer_waits = defer_waits  # stream mode: WAIT_EVENT ops for the native thread, not fence.wait()
         self.handed_over: list[Fence] = []  # fences the native thread waits on (kept alive until it has)
+        self._warming: dict[int, int] = {}  # row -> background ops to run before its next change (DRAIN)
 
     # -- fences ----------------------------------------------------------------------------
     def record_reads(self, fence: Fence, reads: dict[int, int]) -> None:
@@ -115,7 +124,7 @@ class RowMapper:
             if not users:
                 del self.where[old]
 
-    def _map_slots(self, row: int, items: list[tuple[int, int]]) -> None:
+    def _map_slots(self, row: int, items: list[tuple[int, int]], warm: bool = False) -> None:
         """Map (slot, target) pairs of one row: every cuMemMap first, then one cuMemSetAccess per
         contiguous run of equal access (the driver charges set_access per page, but less per page
         over a range: 26.5 vs 31.9 us on H100)."""
@@ -141,19 +150,34 @@ class RowMapper:
             if target == ZERO:
                 self.stats.zero_maps += 1
             else:
-                self.stats.block_maps += 1
+                if warm:
+                    self.stats.warm_maps += 1
+                else:
+                    self.stats.block_maps += 1
                 self.where.setdefault(target, set()).add((row, slot))
 
-    def set_blocks(self, row: int, blocks: Sequence[int], start: int = 0) -> int:
-        """Make slots [start, start + len(blocks)) of `row` hold `blocks`. Returns slots changed."""
+    def set_blocks(self, row: int, blocks: Sequence[int], start: int = 0, fresh_from: int | None = None) -> int:
+        """Make slots [start, start + len(blocks)) of `row` hold `blocks`. blocks[fresh_from:] are
+        fresh: their content is dead (vLLM has just handed them out for tokens not computed yet), so
+        they may move into a spare frame their slot already maps. Returns slots changed."""
         if start + len(blocks) > self.layout.blocks_per_row:
             raise MappingError(
                 f"row {row} needs {start + len(blocks)} blocks but rows hold {self.layout.blocks_per_row} "
                 f"({self.layout.row_tokens} tokens); the request is longer than max_model_len")
-        for b in blocks:
-            self.pool.handles(b)  # validates every id before anything changes
+        frames = [self.pool.frame(b) for b in blocks]  # validates every id before anything changes
+        self._drain_warming(row)
         current = self.slots[row]
-        changes = [(start + j, b) for j, b in enumerate(blocks) if current[start + j] != b]
+        changes = []
+        spare = self.pool.spare_frames
+        for j, (b, f) in enumerate(zip(blocks, frames)):
+            cur = current[start + j]
+            if cur == f:
+                continue
+            if fresh_from is not None and j >= fresh_from and cur in spare:
+                self.pool.swap(b, cur)  # b now lives where this slot already points
+                self.stats.swaps += 1
+                continue
+            changes.append((start + j, f))
         for slot, _ in changes:
             self._unmap_slot(row, slot)
         if changes:
@@ -171,15 +195,90 @@ class RowMapper:
     def ensure_readable(self, row: int, num_slots: int) -> int:
         """Give every unmapped slot in [0, num_slots) the zero page, so over-reads cannot fault."""
         num_slots = min(num_slots, self.layout.blocks_per_row)
+        self._drain_warming(row)
         holes = [(s, ZERO) for s in range(self._readable[row], num_slots) if self.slots[row][s] is None]
         if holes:
             self._map_slots(row, holes)
-            self._flush()
+        self._flush()
         self._readable[row] = max(self._readable[row], num_slots)
         return len(holes)
 
+    # -- spare frames, mapped ahead of time ------------------------------------------------
+    def warm(self, row: int, num_slots: int, cold: Iterator[int], read: bool) -> int:
+        """Plan, as background ops, spare frames from `cold` (spares mapped nowhere) for slots
+        [0, num_slots) of `row`, a row no request holds. A slot that holds a spare already is kept;
+        one that holds something else is replaced only if no step in flight reads the row (`read`
+        False: then its unmap needs no wait). Returns how many slots hold a spare afterwards; the
+        ops go to the executor's background queue, and the row's next change waits for them."""
+        num_slots = min(num_slots, self.layout.blocks_per_row)
+        self._flush()  # nothing planned for a step may end up in the background queue
+        current = self.slots[row]
+        spare = self.pool.spare_frames
+        items, ready = [], 0
+        for s in range(num_slots):
+            cur = current[s]
+            if cur in spare:
+                ready += 1
+                continue
+            if cur is not None and read:
+                continue
+            f = next(cold, None)
+            if f is None:
+                break
+            if cur is not None:
+                self._unmap_slot(row, s)
+            items.append((s, f))
+        if items:
+            self._map_slots(row, items, warm=True)
+            ops, self._ops = self._ops, []
+            t = time.perf_counter()
+            self._warming[row] = self.executor.run_background(ops)
+            self.stats.driver_seconds += time.perf_counter() - t
+        return ready + len(items)
+
+    def rows_in_flight(self) -> set[int]:
+        """Rows that a step still running may read."""
+        self._retire()
+        return {r for _, reads in self._inflight for r, n in reads.items() if n}
+
+    def unmap_aliases(self, frames: Iterable[int], rows_ok) -> int:
+        """Background: for each spare frame, unmap every slot that maps it if all of them lie in rows
+        for which `rows_ok(row)` holds (the caller's: no request holds them, no step in flight reads
+        them, so no unmap needs a wait); the frame is then mapped nowhere and can warm another row.
+        Returns how many frames were freed so."""
+        self._flush()
+        spare, size, freed, rows = self.pool.spare_frames, self.layout.chunk_bytes(), 0, set()
+        for f in frames:
+            if f not in spare:
+                raise ValueError(f"frame {f} is not a spare")
+            slots = self.where.get(f, ())
+            if not slots or any(not rows_ok(r) for r, _ in slots):
+                continue
+            for r, s in slots:
+                for off in self.layout.chunks(r, s):
+                    self._ops.append((UNMAP, self.base_va + off, size, 0))
+                self.slots[r][s] = None
+                self._readable[r] = min(self._readable[r], s)
+                rows.add(r)
+            self.stats.block_unmaps += len(slots)
+            del self.where[f]
+            freed += 1
+        if self._ops:
+            ops, self._ops = self._ops, []
+            upto = self.executor.run_background(ops)
+            for r in rows:
+                self._warming[r] = upto
+        return freed
+
+    def _drain_warming(self, row: int) -> None:
+        """A row's background ops run before any later change to it (and before its step's signal)."""
+        upto = self._warming.pop(row, None)
+        if upto is not None:
+            self._ops.append((DRAIN, 0, 0, upto))
+
     def clear_row(self, row: int, from_slot: int = 0) -> None:
         """Unmap slots [from_slot, end) of `row`, waiting for any step that still reads them."""
+        self._drain_warming(row)
         for s in range(from_slot, self.layout.blocks_per_row):
             self._unmap_slot(row, s)
         self._flush()

@@ -47,6 +47,7 @@ def load_library() -> ctypes.CDLL:
         lib.vattn_mapper_create.restype = ctypes.c_void_p
         lib.vattn_mapper_create.argtypes = [ctypes.POINTER(DriverTable)]
         lib.vattn_mapper_submit.argtypes = [ctypes.c_void_p, ctypes.POINTER(_COp), ctypes.c_uint64]
+        lib.vattn_mapper_submit_background.argtypes = [ctypes.c_void_p, ctypes.POINTER(_COp), ctypes.c_uint64]
         lib.vattn_mapper_wait.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint64,
                                           ctypes.POINTER(ctypes.c_uint64)]
         lib.vattn_mapper_poll.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint64]
@@ -66,10 +67,20 @@ class NativeExecutor:
         if not self._handle:
             raise RuntimeError("vattn_mapper_create failed (incomplete driver table)")
         self.ops_done = 0
+        self.background_submitted = 0
 
     def run(self, ops: Sequence[Op]) -> None:
+        self._submit(self._lib.vattn_mapper_submit, ops)
+
+    def run_background(self, ops: Sequence[Op]) -> int:
+        """Queue ops to run while no step's ops wait (executor.py); returns the running total, for DRAIN."""
+        self._submit(self._lib.vattn_mapper_submit_background, ops)
+        self.background_submitted += len(ops)
+        return self.background_submitted
+
+    def _submit(self, fn, ops: Sequence[Op]) -> None:
         arr = (_COp * len(ops))(*[_COp(k, 0, va, size, h) for k, va, size, h in ops])
-        if self._lib.vattn_mapper_submit(self._handle, arr, len(ops)):
+        if fn(self._handle, arr, len(ops)):
             raise RuntimeError("the native mapping thread has stopped")
 
     def wait(self) -> None:
@@ -87,7 +98,7 @@ class NativeExecutor:
     def stats(self, reset: bool = False) -> dict:
         """What the native thread itself spent: seconds in driver calls (map, unmap, set access) and
         in WAIT_EVENT (a step in flight still reading a slot to unmap), with call counts."""
-        ns, calls = (ctypes.c_uint64 * 6)(), (ctypes.c_uint64 * 6)()
+        ns, calls = (ctypes.c_uint64 * 7)(), (ctypes.c_uint64 * 7)()
         if self._lib.vattn_mapper_stats(self._handle, ns, calls, int(reset)):
             raise RuntimeError("vattn_mapper_stats: the native mapping thread is closed")
         s = lambda *kinds: round(sum(ns[k] for k in kinds) / 1e9, 6)  # noqa: E731

@@ -1,9 +1,14 @@
 """Physical memory: the driver allocations of every block, all created up front, plus a zero page.
 
-Block id b owns `handles(b)`: one allocation per contiguous chunk the block occupies in a row (one
-for the interleaved layout, 2 x layers for per_layer), since cuMemMap maps an allocation whole
-(its offset argument must be zero). Ownership never changes, so `num_blocks` is exactly the
-physical KV budget. The pool also hands out block ids on
+Memory comes in frames: one allocation per contiguous chunk a block occupies in a row (one for
+the interleaved layout, 2 x layers for per_layer), since cuMemMap maps an allocation whole (its
+offset argument must be zero); `handles(frame)` gives them. Block id b's content lives in frame
+`frame(b)`; at first block b owns frame b, so `num_blocks` frames are exactly the physical KV budget.
+With `spares` > 0 there are that many more frames, owned by no block; `swap(b, f)` gives block b
+the spare frame f and makes b's former frame a spare. That is only correct when b's content is
+dead (a block vLLM has just handed out for tokens not computed yet): the mapper uses it so that a
+fresh block lands in a frame already mapped where it is needed, with no driver call. The pool also
+hands out block ids on
 its own (`allocate`/`free`) for users without vLLM's scheduler (tests, benchmarks); under vLLM the
 scheduler's BlockPool decides which ids are in use and this allocator is not used.
 
@@ -23,7 +28,7 @@ _ZERO_BATCH_BYTES = 1 << 30  # how much to map at once while zeroing new pages
 
 
 class PagePool:
-    def __init__(self, driver: Driver, num_blocks: int, chunks_per_block: int, chunk_bytes: int):
+    def __init__(self, driver: Driver, num_blocks: int, chunks_per_block: int, chunk_bytes: int, spares: int = 0):
         g = driver.granularity
         block_bytes = chunks_per_block * chunk_bytes
         if num_blocks <= 0:
@@ -32,31 +37,54 @@ class PagePool:
                 "raise --gpu-memory-utilization or lower --max-model-len")
         if chunk_bytes % g:
             raise ValueError(f"chunk_bytes={chunk_bytes} must be a multiple of {g}")
+        if spares < 0:
+            raise ValueError(f"spares={spares} must be >= 0")
         self.driver = driver
         self.num_blocks = num_blocks
+        self.num_frames = num_blocks + spares
         self.chunks_per_block = chunks_per_block
         self.chunk_bytes = chunk_bytes
-        self._handles: list[int] = []  # block b's chunks at [b * chunks_per_block, (b + 1) * ...)
+        self._handles: list[int] = []  # frame f's chunks at [f * chunks_per_block, (f + 1) * ...)
         self.zero_handle = None
         try:
-            for _ in range(num_blocks * chunks_per_block):
+            for _ in range(self.num_frames * chunks_per_block):
                 self._handles.append(driver.create(chunk_bytes))
             self.zero_handle = driver.create(chunk_bytes)
         except OutOfPagesError as e:
             created = len(self._handles) // chunks_per_block
             self._release_all()
             raise OutOfPagesError(
-                f"could create only {created} of {num_blocks} KV blocks of {block_bytes >> 20} MiB: "
+                f"could create only {created} of {self.num_frames} KV blocks of {block_bytes >> 20} MiB"
+                f"{f' ({spares} of them spare)' if spares else ''}: "
                 f"{e}. Lower --gpu-memory-utilization's share taken by other processes or the KV budget") from e
         self._zero_fill(self._handles + [self.zero_handle], chunk_bytes)
         self._free: deque[int] = deque(range(num_blocks))
         self._is_free = [True] * num_blocks
+        self._frame_of = list(range(num_blocks))  # block -> frame holding its content
+        self.spare_frames: set[int] = set(range(num_blocks, self.num_frames))  # owned by no block
 
-    def handles(self, block: int) -> list[int]:
-        """Block `block`'s allocations, in the order of the layout's chunks."""
-        self._check(block)
+    def handles(self, frame: int) -> list[int]:
+        """Frame `frame`'s allocations, in the order of the layout's chunks."""
+        if not 0 <= frame < self.num_frames:
+            raise IndexError(f"frame {frame} outside the pool of {self.num_frames} frames")
         c = self.chunks_per_block
-        return self._handles[block * c:(block + 1) * c]
+        return self._handles[frame * c:(frame + 1) * c]
+
+    def frame(self, block: int) -> int:
+        """The frame that holds block `block`'s content."""
+        self._check(block)
+        return self._frame_of[block]
+
+    def swap(self, block: int, spare: int) -> int:
+        """Block `block` (whose content is dead) moves to frame `spare`; returns its former frame,
+        now a spare."""
+        if spare not in self.spare_frames:
+            raise ValueError(f"frame {spare} is not a spare")
+        old = self.frame(block)
+        self._frame_of[block] = spare
+        self.spare_frames.remove(spare)
+        self.spare_frames.add(old)
+        return old
 
     def _check(self, block: int) -> None:
         if not 0 <= block < self.num_blocks:

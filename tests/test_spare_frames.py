@@ -1,0 +1,284 @@
+"""Spare frames (VATTN_SPARE_BLOCKS): rows warmed ahead of time, fresh blocks moved into them.
+
+Checked against the fake driver: what a block's tokens hold is what any row that maps the block
+reads, however often blocks moved between frames; a fresh block put in a warmed slot costs no driver
+call; and the background queue never lets a step see a slot before its mapping ran.
+"""
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from helpers import PAGE, SMALL, BlockingFence, FakeStream, make_manager
+from vllm_vattention.memory import ZERO, FakeDriver, KVMemoryManager, make_layout
+from vllm_vattention.memory.pool import PagePool
+
+
+def test_pool_swap_moves_a_block_into_a_spare_and_frees_its_old_frame(driver):
+    pool = PagePool(driver, 4, 1, PAGE, spares=2)
+    assert pool.num_frames == 6 and pool.spare_frames == {4, 5}
+    assert [pool.frame(b) for b in range(4)] == [0, 1, 2, 3]
+    assert pool.swap(2, 5) == 2
+    assert pool.frame(2) == 5 and pool.spare_frames == {2, 4}
+    with pytest.raises(ValueError, match="frame 3 is not a spare"):
+        pool.swap(1, 3)
+    with pytest.raises(IndexError, match="block id 4"):
+        pool.frame(4)  # frames past num_blocks are not blocks
+    pool.close()
+    assert driver.leaks() == []
+
+
+def _driver_calls(driver):
+    c = driver.stats.calls
+    return c.get("map", 0) + c.get("unmap", 0) + c.get("set_access_calls", 0)
+
+
+@pytest.mark.parametrize("background", [False, "stream"])
+def test_a_warmed_row_takes_a_new_requests_fresh_blocks_without_a_driver_call(driver, background):
+    mgr = make_manager(driver, rows=4, num_blocks=16, spare_blocks=8, background=background)
+    bs = mgr.layout.block_size
+    # a first request teaches the manager how deep to warm (3 fresh blocks), then leaves
+    r0 = mgr.acquire_row()
+    mgr.set_blocks(r0, [0, 1, 2], fresh_from=0)
+    mgr.release_row(r0)
+    assert mgr.warm() == 3 + 3 + 2  # the next free rows 3 deep, until the 8 spares run out
+    mgr.sync()
+    before = _driver_calls(driver)
+    row = mgr.acquire_row()
+    mgr.set_blocks(row, [5, 6, 7], fresh_from=0)
+    mgr.sync()
+    assert _driver_calls(driver) == before  # no map, unmap or set_access
+    assert mgr.stats()["swaps"] == 3 and mgr.stats()["warm_maps"] == 8
+    assert {mgr.pool.frame(b) for b in (5, 6, 7)} <= set(range(16, 24))  # spares now hold them
+    assert {5, 6, 7} <= mgr.pool.spare_frames  # and their former frames are spares
+    for j, b in enumerate((5, 6, 7)):  # the row writes and reads the blocks where it maps them
+        driver.write(mgr.address(row, j * bs, 0, 0), bytes([b]) * 8)
+        assert driver.read(mgr.address(row, j * bs, 0, 0), 8) == bytes([b]) * 8
+    mgr.mapper.check_invariants()
+    mgr.close()
+    assert driver.leaks() == []
+
+
+def test_a_warmed_rows_background_maps_run_before_the_signal_of_the_step_that_uses_it(driver):
+    """The native thread runs background ops only while no step's ops wait; a step whose row was
+    warmed carries a DRAIN, so its signal (the GPU's go) comes after that row's mappings."""
+    from vllm_vattention.memory.executor import WAIT_EVENT
+    mgr = make_manager(driver, rows=4, num_blocks=8, spare_blocks=4, background="stream")
+    r = mgr.acquire_row()
+    mgr.set_blocks(r, [0, 1], fresh_from=0)
+    mgr.release_row(r)
+    mgr.publish()
+    mgr.sync()
+    running = BlockingFence(driver)  # holds the native thread, so what follows queues up behind it
+    mgr.mapper.executor.run([(WAIT_EVENT, 0, 0, running.native_handle)])
+    flag_at_map = []
+    real_map = driver.map
+    driver.map = lambda *a, **k: (flag_at_map.append(mgr.flag_value()), real_map(*a, **k))[1]
+    assert mgr.warm() == 4  # background: two rows, two slots each
+    row = mgr.acquire_row()
+    mgr.set_blocks(row, [4, 5], fresh_from=0)  # both swapped into the warm slots: no map of its own
+    seq = mgr.publish()
+    running.release()
+    mgr.sync()
+    assert mgr.stats()["swaps"] == 2 and len(flag_at_map) == 4
+    assert flag_at_map[:2] == [seq - 1] * 2  # this row's maps ran before the step's signal...
+    assert flag_at_map[2:] == [seq] * 2  # ...the other row's after it, in the background
+    mgr.close()
+    assert driver.leaks() == []
+
+
+def test_prefix_hits_keep_their_frames_and_only_the_rest_is_swapped(driver):
+    mgr = make_manager(driver, rows=4, num_blocks=16, spare_blocks=8)
+    bs = mgr.layout.block_size
+    a = mgr.acquire_row()
+    mgr.set_blocks(a, [3, 4], fresh_from=0)
+    driver.write(mgr.address(a, 0, 0, 0), b"prefix!!")
+    mgr.release_row(a)  # block 3 stays cached with its content
+    mgr.warm()
+    b = mgr.acquire_row()
+    mgr.set_blocks(b, [3, 9], fresh_from=1)  # block 3 is a hit, block 9 is fresh
+    assert driver.read(mgr.address(b, 0, 0, 0), 8) == b"prefix!!"
+    assert mgr.pool.frame(3) == 3 and mgr.pool.frame(9) >= 16
+    assert mgr.stats()["swaps"] == 1
+    driver.write(mgr.address(b, bs, 0, 0), b"fresh...")
+    assert driver.read(mgr.address(b, bs, 0, 0), 8) == b"fresh..."
+    mgr.close()
+    assert driver.leaks() == []
+
+
+def test_spares_of_reused_blocks_are_unmapped_from_idle_rows_and_warm_again(driver):
+    """Steady state: a fresh block's former frame is still mapped in the row that last used the
+    block; warm() unmaps it there (in the background) so that a later step can warm with it."""
+    mgr = make_manager(driver, rows=6, num_blocks=8, spare_blocks=2)
+    r = mgr.acquire_row()
+    mgr.set_blocks(r, [0, 1], fresh_from=0)  # rows warm 2 deep; the 2 spares warm the next row
+    mgr.release_row(r)
+    mgr.warm()
+    r1 = mgr.acquire_row()
+    mgr.set_blocks(r1, [0, 1], fresh_from=0)  # blocks 0, 1 are handed out again, fresh
+    assert mgr.stats()["swaps"] == 2
+    assert mgr.pool.spare_frames == {0, 1}  # mapped in row r only, which no request holds
+    assert mgr.mapper.where[0] == {(r, 0)}
+    mgr.warm()  # no spare is mapped nowhere: unmap the aliases in idle rows...
+    mgr.sync()
+    assert 0 not in mgr.mapper.where and 1 not in mgr.mapper.where
+    assert mgr.warm() == 2  # ...and the next step warms the next row with them
+    r2 = mgr.acquire_row()
+    mgr.set_blocks(r2, [2, 3], fresh_from=0)
+    assert mgr.stats()["swaps"] == 4
+    mgr.sync()
+    mgr.mapper.check_invariants()
+    mgr.close()
+    assert driver.leaks() == []
+
+
+def test_a_row_is_not_warmed_while_a_step_in_flight_reads_it(driver):
+    mgr = make_manager(driver, rows=3, num_blocks=8, spare_blocks=4)
+    r = mgr.acquire_row()
+    mgr.set_blocks(r, [0, 1], fresh_from=0)
+    stream = FakeStream()
+    mgr.record_reads(stream.fence(), {r: 2 * mgr.layout.block_size})
+    mgr.release_row(r)
+    rows = list(mgr._free_rows)
+    assert rows[-1] == r
+    mgr.warm()
+    assert mgr.mapper.slots[r][:2] == [0, 1]  # stale, but read by the step: left alone
+    assert all(mgr.mapper.slots[x][:2] != [0, 1] for x in rows[:-1])
+    mgr.close()
+
+
+def test_spare_frames_reach_the_manager_through_the_pool_size(driver):
+    mgr = make_manager(driver, num_blocks=16, spare_blocks=5)
+    assert mgr.pool.num_frames == 21
+    assert mgr.stats()["num_blocks"] == 16  # vLLM's budget is unchanged by the spares
+    mgr.close()
+    assert driver.leaks() == []
+
+
+NUM_BLOCKS, ROWS, SPARES = 10, 4, 4
+
+
+class SpareMachine(RuleBasedStateMachine):
+    """Requests come and go as under vLLM: a new request's first blocks may be prefix hits (cached
+    blocks with content), the rest are fresh (free blocks, content dead); released requests' blocks
+    stay cached until handed out fresh again. Each fresh block gets a unique tag written through
+    its row; every row must read its blocks' tags."""
+
+    @initialize(layout=st.sampled_from(["interleaved", "per_layer"]), background=st.sampled_from([False, "stream"]))
+    def setup(self, layout, background):
+        self.driver = FakeDriver(PAGE)
+        lay = make_layout(layout, SMALL, PAGE, rows=ROWS, min_row_tokens=24)
+        self.mgr = KVMemoryManager(self.driver, lay, NUM_BLOCKS, background=background, spare_blocks=SPARES)
+        self.bs = lay.block_size
+        self.active: dict[int, list[int]] = {}
+        self.tag: dict[int, bytes] = {}  # block -> what its first token holds (cached or in use)
+        self.next_tag = 0
+        self.stream = FakeStream()
+
+    def _in_use(self) -> set[int]:
+        return {b for blocks in self.active.values() for b in blocks}
+
+    def _fresh(self, row: int, blocks: list[int], start: int) -> None:
+        self._launch()  # the GPU runs the step only once its mappings are done
+        for j, b in enumerate(blocks):
+            self.next_tag += 1
+            self.tag[b] = self.next_tag.to_bytes(8, "little")
+            self.driver.write(self.mgr.address(row, (start + j) * self.bs, 0, 0), self.tag[b])
+
+    def _launch(self):
+        if self.mgr.stream_mode:
+            self.mgr.publish()
+        self.mgr.sync()
+
+    @precondition(lambda self: self.mgr.num_free_rows > 1)
+    @rule(data=st.data())
+    def new_request(self, data):
+        free = sorted(set(range(NUM_BLOCKS)) - self._in_use())
+        cached = sorted(self.tag)
+        hits = data.draw(st.lists(st.sampled_from(cached), unique=True, max_size=2)) if cached else []
+        fresh = data.draw(st.lists(st.sampled_from([b for b in free if b not in hits] or [None]), unique=True,
+                                   max_size=min(3, self.mgr.layout.blocks_per_row - len(hits))))
+        fresh = [b for b in fresh if b is not None]
+        if not hits and not fresh:
+            return
+        for b in fresh:
+            self.tag.pop(b, None)  # handed out fresh: vLLM evicted what it cached
+        row = self.mgr.acquire_row()
+        self.mgr.set_blocks(row, hits + fresh, fresh_from=len(hits))
+        self.active[row] = hits + fresh
+        self._fresh(row, fresh, len(hits))
+
+    @precondition(lambda self: self.active)
+    @rule(data=st.data())
+    def grow(self, data):
+        row = data.draw(st.sampled_from(sorted(self.active)))
+        have = self.active[row]
+        free = sorted(set(range(NUM_BLOCKS)) - self._in_use())
+        if len(have) >= self.mgr.layout.blocks_per_row or not free:
+            return
+        b = data.draw(st.sampled_from(free))
+        self.tag.pop(b, None)
+        self.mgr.set_blocks(row, [b], start=len(have), fresh_from=0)
+        have.append(b)
+        self._fresh(row, [b], len(have) - 1)
+
+    @precondition(lambda self: self.active)
+    @rule(data=st.data())
+    def release(self, data):
+        row = data.draw(st.sampled_from(sorted(self.active)))
+        self.mgr.release_row(row)
+        del self.active[row]
+
+    @rule()
+    def step_and_warm(self):
+        reads = {r: len(b) * self.bs for r, b in self.active.items() if b}
+        if reads:
+            f = self.stream.fence()
+            if self.mgr.stream_mode:
+                f.native_handle = self.driver.register_event(f)
+                self.mgr.publish()
+            self.mgr.record_reads(f, reads)
+        self.mgr.warm()
+
+    @precondition(lambda self: self.stream.finished < self.stream.launched)
+    @rule()
+    def finish_oldest_step(self):
+        self.stream.finished += 1
+
+    @invariant()
+    def rows_read_their_blocks_content(self):
+        if not hasattr(self, "mgr"):
+            return
+        m = self.mgr
+        m.sync()
+        m.mapper.check_invariants()
+        frames = [m.pool.frame(b) for b in range(NUM_BLOCKS)]
+        assert len(set(frames)) == NUM_BLOCKS  # no two blocks share memory
+        assert m.pool.spare_frames == set(range(NUM_BLOCKS + SPARES)) - set(frames)
+        for row, blocks in self.active.items():
+            assert m.mapper.slots[row][:len(blocks)] == [m.pool.frame(b) for b in blocks]
+            for j, b in enumerate(blocks):
+                assert self.driver.read(m.address(row, j * self.bs, 0, 0), 8) == self.tag[b], (row, j, b)
+        for row, slots in enumerate(m.mapper.slots):  # the page table agrees with the slots
+            for slot, target in enumerate(slots):
+                got = self.driver.mapping_at(m.base_va + m.layout.chunks(row, slot)[0])
+                assert got == (None if target is None else
+                               (m.pool.zero_handle, 0, 1) if target == ZERO else (m.pool.handles(target)[0], 0, 3))
+
+    def teardown(self):
+        if hasattr(self, "mgr"):
+            self.mgr.close()
+            assert self.driver.leaks() == []
+
+
+SpareMachine.TestCase.settings = settings(
+    max_examples=int(os.environ.get("VATTN_HYPOTHESIS_EXAMPLES", "150")),
+    stateful_step_count=40,
+    deadline=None,
+    derandomize=bool(os.environ.get("CI")),
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestSpareMachine = SpareMachine.TestCase
