@@ -233,8 +233,10 @@ class VattnModelRunner(V2ModelRunner):
             row = self.vattn.acquire_row()
             self._row_np[idx] = row
             blocks = new.block_ids[0]
-            # blocks past the prefix-cache hit hold nothing yet: they may take spare frames
-            self.vattn.set_blocks(row, blocks, fresh_from=new.num_computed_tokens // self.vattn.layout.block_size)
+            # blocks wholly past the computed tokens (the prefix-cache hit) hold nothing yet: they may
+            # take spare frames; a block only partly computed keeps its frame (rounded up)
+            computed = -(-new.num_computed_tokens // self.vattn.layout.block_size)
+            self.vattn.set_blocks(row, blocks, fresh_from=computed)
             self._num_blocks[row] = len(blocks)
         self.map_seconds += time.perf_counter() - t
 
