@@ -4,7 +4,8 @@
 # Usage: bash scripts/device_checks.sh [steps...]
 #   steps: install gpu_tests (all of tests/gpu) unit (VMM + kernels) e2e server sanitizer mapbench ab
 #          stream_check (the stream-mode GPU tests alone, no sanitizer; then the clipped-guard tests under it)
-#          suite_round (offline rounds of stock-fa3 with the candidate: $SUITE_CANDIDATE, else the default vattn-fa2;
+#          suite_round (offline rounds of stock-fa3 with the candidates: $SUITE_CANDIDATE, a comma list such as
+#          vattn-fa2,vattn-spare, else the default vattn-fa2;
 #          results kept in /root/suite across calls, copied to $OUT;
 #          DEADLINE=epoch seconds bounds it) suite_pair (the same on GPUs 0 and 1 at once, merged into $OUT)
 #          profile (kernel time per step of stock, the default and the former default; PROF_ARGS="--phases ...")
