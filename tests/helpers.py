@@ -1,6 +1,10 @@
+import os
+
 import pytest
 
-from vllm_vattention.memory import FakeDriver, KVGeometry, KVMemoryManager, make_layout
+from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
+
+from vllm_vattention.memory import ZERO, FakeDriver, KVGeometry, KVMemoryManager, make_layout
 
 # Llama-3-8B's KV geometry, scaled down so the fake driver's pages stay small: with 4 KiB pages a
 # token of 2 layers x 2 heads x 64 dims x 2 bytes x (K, V) = 1 KiB, so 4 tokens fill a page, just as
@@ -74,3 +78,47 @@ def driver():
 def make_manager(driver, layout="interleaved", rows=4, max_tokens=64, num_blocks=16, **kw):
     lay = make_layout(layout, SMALL, PAGE, rows=rows, min_row_tokens=max_tokens)
     return KVMemoryManager(driver, lay, num_blocks, **kw)
+
+
+def machine_settings():
+    """Hypothesis settings of the manager state machines (VATTN_HYPOTHESIS_EXAMPLES; derandomized on CI)."""
+    from hypothesis import HealthCheck, settings
+    return settings(max_examples=int(os.environ.get("VATTN_HYPOTHESIS_EXAMPLES", "150")), stateful_step_count=40,
+                    deadline=None, derandomize=bool(os.environ.get("CI")),
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+class ManagerMachineBase(RuleBasedStateMachine):
+    """What the manager state machines share: self.mgr on self.driver with steps on self.stream; a
+    step launch, the GPU finishing steps, the page-table check, and release of everything at the end."""
+
+    def launch(self, reads: dict[int, int]) -> "FakeFence":
+        """A step that reads tokens [0, reads[row]) of each row is launched (after publish in stream mode)."""
+        f = self.stream.fence()
+        if self.mgr.stream_mode:
+            f.native_handle = self.driver.register_event(f)
+            self.mgr.publish()
+        self.mgr.record_reads(f, reads)
+        return f
+
+    @precondition(lambda self: self.stream.finished < self.stream.launched)
+    @rule()
+    def finish_oldest_step(self):
+        self.stream.finished += 1
+
+    def check_page_table(self) -> None:
+        """After the executor ran everything: the driver's page table is what the slots say."""
+        m = self.mgr
+        m.sync()
+        m.mapper.check_invariants()
+        for row, slots in enumerate(m.mapper.slots):
+            for slot, target in enumerate(slots):
+                for i, off in enumerate(m.layout.chunks(row, slot)):
+                    got = self.driver.mapping_at(m.base_va + off)
+                    assert got == (None if target is None else (m.pool.zero_handle, 0, 1) if target == ZERO
+                                   else (m.pool.handles(target)[i], 0, 3)), (row, slot)
+
+    def teardown(self):
+        if hasattr(self, "mgr"):
+            self.mgr.close()
+            assert self.driver.leaks() == []

@@ -3,7 +3,6 @@ discard-prediction algorithm with correct bits costs exactly OPT, LRU matches a 
 and oracles follow their definitions, the online predictor sees no future, and the simulator counts
 vLLM's prefix hits."""
 
-import itertools
 import json
 import random
 

@@ -5,15 +5,12 @@ reads, however often blocks moved between frames; a fresh block put in a warmed 
 call; and the background queue never lets a step see a slot before its mapping ran.
 """
 
-import os
-
 import pytest
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import initialize, invariant, precondition, rule
 
-from helpers import PAGE, SMALL, BlockingFence, FakeStream, make_manager
-from vllm_vattention.memory import ZERO, FakeDriver, KVMemoryManager, make_layout
+from helpers import PAGE, SMALL, BlockingFence, FakeStream, ManagerMachineBase, machine_settings, make_manager
+from vllm_vattention.memory import FakeDriver, KVMemoryManager, make_layout
 from vllm_vattention.memory.pool import PagePool
 
 
@@ -161,7 +158,7 @@ def test_spare_frames_reach_the_manager_through_the_pool_size(driver):
 NUM_BLOCKS, ROWS, SPARES = 10, 4, 4
 
 
-class SpareMachine(RuleBasedStateMachine):
+class SpareMachine(ManagerMachineBase):
     """Requests come and go as under vLLM: a new request's first blocks may be prefix hits (cached
     blocks with content), the rest are fresh (free blocks, content dead); released requests' blocks
     stay cached until handed out fresh again. Each fresh block gets a unique tag written through
@@ -236,25 +233,15 @@ class SpareMachine(RuleBasedStateMachine):
     def step_and_warm(self):
         reads = {r: len(b) * self.bs for r, b in self.active.items() if b}
         if reads:
-            f = self.stream.fence()
-            if self.mgr.stream_mode:
-                f.native_handle = self.driver.register_event(f)
-                self.mgr.publish()
-            self.mgr.record_reads(f, reads)
+            self.launch(reads)
         self.mgr.warm()
-
-    @precondition(lambda self: self.stream.finished < self.stream.launched)
-    @rule()
-    def finish_oldest_step(self):
-        self.stream.finished += 1
 
     @invariant()
     def rows_read_their_blocks_content(self):
         if not hasattr(self, "mgr"):
             return
         m = self.mgr
-        m.sync()
-        m.mapper.check_invariants()
+        self.check_page_table()
         frames = [m.pool.frame(b) for b in range(NUM_BLOCKS)]
         assert len(set(frames)) == NUM_BLOCKS  # no two blocks share memory
         assert m.pool.spare_frames == set(range(NUM_BLOCKS + SPARES)) - set(frames)
@@ -262,23 +249,7 @@ class SpareMachine(RuleBasedStateMachine):
             assert m.mapper.slots[row][:len(blocks)] == [m.pool.frame(b) for b in blocks]
             for j, b in enumerate(blocks):
                 assert self.driver.read(m.address(row, j * self.bs, 0, 0), 8) == self.tag[b], (row, j, b)
-        for row, slots in enumerate(m.mapper.slots):  # the page table agrees with the slots
-            for slot, target in enumerate(slots):
-                got = self.driver.mapping_at(m.base_va + m.layout.chunks(row, slot)[0])
-                assert got == (None if target is None else
-                               (m.pool.zero_handle, 0, 1) if target == ZERO else (m.pool.handles(target)[0], 0, 3))
-
-    def teardown(self):
-        if hasattr(self, "mgr"):
-            self.mgr.close()
-            assert self.driver.leaks() == []
 
 
-SpareMachine.TestCase.settings = settings(
-    max_examples=int(os.environ.get("VATTN_HYPOTHESIS_EXAMPLES", "150")),
-    stateful_step_count=40,
-    deadline=None,
-    derandomize=bool(os.environ.get("CI")),
-    suppress_health_check=[HealthCheck.too_slow],
-)
+SpareMachine.TestCase.settings = machine_settings()
 TestSpareMachine = SpareMachine.TestCase

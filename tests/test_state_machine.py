@@ -5,20 +5,17 @@ that an unfinished step may read has changed since that step was launched; and a
 everything is released.
 """
 
-import os
-
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import initialize, invariant, precondition, rule
 
-from helpers import PAGE, SMALL, FakeStream
-from vllm_vattention.memory import ZERO, FakeDriver, KVMemoryManager, make_layout
+from helpers import PAGE, SMALL, FakeStream, ManagerMachineBase, machine_settings
+from vllm_vattention.memory import FakeDriver, KVMemoryManager, make_layout
 
 NUM_BLOCKS = 12
 ROWS = 3
 
 
-class ManagerMachine(RuleBasedStateMachine):
+class ManagerMachine(ManagerMachineBase):
     @initialize(layout=st.sampled_from(["interleaved", "per_layer"]),
                 reclaim=st.sampled_from(["deferred", "eager"]), background=st.sampled_from([False, True, "stream"]))
     def setup(self, layout, reclaim, background):
@@ -73,37 +70,17 @@ class ManagerMachine(RuleBasedStateMachine):
             n = len(self.active[r]) * self.bs + extra  # FA3-style over-read past the end
             self.mgr.ensure_readable(r, n)
             reads[r] = n
-        f = self.stream.fence()
-        if self.mgr.stream_mode:
-            f.native_handle = self.driver.register_event(f)
-            self.mgr.publish()
-        self.mgr.record_reads(f, reads)
+        f = self.launch(reads)
         snap = {r: list(self.mgr.mapper.slots[r][:-(-n // self.bs)]) for r, n in reads.items()}
         self.fences.append((f, snap))
-
-    @precondition(lambda self: self.stream.finished < self.stream.launched)
-    @rule()
-    def finish_oldest_step(self):
-        self.stream.finished += 1
 
     @invariant()
     def page_table_matches_slots(self):
         if not hasattr(self, "mgr"):
             return
         m = self.mgr
-        m.sync()  # the page table is complete once the executor has run every planned call
-        m.mapper.check_invariants()
+        self.check_page_table()
         assert m.flag_value() == m._seq  # every published step's mappings are done (stream mode)
-        for row in range(ROWS):
-            for slot, target in enumerate(m.mapper.slots[row]):
-                for i, off in enumerate(m.layout.chunks(row, slot)):
-                    got = self.driver.mapping_at(m.base_va + off)
-                    if target is None:
-                        assert got is None
-                    elif target == ZERO:
-                        assert got == (m.pool.zero_handle, 0, 1)
-                    else:
-                        assert got == (m.pool.handles(target)[i], 0, 3)
         for row, blocks in self.active.items():
             assert m.mapper.slots[row][:len(blocks)] == blocks
 
@@ -116,17 +93,6 @@ class ManagerMachine(RuleBasedStateMachine):
                 for r, before in snap.items():
                     assert self.mgr.mapper.slots[r][:len(before)] == before
 
-    def teardown(self):
-        if hasattr(self, "mgr"):
-            self.mgr.close()
-            assert self.driver.leaks() == []
 
-
-ManagerMachine.TestCase.settings = settings(
-    max_examples=int(os.environ.get("VATTN_HYPOTHESIS_EXAMPLES", "150")),
-    stateful_step_count=40,
-    deadline=None,
-    derandomize=bool(os.environ.get("CI")),
-    suppress_health_check=[HealthCheck.too_slow],
-)
+ManagerMachine.TestCase.settings = machine_settings()
 TestManagerMachine = ManagerMachine.TestCase

@@ -126,7 +126,7 @@ def main(argv=None) -> None:
     with open(stem + ".json", "w") as f:
         json.dump(res, f, indent=1)
     dp, mg = res["driver_per_page"], res["manager"]
-    lines = [f"# Mapper micro-benchmark", "", header(env), "",
+    lines = ["# Mapper micro-benchmark", "", header(env), "",
              "| driver call (2 MiB page) | us |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in dp.items()]
     lines += ["", "| manager (Llama-3-8B KV, 16-token blocks) | value |", "|---|---|"]
