@@ -171,6 +171,7 @@ class KVMemoryManager:
     def sync(self) -> None:
         """Wait until every planned mapping is in place (before launching the step that needs it).
         With background=True the driver calls run on a native thread; otherwise this is free."""
+        self.mapper.flush()
         self.mapper.executor.wait()
 
     def publish(self) -> int:
@@ -180,6 +181,7 @@ class KVMemoryManager:
         if not self.stream_mode:
             raise MappingError("publish() needs background='stream' (VATTN_BACKGROUND_MAP=stream)")
         self.mapper.executor.poll()
+        self.mapper.flush()  # this step's mappings, then its signal
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         self.mapper.executor.run([(SIGNAL, self._flag_host, 0, self._seq)])
         if self.mapper.handed_over:
@@ -220,6 +222,7 @@ class KVMemoryManager:
             return
         self._closed = True
         try:
+            self.mapper.flush()
             self.mapper.executor.wait()
             self.mapper.clear_all()
         finally:

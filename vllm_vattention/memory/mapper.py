@@ -186,6 +186,13 @@ class RowMapper:
         return len(changes)
 
     def _flush(self) -> None:
+        """End of a change: hand its ops to the executor, except in stream mode, where a step's ops
+        are handed over at once when it is published (one submission per step, not per request)."""
+        if not self.defer_waits:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand every op planned so far to the executor."""
         if self._ops:
             ops, self._ops = self._ops, []
             t = time.perf_counter()
@@ -211,7 +218,7 @@ class RowMapper:
         False: then its unmap needs no wait). Returns how many slots hold a spare afterwards; the
         ops go to the executor's background queue, and the row's next change waits for them."""
         num_slots = min(num_slots, self.layout.blocks_per_row)
-        self._flush()  # nothing planned for a step may end up in the background queue
+        self.flush()  # nothing planned for a step may end up in the background queue
         current = self.slots[row]
         spare = self.pool.spare_frames
         items, ready = [], 0
@@ -246,7 +253,7 @@ class RowMapper:
         for which `rows_ok(row)` holds (the caller's: no request holds them, no step in flight reads
         them, so no unmap needs a wait); the frame is then mapped nowhere and can warm another row.
         Returns how many frames were freed so."""
-        self._flush()
+        self.flush()
         spare, size, freed, rows = self.pool.spare_frames, self.layout.chunk_bytes(), 0, set()
         for f in frames:
             if f not in spare:
@@ -287,6 +294,7 @@ class RowMapper:
         self.wait_all()
         for r in range(self.layout.rows):
             self.clear_row(r)
+        self.flush()
         self.executor.wait()
 
     # -- inspection ------------------------------------------------------------------------
