@@ -1,0 +1,87 @@
+"""Engine-thread time of vAttention's per-step bookkeeping in a decode step, on a CPU (NOTES #24).
+
+A 512/1024-like decode: 256 rows of Llama-3-8B's KV geometry, 16 of them growing by a block per step,
+stream mode. `--executor native`: the native thread calling the fake driver (its callbacks take the
+GIL, so this overstates what a GPU's libcuda costs); `null`: Python planning alone.
+
+    python3 benchmarks/cpu_step_overhead.py --executor null
+"""
+
+import argparse
+import time
+
+import numpy as np
+
+from vllm_vattention.attention import ops
+from vllm_vattention.memory import FakeDriver, KVGeometry, KVMemoryManager, make_layout
+
+LLAMA3_8B = KVGeometry(num_layers=32, num_kv_heads=8, head_size=128, dtype_bytes=2)
+PAGE = 2 << 20
+
+
+class _NoZeroing(FakeDriver):
+    def memset_zero(self, va, size):  # 20,000 blocks of 2 MiB: skip writing 40 GiB of zeros
+        pass
+
+
+class _NullExecutor:
+    background_submitted = 0
+
+    def run(self, ops): pass
+    def run_background(self, ops): return 0
+    def wait(self): pass
+    def poll(self): pass
+    def close(self): pass
+
+
+class _DoneFence:
+    native_handle = 0
+
+    def done(self): return True
+    def wait(self): pass
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--executor", choices=("native", "null"), default="native")
+    ap.add_argument("--steps", type=int, default=300)
+    args = ap.parse_args()
+    lay = make_layout("interleaved", LLAMA3_8B, PAGE, rows=513, min_row_tokens=2048 + 256)
+    m = KVMemoryManager(_NoZeroing(PAGE, capacity=1 << 50), lay, 20000, background="stream")
+    rows = np.array([m.acquire_row() for _ in range(256)], dtype=np.int32)
+    have, nxt = {}, 0
+    for r in rows.tolist():
+        m.set_blocks(r, list(range(nxt, nxt + 32)), fresh_from=0)
+        have[r], nxt = 32, nxt + 32
+    m.publish()
+    m.sync()
+    if args.executor == "null":  # from here on nothing is mapped: the manager is not closed
+        m.mapper.executor = _NullExecutor()
+    seq, qlen = np.full(256, 512, dtype=np.int32), np.ones(256, dtype=np.int32)
+    t = dict.fromkeys(("set_blocks", "read_extents", "reads", "publish", "record_reads"), 0.0)
+    for step in range(args.steps):
+        seq += 1
+        t0 = time.perf_counter()
+        for i in range(16):
+            r = int(rows[(step * 16 + i) % 256])
+            m.set_blocks(r, [nxt], start=have[r], fresh_from=0)
+            have[r], nxt = have[r] + 1, (nxt + 1) % 20000
+        t1 = time.perf_counter()
+        _, ext = ops.read_extents(seq, qlen, "fa2", 256, lay.row_tokens, clip_to_view=True)
+        t2 = time.perf_counter()
+        reads = dict(zip(rows.tolist(), ext.tolist()))
+        t3 = time.perf_counter()
+        m.publish()
+        t4 = time.perf_counter()
+        m.record_reads(_DoneFence(), reads)
+        t5 = time.perf_counter()
+        for k, dt in zip(t, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+            t[k] += dt
+        if step % 50 == 0:
+            m.sync()
+    print(" ".join(f"{k} {1e6 * v / args.steps:.0f}" for k, v in t.items()),
+          f"| total {1e6 * sum(t.values()) / args.steps:.0f} us/step ({args.executor} executor)")
+
+
+if __name__ == "__main__":
+    main()
