@@ -24,8 +24,8 @@ step): a fresh block put in such a slot moves into that frame (mapper.py), so a 
 mappings cost no driver call while its step waits. How deep a row is warmed follows the recent new
 requests' fresh blocks.
 
-    mgr.set_blocks(row, block_ids, fresh_from=num_computed_tokens // block_size)
-    seq = mgr.publish(); ...; mgr.warm()
+    mgr.set_blocks(row, block_ids, fresh_from=ceil(num_computed_tokens / block_size))
+    seq = mgr.publish(); ... launch the step ...; mgr.warm()
 """
 
 from __future__ import annotations
