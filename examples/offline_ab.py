@@ -86,6 +86,8 @@ def run_one(args) -> None:
         res["parallel_n_lengths"] = [[len(c.token_ids) for c in o.outputs] for o in outn]
     metrics = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
     res["num_preemptions"] = metrics.get("vllm:num_preemptions")
+    if "CUSTOM" in res["attention_backend"]:  # vAttention's mapper counters (rank 0)
+        res["mapper"] = llm.collective_rpc("vattn_report")[0]
     with open(args.child_out, "w") as f:
         json.dump(res, f)
 
@@ -114,6 +116,8 @@ VATTN_SYSTEMS = {
     "vattention": {"VLLM_ATTENTION_BACKEND": "VATTENTION"},
     "vattention-sync": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_BACKGROUND_MAP": "0",
                         "VATTN_FA3_GUARD": "always"},
+    # spare frames warmed ahead of time (benchmarks/NOTES.md #23): fresh blocks move between frames
+    "vattention-spare": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_SPARE_BLOCKS": "64"},
 }
 
 

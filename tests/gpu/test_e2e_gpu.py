@@ -52,10 +52,15 @@ def test_preemption_under_memory_pressure_completes_every_request(cuda, tmp_path
     assert r["num_preemptions"] and r["num_preemptions"] > 0, r
 
 
-def test_prefix_caching_and_parallel_sampling(cuda, tmp_path):
-    s = run_ab(tmp_path, "--systems", "stock,vattention", "--num-prompts", "8", "--max-tokens", "16",
+@pytest.mark.parametrize("system", ["vattention", "vattention-spare"])
+def test_prefix_caching_and_parallel_sampling(cuda, tmp_path, system):
+    """Shared prefixes and n=3 sampling share blocks between requests. vattention-spare: fresh blocks
+    move into spare frames, prefix hits must not (their content would be lost)."""
+    s = run_ab(tmp_path, "--systems", f"stock,{system}", "--num-prompts", "8", "--max-tokens", "16",
                "--shared-prefix", "--parallel-n", "3", "--enforce-eager")
-    assert s["vattention"]["cached_tokens"] > 0
-    assert s["vattention"]["cached_tokens"] == s["stock"]["cached_tokens"]
-    assert s["vattention"]["parallel_n_lengths"] == [[16, 16, 16]] * 4
-    assert s["stock_vs_vattention"]["greedy_prefix_agreement"] >= 0.9
+    assert s[system]["cached_tokens"] > 0
+    assert s[system]["cached_tokens"] == s["stock"]["cached_tokens"]
+    assert s[system]["parallel_n_lengths"] == [[16, 16, 16]] * 4
+    assert s[f"stock_vs_{system}"]["greedy_prefix_agreement"] >= 0.9
+    if system == "vattention-spare":
+        assert s[system]["mapper"]["swaps"] > 0, s[system]["mapper"]  # the spare path really ran
