@@ -87,6 +87,22 @@ def test_a_warmed_rows_background_maps_run_before_the_signal_of_the_step_that_us
     assert driver.leaks() == []
 
 
+def test_warm_does_nothing_when_nothing_changed(driver):
+    """A decode step acquires, releases and swaps nothing: warm() must not rescan the warm rows."""
+    mgr = make_manager(driver, rows=6, num_blocks=16, spare_blocks=4)
+    r = mgr.acquire_row()
+    mgr.set_blocks(r, [0, 1], fresh_from=0)
+    assert mgr.warm() == 4
+    calls = mgr.mapper.executor.background_submitted
+    assert mgr.warm() == 0 and mgr.mapper.executor.background_submitted == calls
+    mgr.set_blocks(r, [2], start=2, fresh_from=0)  # growth into an unwarmed slot: no swap
+    assert mgr.warm() == 0
+    mgr.release_row(r)  # a change: warm() looks again (nothing new to map: spares are all placed)
+    assert mgr.warm() == 4
+    mgr.close()
+    assert driver.leaks() == []
+
+
 def test_prefix_hits_keep_their_frames_and_only_the_rest_is_swapped(driver):
     mgr = make_manager(driver, rows=4, num_blocks=16, spare_blocks=8)
     bs = mgr.layout.block_size

@@ -90,6 +90,7 @@ class KVMemoryManager:
         self._active: set[int] = set()
         self._closed = False
         self._recent_fresh: deque[int] = deque(maxlen=self.WARM_HISTORY)  # fresh blocks of new requests
+        self._warm_stale = True  # something warm() depends on changed since it last finished its work
 
     # -- rows --------------------------------------------------------------------------
     @property
@@ -103,12 +104,14 @@ class KVMemoryManager:
                 "reserved for (rows follow --max-num-seqs)")
         row = self._free_rows.popleft()  # FIFO: the longest-idle row, least likely to be in flight
         self._active.add(row)
+        self._warm_stale = True
         return row
 
     def release_row(self, row: int) -> None:
         if row not in self._active:
             raise MappingError(f"row {row} is not in use")
         self._active.remove(row)
+        self._warm_stale = True
         if self.reclaim == "eager":
             self.mapper.clear_row(row)
         self._free_rows.append(row)
@@ -125,14 +128,17 @@ class KVMemoryManager:
         self._require_active(row)
         if start == 0 and fresh_from is not None:
             self._recent_fresh.append(max(0, len(blocks) - fresh_from))
+        swaps = self.mapper.stats.swaps
         self.mapper.set_blocks(row, list(blocks), start, fresh_from)
+        if self.mapper.stats.swaps != swaps:  # spares changed hands
+            self._warm_stale = True
 
     def warm(self) -> int:
         """Map spare frames, in the background, into the rows acquire_row() hands out next, each as
         deep as the most fresh blocks a recent new request had, until no spare is left unmapped.
         Call once per step, after the step's mappings were published. Returns slots now warm."""
-        if not self.pool.spare_frames or not self._recent_fresh:
-            return 0
+        if not self.pool.spare_frames or not self._recent_fresh or not self._warm_stale:
+            return 0  # (nothing changed since a call that did all it could: a decode step's usual case)
         depth = max(self._recent_fresh)
         if depth == 0:
             return 0
@@ -148,14 +154,18 @@ class KVMemoryManager:
             if got < depth:  # out of spares mapped nowhere (or the row is still read by a step in flight)
                 break
         else:
+            self._warm_stale = False
             return warm
         # A fresh block's former frame is a spare, but usually still mapped in the row of the request
         # that last used it (deferred reclamation). Unmap such aliases in idle rows not being warmed,
         # in the background, so that the next step can warm with them.
         idle = set(self._free_rows) - warmed - in_flight
         in_warm_rows = {f for r in warmed for f in self.mapper.slots[r][:depth]}
-        self.mapper.unmap_aliases([f for f in self.pool.spare_frames if f in where and f not in in_warm_rows],
-                                  idle.__contains__)
+        freed = self.mapper.unmap_aliases([f for f in self.pool.spare_frames if f in where and f not in in_warm_rows],
+                                          idle.__contains__)
+        # done until something changes, unless spares were freed for the next call or an idle row is
+        # still read by a step in flight (that ends without a call here)
+        self._warm_stale = bool(freed) or any(r in in_flight for r in self._free_rows)
         return warm
 
     def ensure_readable(self, row: int, num_tokens: int) -> None:
