@@ -31,6 +31,7 @@ requests' fresh blocks.
 from __future__ import annotations
 
 import ctypes
+import itertools
 from collections import deque
 from typing import Sequence
 
@@ -46,6 +47,7 @@ RECLAIM_POLICIES = ("deferred", "eager")
 
 class KVMemoryManager:
     WARM_HISTORY = 64  # new requests whose fresh block counts set the warm depth
+    WARM_ROWS = 64  # at most this many rows are kept warm (bounds warm()'s scan when requests are short)
 
     def __init__(self, driver: Driver, layout: Layout, num_blocks: int, reclaim: str = "deferred",
                  background: bool | str = False, spare_blocks: int = 0):
@@ -147,7 +149,7 @@ class KVMemoryManager:
         spares = iter(cold)
         in_flight = self.mapper.rows_in_flight()
         warm, warmed = 0, set()
-        for row in self._free_rows:
+        for row in itertools.islice(self._free_rows, self.WARM_ROWS):
             got = self.mapper.warm(row, depth, spares, row in in_flight)
             warmed.add(row)
             warm += got
