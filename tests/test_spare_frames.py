@@ -103,6 +103,26 @@ def test_warm_does_nothing_when_nothing_changed(driver):
     assert driver.leaks() == []
 
 
+def test_a_failing_background_op_surfaces_at_the_next_step_and_signals_still_run(driver):
+    import time
+
+    from vllm_vattention.errors import DriverError
+    from vllm_vattention.memory.executor import MAP
+    mgr = make_manager(driver, spare_blocks=2, background="stream")
+    mgr.mapper.executor.run_background([(MAP, 1 << 20, PAGE, 12345)])  # outside any reservation
+    for _ in range(500):
+        if driver.native_errors:
+            break
+        time.sleep(0.01)
+    with pytest.raises(DriverError, match="native mapping thread"):
+        mgr.publish()
+    seq = mgr.publish()  # reported once; the next step goes on
+    mgr.sync()
+    assert mgr.flag_value() == seq
+    mgr.close()
+    assert driver.leaks() == []
+
+
 def test_prefix_hits_keep_their_frames_and_only_the_rest_is_swapped(driver):
     mgr = make_manager(driver, rows=4, num_blocks=16, spare_blocks=8)
     bs = mgr.layout.block_size
