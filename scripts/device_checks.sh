@@ -4,6 +4,7 @@
 # Usage: bash scripts/device_checks.sh [steps...]
 #   steps: install gpu_tests (all of tests/gpu) unit (VMM + kernels) e2e server sanitizer mapbench ab
 #          stream_check (the stream-mode GPU tests alone, no sanitizer; then the clipped-guard tests under it)
+#          spare_check (spare frames: the libcuda test, then the e2e prefix-caching test against stock)
 #          suite_round (offline rounds of stock-fa3 with the candidates: $SUITE_CANDIDATE, a comma list such as
 #          vattn-fa2,vattn-spare, else the default vattn-fa2;
 #          results kept in /root/suite across calls, copied to $OUT;
@@ -41,6 +42,11 @@ for s in $steps; do
         timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_vmm_gpu.py -k stream > "$OUT/stream.log" 2>&1
         echo "rc=$?"; tail -4 "$OUT/stream.log";
         sanitized clipped tests/gpu/test_kernels_gpu.py -k clipped;;
+    spare_check) # spare frames (VATTN_SPARE_BLOCKS) on libcuda, then end to end against stock (prefix caching, n=3)
+        timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_vmm_gpu.py -k "spare or stream" > "$OUT/spare_unit.log" 2>&1
+        echo "unit rc=$?"; tail -2 "$OUT/spare_unit.log"
+        timeout 300 python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/gpu/test_e2e_gpu.py -k prefix > "$OUT/spare_e2e.log" 2>&1
+        echo "e2e rc=$?"; grep -E "passed|failed|Error" "$OUT/spare_e2e.log" | tail -4;;
     suite_round) suite_rounds /root/suite suite_round; cp -r /root/suite "$OUT/";;
     suite_pair) # suite_round on both GPUs at once (each repetition keeps its baseline on its GPU), merged
         for g in 0 1; do CUDA_VISIBLE_DEVICES=$g suite_rounds /root/suite-g$g suite-g$g & done; wait
