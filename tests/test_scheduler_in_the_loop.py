@@ -1,0 +1,131 @@
+"""vLLM 0.25's real Scheduler (prefix caching, chunked prefill, preemption) drives the memory manager
+on the fake driver the way the model runner does (worker.py: add_requests / update_requests /
+_remove_request), and every step checks that each scheduled request reads, through its row, the
+KV of exactly its own tokens: prefix hits included, however blocks moved between spare frames.
+
+"KV" here is a token's id and position, written through the row when the step computes it; a
+prefix hit must show what another request wrote. This checks what "fresh" means against the real
+scheduler's outputs (blocks past num_computed_tokens), on which spare frames rely.
+"""
+
+import os
+
+import pytest
+
+from vllm_vattention.bench import sched_replay as S
+from vllm_vattention.memory import FakeDriver, KVGeometry, KVMemoryManager, make_layout
+
+MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "llama-3.1-8b")
+BS = 16
+PAGE = 4096
+GEOMETRY = KVGeometry(num_layers=1, num_kv_heads=1, head_size=64, dtype_bytes=2)  # 256 B/token: 16 per page
+
+
+def toks(seed: int, n: int) -> list[int]:
+    return [1000 + (seed * 7919 + i * 104729) % 20000 for i in range(n)]
+
+
+class RunnerStandIn:
+    """What VattnModelRunner does with a SchedulerOutput (worker.py), keyed by request id."""
+
+    def __init__(self, mgr: KVMemoryManager):
+        self.mgr = mgr
+        self.row: dict[str, int] = {}
+        self.blocks: dict[str, int] = {}
+
+    def remove(self, rid: str) -> None:  # _remove_request
+        row = self.row.pop(rid, None)
+        if row is not None:
+            del self.blocks[rid]
+            self.mgr.release_row(row)
+
+    def apply(self, out) -> None:
+        for rid in out.finished_req_ids | (out.preempted_req_ids or set()):  # finish_requests
+            self.remove(rid)
+        for new in out.scheduled_new_reqs:  # add_requests (a request seen before is re-added)
+            self.remove(new.req_id)
+            row = self.mgr.acquire_row()
+            self.row[new.req_id] = row
+            blocks = new.block_ids[0]
+            self.mgr.set_blocks(row, blocks, fresh_from=-(-new.num_computed_tokens // BS))
+            self.blocks[new.req_id] = len(blocks)
+        c = out.scheduled_cached_reqs  # update_requests
+        for rid, new_ids in zip(c.req_ids, c.new_block_ids):
+            if new_ids is not None and new_ids[0]:
+                fresh = None if rid in c.resumed_req_ids else 0
+                self.mgr.set_blocks(self.row[rid], new_ids[0], start=self.blocks[rid], fresh_from=fresh)
+                self.blocks[rid] += len(new_ids[0])
+
+
+class DoneFence:
+    native_handle = 0
+
+    def done(self):
+        return True
+
+    def wait(self):
+        pass
+
+
+def kv_of(token: int, pos: int) -> bytes:
+    return token.to_bytes(4, "little") + pos.to_bytes(4, "little")
+
+
+@pytest.mark.parametrize("background, spares", [(False, 0), ("stream", 0), ("stream", 24), (False, 24)])
+def test_every_scheduled_request_reads_its_own_kv(background, spares):
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.outputs import ModelRunnerOutput
+    from vllm.v1.request import Request
+
+    num_blocks, max_len = 28, 256
+    sched, hasher = S.make_scheduler(MODEL, num_blocks, max_len, max_num_batched_tokens=96, max_num_seqs=6,
+                                     block_size=BS)
+    sched.use_v2_model_runner = True  # as in the engine we serve in (worker.py needs it): resumed = new
+    driver = FakeDriver(PAGE)
+    layout = make_layout("interleaved", GEOMETRY, PAGE, rows=2 * 6 + 1, min_row_tokens=max_len + 64, block_size=BS)
+    mgr = KVMemoryManager(driver, layout, num_blocks, background=background, spare_blocks=spares)
+    runner = RunnerStandIn(mgr)
+    shared = toks(7, 40)
+    prompts = [shared + toks(100 + i, 20 + 9 * i) for i in range(6)] + [toks(200 + i, 70) for i in range(6)]
+    prompts += [shared + toks(300 + i, 12) for i in range(4)]  # the shared prefix again, after pressure
+    live = {}
+    for i, p in enumerate(prompts):
+        req = Request(str(i), list(p), SamplingParams(max_tokens=24, ignore_eos=True, temperature=0.0), None,
+                      arrival_time=float(i), block_hasher=hasher)
+        live[req.request_id] = req
+        sched.add_request(req)
+    checked, hits, steps = 0, 0, 0
+    while sched.has_requests():
+        steps += 1
+        assert steps < 2000
+        out = sched.schedule()
+        runner.apply(out)
+        if mgr.stream_mode:
+            mgr.publish()
+        mgr.sync()
+        hits += sum(new.num_computed_tokens for new in out.scheduled_new_reqs)
+        sampled = []
+        for rid, n in out.num_scheduled_tokens.items():
+            req, row = live[rid], runner.row[rid]
+            done_before = req.num_computed_tokens - n  # schedule() has advanced it
+            tokens = req.all_token_ids
+            for pos in range(done_before):  # what earlier steps or other requests (prefix hits) wrote
+                assert driver.read(mgr.address(row, pos, 0, 0), 8) == kv_of(tokens[pos], pos), (rid, pos)
+            for pos in range(done_before, done_before + n):  # this step computes these
+                driver.write(mgr.address(row, pos, 0, 0), kv_of(tokens[pos], pos))
+            checked += done_before
+            sampled.append([100] if req.num_computed_tokens >= req.num_tokens else [])
+        mgr.record_reads(DoneFence(), {runner.row[r]: live[r].num_computed_tokens for r in out.num_scheduled_tokens})
+        mgr.warm()
+        ids = list(out.num_scheduled_tokens)
+        sched.update_from_output(out, ModelRunnerOutput(req_ids=ids, req_id_to_index={r: k for k, r in enumerate(ids)},
+                                                        sampled_token_ids=sampled))
+    for rid in list(runner.row):
+        runner.remove(rid)
+    stats = mgr.stats()
+    assert hits > 0 and checked > 0
+    assert sum(r.num_preemptions for r in live.values()) > 0  # the budget forced preemptions
+    if spares:
+        assert stats["swaps"] > 0
+    mgr.close()
+    assert driver.leaks() == []
