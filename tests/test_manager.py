@@ -323,3 +323,22 @@ def test_finished_steps_are_forgotten_even_when_nothing_is_unmapped(driver):
     assert len(mgr.mapper._inflight) == 3  # the new one and the two unfinished before it
     mgr.close()
     assert driver.leaks() == []
+
+
+def test_request_rows_admit_extend_remove(driver):
+    from vllm_vattention.memory import RequestRows
+    mgr = make_manager(driver, rows=3, max_tokens=64, spare_blocks=0)
+    rows = RequestRows(mgr)
+    bs = mgr.layout.block_size
+    r = rows.admit("a", [1, 2], num_computed_tokens=bs + 1)  # block 1 partly computed: not fresh
+    assert mgr._recent_fresh[-1] == 0  # ceil((bs + 1) / bs) = 2 blocks hold content
+    assert rows.extend("a", [3]) == r and mgr.mapper.slots[r][:3] == [1, 2, 3]
+    with pytest.raises(MappingError, match="request 'a' already holds row"):
+        rows.admit("a", [4], 0)
+    free = mgr.num_free_rows
+    with pytest.raises(MappingError, match="longer than max_model_len"):
+        rows.admit("b", list(range(mgr.layout.blocks_per_row + 1)), 0)
+    assert mgr.num_free_rows == free and len(rows) == 1  # the failed admission gave its row back
+    assert rows.remove("a") == r and rows.remove("a") is None and len(rows) == 0
+    mgr.close()
+    assert driver.leaks() == []

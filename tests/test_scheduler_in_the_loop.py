@@ -13,7 +13,7 @@ import os
 import pytest
 
 from vllm_vattention.bench import sched_replay as S
-from vllm_vattention.memory import FakeDriver, KVGeometry, KVMemoryManager, make_layout
+from vllm_vattention.memory import FakeDriver, KVGeometry, KVMemoryManager, RequestRows, make_layout
 
 MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "llama-3.1-8b")
 BS = 16
@@ -25,36 +25,18 @@ def toks(seed: int, n: int) -> list[int]:
     return [1000 + (seed * 7919 + i * 104729) % 20000 for i in range(n)]
 
 
-class RunnerStandIn:
-    """What VattnModelRunner does with a SchedulerOutput (worker.py), keyed by request id."""
-
-    def __init__(self, mgr: KVMemoryManager):
-        self.mgr = mgr
-        self.row: dict[str, int] = {}
-        self.blocks: dict[str, int] = {}
-
-    def remove(self, rid: str) -> None:  # _remove_request
-        row = self.row.pop(rid, None)
-        if row is not None:
-            del self.blocks[rid]
-            self.mgr.release_row(row)
-
-    def apply(self, out) -> None:
-        for rid in out.finished_req_ids | (out.preempted_req_ids or set()):  # finish_requests
-            self.remove(rid)
-        for new in out.scheduled_new_reqs:  # add_requests (a request seen before is re-added)
-            self.remove(new.req_id)
-            row = self.mgr.acquire_row()
-            self.row[new.req_id] = row
-            blocks = new.block_ids[0]
-            self.mgr.set_blocks(row, blocks, fresh_from=-(-new.num_computed_tokens // BS))
-            self.blocks[new.req_id] = len(blocks)
-        c = out.scheduled_cached_reqs  # update_requests
-        for rid, new_ids in zip(c.req_ids, c.new_block_ids):
-            if new_ids is not None and new_ids[0]:
-                fresh = None if rid in c.resumed_req_ids else 0
-                self.mgr.set_blocks(self.row[rid], new_ids[0], start=self.blocks[rid], fresh_from=fresh)
-                self.blocks[rid] += len(new_ids[0])
+def apply(rows: RequestRows, out) -> None:
+    """What VattnModelRunner does with a SchedulerOutput (worker.py: finish_requests -> _remove_request,
+    add_requests, update_requests), minus vLLM's own request state."""
+    for rid in out.finished_req_ids | (out.preempted_req_ids or set()):
+        rows.remove(rid)
+    for new in out.scheduled_new_reqs:  # a request seen before is removed, then added again
+        rows.remove(new.req_id)
+        rows.admit(new.req_id, new.block_ids[0], new.num_computed_tokens)
+    c = out.scheduled_cached_reqs
+    for rid, new_ids in zip(c.req_ids, c.new_block_ids):
+        if new_ids is not None and new_ids[0]:
+            rows.extend(rid, new_ids[0], fresh=rid not in c.resumed_req_ids)
 
 
 class DoneFence:
@@ -84,7 +66,7 @@ def test_every_scheduled_request_reads_its_own_kv(background, spares):
     driver = FakeDriver(PAGE)
     layout = make_layout("interleaved", GEOMETRY, PAGE, rows=2 * 6 + 1, min_row_tokens=max_len + 64, block_size=BS)
     mgr = KVMemoryManager(driver, layout, num_blocks, background=background, spare_blocks=spares)
-    runner = RunnerStandIn(mgr)
+    rows = RequestRows(mgr)
     shared = toks(7, 40)
     prompts = [shared + toks(100 + i, 20 + 9 * i) for i in range(6)] + [toks(200 + i, 70) for i in range(6)]
     prompts += [shared + toks(300 + i, 12) for i in range(4)]  # the shared prefix again, after pressure
@@ -99,14 +81,14 @@ def test_every_scheduled_request_reads_its_own_kv(background, spares):
         steps += 1
         assert steps < 2000
         out = sched.schedule()
-        runner.apply(out)
+        apply(rows, out)
         if mgr.stream_mode:
             mgr.publish()
         mgr.sync()
         hits += sum(new.num_computed_tokens for new in out.scheduled_new_reqs)
         sampled = []
         for rid, n in out.num_scheduled_tokens.items():
-            req, row = live[rid], runner.row[rid]
+            req, row = live[rid], rows.row(rid)
             done_before = req.num_computed_tokens - n  # schedule() has advanced it
             tokens = req.all_token_ids
             for pos in range(done_before):  # what earlier steps or other requests (prefix hits) wrote
@@ -115,13 +97,12 @@ def test_every_scheduled_request_reads_its_own_kv(background, spares):
                 driver.write(mgr.address(row, pos, 0, 0), kv_of(tokens[pos], pos))
             checked += done_before
             sampled.append([100] if req.num_computed_tokens >= req.num_tokens else [])
-        mgr.record_reads(DoneFence(), {runner.row[r]: live[r].num_computed_tokens for r in out.num_scheduled_tokens})
+        mgr.record_reads(DoneFence(), {rows.row(r): live[r].num_computed_tokens for r in out.num_scheduled_tokens})
         mgr.warm()
         ids = list(out.num_scheduled_tokens)
         sched.update_from_output(out, ModelRunnerOutput(req_ids=ids, req_id_to_index={r: k for k, r in enumerate(ids)},
                                                         sampled_token_ids=sampled))
-    for rid in list(runner.row):
-        runner.remove(rid)
+    assert len(rows) == 0  # every request finished and gave its row back
     stats = mgr.stats()
     assert hits > 0 and checked > 0
     assert sum(r.num_preemptions for r in live.values()) > 0  # the budget forced preemptions

@@ -30,7 +30,7 @@ from vllm.v1.worker.gpu_worker import Worker
 from .attention import ops
 from .config import VattnConfig
 from .errors import ConfigError
-from .memory import PAGE_SIZE, CudaDriver, KVMemoryManager, make_layout
+from .memory import PAGE_SIZE, CudaDriver, KVMemoryManager, RequestRows, make_layout
 from .memory.views import flat_tensor
 from .selection import geometry_of, kv_dtype_of
 
@@ -173,7 +173,7 @@ class VattnModelRunner(V2ModelRunner):
         bind_kv_cache(kv_caches, forward_context, runner_kv_caches)
 
         self._row_np = np.full(self.max_num_reqs, -1, dtype=np.int64)  # request-state index -> row (-1: none)
-        self._num_blocks: dict[int, int] = {}  # row -> blocks mapped for its request
+        self.vattn_rows = RequestRows(self.vattn)  # request id -> row, blocks mapped
         self._pending_reads: dict[int, int] | None = None
         self.reset_timers()
         logger.info("vAttention KV: %d blocks of %d tokens (%d MiB), %d rows x %d tokens, %.1f GiB reserved",
@@ -216,28 +216,19 @@ class VattnModelRunner(V2ModelRunner):
     def _remove_request(self, req_id: str) -> bool:
         idx = self.req_states.req_id_to_index.get(req_id)
         removed = super()._remove_request(req_id)
-        if removed and idx is not None and self._row_np[idx] >= 0:
+        if removed:
             t = time.perf_counter()
-            row = int(self._row_np[idx])
-            self._row_np[idx] = -1
-            del self._num_blocks[row]
-            self.vattn.release_row(row)
+            if self.vattn_rows.remove(req_id) is not None and idx is not None:
+                self._row_np[idx] = -1
             self.map_seconds += time.perf_counter() - t
         return removed
 
     def add_requests(self, scheduler_output) -> None:
-        super().add_requests(scheduler_output)
+        super().add_requests(scheduler_output)  # re-added requests went through _remove_request first
         t = time.perf_counter()
         for new in scheduler_output.scheduled_new_reqs:
             idx = self.req_states.req_id_to_index[new.req_id]
-            row = self.vattn.acquire_row()
-            self._row_np[idx] = row
-            blocks = new.block_ids[0]
-            # blocks wholly past the computed tokens (the prefix-cache hit) hold nothing yet: they may
-            # take spare frames; a block only partly computed keeps its frame (rounded up)
-            computed = -(-new.num_computed_tokens // self.vattn.layout.block_size)
-            self.vattn.set_blocks(row, blocks, fresh_from=computed)
-            self._num_blocks[row] = len(blocks)
+            self._row_np[idx] = self.vattn_rows.admit(new.req_id, new.block_ids[0], new.num_computed_tokens)
         self.map_seconds += time.perf_counter() - t
 
     def update_requests(self, scheduler_output) -> None:
@@ -246,12 +237,9 @@ class VattnModelRunner(V2ModelRunner):
         reqs = scheduler_output.scheduled_cached_reqs
         for req_id, new_ids in zip(reqs.req_ids, reqs.new_block_ids):
             if new_ids is not None and new_ids[0]:
-                row = int(self._row_np[self.req_states.req_id_to_index[req_id]])
-                # a running request's new blocks are for tokens not computed yet (fresh); the V2 runner
-                # appends for resumed requests too, but nothing is assumed of those
-                fresh = None if req_id in reqs.resumed_req_ids else 0
-                self.vattn.set_blocks(row, new_ids[0], start=self._num_blocks[row], fresh_from=fresh)
-                self._num_blocks[row] += len(new_ids[0])
+                # a running request's new blocks are for tokens not computed yet; the V2 runner gets
+                # resumed requests as new ones, but if one came here nothing would be assumed of it
+                self.vattn_rows.extend(req_id, new_ids[0], fresh=req_id not in reqs.resumed_req_ids)
         self.map_seconds += time.perf_counter() - t
 
     # -- per-step attention inputs ---------------------------------------------------------

@@ -9,11 +9,12 @@ from .layout import LAYOUTS, KVGeometry, Layout, make_layout, preferred_block_si
 from .manager import RECLAIM_POLICIES, KVMemoryManager
 from .mapper import ZERO, Fence, RowMapper
 from .pool import PagePool
+from .requests import RequestRows
 
 PAGE_SIZE = 2 << 20  # the CUDA VMM granularity on every NVIDIA GPU we know
 
 __all__ = [
     "CudaDriver", "Driver", "FakeDriver", "FakeDriverError", "KVGeometry", "Layout", "LAYOUTS",
     "make_layout", "preferred_block_size", "KVMemoryManager", "RECLAIM_POLICIES", "ZERO", "Fence",
-    "RowMapper", "PagePool", "PAGE_SIZE",
+    "RowMapper", "PagePool", "RequestRows", "PAGE_SIZE",
 ]
