@@ -1,10 +1,17 @@
-"""Engine-thread time of vAttention's per-step bookkeeping in a decode step, on a CPU (NOTES #24).
+"""Engine-thread time of vAttention's per-step bookkeeping, on a CPU (NOTES #23, #24).
 
-A 512/1024-like decode: 256 rows of Llama-3-8B's KV geometry, 16 of them growing by a block per step,
-stream mode. `--executor native`: the native thread calling the fake driver (its callbacks take the
-GIL, so this overstates what a GPU's libcuda costs); `null`: Python planning alone.
+`--workload decode` (default): a 512/1024-like decode: 256 rows of Llama-3-8B's KV geometry, 16 of
+them growing by a block per step, stream mode. `--executor native`: the native thread calling the
+fake driver (its callbacks take the GIL, so this overstates what a GPU's libcuda costs); `null`:
+Python planning alone.
+
+`--workload spares`: 8 new requests of 64 fresh blocks per step with 1024 spare frames, requests
+leaving after 25 steps and their blocks handed out again (every fresh block's former frame is still
+mapped somewhere): set_blocks and warm() per step, planning alone, and how many fresh blocks were
+swapped rather than mapped.
 
     python3 benchmarks/cpu_step_overhead.py --executor null
+    python3 benchmarks/cpu_step_overhead.py --workload spares
 """
 
 import argparse
@@ -41,11 +48,42 @@ class _DoneFence:
     def wait(self): pass
 
 
+def spares(steps: int) -> None:
+    import random
+    lay = make_layout("interleaved", LLAMA3_8B, PAGE, rows=512, min_row_tokens=2048 + 256)
+    num_blocks = 20000
+    m = KVMemoryManager(_NoZeroing(PAGE, capacity=1 << 50), lay, num_blocks, spare_blocks=1024)
+    m.mapper.executor = _NullExecutor()  # planning alone: nothing is mapped, the manager is not closed
+    free = list(range(num_blocks))
+    random.Random(0).shuffle(free)
+    active, t_set, t_warm = [], 0.0, 0.0
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        for _ in range(8):
+            if len(active) >= 200:
+                row, blocks = active.pop(0)
+                m.release_row(row)
+                free.extend(blocks)
+            row, blocks = m.acquire_row(), [free.pop(0) for _ in range(64)]
+            m.set_blocks(row, blocks, fresh_from=0)
+            active.append((row, blocks))
+        t1 = time.perf_counter()
+        m.warm()
+        t_warm += time.perf_counter() - t1
+        t_set += t1 - t0
+    s = m.stats()
+    print(f"set_blocks {1e3 * t_set / steps:.2f} ms/step, warm {1e3 * t_warm / steps:.2f} ms/step; "
+          f"{s['swaps']} of {s['swaps'] + s['block_maps']} fresh blocks swapped, {s['warm_maps']} warm maps")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", choices=("decode", "spares"), default="decode")
     ap.add_argument("--executor", choices=("native", "null"), default="native")
     ap.add_argument("--steps", type=int, default=300)
     args = ap.parse_args()
+    if args.workload == "spares":
+        return spares(args.steps)
     lay = make_layout("interleaved", LLAMA3_8B, PAGE, rows=513, min_row_tokens=2048 + 256)
     m = KVMemoryManager(_NoZeroing(PAGE, capacity=1 << 50), lay, 20000, background="stream")
     rows = np.array([m.acquire_row() for _ in range(256)], dtype=np.int32)
