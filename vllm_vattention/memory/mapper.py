@@ -237,10 +237,7 @@ class RowMapper:
             items.append((s, f))
         if items:
             self._map_slots(row, items, warm=True)
-            ops, self._ops = self._ops, []
-            t = time.perf_counter()
-            self._warming[row] = self.executor.run_background(ops)
-            self.stats.driver_seconds += time.perf_counter() - t
+            self._flush_background({row})
         return ready + len(items)
 
     def rows_in_flight(self) -> set[int]:
@@ -254,28 +251,30 @@ class RowMapper:
         them, so no unmap needs a wait); the frame is then mapped nowhere and can warm another row.
         Returns how many frames were freed so."""
         self.flush()
-        spare, size, freed, rows = self.pool.spare_frames, self.layout.chunk_bytes(), 0, set()
+        freed, rows = 0, set()
         for f in frames:
-            if f not in spare:
+            if f not in self.pool.spare_frames:
                 raise ValueError(f"frame {f} is not a spare")
-            slots = self.where.get(f, ())
+            slots = sorted(self.where.get(f, ()))
             if not slots or any(not rows_ok(r) for r, _ in slots):
                 continue
             for r, s in slots:
-                for off in self.layout.chunks(r, s):
-                    self._ops.append((UNMAP, self.base_va + off, size, 0))
-                self.slots[r][s] = None
-                self._readable[r] = min(self._readable[r], s)
+                self._unmap_slot(r, s)  # no step in flight reads r: no wait is planned
                 rows.add(r)
-            self.stats.block_unmaps += len(slots)
-            del self.where[f]
             freed += 1
+        self._flush_background(rows)
+        return freed
+
+    def _flush_background(self, rows: set[int]) -> None:
+        """Hand the ops planned for `rows` (rows no request holds) to the background queue; each
+        row's next change waits for them (DRAIN)."""
         if self._ops:
             ops, self._ops = self._ops, []
+            t = time.perf_counter()
             upto = self.executor.run_background(ops)
+            self.stats.driver_seconds += time.perf_counter() - t
             for r in rows:
                 self._warming[r] = upto
-        return freed
 
     def _drain_warming(self, row: int) -> None:
         """A row's background ops run before any later change to it (and before its step's signal)."""
