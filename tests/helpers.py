@@ -2,6 +2,7 @@ import os
 
 import pytest
 
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
 
 from vllm_vattention.memory import ZERO, FakeDriver, KVGeometry, KVMemoryManager, make_layout
@@ -89,8 +90,16 @@ def machine_settings():
 
 
 class ManagerMachineBase(RuleBasedStateMachine):
-    """What the manager state machines share: self.mgr on self.driver with steps on self.stream; a
-    step launch, the GPU finishing steps, the page-table check, and release of everything at the end."""
+    """What the manager state machines share: self.mgr on self.driver with steps on self.stream and
+    the rows requests hold in self.active (row -> blocks); a step launch, the GPU finishing steps, a
+    request leaving, the page-table check, and release of everything at the end."""
+
+    @precondition(lambda self: self.active)
+    @rule(data=st.data())
+    def release(self, data):
+        row = data.draw(st.sampled_from(sorted(self.active)))
+        self.mgr.release_row(row)
+        del self.active[row]
 
     def launch(self, reads: dict[int, int]) -> "FakeFence":
         """A step that reads tokens [0, reads[row]) of each row is launched (after publish in stream mode)."""

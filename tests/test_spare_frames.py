@@ -258,13 +258,6 @@ class SpareMachine(ManagerMachineBase):
         have.append(b)
         self._fresh(row, [b], len(have) - 1)
 
-    @precondition(lambda self: self.active)
-    @rule(data=st.data())
-    def release(self, data):
-        row = data.draw(st.sampled_from(sorted(self.active)))
-        self.mgr.release_row(row)
-        del self.active[row]
-
     @rule()
     def step_and_warm(self):
         reads = {r: len(b) * self.bs for r, b in self.active.items() if b}

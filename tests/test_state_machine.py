@@ -35,13 +35,6 @@ class ManagerMachine(ManagerMachineBase):
         self.active[self.mgr.acquire_row()] = []
 
     @precondition(lambda self: self.active)
-    @rule(data=st.data())
-    def release(self, data):
-        row = data.draw(st.sampled_from(sorted(self.active)))
-        self.mgr.release_row(row)
-        del self.active[row]
-
-    @precondition(lambda self: self.active)
     @rule(data=st.data(), n=st.integers(1, 3))
     def grow(self, data, n):
         row = data.draw(st.sampled_from(sorted(self.active)))
