@@ -23,7 +23,7 @@ class FakeClock:
 def fake_job(clock, fail=(), expect_tp=1):
     def job(model, group, workloads, system, out_dir, timeout, tp=1):
         assert tp == expect_tp
-        clock.t += S.EST_SECONDS[group]
+        clock.t += S.job_seconds(workloads)
         if system in fail:
             raise RuntimeError(f"{system} crashed")
         rep_noise = 0.1 * (clock.t % 3)  # small run-to-run spread
@@ -57,7 +57,7 @@ def test_resumes_across_calls_and_writes_the_schema(tmp_path):
     w = [S.Workload("a", "offline", 8, 8, 1), S.Workload("b", "offline", 8, 8, 1)]
     suite = S.Suite("m", w, ["stock-fa3", "vattn-fa2"], reps=3)
     clock = FakeClock()
-    per_job = S.EST_SECONDS["offline"]
+    per_job = S.job_seconds(w)
     left = S.run(suite, path, max_seconds=4.5 * per_job, job=fake_job(clock), env=ENV, clock=clock, log=quiet)
     assert left == 6 - 4  # two rounds of two jobs fit
     resumed = S.Suite("m", w, ["stock-fa3", "vattn-fa2"], reps=3)
@@ -70,6 +70,19 @@ def test_resumes_across_calls_and_writes_the_schema(tmp_path):
     for r in doc["results"]:
         assert set(S.METRICS) <= r.keys() and r["system"] in S.SYSTEMS
     assert len({(r["workload"], r["system"], r["rep"]) for r in doc["results"]}) == 12  # nothing ran twice
+
+
+def test_a_job_is_planned_for_its_workloads_only(tmp_path):
+    """A call that runs one workload plans for one workload, not for the whole group's five."""
+    one = [S.Workload("a", "offline", 8, 8, 1)]
+    five = one * 4 + [S.Workload("capacity-300-tokens", "capacity", 280, 20, 0)]
+    assert S.job_seconds(one) < S.job_seconds(five) / 2
+    suite = S.Suite("m", one, ["stock-fa3", "vattn-fa2", "vattn-per-layer"], reps=1,
+                    paired=("vattn-fa2", "vattn-per-layer"))
+    clock = FakeClock()
+    left = S.run(suite, str(tmp_path / "r.json"), max_seconds=3 * S.job_seconds(one) + 1, job=fake_job(clock),
+                 env=ENV, clock=clock, log=quiet)
+    assert left == 0  # the round's three jobs fit in three one-workload estimates
 
 
 def test_ratios_spread_and_report(tmp_path):

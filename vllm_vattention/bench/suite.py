@@ -78,7 +78,15 @@ WORKLOADS = [
 ]
 # A job is one fresh engine running every chosen workload of its group in turn.
 GROUP_OF = {"offline": "offline", "capacity": "offline", "serve": "serve"}
-EST_SECONDS = {"offline": 160, "serve": 200}  # one job, engine start included (H200: 121-156 s, 203 s)
+# A job's expected seconds: an engine start, then each workload (H200: 121-156 s for the five offline
+# workloads, 203 s for the serving group), so that a call with fewer workloads plans for fewer seconds.
+START_SECONDS = {"offline": 45, "serve": 60}
+WORKLOAD_SECONDS = {"offline": 22, "capacity": 22, "serve": 70}
+
+
+def job_seconds(workloads: list[Workload]) -> float:
+    """Expected seconds of one job (one fresh engine) running `workloads`, all of one group."""
+    return START_SECONDS[GROUP_OF[workloads[0].kind]] + sum(WORKLOAD_SECONDS[w.kind] for w in workloads)
 
 
 @dataclass
@@ -277,7 +285,7 @@ def run(suite: Suite, path: str, max_seconds: float, job: Callable = run_job, en
     todo = [[j for j in r if not suite.done(*j)] for r in suite.rounds()]
     todo = [r for r in todo if r]
     for i, rnd in enumerate(todo):
-        est = sum(EST_SECONDS[g] for g, _, _ in rnd)
+        est = sum(job_seconds(suite.group_workloads(g)) for g, _, _ in rnd)
         if clock() - start + est > max_seconds:
             left = sum(len(r) for r in todo[i:])
             log(f"[suite] stopping: {left} job(s) left for the next call")
