@@ -129,6 +129,19 @@ def validate_and_apply(vllm_config, cfg: VattnConfig) -> None:
                 cfg.layout, cc.block_size, rows, cfg.reclaim, cfg.decode_kernel)
 
 
+def first_start_note(cfg: VattnConfig, capability: tuple[int, int]) -> str | None:
+    """What the first start costs on this GPU, or None. vLLM 0.25.0's FA2 library carries sm_80 code
+    and compute_80 PTX only (its FA3 library: sm_90 code), so on a GPU of compute capability 9 or
+    later the driver compiles each FA2 kernel from PTX the first time it runs. Measured on an H200:
+    engine start 92-115 s instead of 6-20 s, once per machine; ~26 MB land in the driver's JIT cache."""
+    if cfg.decode_kernel != "fa2" or capability[0] < 9:
+        return None
+    return (f"decode=fa2 on a compute capability {capability[0]}.{capability[1]} GPU: vLLM's FA2 kernels ship as "
+            "sm_80 code and PTX, so the CUDA driver compiles the ones used at the first start on this "
+            "machine (about 1.5-2 minutes on an H200), then reuses them from its JIT cache (~/.nv/ComputeCache, "
+            "or $CUDA_CACHE_PATH; keep it across container restarts). VATTN_DECODE_KERNEL=fa3 avoids it.")
+
+
 def apply_if_selected(vllm_config) -> None:
     """The platform's check_and_update_config addition; a no-op unless vAttention is selected."""
     cfg = VattnConfig.from_env()

@@ -32,7 +32,7 @@ from .config import VattnConfig
 from .errors import ConfigError
 from .memory import PAGE_SIZE, CudaDriver, KVMemoryManager, RequestRows, make_layout
 from .memory.views import flat_tensor
-from .selection import geometry_of, kv_dtype_of
+from .selection import first_start_note, geometry_of, kv_dtype_of
 
 logger = logging.getLogger("vllm.vattention")  # under vLLM's logger, so its handlers print us
 
@@ -179,6 +179,9 @@ class VattnModelRunner(V2ModelRunner):
         logger.info("vAttention KV: %d blocks of %d tokens (%d MiB), %d rows x %d tokens, %.1f GiB reserved",
                     kv_cache_config.num_blocks, layout.block_size, layout.block_bytes >> 20, rows,
                     layout.row_tokens, layout.total_bytes / 2**30)
+        note = first_start_note(cfg, torch.cuda.get_device_capability(device))
+        if note:
+            logger.info("vAttention: %s", note)
         return kv_caches
 
     def _vattn_builders(self) -> list:
