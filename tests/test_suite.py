@@ -236,16 +236,26 @@ def test_running_server_that_logs_more_than_a_pipe_holds_does_not_block(tmp_path
 def test_gpu_time_blocked_at_the_flag_is_reported_for_stream_mode_only():
     base = {"map_share": 0.01, "driver_seconds": 0.1, "execute_seconds": 5.0, "block_maps": 10, "zero_maps": 2,
             "hazard_waits": 1}
-    res = [{"workload": "a", "system": "vattn-fa2", "mapper": base, "error": None},
-           *({"workload": "a", "system": "vattn-stream-clipped", "error": None,
+    res = [{"workload": "a", "system": "vattn-fa2", "mapper": base, "error": None, "elapsed_s": 10.0},
+           *({"workload": "a", "system": "vattn-stream-clipped", "error": None, "elapsed_s": 10.0,
               "mapper": {**base, "gpu_flag_wait_seconds": t, "flag_waits": 100, "flag_stalls": 3,
                          "native_driver_seconds": 2 * t, "native_event_wait_seconds": t / 10}} for t in (0.2, 0.4, 0.3))]
     rows = {r["system"]: r for r in S.mapping_rows(res)}
     assert rows["vattn-fa2"]["gpu_flag_wait"] is None and rows["vattn-stream-clipped"]["gpu_flag_wait"] == 0.3
     assert rows["vattn-fa2"]["native_driver"] is None and rows["vattn-stream-clipped"]["native_driver"] == 0.6
     md = S.markdown({"results": res})
-    assert "| a | vattn-stream-clipped | 3 | 1.00% | 0.100 | 5.00 | 10 | 2 | 1 | 0.300 | 0.600 | 0.030 |" in md
-    assert "| a | vattn-fa2 | 1 | 1.00% | 0.100 | 5.00 | 10 | 2 | 1 | - | - | - |" in md
+    # the flag's share of the run's wall time: 0.3 s of 10 s
+    assert "| a | vattn-stream-clipped | 3 | 1.00% | 0.100 | 5.00 | 10 | 2 | 1 | 0.300 | 3.00% | 0.600 | 0.030 |" in md
+    assert "| a | vattn-fa2 | 1 | 1.00% | 0.100 | 5.00 | 10 | 2 | 1 | - | - | - | - |" in md
+
+
+def test_flag_share_of_older_results_comes_from_the_request_rate():
+    """Results written before elapsed_s was kept: wall time = the workload's requests / req/s."""
+    w = S.WORKLOADS[0]
+    r = {"workload": w.name, "system": "vattn-fa2", "error": None, "requests_per_s": w.num_prompts / 20.0,
+         "mapper": {"map_share": 0.01, "driver_seconds": 0.1, "execute_seconds": 5.0, "block_maps": 10,
+                    "zero_maps": 2, "hazard_waits": 0, "gpu_flag_wait_seconds": 0.5}}
+    assert S.mapping_rows([r])[0]["flag_share"] == pytest.approx(0.5 / 20.0)
 
 
 def test_profile_report_compares_every_run_with_the_first(tmp_path):
