@@ -9,7 +9,8 @@
 #          vattn-fa2,vattn-spare, else the default vattn-fa2;
 #          results kept in /root/suite across calls, copied to $OUT;
 #          DEADLINE=epoch seconds bounds it) suite_pair (the same on GPUs 0 and 1 at once, merged into $OUT)
-#          profile (kernel time per step of stock, the default and the former default; PROF_ARGS="--phases ...")
+#          profile (kernel time per step of stock, the default and the former default; PROF_ARGS="--phases ...
+#          --cpu-profile": also the engine thread's functions by own time per step)
 #          tp (needs 2 GPUs) tp_rest (-k "$TP_K", default the Yi-34B and preemption cases) tp_ab (TP=2 suite
 #          rounds, kept in /root/tp across calls, copied to $OUT/tp)
 #          multiturn (needs the trace carried: cp ../shared/traces/*.jsonl .gpu/trace/, carry [".gpu/trace"];

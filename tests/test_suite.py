@@ -275,6 +275,41 @@ def test_profile_report_compares_every_run_with_the_first(tmp_path):
     assert "| decode | vattn / stock | 1.100x | 0.950x | | 0.900x | |" in md
 
 
+def test_cpu_profile_names_the_functions_that_take_the_time(tmp_path):
+    """--cpu-profile's attribution: the function that does a step's work (a pure-Python loop, no
+    calls of its own) tops the own-time list, once per step, and the report prints it."""
+    import cProfile
+
+    from vllm_vattention.bench import profile as P
+
+    def busy(n):
+        x = 0
+        for i in range(n):
+            x += i * i
+        return x
+
+    def step():
+        busy(200_000)
+        sum(range(1000))
+
+    prof = cProfile.Profile()
+    with prof:
+        for _ in range(4):
+            step()
+    fns = P.top_functions(prof, steps=4)
+    assert fns[0]["function"].endswith("(busy)") and fns[0]["calls"] == 1.0
+    assert fns[0]["self_ms"] > 10 * max(f["self_ms"] for f in fns[1:])  # the loop, not the small sum
+    assert fns[0]["cum_ms"] >= fns[0]["self_ms"]
+    run = {"phases": [{"phase": "decode", "wall_ms_per_step": 6.0, "gpu_ms_per_step": 3.0, "gpu_busy": 0.5,
+                       "attention_ms_per_step": 1.0, "attention_share_of_gpu": 0.33,
+                       "cpu_top_functions_ms_per_step": fns}]}
+    path = tmp_path / "vattn.json"
+    json.dump(run, open(path, "w"))
+    P.main(["--report", str(path), "--out", str(tmp_path / "t.md")])
+    md = (tmp_path / "t.md").read_text()
+    assert "### decode, vattn: engine-thread functions by own time" in md and "(busy)` |" in md
+
+
 def test_merge_runs_made_side_by_side_keeps_each_repetition_with_its_baseline(tmp_path):
     paths = []
     for gpu_index in range(2):

@@ -7,13 +7,22 @@ each phase (decode at short and long context, prefill), requests are added, the 
 until the phase's steady state, then `--steps` steps are profiled. Reported per phase: wall ms per
 step, GPU kernel ms per step, their ratio (GPU busy share), the attention kernels' share of kernel
 time, and the top kernels. Stock and vAttention are run one after the other by the caller.
+
+`--cpu-profile` also runs cProfile over the same steps (the engine thread: with
+VLLM_ENABLE_V1_MULTIPROCESSING=0 the scheduler and execute_model run here) and keeps the functions
+with the most own time per step, to say where the engine thread's extra time per step goes
+(execute_model 2.5 -> 3.8 ms/call at 512/1024 and 2.7 -> 5.8 at 16K decode, NOTES #23). cProfile
+slows Python code down, so compare its numbers between systems, not with the wall time.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import contextlib
 import json
 import os
+import pstats
 import random
 import time
 
@@ -33,6 +42,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--out", required=True)
     ap.add_argument("--phases", default="", help="comma-separated subset of the phases (default: all)")
+    ap.add_argument("--cpu-profile", action="store_true", help="also cProfile the engine thread over the same steps")
     ap.add_argument("--report", nargs="+", metavar="JSON",
                     help="only write a markdown table comparing these runs (the first is the baseline) to --out")
     args = ap.parse_args(argv)
@@ -68,10 +78,12 @@ def main(argv=None) -> None:
         torch.cuda.synchronize()
         # a prefill phase: its first steps; a mixed one: the ~4 steps that carry the late prompts' chunks
         steps = 4 if more else (args.steps if warm else 6)
+        cpu = cProfile.Profile() if args.cpu_profile else None
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             t = time.perf_counter()
-            for _ in range(steps):
-                engine.step()
+            with (cpu if cpu is not None else contextlib.nullcontext()):
+                for _ in range(steps):
+                    engine.step()
             torch.cuda.synchronize()
             wall = time.perf_counter() - t
         kernels = {}
@@ -86,13 +98,43 @@ def main(argv=None) -> None:
                  "gpu_ms_per_step": total / steps, "gpu_busy": total / (1e3 * wall),
                  "attention_ms_per_step": attn / steps, "attention_share_of_gpu": attn / total if total else None,
                  "top_kernels_ms_per_step": [(k[:120], round(v / steps, 4)) for k, v in top]}
+        if cpu is not None:
+            phase["cpu_top_functions_ms_per_step"] = top_functions(cpu, steps)
         report["phases"].append(phase)
-        print(json.dumps({k: v for k, v in phase.items() if k != "top_kernels_ms_per_step"}), flush=True)
+        print(json.dumps({k: v for k, v in phase.items() if not k.startswith(("top_", "cpu_top"))}), flush=True)
         engine.abort_request(ids, internal=True)
         for _ in range(3):
             engine.step()
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
+
+
+def top_functions(prof: cProfile.Profile, steps: int, top: int = 25) -> list[dict]:
+    """The functions with the most own time, per step: [{"function", "self_ms", "cum_ms", "calls"}]
+    ("file:line(name)", the file cut to its last three path parts)."""
+    rows = []
+    for (path, line, name), (_, calls, self_s, cum_s, _) in pstats.Stats(prof).stats.items():
+        where = "/".join(path.split(os.sep)[-3:]) if path != "~" else "~"
+        rows.append({"function": f"{where}:{line}({name})", "self_ms": 1e3 * self_s / steps,
+                     "cum_ms": 1e3 * cum_s / steps, "calls": calls / steps})
+    rows.sort(key=lambda r: -r["self_ms"])
+    return [{**r, "self_ms": round(r["self_ms"], 4), "cum_ms": round(r["cum_ms"], 4), "calls": round(r["calls"], 2)}
+            for r in rows[:top]]
+
+
+def cpu_table(runs: dict[str, dict], top: int = 12) -> str:
+    """Per phase and run: total cProfile'd ms per step and the functions with the most own time."""
+    lines = []
+    for name, run in runs.items():
+        for p in run["phases"]:
+            fns = p.get("cpu_top_functions_ms_per_step")
+            if not fns:
+                continue
+            lines += ["", f"### {p['phase']}, {name}: engine-thread functions by own time (ms per step, under cProfile)",
+                      "", "| function | own ms/step | cumulative ms/step | calls/step |", "|---|---|---|---|"]
+            lines += [f"| `{f['function']}` | {f['self_ms']:.3f} | {f['cum_ms']:.3f} | {f['calls']:.1f} |"
+                      for f in fns[:top]]
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
 def report_table(runs: dict[str, dict]) -> str:
@@ -115,7 +157,7 @@ def report_table(runs: dict[str, dict]) -> str:
                 lines.append(f"| {phase} | {n} / {names[0]} | {p['wall_ms_per_step'] / b['wall_ms_per_step']:.3f}x | "
                              f"{p['gpu_ms_per_step'] / b['gpu_ms_per_step']:.3f}x | | "
                              f"{p['attention_ms_per_step'] / b['attention_ms_per_step']:.3f}x | |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + cpu_table(runs)
 
 
 if __name__ == "__main__":
