@@ -107,7 +107,8 @@ def _replace_init_kv_cache(fn):
     Why: GPUModelRunner.initialize_kv_cache allocates KV with torch.zeros through this function in
     its last lines; everything before it (attention groups, block tables, CUDA-graph manager) we
     want unchanged. What: for the duration of our call only, the name points at our allocator.
-    When it can go: once vLLM lets a platform or backend provide the KV allocation.
+    When it can go: once vLLM lets a runner subclass provide the KV allocation (our upstream draft:
+    patches/vllm-v2-runner-kv-allocation-hook.diff, a `GPUModelRunner.init_kv_cache_tensors` method).
     """
     original = v2_model_runner.init_kv_cache
     v2_model_runner.init_kv_cache = fn
