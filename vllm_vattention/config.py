@@ -10,7 +10,7 @@
 | VATTN_EXTRA_ROWS | integer >= 0 | max_num_seqs | rows beyond max_num_seqs, so a new request rarely waits for a row still read by a step in flight |
 | VATTN_GUARD_TOKENS | integer >= 192 | 256 | readable tokens kept past each sequence end for kernels that over-read (FA3) |
 | VATTN_FA3_GUARD | always, clipped | clipped | always: a zero page behind every FA3 row; clipped: FA3's view of a prefill batch ends at its longest FA3 sequence, whose row then needs no guard (relies on TMA clipping; clean under compute-sanitizer on an H200) |
-| VATTN_SPARE_BLOCKS | integer >= 0 | 0 | stream mode: this many KV blocks of memory are kept as spare frames, mapped ahead of time into the rows new requests get next, so a new request's fresh blocks need no driver call while its step waits (memory/manager.py); vLLM's KV budget shrinks by as much |
+| VATTN_SPARE_BLOCKS | integer >= 0, or auto | 0 | stream mode: this many KV blocks of memory are kept as spare frames, mapped ahead of time into the rows new requests get next, so a new request's fresh blocks need no driver call while its step waits (memory/manager.py); vLLM's KV budget shrinks by as much. auto: the blocks one step's tokens fill (--max-num-batched-tokens / block size) |
 | VATTN_PREFIX_EVICTION | lru, discard-lru, second-chance, adaptive | lru | prefix-cache eviction order in vLLM's scheduler (prefix_eviction.py); works with any attention backend |
 | VATTN_PREFIX_MIN_USERS | integer >= 2 | 2 | the one bit: a cached block used by at least this many requests is "keep" (discard-lru: not evicted before the others; second-chance: one more pass through the free queue; adaptive: in the list evicted second, by a share learned from misses) |
 """
@@ -63,6 +63,16 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name}={raw!r} is not a boolean; use 1 or 0")
 
 
+def _spares(env: Mapping[str, str], name: str) -> int | str:
+    raw = env.get(name)
+    if raw is not None and raw.strip().lower() == "auto":
+        return "auto"
+    try:
+        return _int(env, name, 0)
+    except ConfigError:
+        raise ConfigError(f"{name}={raw!r} is not supported; use a whole number >= 0 or auto") from None
+
+
 def _map_mode(env: Mapping[str, str], name: str, default: bool | str) -> bool | str:
     raw = env.get(name)
     if raw is None:
@@ -85,7 +95,7 @@ class VattnConfig:
     extra_rows: int | None = None
     guard_tokens: int = 256
     fa3_guard: str = "clipped"
-    spare_blocks: int = 0
+    spare_blocks: int | str = 0  # or "auto": resolved by spare_blocks_for() once the step size is known
     prefix_eviction: str = "lru"
     prefix_min_users: int = DEFAULT_MIN_USERS
 
@@ -103,7 +113,7 @@ class VattnConfig:
             # FA3 reads up to one key tile (<= 192 tokens, ops.FA3_MAX_OVERREAD) past a sequence's end.
             guard_tokens=_int(env, "VATTN_GUARD_TOKENS", 256, minimum=192),
             fa3_guard=_choice(env, "VATTN_FA3_GUARD", ("always", "clipped"), "clipped"),
-            spare_blocks=_int(env, "VATTN_SPARE_BLOCKS", 0),
+            spare_blocks=_spares(env, "VATTN_SPARE_BLOCKS"),
             prefix_eviction=_choice(env, "VATTN_PREFIX_EVICTION", PREFIX_EVICTION_MODES, "lru"),
             prefix_min_users=_int(env, "VATTN_PREFIX_MIN_USERS", DEFAULT_MIN_USERS, minimum=2),
         )
@@ -113,6 +123,13 @@ class VattnConfig:
             raise ConfigError(f"VATTN_SPARE_BLOCKS={self.spare_blocks} needs VATTN_BACKGROUND_MAP=stream (the "
                               "spares are mapped by the native thread while no step waits); set it, or "
                               "VATTN_SPARE_BLOCKS=0")
+
+    def spare_blocks_for(self, max_num_batched_tokens: int, block_size: int) -> int:
+        """How many spare frames to create: the number given, or with auto as many blocks as one
+        step's tokens fill (the most fresh blocks a single step can hand out)."""
+        if self.spare_blocks == "auto":
+            return -(-max_num_batched_tokens // block_size)
+        return int(self.spare_blocks)
 
     def num_rows(self, max_num_seqs: int) -> int:
         extra = max_num_seqs if self.extra_rows is None else self.extra_rows

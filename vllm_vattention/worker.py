@@ -157,7 +157,9 @@ class VattnModelRunner(V2ModelRunner):
                              block_size=group.kv_cache_spec.block_size)
         driver = CudaDriver(device.index if device.index is not None else torch.cuda.current_device())
         self.vattn = KVMemoryManager(driver, layout, kv_cache_config.num_blocks, reclaim=cfg.reclaim,
-                                     background=cfg.background_map, spare_blocks=cfg.spare_blocks)
+                                     background=cfg.background_map,
+                                     spare_blocks=cfg.spare_blocks_for(vllm_config.scheduler_config.max_num_batched_tokens,
+                                                                       layout.block_size))
         dummy = self.vattn.acquire_row()
         assert dummy == DUMMY_ROW
         self.vattn.ensure_readable(DUMMY_ROW, layout.row_tokens)
@@ -331,13 +333,16 @@ class VattnWorker(Worker):
         """vLLM's KV budget less the spare frames (VATTN_SPARE_BLOCKS) the memory manager creates
         beyond vLLM's blocks, so that both together take what vLLM alone would."""
         available = super().determine_available_memory()
-        spares = VattnConfig.from_env().spare_blocks
+        cfg = VattnConfig.from_env()
+        spares = cfg.spare_blocks_for(self.vllm_config.scheduler_config.max_num_batched_tokens,
+                                      self.vllm_config.cache_config.block_size)
         if spares:
             per_block = sum(spec.page_size_bytes for spec in self.get_kv_cache_spec().values())
             available -= spares * per_block
             if available < per_block:
-                raise ConfigError(f"VATTN_SPARE_BLOCKS={spares} ({spares * per_block / 2**30:.1f} GiB) leaves no "
-                                  "KV budget; lower it or raise --gpu-memory-utilization")
+                given = "" if cfg.spare_blocks == spares else f" ({spares} blocks)"
+                raise ConfigError(f"VATTN_SPARE_BLOCKS={cfg.spare_blocks}{given}, {spares * per_block / 2**30:.1f} "
+                                  "GiB, leaves no KV budget; lower it or raise --gpu-memory-utilization")
             logger.info("vAttention: %d spare KV blocks (%.2f GiB) kept out of vLLM's KV budget",
                         spares, spares * per_block / 2**30)
         return available
