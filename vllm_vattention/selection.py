@@ -133,7 +133,7 @@ def first_start_note(cfg: VattnConfig, capability: tuple[int, int]) -> str | Non
     """What the first start costs on this GPU, or None. vLLM 0.25.0's FA2 library carries sm_80 code
     and compute_80 PTX only (its FA3 library: sm_90 code), so on a GPU of compute capability 9 or
     later the driver compiles each FA2 kernel from PTX the first time it runs. Measured on an H200:
-    engine start 92-115 s instead of 6-20 s, once per machine; ~26 MB land in the driver's JIT cache."""
+    engine start 92-122 s instead of 6-20 s, once per machine; ~26 MB land in the driver's JIT cache."""
     if cfg.decode_kernel != "fa2" or capability[0] < 9:
         return None
     return (f"decode=fa2 on a compute capability {capability[0]}.{capability[1]} GPU: vLLM's FA2 kernels ship as "

@@ -123,7 +123,7 @@ def top_functions(prof: cProfile.Profile, steps: int, top: int = 25) -> list[dic
 
 
 def cpu_table(runs: dict[str, dict], top: int = 12) -> str:
-    """Per phase and run: total cProfile'd ms per step and the functions with the most own time."""
+    """Per phase and run: the functions with the most own time per step (under cProfile)."""
     lines = []
     for name, run in runs.items():
         for p in run["phases"]:
