@@ -118,6 +118,8 @@ VATTN_SYSTEMS = {
                         "VATTN_FA3_GUARD": "always"},
     # spare frames warmed ahead of time (benchmarks/NOTES.md #23): fresh blocks move between frames
     "vattention-spare": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_SPARE_BLOCKS": "64"},
+    # as many spares as one step's tokens fill (--max-num-batched-tokens / block size)
+    "vattention-spare-auto": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_SPARE_BLOCKS": "auto"},
 }
 
 

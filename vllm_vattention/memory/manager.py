@@ -214,6 +214,7 @@ class KVMemoryManager:
     def stats(self) -> dict:
         s = self.mapper.stats.as_dict()
         s.update(rows=self.layout.rows, active_rows=len(self._active), num_blocks=self.pool.num_blocks,
+                 spare_frames=len(self.pool.spare_frames),
                  block_size=self.layout.block_size, pages_per_block=self.layout.pages_per_block,
                  reserved_bytes=self.layout.total_bytes)
         native = getattr(self.mapper.executor, "stats", None)
