@@ -53,33 +53,33 @@ def kv_of(token: int, pos: int) -> bytes:
     return token.to_bytes(4, "little") + pos.to_bytes(4, "little")
 
 
-@pytest.mark.parametrize("background, spares", [(False, 0), ("stream", 0), ("stream", 24), (False, 24)])
-def test_every_scheduled_request_reads_its_own_kv(background, spares):
+def drive(background, spares: int, prompts: list[list[int]], max_tokens: list[int], num_blocks: int, max_len: int,
+          max_num_batched_tokens: int, max_num_seqs: int) -> dict:
+    """Serve `prompts` with vLLM's Scheduler over the memory manager until every request finished,
+    checking at every step that each scheduled request reads its own tokens' KV through its row.
+    Returns counts: steps, tokens checked, prefix-hit tokens, preemptions, the manager's stats."""
     from vllm.sampling_params import SamplingParams
     from vllm.v1.outputs import ModelRunnerOutput
     from vllm.v1.request import Request
 
-    num_blocks, max_len = 28, 256
-    sched, hasher = S.make_scheduler(MODEL, num_blocks, max_len, max_num_batched_tokens=96, max_num_seqs=6,
-                                     block_size=BS)
+    sched, hasher = S.make_scheduler(MODEL, num_blocks, max_len, max_num_batched_tokens=max_num_batched_tokens,
+                                     max_num_seqs=max_num_seqs, block_size=BS)
     sched.use_v2_model_runner = True  # as in the engine we serve in (worker.py needs it): resumed = new
     driver = FakeDriver(PAGE)
-    layout = make_layout("interleaved", GEOMETRY, PAGE, rows=2 * 6 + 1, min_row_tokens=max_len + 64, block_size=BS)
+    layout = make_layout("interleaved", GEOMETRY, PAGE, rows=2 * max_num_seqs + 1, min_row_tokens=max_len + 64,
+                         block_size=BS)
     mgr = KVMemoryManager(driver, layout, num_blocks, background=background, spare_blocks=spares)
     rows = RequestRows(mgr)
-    shared = toks(7, 40)
-    prompts = [shared + toks(100 + i, 20 + 9 * i) for i in range(6)] + [toks(200 + i, 70) for i in range(6)]
-    prompts += [shared + toks(300 + i, 12) for i in range(4)]  # the shared prefix again, after pressure
     live = {}
-    for i, p in enumerate(prompts):
-        req = Request(str(i), list(p), SamplingParams(max_tokens=24, ignore_eos=True, temperature=0.0), None,
+    for i, (p, m) in enumerate(zip(prompts, max_tokens)):
+        req = Request(str(i), list(p), SamplingParams(max_tokens=m, ignore_eos=True, temperature=0.0), None,
                       arrival_time=float(i), block_hasher=hasher)
         live[req.request_id] = req
         sched.add_request(req)
     checked, hits, steps = 0, 0, 0
     while sched.has_requests():
         steps += 1
-        assert steps < 2000
+        assert steps < 5000
         out = sched.schedule()
         apply(rows, out)
         if mgr.stream_mode:
@@ -103,10 +103,47 @@ def test_every_scheduled_request_reads_its_own_kv(background, spares):
         sched.update_from_output(out, ModelRunnerOutput(req_ids=ids, req_id_to_index={r: k for k, r in enumerate(ids)},
                                                         sampled_token_ids=sampled))
     assert len(rows) == 0  # every request finished and gave its row back
+    assert all(len(r.output_token_ids) == m for r, m in zip(live.values(), max_tokens))
     stats = mgr.stats()
-    assert hits > 0 and checked > 0
-    assert sum(r.num_preemptions for r in live.values()) > 0  # the budget forced preemptions
-    if spares:
-        assert stats["swaps"] > 0
+    mgr.mapper.check_invariants()
     mgr.close()
     assert driver.leaks() == []
+    return {"steps": steps, "checked": checked, "hits": hits, "stats": stats,
+            "preemptions": sum(r.num_preemptions for r in live.values())}
+
+
+@pytest.mark.parametrize("background, spares", [(False, 0), ("stream", 0), ("stream", 24), (False, 24)])
+def test_every_scheduled_request_reads_its_own_kv(background, spares):
+    shared = toks(7, 40)
+    prompts = [shared + toks(100 + i, 20 + 9 * i) for i in range(6)] + [toks(200 + i, 70) for i in range(6)]
+    prompts += [shared + toks(300 + i, 12) for i in range(4)]  # the shared prefix again, after pressure
+    r = drive(background, spares, prompts, [24] * len(prompts), num_blocks=28, max_len=256,
+              max_num_batched_tokens=96, max_num_seqs=6)
+    assert r["hits"] > 0 and r["checked"] > 0
+    assert r["preemptions"] > 0  # the budget forced preemptions
+    if spares:
+        assert r["stats"]["swaps"] > 0
+
+
+@pytest.mark.parametrize("seed", range(int(os.environ.get("VATTN_SCHED_SEEDS", "4"))))
+def test_random_workloads_read_their_own_kv(seed):
+    """Random prompts over a few shared prefixes (prefix hits), random lengths and output lengths, a
+    KV budget from roomy to tight (preemptions), spares or none, foreground or stream mode: every
+    read matches at every step. VATTN_SCHED_SEEDS sets how many workloads (4 on CI)."""
+    import random
+
+    rng = random.Random(seed)
+    prefixes = [toks(10_000 + seed * 10 + k, rng.choice((16, 40, 64))) for k in range(3)]
+    prompts, max_tokens = [], []
+    for i in range(rng.randrange(8, 20)):
+        head = rng.choice(prefixes + [[]])
+        prompts.append(head + toks(seed * 1000 + i, rng.randrange(1, 90)))
+        max_tokens.append(rng.randrange(1, 40))
+    max_len = 256
+    longest = max(len(p) + m for p, m in zip(prompts, max_tokens))
+    assert longest <= max_len
+    # enough blocks for the longest request (+ a block for the scheduler's lookahead), up to roomy
+    num_blocks = -(-longest // BS) + 1 + rng.randrange(0, 40)
+    r = drive(rng.choice((False, "stream")), rng.choice((0, 8, 24)), prompts, max_tokens, num_blocks, max_len,
+              max_num_batched_tokens=rng.choice((32, 64, 128)), max_num_seqs=rng.choice((2, 4, 6)))
+    assert r["checked"] > 0

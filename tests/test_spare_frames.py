@@ -88,6 +88,41 @@ def test_a_warmed_rows_background_maps_run_before_the_signal_of_the_step_that_us
     assert driver.leaks() == []
 
 
+@pytest.mark.parametrize("background", [False, "stream"])
+def test_a_block_hit_in_the_step_it_is_fresh_for_another_request_keeps_its_frame(driver, background):
+    """vLLM caches a running request's block when it schedules the tokens that fill it, so a request
+    admitted in the same step can hit that block before the running request's own set_blocks (the
+    runner adds new requests before it extends running ones). The block is fresh for the running
+    request, and its slot there maps a spare, but moving the block into that spare would leave the
+    new request's row mapping the block's former frame: what one writes, the other never reads.
+    (Found by test_scheduler_in_the_loop's random workloads, seed 141.)"""
+    mgr = make_manager(driver, rows=4, num_blocks=16, spare_blocks=8, background=background)
+    bs = mgr.layout.block_size
+    teach = mgr.acquire_row()  # a first request teaches the warm depth (4 fresh blocks), then leaves
+    mgr.set_blocks(teach, [12, 13, 14, 15], fresh_from=0)
+    mgr.release_row(teach)
+    mgr.warm()
+    mgr.sync()
+    running = mgr.acquire_row()  # a warm row: its slots 0-3 map spares
+    mgr.set_blocks(running, [0, 1, 2], fresh_from=0)
+    assert mgr.stats()["swaps"] == 3 and mgr.mapper.slots[running][3] in mgr.pool.spare_frames
+    # the next step: block 3 is handed to the running request (fresh: its tokens are computed in this
+    # step) and, in the same step, a new request hits blocks 0-3 (it is added first)
+    hit = mgr.acquire_row()
+    mgr.set_blocks(hit, [0, 1, 2, 3], fresh_from=4)
+    mgr.set_blocks(running, [3], start=3, fresh_from=0)
+    assert mgr.stats()["swaps"] == 3  # block 3 kept its frame
+    if mgr.stream_mode:
+        mgr.publish()
+    mgr.sync()
+    assert mgr.mapper.slots[running][3] == mgr.mapper.slots[hit][3] == mgr.pool.frame(3)
+    driver.write(mgr.address(running, 3 * bs, 0, 0), b"computed")  # the running request writes it...
+    assert driver.read(mgr.address(hit, 3 * bs, 0, 0), 8) == b"computed"  # ...the hit reads it
+    mgr.mapper.check_invariants()
+    mgr.close()
+    assert driver.leaks() == []
+
+
 def test_warm_does_nothing_when_nothing_changed(driver):
     """A decode step acquires, releases and swaps nothing: warm() must not rescan the warm rows."""
     mgr = make_manager(driver, rows=6, num_blocks=16, spare_blocks=4)
@@ -257,6 +292,26 @@ class SpareMachine(ManagerMachineBase):
         self.tag.pop(b, None)
         self.mgr.set_blocks(row, [b], start=len(have), fresh_from=0)
         have.append(b)
+        self._fresh(row, [b], len(have) - 1)
+
+    @precondition(lambda self: self.active and self.mgr.num_free_rows > 1)
+    @rule(data=st.data())
+    def hit_a_block_in_the_step_it_is_fresh(self, data):
+        """A running request gets block b for tokens this step computes; vLLM caches b at once, and
+        a request admitted in the same step (set up first, as the runner does) hits it."""
+        row = data.draw(st.sampled_from(sorted(self.active)))
+        have = self.active[row]
+        free = sorted(set(range(NUM_BLOCKS)) - self._in_use())
+        if len(have) >= self.mgr.layout.blocks_per_row or not free:
+            return
+        b = data.draw(st.sampled_from(free))
+        self.tag.pop(b, None)
+        new = self.mgr.acquire_row()
+        hits = have + [b]
+        self.mgr.set_blocks(new, hits, fresh_from=len(hits))
+        self.mgr.set_blocks(row, [b], start=len(have), fresh_from=0)
+        have.append(b)
+        self.active[new] = list(hits)
         self._fresh(row, [b], len(have) - 1)
 
     @rule()

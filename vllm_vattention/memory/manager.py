@@ -131,7 +131,7 @@ class KVMemoryManager:
         if start == 0 and fresh_from is not None:
             self._recent_fresh.append(max(0, len(blocks) - fresh_from))
         swaps = self.mapper.stats.swaps
-        self.mapper.set_blocks(row, list(blocks), start, fresh_from)
+        self.mapper.set_blocks(row, list(blocks), start, fresh_from, live_rows=self._active)
         if self.mapper.stats.swaps != swaps:  # spares changed hands
             self._warm_stale = True
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, fields
-from typing import Iterable, Iterator, Protocol, Sequence
+from typing import Container, Iterable, Iterator, Protocol, Sequence
 
 from ..errors import MappingError
 from .executor import ACCESS_RO, ACCESS_RW, DRAIN, MAP, UNMAP, WAIT_EVENT, Op
@@ -156,10 +156,15 @@ class RowMapper:
                     self.stats.block_maps += 1
                 self.where.setdefault(target, set()).add((row, slot))
 
-    def set_blocks(self, row: int, blocks: Sequence[int], start: int = 0, fresh_from: int | None = None) -> int:
+    def set_blocks(self, row: int, blocks: Sequence[int], start: int = 0, fresh_from: int | None = None,
+                   live_rows: Container[int] | None = None) -> int:
         """Make slots [start, start + len(blocks)) of `row` hold `blocks`. blocks[fresh_from:] are
         fresh: their content is dead (vLLM has just handed them out for tokens not computed yet), so
-        they may move into a spare frame their slot already maps. Returns slots changed."""
+        they may move into a spare frame their slot already maps - unless another row in
+        `live_rows` (None: any row) maps the block's frame. That happens within one step: vLLM
+        caches a running request's blocks when it schedules the tokens that fill them, so a request
+        admitted in the same step may hit a block that is still fresh for the request computing it;
+        moving the block would leave the hit mapping a spare. Returns slots changed."""
         if start + len(blocks) > self.layout.blocks_per_row:
             raise MappingError(
                 f"row {row} needs {start + len(blocks)} blocks but rows hold {self.layout.blocks_per_row} "
@@ -173,7 +178,7 @@ class RowMapper:
             cur = current[start + j]
             if cur == f:
                 continue
-            if fresh_from is not None and j >= fresh_from and cur in spare:
+            if fresh_from is not None and j >= fresh_from and cur in spare and not self._mapped_live(f, live_rows):
                 self.pool.swap(b, cur)  # b now lives where this slot already points
                 self.stats.swaps += 1
                 continue
@@ -184,6 +189,11 @@ class RowMapper:
             self._map_slots(row, changes)
         self._flush()
         return len(changes)
+
+    def _mapped_live(self, frame: int, live_rows: Container[int] | None) -> bool:
+        """Does a row whose mappings are live (None: any row) map `frame`?"""
+        users = self.where.get(frame, ())
+        return bool(users) if live_rows is None else any(r in live_rows for r, _ in users)
 
     def _flush(self) -> None:
         """End of a change: hand its ops to the executor, except in stream mode, where a step's ops
