@@ -280,16 +280,25 @@ class SpareMachine(ManagerMachineBase):
         self.active[row] = hits + fresh
         self._fresh(row, fresh, len(hits))
 
-    @precondition(lambda self: self.active)
-    @rule(data=st.data())
-    def grow(self, data):
+    def _growth(self, data):
+        """A running request and a free block it grows by (vLLM evicts what the block cached), or
+        None when the row is full or no block is free."""
         row = data.draw(st.sampled_from(sorted(self.active)))
         have = self.active[row]
         free = sorted(set(range(NUM_BLOCKS)) - self._in_use())
         if len(have) >= self.mgr.layout.blocks_per_row or not free:
-            return
+            return None
         b = data.draw(st.sampled_from(free))
         self.tag.pop(b, None)
+        return row, have, b
+
+    @precondition(lambda self: self.active)
+    @rule(data=st.data())
+    def grow(self, data):
+        picked = self._growth(data)
+        if picked is None:
+            return
+        row, have, b = picked
         self.mgr.set_blocks(row, [b], start=len(have), fresh_from=0)
         have.append(b)
         self._fresh(row, [b], len(have) - 1)
@@ -299,13 +308,10 @@ class SpareMachine(ManagerMachineBase):
     def hit_a_block_in_the_step_it_is_fresh(self, data):
         """A running request gets block b for tokens this step computes; vLLM caches b at once, and
         a request admitted in the same step (set up first, as the runner does) hits it."""
-        row = data.draw(st.sampled_from(sorted(self.active)))
-        have = self.active[row]
-        free = sorted(set(range(NUM_BLOCKS)) - self._in_use())
-        if len(have) >= self.mgr.layout.blocks_per_row or not free:
+        picked = self._growth(data)
+        if picked is None:
             return
-        b = data.draw(st.sampled_from(free))
-        self.tag.pop(b, None)
+        row, have, b = picked
         new = self.mgr.acquire_row()
         hits = have + [b]
         self.mgr.set_blocks(new, hits, fresh_from=len(hits))
