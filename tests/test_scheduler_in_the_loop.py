@@ -19,6 +19,8 @@ MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BS = 16
 PAGE = 4096
 GEOMETRY = KVGeometry(num_layers=1, num_kv_heads=1, head_size=64, dtype_bytes=2)  # 256 B/token: 16 per page
+# per_layer puts K and V on pages of their own: head size 128 gives 16-token blocks there too
+GEOMETRIES = {"interleaved": GEOMETRY, "per_layer": KVGeometry(num_layers=1, num_kv_heads=1, head_size=128, dtype_bytes=2)}
 
 
 def toks(seed: int, n: int) -> list[int]:
@@ -54,7 +56,8 @@ def kv_of(token: int, pos: int) -> bytes:
 
 
 def drive(background, spares: int, prompts: list[list[int]], max_tokens: list[int], num_blocks: int, max_len: int,
-          max_num_batched_tokens: int, max_num_seqs: int) -> dict:
+          max_num_batched_tokens: int, max_num_seqs: int, layout_name: str = "interleaved",
+          reclaim: str = "deferred") -> dict:
     """Serve `prompts` with vLLM's Scheduler over the memory manager until every request finished,
     checking at every step that each scheduled request reads its own tokens' KV through its row.
     Returns counts: steps, tokens checked, prefix-hit tokens, preemptions, the manager's stats."""
@@ -66,9 +69,9 @@ def drive(background, spares: int, prompts: list[list[int]], max_tokens: list[in
                                      max_num_seqs=max_num_seqs, block_size=BS)
     sched.use_v2_model_runner = True  # as in the engine we serve in (worker.py needs it): resumed = new
     driver = FakeDriver(PAGE)
-    layout = make_layout("interleaved", GEOMETRY, PAGE, rows=2 * max_num_seqs + 1, min_row_tokens=max_len + 64,
+    layout = make_layout(layout_name, GEOMETRIES[layout_name], PAGE, rows=2 * max_num_seqs + 1, min_row_tokens=max_len + 64,
                          block_size=BS)
-    mgr = KVMemoryManager(driver, layout, num_blocks, background=background, spare_blocks=spares)
+    mgr = KVMemoryManager(driver, layout, num_blocks, background=background, spare_blocks=spares, reclaim=reclaim)
     rows = RequestRows(mgr)
     live = {}
     for i, (p, m) in enumerate(zip(prompts, max_tokens)):
@@ -128,8 +131,9 @@ def test_every_scheduled_request_reads_its_own_kv(background, spares):
 @pytest.mark.parametrize("seed", range(int(os.environ.get("VATTN_SCHED_SEEDS", "4"))))
 def test_random_workloads_read_their_own_kv(seed):
     """Random prompts over a few shared prefixes (prefix hits), random lengths and output lengths, a
-    KV budget from roomy to tight (preemptions), spares or none, foreground or stream mode: every
-    read matches at every step. VATTN_SCHED_SEEDS sets how many workloads (4 on CI)."""
+    KV budget from roomy to tight (preemptions), spares or none, foreground or stream mode, either
+    layout and reclaim policy: every read matches at every step. VATTN_SCHED_SEEDS sets how many
+    workloads (4 on CI)."""
     import random
 
     rng = random.Random(seed)
@@ -145,5 +149,6 @@ def test_random_workloads_read_their_own_kv(seed):
     # enough blocks for the longest request (+ a block for the scheduler's lookahead), up to roomy
     num_blocks = -(-longest // BS) + 1 + rng.randrange(0, 40)
     r = drive(rng.choice((False, "stream")), rng.choice((0, 8, 24)), prompts, max_tokens, num_blocks, max_len,
-              max_num_batched_tokens=rng.choice((32, 64, 128)), max_num_seqs=rng.choice((2, 4, 6)))
+              max_num_batched_tokens=rng.choice((32, 64, 128)), max_num_seqs=rng.choice((2, 4, 6)),
+              layout_name=rng.choice(("interleaved", "per_layer")), reclaim=rng.choice(("deferred", "eager")))
     assert r["checked"] > 0
