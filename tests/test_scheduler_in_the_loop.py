@@ -10,8 +10,10 @@ scheduler's outputs (blocks past num_computed_tokens), on which spare frames rel
 
 import os
 
+import numpy as np
 import pytest
 
+from vllm_vattention.attention.ops import read_extents
 from vllm_vattention.bench import sched_replay as S
 from vllm_vattention.memory import FakeDriver, KVGeometry, KVMemoryManager, RequestRows, make_layout
 
@@ -57,10 +59,13 @@ def kv_of(token: int, pos: int) -> bytes:
 
 def drive(background, spares: int, prompts: list[list[int]], max_tokens: list[int], num_blocks: int, max_len: int,
           max_num_batched_tokens: int, max_num_seqs: int, layout_name: str = "interleaved",
-          reclaim: str = "deferred") -> dict:
+          reclaim: str = "deferred", over_read: tuple[str, int, bool] | None = None) -> dict:
     """Serve `prompts` with vLLM's Scheduler over the memory manager until every request finished,
     checking at every step that each scheduled request reads its own tokens' KV through its row.
-    Returns counts: steps, tokens checked, prefix-hit tokens, preemptions, the manager's stats."""
+    over_read=(decode_kernel, guard_tokens, clipped): as the model runner does, rows FA3 reads get the
+    zero page up to their read extent (ops.read_extents), and every step checks the whole extent is
+    readable. Returns counts: steps, tokens checked, prefix-hit tokens, preemptions, the manager's
+    stats."""
     from vllm.sampling_params import SamplingParams
     from vllm.v1.outputs import ModelRunnerOutput
     from vllm.v1.request import Request
@@ -85,6 +90,17 @@ def drive(background, spares: int, prompts: list[list[int]], max_tokens: list[in
         assert steps < 5000
         out = sched.schedule()
         apply(rows, out)
+        ids = list(out.num_scheduled_tokens)
+        reads = {rows.row(r): live[r].num_computed_tokens for r in ids}
+        if over_read and ids:
+            kernel, guard, clipped = over_read
+            fa3, extents = read_extents(np.array([live[r].num_computed_tokens for r in ids]),
+                                        np.array([out.num_scheduled_tokens[r] for r in ids]), kernel, guard,
+                                        layout.row_tokens, clip_to_view=clipped)
+            for r, is_fa3, ext in zip(ids, fa3.tolist(), extents.tolist()):
+                if is_fa3:
+                    mgr.ensure_readable(rows.row(r), ext)
+                reads[rows.row(r)] = ext
         if mgr.stream_mode:
             mgr.publish()
         mgr.sync()
@@ -100,9 +116,11 @@ def drive(background, spares: int, prompts: list[list[int]], max_tokens: list[in
                 driver.write(mgr.address(row, pos, 0, 0), kv_of(tokens[pos], pos))
             checked += done_before
             sampled.append([100] if req.num_computed_tokens >= req.num_tokens else [])
-        mgr.record_reads(DoneFence(), {rows.row(r): live[r].num_computed_tokens for r in out.num_scheduled_tokens})
+        for row, ext in reads.items():  # the kernel may read all of it: mapped (the zero page at least)
+            for pos in list(range(0, ext, BS)) + ([ext - 1] if ext else []):
+                driver.read(mgr.address(row, pos, 0, 0), 8)
+        mgr.record_reads(DoneFence(), reads)
         mgr.warm()
-        ids = list(out.num_scheduled_tokens)
         sched.update_from_output(out, ModelRunnerOutput(req_ids=ids, req_id_to_index={r: k for k, r in enumerate(ids)},
                                                         sampled_token_ids=sampled))
     assert len(rows) == 0  # every request finished and gave its row back
@@ -150,5 +168,6 @@ def test_random_workloads_read_their_own_kv(seed):
     num_blocks = -(-longest // BS) + 1 + rng.randrange(0, 40)
     r = drive(rng.choice((False, "stream")), rng.choice((0, 8, 24)), prompts, max_tokens, num_blocks, max_len,
               max_num_batched_tokens=rng.choice((32, 64, 128)), max_num_seqs=rng.choice((2, 4, 6)),
-              layout_name=rng.choice(("interleaved", "per_layer")), reclaim=rng.choice(("deferred", "eager")))
+              layout_name=rng.choice(("interleaved", "per_layer")), reclaim=rng.choice(("deferred", "eager")),
+              over_read=rng.choice((None, ("fa2", 64, False), ("fa2", 64, True), ("fa3", 64, True))))
     assert r["checked"] > 0
