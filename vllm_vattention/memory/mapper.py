@@ -8,7 +8,9 @@ that deferred reclamation kept mapped).
 Spare frames (pool.py): a slot of a row no request holds yet can be given a spare frame ahead of
 time, in the background (`warm`). When a fresh block (one whose tokens are not computed yet) is
 then put in that slot, the block moves into the spare frame (`pool.swap`) instead of its own frame
-being mapped there: no driver call while a step waits.
+being mapped there: no driver call while a step waits. Not when a live row already maps the block:
+a request admitted in the same step may have hit it (vLLM caches a block as soon as the tokens that
+fill it are scheduled), and that row must see what the computing request writes.
 
 Hazard: cuMemUnmap does not wait for kernels that are running. Every step that reads rows reports
 how many slots of each row it may read, with a fence (a CUDA event recorded after the step). Before
