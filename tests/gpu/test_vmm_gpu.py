@@ -234,3 +234,41 @@ def test_stream_mode_spare_frames_on_libcuda(manager_factory, driver, cuda):
     assert torch.equal(k[b][:bs], data[:bs])
     assert torch.equal(k[b][bs: 3 * bs], new)
     assert torch.equal(k[c][:bs], new[:bs])
+
+
+def test_stream_mode_spare_frames_same_step_hit_on_libcuda(manager_factory, driver, cuda):
+    """A block hit in the step it is fresh for a running request (vLLM caches it when it schedules
+    the tokens that fill it; the runner sets up the new request first): the block keeps its frame,
+    and what the running request writes through its row, the hit reads through its own
+    (NOTES #28; the CPU regression test is tests/test_spare_frames.py)."""
+    m = manager_factory(background="stream", spare_blocks=8)
+    views = layer_views(m.base_va, m.layout, torch.bfloat16, cuda)
+    k = views[3][1]
+    bs = m.layout.block_size
+    stream = torch.cuda.current_stream()
+
+    def step():
+        seq = m.publish()
+        driver.stream_wait(stream.cuda_stream, m.flag_device_address, seq)
+
+    teach = m.acquire_row()  # teaches the warm depth (4 fresh blocks), then leaves
+    m.set_blocks(teach, [12, 13, 14, 15], fresh_from=0)
+    step()
+    m.release_row(teach)
+    m.warm()
+    running = m.acquire_row()  # a warm row
+    m.set_blocks(running, [0, 1, 2], fresh_from=0)
+    step()
+    first = torch.randn(3 * bs, 8, 128, device=cuda, dtype=torch.bfloat16)
+    k[running][: 3 * bs].copy_(first)
+    swaps = m.stats()["swaps"]
+    hit = m.acquire_row()
+    m.set_blocks(hit, [0, 1, 2, 3], fresh_from=4)  # the new request first...
+    m.set_blocks(running, [3], start=3, fresh_from=0)  # ...then the running one's fresh block 3
+    step()
+    fourth = torch.randn(bs, 8, 128, device=cuda, dtype=torch.bfloat16)
+    k[running][3 * bs: 4 * bs].copy_(fourth)
+    torch.cuda.synchronize()
+    assert m.stats()["swaps"] == swaps  # block 3 kept its frame
+    assert torch.equal(k[hit][: 3 * bs], first)
+    assert torch.equal(k[hit][3 * bs: 4 * bs], fourth)
