@@ -10,8 +10,13 @@ leaving after 25 steps and their blocks handed out again (every fresh block's fo
 mapped somewhere): set_blocks and warm() per step, planning alone, and how many fresh blocks were
 swapped rather than mapped.
 
+`--workload prefill`: an 8192/256-like prefill: each step admits 2 requests of 8192 tokens (512
+fresh blocks each: one 16,384-token step), FA3 reads them with its guard (ensure_readable), stream
+mode; requests leave after 8 steps, so rows are reused (deferred reclamation remaps their slots).
+
     python3 benchmarks/cpu_step_overhead.py --executor null
     python3 benchmarks/cpu_step_overhead.py --workload spares
+    python3 benchmarks/cpu_step_overhead.py --workload prefill --executor null
 """
 
 import argparse
@@ -76,14 +81,57 @@ def spares(steps: int) -> None:
           f"{s['swaps']} of {s['swaps'] + s['block_maps']} fresh blocks swapped, {s['warm_maps']} warm maps")
 
 
+def prefill(steps: int, executor: str) -> None:
+    lay = make_layout("interleaved", LLAMA3_8B, PAGE, rows=513, min_row_tokens=8192 + 256 + 256)
+    num_blocks = 20000
+    m = KVMemoryManager(_NoZeroing(PAGE, capacity=1 << 50), lay, num_blocks, background="stream")
+    if executor == "null":
+        m.mapper.executor = _NullExecutor()
+    free = list(range(num_blocks))
+    active, nxt_seq = [], 0
+    t = dict.fromkeys(("admit", "ensure_readable", "publish", "release"), 0.0)
+    for step in range(steps):
+        t0 = time.perf_counter()
+        new = []
+        for _ in range(2):
+            row, blocks = m.acquire_row(), [free.pop(0) for _ in range(512)]
+            m.set_blocks(row, blocks, fresh_from=0)
+            new.append((row, blocks))
+        t1 = time.perf_counter()
+        seq = np.full(2, 8192, dtype=np.int64)
+        fa3, ext = ops.read_extents(seq, seq, "fa2", 256, lay.row_tokens, clip_to_view=True)
+        for (row, _), e in zip(new, ext.tolist()):
+            m.ensure_readable(row, e)
+        t2 = time.perf_counter()
+        m.publish()
+        m.record_reads(_DoneFence(), {row: e for (row, _), e in zip(new, ext.tolist())})
+        t3 = time.perf_counter()
+        active += new
+        while len(active) > 16:
+            row, blocks = active.pop(0)
+            m.release_row(row)
+            free.extend(blocks)
+        t4 = time.perf_counter()
+        for k, dt in zip(t, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            t[k] += dt
+        if executor != "null" and step % 10 == 0:
+            m.sync()
+    s = m.stats()
+    print(" ".join(f"{k} {1e3 * v / steps:.2f}" for k, v in t.items()),
+          f"| total {1e3 * sum(t.values()) / steps:.2f} ms/step ({executor} executor); "
+          f"{s['block_maps']} block maps, {s['block_unmaps']} unmaps, {s['zero_maps']} zero maps")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workload", choices=("decode", "spares"), default="decode")
+    ap.add_argument("--workload", choices=("decode", "spares", "prefill"), default="decode")
     ap.add_argument("--executor", choices=("native", "null"), default="native")
     ap.add_argument("--steps", type=int, default=300)
     args = ap.parse_args()
     if args.workload == "spares":
         return spares(args.steps)
+    if args.workload == "prefill":
+        return prefill(args.steps, args.executor)
     lay = make_layout("interleaved", LLAMA3_8B, PAGE, rows=513, min_row_tokens=2048 + 256)
     m = KVMemoryManager(_NoZeroing(PAGE, capacity=1 << 50), lay, 20000, background="stream")
     rows = np.array([m.acquire_row() for _ in range(256)], dtype=np.int32)
