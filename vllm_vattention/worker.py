@@ -100,6 +100,13 @@ class StreamWaitTimer:
         return {"gpu_flag_wait_seconds": round(self.seconds, 4), "flag_waits": self.waits, "flag_stalls": self.stalls}
 
 
+def _spare_blocks(cfg: VattnConfig, vllm_config) -> int:
+    """The spare frames VATTN_SPARE_BLOCKS asks for, resolved against this engine's step size; the
+    worker takes exactly these out of vLLM's KV budget and the runner creates them."""
+    return cfg.spare_blocks_for(vllm_config.scheduler_config.max_num_batched_tokens,
+                                vllm_config.cache_config.block_size)
+
+
 @contextlib.contextmanager
 def _replace_init_kv_cache(fn):
     """Scoped monkeypatch of the V2 runner's module-level `init_kv_cache`.
@@ -158,8 +165,7 @@ class VattnModelRunner(V2ModelRunner):
         driver = CudaDriver(device.index if device.index is not None else torch.cuda.current_device())
         self.vattn = KVMemoryManager(driver, layout, kv_cache_config.num_blocks, reclaim=cfg.reclaim,
                                      background=cfg.background_map,
-                                     spare_blocks=cfg.spare_blocks_for(vllm_config.scheduler_config.max_num_batched_tokens,
-                                                                       layout.block_size))
+                                     spare_blocks=_spare_blocks(cfg, vllm_config))
         dummy = self.vattn.acquire_row()
         assert dummy == DUMMY_ROW
         self.vattn.ensure_readable(DUMMY_ROW, layout.row_tokens)
@@ -334,8 +340,7 @@ class VattnWorker(Worker):
         beyond vLLM's blocks, so that both together take what vLLM alone would."""
         available = super().determine_available_memory()
         cfg = VattnConfig.from_env()
-        spares = cfg.spare_blocks_for(self.vllm_config.scheduler_config.max_num_batched_tokens,
-                                      self.vllm_config.cache_config.block_size)
+        spares = _spare_blocks(cfg, self.vllm_config)
         if spares:
             per_block = sum(spec.page_size_bytes for spec in self.get_kv_cache_spec().values())
             available -= spares * per_block

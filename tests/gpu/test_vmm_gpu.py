@@ -200,19 +200,24 @@ def test_stream_mode_gpu_replaces_a_guard_page_while_the_stream_waits(manager_fa
     assert m.stats()["zero_maps"] >= 2
 
 
+def stream_spare_manager(manager_factory, driver, cuda, layer: int, kv: int):
+    """A stream-mode manager with 8 spare frames, one layer's K or V rows as a tensor, and step():
+    publish the mappings planned so far and make the current stream wait for them."""
+    m = manager_factory(background="stream", spare_blocks=8)
+    rows = layer_views(m.base_va, m.layout, torch.bfloat16, cuda)[layer][kv]
+    stream = torch.cuda.current_stream()
+
+    def step():
+        driver.stream_wait(stream.cuda_stream, m.flag_device_address, m.publish())
+    return m, rows, step
+
+
 def test_stream_mode_spare_frames_on_libcuda(manager_factory, driver, cuda):
     """VATTN_SPARE_BLOCKS: rows warmed by the native thread in the background; a new request's fresh
     blocks move into the warm slots (no driver call), its prefix hit keeps its own frame, and a later
     row that shares a moved block reads what was written through the first."""
-    m = manager_factory(background="stream", spare_blocks=8)
-    views = layer_views(m.base_va, m.layout, torch.bfloat16, cuda)
-    k = views[5][0]
+    m, k, step = stream_spare_manager(manager_factory, driver, cuda, layer=5, kv=0)
     bs = m.layout.block_size
-    stream = torch.cuda.current_stream()
-
-    def step():
-        seq = m.publish()
-        driver.stream_wait(stream.cuda_stream, m.flag_device_address, seq)
 
     a = m.acquire_row()
     m.set_blocks(a, [1, 2, 3], fresh_from=0)
@@ -241,15 +246,8 @@ def test_stream_mode_spare_frames_same_step_hit_on_libcuda(manager_factory, driv
     the tokens that fill it; the runner sets up the new request first): the block keeps its frame,
     and what the running request writes through its row, the hit reads through its own
     (NOTES #28; the CPU regression test is tests/test_spare_frames.py)."""
-    m = manager_factory(background="stream", spare_blocks=8)
-    views = layer_views(m.base_va, m.layout, torch.bfloat16, cuda)
-    k = views[3][1]
+    m, k, step = stream_spare_manager(manager_factory, driver, cuda, layer=3, kv=1)
     bs = m.layout.block_size
-    stream = torch.cuda.current_stream()
-
-    def step():
-        seq = m.publish()
-        driver.stream_wait(stream.cuda_stream, m.flag_device_address, seq)
 
     teach = m.acquire_row()  # teaches the warm depth (4 fresh blocks), then leaves
     m.set_blocks(teach, [12, 13, 14, 15], fresh_from=0)
