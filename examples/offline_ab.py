@@ -110,16 +110,17 @@ def compare(a: dict, b: dict) -> dict:
 
 
 # vAttention systems selected by environment: the default (mapping waited for by the GPU stream, FA3's
-# view clipped; benchmarks/NOTES.md #10, #16, #21), and the former default (mapping on the engine
-# thread, a guard page behind every FA3 row), which keeps the synchronous path checked end to end
+# view clipped, spare frames for one step's blocks; benchmarks/NOTES.md #10, #16, #21, #29), and the
+# former default (mapping on the engine thread, a guard page behind every FA3 row), which keeps the
+# synchronous path checked end to end
 VATTN_SYSTEMS = {
     "vattention": {"VLLM_ATTENTION_BACKEND": "VATTENTION"},
     "vattention-sync": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_BACKGROUND_MAP": "0",
                         "VATTN_FA3_GUARD": "always"},
-    # spare frames warmed ahead of time (benchmarks/NOTES.md #23): fresh blocks move between frames
+    # few spare frames (benchmarks/NOTES.md #23): rows run out of warm slots, so both paths mix
     "vattention-spare": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_SPARE_BLOCKS": "64"},
-    # as many spares as one step's tokens fill (--max-num-batched-tokens / block size)
-    "vattention-spare-auto": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_SPARE_BLOCKS": "auto"},
+    # stream mode without spares (the default before NOTES.md #29): every fresh block is mapped
+    "vattention-no-spare": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_SPARE_BLOCKS": "0"},
 }
 
 

@@ -31,6 +31,10 @@ suite_rounds() { local c=${SUITE_CANDIDATE:-vattn-fa2}
   vattn-bench --systems stock-fa3,$c --paired $c --reps ${SUITE_REPS:-3} --tag ${SUITE_TAG:-final} --max-seconds $left --out "$1" \
     --workloads ${SUITE_WORKLOADS:-1024-in-128-out,8192-in-256-out,512-in-1024-out,16k-context-decode,capacity-300-tokens} \
     > "$OUT/$2.log" 2>&1; echo "$2 rc=$? candidate=$c"; grep "^\[suite\]" "$OUT/$2.log" | tail -14; }
+# copy_suite DIR STEM_END: the results named *-STEM_END (JSON, table, plot) and every log packed in one
+# file (at most 8 files come back from $OUT: a plain copy of DIR lost the logs that mattered)
+copy_suite() { local f; for f in json md png; do cp "$1"/*-"$2".$f "$OUT/" 2>/dev/null; done
+  tar czf "$OUT/$(basename "$1")-logs.tgz" -C "$1" .; }
 for s in $steps; do
   echo "=== $s $(date +%T)"
   case $s in
@@ -50,7 +54,7 @@ for s in $steps; do
         echo "unit rc=$?"; tail -2 "$OUT/spare_unit.log"
         timeout 480 python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/gpu/test_e2e_gpu.py -k prefix > "$OUT/spare_e2e.log" 2>&1
         echo "e2e rc=$?"; grep -E "passed|failed|Error" "$OUT/spare_e2e.log" | tail -4;;
-    suite_round) suite_rounds /root/suite suite_round; cp -r /root/suite "$OUT/";;
+    suite_round) suite_rounds /root/suite suite_round; copy_suite /root/suite ${SUITE_TAG:-final};;
     suite_pair) # suite_round on both GPUs at once (each repetition keeps its baseline on its GPU), merged
         for g in 0 1; do CUDA_VISIBLE_DEVICES=$g suite_rounds /root/suite-g$g suite-g$g & done; wait
         vattn-bench --merge /root/suite-g0/*-${SUITE_TAG:-final}.json /root/suite-g1/*-${SUITE_TAG:-final}.json \
@@ -58,7 +62,7 @@ for s in $steps; do
     tp_rest) timeout ${TP_TIMEOUT:-580} python3 -m pytest -m gpu2 tests/gpu_multi -q -s -p no:cacheprovider -k "${TP_K:-yi or preemption}" > "$OUT/tp_rest.log" 2>&1; echo "rc=$?"; grep -E "greedy|absdiff_max|passed|failed" "$OUT/tp_rest.log" | tail -12;;
     tp_ab) timeout 580 vattn-bench --tensor-parallel-size 2 --systems stock-fa3,vattn-fa2 --workloads ${TP_WORKLOADS:-1024-in-128-out,16k-context-decode} \
         --reps ${TP_REPS:-1} --max-seconds $(( ${DEADLINE:-$(( $(date +%s) + 575 ))} - $(date +%s) - 15 )) --out /root/tp > "$OUT/tp_ab.log" 2>&1
-        echo "rc=$?"; grep "^\[suite\]" "$OUT/tp_ab.log" | tail -12; cp -r /root/tp "$OUT/";;
+        echo "rc=$?"; grep "^\[suite\]" "$OUT/tp_ab.log" | tail -12; copy_suite /root/tp tp2;;
     multiturn_pair) P=${MT_POLICY:-second-chance}; for order in "lru $P" "$P lru"; do set -- $order; i=$((${i:-0} + 1))
           for g in 0 1; do policy=$1; [ $g = 1 ] && policy=$2
             CUDA_VISIBLE_DEVICES=$g timeout -s INT ${MT_TIMEOUT:-280} python3 -m vllm_vattention.bench.multiturn --trace .gpu/trace/mooncake_conversation_trace.jsonl \

@@ -52,8 +52,13 @@ def test_guard_floor_is_fa3s_overread_bound():
         VattnConfig.from_env({"VATTN_GUARD_TOKENS": str(FA3_MAX_OVERREAD - 1)})
 
 
-def test_spare_blocks_need_stream_mode():
-    assert VattnConfig.from_env({}).spare_blocks == 0
+def test_spare_blocks_default_to_auto_in_stream_mode_only():
+    assert VattnConfig.from_env({}).spare_blocks == "auto"  # the default since benchmarks/NOTES.md #29
+    assert VattnConfig().spare_blocks == "auto"
+    assert VattnConfig.from_env({"VATTN_BACKGROUND_MAP": "1"}).spare_blocks == 0  # not given: none
+    assert VattnConfig.from_env({"VATTN_BACKGROUND_MAP": "0"}).spare_blocks == 0
+    assert VattnConfig(background_map=False).spare_blocks == 0
+    assert VattnConfig.from_env({"VATTN_SPARE_BLOCKS": "0"}).spare_blocks == 0  # how to turn them off
     assert VattnConfig.from_env({"VATTN_SPARE_BLOCKS": "512"}).spare_blocks == 512
     with pytest.raises(ConfigError, match="VATTN_SPARE_BLOCKS=512 needs VATTN_BACKGROUND_MAP=stream"):
         VattnConfig.from_env({"VATTN_SPARE_BLOCKS": "512", "VATTN_BACKGROUND_MAP": "1"})
@@ -63,20 +68,27 @@ def test_spare_blocks_need_stream_mode():
         VattnConfig.from_env({"VATTN_SPARE_BLOCKS": "-3"})
 
 
-def test_auto_spares_are_one_steps_worth_of_blocks():
+def test_auto_spares_are_one_steps_worth_of_blocks_within_two_percent_of_the_budget():
     auto = VattnConfig.from_env({"VATTN_SPARE_BLOCKS": " Auto "})
     assert auto.spare_blocks == "auto"
-    assert auto.spare_blocks_for(16384, 16) == 1024  # vLLM's default step on an 8B model: the suite's 1024
-    assert auto.spare_blocks_for(8192, 48) == 171  # rounded up
-    assert VattnConfig.from_env({"VATTN_SPARE_BLOCKS": "64"}).spare_blocks_for(16384, 16) == 64
-    assert VattnConfig.from_env({}).spare_blocks_for(16384, 16) == 0
+    # vLLM's default step on an 8B model with an H200's budget (57,174 + 1,024 blocks): the suite's 1024
+    assert auto.spare_blocks_for(16384, 16, budget_blocks=58_198) == 1024
+    assert auto.spare_blocks_for(8192, 48, budget_blocks=10**6) == 171  # rounded up
+    # a small budget caps them at 2% of its blocks (a 24 GB card: one 8192-token step would be 25%)
+    assert auto.spare_blocks_for(8192, 16, budget_blocks=2048) == 40
+    assert auto.spare_blocks_for(8192, 16, budget_blocks=49) == 0
+    assert VattnConfig.from_env({}).spare_blocks_for(16384, 16, budget_blocks=58_198) == 1024
+    # a number given is taken as given (the worker says when it leaves no budget)
+    assert VattnConfig.from_env({"VATTN_SPARE_BLOCKS": "64"}).spare_blocks_for(16384, 16, budget_blocks=100) == 64
+    assert VattnConfig.from_env({"VATTN_BACKGROUND_MAP": "1"}).spare_blocks_for(16384, 16, budget_blocks=10**6) == 0
     with pytest.raises(ConfigError, match="VATTN_SPARE_BLOCKS=auto needs VATTN_BACKGROUND_MAP=stream"):
         VattnConfig.from_env({"VATTN_SPARE_BLOCKS": "auto", "VATTN_BACKGROUND_MAP": "0"})
 
 
 def test_worker_takes_the_spares_out_of_vllms_kv_budget(monkeypatch):
     """VattnWorker.determine_available_memory: vLLM's budget less the spare frames (auto: one
-    step's blocks), and a clear error when the spares would leave no budget."""
+    step's blocks, at most 2% of the budget's), the count handed to the runner that creates them,
+    and a clear error when a number given would leave no budget."""
     from types import SimpleNamespace
 
     from vllm.v1.worker.gpu_worker import Worker
@@ -87,20 +99,45 @@ def test_worker_takes_the_spares_out_of_vllms_kv_budget(monkeypatch):
     worker = object.__new__(VattnWorker)
     worker.vllm_config = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_batched_tokens=16384),
                                          cache_config=SimpleNamespace(block_size=16))
+    worker.model_runner = SimpleNamespace()
     monkeypatch.setattr(worker, "get_kv_cache_spec",
                         lambda: {f"layer{i}": SimpleNamespace(page_size_bytes=per_layer) for i in range(4)}, raising=False)
-    monkeypatch.setattr(Worker, "determine_available_memory", lambda self: 100 << 30)
     per_block = 4 * per_layer
-    monkeypatch.setenv("VATTN_SPARE_BLOCKS", "auto")
-    assert worker.determine_available_memory() == (100 << 30) - 1024 * per_block
+    monkeypatch.setattr(Worker, "determine_available_memory", lambda self: 1 << 40)  # 131,072 blocks
+    monkeypatch.delenv("VATTN_SPARE_BLOCKS", raising=False)
+    monkeypatch.delenv("VATTN_BACKGROUND_MAP", raising=False)
+    assert worker.determine_available_memory() == (1 << 40) - 1024 * per_block  # the default: auto
+    assert worker.model_runner.vattn_spare_blocks == 1024
+    monkeypatch.setattr(Worker, "determine_available_memory", lambda self: 100 << 30)  # 12,800 blocks
+    assert worker.determine_available_memory() == (100 << 30) - 256 * per_block  # 2% of them
+    assert worker.model_runner.vattn_spare_blocks == 256
     monkeypatch.setenv("VATTN_SPARE_BLOCKS", "10")
     assert worker.determine_available_memory() == (100 << 30) - 10 * per_block
+    assert worker.model_runner.vattn_spare_blocks == 10
     monkeypatch.setenv("VATTN_SPARE_BLOCKS", "0")
     assert worker.determine_available_memory() == 100 << 30
-    monkeypatch.setattr(Worker, "determine_available_memory", lambda self: 1 << 30)
+    assert worker.model_runner.vattn_spare_blocks == 0
+    monkeypatch.setattr(Worker, "determine_available_memory", lambda self: 1 << 30)  # 128 blocks
     monkeypatch.setenv("VATTN_SPARE_BLOCKS", "auto")
-    with pytest.raises(ConfigError, match=r"VATTN_SPARE_BLOCKS=auto \(1024 blocks\), 8.0 GiB, leaves no KV budget"):
-        worker.determine_available_memory()
+    assert worker.determine_available_memory() == (1 << 30) - 2 * per_block  # auto never takes it all
     monkeypatch.setenv("VATTN_SPARE_BLOCKS", "2048")
     with pytest.raises(ConfigError, match=r"VATTN_SPARE_BLOCKS=2048, 16.0 GiB, leaves no KV budget; lower it"):
         worker.determine_available_memory()
+
+
+def test_the_runner_creates_the_spares_the_worker_took_out():
+    """One resolution: the runner creates exactly the count the worker's budget excluded; only where
+    vLLM did not profile a budget does it resolve auto itself, against vLLM's blocks."""
+    from types import SimpleNamespace
+
+    from vllm_vattention.worker import VattnModelRunner
+
+    vllm_config = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_batched_tokens=16384),
+                                  cache_config=SimpleNamespace(block_size=16))
+    runner = object.__new__(VattnModelRunner)
+    runner.vattn_spare_blocks = 300  # what determine_available_memory resolved
+    assert runner._resolved_spares(VattnConfig(), vllm_config, num_blocks=10**6) == 300
+    unprofiled = object.__new__(VattnModelRunner)
+    assert unprofiled._resolved_spares(VattnConfig(), vllm_config, num_blocks=10_000) == 200  # 2% cap
+    assert unprofiled.vattn_spare_blocks == 200
+    assert object.__new__(VattnModelRunner)._resolved_spares(VattnConfig(spare_blocks=0), vllm_config, 10_000) == 0

@@ -20,8 +20,10 @@ class FakeClock:
         return self.t
 
 
-def fake_job(clock, fail=(), expect_tp=1):
-    def job(model, group, workloads, system, out_dir, timeout, tp=1):
+def fake_job(clock, fail=(), expect_tp=1, fail_after=None):
+    """A job with known outputs; serving workloads go to on_row one by one, as run_job's do.
+    fail_after=n: the job raises after handing over n rows."""
+    def job(model, group, workloads, system, out_dir, timeout, tp=1, on_row=None):
         assert tp == expect_tp
         clock.t += S.job_seconds(workloads)
         if system in fail:
@@ -29,12 +31,18 @@ def fake_job(clock, fail=(), expect_tp=1):
         rep_noise = 0.1 * (clock.t % 3)  # small run-to-run spread
         mapper = {"map_share": 0.004, "driver_seconds": 0.1, "execute_seconds": 20.0, "block_maps": 10,
                   "zero_maps": 2, "hazard_waits": 0} if system.startswith("vattn") else None
-        return [{k: None for k in S.METRICS} | {"workload": w.name, "requests_per_s": RATE[system] + rep_noise,
+        rows = [{k: None for k in S.METRICS} | {"workload": w.name, "requests_per_s": RATE[system] + rep_noise,
                                                  "total_tokens_per_s": 1000.0, "output_tokens_per_s": 100.0,
                                                  "max_concurrent_requests": 50, "mapper": mapper,
                                                  "worker_calls": {"execute_model": {"calls": 100, "seconds": 0.5,
                                                                                     "ms_per_call": 5.0}}}
                 for w in workloads]
+        if group == "serve" and on_row:
+            for i, r in enumerate(rows):
+                if fail_after is not None and i == fail_after:
+                    raise RuntimeError(f"{system} cut off")
+                on_row(dict(r))
+        return rows
     return job
 
 
@@ -344,3 +352,45 @@ def test_worker_table_shows_our_hooks_per_step_next_to_the_whole_call():
     md = S.markdown({"results": res})
     assert "| a | vattn-fa2 | 1 | 100 | 5.000 | 1.000 | 1.200 | 0.300 |" in md
     assert "| a | stock-fa3 | 1 | 100 | 5.000 | 1.000 | - | - |" in md
+
+
+def test_a_serving_job_cut_off_keeps_its_rates_and_runs_again(tmp_path):
+    """The device's time limit kills a call mid-job (seen: the second server's first rate finished,
+    then the call ended and the job's rows were lost). Rows are now saved as each rate completes,
+    marked partial; a later call runs the job again and replaces them; a job that fails keeps the
+    rates it measured and records the error on the rest."""
+    path = str(tmp_path / "r.json")
+    w = [S.Workload("rate-4", "serve", 8, 8, 1, request_rate=4.0), S.Workload("rate-16", "serve", 8, 8, 1, request_rate=16.0)]
+    suite = S.Suite("m", w, ["stock-fa3", "vattn-fa2"], reps=1)
+    clock = FakeClock()
+    inner = fake_job(clock)
+
+    def killed_after_one_rate(model, group, workloads, system, out_dir, timeout, tp=1, on_row=None):
+        if system == "stock-fa3":
+            return inner(model, group, workloads, system, out_dir, timeout, tp, on_row)
+        on_row(inner(model, group, workloads[:1], system, out_dir, timeout, tp)[0])
+        raise KeyboardInterrupt  # stands for the call's SIGKILL: nothing after this line runs
+
+    with pytest.raises(KeyboardInterrupt):
+        S.run(suite, path, 1e9, job=killed_after_one_rate, env=ENV, clock=clock, log=quiet)
+    saved = json.load(open(path))["results"]
+    ours = [r for r in saved if r["system"] == "vattn-fa2"]
+    assert [(r["workload"], r["partial"], r["requests_per_s"]) for r in ours] == [("rate-4", True, ours[0]["requests_per_s"])]
+    assert ours[0]["requests_per_s"] > 0
+    assert not any(r.get("partial") for r in saved if r["system"] == "stock-fa3")
+
+    resumed = S.Suite("m", w, ["stock-fa3", "vattn-fa2"], reps=1)
+    resumed.results = saved
+    assert resumed.done("serve", "stock-fa3", 0) and not resumed.done("serve", "vattn-fa2", 0)
+    assert S.run(resumed, path, 1e9, job=fake_job(clock), env=ENV, clock=clock, log=quiet) == 0
+    final = json.load(open(path))["results"]
+    ours = [(r["workload"], r.get("partial"), r["error"]) for r in final if r["system"] == "vattn-fa2"]
+    assert sorted(ours) == [("rate-16", None, None), ("rate-4", None, None)]
+    assert len([r for r in final if r["system"] == "stock-fa3"]) == 2  # the baseline did not run again
+
+    failing = S.Suite("m", w, ["stock-fa3", "vattn-fa2"], reps=1)
+    S.run(failing, str(tmp_path / "f.json"), 1e9, job=fake_job(clock, fail_after=1), env=ENV, clock=clock, log=quiet)
+    rows = {(r["system"], r["workload"]): r for r in failing.results}
+    assert rows[("vattn-fa2", "rate-4")]["error"] is None and rows[("vattn-fa2", "rate-4")]["requests_per_s"] > 0
+    assert "cut off" in rows[("vattn-fa2", "rate-16")]["error"] and rows[("vattn-fa2", "rate-16")]["requests_per_s"] is None
+    assert not any(r.get("partial") for r in failing.results)

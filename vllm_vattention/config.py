@@ -10,7 +10,7 @@
 | VATTN_EXTRA_ROWS | integer >= 0 | max_num_seqs | rows beyond max_num_seqs, so a new request rarely waits for a row still read by a step in flight |
 | VATTN_GUARD_TOKENS | integer >= 192 | 256 | readable tokens kept past each sequence end for kernels that over-read (FA3) |
 | VATTN_FA3_GUARD | always, clipped | clipped | always: a zero page behind every FA3 row; clipped: FA3's view of a prefill batch ends at its longest FA3 sequence, whose row then needs no guard (relies on TMA clipping; clean under compute-sanitizer on an H200) |
-| VATTN_SPARE_BLOCKS | integer >= 0, or auto | 0 | stream mode: this many KV blocks of memory are kept as spare frames, mapped ahead of time into the rows new requests get next, so a new request's fresh blocks need no driver call while its step waits (memory/manager.py); vLLM's KV budget shrinks by as much. auto: the blocks one step's tokens fill (--max-num-batched-tokens / block size) |
+| VATTN_SPARE_BLOCKS | integer >= 0, or auto | auto in stream mode, else 0 | stream mode: this many KV blocks of memory are kept as spare frames, mapped ahead of time into the rows new requests get next, so a new request's fresh blocks need no driver call while its step waits (memory/manager.py); vLLM's KV budget shrinks by as much. auto: the blocks one step's tokens fill (--max-num-batched-tokens / block size), at most AUTO_SPARE_SHARE (2%) of the KV budget's blocks |
 | VATTN_PREFIX_EVICTION | lru, discard-lru, second-chance, adaptive | lru | prefix-cache eviction order in vLLM's scheduler (prefix_eviction.py); works with any attention backend |
 | VATTN_PREFIX_MIN_USERS | integer >= 2 | 2 | the one bit: a cached block used by at least this many requests is "keep" (discard-lru: not evicted before the others; second-chance: one more pass through the free queue; adaptive: in the list evicted second, by a share learned from misses) |
 """
@@ -27,6 +27,9 @@ from .memory.manager import RECLAIM_POLICIES
 from .prefix_eviction import DEFAULT_MIN_USERS, MODES as PREFIX_EVICTION_MODES  # that module imports vLLM only when installing
 
 BACKEND_ENV = "VLLM_ATTENTION_BACKEND"
+# VATTN_SPARE_BLOCKS=auto takes at most this share of the KV budget's blocks, so that the spares never
+# cost more than 2% of the requests that fit (issue 4's capacity floor is 0.98x of stock).
+AUTO_SPARE_SHARE = 0.02
 BACKEND_VALUE = "VATTENTION"
 DECODE_KERNELS = ("fa2", "fa3")
 
@@ -63,12 +66,12 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name}={raw!r} is not a boolean; use 1 or 0")
 
 
-def _spares(env: Mapping[str, str], name: str) -> int | str:
+def _spares(env: Mapping[str, str], name: str, default: int | str | None) -> int | str | None:
     raw = env.get(name)
     if raw is not None and raw.strip().lower() == "auto":
         return "auto"
     try:
-        return _int(env, name, 0)
+        return _int(env, name, default)
     except ConfigError:
         raise ConfigError(f"{name}={raw!r} is not supported; use a whole number >= 0 or auto") from None
 
@@ -95,7 +98,9 @@ class VattnConfig:
     extra_rows: int | None = None
     guard_tokens: int = 256
     fa3_guard: str = "clipped"
-    spare_blocks: int | str = 0  # or "auto": resolved by spare_blocks_for() once the step size is known
+    # a count or "auto" (resolved by spare_blocks_for() once the step size and the KV budget are known);
+    # None: not given, which means auto in stream mode and 0 otherwise (benchmarks/NOTES.md #29)
+    spare_blocks: int | str | None = None
     prefix_eviction: str = "lru"
     prefix_min_users: int = DEFAULT_MIN_USERS
 
@@ -113,22 +118,26 @@ class VattnConfig:
             # FA3 reads up to one key tile (<= 192 tokens, ops.FA3_MAX_OVERREAD) past a sequence's end.
             guard_tokens=_int(env, "VATTN_GUARD_TOKENS", 256, minimum=192),
             fa3_guard=_choice(env, "VATTN_FA3_GUARD", ("always", "clipped"), "clipped"),
-            spare_blocks=_spares(env, "VATTN_SPARE_BLOCKS"),
+            spare_blocks=_spares(env, "VATTN_SPARE_BLOCKS", None),
             prefix_eviction=_choice(env, "VATTN_PREFIX_EVICTION", PREFIX_EVICTION_MODES, "lru"),
             prefix_min_users=_int(env, "VATTN_PREFIX_MIN_USERS", DEFAULT_MIN_USERS, minimum=2),
         )
 
     def __post_init__(self) -> None:
-        if self.spare_blocks and self.background_map != "stream":
+        if self.spare_blocks is None:
+            object.__setattr__(self, "spare_blocks", "auto" if self.background_map == "stream" else 0)
+        elif self.spare_blocks and self.background_map != "stream":
             raise ConfigError(f"VATTN_SPARE_BLOCKS={self.spare_blocks} needs VATTN_BACKGROUND_MAP=stream (the "
                               "spares are mapped by the native thread while no step waits); set it, or "
                               "VATTN_SPARE_BLOCKS=0")
 
-    def spare_blocks_for(self, max_num_batched_tokens: int, block_size: int) -> int:
+    def spare_blocks_for(self, max_num_batched_tokens: int, block_size: int, budget_blocks: int) -> int:
         """How many spare frames to create: the number given, or with auto as many blocks as one
-        step's tokens fill (the most fresh blocks a single step can hand out)."""
+        step's tokens fill (the most fresh blocks a single step can hand out), but no more than
+        AUTO_SPARE_SHARE of `budget_blocks` (the blocks the KV budget holds before spares are taken
+        out of it)."""
         if self.spare_blocks == "auto":
-            return -(-max_num_batched_tokens // block_size)
+            return min(-(-max_num_batched_tokens // block_size), int(budget_blocks * AUTO_SPARE_SHARE))
         return int(self.spare_blocks)
 
     def num_rows(self, max_num_seqs: int) -> int:

@@ -100,11 +100,11 @@ class StreamWaitTimer:
         return {"gpu_flag_wait_seconds": round(self.seconds, 4), "flag_waits": self.waits, "flag_stalls": self.stalls}
 
 
-def _spare_blocks(cfg: VattnConfig, vllm_config) -> int:
-    """The spare frames VATTN_SPARE_BLOCKS asks for, resolved against this engine's step size; the
-    worker takes exactly these out of vLLM's KV budget and the runner creates them."""
+def _spare_blocks(cfg: VattnConfig, vllm_config, budget_blocks: int) -> int:
+    """The spare frames VATTN_SPARE_BLOCKS asks for, resolved against this engine's step size and
+    its KV budget (in blocks, before the spares are taken out of it)."""
     return cfg.spare_blocks_for(vllm_config.scheduler_config.max_num_batched_tokens,
-                                vllm_config.cache_config.block_size)
+                                vllm_config.cache_config.block_size, budget_blocks)
 
 
 @contextlib.contextmanager
@@ -135,6 +135,7 @@ class VattnModelRunner(V2ModelRunner):
     execute_seconds = 0.0
     steps = 0
     flag_timer: StreamWaitTimer | None = None
+    vattn_spare_blocks: int | None = None  # resolved by VattnWorker.determine_available_memory
 
     # -- KV allocation ---------------------------------------------------------------------
     def initialize_kv_cache(self, kv_cache_config) -> None:
@@ -165,7 +166,7 @@ class VattnModelRunner(V2ModelRunner):
         driver = CudaDriver(device.index if device.index is not None else torch.cuda.current_device())
         self.vattn = KVMemoryManager(driver, layout, kv_cache_config.num_blocks, reclaim=cfg.reclaim,
                                      background=cfg.background_map,
-                                     spare_blocks=_spare_blocks(cfg, vllm_config))
+                                     spare_blocks=self._resolved_spares(cfg, vllm_config, kv_cache_config.num_blocks))
         dummy = self.vattn.acquire_row()
         assert dummy == DUMMY_ROW
         self.vattn.ensure_readable(DUMMY_ROW, layout.row_tokens)
@@ -192,6 +193,17 @@ class VattnModelRunner(V2ModelRunner):
         if note:
             logger.info("vAttention: %s", note)
         return kv_caches
+
+    def _resolved_spares(self, cfg: VattnConfig, vllm_config, num_blocks: int) -> int:
+        """The spares the worker took out of vLLM's KV budget (determine_available_memory), so that
+        both agree; resolved here against vLLM's blocks only where the worker did not profile."""
+        if self.vattn_spare_blocks is not None:
+            return self.vattn_spare_blocks
+        self.vattn_spare_blocks = spares = _spare_blocks(cfg, vllm_config, num_blocks)
+        if spares:
+            logger.info("vAttention: %d spare KV blocks beside vLLM's %d (no KV budget was profiled)",
+                        spares, num_blocks)
+        return spares
 
     def _vattn_builders(self) -> list:
         return [group.get_metadata_builder(0) for groups in getattr(self, "attn_groups", ()) for group in groups]
@@ -305,7 +317,7 @@ class VattnModelRunner(V2ModelRunner):
         if self._pending_reads:
             self.vattn.record_reads(EventFence(), self._pending_reads)
             self._pending_reads = None
-            if self.vattn_cfg.spare_blocks:
+            if self.vattn_spare_blocks:
                 # the step is launched, so the GPU is busy: plan the rows the next new requests get
                 # (the native thread maps them while no step waits for it)
                 t_warm = time.perf_counter()
@@ -337,19 +349,21 @@ class VattnWorker(Worker):
 
     def determine_available_memory(self) -> int:
         """vLLM's KV budget less the spare frames (VATTN_SPARE_BLOCKS) the memory manager creates
-        beyond vLLM's blocks, so that both together take what vLLM alone would."""
+        beyond vLLM's blocks, so that both together take what vLLM alone would. The count is
+        resolved here, once, and handed to the runner, which creates them."""
         available = super().determine_available_memory()
         cfg = VattnConfig.from_env()
-        spares = _spare_blocks(cfg, self.vllm_config)
+        per_block = sum(spec.page_size_bytes for spec in self.get_kv_cache_spec().values())
+        spares = _spare_blocks(cfg, self.vllm_config, available // per_block) if per_block else 0
+        self.model_runner.vattn_spare_blocks = spares
         if spares:
-            per_block = sum(spec.page_size_bytes for spec in self.get_kv_cache_spec().values())
             available -= spares * per_block
             if available < per_block:
                 given = "" if cfg.spare_blocks == spares else f" ({spares} blocks)"
                 raise ConfigError(f"VATTN_SPARE_BLOCKS={cfg.spare_blocks}{given}, {spares * per_block / 2**30:.1f} "
                                   "GiB, leaves no KV budget; lower it or raise --gpu-memory-utilization")
-            logger.info("vAttention: %d spare KV blocks (%.2f GiB) kept out of vLLM's KV budget",
-                        spares, spares * per_block / 2**30)
+            logger.info("vAttention: %d spare KV blocks (%.2f GiB, VATTN_SPARE_BLOCKS=%s) kept out of vLLM's "
+                        "KV budget", spares, spares * per_block / 2**30, cfg.spare_blocks)
         return available
 
     def vattn_report(self, reset: bool = False) -> dict | None:

@@ -33,17 +33,18 @@ SYSTEMS: dict[str, dict] = {
     "vattn-fa2": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION"}, "args": []},
     "vattn-fa3": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_DECODE_KERNEL": "fa3"}, "args": []},
     "vattn-per-layer": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_LAYOUT": "per_layer"}, "args": []},
-    # named settings, so that a run keeps its meaning when the default changes: the default since
-    # benchmarks/NOTES.md #21 (stream mode, clipped FA3 view), the native thread joined before each
-    # step, and the former default (mapping on the engine thread, a guard page behind every FA3 row)
+    # named settings, so that a run keeps its meaning when the default changes: stream mode with the
+    # clipped FA3 view and no spare frames (the default from benchmarks/NOTES.md #21 to #29), the
+    # native thread joined before each step, and the former default before that (mapping on the
+    # engine thread, a guard page behind every FA3 row)
     "vattn-stream-clipped": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_BACKGROUND_MAP": "stream",
-                                     "VATTN_FA3_GUARD": "clipped"}, "args": []},
+                                     "VATTN_FA3_GUARD": "clipped", "VATTN_SPARE_BLOCKS": "0"}, "args": []},
     "vattn-bg-clipped": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_BACKGROUND_MAP": "1",
                                  "VATTN_FA3_GUARD": "clipped"}, "args": []},
     "vattn-sync": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_BACKGROUND_MAP": "0",
                            "VATTN_FA3_GUARD": "always"}, "args": []},
-    # the default plus 1024 spare frames (2 GiB for Llama-3-8B: one 16K-token step of new requests'
-    # fresh blocks) warmed ahead of time (benchmarks/NOTES.md #23)
+    # 1024 spare frames (2 GiB for Llama-3-8B: one 16K-token step of new requests' fresh blocks) warmed
+    # ahead of time (NOTES.md #23); the default's auto gives the same count there since #29
     "vattn-spare": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_SPARE_BLOCKS": "1024"}, "args": []},
 }
 # Every variable that selects a system: cleared from the caller's environment before a system's own
@@ -79,9 +80,12 @@ WORKLOADS = [
 # A job is one fresh engine running every chosen workload of its group in turn.
 GROUP_OF = {"offline": "offline", "capacity": "offline", "serve": "serve"}
 # A job's expected seconds: an engine start, then each workload (H200: 121-156 s for the five offline
-# workloads, 203 s for the serving group), so that a call with fewer workloads plans for fewer seconds.
-START_SECONDS = {"offline": 45, "serve": 60}
-WORKLOAD_SECONDS = {"offline": 22, "capacity": 22, "serve": 70}
+# workloads; a server's start and stop ~150 s (torch.compile, CUDA graphs), ~30 s per serving rate:
+# 233 s for stock's two rates, 172 s for one), so that a call with fewer workloads plans for fewer
+# seconds. Not included: the first FA2 engine on a fresh Hopper machine compiles FA2's PTX (README,
+# "First start"; +100-130 s), so run an offline job first there.
+START_SECONDS = {"offline": 45, "serve": 150}
+WORKLOAD_SECONDS = {"offline": 22, "capacity": 22, "serve": 40}
 
 
 def job_seconds(workloads: list[Workload]) -> float:
@@ -120,8 +124,11 @@ class Suite:
         return [w for w in self.workloads if GROUP_OF[w.kind] == group]
 
     def done(self, group: str, system: str, rep: int) -> bool:
-        names = {w.name for w in self.group_workloads(group)}
-        return any(x["workload"] in names and x["system"] == system and x["rep"] == rep for x in self.results)
+        """Every workload of the job has its row (rows a killed job left, marked partial, do not count:
+        the job runs again and replaces them)."""
+        have = {x["workload"] for x in self.results
+                if x["system"] == system and x["rep"] == rep and not x.get("partial")}
+        return all(w.name in have for w in self.group_workloads(group))
 
 
 def _kv_capacity(log: str, tokens_per_request: int, block_size: int) -> int | None:
@@ -148,9 +155,10 @@ def _mapper_stats(log: str) -> dict | None:
 
 
 def run_job(model: str, group: str, workloads: list[Workload], system: str, out_dir: str, timeout: int,
-            tp: int = 1) -> list[dict]:
+            tp: int = 1, on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """One fresh engine runs `workloads` in turn. Returns one row per workload (issue 4's schema,
-    None where a metric does not apply)."""
+    None where a metric does not apply). A serving job hands each row to `on_row` as its rate
+    completes, so that a job cut off by the call's time limit keeps what it measured."""
     env = engine_env(SYSTEMS[system]["env"], SYSTEM_VARS)
     raw = os.path.join(out_dir, f"raw-{group}-{system}-{int(time.time())}.json")
     cli = [sys.executable, "-m", "vllm.entrypoints.cli.main"]
@@ -182,7 +190,7 @@ def run_job(model: str, group: str, workloads: list[Workload], system: str, out_
             row["max_concurrent_requests"] = _kv_capacity(log, w.input_len + w.output_len, _block_size(log))
             rows.append({"workload": w.name, **row})
     else:
-        rows = _run_serve(cli, model, workloads, system, env, raw, timeout, tp)
+        rows = _run_serve(cli, model, workloads, system, env, raw, timeout, tp, on_row)
     if os.path.exists(raw):
         os.remove(raw)
     return rows
@@ -247,7 +255,8 @@ class RunningServer:
         self._file.close()
 
 
-def _run_serve(cli, model: str, workloads: list[Workload], system: str, env, raw, timeout, tp: int = 1) -> list[dict]:
+def _run_serve(cli, model: str, workloads: list[Workload], system: str, env, raw, timeout, tp: int = 1,
+               on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """One server; `vllm bench serve` at each workload's request rate in turn."""
     port = 8190
     max_len = max(w.input_len + w.output_len for w in workloads) + 64
@@ -270,6 +279,8 @@ def _run_serve(cli, model: str, workloads: list[Workload], system: str, env, raw
                             "total_tokens_per_s": d.get("total_token_throughput"),
                             "ttft_p50_ms": d.get("median_ttft_ms"), "ttft_p99_ms": d.get("p99_ttft_ms"),
                             "tpot_p50_ms": d.get("median_tpot_ms"), "tpot_p99_ms": d.get("p99_tpot_ms")})
+            if on_row:
+                on_row(dict(results[-1]))
     log = server.log
     mapper = _mapper_stats(log)  # the server's whole run, both rates
     for r, w in zip(results, workloads):
@@ -295,19 +306,35 @@ def run(suite: Suite, path: str, max_seconds: float, job: Callable = run_job, en
             log(f"[suite] round {i + 1}/{len(todo)}: {group} / {system} / rep {rep} ...")
             t = clock()
             ws = suite.group_workloads(group)
+            # rows of an earlier, cut-off run of this job go; rows this run completes are saved at once
+            suite.results = [x for x in suite.results if not (x["system"] == system and x["rep"] == rep
+                                                               and x["workload"] in {w.name for w in ws})]
+            completed: list[dict] = []
+
+            def on_row(row: dict, system=system, rep=rep, t=t) -> None:
+                completed.append(row)
+                suite.results.append({**{k: None for k in METRICS}, **row, "system": system, "rep": rep,
+                                      "job_seconds": round(clock() - t, 1), "error": None, "partial": True})
+                save(suite, path, env)
+
+            errors: dict[str, str] = {}
             try:
-                rows = job(suite.model, group, ws, system, os.path.dirname(path) or ".", int(max_seconds), tp=suite.tp)
-                error = None
+                rows = job(suite.model, group, ws, system, os.path.dirname(path) or ".", int(max_seconds),
+                           tp=suite.tp, on_row=on_row)
             except Exception as e:  # noqa: BLE001 - a failed system is recorded, the suite goes on
-                rows, error = [{"workload": w.name, **{k: None for k in METRICS}} for w in ws], str(e)[-2000:]
+                got = {r["workload"] for r in completed}  # what it measured before it failed stays
+                errors = {w.name: str(e)[-2000:] for w in ws if w.name not in got}
+                rows = completed + [{"workload": w, **{k: None for k in METRICS}} for w in errors]
+            suite.results = [x for x in suite.results if not (x.get("partial") and x["system"] == system
+                                                               and x["rep"] == rep)]
             secs = round(clock() - t, 1)
             for r in rows:
                 suite.results.append({**{k: None for k in METRICS}, **r, "system": system, "rep": rep,
-                                      "job_seconds": secs, "error": error})
+                                      "job_seconds": secs, "error": errors.get(r["workload"])})
                 log(f"[suite]   {r['workload']}: {r.get('requests_per_s')} req/s")
             save(suite, path, env)
-            if error:
-                log(f"[suite]   ERROR {error[-300:]}")
+            if errors:
+                log(f"[suite]   ERROR {next(iter(errors.values()))[-300:]}")
     return 0
 
 
