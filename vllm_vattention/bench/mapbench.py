@@ -110,6 +110,68 @@ def step_loop(d: CudaDriver, background: bool, steps: int, batch: int, cpu_work_
             "cpu_work_ms_per_step": cpu_work_s * 1e3, "wall_ms_per_step": total / steps * 1e3}
 
 
+def contention(d, pages: int = 256, rounds: int = 16, launches: int = 3000, gemms: int = 60) -> dict:
+    """Does the native thread's mapping slow the engine thread's launches or the GPU's kernels?
+    (Serving at 4 req/s measured TTFT +13% and TPOT +3% against stock with spare frames, whose warm
+    maps run on the native thread while steps run: benchmarks/NOTES.md #30.) Each phase runs once
+    with the native thread idle and once while it maps, sets access on and unmaps `pages` pages,
+    `rounds` times. Phases: tiny kernel launches (CPU us per launch; the launch-bound part of a
+    decode step) and bf16 GEMMs (GPU ms per GEMM, timed by events; a stand-in for a step's kernels)."""
+    from ..memory.executor import ACCESS_RW, MAP, UNMAP
+    from ..memory.native import NativeExecutor
+
+    va = d.reserve(pages * PAGE_SIZE)
+    hs = [d.create(PAGE_SIZE) for _ in range(pages)]
+    ex = NativeExecutor(*d.native_table())
+    ops = []
+    for i, h in enumerate(hs):
+        a = va + i * PAGE_SIZE
+        ops += [(MAP, a, PAGE_SIZE, h), (ACCESS_RW, a, PAGE_SIZE, 0)]
+    ops += [(UNMAP, va + i * PAGE_SIZE, PAGE_SIZE, 0) for i in range(pages)]
+    x = torch.zeros(16, device="cuda")
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+
+    def launch_us() -> float:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(launches):
+            x.add_(1.0)
+        dt = time.perf_counter() - t
+        torch.cuda.synchronize()
+        return dt / launches * 1e6
+
+    def gemm_ms() -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(gemms):
+            a @ a
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / gemms
+
+    out: dict = {"pages": pages, "rounds": rounds}
+    try:
+        launch_us(), gemm_ms()  # warm-up
+        for phase, fn in (("launch_us", launch_us), ("gemm_ms", gemm_ms)):
+            out[f"{phase}_idle"] = statistics.median(fn() for _ in range(3))
+            ex.stats(reset=True)
+            for _ in range(rounds):
+                ex.run(ops)  # queued: the thread maps while this thread launches
+            busy = [fn() for _ in range(3)]
+            out[f"{phase}_mapping"] = statistics.median(busy)
+            out[f"{phase}_native_driver_s"] = ex.stats()["native_driver_seconds"]
+            ex.wait()
+            out[f"{phase}_native_driver_s_total"] = ex.stats()["native_driver_seconds"]
+    finally:
+        ex.wait()
+        ex.close()
+        for h in hs:
+            d.release(h)
+        d.free_reservation(va, pages * PAGE_SIZE)
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="benchmarks/results")
@@ -120,7 +182,8 @@ def main(argv=None) -> None:
     env = environment()
     res = {**env, "driver_per_page": driver_costs(d, args.pages),
            "manager": manager_costs(d, rows=32, blocks_per_row=64),
-           "step_loop": [step_loop(d, bg, steps=60, batch=32, cpu_work_s=0.004) for bg in (False, True)]}
+           "step_loop": [step_loop(d, bg, steps=60, batch=32, cpu_work_s=0.004) for bg in (False, True)],
+           "contention": contention(d)}
     os.makedirs(args.out, exist_ok=True)
     stem = results_stem(args.out, env, "-mapbench")
     with open(stem + ".json", "w") as f:
@@ -136,6 +199,13 @@ def main(argv=None) -> None:
     for r in res["step_loop"]:
         lines.append(f"| {'native background' if r['background'] else 'foreground'} thread | "
                      f"{r['blocked_ms_per_step_median']:.3f} | {r['blocked_ms_per_step_p90']:.3f} | {r['wall_ms_per_step']:.2f} |")
+    c = res["contention"]
+    lines += ["", f"| native thread mapping {c['pages']} pages x {c['rounds']} meanwhile? | idle | mapping | "
+              "native driver s while measured |", "|---|---|---|---|"]
+    lines += [f"| tiny kernel launch, CPU us | {c['launch_us_idle']:.2f} | {c['launch_us_mapping']:.2f} | "
+              f"{c['launch_us_native_driver_s']:.3f} |",
+              f"| 4096^2 bf16 GEMM, GPU ms | {c['gemm_ms_idle']:.3f} | {c['gemm_ms_mapping']:.3f} | "
+              f"{c['gemm_ms_native_driver_s']:.3f} |"]
     write_markdown(stem, "\n".join(lines) + "\n")
 
 
