@@ -342,3 +342,59 @@ def test_request_rows_admit_extend_remove(driver):
     assert rows.remove("a") == r and rows.remove("a") is None and len(rows) == 0
     mgr.close()
     assert driver.leaks() == []
+
+
+def _voluntary_gil_releases(calls) -> int:
+    """How often a spinning Python thread got the GIL while `calls()` ran on this thread, with the
+    interpreter's forced switches pushed out to 0.3 s: only a call that releases the GIL lets it run
+    (each such release then costs this thread up to 0.3 s: keep the calls that release few)."""
+    import sys
+    import threading
+
+    counter, stop, started = [0], [False], threading.Event()
+
+    def spin():
+        started.set()
+        while not stop[0]:
+            counter[0] += 1
+
+    old = sys.getswitchinterval()
+    t = threading.Thread(target=spin)
+    sys.setswitchinterval(0.3)
+    try:
+        t.start()
+        started.wait()
+        while counter[0] == 0:  # the spinner has the GIL once; from here on we hold it
+            pass
+        before = counter[0]
+        calls()
+        return counter[0] - before
+    finally:
+        stop[0] = True
+        sys.setswitchinterval(old)
+        t.join()
+
+
+def test_the_per_step_native_calls_keep_the_gil(driver):
+    """submit, poll and stats run on the engine thread every step; they must not hand the GIL to
+    another Python thread (vLLM's output serializer) and wait for it back (NOTES.md #31); the
+    blocking join (wait) and the thread's start and stop still release it."""
+    import ctypes
+    import time
+
+    from vllm_vattention.memory.native import NativeExecutor, load_library, load_library_keeping_gil
+
+    assert type(load_library()) is ctypes.CDLL and type(load_library_keeping_gil()) is ctypes.PyDLL
+    ex = NativeExecutor(*driver.native_table())
+    try:
+        def per_step():
+            for _ in range(50):
+                ex.run([])
+                ex.run_background([])
+                ex.poll()
+                ex.stats()
+        assert _voluntary_gil_releases(per_step) == 0
+        assert _voluntary_gil_releases(lambda: time.sleep(0.002)) > 0  # the check sees a release
+    finally:
+        ex.wait()
+        ex.close()

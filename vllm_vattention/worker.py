@@ -275,9 +275,10 @@ class VattnModelRunner(V2ModelRunner):
         n_tok, padded_tok = input_batch.num_tokens, input_batch.num_tokens_after_padding
         rows = np.zeros(padded_reqs, dtype=np.int32)
         rows[:n] = self._row_np[input_batch.idx_mapping_np]
-        token_rows = np.repeat(rows[:n].astype(np.int64), input_batch.num_scheduled_tokens)
-
         row_len = self.vattn.layout.row_tokens
+        # each token's row start (row * row_len), on the CPU: the GPU then adds the positions (one
+        # kernel) to give slot = row * row_len + position
+        row_starts = np.repeat(rows[:n].astype(np.int64) * row_len, input_batch.num_scheduled_tokens)
         seq_lens = input_batch.seq_lens_cpu_upper_bound[:n].numpy()
         t = time.perf_counter()
         fa3, extents = ops.read_extents(seq_lens, input_batch.num_scheduled_tokens,
@@ -298,9 +299,10 @@ class VattnModelRunner(V2ModelRunner):
         self.map_seconds += time.perf_counter() - t
 
         bt.view(-1)[:padded_reqs].copy_(torch.from_numpy(rows).pin_memory(), non_blocking=True)
-        slots[:n_tok].copy_(torch.from_numpy(token_rows).pin_memory(), non_blocking=True)
-        slots[:n_tok].mul_(row_len).add_(input_batch.positions[:n_tok])
-        slots[n_tok:padded_tok].fill_(-1)
+        slots[:n_tok].copy_(torch.from_numpy(row_starts).pin_memory(), non_blocking=True)
+        slots[:n_tok].add_(input_batch.positions[:n_tok])
+        if padded_tok > n_tok:
+            slots[n_tok:padded_tok].fill_(-1)
         block_tables = (bt[:padded_reqs],)
         self.prepare_seconds += time.perf_counter() - t0
         return block_tables, self.block_tables.slot_mappings[:, :padded_tok]

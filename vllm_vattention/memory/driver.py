@@ -91,6 +91,11 @@ class CudaDriver:
     def __init__(self, device: int = 0):
         self.device = device
         self._cu = _load_libcuda()
+        # The same library, called without releasing the GIL: for calls that only enqueue and return
+        # in microseconds on the engine thread's per-step path (benchmarks/NOTES.md #31: a ctypes
+        # call that releases the GIL hands it to any runnable Python thread, e.g. vLLM's output
+        # serializer, and waits until that thread lets go).
+        self._cu_keep_gil = ctypes.PyDLL(self._cu._name)
         self._tls = threading.local()
         self._check("cuInit", self._cu.cuInit(0))
         dev = ctypes.c_int()
@@ -209,7 +214,7 @@ class CudaDriver:
     def stream_wait(self, stream: int, device_addr: int, value: int) -> None:
         """Work enqueued on `stream` after this starts once the word at device_addr >= value."""
         self._ensure_context()
-        self._check("cuStreamWaitValue32", self._cu.cuStreamWaitValue32_v2(
+        self._check("cuStreamWaitValue32", self._cu_keep_gil.cuStreamWaitValue32_v2(
             ctypes.c_void_p(stream), ctypes.c_uint64(device_addr), ctypes.c_uint32(value & 0xFFFFFFFF),
             ctypes.c_uint(0)))  # CU_STREAM_WAIT_VALUE_GEQ
 

@@ -33,34 +33,48 @@ class _COp(ctypes.Structure):
 
 
 _LIB = None
+_LIB_KEEP_GIL = None
 
 
 def load_library() -> ctypes.CDLL:
-    """The compiled csrc/mapper.cpp (built by `pip install`, as the extension vllm_vattention._mapper)."""
-    global _LIB
+    """The compiled csrc/mapper.cpp (built by `pip install`, as the extension vllm_vattention._mapper).
+    Its blocking entry points (create, wait, destroy) release the GIL while they run; see
+    `load_library_keeping_gil` for the others."""
+    global _LIB, _LIB_KEEP_GIL
     if _LIB is None:
         spec = importlib.util.find_spec("vllm_vattention._mapper")
         if spec is None or not spec.origin:
             raise ImportError("vllm_vattention._mapper is not built; reinstall with `pip install -e .` "
                               "(needs a C++ compiler) or set VATTN_BACKGROUND_MAP=0")
-        lib = ctypes.CDLL(spec.origin)
+        lib, keep = ctypes.CDLL(spec.origin), ctypes.PyDLL(spec.origin)
         lib.vattn_mapper_create.restype = ctypes.c_void_p
         lib.vattn_mapper_create.argtypes = [ctypes.POINTER(DriverTable)]
-        lib.vattn_mapper_submit.argtypes = [ctypes.c_void_p, ctypes.POINTER(_COp), ctypes.c_uint64]
-        lib.vattn_mapper_submit_background.argtypes = [ctypes.c_void_p, ctypes.POINTER(_COp), ctypes.c_uint64]
         lib.vattn_mapper_wait.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint64,
                                           ctypes.POINTER(ctypes.c_uint64)]
-        lib.vattn_mapper_poll.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint64]
-        lib.vattn_mapper_stats.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64),
-                                           ctypes.POINTER(ctypes.c_uint64), ctypes.c_int]
         lib.vattn_mapper_destroy.argtypes = [ctypes.c_void_p]
-        _LIB = lib
+        for name in ("vattn_mapper_submit", "vattn_mapper_submit_background"):
+            getattr(keep, name).argtypes = [ctypes.c_void_p, ctypes.POINTER(_COp), ctypes.c_uint64]
+        keep.vattn_mapper_poll.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint64]
+        keep.vattn_mapper_stats.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64),
+                                            ctypes.POINTER(ctypes.c_uint64), ctypes.c_int]
+        _LIB, _LIB_KEEP_GIL = lib, keep
     return _LIB
+
+
+def load_library_keeping_gil() -> ctypes.PyDLL:
+    """The same library for the entry points that never block (submit, poll, stats: a short critical
+    section the native thread never holds across a driver call, an event wait or a Python callback),
+    called without releasing the GIL. They run on the engine thread every step, and a ctypes call that
+    releases the GIL hands it to any runnable Python thread (vLLM's output serializer runs while the
+    next step is prepared) and then waits for that thread to let go (benchmarks/NOTES.md #31)."""
+    load_library()
+    return _LIB_KEEP_GIL
 
 
 class NativeExecutor:
     def __init__(self, table: DriverTable, keepalive: tuple = ()):
         self._lib = load_library()
+        self._fast = load_library_keeping_gil()
         self._table = table
         self._keepalive = keepalive  # callbacks and descriptors the table points at
         self._handle = self._lib.vattn_mapper_create(ctypes.byref(table))
@@ -70,11 +84,11 @@ class NativeExecutor:
         self.background_submitted = 0
 
     def run(self, ops: Sequence[Op]) -> None:
-        self._submit(self._lib.vattn_mapper_submit, ops)
+        self._submit(self._fast.vattn_mapper_submit, ops)
 
     def run_background(self, ops: Sequence[Op]) -> int:
         """Queue ops to run while no step's ops wait (executor.py); returns the running total, for DRAIN."""
-        self._submit(self._lib.vattn_mapper_submit_background, ops)
+        self._submit(self._fast.vattn_mapper_submit_background, ops)
         self.background_submitted += len(ops)
         return self.background_submitted
 
@@ -93,13 +107,13 @@ class NativeExecutor:
     def poll(self) -> None:
         """Raise the first error of the native thread so far, without waiting for it."""
         text = ctypes.create_string_buffer(256)
-        _raise_if_failed(self._lib.vattn_mapper_poll(self._handle, text, 256), text)
+        _raise_if_failed(self._fast.vattn_mapper_poll(self._handle, text, 256), text)
 
     def stats(self, reset: bool = False) -> dict:
         """What the native thread itself spent: seconds in driver calls (map, unmap, set access) and
         in WAIT_EVENT (a step in flight still reading a slot to unmap), with call counts."""
         ns, calls = (ctypes.c_uint64 * 7)(), (ctypes.c_uint64 * 7)()
-        if self._lib.vattn_mapper_stats(self._handle, ns, calls, int(reset)):
+        if self._fast.vattn_mapper_stats(self._handle, ns, calls, int(reset)):
             raise RuntimeError("vattn_mapper_stats: the native mapping thread is closed")
         s = lambda *kinds: round(sum(ns[k] for k in kinds) / 1e9, 6)  # noqa: E731
         return {"native_map_seconds": s(MAP), "native_unmap_seconds": s(UNMAP),

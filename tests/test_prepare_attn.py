@@ -1,0 +1,78 @@
+"""The model runner's per-step attention inputs (VattnModelRunner.prepare_attn) on a CPU: the
+block-table buffer gets each request's row (padding: the dummy row), the slot mapping
+row * row_len + position (padding: -1), and every row FA3 reads is readable up to its extent.
+(The synchronous mapping mode, CPU tensors, pin_memory as a no-op; the stream mode's flag wait
+needs a GPU and is covered by tests/gpu.)"""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import PAGE, SMALL
+from vllm_vattention.config import VattnConfig
+from vllm_vattention.memory import FakeDriver, KVMemoryManager, make_layout
+from vllm_vattention.worker import DUMMY_ROW, VattnModelRunner
+
+
+@pytest.fixture
+def runner(monkeypatch):
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)  # no CUDA here
+    driver = FakeDriver(PAGE, capacity=1 << 30)
+    lay = make_layout("interleaved", SMALL, PAGE, rows=6, min_row_tokens=160)
+    mgr = KVMemoryManager(driver, lay, num_blocks=64)
+    assert mgr.acquire_row() == DUMMY_ROW
+    r = object.__new__(VattnModelRunner)
+    r.vattn = mgr
+    r.vattn_cfg = VattnConfig(background_map=False, decode_kernel="fa2")
+    max_reqs, max_tokens = 8, 64
+    r.block_tables = SimpleNamespace(input_block_tables=[torch.full((max_reqs, 4), 99, dtype=torch.int32)],
+                                     slot_mappings=torch.full((1, max_tokens), 77, dtype=torch.int64))
+    r._row_np = np.full(max_reqs, -1, dtype=np.int64)
+    r.reset_timers()
+    yield r
+    mgr.close()
+    assert driver.leaks() == []
+
+
+def test_rows_slots_and_fa3_extents(runner):
+    mgr, bs = runner.vattn, runner.vattn.layout.block_size
+    row_len = mgr.layout.row_tokens
+    # request states 0..2 hold rows; 0 and 2 decode one token, 1 prefills 5 tokens (FA3)
+    rows = [mgr.acquire_row() for _ in range(3)]
+    seq = [2 * bs + 3, bs + 5, 7]
+    for i, (row, n) in enumerate(zip(rows, seq)):
+        mgr.set_blocks(row, list(range(10 * i, 10 * i + -(-n // bs))))
+        runner._row_np[i] = row
+    order = np.array([2, 0, 1])  # the batch's order of request states (decodes first)
+    q = np.array([1, 1, 5])
+    positions = np.concatenate([np.arange(seq[s] - k, seq[s]) for s, k in zip(order, q)])
+    batch = SimpleNamespace(num_reqs=3, num_reqs_after_padding=4, num_tokens=int(q.sum()), num_tokens_after_padding=8,
+                            idx_mapping_np=order, num_scheduled_tokens=q,
+                            seq_lens_cpu_upper_bound=torch.tensor([seq[s] for s in order]),
+                            positions=torch.from_numpy(np.concatenate([positions, np.zeros(1)]).astype(np.int64)))
+    (bt,), slots = runner.prepare_attn(batch)
+    want_rows = [rows[s] for s in order]
+    # the backend reads the first entries of the flat buffer (VattnMetadataBuilder: reshape(-1)[:num_reqs])
+    assert bt.reshape(-1)[:4].tolist() == want_rows + [DUMMY_ROW]  # padded to 4 requests with the dummy row
+    token_rows = np.repeat(want_rows, q)
+    assert slots[0].tolist() == (token_rows * row_len + positions).tolist() + [-1]  # 7 tokens padded to 8
+    # FA3 (the prefill) may read past its sequence; clipped to the view, the longest FA3 row (the
+    # only one here) needs nothing more than its own blocks, the decodes (FA2) read what they hold
+    assert runner._pending_reads == {want_rows[0]: seq[2], want_rows[1]: seq[0], want_rows[2]: seq[1]}
+    mgr.mapper.check_invariants()
+
+
+def test_unpadded_batch_leaves_the_slots_beyond_it_alone(runner):
+    mgr = runner.vattn
+    row = mgr.acquire_row()
+    mgr.set_blocks(row, [5])
+    runner._row_np[0] = row
+    batch = SimpleNamespace(num_reqs=1, num_reqs_after_padding=1, num_tokens=1, num_tokens_after_padding=1,
+                            idx_mapping_np=np.array([0]), num_scheduled_tokens=np.array([1]),
+                            seq_lens_cpu_upper_bound=torch.tensor([4]), positions=torch.tensor([3, 0]))
+    (bt,), slots = runner.prepare_attn(batch)
+    assert bt.reshape(-1)[:1].tolist() == [row]
+    assert slots[0].tolist() == [row * mgr.layout.row_tokens + 3]
+    assert runner.block_tables.slot_mappings[0, 1:].eq(77).all()  # untouched: nothing was padded
