@@ -110,6 +110,17 @@ def step_loop(d: CudaDriver, background: bool, steps: int, batch: int, cpu_work_
             "cpu_work_ms_per_step": cpu_work_s * 1e3, "wall_ms_per_step": total / steps * 1e3}
 
 
+def map_cycle_ops(va: int, handles: list[int], page: int) -> list:
+    """Native-thread ops that map each handle at va + i * page, make it readable and writable, and
+    unmap them all again (what warming a row and unmapping an alias cost the driver)."""
+    from ..memory.executor import ACCESS_RW, MAP, UNMAP
+
+    ops = []
+    for i, h in enumerate(handles):
+        ops += [(MAP, va + i * page, page, h), (ACCESS_RW, va + i * page, page, 0)]
+    return ops + [(UNMAP, va + i * page, page, 0) for i in range(len(handles))]
+
+
 def contention(d, pages: int = 256, rounds: int = 16, launches: int = 3000, gemms: int = 60) -> dict:
     """Does the native thread's mapping slow the engine thread's launches or the GPU's kernels?
     (Serving at 4 req/s measured TTFT +13% and TPOT +3% against stock with spare frames, whose warm
@@ -117,17 +128,12 @@ def contention(d, pages: int = 256, rounds: int = 16, launches: int = 3000, gemm
     with the native thread idle and once while it maps, sets access on and unmaps `pages` pages,
     `rounds` times. Phases: tiny kernel launches (CPU us per launch; the launch-bound part of a
     decode step) and bf16 GEMMs (GPU ms per GEMM, timed by events; a stand-in for a step's kernels)."""
-    from ..memory.executor import ACCESS_RW, MAP, UNMAP
     from ..memory.native import NativeExecutor
 
     va = d.reserve(pages * PAGE_SIZE)
     hs = [d.create(PAGE_SIZE) for _ in range(pages)]
     ex = NativeExecutor(*d.native_table())
-    ops = []
-    for i, h in enumerate(hs):
-        a = va + i * PAGE_SIZE
-        ops += [(MAP, a, PAGE_SIZE, h), (ACCESS_RW, a, PAGE_SIZE, 0)]
-    ops += [(UNMAP, va + i * PAGE_SIZE, PAGE_SIZE, 0) for i in range(pages)]
+    ops = map_cycle_ops(va, hs, PAGE_SIZE)
     x = torch.zeros(16, device="cuda")
     a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
 
