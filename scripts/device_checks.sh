@@ -9,8 +9,8 @@
 #          vattn-fa2,vattn-spare, else the default vattn-fa2;
 #          results kept in /root/suite across calls, copied to $OUT;
 #          DEADLINE=epoch seconds bounds it) suite_pair (the same on GPUs 0 and 1 at once, merged into $OUT)
-#          profile (kernel time per step of stock, the default and the former default; PROF_ARGS="--phases ...
-#          --cpu-profile": also the engine thread's functions by own time per step)
+#          profile (kernel time per step of stock, the default and the former default, or PROF_SYSTEMS;
+#          PROF_ARGS="--phases ... --cpu-profile": also the engine thread's functions by own time per step)
 #          tp (needs 2 GPUs) tp_rest (-k "$TP_K", default the Yi-34B and preemption cases) tp_ab (TP=2 suite
 #          rounds, kept in /root/tp across calls, copied to $OUT/tp)
 #          multiturn (needs the trace carried: cp ../shared/traces/*.jsonl .gpu/trace/, carry [".gpu/trace"];
@@ -71,14 +71,16 @@ for s in $steps; do
         python3 -m vllm_vattention.bench.multiturn --merge "$OUT"/mt-*/*.json --out "$OUT" --tag pair 2>&1 | grep "^|";;
     tp) timeout 580 python3 -m pytest -m gpu2 tests/gpu_multi -q -s -p no:cacheprovider > "$OUT/tp.log" 2>&1; echo "rc=$?"; grep -E "greedy|absdiff_max|passed|failed" "$OUT/tp.log" | tail -12;;
     multiturn) timeout 580 python3 -m vllm_vattention.bench.multiturn --trace .gpu/trace/mooncake_conversation_trace.jsonl --out "$OUT" ${MT_ARGS:-} > "$OUT/multiturn.log" 2>&1; echo "rc=$?"; tail -8 "$OUT/multiturn.log";;
-    profile) # kernel time per step (torch.profiler), stock then vAttention's default then the former default
-        for sys in stock vattn sync; do env -u VLLM_ATTENTION_BACKEND -u VATTN_BACKGROUND_MAP -u VATTN_FA3_GUARD \
+    profile) # kernel time per step (torch.profiler): stock, vAttention's default, the former default (mapping
+        # on the engine thread); PROF_SYSTEMS picks some of "stock vattn sync"
+        reports=""; for sys in ${PROF_SYSTEMS:-stock vattn sync}; do
+          env -u VLLM_ATTENTION_BACKEND -u VATTN_BACKGROUND_MAP -u VATTN_FA3_GUARD -u VATTN_SPARE_BLOCKS \
             $( [ $sys != stock ] && echo VLLM_ATTENTION_BACKEND=VATTENTION ) \
             $( [ $sys = sync ] && echo VATTN_BACKGROUND_MAP=0 VATTN_FA3_GUARD=always ) \
             VLLM_ENABLE_V1_MULTIPROCESSING=0 timeout 180 python3 -m vllm_vattention.bench.profile \
-            --out "$OUT/prof-$sys.json" ${PROF_ARGS:-} > "$OUT/prof-$sys.log" 2>&1; echo "$sys rc=$?"; done
-        python3 -m vllm_vattention.bench.profile --report "$OUT"/prof-stock.json "$OUT"/prof-vattn.json "$OUT"/prof-sync.json \
-            --out "$OUT/profile.md";;
+            --out "$OUT/prof-$sys.json" ${PROF_ARGS:-} > "$OUT/prof-$sys.log" 2>&1; echo "$sys rc=$?"
+          reports="$reports $OUT/prof-$sys.json"; done
+        python3 -m vllm_vattention.bench.profile --report $reports --out "$OUT/profile.md";;
     mapbench) timeout 200 python3 -m vllm_vattention.bench.mapbench --out "$OUT" > "$OUT/mapbench.log" 2>&1; echo "rc=$?"; tail -30 "$OUT/mapbench.log";;
     ab) timeout 420 python3 examples/offline_ab.py --out "$OUT/ab.json" ${AB_ARGS:-} > "$OUT/ab.log" 2>&1; echo "rc=$?"; tail -40 "$OUT/ab.log";;
     *) echo "unknown step $s";;
