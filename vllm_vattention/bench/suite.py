@@ -30,6 +30,8 @@ from .env import engine_env, environment, header, pyplot, results_stem, save_fig
 SYSTEMS: dict[str, dict] = {
     "stock-fa3": {"env": {}, "args": []},
     "stock-flashinfer": {"env": {}, "args": ["--attention-backend", "FLASHINFER"]},
+    # the default configuration (FA2 decode), whatever it is at the commit a result names: since
+    # benchmarks/NOTES.md #29 with spare frames; results of earlier commits (c8909ba and before) without
     "vattn-fa2": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION"}, "args": []},
     "vattn-fa3": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_DECODE_KERNEL": "fa3"}, "args": []},
     "vattn-per-layer": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_LAYOUT": "per_layer"}, "args": []},
