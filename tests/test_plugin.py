@@ -62,6 +62,21 @@ def test_register_is_idempotent_and_points_custom_at_our_backend():
     assert cls.get_name() == "CUSTOM"
 
 
+def test_the_backend_variable_is_a_known_vllm_variable(monkeypatch):
+    """vLLM 0.25 warns about (or, with --fail-on-environ-validation, refuses) VLLM_* variables it
+    does not know; registering the plugin declares ours."""
+    from vllm import envs
+    monkeypatch.setenv("VLLM_ATTENTION_BACKEND", "VATTENTION")
+    monkeypatch.delitem(envs.environment_variables, "VLLM_ATTENTION_BACKEND", raising=False)
+    with pytest.raises(ValueError, match="Unknown vLLM environment variable detected: VLLM_ATTENTION_BACKEND"):
+        envs.validate_environ(hard_fail=True)
+    plugin.register()
+    plugin.register()
+    envs.validate_environ(hard_fail=True)
+    assert envs.environment_variables["VLLM_ATTENTION_BACKEND"]() == "VATTENTION"
+    assert envs.compile_factors()  # every known variable's value still hashes
+
+
 def test_entry_points_are_installed():
     from importlib.metadata import entry_points
     general = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}

@@ -15,6 +15,7 @@ def register() -> None:
     current = _ATTN_OVERRIDES.get(AttentionBackendEnum.CUSTOM)
     if current in (None, BACKEND_PATH):
         register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
+    _declare_backend_variable()
     # Opt-in prefix-cache eviction order (default "lru": vLLM's, nothing patched). This entry point
     # runs in the engine-core process too, where the scheduler's block pool lives.
     from .config import VattnConfig
@@ -34,3 +35,18 @@ def platform_plugin() -> str | None:
     """
     from vllm.platforms import cuda_platform_plugin
     return PLATFORM_PATH if cuda_platform_plugin() is not None else None
+
+
+def _declare_backend_variable() -> None:
+    """Make VLLM_ATTENTION_BACKEND a known vLLM variable again. vLLM 0.25 dropped it from its table
+    (`vllm.envs.environment_variables`), so at start it warned "Unknown vLLM environment variable
+    detected: VLLM_ATTENTION_BACKEND" (read by users as "ignored", though we honour it) and refused
+    to start under `--fail-on-environ-validation`. One entry, added if missing (idempotent); its
+    value also joins vLLM's torch.compile cache key, as every known variable does. It can go if vLLM
+    lets plugins declare their variables, or if vLLM takes the variable back."""
+    import os
+
+    from vllm import envs
+
+    from .config import BACKEND_ENV
+    envs.environment_variables.setdefault(BACKEND_ENV, lambda: os.getenv(BACKEND_ENV))
