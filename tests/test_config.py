@@ -123,6 +123,11 @@ def test_worker_takes_the_spares_out_of_vllms_kv_budget(monkeypatch):
     monkeypatch.setenv("VATTN_SPARE_BLOCKS", "2048")
     with pytest.raises(ConfigError, match=r"VATTN_SPARE_BLOCKS=2048, 16.0 GiB, leaves no KV budget; lower it"):
         worker.determine_available_memory()
+    monkeypatch.setenv("VATTN_SPARE_BLOCKS", "auto")
+    # --num-gpu-blocks-override: vLLM makes that many blocks, so 2% of those
+    worker.vllm_config.cache_config.num_gpu_blocks_override = 500
+    monkeypatch.setattr(Worker, "determine_available_memory", lambda self: 1 << 40)
+    assert worker.determine_available_memory() == (1 << 40) - 10 * per_block
 
 
 def test_the_runner_creates_the_spares_the_worker_took_out():

@@ -356,7 +356,11 @@ class VattnWorker(Worker):
         available = super().determine_available_memory()
         cfg = VattnConfig.from_env()
         per_block = sum(spec.page_size_bytes for spec in self.get_kv_cache_spec().values())
-        spares = _spare_blocks(cfg, self.vllm_config, available // per_block) if per_block else 0
+        budget = available // per_block if per_block else 0
+        override = getattr(self.vllm_config.cache_config, "num_gpu_blocks_override", None)
+        if override:  # vLLM will make this many blocks, whatever the memory would hold
+            budget = min(budget, override)
+        spares = _spare_blocks(cfg, self.vllm_config, budget) if per_block else 0
         self.model_runner.vattn_spare_blocks = spares
         if spares:
             available -= spares * per_block
