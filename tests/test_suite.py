@@ -281,6 +281,33 @@ def test_profile_report_compares_every_run_with_the_first(tmp_path):
     md = out.read_text()
     assert "| decode | stock | 20.00 | 10.00 | 50% | 5.00 | 50.0% |" in md
     assert "| decode | vattn / stock | 1.100x | 0.950x | | 0.900x | |" in md
+    assert "prepare_attn ms/step" not in md  # no run carried our hooks' times
+
+
+def test_profile_report_shows_our_hooks_per_step(tmp_path):
+    from types import SimpleNamespace
+
+    from vllm_vattention.bench import profile as P
+
+    class FakeLLM:  # what ours() asks of vLLM's LLM
+        def __init__(self, backend):
+            self.llm_engine = SimpleNamespace(vllm_config=SimpleNamespace(attention_config=SimpleNamespace(backend=backend)))
+            self.calls = []
+
+        def collective_rpc(self, method, kwargs):
+            self.calls.append((method, kwargs))
+            return [{"steps": 4, "prepare_attn_seconds": 0.002, "map_seconds": 0.001, "metadata_build_seconds": 0.0002}]
+
+    assert P.ours(FakeLLM("AttentionBackendEnum.FLASH_ATTN")) is None
+    llm = FakeLLM("AttentionBackendEnum.CUSTOM")
+    assert P.ours(llm, reset=True)["steps"] == 4 and llm.calls == [("vattn_report", {"reset": True})]
+    run = {"phases": [{"phase": "decode", "wall_ms_per_step": 6.0, "gpu_ms_per_step": 3.0, "gpu_busy": 0.5,
+                       "attention_ms_per_step": 1.0, "attention_share_of_gpu": 0.33,
+                       "our_hooks_ms_per_step": {"prepare_attn": 0.5, "map": 0.25, "metadata_build": 0.05}}]}
+    path = tmp_path / "vattn.json"
+    json.dump(run, open(path, "w"))
+    P.main(["--report", str(path), "--out", str(tmp_path / "t.md")])
+    assert "| decode | vattn | 0.500 | 0.250 | 0.050 |" in (tmp_path / "t.md").read_text()
 
 
 def test_cpu_profile_names_the_functions_that_take_the_time(tmp_path):

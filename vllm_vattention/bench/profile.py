@@ -79,6 +79,7 @@ def main(argv=None) -> None:
         # a prefill phase: its first steps; a mixed one: the ~4 steps that carry the late prompts' chunks
         steps = 4 if more else (args.steps if warm else 6)
         cpu = cProfile.Profile() if args.cpu_profile else None
+        hooks = ours(llm, reset=True)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             t = time.perf_counter()
             with (cpu if cpu is not None else contextlib.nullcontext()):
@@ -98,6 +99,13 @@ def main(argv=None) -> None:
                  "gpu_ms_per_step": total / steps, "gpu_busy": total / (1e3 * wall),
                  "attention_ms_per_step": attn / steps, "attention_share_of_gpu": attn / total if total else None,
                  "top_kernels_ms_per_step": [(k[:120], round(v / steps, 4)) for k, v in top]}
+        hooks = ours(llm)
+        if hooks:
+            # our hooks on the engine thread in this process, where no output thread competes for the
+            # GIL (VLLM_ENABLE_V1_MULTIPROCESSING=0); the suite's numbers come from the engine process
+            # (NOTES.md #31). Under --cpu-profile they include cProfile's overhead.
+            phase["our_hooks_ms_per_step"] = {k: round(1e3 * hooks[k + "_seconds"] / max(hooks["steps"], 1), 4)
+                                              for k in ("prepare_attn", "map", "metadata_build")}
         if cpu is not None:
             phase["cpu_top_functions_ms_per_step"] = top_functions(cpu, steps)
         report["phases"].append(phase)
@@ -107,6 +115,13 @@ def main(argv=None) -> None:
             engine.step()
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
+
+
+def ours(llm, reset: bool = False) -> dict | None:
+    """vAttention's report (mapper counters, our hooks' seconds) since the last reset; None for stock."""
+    if "CUSTOM" not in str(llm.llm_engine.vllm_config.attention_config.backend):
+        return None
+    return llm.collective_rpc("vattn_report", kwargs={"reset": reset})[0]
 
 
 def top_functions(prof: cProfile.Profile, steps: int, top: int = 25) -> list[dict]:
@@ -157,6 +172,14 @@ def report_table(runs: dict[str, dict]) -> str:
                 lines.append(f"| {phase} | {n} / {names[0]} | {p['wall_ms_per_step'] / b['wall_ms_per_step']:.3f}x | "
                              f"{p['gpu_ms_per_step'] / b['gpu_ms_per_step']:.3f}x | | "
                              f"{p['attention_ms_per_step'] / b['attention_ms_per_step']:.3f}x | |")
+    hooks = [(n, p) for n in names for p in runs[n]["phases"] if p.get("our_hooks_ms_per_step")]
+    if hooks:
+        lines += ["", "Our hooks on the engine thread (in-process engine: no output thread competes for the GIL)",
+                  "", "| phase | system | prepare_attn ms/step | mapping ms/step | metadata build ms/step |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {p['phase']} | {n} | {p['our_hooks_ms_per_step']['prepare_attn']:.3f} | "
+                  f"{p['our_hooks_ms_per_step']['map']:.3f} | {p['our_hooks_ms_per_step']['metadata_build']:.3f} |"
+                  for n, p in hooks]
     return "\n".join(lines) + "\n" + cpu_table(runs)
 
 
