@@ -21,6 +21,7 @@ mode; requests leave after 8 steps, so rows are reused (deferred reclamation rem
 
 import argparse
 import time
+from collections import deque
 
 import numpy as np
 
@@ -59,8 +60,9 @@ def spares(steps: int) -> None:
     num_blocks = 20000
     m = KVMemoryManager(_NoZeroing(PAGE, capacity=1 << 50), lay, num_blocks, spare_blocks=1024)
     m.mapper.executor = _NullExecutor()  # planning alone: nothing is mapped, the manager is not closed
-    free = list(range(num_blocks))
-    random.Random(0).shuffle(free)
+    order = list(range(num_blocks))
+    random.Random(0).shuffle(order)
+    free = deque(order)  # (a list's pop(0) cost 0.5 ms of the 1.04 ms/step once measured as set_blocks)
     active, t_set, t_warm = [], 0.0, 0.0
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -69,7 +71,7 @@ def spares(steps: int) -> None:
                 row, blocks = active.pop(0)
                 m.release_row(row)
                 free.extend(blocks)
-            row, blocks = m.acquire_row(), [free.pop(0) for _ in range(64)]
+            row, blocks = m.acquire_row(), [free.popleft() for _ in range(64)]
             m.set_blocks(row, blocks, fresh_from=0)
             active.append((row, blocks))
         t1 = time.perf_counter()
@@ -87,14 +89,14 @@ def prefill(steps: int, executor: str) -> None:
     m = KVMemoryManager(_NoZeroing(PAGE, capacity=1 << 50), lay, num_blocks, background="stream")
     if executor == "null":
         m.mapper.executor = _NullExecutor()
-    free = list(range(num_blocks))
+    free = deque(range(num_blocks))
     active, nxt_seq = [], 0
     t = dict.fromkeys(("admit", "ensure_readable", "publish", "release"), 0.0)
     for step in range(steps):
         t0 = time.perf_counter()
         new = []
         for _ in range(2):
-            row, blocks = m.acquire_row(), [free.pop(0) for _ in range(512)]
+            row, blocks = m.acquire_row(), [free.popleft() for _ in range(512)]
             m.set_blocks(row, blocks, fresh_from=0)
             new.append((row, blocks))
         t1 = time.perf_counter()

@@ -129,6 +129,9 @@ def test_rows_and_blocks_are_bounded(driver):
         mgr.set_blocks(a, [0, 1, 2])
     with pytest.raises(IndexError, match="block id 4"):
         mgr.set_blocks(a, [4])
+    with pytest.raises(IndexError, match="block id -1"):
+        mgr.set_blocks(a, [0, -1])
+    assert mgr.mapper.slots[a] == [None, None] and mgr.mapper.where == {}  # nothing changed
     with pytest.raises(MappingError, match="not in use"):
         mgr.release_row(3)
     for _ in range(4):

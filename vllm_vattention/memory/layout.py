@@ -19,6 +19,7 @@ is what the non-paged FlashAttention kernels need.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -42,12 +43,12 @@ class KVGeometry:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"KVGeometry.{name}={getattr(self, name)} must be positive")
 
-    @property
+    @functools.cached_property  # (frozen: computed once; the mapper asks for it per slot)
     def head_bytes(self) -> int:
         """Bytes of one token's K (or V) in one layer."""
         return self.num_kv_heads * self.head_size * self.dtype_bytes
 
-    @property
+    @functools.cached_property
     def token_bytes(self) -> int:
         """Bytes of one token's K and V in every layer."""
         return 2 * self.num_layers * self.head_bytes

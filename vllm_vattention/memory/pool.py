@@ -75,6 +75,14 @@ class PagePool:
         self._check(block)
         return self._frame_of[block]
 
+    def frames(self, blocks) -> list[int]:
+        """frame(b) for each of `blocks`, every id checked first."""
+        if blocks and (min(blocks) < 0 or max(blocks) >= self.num_blocks):
+            bad = next(b for b in blocks if not 0 <= b < self.num_blocks)
+            self._check(bad)
+        fo = self._frame_of
+        return [fo[b] for b in blocks]
+
     def swap(self, block: int, spare: int) -> int:
         """Block `block` (whose content is dead) moves to frame `spare`; returns its former frame,
         now a spare."""
