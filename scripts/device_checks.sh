@@ -15,8 +15,9 @@
 #          rounds, kept in /root/tp across calls, copied to $OUT/tp)
 #          multiturn (needs the trace carried: cp ../shared/traces/*.jsonl .gpu/trace/, carry [".gpu/trace"];
 #          shared/ does not travel) multiturn_pair (2 GPUs: lru and $MT_POLICY at once, then swapped, merged)
-# On a fresh machine the first engine with vAttention's FA2 decode spends ~90-115 s compiling FA2's
-# PTX (README, "First start"); the e2e timeouts leave room for it.
+# On a fresh machine the first engine with vAttention's FA2 decode spends ~90-130 s compiling FA2's
+# PTX (README, "First start"); the e2e timeouts leave room for it. jit_save keeps the compiled code
+# for the next machine (install restores it from .gpu/jit when carried).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export VLLM_USE_FLASHINFER_SAMPLER=0 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -38,7 +39,14 @@ copy_suite() { local f; for f in json md png; do cp "$1"/*-"$2".$f "$OUT/" 2>/de
 for s in $steps; do
   echo "=== $s $(date +%T)"
   case $s in
-    install) python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1; tail -2 "$OUT/install.log";;
+    install) python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1; tail -2 "$OUT/install.log"
+        # the driver's JIT cache of FA2's kernels from an earlier machine (jit_save), if carried: saves the
+        # ~100-130 s first-start compile (same driver and compute capability; the cache checks both)
+        if [ -f .gpu/jit/nv-compute-cache.tgz ]; then mkdir -p ~/.nv && tar xzf .gpu/jit/nv-compute-cache.tgz -C ~/.nv \
+          && echo "JIT cache restored: $(du -sh ~/.nv/ComputeCache | cut -f1)"; fi;;
+    jit_save) # the driver's JIT cache (FA2 compiled for this GPU) for the next machine: copy
+        # $OUT/nv-compute-cache.tgz to .gpu/jit/ here and carry ".gpu/jit" with the install call
+        tar czf "$OUT/nv-compute-cache.tgz" -C ~/.nv ComputeCache && ls -la "$OUT/nv-compute-cache.tgz";;
     gpu_tests) timeout 300 python3 -m pytest -m gpu tests/gpu -q -x -p no:cacheprovider --durations=8 > "$OUT/gpu_tests.log" 2>&1; echo "rc=$?"; tail -15 "$OUT/gpu_tests.log";;
     unit) timeout 300 python3 -m pytest -m gpu tests/gpu/test_vmm_gpu.py tests/gpu/test_kernels_gpu.py -q -p no:cacheprovider > "$OUT/unit.log" 2>&1; echo "rc=$?"; tail -6 "$OUT/unit.log";;
     e2e) timeout 560 python3 -m pytest -m gpu tests/gpu/test_e2e_gpu.py -q -s -p no:cacheprovider --durations=5 > "$OUT/e2e.log" 2>&1; echo "rc=$?"; grep -E "greedy|passed|failed|Error" "$OUT/e2e.log" | tail -12;;
