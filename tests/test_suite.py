@@ -421,3 +421,24 @@ def test_a_serving_job_cut_off_keeps_its_rates_and_runs_again(tmp_path):
     assert rows[("vattn-fa2", "rate-4")]["error"] is None and rows[("vattn-fa2", "rate-4")]["requests_per_s"] > 0
     assert "cut off" in rows[("vattn-fa2", "rate-16")]["error"] and rows[("vattn-fa2", "rate-16")]["requests_per_s"] is None
     assert not any(r.get("partial") for r in failing.results)
+
+
+def test_paired_ratios_compare_runs_of_one_call():
+    """Machines drift between calls (seen: a third call ran stock 2-3% slower than the first two);
+    each repetition's candidate against the baseline of the same call shows what the medians blur.
+    Runs of different calls never pair."""
+    rows = []
+    for rep, call, base in ((0, 100, 30.0), (1, 200, 30.0), (2, 300, 29.4)):
+        rows.append({"workload": "w", "system": "stock-fa3", "rep": rep, "call": call, "requests_per_s": base})
+        rows.append({"workload": "w", "system": "vattn-fa2", "rep": rep, "call": call, "requests_per_s": base * 0.99})
+    rows.append({"workload": "w", "system": "vattn-fa2", "rep": 3, "call": 400, "requests_per_s": 40.0})  # no baseline
+    rows.append({"workload": "w", "system": "vattn-per-layer", "rep": 0, "call": 999, "requests_per_s": 30.0})
+    by = {r["system"]: r for r in S.summarize(rows)}
+    assert by["vattn-fa2"]["paired"] == pytest.approx([0.99, 0.99, 0.99])
+    assert by["vattn-fa2"]["significant"] is False  # the unpaired spreads overlap
+    assert by["vattn-per-layer"]["paired"] == [] and by["stock-fa3"]["paired"] == []
+    md = S.markdown({"results": rows, "model": "m"})
+    assert "| 0.990x (0.990-0.990, 3) |" in md
+    # results written before rows carried their call pair by repetition alone
+    old = [{k: v for k, v in r.items() if k != "call"} for r in rows[:6]]
+    assert S.summarize(old)[1]["paired"] == pytest.approx([0.99, 0.99, 0.99])

@@ -296,6 +296,7 @@ def run(suite: Suite, path: str, max_seconds: float, job: Callable = run_job, en
     """Run the rounds not yet in `path` while they fit in `max_seconds`. Returns jobs left."""
     env = env or environment()
     start = clock()
+    call = int(time.time())  # rows of one call share it: a repetition's baseline and candidates pair by it
     todo = [[j for j in r if not suite.done(*j)] for r in suite.rounds()]
     todo = [r for r in todo if r]
     for i, rnd in enumerate(todo):
@@ -315,7 +316,7 @@ def run(suite: Suite, path: str, max_seconds: float, job: Callable = run_job, en
 
             def on_row(row: dict, system=system, rep=rep, t=t) -> None:
                 completed.append(row)
-                suite.results.append({**{k: None for k in METRICS}, **row, "system": system, "rep": rep,
+                suite.results.append({**{k: None for k in METRICS}, **row, "system": system, "rep": rep, "call": call,
                                       "job_seconds": round(clock() - t, 1), "error": None, "partial": True})
                 save(suite, path, env)
 
@@ -331,7 +332,7 @@ def run(suite: Suite, path: str, max_seconds: float, job: Callable = run_job, en
                                                                and x["rep"] == rep)]
             secs = round(clock() - t, 1)
             for r in rows:
-                suite.results.append({**{k: None for k in METRICS}, **r, "system": system, "rep": rep,
+                suite.results.append({**{k: None for k in METRICS}, **r, "system": system, "rep": rep, "call": call,
                                       "job_seconds": secs, "error": errors.get(r["workload"])})
                 log(f"[suite]   {r['workload']}: {r.get('requests_per_s')} req/s")
             save(suite, path, env)
@@ -352,36 +353,52 @@ def save(suite: Suite, path: str, env: dict) -> None:
 
 def summarize(results: list[dict], metric: str = "requests_per_s") -> list[dict]:
     """Per workload and system: median over repetitions, spread (min, max), ratio to stock-fa3, and
-    whether the ratio lies outside both systems' spread (only then does it count)."""
+    whether the ratio lies outside both systems' spread (only then does it count). Also the paired
+    ratios: each repetition against the baseline's run of the same repetition and call (the suite
+    runs them minutes apart on one machine), which machine-to-machine drift does not blur."""
     rows = []
     by_w: dict[str, dict[str, list[float]]] = {}
+    runs: dict[tuple, float] = {}  # (workload, system, rep, call) -> value
     for r in results:
         if r.get(metric) is not None and not r.get("error"):
             by_w.setdefault(r["workload"], {}).setdefault(r["system"], []).append(r[metric])
+            runs[(r["workload"], r["system"], r.get("rep"), r.get("call"))] = r[metric]
     for w, systems in by_w.items():
         base = systems.get(BASELINE)
         for s, vals in systems.items():
             med = statistics.median(vals)
             row = {"workload": w, "system": s, "n": len(vals), "median": med, "min": min(vals), "max": max(vals),
-                   "ratio": None, "significant": None}
+                   "ratio": None, "significant": None, "paired": []}
             if base:
                 bmed = statistics.median(base)
                 row["ratio"] = med / bmed
                 # one run has no spread: nothing can be said to lie outside it
                 if len(vals) > 1 and len(base) > 1:
                     row["significant"] = min(vals) > max(base) or max(vals) < min(base)
+                if s != BASELINE:
+                    row["paired"] = [v / runs[(w, BASELINE, rep, call)] for (ww, ss, rep, call), v in runs.items()
+                                     if ww == w and ss == s and runs.get((w, BASELINE, rep, call))]
             rows.append(row)
     return rows
 
 
+def _paired(r: dict) -> str:
+    p = r.get("paired")
+    if not p:
+        return "-"
+    if len(p) == 1:
+        return f"{p[0]:.3f}x (1)"
+    return f"{statistics.median(p):.3f}x ({min(p):.3f}-{max(p):.3f}, {len(p)})"
+
+
 def _table(rows: list[dict], title: str, fmt: str = "{:.2f}") -> list[str]:
-    lines = [f"| workload | system | runs | {title} median | min | max | vs stock-fa3 | outside spread |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| workload | system | runs | {title} median | min | max | vs stock-fa3 | outside spread | "
+             "paired per call: median (min-max, pairs) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r['ratio']:.3f}x" if r["ratio"] is not None else "-"
         sig = {True: "yes", False: "no", None: "-"}[r["significant"]]
         lines.append(f"| {r['workload']} | {r['system']} | {r['n']} | {fmt.format(r['median'])} | "
-                     f"{fmt.format(r['min'])} | {fmt.format(r['max'])} | {ratio} | {sig} |")
+                     f"{fmt.format(r['min'])} | {fmt.format(r['max'])} | {ratio} | {sig} | {_paired(r)} |")
     return lines
 
 
