@@ -401,3 +401,31 @@ def test_the_per_step_native_calls_keep_the_gil(driver):
     finally:
         ex.wait()
         ex.close()
+
+
+def test_publish_signals_only_when_a_step_planned_something(driver):
+    """Most decode steps map nothing: publish() then queues no signal and returns the last number
+    (the stream already waited for it). Ops planned since, or handed to the native thread without a
+    signal (warm() flushes a step's ops before its background ones), get a new signal."""
+    from vllm_vattention.memory.executor import SIGNAL
+
+    mgr = make_manager(driver, background="stream")
+    submitted = []
+    run = mgr.mapper.executor.run
+    mgr.mapper.executor.run = lambda ops: (submitted.extend(ops), run(ops))
+    signals = lambda: sum(op[0] == SIGNAL for op in submitted)  # noqa: E731
+    row = mgr.acquire_row()
+    mgr.set_blocks(row, [1])
+    assert mgr.publish() == 1 and signals() == 1
+    assert mgr.publish() == 1 and signals() == 1  # nothing new: no signal, the same number
+    mgr.set_blocks(row, [1])  # already there: nothing planned
+    assert mgr.publish() == 1 and signals() == 1
+    mgr.set_blocks(row, [1, 2])  # a new block
+    assert mgr.publish() == 2 and signals() == 2
+    mgr.ensure_readable(row, 3 * mgr.layout.block_size)  # the zero page behind the end
+    mgr.mapper.flush()  # handed over without a signal (as warm() does)
+    assert mgr.publish() == 3 and signals() == 3
+    mgr.sync()
+    assert mgr.flag_value() == 3
+    mgr.close()
+    assert driver.leaks() == []

@@ -16,9 +16,13 @@ from vllm_vattention.memory import FakeDriver, KVMemoryManager, make_layout
 from vllm_vattention.worker import DUMMY_ROW, VattnModelRunner
 
 
+PINNED = []  # what prepare_attn sent to the GPU (pin_memory stands in for the host-to-device copy)
+
+
 @pytest.fixture
 def runner(monkeypatch):
-    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)  # no CUDA here
+    PINNED.clear()
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: PINNED.append(self.clone()) or self)  # no CUDA here
     driver = FakeDriver(PAGE, capacity=1 << 30)
     lay = make_layout("interleaved", SMALL, PAGE, rows=6, min_row_tokens=160)
     mgr = KVMemoryManager(driver, lay, num_blocks=64)
@@ -30,6 +34,7 @@ def runner(monkeypatch):
     r.block_tables = SimpleNamespace(input_block_tables=[torch.full((max_reqs, 4), 99, dtype=torch.int32)],
                                      slot_mappings=torch.full((1, max_tokens), 77, dtype=torch.int64))
     r._row_np = np.full(max_reqs, -1, dtype=np.int64)
+    r._init_step_staging("cpu")
     r.reset_timers()
     yield r
     mgr.close()
@@ -76,3 +81,40 @@ def test_unpadded_batch_leaves_the_slots_beyond_it_alone(runner):
     assert bt.reshape(-1)[:1].tolist() == [row]
     assert slots[0].tolist() == [row * mgr.layout.row_tokens + 3]
     assert runner.block_tables.slot_mappings[0, 1:].eq(77).all()  # untouched: nothing was padded
+
+
+def decode_batch(rows_of_states, seq):
+    n = len(rows_of_states)
+    return SimpleNamespace(num_reqs=n, num_reqs_after_padding=n, num_tokens=n, num_tokens_after_padding=n,
+                           idx_mapping_np=np.arange(n), num_scheduled_tokens=np.ones(n, dtype=np.int32),
+                           seq_lens_cpu_upper_bound=torch.tensor(seq), positions=torch.tensor(seq) - 1)
+
+
+def test_decode_steps_send_rows_only_when_they_change(runner, monkeypatch):
+    """A decode step of the same requests sends nothing to the GPU but computes the slots anew; a
+    change of the batch, or a dummy run (which fills the buffer with the dummy row), sends again."""
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+    mgr = runner.vattn
+    row_len = mgr.layout.row_tokens
+    rows = [mgr.acquire_row() for _ in range(2)]
+    for i, row in enumerate(rows):
+        mgr.set_blocks(row, [i])
+        runner._row_np[i] = row
+    bt = runner.block_tables.input_block_tables[0]
+
+    def step(seq, expect_sent):
+        PINNED.clear()
+        _, slots = runner.prepare_attn(decode_batch(rows, seq))
+        assert len(PINNED) == expect_sent
+        assert bt.reshape(-1)[:2].tolist() == rows
+        assert slots[0].tolist() == [r * row_len + s - 1 for r, s in zip(rows, seq)]
+    step([5, 9], expect_sent=2)  # rows and row starts
+    step([6, 10], expect_sent=0)  # the same requests: slots from the positions alone
+    step([7, 11], expect_sent=0)
+    monkeypatch.setattr(GPUModelRunner, "prepare_dummy_attn", lambda self, b: None)
+    runner.prepare_dummy_attn(None)
+    assert bt.reshape(-1)[:2].tolist() == [DUMMY_ROW, DUMMY_ROW]
+    step([8, 12], expect_sent=1)  # the rows again (their starts on the GPU are unchanged)
+    rows.reverse()  # the batch's order changed
+    runner._row_np[:2] = rows
+    step([13, 9], expect_sent=2)

@@ -183,6 +183,7 @@ class VattnModelRunner(V2ModelRunner):
         bind_kv_cache(kv_caches, forward_context, runner_kv_caches)
 
         self._row_np = np.full(self.max_num_reqs, -1, dtype=np.int64)  # request-state index -> row (-1: none)
+        self._init_step_staging(device)
         self.vattn_rows = RequestRows(self.vattn)  # request id -> row, blocks mapped
         self._pending_reads: dict[int, int] | None = None
         self.reset_timers()
@@ -193,6 +194,14 @@ class VattnModelRunner(V2ModelRunner):
         if note:
             logger.info("vAttention: %s", note)
         return kv_caches
+
+    def _init_step_staging(self, device) -> None:
+        """What prepare_attn last sent to the GPU (sent again only when it changes), the stream
+        and flag value the GPU last waited on, and each token's row start on the GPU."""
+        self._staged_rows: np.ndarray | None = None  # in the block-table buffer's first entries
+        self._staged_starts: np.ndarray | None = None  # in _row_starts
+        self._row_starts = torch.zeros(self.block_tables.slot_mappings.shape[1], dtype=torch.int64, device=device)
+        self._waited: tuple[int, int] | None = None
 
     def _resolved_spares(self, cfg: VattnConfig, vllm_config, num_blocks: int) -> int:
         """The spares the worker took out of vLLM's KV budget (determine_available_memory), so that
@@ -289,18 +298,27 @@ class VattnModelRunner(V2ModelRunner):
         reads = dict(zip(rows[:n].tolist(), extents.tolist()))
         self._pending_reads = reads
         if self.vattn.stream_mode:
-            # The GPU, not this thread, waits for the native thread to finish this step's mappings.
+            # The GPU, not this thread, waits for the native thread to finish this step's mappings;
+            # a step that planned nothing keeps the last number, which this stream already waited for.
             seq = self.vattn.publish()
             stream = torch.cuda.current_stream()
-            self.flag_timer.around(stream, lambda: self.vattn.driver.stream_wait(
-                stream.cuda_stream, self.vattn.flag_device_address, seq))
+            if (seq, stream.cuda_stream) != self._waited:
+                self.flag_timer.around(stream, lambda: self.vattn.driver.stream_wait(
+                    stream.cuda_stream, self.vattn.flag_device_address, seq))
+                self._waited = (seq, stream.cuda_stream)
         else:
             self.vattn.sync()  # every mapping this step needs is in place before anything is launched
         self.map_seconds += time.perf_counter() - t
 
-        bt.view(-1)[:padded_reqs].copy_(torch.from_numpy(rows).pin_memory(), non_blocking=True)
-        slots[:n_tok].copy_(torch.from_numpy(row_starts).pin_memory(), non_blocking=True)
-        slots[:n_tok].add_(input_batch.positions[:n_tok])
+        # The batch's rows and each token's row start go to the GPU only when they changed (in a
+        # decode step they rarely do: same requests, one token each); the slots are computed anew.
+        if self._staged_rows is None or not np.array_equal(rows, self._staged_rows):
+            bt.view(-1)[:padded_reqs].copy_(torch.from_numpy(rows).pin_memory(), non_blocking=True)
+            self._staged_rows = rows
+        if self._staged_starts is None or not np.array_equal(row_starts, self._staged_starts):
+            self._row_starts[:n_tok].copy_(torch.from_numpy(row_starts).pin_memory(), non_blocking=True)
+            self._staged_starts = row_starts
+        torch.add(self._row_starts[:n_tok], input_batch.positions[:n_tok], out=slots[:n_tok])
         if padded_tok > n_tok:
             slots[n_tok:padded_tok].fill_(-1)
         block_tables = (bt[:padded_reqs],)
@@ -310,6 +328,7 @@ class VattnModelRunner(V2ModelRunner):
     def prepare_dummy_attn(self, input_batch):
         bt = self.block_tables.input_block_tables[0]
         bt.view(-1)[:bt.shape[0]].fill_(DUMMY_ROW)
+        self._staged_rows = None  # the buffer holds the dummy row now
         return super().prepare_dummy_attn(input_batch)
 
     def execute_model(self, scheduler_output, *args, **kwargs):

@@ -189,13 +189,18 @@ class KVMemoryManager:
     def publish(self) -> int:
         """Stream mode: queue a signal after every mapping planned so far and return its sequence
         number; a GPU stream that waits for the flag to reach it (driver.stream_wait) runs after
-        those mappings. Raises the native thread's first error, if any, without waiting."""
+        those mappings. With nothing planned since the last signal (a decode step in which no
+        request crossed into a new block: most of them), no signal is queued and the last number
+        is returned: a stream that already waited for it needs no new wait. Raises the native
+        thread's first error, if any, without waiting."""
         if not self.stream_mode:
             raise MappingError("publish() needs background='stream' (VATTN_BACKGROUND_MAP=stream)")
         self.mapper.executor.poll()
-        self.mapper.flush()  # this step's mappings, then its signal
-        self._seq = (self._seq + 1) & 0xFFFFFFFF
-        self.mapper.executor.run([(SIGNAL, self._flag_host, 0, self._seq)])
+        if self.mapper.pending_step_ops():
+            self.mapper.flush()  # this step's mappings, then its signal
+            self.mapper.unsignaled = False
+            self._seq = (self._seq + 1) & 0xFFFFFFFF
+            self.mapper.executor.run([(SIGNAL, self._flag_host, 0, self._seq)])
         if self.mapper.handed_over:
             self._handed_over.append((self._seq, self.mapper.handed_over))
             self.mapper.handed_over = []

@@ -73,6 +73,7 @@ class RowMapper:
         self.defer_waits = defer_waits  # stream mode: WAIT_EVENT ops for the native thread, not fence.wait()
         self.handed_over: list[Fence] = []  # fences the native thread waits on (kept alive until it has)
         self._warming: dict[int, int] = {}  # row -> background ops to run before its next change (DRAIN)
+        self.unsignaled = False  # step ops went to the executor since the manager last published a signal
 
     # -- fences ----------------------------------------------------------------------------
     def record_reads(self, fence: Fence, reads: dict[int, int]) -> None:
@@ -219,6 +220,11 @@ class RowMapper:
             t = time.perf_counter()
             self.executor.run(ops)
             self.stats.driver_seconds += time.perf_counter() - t
+            self.unsignaled = True
+
+    def pending_step_ops(self) -> bool:
+        """Were step ops planned, or handed to the executor, since the last signal (publish)?"""
+        return bool(self._ops) or self.unsignaled
 
     def ensure_readable(self, row: int, num_slots: int) -> int:
         """Give every unmapped slot in [0, num_slots) the zero page, so over-reads cannot fault."""
