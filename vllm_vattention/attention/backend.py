@@ -92,6 +92,13 @@ class VattnMetadata:
     kv_len: int  # row length the kernels see (rows sliced to it when not under a CUDA graph)
     fa3_kv_len: int  # row length of FA3's view (kv_len, or the longest FA3 sequence with VATTN_FA3_GUARD=clipped)
 
+    def __post_init__(self) -> None:
+        # the same for every layer: sliced once per step here, not in each layer's forward
+        nd, n = self.num_decodes, self.num_actual_tokens
+        self.slots_used = self.slot_mapping[:n]
+        self.decode_seq_lens, self.decode_rows = self.seq_lens[:nd], self.rows[:nd]
+        self.prefill_seq_lens, self.prefill_rows = self.seq_lens[nd:self.num_reqs], self.rows[nd:self.num_reqs]
+
 
 class VattnMetadataBuilder(AttentionMetadataBuilder[VattnMetadata]):
     # Decode batches run the same kernels with the same full-row views at capture and at replay.
@@ -182,18 +189,15 @@ class VattnImpl(AttentionImpl[VattnMetadata]):
         n = md.num_actual_tokens
         k_rows, v_rows = kv_cache[0], kv_cache[1]
         if key is not None and value is not None:
-            ops.write_kv(key[:n], value[:n], k_rows, v_rows, md.slot_mapping[:n],
+            ops.write_kv(key[:n], value[:n], k_rows, v_rows, md.slots_used,
                          getattr(layer, "_k_scale", None), getattr(layer, "_v_scale", None))
-        k_view, v_view = k_rows[:, :md.kv_len], v_rows[:, :md.kv_len]
         h, d = self.num_heads, self.head_size
         nd = md.num_decodes
         if nd:  # one query token each: tokens [0, nd)
-            ops.fa2_decode(query[:nd].view(nd, h, d), k_view, v_view, output[:nd].view(nd, h, d),
-                           md.seq_lens[:nd], md.rows[:nd], self.scale)
+            ops.fa2_decode(query[:nd].view(nd, h, d), k_rows[:, :md.kv_len], v_rows[:, :md.kv_len],
+                           output[:nd].view(nd, h, d), md.decode_seq_lens, md.decode_rows, self.scale)
         if md.prefill_query_start_loc is not None:  # the rest, tokens [nd, n)
-            if md.fa3_kv_len != md.kv_len:
-                k_view, v_view = k_rows[:, :md.fa3_kv_len], v_rows[:, :md.fa3_kv_len]
-            ops.fa3_varlen(query[nd:n].view(n - nd, h, d), k_view, v_view, output[nd:n].view(n - nd, h, d),
-                           md.prefill_query_start_loc, md.seq_lens[nd:md.num_reqs], md.rows[nd:md.num_reqs],
-                           md.max_query_len, self.scale)
+            ops.fa3_varlen(query[nd:n].view(n - nd, h, d), k_rows[:, :md.fa3_kv_len], v_rows[:, :md.fa3_kv_len],
+                           output[nd:n].view(n - nd, h, d), md.prefill_query_start_loc, md.prefill_seq_lens,
+                           md.prefill_rows, md.max_query_len, self.scale)
         return output
