@@ -27,10 +27,10 @@ from .memory.manager import RECLAIM_POLICIES
 from .prefix_eviction import DEFAULT_MIN_USERS, MODES as PREFIX_EVICTION_MODES  # that module imports vLLM only when installing
 
 BACKEND_ENV = "VLLM_ATTENTION_BACKEND"
+BACKEND_VALUE = "VATTENTION"
 # VATTN_SPARE_BLOCKS=auto takes at most this share of the KV budget's blocks, so that the spares never
 # cost more than 2% of the requests that fit (issue 4's capacity floor is 0.98x of stock).
 AUTO_SPARE_SHARE = 0.02
-BACKEND_VALUE = "VATTENTION"
 DECODE_KERNELS = ("fa2", "fa3")
 
 

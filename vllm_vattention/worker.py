@@ -198,10 +198,16 @@ class VattnModelRunner(V2ModelRunner):
     def _init_step_staging(self, device) -> None:
         """What prepare_attn last sent to the GPU (sent again only when it changes), the stream
         and flag value the GPU last waited on, and each token's row start on the GPU."""
-        self._staged_rows: np.ndarray | None = None  # in the block-table buffer's first entries
-        self._staged_starts: np.ndarray | None = None  # in _row_starts
+        self._staged: dict[str, np.ndarray] = {}  # "rows" (block-table buffer), "row_starts" (_row_starts)
         self._row_starts = torch.zeros(self.block_tables.slot_mappings.shape[1], dtype=torch.int64, device=device)
         self._waited: tuple[int, int] | None = None
+
+    def _stage(self, name: str, array: np.ndarray, dst: torch.Tensor) -> None:
+        """Copy `array` into the GPU buffer `dst` unless it is what was last sent under `name`."""
+        last = self._staged.get(name)
+        if last is None or not np.array_equal(array, last):
+            dst.copy_(torch.from_numpy(array).pin_memory(), non_blocking=True)
+            self._staged[name] = array
 
     def _resolved_spares(self, cfg: VattnConfig, vllm_config, num_blocks: int) -> int:
         """The spares the worker took out of vLLM's KV budget (determine_available_memory), so that
@@ -312,12 +318,8 @@ class VattnModelRunner(V2ModelRunner):
 
         # The batch's rows and each token's row start go to the GPU only when they changed (in a
         # decode step they rarely do: same requests, one token each); the slots are computed anew.
-        if self._staged_rows is None or not np.array_equal(rows, self._staged_rows):
-            bt.view(-1)[:padded_reqs].copy_(torch.from_numpy(rows).pin_memory(), non_blocking=True)
-            self._staged_rows = rows
-        if self._staged_starts is None or not np.array_equal(row_starts, self._staged_starts):
-            self._row_starts[:n_tok].copy_(torch.from_numpy(row_starts).pin_memory(), non_blocking=True)
-            self._staged_starts = row_starts
+        self._stage("rows", rows, bt.view(-1)[:padded_reqs])
+        self._stage("row_starts", row_starts, self._row_starts[:n_tok])
         torch.add(self._row_starts[:n_tok], input_batch.positions[:n_tok], out=slots[:n_tok])
         if padded_tok > n_tok:
             slots[n_tok:padded_tok].fill_(-1)
@@ -328,7 +330,7 @@ class VattnModelRunner(V2ModelRunner):
     def prepare_dummy_attn(self, input_batch):
         bt = self.block_tables.input_block_tables[0]
         bt.view(-1)[:bt.shape[0]].fill_(DUMMY_ROW)
-        self._staged_rows = None  # the buffer holds the dummy row now
+        self._staged.pop("rows", None)  # the buffer holds the dummy row now
         return super().prepare_dummy_attn(input_batch)
 
     def execute_model(self, scheduler_output, *args, **kwargs):

@@ -310,15 +310,15 @@ def run(suite: Suite, path: str, max_seconds: float, job: Callable = run_job, en
             t = clock()
             ws = suite.group_workloads(group)
             # rows of an earlier, cut-off run of this job go; rows this run completes are saved at once
+            # (marked partial), so that a call cut off by its time limit keeps what it measured
             suite.results = [x for x in suite.results if not (x["system"] == system and x["rep"] == rep
                                                                and x["workload"] in {w.name for w in ws})]
             completed: list[dict] = []
 
             def on_row(row: dict, system=system, rep=rep, t=t) -> None:
                 completed.append(row)
-                suite.results.append({**{k: None for k in METRICS}, **row, "system": system, "rep": rep, "call": call,
-                                      "job_seconds": round(clock() - t, 1), "error": None, "partial": True})
-                save(suite, path, env)
+                secs = round(clock() - t, 1)
+                save(suite, path, env, [_result(r, system, rep, call, secs, partial=True) for r in completed])
 
             errors: dict[str, str] = {}
             try:
@@ -327,13 +327,10 @@ def run(suite: Suite, path: str, max_seconds: float, job: Callable = run_job, en
             except Exception as e:  # noqa: BLE001 - a failed system is recorded, the suite goes on
                 got = {r["workload"] for r in completed}  # what it measured before it failed stays
                 errors = {w.name: str(e)[-2000:] for w in ws if w.name not in got}
-                rows = completed + [{"workload": w, **{k: None for k in METRICS}} for w in errors]
-            suite.results = [x for x in suite.results if not (x.get("partial") and x["system"] == system
-                                                               and x["rep"] == rep)]
+                rows = completed + [{"workload": w} for w in errors]
             secs = round(clock() - t, 1)
             for r in rows:
-                suite.results.append({**{k: None for k in METRICS}, **r, "system": system, "rep": rep, "call": call,
-                                      "job_seconds": secs, "error": errors.get(r["workload"])})
+                suite.results.append(_result(r, system, rep, call, secs, errors.get(r["workload"])))
                 log(f"[suite]   {r['workload']}: {r.get('requests_per_s')} req/s")
             save(suite, path, env)
             if errors:
@@ -341,10 +338,19 @@ def run(suite: Suite, path: str, max_seconds: float, job: Callable = run_job, en
     return 0
 
 
-def save(suite: Suite, path: str, env: dict) -> None:
+def _result(r: dict, system: str, rep: int, call: int, secs: float, error: str | None = None,
+            partial: bool = False) -> dict:
+    """One row of the JSON: issue 4's metrics (None where not measured) and where the run came from."""
+    row = {**{k: None for k in METRICS}, **r, "system": system, "rep": rep, "call": call, "job_seconds": secs,
+           "error": error}
+    return {**row, "partial": True} if partial else row
+
+
+def save(suite: Suite, path: str, env: dict, partial: list[dict] = ()) -> None:
+    """The suite's results, and the rows of a job still running (`partial`), to `path`."""
     doc = {"gpu": env.get("gpu"), "driver": env.get("driver"), "commit": env.get("commit"),
            "vllm": env.get("vllm"), "torch": env.get("torch"), "date": env.get("date"), "model": suite.model,
-           "tensor_parallel_size": suite.tp, "results": suite.results}
+           "tensor_parallel_size": suite.tp, "results": suite.results + list(partial)}
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(doc, f, indent=1)
