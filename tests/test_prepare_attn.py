@@ -67,6 +67,10 @@ def test_rows_slots_and_fa3_extents(runner):
     # only one here) needs nothing more than its own blocks, the decodes (FA2) read what they hold
     assert runner._pending_reads == {want_rows[0]: seq[2], want_rows[1]: seq[0], want_rows[2]: seq[1]}
     mgr.mapper.check_invariants()
+    # its time went to the parts of prepare_attn (the sync mode has no stream wait), and adds up
+    parts = runner.vattn_report()["hook_seconds"]
+    assert all(parts[k] > 0 for k in ("rows", "extents", "publish", "stage")) and parts["stream_wait"] == 0
+    assert sum(parts.values()) <= runner.prepare_seconds + 1e-4
 
 
 def test_unpadded_batch_leaves_the_slots_beyond_it_alone(runner):

@@ -381,6 +381,17 @@ def test_worker_table_shows_our_hooks_per_step_next_to_the_whole_call():
     assert "| a | stock-fa3 | 1 | 100 | 5.000 | 1.000 | - | - |" in md
 
 
+def test_hook_parts_table_gives_each_part_per_step_as_the_median_of_repetitions():
+    def run(extend_s):
+        return {"workload": "a", "system": "vattn-fa2", "error": None,
+                "mapper": {"steps": 200, "hook_seconds": {"extend": extend_s, "publish": 0.02}}}
+    res = [run(0.1), run(0.3), run(0.2), {"workload": "a", "system": "stock-fa3", "error": None},
+           {**run(9.0), "error": "boom"}]  # stock (no hooks) and a failed run are left out
+    (row,) = S.hook_rows(res)
+    assert row["n"] == 3 and row["ms"] == pytest.approx({"extend": 1.0, "publish": 0.1})
+    assert "| a | vattn-fa2 | 3 | 1.000 | 0.100 | 1.100 |" in S.markdown({"results": res})
+
+
 def test_a_serving_job_cut_off_keeps_its_rates_and_runs_again(tmp_path):
     """The device's time limit kills a call mid-job (seen: the second server's first rate finished,
     then the call ended and the job's rows were lost). Rows are now saved as each rate completes,

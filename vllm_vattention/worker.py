@@ -125,6 +125,14 @@ def _replace_init_kv_cache(fn):
         v2_model_runner.init_kv_cache = original
 
 
+# Our hooks' parts, timed on the engine thread (vattn_report's hook_seconds): requests leaving,
+# admitted and growing (planning their mappings); prepare_attn's rows, read extents (with FA3's
+# zero-page guard), publish (the step's ops and signal to the native thread), the GPU's stream
+# wait (with its timing events), the rows/slots sent to the GPU; after the launch, the step's
+# fence (an event and the reads it guards) and warming spare frames.
+HOOK_PARTS = ("remove", "admit", "extend", "rows", "extents", "publish", "stream_wait", "stage", "fence", "warm")
+
+
 class VattnModelRunner(V2ModelRunner):
     """vLLM's V2 runner with vAttention's KV; the worker swaps its runner's class to this one."""
 
@@ -134,6 +142,7 @@ class VattnModelRunner(V2ModelRunner):
     prepare_seconds = 0.0
     execute_seconds = 0.0
     steps = 0
+    hook_seconds: dict | None = None  # our per-step hooks, part by part (HOOK_PARTS)
     flag_timer: StreamWaitTimer | None = None
     vattn_spare_blocks: int | None = None  # resolved by VattnWorker.determine_available_memory
 
@@ -232,6 +241,7 @@ class VattnModelRunner(V2ModelRunner):
         self.prepare_seconds = 0.0
         self.execute_seconds = 0.0
         self.steps = 0
+        self.hook_seconds = dict.fromkeys(HOOK_PARTS, 0.0)
         for builder in self._vattn_builders():
             builder.build_seconds = 0.0
         if self.vattn is not None and self.vattn.stream_mode:
@@ -245,11 +255,18 @@ class VattnModelRunner(V2ModelRunner):
         s.update(steps=self.steps, map_seconds=round(self.map_seconds, 4),
                  prepare_attn_seconds=round(self.prepare_seconds, 4), metadata_build_seconds=round(build, 4),
                  execute_seconds=round(self.execute_seconds, 4),
-                 map_share=round(self.map_seconds / self.execute_seconds, 5) if self.execute_seconds else None)
+                 map_share=round(self.map_seconds / self.execute_seconds, 5) if self.execute_seconds else None,
+                 hook_seconds={k: round(v, 6) for k, v in (self.hook_seconds or {}).items()})
         if self.flag_timer is not None:
             self.flag_timer.collect(wait=True)
             s.update(self.flag_timer.report())
         return s
+
+    def _account(self, part: str, since: float) -> None:
+        """Mapping time since `since`, for map_seconds and for its part in hook_seconds."""
+        dt = time.perf_counter() - since
+        self.map_seconds += dt
+        self.hook_seconds[part] += dt
 
     # -- request lifecycle -----------------------------------------------------------------
     def _remove_request(self, req_id: str) -> bool:
@@ -259,7 +276,7 @@ class VattnModelRunner(V2ModelRunner):
             t = time.perf_counter()
             if self.vattn_rows.remove(req_id) is not None and idx is not None:
                 self._row_np[idx] = -1
-            self.map_seconds += time.perf_counter() - t
+            self._account("remove", t)
         return removed
 
     def add_requests(self, scheduler_output) -> None:
@@ -268,7 +285,7 @@ class VattnModelRunner(V2ModelRunner):
         for new in scheduler_output.scheduled_new_reqs:
             idx = self.req_states.req_id_to_index[new.req_id]
             self._row_np[idx] = self.vattn_rows.admit(new.req_id, new.block_ids[0], new.num_computed_tokens)
-        self.map_seconds += time.perf_counter() - t
+        self._account("admit", t)
 
     def update_requests(self, scheduler_output) -> None:
         super().update_requests(scheduler_output)
@@ -279,7 +296,7 @@ class VattnModelRunner(V2ModelRunner):
                 # a running request's new blocks are for tokens not computed yet; the V2 runner gets
                 # resumed requests as new ones, but if one came here nothing would be assumed of it
                 self.vattn_rows.extend(req_id, new_ids[0], fresh=req_id not in reqs.resumed_req_ids)
-        self.map_seconds += time.perf_counter() - t
+        self._account("extend", t)
 
     # -- per-step attention inputs ---------------------------------------------------------
     def prepare_attn(self, input_batch):
@@ -303,18 +320,27 @@ class VattnModelRunner(V2ModelRunner):
             self.vattn.ensure_readable(row, extent)  # FA3 over-reads: zero page behind the end
         reads = dict(zip(rows[:n].tolist(), extents.tolist()))
         self._pending_reads = reads
+        hooks = self.hook_seconds
+        t1 = time.perf_counter()
+        hooks["rows"] += t - t0
+        hooks["extents"] += t1 - t
         if self.vattn.stream_mode:
             # The GPU, not this thread, waits for the native thread to finish this step's mappings;
             # a step that planned nothing keeps the last number, which this stream already waited for.
             seq = self.vattn.publish()
             stream = torch.cuda.current_stream()
+            t2 = time.perf_counter()
+            hooks["publish"] += t2 - t1
             if (seq, stream.cuda_stream) != self._waited:
                 self.flag_timer.around(stream, lambda: self.vattn.driver.stream_wait(
                     stream.cuda_stream, self.vattn.flag_device_address, seq))
                 self._waited = (seq, stream.cuda_stream)
+                hooks["stream_wait"] += time.perf_counter() - t2
         else:
             self.vattn.sync()  # every mapping this step needs is in place before anything is launched
-        self.map_seconds += time.perf_counter() - t
+            hooks["publish"] += time.perf_counter() - t1
+        t3 = time.perf_counter()
+        self.map_seconds += t3 - t
 
         # The batch's rows and each token's row start go to the GPU only when they changed (in a
         # decode step they rarely do: same requests, one token each); the slots are computed anew.
@@ -324,7 +350,9 @@ class VattnModelRunner(V2ModelRunner):
         if padded_tok > n_tok:
             slots[n_tok:padded_tok].fill_(-1)
         block_tables = (bt[:padded_reqs],)
-        self.prepare_seconds += time.perf_counter() - t0
+        t4 = time.perf_counter()
+        hooks["stage"] += t4 - t3
+        self.prepare_seconds += t4 - t0
         return block_tables, self.block_tables.slot_mappings[:, :padded_tok]
 
     def prepare_dummy_attn(self, input_batch):
@@ -338,14 +366,16 @@ class VattnModelRunner(V2ModelRunner):
         self._pending_reads = None
         out = super().execute_model(scheduler_output, *args, **kwargs)
         if self._pending_reads:
+            t_fence = time.perf_counter()
             self.vattn.record_reads(EventFence(), self._pending_reads)
             self._pending_reads = None
+            t_warm = time.perf_counter()
+            self.hook_seconds["fence"] += t_warm - t_fence
             if self.vattn_spare_blocks:
                 # the step is launched, so the GPU is busy: plan the rows the next new requests get
                 # (the native thread maps them while no step waits for it)
-                t_warm = time.perf_counter()
                 self.vattn.warm()
-                self.map_seconds += time.perf_counter() - t_warm
+                self._account("warm", t_warm)
         self.execute_seconds += time.perf_counter() - t
         self.steps += 1
         return out

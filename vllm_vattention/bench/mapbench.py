@@ -127,7 +127,10 @@ def contention(d, pages: int = 256, rounds: int = 16, launches: int = 3000, gemm
     maps run on the native thread while steps run: benchmarks/NOTES.md #30.) Each phase runs once
     with the native thread idle and once while it maps, sets access on and unmaps `pages` pages,
     `rounds` times. Phases: tiny kernel launches (CPU us per launch; the launch-bound part of a
-    decode step) and bf16 GEMMs (GPU ms per GEMM, timed by events; a stand-in for a step's kernels)."""
+    decode step), bf16 GEMMs (GPU ms per GEMM, timed by events; a stand-in for a step's kernels),
+    and the engine thread's other per-step CUDA calls (CPU us each): a fence (new event, record,
+    query), a satisfied cuStreamWaitValue32, a 1 KiB pinned host-to-device copy. Does the driver
+    make them wait for the native thread's VMM calls (a lock they share)?"""
     from ..memory.native import NativeExecutor
 
     va = d.reserve(pages * PAGE_SIZE)
@@ -156,10 +159,34 @@ def contention(d, pages: int = 256, rounds: int = 16, launches: int = 3000, gemm
         end.synchronize()
         return start.elapsed_time(end) / gemms
 
+    host_flag, dev_flag = d.host_flag()  # zero: a wait for 0 is satisfied at once
+    pinned = torch.zeros(256, dtype=torch.int32).pin_memory()
+    dst = torch.zeros(256, dtype=torch.int32, device="cuda")
+
+    def per_call_us(call, n: int = 2000) -> float:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(n):
+            call()
+        dt = time.perf_counter() - t
+        torch.cuda.synchronize()
+        return dt / n * 1e6
+
+    def fence():  # what a step's fence costs the engine thread: a new event, recorded, queried
+        e = torch.cuda.Event()
+        e.record()
+        e.query()
+
+    stream = torch.cuda.current_stream().cuda_stream
+    phases = (("launch_us", launch_us), ("gemm_ms", gemm_ms),
+              ("event_us", lambda: per_call_us(fence)),
+              ("stream_wait_us", lambda: per_call_us(lambda: d.stream_wait(stream, dev_flag, 0))),
+              ("h2d_copy_us", lambda: per_call_us(lambda: dst.copy_(pinned, non_blocking=True))))
     out: dict = {"pages": pages, "rounds": rounds}
     try:
-        launch_us(), gemm_ms()  # warm-up
-        for phase, fn in (("launch_us", launch_us), ("gemm_ms", gemm_ms)):
+        for _, fn in phases:  # warm-up
+            fn()
+        for phase, fn in phases:
             out[f"{phase}_idle"] = statistics.median(fn() for _ in range(3))
             ex.stats(reset=True)
             for _ in range(rounds):
@@ -172,6 +199,7 @@ def contention(d, pages: int = 256, rounds: int = 16, launches: int = 3000, gemm
     finally:
         ex.wait()
         ex.close()
+        d.free_host_flag(host_flag)
         for h in hs:
             d.release(h)
         d.free_reservation(va, pages * PAGE_SIZE)
@@ -208,10 +236,13 @@ def main(argv=None) -> None:
     c = res["contention"]
     lines += ["", f"| native thread mapping {c['pages']} pages x {c['rounds']} meanwhile? | idle | mapping | "
               "native driver s while measured |", "|---|---|---|---|"]
-    lines += [f"| tiny kernel launch, CPU us | {c['launch_us_idle']:.2f} | {c['launch_us_mapping']:.2f} | "
-              f"{c['launch_us_native_driver_s']:.3f} |",
-              f"| 4096^2 bf16 GEMM, GPU ms | {c['gemm_ms_idle']:.3f} | {c['gemm_ms_mapping']:.3f} | "
-              f"{c['gemm_ms_native_driver_s']:.3f} |"]
+    for key, what, fmt in (("launch_us", "tiny kernel launch, CPU us", ".2f"), ("gemm_ms", "4096^2 bf16 GEMM, GPU ms", ".3f"),
+                           ("event_us", "fence: new event, record, query, CPU us", ".2f"),
+                           ("stream_wait_us", "satisfied cuStreamWaitValue32, CPU us", ".2f"),
+                           ("h2d_copy_us", "1 KiB pinned H2D copy, CPU us", ".2f")):
+        if f"{key}_idle" in c:
+            lines.append(f"| {what} | {c[f'{key}_idle']:{fmt}} | {c[f'{key}_mapping']:{fmt}} | "
+                         f"{c[f'{key}_native_driver_s']:.3f} |")
     write_markdown(stem, "\n".join(lines) + "\n")
 
 

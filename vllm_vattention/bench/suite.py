@@ -473,6 +473,19 @@ def step_rows(results: list[dict]) -> list[dict]:
             for (wl, s), ws in by.items()]
 
 
+def hook_rows(results: list[dict]) -> list[dict]:
+    """Per workload and system: median ms per step of each part of our hooks (the worker's
+    hook_seconds; runs without it, stock's or older ones, are left out)."""
+    by: dict[tuple[str, str], list[dict]] = {}
+    for r in results:
+        m = r.get("mapper") if isinstance(r.get("mapper"), dict) else {}
+        parts, steps = m.get("hook_seconds"), m.get("steps")
+        if parts and steps and not r.get("error"):
+            by.setdefault((r["workload"], r["system"]), []).append({k: 1e3 * v / steps for k, v in parts.items()})
+    return [{"workload": wl, "system": s, "n": len(ps), "ms": {k: statistics.median(p[k] for p in ps) for k in ps[0]}}
+            for (wl, s), ps in by.items()]
+
+
 def _section(title: str, columns: list[str], rows: list[list]) -> list[str]:
     """A markdown section: heading, then a table of `rows` (cells already formatted)."""
     return (["", f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -520,6 +533,13 @@ def markdown(doc: dict) -> str:
                            "sample_tokens ms/call", "our prepare_attn ms/step", "our metadata build ms/step"],
                           [[m["workload"], m["system"], m["n"], f"{m['calls']:.0f}", f"{m['execute_ms']:.3f}",
                             f"{m['sample_ms']:.3f}", _secs(m["prepare_ms"]), _secs(m["build_ms"])] for m in steps])
+    parts = hook_rows(res)
+    if parts:
+        names = list(parts[0]["ms"])
+        lines += _section("Our hooks on the engine thread, part by part (ms per step; medians over repetitions)",
+                          ["workload", "system", "runs"] + names + ["total"],
+                          [[p["workload"], p["system"], p["n"]] + [f"{p['ms'][k]:.3f}" for k in names]
+                           + [f"{sum(p['ms'].values()):.3f}"] for p in parts])
     errors = [r for r in res if r.get("error")]
     if errors:
         lines += ["", "Failed runs:"] + [f"- {r['workload']} / {r['system']}: {r['error'][:300]!r}" for r in errors]

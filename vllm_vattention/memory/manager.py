@@ -197,10 +197,8 @@ class KVMemoryManager:
             raise MappingError("publish() needs background='stream' (VATTN_BACKGROUND_MAP=stream)")
         self.mapper.executor.poll()
         if self.mapper.pending_step_ops():
-            self.mapper.flush()  # this step's mappings, then its signal
-            self.mapper.unsignaled = False
             self._seq = (self._seq + 1) & 0xFFFFFFFF
-            self.mapper.executor.run([(SIGNAL, self._flag_host, 0, self._seq)])
+            self.mapper.flush(signal=(SIGNAL, self._flag_host, 0, self._seq))  # the step's mappings, then its signal
         if self.mapper.handed_over:
             self._handed_over.append((self._seq, self.mapper.handed_over))
             self.mapper.handed_over = []

@@ -191,8 +191,8 @@ class RowMapper:
                 self.stats.swaps += 1
                 continue
             changes.append((start + j, f))
-        if changes:
-            self._retire()
+        if any(current[slot] is not None for slot, _ in changes):
+            self._retire()  # only an unmap asks which steps in flight read a slot (an event query each)
         for slot, _ in changes:
             self._unmap_slot(row, slot)
         if changes:
@@ -213,14 +213,17 @@ class RowMapper:
         if not self.defer_waits:
             self.flush()
 
-    def flush(self) -> None:
-        """Hand every op planned so far to the executor."""
-        if self._ops:
+    def flush(self, signal: Op | None = None) -> None:
+        """Hand every op planned so far to the executor; `signal` (stream mode's SIGNAL op), if
+        given, goes last in the same submission, and every op handed over so far is signaled."""
+        if self._ops or signal is not None:
             ops, self._ops = self._ops, []
+            if signal is not None:
+                ops.append(signal)
             t = time.perf_counter()
             self.executor.run(ops)
             self.stats.driver_seconds += time.perf_counter() - t
-            self.unsignaled = True
+            self.unsignaled = signal is None
 
     def pending_step_ops(self) -> bool:
         """Were step ops planned, or handed to the executor, since the last signal (publish)?"""

@@ -1,0 +1,147 @@
+"""Engine-thread time of vAttention's hooks per step under vLLM 0.25's real Scheduler, on a CPU.
+
+The suite's offline workloads (fixed lengths, ignore_eos) are scheduled by vLLM's own Scheduler
+(prefix caching on, 16-token blocks, 16,384 batched tokens, 1,024 sequences) with the KV budget of
+the suite's H200 engine; each step goes through what the model runner does (worker.py):
+`_remove_request` -> RequestRows.remove, `add_requests` -> admit, `update_requests` -> extend,
+`prepare_attn`'s mapping part (read_extents, publish), `execute_model`'s record_reads and warm().
+The model is not run and nothing is mapped (a null executor: planning alone; a fence that is done),
+so this is the Python the engine thread runs for us, without the GPU's driver and event calls.
+
+    python3 benchmarks/cpu_sched_overhead.py --workload 512-in-1024-out [--profile]
+"""
+
+import argparse
+import cProfile
+import os
+import pstats
+import time
+
+import numpy as np
+
+from vllm_vattention.attention import ops
+from vllm_vattention.bench import sched_replay as S
+from vllm_vattention.config import AUTO_SPARE_SHARE
+from vllm_vattention.memory import FakeDriver, KVGeometry, KVMemoryManager, RequestRows, make_layout
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LLAMA3_8B = KVGeometry(num_layers=32, num_kv_heads=8, head_size=128, dtype_bytes=2)
+PAGE = 2 << 20
+WORKLOADS = {"1024-in-128-out": (1024, 128, 300), "8192-in-256-out": (8192, 256, 64),
+             "512-in-1024-out": (512, 1024, 256), "16k-context-decode": (16384, 1024, 24)}
+PHASES = ("remove", "admit", "extend", "read_extents", "publish", "record_reads", "warm")
+
+
+class _NoZeroing(FakeDriver):
+    def memset_zero(self, va, size):  # tens of thousands of 2 MiB blocks: skip writing their zeros
+        pass
+
+
+class _NullExecutor:
+    background_submitted = 0
+
+    def run(self, ops): pass
+    def run_background(self, ops): return 0
+    def wait(self): pass
+    def poll(self): pass
+    def close(self): pass
+
+
+class _DoneFence:
+    native_handle = 0
+
+    def done(self): return True
+    def wait(self): pass
+
+
+def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 1024) -> dict:
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.outputs import ModelRunnerOutput
+    from vllm.v1.request import Request
+
+    n_in, n_out, n_req = WORKLOADS[workload]
+    max_len = n_in + n_out + 16
+    if spares is None:  # auto: one step's blocks, at most 2% of the budget
+        spares = min(16384 // 16, int(AUTO_SPARE_SHARE * num_blocks))
+    sched, hasher = S.make_scheduler(os.path.join(ROOT, "models", "llama-3.1-8b"), num_blocks - spares, max_len,
+                                     max_num_batched_tokens=16384, max_num_seqs=max_num_seqs)
+    sched.use_v2_model_runner = True
+    lay = make_layout("interleaved", LLAMA3_8B, PAGE, rows=2 * max_num_seqs + 1, min_row_tokens=max_len + 256)
+    mgr = KVMemoryManager(_NoZeroing(PAGE, capacity=1 << 50), lay, num_blocks - spares, background="stream",
+                          spare_blocks=spares)
+    mgr.mapper.executor = _NullExecutor()
+    dummy = mgr.acquire_row()
+    rows = RequestRows(mgr)
+    live = {}
+    for i in range(n_req):
+        prompt = [1000 + (i * 7919 + k * 104729) % 20000 for k in range(n_in)]
+        req = Request(str(i), prompt, SamplingParams(max_tokens=n_out, ignore_eos=True, temperature=0.0), None,
+                      arrival_time=float(i), block_hasher=hasher)
+        live[req.request_id] = req
+        sched.add_request(req)
+    t = dict.fromkeys(PHASES, 0.0)
+    steps = 0
+    while sched.has_requests():
+        out = sched.schedule()
+        steps += 1
+        c0 = time.perf_counter()
+        for rid in out.finished_req_ids | (out.preempted_req_ids or set()):
+            rows.remove(rid)
+        c1 = time.perf_counter()
+        for new in out.scheduled_new_reqs:
+            rows.remove(new.req_id)
+            rows.admit(new.req_id, new.block_ids[0], new.num_computed_tokens)
+        c2 = time.perf_counter()
+        c = out.scheduled_cached_reqs
+        for rid, new_ids in zip(c.req_ids, c.new_block_ids):
+            if new_ids is not None and new_ids[0]:
+                rows.extend(rid, new_ids[0], fresh=rid not in c.resumed_req_ids)
+        c3 = time.perf_counter()
+        ids = list(out.num_scheduled_tokens)
+        row_of = np.array([rows.row(r) for r in ids], dtype=np.int64)
+        seq = np.array([live[r].num_computed_tokens for r in ids], dtype=np.int64)
+        q = np.array([out.num_scheduled_tokens[r] for r in ids], dtype=np.int64)
+        c4 = time.perf_counter()
+        fa3, ext = ops.read_extents(seq, q, "fa2", 256, lay.row_tokens, clip_to_view=True)
+        for row, e in zip(row_of[fa3].tolist(), ext[fa3].tolist()):
+            mgr.ensure_readable(row, e)
+        reads = dict(zip(row_of.tolist(), ext.tolist()))
+        c5 = time.perf_counter()
+        mgr.publish()
+        c6 = time.perf_counter()
+        mgr.record_reads(_DoneFence(), reads)
+        c7 = time.perf_counter()
+        if spares:
+            mgr.warm()
+        c8 = time.perf_counter()
+        for k, dt in zip(PHASES, (c1 - c0, c2 - c1, c3 - c2, c5 - c4, c6 - c5, c7 - c6, c8 - c7)):
+            t[k] += dt
+        sampled = [[100] if live[r].num_computed_tokens >= live[r].num_tokens else [] for r in ids]
+        sched.update_from_output(out, ModelRunnerOutput(req_ids=ids, req_id_to_index={r: k for k, r in enumerate(ids)},
+                                                        sampled_token_ids=sampled))
+    s = mgr.stats()
+    per_step = {k: round(1e3 * v / steps, 4) for k, v in t.items()}
+    return {"workload": workload, "steps": steps, "spares": spares, "ms_per_step": per_step,
+            "total_ms_per_step": round(sum(per_step.values()), 4),
+            "block_maps": s["block_maps"], "swaps": s["swaps"], "warm_maps": s["warm_maps"],
+            "block_unmaps": s["block_unmaps"], "zero_maps": s["zero_maps"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", choices=sorted(WORKLOADS), default="512-in-1024-out")
+    ap.add_argument("--num-blocks", type=int, default=57174, help="vLLM's blocks + spares (the suite's H200 engine)")
+    ap.add_argument("--spares", type=int, default=None, help="default: auto (min(1024, 2%% of the budget))")
+    ap.add_argument("--profile", action="store_true", help="also the top functions by own time (cProfile)")
+    args = ap.parse_args()
+    if args.profile:
+        prof = cProfile.Profile()
+        r = prof.runcall(run, args.workload, args.num_blocks, args.spares)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    else:
+        r = run(args.workload, args.num_blocks, args.spares)
+    print(r)
+
+
+if __name__ == "__main__":
+    main()
