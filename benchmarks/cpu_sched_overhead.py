@@ -5,7 +5,8 @@ The suite's offline workloads (fixed lengths, ignore_eos) are scheduled by vLLM'
 the suite's H200 engine; each step goes through what the model runner does (worker.py):
 `_remove_request` -> RequestRows.remove, `add_requests` -> admit, `update_requests` -> extend,
 `prepare_attn`'s mapping part (read_extents, publish), `execute_model`'s record_reads and warm().
-The model is not run and nothing is mapped (a null executor: planning alone; a fence that is done),
+The model is not run and nothing is mapped (a null executor: planning alone; a fence done two steps after its own, whose done() calls are
+counted: an event query each on a GPU),
 so this is the Python the engine thread runs for us, without the GPU's driver and event calls.
 
     python3 benchmarks/cpu_sched_overhead.py --workload 512-in-1024-out [--profile]
@@ -47,10 +48,20 @@ class _NullExecutor:
     def close(self): pass
 
 
-class _DoneFence:
+class _LaggingFence:
+    """Done once the step two steps later has been launched (the GPU runs a step or two behind the
+    engine thread). Counts done() calls: each is an event query on a GPU."""
     native_handle = 0
+    step = 0
+    queries = 0
 
-    def done(self): return True
+    def __init__(self):
+        self.at = _LaggingFence.step
+
+    def done(self):
+        _LaggingFence.queries += 1
+        return _LaggingFence.step - self.at >= 2
+
     def wait(self): pass
 
 
@@ -81,6 +92,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
         sched.add_request(req)
     t = dict.fromkeys(PHASES, 0.0)
     steps = 0
+    _LaggingFence.queries = _LaggingFence.step = 0
     while sched.has_requests():
         out = sched.schedule()
         steps += 1
@@ -109,7 +121,8 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
         c5 = time.perf_counter()
         mgr.publish()
         c6 = time.perf_counter()
-        mgr.record_reads(_DoneFence(), reads)
+        _LaggingFence.step += 1
+        mgr.record_reads(_LaggingFence(), reads)
         c7 = time.perf_counter()
         if spares:
             mgr.warm()
@@ -124,7 +137,8 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
     return {"workload": workload, "steps": steps, "spares": spares, "ms_per_step": per_step,
             "total_ms_per_step": round(sum(per_step.values()), 4),
             "block_maps": s["block_maps"], "swaps": s["swaps"], "warm_maps": s["warm_maps"],
-            "block_unmaps": s["block_unmaps"], "zero_maps": s["zero_maps"]}
+            "block_unmaps": s["block_unmaps"], "zero_maps": s["zero_maps"],
+            "event_queries_per_step": round(_LaggingFence.queries / steps, 2)}
 
 
 def main() -> None:

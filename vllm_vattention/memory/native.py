@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import sys
 from typing import Sequence
+
+import numpy as np
 
 from ..errors import DriverError
 from .executor import ACCESS_RO, ACCESS_RW, MAP, UNMAP, WAIT_EVENT, Op
@@ -31,6 +34,14 @@ class _COp(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int32), ("pad", ctypes.c_int32), ("va", ctypes.c_uint64),
                 ("size", ctypes.c_uint64), ("handle", ctypes.c_uint64)]
 
+
+# _COp's bytes, with kind and pad read as one little-endian int64 (kinds are small and >= 0, pad is
+# zero): numpy builds an array of these from the mapper's (kind, va, size, handle) tuples in C,
+# 2.4x faster than a ctypes Structure per op (50 ops: 19.5 vs 47.7 us on the CPU)
+_OP_DTYPE = np.dtype([("kind", "<i8"), ("va", "<u8"), ("size", "<u8"), ("handle", "<u8")])
+assert _OP_DTYPE.itemsize == ctypes.sizeof(_COp) and sys.byteorder == "little"
+
+_COP_P = ctypes.POINTER(_COp)
 
 _LIB = None
 _LIB_KEEP_GIL = None
@@ -82,6 +93,7 @@ class NativeExecutor:
             raise RuntimeError("vattn_mapper_create failed (incomplete driver table)")
         self.ops_done = 0
         self.background_submitted = 0
+        self._poll_text = ctypes.create_string_buffer(256)
 
     def run(self, ops: Sequence[Op]) -> None:
         self._submit(self._fast.vattn_mapper_submit, ops)
@@ -93,8 +105,8 @@ class NativeExecutor:
         return self.background_submitted
 
     def _submit(self, fn, ops: Sequence[Op]) -> None:
-        arr = (_COp * len(ops))(*[_COp(k, 0, va, size, h) for k, va, size, h in ops])
-        if fn(self._handle, arr, len(ops)):
+        arr = np.array(ops, dtype=_OP_DTYPE)  # the native side copies the ops before it returns
+        if fn(self._handle, arr.ctypes.data_as(_COP_P), len(ops)):
             raise RuntimeError("the native mapping thread has stopped")
 
     def wait(self) -> None:
@@ -106,7 +118,7 @@ class NativeExecutor:
 
     def poll(self) -> None:
         """Raise the first error of the native thread so far, without waiting for it."""
-        text = ctypes.create_string_buffer(256)
+        text = self._poll_text  # (once per step: written only when there is an error)
         _raise_if_failed(self._fast.vattn_mapper_poll(self._handle, text, 256), text)
 
     def stats(self, reset: bool = False) -> dict:

@@ -70,6 +70,12 @@ class PagePool:
         c = self.chunks_per_block
         return self._handles[frame * c:(frame + 1) * c]
 
+    @property
+    def single_chunk_handles(self) -> list[int] | None:
+        """With one chunk per block (the interleaved layout): frame f's one allocation is item f of
+        this list (frames were checked when they were handed out); None otherwise."""
+        return self._handles if self.chunks_per_block == 1 else None
+
     def frame(self, block: int) -> int:
         """The frame that holds block `block`'s content."""
         self._check(block)
