@@ -20,32 +20,16 @@ import time
 
 import numpy as np
 
+from cpu_step_overhead import LLAMA3_8B, PAGE, _NoZeroing, _NullExecutor  # this script's neighbour
 from vllm_vattention.attention import ops
 from vllm_vattention.bench import sched_replay as S
 from vllm_vattention.config import AUTO_SPARE_SHARE
-from vllm_vattention.memory import FakeDriver, KVGeometry, KVMemoryManager, RequestRows, make_layout
+from vllm_vattention.memory import KVMemoryManager, RequestRows, make_layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LLAMA3_8B = KVGeometry(num_layers=32, num_kv_heads=8, head_size=128, dtype_bytes=2)
-PAGE = 2 << 20
 WORKLOADS = {"1024-in-128-out": (1024, 128, 300), "8192-in-256-out": (8192, 256, 64),
              "512-in-1024-out": (512, 1024, 256), "16k-context-decode": (16384, 1024, 24)}
 PHASES = ("remove", "admit", "extend", "read_extents", "publish", "record_reads", "warm")
-
-
-class _NoZeroing(FakeDriver):
-    def memset_zero(self, va, size):  # tens of thousands of 2 MiB blocks: skip writing their zeros
-        pass
-
-
-class _NullExecutor:
-    background_submitted = 0
-
-    def run(self, ops): pass
-    def run_background(self, ops): return 0
-    def wait(self): pass
-    def poll(self): pass
-    def close(self): pass
 
 
 class _LaggingFence:
