@@ -133,6 +133,8 @@ class RowMapper:
         """Map (slot, target) pairs of one row: every cuMemMap first, then one cuMemSetAccess per
         contiguous run of equal access (the driver charges set_access per page, but less per page
         over a range: 26.5 vs 31.9 us on H100)."""
+        if not items:
+            return
         size = self.layout.chunk_bytes()
         chunks, zero, base = self.layout.chunks, self.pool.zero_handle, self.base_va
         emit = self._ops.append
@@ -140,9 +142,8 @@ class RowMapper:
         one = self.pool.single_chunk_handles  # one chunk per block (interleaved): its handle by frame
         if one is not None:
             # the common layout, done with arithmetic: slot s of the row starts s chunks into it
-            if items:
-                chunks(row, max(s for s, _ in items))  # checks the row and its highest slot (IndexError)
-            row_va = base + chunks(row, 0)[0]
+            hi = items[0][0] if len(items) == 1 else max(s for s, _ in items)
+            row_va = base + chunks(row, hi)[0] - hi * size  # chunks() checks the row and highest slot
             end, last_writable = -1, None
             for slot, target in items:
                 va = row_va + slot * size
