@@ -22,6 +22,7 @@ thread wait, and the engine thread goes on.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, fields
@@ -138,38 +139,27 @@ class RowMapper:
         size = self.layout.chunk_bytes()
         chunks, zero, base = self.layout.chunks, self.pool.zero_handle, self.base_va
         emit = self._ops.append
-        runs: list[list] = []  # [va, size, writable]
         one = self.pool.single_chunk_handles  # one chunk per block (interleaved): its handle by frame
         if one is not None:
             # the common layout, done with arithmetic: slot s of the row starts s chunks into it
             hi = items[0][0] if len(items) == 1 else max(s for s, _ in items)
             row_va = base + chunks(row, hi)[0] - hi * size  # chunks() checks the row and highest slot
-            end, last_writable = -1, None
-            for slot, target in items:
-                va = row_va + slot * size
-                writable = target != ZERO
-                emit((MAP, va, size, one[target] if writable else zero))
-                if va == end and writable == last_writable:
-                    runs[-1][1] += size
-                else:
-                    runs.append([va, size, writable])
-                end, last_writable = va + size, writable
+            pieces = ((row_va + slot * size, one[target] if target != ZERO else zero, target != ZERO)
+                      for slot, target in items)
         else:
             handles_of = self.pool.handles
-            for slot, target in items:
-                offsets = chunks(row, slot)
-                if target == ZERO:
-                    handles, writable = [zero] * len(offsets), False
-                else:
-                    handles, writable = handles_of(target), True
-                for off, handle in zip(offsets, handles):
-                    va = base + off
-                    emit((MAP, va, size, handle))
-                    last = runs[-1] if runs else None
-                    if last is not None and last[0] + last[1] == va and last[2] == writable:
-                        last[1] += size
-                    else:
-                        runs.append([va, size, writable])
+            pieces = ((base + off, handle, target != ZERO) for slot, target in items
+                      for off, handle in zip(chunks(row, slot),
+                                             handles_of(target) if target != ZERO else itertools.repeat(zero)))
+        runs: list[list] = []  # [va, size, writable]
+        end, last_writable = -1, None
+        for va, handle, writable in pieces:
+            emit((MAP, va, size, handle))
+            if va == end and writable == last_writable:
+                runs[-1][1] += size
+            else:
+                runs.append([va, size, writable])
+            end, last_writable = va + size, writable
         for va, n, writable in runs:
             emit((ACCESS_RW if writable else ACCESS_RO, va, n, 0))
         slots, where, stats = self.slots[row], self.where, self.stats
