@@ -138,16 +138,18 @@ def contention(d, pages: int = 256, rounds: int = 16, launches: int = 3000, gemm
     ex = NativeExecutor(*d.native_table())
     ops = map_cycle_ops(va, hs, PAGE_SIZE)
     x = torch.zeros(16, device="cuda")
-    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
 
-    def launch_us() -> float:
+    def per_call_us(call, n: int = 2000) -> float:
+        """CPU microseconds per call(), from an idle GPU queue."""
         torch.cuda.synchronize()
         t = time.perf_counter()
-        for _ in range(launches):
-            x.add_(1.0)
+        for _ in range(n):
+            call()
         dt = time.perf_counter() - t
         torch.cuda.synchronize()
-        return dt / launches * 1e6
+        return dt / n * 1e6
+
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
 
     def gemm_ms() -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -163,22 +165,13 @@ def contention(d, pages: int = 256, rounds: int = 16, launches: int = 3000, gemm
     pinned = torch.zeros(256, dtype=torch.int32).pin_memory()
     dst = torch.zeros(256, dtype=torch.int32, device="cuda")
 
-    def per_call_us(call, n: int = 2000) -> float:
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(n):
-            call()
-        dt = time.perf_counter() - t
-        torch.cuda.synchronize()
-        return dt / n * 1e6
-
     def fence():  # what a step's fence costs the engine thread: a new event, recorded, queried
         e = torch.cuda.Event()
         e.record()
         e.query()
 
     stream = torch.cuda.current_stream().cuda_stream
-    phases = (("launch_us", launch_us), ("gemm_ms", gemm_ms),
+    phases = (("launch_us", lambda: per_call_us(lambda: x.add_(1.0), launches)), ("gemm_ms", gemm_ms),
               ("event_us", lambda: per_call_us(fence)),
               ("stream_wait_us", lambda: per_call_us(lambda: d.stream_wait(stream, dev_flag, 0))),
               ("h2d_copy_us", lambda: per_call_us(lambda: dst.copy_(pinned, non_blocking=True))))

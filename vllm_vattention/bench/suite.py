@@ -408,18 +408,34 @@ def _table(rows: list[dict], title: str, fmt: str = "{:.2f}") -> list[str]:
     return lines
 
 
+def _grouped(results: list[dict], pick) -> dict[tuple[str, str], list[dict]]:
+    """Runs without an error, grouped by (workload, system), each as `pick(run)`; a run for which
+    it gives None is left out."""
+    by: dict[tuple[str, str], list[dict]] = {}
+    for r in results:
+        v = None if r.get("error") else pick(r)
+        if v is not None:
+            by.setdefault((r["workload"], r["system"]), []).append(v)
+    return by
+
+
+def _mapper(r: dict) -> dict:
+    """A run's mapper report ({} for stock)."""
+    return r["mapper"] if isinstance(r.get("mapper"), dict) else {}
+
+
 def mapping_rows(results: list[dict]) -> list[dict]:
     """Per workload and vAttention system: median share of execute_model time spent on mapping,
     and median driver seconds, over repetitions."""
-    by: dict[tuple[str, str], list[dict]] = {}
-    for r in results:
-        m = r.get("mapper")
-        if isinstance(m, dict) and m.get("map_share") is not None and not r.get("error"):
-            flag, elapsed = m.get("gpu_flag_wait_seconds"), _elapsed(r)
-            # issue 4's "< 1% of step time": in stream mode the engine thread never waits for
-            # mapping; the GPU does, at the flag, for this share of the run's wall time
-            m = {**m, "flag_share": flag / elapsed if flag is not None and elapsed else None}
-            by.setdefault((r["workload"], r["system"]), []).append(m)
+    def pick(r: dict) -> dict | None:
+        m = _mapper(r)
+        if m.get("map_share") is None:
+            return None
+        flag, elapsed = m.get("gpu_flag_wait_seconds"), _elapsed(r)
+        # issue 4's "< 1% of step time": in stream mode the engine thread never waits for
+        # mapping; the GPU does, at the flag, for this share of the run's wall time
+        return {**m, "flag_share": flag / elapsed if flag is not None and elapsed else None}
+    by = _grouped(results, pick)
     return [{"workload": w, "system": s, "n": len(ms),
              "map_share": statistics.median(m["map_share"] for m in ms),
              "driver_seconds": statistics.median(m["driver_seconds"] for m in ms),
@@ -454,16 +470,17 @@ def _secs(v: float | None) -> str:
 
 def step_rows(results: list[dict]) -> list[dict]:
     """Per workload and system: median worker time per execute_model / sample_tokens call."""
-    by: dict[tuple[str, str], list[dict]] = {}
-    for r in results:
+    def pick(r: dict) -> dict | None:
         w = r.get("worker_calls")
-        if isinstance(w, dict) and w.get("execute_model") and not r.get("error"):
-            m = r.get("mapper") if isinstance(r.get("mapper"), dict) else {}
-            steps = m.get("steps") or 0
-            # vAttention's own hooks inside execute_model, per step (None for stock, or older runs)
-            ours = {k: 1e3 * m[f"{k}_seconds"] / steps if steps and m.get(f"{k}_seconds") is not None else None
-                    for k in ("prepare_attn", "metadata_build")}
-            by.setdefault((r["workload"], r["system"]), []).append({**w, **ours})
+        if not (isinstance(w, dict) and w.get("execute_model")):
+            return None
+        m = _mapper(r)
+        steps = m.get("steps") or 0
+        # vAttention's own hooks inside execute_model, per step (None for stock, or older runs)
+        ours = {k: 1e3 * m[f"{k}_seconds"] / steps if steps and m.get(f"{k}_seconds") is not None else None
+                for k in ("prepare_attn", "metadata_build")}
+        return {**w, **ours}
+    by = _grouped(results, pick)
     nan = float("nan")
     return [{"workload": wl, "system": s, "n": len(ws),
              "calls": statistics.median(w["execute_model"]["calls"] for w in ws),
@@ -476,12 +493,10 @@ def step_rows(results: list[dict]) -> list[dict]:
 def hook_rows(results: list[dict]) -> list[dict]:
     """Per workload and system: median ms per step of each part of our hooks (the worker's
     hook_seconds; runs without it, stock's or older ones, are left out)."""
-    by: dict[tuple[str, str], list[dict]] = {}
-    for r in results:
-        m = r.get("mapper") if isinstance(r.get("mapper"), dict) else {}
-        parts, steps = m.get("hook_seconds"), m.get("steps")
-        if parts and steps and not r.get("error"):
-            by.setdefault((r["workload"], r["system"]), []).append({k: 1e3 * v / steps for k, v in parts.items()})
+    def pick(r: dict) -> dict | None:
+        parts, steps = _mapper(r).get("hook_seconds"), _mapper(r).get("steps")
+        return {k: 1e3 * v / steps for k, v in parts.items()} if parts and steps else None
+    by = _grouped(results, pick)
     return [{"workload": wl, "system": s, "n": len(ps), "ms": {k: statistics.median(p[k] for p in ps) for k in ps[0]}}
             for (wl, s), ps in by.items()]
 
