@@ -90,7 +90,7 @@ def prefill(steps: int, executor: str) -> None:
     if executor == "null":
         m.mapper.executor = _NullExecutor()
     free = deque(range(num_blocks))
-    active, nxt_seq = [], 0
+    active = []
     t = dict.fromkeys(("admit", "ensure_readable", "publish", "release"), 0.0)
     for step in range(steps):
         t0 = time.perf_counter()
