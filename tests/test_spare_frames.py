@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import initialize, invariant, precondition, rule
 
 from helpers import PAGE, SMALL, BlockingFence, FakeStream, ManagerMachineBase, machine_settings, make_manager
-from vllm_vattention.memory import FakeDriver, KVMemoryManager, make_layout
+from vllm_vattention.memory import ZERO, FakeDriver, KVMemoryManager, make_layout
 from vllm_vattention.memory.pool import PagePool
 
 
@@ -344,3 +344,60 @@ class SpareMachine(ManagerMachineBase):
 
 SpareMachine.TestCase.settings = machine_settings()
 TestSpareMachine = SpareMachine.TestCase
+
+
+@pytest.mark.parametrize("background", [False, "stream"])
+def test_guard_slots_take_spares_so_the_rows_growth_needs_no_wait_and_no_driver_call(driver, background):
+    """FA3 over-reads past a prefill row's end (ensure_readable). With the zero page there, the row's
+    next fresh block would first have to unmap it - after the step in flight that over-reads it (a
+    hazard wait that held up the next step's signal on the H200, NOTES #38). A spare frame mapped
+    nowhere is taken instead: the guard reads zeros (spares are zeroed at creation), and the fresh
+    block then moves into it."""
+    from helpers import FakeFence
+    mgr = make_manager(driver, rows=4, num_blocks=16, spare_blocks=4, background=background)
+    bs = mgr.layout.block_size
+    r = mgr.acquire_row()
+    mgr.set_blocks(r, [0], fresh_from=0)
+    mgr.ensure_readable(r, 3 * bs)  # the guard: slots 1 and 2
+    guard = mgr.mapper.slots[r][1:3]
+    assert set(guard) <= mgr.pool.spare_frames and mgr.stats()["pad_maps"] == 2 and mgr.stats()["zero_maps"] == 0
+    if mgr.stream_mode:
+        mgr.publish()
+    mgr.sync()
+    assert driver.read(mgr.address(r, bs + 3, 1, 1), 16) == bytes(16)
+    in_flight = FakeFence()
+    mgr.record_reads(in_flight, {r: 3 * bs})  # the step that over-reads the guard is still running
+    calls = _driver_calls(driver)
+    mgr.set_blocks(r, [5, 6], start=1, fresh_from=0)  # the next chunk's blocks land on the guard
+    if mgr.stream_mode:
+        mgr.publish()
+    mgr.sync()
+    s = mgr.stats()
+    assert s["swaps"] == 2 and s["hazard_waits"] == 0 and in_flight.waited == 0
+    assert _driver_calls(driver) == calls  # no unmap, no map, no set_access
+    assert [mgr.pool.frame(5), mgr.pool.frame(6)] == guard
+    driver.write(mgr.address(r, 2 * bs, 0, 0), b"block 6!")
+    assert driver.read(mgr.address(r, 2 * bs, 0, 0), 8) == b"block 6!"
+    mgr.mapper.check_invariants()
+    mgr.close()
+    assert driver.leaks() == []
+
+
+def test_guard_slots_fall_back_to_the_zero_page_and_warm_leaves_spares_for_them(driver):
+    mgr = make_manager(driver, rows=6, max_tokens=512, num_blocks=400, spare_blocks=128)
+    assert mgr.pad_reserve == 2  # 128 spares: 1/64 of them
+    r0 = mgr.acquire_row()  # a first request teaches the warm depth (40 fresh blocks: 5 free rows take 200)
+    mgr.set_blocks(r0, list(range(40)), fresh_from=0)
+    mgr.release_row(r0)
+    r = mgr.acquire_row()
+    mgr.set_blocks(r, [50], fresh_from=0)
+    mgr.warm()
+    cold = [f for f in mgr.pool.spare_frames if f not in mgr.mapper.where]
+    assert len(cold) == mgr.pad_reserve  # warm() took every other spare mapped nowhere
+    mgr.ensure_readable(r, 5 * mgr.layout.block_size)  # 4 guard slots: 2 spares, then the zero page
+    assert set(mgr.mapper.slots[r][1:3]) == set(cold)
+    assert mgr.mapper.slots[r][3:5] == [ZERO, ZERO]
+    assert mgr.stats()["pad_maps"] == 2 and mgr.stats()["zero_maps"] == 2
+    mgr.mapper.check_invariants()
+    mgr.close()
+    assert driver.leaks() == []

@@ -50,4 +50,20 @@ def test_waits_are_read_when_complete_and_stalls_counted():
     a3.t = b3.t = 30.0
     timer.collect(wait=True)
     assert b3.synced and timer.waits == 3 and not timer._pending
-    assert timer.report() == {"gpu_flag_wait_seconds": round(3e-6 + 2.5e-3, 4), "flag_waits": 3, "flag_stalls": 1}
+    assert timer.report() == {"gpu_flag_wait_seconds": round(3e-6 + 2.5e-3, 4), "flag_waits": 3, "flag_stalls": 1,
+                              "flag_longest_ms": [[2.5, 1]]}  # the stall, and that it was the second wait
+
+
+def test_the_longest_stalls_are_kept_with_their_place_in_the_run():
+    timer = StreamWaitTimer(make_event=FakeEvent)
+    lengths_ms = [0.01, 4.0, 0.02, 9.0] + [1.0 + k / 100 for k in range(20)] + [6.0]
+    for ms in lengths_ms:
+        timer.around("s", lambda: None)
+        a, b = timer._pending[-1]
+        a.t, b.t = 100.0, 100.0 + ms
+    timer.collect()
+    assert timer.waits == len(lengths_ms) and timer.stalls == len(lengths_ms) - 2  # 10 and 20 us are not stalls
+    top = timer.report()["flag_longest_ms"]
+    assert [i for _, i in top[:3]] == [3, 24, 1]  # 9, 6 and 4 ms, where they happened
+    assert [ms for ms, _ in top] == [9.0, 6.0, 4.0, 1.19, 1.18, 1.17, 1.16, 1.15]
+    assert len(top) == StreamWaitTimer.TOP

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import heapq
 import logging
 import time
 
@@ -66,6 +67,7 @@ class StreamWaitTimer:
     ahead of the launching thread, part of a wait would have been spent waiting for launches anyway."""
 
     STALL_S = 50e-6  # a wait longer than this counts as a stall (an unblocked wait takes a few us)
+    TOP = 8  # the longest stalls are reported with the index of their wait (where in the run they were)
 
     def __init__(self, make_event=lambda: torch.cuda.Event(enable_timing=True)):
         self._make_event = make_event
@@ -74,6 +76,7 @@ class StreamWaitTimer:
         self.seconds = 0.0
         self.waits = 0
         self.stalls = 0
+        self.longest: list[tuple[float, int]] = []  # the TOP longest waits: (seconds, index of the wait), a min-heap
 
     def around(self, stream, enqueue) -> None:
         """Run `enqueue()` (which enqueues the wait on `stream`) between two timing events."""
@@ -94,10 +97,13 @@ class StreamWaitTimer:
             self.seconds += dt
             self.waits += 1
             self.stalls += dt > self.STALL_S
+            if dt > self.STALL_S:
+                (heapq.heappush if len(self.longest) < self.TOP else heapq.heappushpop)(self.longest, (dt, self.waits - 1))
             self._free += (start, end)
 
     def report(self) -> dict:
-        return {"gpu_flag_wait_seconds": round(self.seconds, 4), "flag_waits": self.waits, "flag_stalls": self.stalls}
+        return {"gpu_flag_wait_seconds": round(self.seconds, 4), "flag_waits": self.waits, "flag_stalls": self.stalls,
+                "flag_longest_ms": [[round(1e3 * dt, 3), i] for dt, i in sorted(self.longest, reverse=True)]}
 
 
 def _spare_blocks(cfg: VattnConfig, vllm_config, budget_blocks: int) -> int:

@@ -4,7 +4,7 @@ Typical use, once per step:
 
     row = mgr.acquire_row()                  # a new request
     mgr.set_blocks(row, block_ids)           # its block list (only changed slots are remapped)
-    mgr.ensure_readable(row, read_tokens)    # zero page behind the end, for kernels that over-read
+    mgr.ensure_readable(row, read_tokens)    # a guard behind the end, for kernels that over-read
     ... launch the step ...
     mgr.record_reads(fence, {row: read_tokens})
     mgr.release_row(row)                     # finished or preempted
@@ -22,7 +22,8 @@ whose blocks are the same pays nothing, and stale slots are only ever read past 
 `acquire_row` hands out next mapped with them ahead of time, in the background (`warm()`, once per
 step): a fresh block put in such a slot moves into that frame (mapper.py), so a new request's first
 mappings cost no driver call while its step waits. How deep a row is warmed follows the recent new
-requests' fresh blocks.
+requests' fresh blocks. A few spares (PAD_RESERVE) are kept mapped nowhere for
+`ensure_readable`'s guard slots, which a growing row fills next (mapper.py).
 
     mgr.set_blocks(row, block_ids, fresh_from=ceil(num_computed_tokens / block_size))
     seq = mgr.publish(); ... launch the step ...; mgr.warm()
@@ -43,11 +44,17 @@ from .mapper import Fence, RowMapper
 from .pool import PagePool
 
 RECLAIM_POLICIES = ("deferred", "eager")
+# warm()'s outcomes, counted (stats()): calls that planned, that found nothing changed, that stopped at
+# a row a step in flight still reads or at the end of the spares mapped nowhere; the last depth
+_WARM_COUNTS = ("warm_calls", "warm_unchanged", "warm_stopped_in_flight", "warm_stopped_no_spare", "warm_depth")
 
 
 class KVMemoryManager:
     WARM_HISTORY = 64  # new requests whose fresh block counts set the warm depth
     WARM_ROWS = 64  # at most this many rows are kept warm (bounds warm()'s scan when requests are short)
+    # spares warm() leaves mapped nowhere for guard slots (at most this many, and 1/64 of the spares):
+    # FA3 over-reads at most 256 tokens (16 slots) past each prefill row but the longest (ops.read_extents)
+    PAD_RESERVE = 16
 
     def __init__(self, driver: Driver, layout: Layout, num_blocks: int, reclaim: str = "deferred",
                  background: bool | str = False, spare_blocks: int = 0):
@@ -93,6 +100,8 @@ class KVMemoryManager:
         self._closed = False
         self._recent_fresh: deque[int] = deque(maxlen=self.WARM_HISTORY)  # fresh blocks of new requests
         self._warm_stale = True  # something warm() depends on changed since it last finished its work
+        self.pad_reserve = min(self.PAD_RESERVE, spare_blocks // 64)
+        self.warm_counts = dict.fromkeys(_WARM_COUNTS, 0)
 
     # -- rows --------------------------------------------------------------------------
     @property
@@ -139,14 +148,18 @@ class KVMemoryManager:
         """Map spare frames, in the background, into the rows acquire_row() hands out next, each as
         deep as the most fresh blocks a recent new request had, until no spare is left unmapped.
         Call once per step, after the step's mappings were published. Returns slots now warm."""
-        if not self.pool.spare_frames or not self._recent_fresh or not self._warm_stale:
+        if not self.pool.spare_frames or not self._recent_fresh:
+            return 0
+        counts = self.warm_counts
+        if not self._warm_stale:
+            counts["warm_unchanged"] += 1
             return 0  # (nothing changed since a call that did all it could: a decode step's usual case)
         depth = max(self._recent_fresh)
+        counts["warm_depth"] = depth
         if depth == 0:
             return 0
-        where = self.mapper.where
-        cold = [f for f in self.pool.spare_frames if f not in where]
-        spares = iter(cold)
+        counts["warm_calls"] += 1
+        spares = itertools.islice(self._cold_spares(), self.pad_reserve, None)
         in_flight = self.mapper.rows_in_flight()
         warm, warmed = 0, set()
         for row in itertools.islice(self._free_rows, self.WARM_ROWS):
@@ -154,6 +167,7 @@ class KVMemoryManager:
             warmed.add(row)
             warm += got
             if got < depth:  # out of spares mapped nowhere (or the row is still read by a step in flight)
+                counts["warm_stopped_in_flight" if row in in_flight else "warm_stopped_no_spare"] += 1
                 break
         else:
             self._warm_stale = False
@@ -161,6 +175,7 @@ class KVMemoryManager:
         # A fresh block's former frame is a spare, but usually still mapped in the row of the request
         # that last used it (deferred reclamation). Unmap such aliases in idle rows not being warmed,
         # in the background, so that the next step can warm with them.
+        where = self.mapper.where
         idle = set(self._free_rows) - warmed - in_flight
         in_warm_rows = {f for r in warmed for f in self.mapper.slots[r][:depth]}
         freed = self.mapper.unmap_aliases([f for f in self.pool.spare_frames if f in where and f not in in_warm_rows],
@@ -170,10 +185,17 @@ class KVMemoryManager:
         self._warm_stale = bool(freed) or any(r in in_flight for r in self._free_rows)
         return warm
 
+    def _cold_spares(self):
+        """Spare frames mapped nowhere (warm() and guard slots take these)."""
+        where = self.mapper.where
+        return (f for f in self.pool.spare_frames if f not in where)
+
     def ensure_readable(self, row: int, num_tokens: int) -> None:
-        """Tokens [0, num_tokens) of `row` will be readable (the zero page where nothing is mapped)."""
+        """Tokens [0, num_tokens) of `row` will be readable: where nothing is mapped, a spare frame
+        mapped nowhere (the row's next fresh block moves into it: mapper.py), else the zero page."""
         self._require_active(row)
-        self.mapper.ensure_readable(row, -(-num_tokens // self.layout.block_size))
+        pad = self._cold_spares if self.pool.spare_frames else None
+        self.mapper.ensure_readable(row, -(-num_tokens // self.layout.block_size), pad)
 
     def record_reads(self, fence: Fence, reads: dict[int, int]) -> None:
         """A launched step may read tokens [0, reads[row]) of each row until `fence` completes."""
@@ -219,7 +241,7 @@ class KVMemoryManager:
         s.update(rows=self.layout.rows, active_rows=len(self._active), num_blocks=self.pool.num_blocks,
                  spare_frames=len(self.pool.spare_frames),
                  block_size=self.layout.block_size, pages_per_block=self.layout.pages_per_block,
-                 reserved_bytes=self.layout.total_bytes)
+                 reserved_bytes=self.layout.total_bytes, **self.warm_counts)
         native = getattr(self.mapper.executor, "stats", None)
         if native is not None:  # the native thread's own time (background modes)
             s.update(native())
@@ -228,6 +250,7 @@ class KVMemoryManager:
     def reset_stats(self) -> None:
         """Counters start again from zero (e.g. after start-up)."""
         self.mapper.stats = type(self.mapper.stats)()
+        self.warm_counts = dict.fromkeys(_WARM_COUNTS, 0)
         native = getattr(self.mapper.executor, "stats", None)
         if native is not None:
             native(reset=True)

@@ -26,7 +26,7 @@ import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, fields
-from typing import Container, Iterable, Iterator, Protocol, Sequence
+from typing import Callable, Container, Iterable, Iterator, Protocol, Sequence
 
 from ..errors import MappingError
 from .executor import ACCESS_RO, ACCESS_RW, DRAIN, MAP, UNMAP, WAIT_EVENT, Op
@@ -52,6 +52,7 @@ class MapperStats:
     zero_maps: int = 0  # slots given the zero page
     swaps: int = 0  # fresh blocks moved into the spare frame their slot already mapped (no driver call)
     warm_maps: int = 0  # spare frames mapped ahead of time into rows no request holds (background)
+    pad_maps: int = 0  # spare frames mapped, instead of the zero page, past a live row's end (over-read guard)
     hazard_waits: int = 0  # times an unmap had to wait for a step in flight
     driver_seconds: float = 0.0  # wall time the calling thread spent handing calls to the executor
 
@@ -130,7 +131,7 @@ class RowMapper:
             if not users:
                 del self.where[old]
 
-    def _map_slots(self, row: int, items: list[tuple[int, int]], warm: bool = False) -> None:
+    def _map_slots(self, row: int, items: list[tuple[int, int]], counter: str = "block_maps") -> None:
         """Map (slot, target) pairs of one row: every cuMemMap first, then one cuMemSetAccess per
         contiguous run of equal access (the driver charges set_access per page, but less per page
         over a range: 26.5 vs 31.9 us on H100)."""
@@ -163,16 +164,16 @@ class RowMapper:
         for va, n, writable in runs:
             emit((ACCESS_RW if writable else ACCESS_RO, va, n, 0))
         slots, where, stats = self.slots[row], self.where, self.stats
+        frames = 0
         for slot, target in items:
             slots[slot] = target
             if target == ZERO:
                 stats.zero_maps += 1
             else:
-                if warm:
-                    stats.warm_maps += 1
-                else:
-                    stats.block_maps += 1
+                frames += 1
                 where.setdefault(target, set()).add((row, slot))
+        if frames:
+            setattr(stats, counter, getattr(stats, counter) + frames)
 
     def set_blocks(self, row: int, blocks: Sequence[int], start: int = 0, fresh_from: int | None = None,
                    live_rows: Container[int] | None = None) -> int:
@@ -239,13 +240,27 @@ class RowMapper:
         """Were step ops planned, or handed to the executor, since the last signal (publish)?"""
         return bool(self._ops) or self.unsignaled
 
-    def ensure_readable(self, row: int, num_slots: int) -> int:
-        """Give every unmapped slot in [0, num_slots) the zero page, so over-reads cannot fault."""
+    def ensure_readable(self, row: int, num_slots: int, pad: Callable[[], Iterator[int]] | None = None) -> int:
+        """Give every unmapped slot in [0, num_slots) something readable, so over-reads cannot fault:
+        a spare frame from `pad()` (spares mapped nowhere; called only if there is a hole) while it
+        yields, else the zero page. A spare is the better guard: the row usually grows into these
+        slots a step later, and a fresh block then moves into the spare already there (no driver
+        call), where the zero page would have to be unmapped first - after waiting for the step in
+        flight that over-reads it, and the next step's signal waits for that (NOTES #38). The guard is
+        read masked either way (a spare holds zeros or a dead block's finite KV, as vLLM's stale
+        paged blocks do)."""
         num_slots = min(num_slots, self.layout.blocks_per_row)
         self._drain_warming(row)
-        holes = [(s, ZERO) for s in range(self._readable[row], num_slots) if self.slots[row][s] is None]
+        current = self.slots[row]
+        holes = [s for s in range(self._readable[row], num_slots) if current[s] is None]
         if holes:
-            self._map_slots(row, holes)
+            spares = pad() if pad is not None else iter(())
+            items = [(s, next(spares, ZERO)) for s in holes]
+            padded = [it for it in items if it[1] != ZERO]
+            if padded:
+                self._map_slots(row, padded, counter="pad_maps")
+            if len(padded) < len(items):
+                self._map_slots(row, [it for it in items if it[1] == ZERO])
         self._flush()
         self._readable[row] = max(self._readable[row], num_slots)
         return len(holes)
@@ -278,7 +293,7 @@ class RowMapper:
                 self._unmap_slot(row, s)
             items.append((s, f))
         if items:
-            self._map_slots(row, items, warm=True)
+            self._map_slots(row, items, counter="warm_maps")
             self._flush_background({row})
         return ready + len(items)
 
