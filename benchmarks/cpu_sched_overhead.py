@@ -14,6 +14,7 @@ so this is the Python the engine thread runs for us, without the GPU's driver an
 
 import argparse
 import cProfile
+import gc
 import os
 import pstats
 import time
@@ -70,7 +71,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
     live = {}
     t = dict.fromkeys(PHASES, 0.0)
 
-    def drive(prompts: list[list[int]], max_tokens: int) -> int:
+    def drive(prompts: list[list[int]], max_tokens: int, clip: bool = True) -> int:
         """Schedules the requests to the end through our hooks; returns the steps taken."""
         steps = 0
         for prompt in prompts:
@@ -99,7 +100,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             seq = np.array([live[r].num_computed_tokens for r in ids], dtype=np.int64)
             q = np.array([out.num_scheduled_tokens[r] for r in ids], dtype=np.int64)
             c4 = time.perf_counter()
-            fa3, ext = ops.read_extents(seq, q, "fa2", 256, lay.row_tokens, clip_to_view=True)
+            fa3, ext = ops.read_extents(seq, q, "fa2", 256, lay.row_tokens, clip_to_view=clip)
             for row, e in zip(row_of[fa3].tolist(), ext[fa3].tolist()):
                 mgr.ensure_readable(row, e)
             reads = dict(zip(row_of.tolist(), ext.tolist()))
@@ -120,9 +121,13 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
         return steps
 
     if warmup:  # vLLM's warm-up: max_num_seqs 2-token prefills through the runner (worker.py), not counted
-        drive([[7, 8 + i % 1000] for i in range(max_num_seqs)], 1)
+        drive([[7, 8 + i % 1000] for i in range(max_num_seqs)], 1, clip=False)
+        if spares:
+            mgr.reclaim_spares()  # as the worker does at the end of start-up
         mgr.reset_stats()
         t.update(dict.fromkeys(PHASES, 0.0))
+    gc.collect()
+    gc.freeze()  # as vLLM's EngineCore does once started (freeze_gc_heap): what start-up made is never scanned
     _LaggingFence.queries = 0
     steps = drive([[1000 + (i * 7919 + k * 104729) % 20000 for k in range(n_in)] for i in range(n_req)], n_out)
     s = mgr.stats()

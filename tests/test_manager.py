@@ -447,3 +447,21 @@ def test_ops_reach_the_native_thread_byte_for_byte():
     c = (_COp * len(ops)).from_buffer(arr)
     assert [(o.kind, o.pad, o.va, o.size, o.handle) for o in c] == [(k, 0, va, s, h) for k, va, s, h in ops]
     assert arr.nbytes == len(ops) * ctypes.sizeof(_COp)
+
+
+def test_a_fence_that_never_reports_done_does_not_keep_later_steps_in_flight(driver):
+    """Fences complete in launch order, so once the newest of more than RETIRE_NEWEST_FROM is done,
+    all are: a step whose fence never said so must not keep every later step's rows in flight."""
+    from vllm_vattention.memory.mapper import RowMapper
+    mgr = make_manager(driver, rows=8)
+    stuck = FakeFence(seq=1)
+    stuck.done = lambda: False
+    mgr.record_reads(stuck, {1: 16})
+    later = [FakeFence(seq=i) for i in range(2, 2 + RowMapper.RETIRE_NEWEST_FROM + 1)]
+    for i, f in enumerate(later):
+        mgr.record_reads(f, {2 + i % 5: 16})
+    assert mgr.mapper.rows_in_flight()  # nothing finished yet
+    later[-1].complete()
+    assert mgr.mapper.rows_in_flight() == set()
+    assert mgr.stats()["inflight_max"] == len(later) + 1
+    mgr.close()

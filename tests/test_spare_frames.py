@@ -385,7 +385,7 @@ def test_guard_slots_take_spares_so_the_rows_growth_needs_no_wait_and_no_driver_
 
 def test_guard_slots_fall_back_to_the_zero_page_and_warm_leaves_spares_for_them(driver):
     mgr = make_manager(driver, rows=6, max_tokens=512, num_blocks=400, spare_blocks=128)
-    assert mgr.pad_reserve == 2  # 128 spares: 1/64 of them
+    assert mgr.pad_reserve == 4  # 128 spares: 1/32 of them
     r0 = mgr.acquire_row()  # a first request teaches the warm depth (40 fresh blocks: 5 free rows take 200)
     mgr.set_blocks(r0, list(range(40)), fresh_from=0)
     mgr.release_row(r0)
@@ -394,10 +394,38 @@ def test_guard_slots_fall_back_to_the_zero_page_and_warm_leaves_spares_for_them(
     mgr.warm()
     cold = [f for f in mgr.pool.spare_frames if f not in mgr.mapper.where]
     assert len(cold) == mgr.pad_reserve  # warm() took every other spare mapped nowhere
-    mgr.ensure_readable(r, 5 * mgr.layout.block_size)  # 4 guard slots: 2 spares, then the zero page
-    assert set(mgr.mapper.slots[r][1:3]) == set(cold)
-    assert mgr.mapper.slots[r][3:5] == [ZERO, ZERO]
-    assert mgr.stats()["pad_maps"] == 2 and mgr.stats()["zero_maps"] == 2
+    mgr.ensure_readable(r, 7 * mgr.layout.block_size)  # 6 guard slots: 4 spares, then the zero page
+    assert set(mgr.mapper.slots[r][1:5]) == set(cold)
+    assert mgr.mapper.slots[r][5:7] == [ZERO, ZERO]
+    assert mgr.stats()["pad_maps"] == 4 and mgr.stats()["zero_maps"] == 2
     mgr.mapper.check_invariants()
+    mgr.close()
+    assert driver.leaks() == []
+
+
+def test_reclaim_spares_frees_the_spares_guard_slots_left_in_released_rows(driver):
+    """vLLM's warm-up (max_num_seqs 2-token prefills, each with FA3's guard) leaves spares in the
+    guard slots of rows that acquire_row() hands out last; reclaim_spares() at the end of start-up
+    unmaps them (after the steps in flight), so warm() can place every spare when serving starts."""
+    from helpers import FakeFence
+    mgr = make_manager(driver, rows=8, max_tokens=64, num_blocks=32, spare_blocks=8, background="stream")
+    bs = mgr.layout.block_size
+    steps = [FakeFence(seq=b + 1) for b in range(4)]
+    for b, step in enumerate(steps):  # four warm-up requests, each with a 3-slot guard, then released
+        r = mgr.acquire_row()
+        mgr.set_blocks(r, [b], fresh_from=0)
+        mgr.ensure_readable(r, 4 * bs)
+        mgr.record_reads(step, {r: 4 * bs})
+        mgr.release_row(r)
+    mgr.publish()
+    cold = lambda: sum(f not in mgr.mapper.where for f in mgr.pool.spare_frames)  # noqa: E731
+    assert mgr.stats()["pad_maps"] == 8 and cold() == 0
+    assert mgr.reclaim_spares() == 8
+    assert all(step.waited for step in steps)  # it waited for the steps that over-read the guards
+    assert cold() == 8 and mgr.stats()["block_unmaps"] == 8
+    mgr.mapper.check_invariants()
+    r = mgr.acquire_row()  # serving starts: a request teaches the depth, warm() places every spare
+    mgr.set_blocks(r, [10, 11], fresh_from=0)
+    assert mgr.warm() == 8
     mgr.close()
     assert driver.leaks() == []

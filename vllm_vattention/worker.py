@@ -443,9 +443,11 @@ class VattnWorker(Worker):
     def compile_or_warm_up_model(self):
         """vLLM's warm-up runs real requests through the runner (V2: up to max_num_seqs 2-token
         prefills, each given FA3's guard); those mappings are start-up cost, so they are logged
-        apart and the serving counters start at zero."""
+        apart and the serving counters start at zero, and the spares its guards took are freed."""
         out = super().compile_or_warm_up_model()
         runner = self.model_runner
         if getattr(runner, "vattn", None) is not None:
+            if runner.vattn.pool.spare_frames:
+                runner.vattn.reclaim_spares()  # the warm-up's guard slots took spares: serving starts with all free
             logger.info("vAttention warm-up mapper stats: %s", self.vattn_report(reset=True))
         return out

@@ -52,9 +52,12 @@ _WARM_COUNTS = ("warm_calls", "warm_unchanged", "warm_stopped_in_flight", "warm_
 class KVMemoryManager:
     WARM_HISTORY = 64  # new requests whose fresh block counts set the warm depth
     WARM_ROWS = 64  # at most this many rows are kept warm (bounds warm()'s scan when requests are short)
-    # spares warm() leaves mapped nowhere for guard slots (at most this many, and 1/64 of the spares):
+    # spares warm() leaves mapped nowhere for guard slots (at most this many, and 1/32 of the spares):
     # FA3 over-reads at most 256 tokens (16 slots) past each prefill row but the longest (ops.read_extents)
     PAD_RESERVE = 16
+    # warm()'s first planning calls are kept (stats' warm_trace): depth, slots warm, rows looked at,
+    # rows in flight, spares freed from idle rows - how the first wave of requests found the rows
+    WARM_TRACE = 24
 
     def __init__(self, driver: Driver, layout: Layout, num_blocks: int, reclaim: str = "deferred",
                  background: bool | str = False, spare_blocks: int = 0):
@@ -100,8 +103,9 @@ class KVMemoryManager:
         self._closed = False
         self._recent_fresh: deque[int] = deque(maxlen=self.WARM_HISTORY)  # fresh blocks of new requests
         self._warm_stale = True  # something warm() depends on changed since it last finished its work
-        self.pad_reserve = min(self.PAD_RESERVE, spare_blocks // 64)
+        self.pad_reserve = min(self.PAD_RESERVE, spare_blocks // 32)
         self.warm_counts = dict.fromkeys(_WARM_COUNTS, 0)
+        self.warm_trace: list[tuple[int, ...]] = []
 
     # -- rows --------------------------------------------------------------------------
     @property
@@ -171,6 +175,7 @@ class KVMemoryManager:
                 break
         else:
             self._warm_stale = False
+            self._trace_warm(depth, warm, len(warmed), len(in_flight), 0)
             return warm
         # A fresh block's former frame is a spare, but usually still mapped in the row of the request
         # that last used it (deferred reclamation). Unmap such aliases in idle rows not being warmed,
@@ -183,7 +188,26 @@ class KVMemoryManager:
         # done until something changes, unless spares were freed for the next call or an idle row is
         # still read by a step in flight (that ends without a call here)
         self._warm_stale = bool(freed) or any(r in in_flight for r in self._free_rows)
+        self._trace_warm(depth, warm, len(warmed), len(in_flight), freed)
         return warm
+
+    def _trace_warm(self, *outcome: int) -> None:
+        """The first WARM_TRACE planning calls since the counters were reset, for stats()."""
+        if len(self.warm_trace) < self.WARM_TRACE:
+            self.warm_trace.append(outcome)
+
+    def reclaim_spares(self) -> int:
+        """Unmap every spare frame from the rows no request holds, after every step in flight, so that
+        all spares are mapped nowhere and warm() can place them; returns how many were freed. For the
+        end of start-up: vLLM's warm-up requests leave guard slots holding spares in rows that
+        acquire_row() hands out last (warm() would free them only as they come up)."""
+        self.mapper.wait_all()
+        idle = set(self._free_rows)
+        freed = self.mapper.unmap_aliases([f for f in self.pool.spare_frames if f in self.mapper.where],
+                                          idle.__contains__)
+        self.sync()
+        self._warm_stale = True
+        return freed
 
     def _cold_spares(self):
         """Spare frames mapped nowhere (warm() and guard slots take these)."""
@@ -241,7 +265,8 @@ class KVMemoryManager:
         s.update(rows=self.layout.rows, active_rows=len(self._active), num_blocks=self.pool.num_blocks,
                  spare_frames=len(self.pool.spare_frames),
                  block_size=self.layout.block_size, pages_per_block=self.layout.pages_per_block,
-                 reserved_bytes=self.layout.total_bytes, **self.warm_counts)
+                 reserved_bytes=self.layout.total_bytes, **self.warm_counts,
+                 warm_trace=[list(t) for t in self.warm_trace])
         native = getattr(self.mapper.executor, "stats", None)
         if native is not None:  # the native thread's own time (background modes)
             s.update(native())
@@ -251,6 +276,7 @@ class KVMemoryManager:
         """Counters start again from zero (e.g. after start-up)."""
         self.mapper.stats = type(self.mapper.stats)()
         self.warm_counts = dict.fromkeys(_WARM_COUNTS, 0)
+        self.warm_trace = []
         native = getattr(self.mapper.executor, "stats", None)
         if native is not None:
             native(reset=True)

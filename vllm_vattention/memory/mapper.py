@@ -54,6 +54,7 @@ class MapperStats:
     warm_maps: int = 0  # spare frames mapped ahead of time into rows no request holds (background)
     pad_maps: int = 0  # spare frames mapped, instead of the zero page, past a live row's end (over-read guard)
     hazard_waits: int = 0  # times an unmap had to wait for a step in flight
+    inflight_max: int = 0  # most steps in flight at once (launched, fence not yet seen done)
     driver_seconds: float = 0.0  # wall time the calling thread spent handing calls to the executor
 
     def as_dict(self) -> dict:
@@ -61,6 +62,7 @@ class MapperStats:
 
 
 class RowMapper:
+    RETIRE_NEWEST_FROM = 4  # with more steps in flight than this, _retire() first asks the newest fence
     def __init__(self, layout: Layout, pool: PagePool, base_va: int, executor, defer_waits: bool = False):
         self.executor = executor  # runs the planned driver calls (executor.py)
         self._ops: list[Op] = []  # planned driver calls, run by the executor at the end of each call
@@ -85,10 +87,19 @@ class RowMapper:
         change it afterwards."""
         self._retire()
         self._inflight.append((fence, reads))
+        if len(self._inflight) > self.stats.inflight_max:
+            self.stats.inflight_max = len(self._inflight)
 
     def _retire(self) -> None:
-        while self._inflight and self._inflight[0][0].done():
-            self._inflight.popleft()
+        q = self._inflight
+        if len(q) > self.RETIRE_NEWEST_FROM and q[-1][0].done():
+            # Fences complete in launch order, so the newest done means every one is; without this, a
+            # fence that never reported done (seen as spares stranded on the H100, NOTES #38) would
+            # keep every later step's rows "in flight" for good
+            q.clear()
+            return
+        while q and q[0][0].done():
+            q.popleft()
 
     def _wait_readers(self, row: int, slot: int) -> None:
         """(The public methods that unmap retire finished steps once, before their loop: a fence's
