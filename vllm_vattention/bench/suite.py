@@ -490,6 +490,24 @@ def step_rows(results: list[dict]) -> list[dict]:
             for (wl, s), ws in by.items()]
 
 
+SPARE_COUNTERS = ("swaps", "warm_maps", "pad_maps", "warm_calls", "warm_stopped_in_flight", "warm_stopped_no_spare")
+
+
+def spare_rows(results: list[dict]) -> list[dict]:
+    """Per workload and system: how spare frames worked (medians of the counters), the most steps
+    in flight and the longest stall at the flag over repetitions; runs without the counters (stock,
+    older runs) are left out."""
+    def pick(r: dict) -> dict | None:
+        m = _mapper(r)
+        return m if m.get("spare_frames") and "warm_calls" in m else None
+    by = _grouped(results, pick)
+    return [{"workload": w, "system": s, "n": len(ms), "spares": statistics.median(m["spare_frames"] for m in ms),
+             **{k: statistics.median(m.get(k, 0) for m in ms) for k in SPARE_COUNTERS},
+             "inflight_max": max(m.get("inflight_max", 0) for m in ms),
+             "longest_stall_ms": max((m.get("flag_longest_ms") or [[None]])[0][0] or 0 for m in ms)}
+            for (w, s), ms in by.items()]
+
+
 def hook_rows(results: list[dict]) -> list[dict]:
     """Per workload and system: median ms per step of each part of our hooks (the worker's
     hook_seconds; runs without it, stock's or older ones, are left out)."""
@@ -548,6 +566,15 @@ def markdown(doc: dict) -> str:
                            "sample_tokens ms/call", "our prepare_attn ms/step", "our metadata build ms/step"],
                           [[m["workload"], m["system"], m["n"], f"{m['calls']:.0f}", f"{m['execute_ms']:.3f}",
                             f"{m['sample_ms']:.3f}", _secs(m["prepare_ms"]), _secs(m["build_ms"])] for m in steps])
+    spares = spare_rows(res)
+    if spares:
+        lines += _section("Spare frames (medians over repetitions; steps in flight and the longest flag stall: the most)",
+                          ["workload", "system", "runs", "spares", "swaps", "warm maps", "guard spares",
+                           "warm() planning calls", "stopped: row in flight", "stopped: no spare", "steps in flight",
+                           "longest flag stall ms"],
+                          [[m["workload"], m["system"], m["n"], f"{m['spares']:.0f}"]
+                           + [f"{m[k]:.0f}" for k in SPARE_COUNTERS]
+                           + [m["inflight_max"], f"{m['longest_stall_ms']:.1f}"] for m in spares])
     parts = hook_rows(res)
     if parts:
         names = list(parts[0]["ms"])
