@@ -70,6 +70,8 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
     rows = RequestRows(mgr)
     live = {}
     t = dict.fromkeys(PHASES, 0.0)
+    first_step: dict[str, int] = {}  # the first step's critical-path maps and swaps (no earlier step hides them)
+    admitting = {"steps": 0, "block_maps": 0}  # steps that admit requests, and the block maps they plan
 
     def drive(prompts: list[list[int]], max_tokens: int, clip: bool = True) -> int:
         """Schedules the requests to the end through our hooks; returns the steps taken."""
@@ -83,6 +85,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             out = sched.schedule()
             steps += 1
             c0 = time.perf_counter()
+            maps_before = mgr.mapper.stats.block_maps
             for rid in out.finished_req_ids | (out.preempted_req_ids or set()):
                 rows.remove(rid)
             c1 = time.perf_counter()
@@ -95,6 +98,12 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
                 if new_ids is not None and new_ids[0]:
                     rows.extend(rid, new_ids[0], fresh=rid not in c.resumed_req_ids)
             c3 = time.perf_counter()
+            if steps == 1:
+                first_step["block_maps"] = mgr.mapper.stats.block_maps
+                first_step["swaps"] = mgr.mapper.stats.swaps
+            if out.scheduled_new_reqs:  # a step that admits requests: its maps are the ones a GPU waits for most
+                admitting["steps"] += 1
+                admitting["block_maps"] += mgr.mapper.stats.block_maps - maps_before
             ids = list(out.num_scheduled_tokens)
             row_of = np.array([rows.row(r) for r in ids], dtype=np.int64)
             seq = np.array([live[r].num_computed_tokens for r in ids], dtype=np.int64)
@@ -126,6 +135,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             mgr.reclaim_spares()  # as the worker does at the end of start-up
         mgr.reset_stats()
         t.update(dict.fromkeys(PHASES, 0.0))
+        admitting.update(steps=0, block_maps=0)
     gc.collect()
     gc.freeze()  # as vLLM's EngineCore does once started (freeze_gc_heap): what start-up made is never scanned
     _LaggingFence.queries = 0
@@ -137,7 +147,9 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             "block_maps": s["block_maps"], "swaps": s["swaps"], "warm_maps": s["warm_maps"],
             "block_unmaps": s["block_unmaps"], "zero_maps": s["zero_maps"], "pad_maps": s["pad_maps"],
             "hazard_waits": s["hazard_waits"], **{k: s[k] for k in s if k.startswith("warm_") and k != "warm_maps"},
-            "event_queries_per_step": round(_LaggingFence.queries / steps, 2)}
+            "event_queries_per_step": round(_LaggingFence.queries / steps, 2),
+            **{f"first_step_{k}": v for k, v in first_step.items()},
+            **{f"admitting_{k}": v for k, v in admitting.items()}}
 
 
 def main() -> None:
