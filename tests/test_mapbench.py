@@ -28,3 +28,16 @@ def test_the_contention_phase_maps_and_unmaps_cleanly_many_times_over():
         d.release(h)
     d.free_reservation(va, 8 * PAGE)
     assert d.leaks() == []
+
+
+def test_the_thread_scaling_phase_maps_every_page_once_per_trial_and_leaves_nothing():
+    from vllm_vattention.bench.mapbench import parallel_driver
+    from vllm_vattention.memory import PAGE_SIZE
+    d = FakeDriver(PAGE_SIZE, capacity=64 * PAGE_SIZE)
+    rows = parallel_driver(d, pages=16, threads=(1, 2, 4))
+    assert [r["threads"] for r in rows] == [1, 2, 4]
+    assert rows[0]["speedup_map_and_access"] == 1.0
+    assert all(r["set_access_us_per_page"] > 0 and r["map_and_access_us_per_page"] > 0 for r in rows)
+    # per trial: 16 maps before the set_access phase, 16 more in the map + set_access phase
+    assert d.stats.calls["map"] == 3 * 32 and d.stats.calls["set_access_calls"] == 3 * 32
+    assert d.leaks() == []

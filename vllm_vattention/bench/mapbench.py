@@ -47,6 +47,72 @@ def driver_costs(d: CudaDriver, pages: int) -> dict:
     return out
 
 
+def parallel_driver(d, pages: int = 1024, threads: tuple[int, ...] = (1, 2, 4, 8)) -> list[dict]:
+    """Do the driver's VMM calls scale over threads? A step that admits requests maps up to one
+    step's blocks (1024 at 1024-in/128-out) while the GPU waits (NOTES #40), one mapping thread,
+    ~75 us a page. For each thread count: wall time per page of cuMemSetAccess alone (pages mapped
+    beforehand) and of cuMemMap + cuMemSetAccess, each thread one page per call on its own slice
+    (ctypes releases the GIL around driver calls, so Python threads stand in for native ones)."""
+    import threading
+    va = d.reserve(pages * PAGE_SIZE)
+    addrs = [va + i * PAGE_SIZE for i in range(pages)]
+    hs = [d.create(PAGE_SIZE) for _ in range(pages)]
+    pairs = list(zip(addrs, hs))
+
+    def timed(n: int, work) -> float:
+        """Seconds for n threads to run work(slice) over their slices of `pairs`, started together."""
+        slices = [pairs[k::n] for k in range(n)]
+        ready = threading.Barrier(n + 1)
+        errors: list[BaseException] = []
+
+        def run(sl):
+            ready.wait()
+            try:
+                work(sl)
+            except BaseException as e:  # surfaced below, in the caller's thread
+                errors.append(e)
+        ts = [threading.Thread(target=run, args=(sl,)) for sl in slices]
+        for t in ts:
+            t.start()
+        ready.wait()
+        t0 = time.perf_counter()
+        for t in ts:
+            t.join()
+        dt = time.perf_counter() - t0
+        if errors:
+            raise errors[0]
+        return dt
+
+    def access(sl):
+        for a, _ in sl:
+            d.set_access(a, PAGE_SIZE)
+
+    def map_and_access(sl):
+        for a, h in sl:
+            d.map(a, PAGE_SIZE, h)
+            d.set_access(a, PAGE_SIZE)
+
+    out = []
+    try:
+        for n in threads:
+            for a, h in pairs:
+                d.map(a, PAGE_SIZE, h)
+            t_access = timed(n, access)
+            d.unmap(va, pages * PAGE_SIZE)
+            t_both = timed(n, map_and_access)
+            d.unmap(va, pages * PAGE_SIZE)
+            out.append({"threads": n, "set_access_us_per_page": t_access / pages * 1e6,
+                        "map_and_access_us_per_page": t_both / pages * 1e6})
+    finally:
+        for h in hs:
+            d.release(h)
+        d.free_reservation(va, pages * PAGE_SIZE)
+    base = out[0]
+    for r in out:
+        r["speedup_map_and_access"] = base["map_and_access_us_per_page"] / r["map_and_access_us_per_page"]
+    return out
+
+
 def manager_costs(d: CudaDriver, rows: int, blocks_per_row: int) -> dict:
     lay = make_layout("interleaved", LLAMA3_8B, PAGE_SIZE, rows=rows, min_row_tokens=blocks_per_row * 16)
     m = KVMemoryManager(d, lay, 2 * rows * blocks_per_row)
@@ -210,7 +276,7 @@ def main(argv=None) -> None:
     res = {**env, "driver_per_page": driver_costs(d, args.pages),
            "manager": manager_costs(d, rows=32, blocks_per_row=64),
            "step_loop": [step_loop(d, bg, steps=60, batch=32, cpu_work_s=0.004) for bg in (False, True)],
-           "contention": contention(d)}
+           "contention": contention(d), "parallel": parallel_driver(d, args.pages)}
     os.makedirs(args.out, exist_ok=True)
     stem = results_stem(args.out, env, "-mapbench")
     with open(stem + ".json", "w") as f:
@@ -236,6 +302,10 @@ def main(argv=None) -> None:
         if f"{key}_idle" in c:
             lines.append(f"| {what} | {c[f'{key}_idle']:{fmt}} | {c[f'{key}_mapping']:{fmt}} | "
                          f"{c[f'{key}_native_driver_s']:.3f} |")
+    lines += ["", f"| driver calls over threads ({args.pages} pages, wall time) | set_access us/page | "
+              "map + set_access us/page | speedup |", "|---|---|---|---|"]
+    lines += [f"| {r['threads']} thread(s) | {r['set_access_us_per_page']:.1f} | {r['map_and_access_us_per_page']:.1f} | "
+              f"{r['speedup_map_and_access']:.2f}x |" for r in res["parallel"]]
     write_markdown(stem, "\n".join(lines) + "\n")
 
 
