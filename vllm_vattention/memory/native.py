@@ -63,6 +63,7 @@ def load_library() -> ctypes.CDLL:
         lib.vattn_mapper_wait.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint64,
                                           ctypes.POINTER(ctypes.c_uint64)]
         lib.vattn_mapper_destroy.argtypes = [ctypes.c_void_p]
+        lib.vattn_mapper_set_lanes.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64]
         for name in ("vattn_mapper_submit", "vattn_mapper_submit_background"):
             getattr(keep, name).argtypes = [ctypes.c_void_p, ctypes.POINTER(_COp), ctypes.c_uint64]
         keep.vattn_mapper_poll.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint64]
@@ -83,7 +84,10 @@ def load_library_keeping_gil() -> ctypes.PyDLL:
 
 
 class NativeExecutor:
-    def __init__(self, table: DriverTable, keepalive: tuple = ()):
+    def __init__(self, table: DriverTable, keepalive: tuple = (), threads: int = 1, lane_base: int = 0,
+                 lane_bytes: int = 0):
+        """threads > 1: a step's runs of driver calls are split over that many threads by lane,
+        (va - lane_base) // lane_bytes (csrc/mapper.cpp); one lane's calls keep their order."""
         self._lib = load_library()
         self._fast = load_library_keeping_gil()
         self._table = table
@@ -91,6 +95,10 @@ class NativeExecutor:
         self._handle = self._lib.vattn_mapper_create(ctypes.byref(table))
         if not self._handle:
             raise RuntimeError("vattn_mapper_create failed (incomplete driver table)")
+        if threads != 1 and self._lib.vattn_mapper_set_lanes(self._handle, threads, lane_base, lane_bytes):
+            self.close()
+            raise ValueError(f"{threads} mapping threads with lanes of {lane_bytes} bytes: use 1 to 64 threads "
+                             "and lanes of at least one byte")
         self.ops_done = 0
         self.background_submitted = 0
         self._poll_text = ctypes.create_string_buffer(256)
