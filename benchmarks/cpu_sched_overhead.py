@@ -72,6 +72,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
     t = dict.fromkeys(PHASES, 0.0)
     first_step: dict[str, int] = {}  # the first step's critical-path maps and swaps (no earlier step hides them)
     admitting = {"steps": 0, "block_maps": 0}  # steps that admit requests, and the block maps they plan
+    step_reads = ops.StepReads(lay.block_size)  # as the worker builds each step's reads
 
     def drive(prompts: list[list[int]], max_tokens: int, clip: bool = True) -> int:
         """Schedules the requests to the end through our hooks; returns the steps taken."""
@@ -112,12 +113,12 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             fa3, ext = ops.read_extents(seq, q, "fa2", 256, lay.row_tokens, clip_to_view=clip)
             for row, e in zip(row_of[fa3].tolist(), ext[fa3].tolist()):
                 mgr.ensure_readable(row, e)
-            reads = dict(zip(row_of.tolist(), ext.tolist()))
+            reads = step_reads(row_of, ext)
             c5 = time.perf_counter()
             mgr.publish()
             c6 = time.perf_counter()
             _LaggingFence.step += 1
-            mgr.record_reads(_LaggingFence(), reads)
+            mgr.record_read_slots(_LaggingFence(), reads)
             c7 = time.perf_counter()
             if spares:
                 mgr.warm()

@@ -65,7 +65,8 @@ def test_rows_slots_and_fa3_extents(runner):
     assert slots[0].tolist() == (token_rows * row_len + positions).tolist() + [-1]  # 7 tokens padded to 8
     # FA3 (the prefill) may read past its sequence; clipped to the view, the longest FA3 row (the
     # only one here) needs nothing more than its own blocks, the decodes (FA2) read what they hold
-    assert runner._pending_reads == {want_rows[0]: seq[2], want_rows[1]: seq[0], want_rows[2]: seq[1]}
+    assert runner._pending_reads == {want_rows[0]: -(-seq[2] // bs), want_rows[1]: -(-seq[0] // bs),
+                                     want_rows[2]: -(-seq[1] // bs)}  # in block slots
     mgr.mapper.check_invariants()
     # its time went to the parts of prepare_attn (the sync mode has no stream wait), and adds up
     parts = runner.vattn_report()["hook_seconds"]
@@ -122,3 +123,25 @@ def test_decode_steps_send_rows_only_when_they_change(runner, monkeypatch):
     rows.reverse()  # the batch's order changed
     runner._row_np[:2] = rows
     step([13, 9], expect_sent=2)
+
+
+def test_a_decode_step_that_reads_the_same_slots_hands_the_last_steps_reads_on(runner):
+    """The fence's {row: slots read} is rebuilt only when a row crosses into a new block (or the
+    batch changes); otherwise the last step's dict is handed on unchanged."""
+    mgr = runner.vattn
+    bs = mgr.layout.block_size
+    rows = [mgr.acquire_row() for _ in range(2)]
+    for i, row in enumerate(rows):
+        mgr.set_blocks(row, [2 * i, 2 * i + 1])
+        runner._row_np[i] = row
+    runner.prepare_attn(decode_batch(rows, [bs + 1, bs + 2]))
+    first = runner._pending_reads
+    assert first == {rows[0]: 2, rows[1]: 2}
+    runner.prepare_attn(decode_batch(rows, [bs + 2, bs + 3]))
+    assert runner._pending_reads is first  # same slots: no new dict
+    mgr.set_blocks(rows[1], [9], start=2)
+    runner.prepare_attn(decode_batch(rows, [bs + 3, 2 * bs + 1]))  # row 1 crosses into its third block
+    assert runner._pending_reads == {rows[0]: 2, rows[1]: 3} and first == {rows[0]: 2, rows[1]: 2}
+    runner._row_np[:2] = rows[::-1]
+    runner.prepare_attn(decode_batch(rows[::-1], [2 * bs + 1, bs + 3]))  # the batch's order changed
+    assert list(runner._pending_reads) == rows[::-1]

@@ -201,7 +201,7 @@ class VattnModelRunner(V2ModelRunner):
         self._row_np = np.full(self.max_num_reqs, -1, dtype=np.int64)  # request-state index -> row (-1: none)
         self._init_step_staging(device)
         self.vattn_rows = RequestRows(self.vattn)  # request id -> row, blocks mapped
-        self._pending_reads: dict[int, int] | None = None
+        self._pending_reads: dict[int, int] | None = None  # {row: block slots} the launched step may read
         self.reset_timers()
         logger.info("vAttention KV: %d blocks of %d tokens (%d MiB), %d rows x %d tokens, %.1f GiB reserved",
                     kv_cache_config.num_blocks, layout.block_size, layout.block_bytes >> 20, rows,
@@ -217,6 +217,7 @@ class VattnModelRunner(V2ModelRunner):
         self._staged: dict[str, np.ndarray] = {}  # "rows" (block-table buffer), "row_starts" (_row_starts)
         self._row_starts = torch.zeros(self.block_tables.slot_mappings.shape[1], dtype=torch.int64, device=device)
         self._waited: tuple[int, int] | None = None
+        self._step_reads = ops.StepReads(self.vattn.layout.block_size)  # each step's {row: slots read}
 
     def _stage(self, name: str, array: np.ndarray, dst: torch.Tensor) -> None:
         """Copy `array` into the GPU buffer `dst` unless it is what was last sent under `name`."""
@@ -324,9 +325,8 @@ class VattnModelRunner(V2ModelRunner):
                                         self.vattn_cfg.decode_kernel, self.vattn_cfg.guard_tokens, row_len,
                                         clip_to_view=self.vattn_cfg.fa3_guard == "clipped")
         for row, extent in zip(rows[:n][fa3].tolist(), extents[fa3].tolist()):
-            self.vattn.ensure_readable(row, extent)  # FA3 over-reads: zero page behind the end
-        reads = dict(zip(rows[:n].tolist(), extents.tolist()))
-        self._pending_reads = reads
+            self.vattn.ensure_readable(row, extent)  # FA3 over-reads: a guard behind the end
+        self._pending_reads = self._step_reads(rows[:n], extents)
         hooks = self.hook_seconds
         t1 = time.perf_counter()
         hooks["rows"] += t - t0
@@ -374,7 +374,7 @@ class VattnModelRunner(V2ModelRunner):
         out = super().execute_model(scheduler_output, *args, **kwargs)
         if self._pending_reads:
             t_fence = time.perf_counter()
-            self.vattn.record_reads(EventFence(), self._pending_reads)
+            self.vattn.record_read_slots(EventFence(), self._pending_reads)
             self._pending_reads = None
             t_warm = time.perf_counter()
             self.hook_seconds["fence"] += t_warm - t_fence

@@ -59,6 +59,26 @@ def read_extents(seq_lens: np.ndarray, query_lens: np.ndarray, decode_kernel: st
     return fa3, ext
 
 
+class StepReads:
+    """Each step's {row: block slots it may read} (for its fence: memory.KVMemoryManager.record_read_slots)
+    from the rows and read extents in tokens. Most decode steps read the same slots as the step
+    before (a row crosses into a new block every block_size tokens); then the last step's dict is
+    handed on, not built again for every row of the batch (the mapper never changes it)."""
+
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+        self._last: tuple[np.ndarray, np.ndarray, dict[int, int]] | None = None
+
+    def __call__(self, rows: np.ndarray, extents: np.ndarray) -> dict[int, int]:
+        slots = -(-extents // self.block_size)
+        last = self._last
+        if last is not None and np.array_equal(last[0], rows) and np.array_equal(last[1], slots):
+            return last[2]
+        reads = dict(zip(rows.tolist(), slots.tolist()))
+        self._last = (rows.copy(), slots, reads)
+        return reads
+
+
 def write_kv(key: torch.Tensor, value: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,
              slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
              v_scale: torch.Tensor | None = None) -> None:

@@ -231,6 +231,11 @@ class KVMemoryManager:
         bs = self.layout.block_size
         self.mapper.record_reads(fence, {r: -(-n // bs) for r, n in reads.items()})
 
+    def record_read_slots(self, fence: Fence, slots: dict[int, int]) -> None:
+        """record_reads in block slots: slots [0, slots[row]) of each row. The dict is kept as it
+        is (the caller must not change it; it may hand the same one on for the next step)."""
+        self.mapper.record_reads(fence, slots)
+
     def sync(self) -> None:
         """Wait until every planned mapping is in place (before launching the step that needs it).
         With background=True the driver calls run on a native thread; otherwise this is free."""
