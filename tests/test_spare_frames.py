@@ -241,6 +241,7 @@ class SpareMachine(ManagerMachineBase):
         self.driver = FakeDriver(PAGE)
         lay = make_layout(layout, SMALL, PAGE, rows=ROWS, min_row_tokens=24)
         self.mgr = KVMemoryManager(self.driver, lay, NUM_BLOCKS, background=background, spare_blocks=SPARES)
+        self.mgr.pad_reserve = 1  # (0 at 4 spares) so that guards also take spares while warm() runs
         self.bs = lay.block_size
         self.active: dict[int, list[int]] = {}
         self.tag: dict[int, bytes] = {}  # block -> what its first token holds (cached or in use)
@@ -319,6 +320,26 @@ class SpareMachine(ManagerMachineBase):
         have.append(b)
         self.active[new] = list(hits)
         self._fresh(row, [b], len(have) - 1)
+
+    @precondition(lambda self: self.active)
+    @rule(data=st.data(), extra=st.integers(1, 3))
+    def guard(self, data, extra):
+        """FA3's over-read guard behind a row's end: spare frames mapped nowhere while there are any
+        (the row's next fresh blocks move into them), else the zero page."""
+        row = data.draw(st.sampled_from(sorted(self.active)))
+        slots = min(len(self.active[row]) + extra, self.mgr.layout.blocks_per_row)
+        self.mgr.ensure_readable(row, slots * self.bs)
+        self._launch()
+        for s in range(slots):  # all of it readable now
+            self.driver.read(self.mgr.address(row, s * self.bs, 0, 0), 1)
+
+    @rule()
+    def reclaim(self):
+        """The end of start-up: spares left in rows no request holds are unmapped."""
+        self.mgr.reclaim_spares()
+        where = self.mgr.mapper.where
+        for f in self.mgr.pool.spare_frames:  # a spare still mapped is mapped in a held row too
+            assert not where.get(f) or any(r in self.active for r, _ in where[f]), f
 
     @rule()
     def step_and_warm(self):
