@@ -26,6 +26,7 @@ from vllm_vattention.attention import ops
 from vllm_vattention.bench import sched_replay as S
 from vllm_vattention.config import AUTO_SPARE_SHARE
 from vllm_vattention.memory import KVMemoryManager, RequestRows, make_layout
+from vllm_vattention.memory.native import NativeExecutor, null_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKLOADS = {"1024-in-128-out": (1024, 128, 300), "8192-in-256-out": (8192, 256, 64),
@@ -50,7 +51,8 @@ class _LaggingFence:
     def wait(self): pass
 
 
-def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 1024, warmup: bool = True) -> dict:
+def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 1024, warmup: bool = True,
+        native: bool = False) -> dict:
     from vllm.sampling_params import SamplingParams
     from vllm.v1.outputs import ModelRunnerOutput
     from vllm.v1.request import Request
@@ -65,7 +67,9 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
     lay = make_layout("interleaved", LLAMA3_8B, PAGE, rows=2 * max_num_seqs + 1, min_row_tokens=max_len + 256)
     mgr = KVMemoryManager(_NoZeroing(PAGE, capacity=1 << 50), lay, num_blocks - spares, background="stream",
                           spare_blocks=spares)
-    mgr.mapper.executor = _NullExecutor()
+    mgr.mapper.executor.close()
+    # native: the real native thread and hand-over, with driver calls that do nothing (null_table)
+    mgr.mapper.executor = NativeExecutor(*null_table()) if native else _NullExecutor()
     dummy = mgr.acquire_row()
     rows = RequestRows(mgr)
     live = {}
@@ -160,13 +164,15 @@ def main() -> None:
     ap.add_argument("--spares", type=int, default=None, help="default: auto (min(1024, 2%% of the budget))")
     ap.add_argument("--profile", action="store_true", help="also the top functions by own time (cProfile)")
     ap.add_argument("--no-warmup", action="store_true", help="skip vLLM's warm-up requests (2-token prefills)")
+    ap.add_argument("--native", action="store_true",
+                    help="hand ops to the real native thread (driver calls that do nothing) instead of a stand-in")
     args = ap.parse_args()
     if args.profile:
         prof = cProfile.Profile()
-        r = prof.runcall(run, args.workload, args.num_blocks, args.spares, warmup=not args.no_warmup)
+        r = prof.runcall(run, args.workload, args.num_blocks, args.spares, warmup=not args.no_warmup, native=args.native)
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     else:
-        r = run(args.workload, args.num_blocks, args.spares, warmup=not args.no_warmup)
+        r = run(args.workload, args.num_blocks, args.spares, warmup=not args.no_warmup, native=args.native)
     print(r)
 
 

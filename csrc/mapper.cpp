@@ -26,6 +26,7 @@
 // The thread also times itself (vattn_mapper_stats): nanoseconds spent in driver calls by kind and
 // in WAIT_EVENT, so that a benchmark can compare the mapping work the GPU may wait for (stream
 // mode) with what the engine thread sees.
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -78,6 +79,12 @@ struct vattn_op {
 
 namespace {
 
+// Time and calls per op kind, added up by one thread and folded into the Mapper's totals under its
+// lock once per batch (not twice per op: the engine thread's submit and poll take the same lock).
+struct Acc {
+  uint64_t ns[VATTN_NUM_KINDS] = {0}, calls[VATTN_NUM_KINDS] = {0};
+};
+
 struct Mapper {
   vattn_driver_table table;
   std::mutex mu;
@@ -87,7 +94,10 @@ struct Mapper {
   uint64_t bg_done = 0;  // background ops run so far (under mu)
   bool busy = false, stop = false;
   int error = 0;
+  std::atomic<int> failed{0};  // = error, read without the lock (per op, and by poll's fast path)
   char error_text[256] = {0};
+  bool worker_waiting = false;  // under mu: the worker sleeps on work_cv (a submission must wake it)
+  int idle_waiters = 0;  // under mu: callers in vattn_mapper_wait
   uint64_t ops_done = 0;
   // per op kind (index = kind, VATTN_OP_WAIT_EVENT included): time spent and calls; under mu
   uint64_t kind_ns[VATTN_NUM_KINDS] = {0}, kind_calls[VATTN_NUM_KINDS] = {0};
@@ -111,13 +121,27 @@ struct Mapper {
     return kind == VATTN_OP_MAP || kind == VATTN_OP_UNMAP || kind == VATTN_OP_ACCESS_RW || kind == VATTN_OP_ACCESS_RO;
   }
 
+  // Keeps the first failure (under mu) until a caller has seen it.
+  void record_error_locked(int rc) {
+    error = rc;
+    failed.store(rc, std::memory_order_release);
+  }
+
+  void fold(Acc& acc) {  // under mu
+    for (int k = 0; k < VATTN_NUM_KINDS; ++k) {
+      kind_ns[k] += acc.ns[k];
+      kind_calls[k] += acc.calls[k];
+    }
+    acc = Acc();
+  }
+
   void set_context_or_fail(const char* who) {
     if (!table.set_context) return;
     int rc = table.set_context(table.context);
     if (rc) {
       std::lock_guard<std::mutex> g(mu);
       if (error == 0) {
-        error = rc;
+        record_error_locked(rc);
         std::snprintf(error_text, sizeof(error_text), "cuCtxSetCurrent on the %s returned %d", who, rc);
       }
     }
@@ -133,14 +157,19 @@ struct Mapper {
         if (pstop) return;
         seen = generation;
       }
-      for (const vattn_op& op : work[index]) run_op(op);
+      Acc acc;
+      for (const vattn_op& op : work[index]) run_op(op, acc);
+      {
+        std::lock_guard<std::mutex> g(mu);
+        fold(acc);
+      }
       std::lock_guard<std::mutex> g(pm);
       if (--pending == 0) pdone.notify_all();
     }
   }
 
   // Runs n driver calls over the lanes' threads (see the top) and returns once all have run.
-  void run_lanes(const vattn_op* ops, size_t n) {
+  void run_lanes(const vattn_op* ops, size_t n, Acc& acc) {
     for (auto& w : work) w.clear();
     for (size_t k = 0; k < n; ++k) {
       uint64_t va = ops[k].va;
@@ -153,14 +182,14 @@ struct Mapper {
       ++generation;
     }
     pstart.notify_all();
-    for (const vattn_op& op : work[0]) run_op(op);
+    for (const vattn_op& op : work[0]) run_op(op, acc);
     std::unique_lock<std::mutex> lk(pm);
     pdone.wait(lk, [&] { return pending == 0; });
   }
 
-  void run_batch(const std::vector<vattn_op>& batch) {
+  void run_batch(const std::vector<vattn_op>& batch, Acc& acc) {
     if (lane_threads <= 1) {
-      for (const vattn_op& op : batch) run_op(op);
+      for (const vattn_op& op : batch) run_op(op, acc);
       return;
     }
     size_t i = 0;
@@ -168,11 +197,11 @@ struct Mapper {
       size_t j = i;
       while (j < batch.size() && is_driver_call(batch[j].kind)) ++j;
       if (j - i >= 2 * static_cast<size_t>(lane_threads)) {
-        run_lanes(&batch[i], j - i);
+        run_lanes(&batch[i], j - i, acc);
       } else {
-        for (size_t k = i; k < j; ++k) run_op(batch[k]);
+        for (size_t k = i; k < j; ++k) run_op(batch[k], acc);
       }
-      if (j < batch.size()) run_op(batch[j]);  // the op that is not a driver call, in order
+      if (j < batch.size()) run_op(batch[j], acc);  // the op that is not a driver call, in order
       i = j + 1;
     }
   }
@@ -202,35 +231,34 @@ struct Mapper {
     }
   }
 
-  // Runs one op (timed; a failure is kept, and later driver calls are dropped until it is seen).
-  void run_op(const vattn_op& op) {
+  // Runs one op, timed into `acc`; a failure is kept, and later driver calls are dropped until it
+  // is seen (signals still run).
+  void run_op(const vattn_op& op, Acc& acc) {
     if (op.kind == VATTN_OP_DRAIN) {
-      drain(op.handle);
+      drain(op.handle, acc);
       return;
     }
-    {
-      std::lock_guard<std::mutex> g(mu);
-      // After a failure, drop driver calls until the caller has seen the error; signals still run.
-      if (error != 0 && op.kind != VATTN_OP_SIGNAL) return;
-    }
+    if (failed.load(std::memory_order_acquire) != 0 && op.kind != VATTN_OP_SIGNAL) return;
     auto t0 = std::chrono::steady_clock::now();
     int rc = execute(op);
     uint64_t ns = static_cast<uint64_t>(
         std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
-    std::lock_guard<std::mutex> g(mu);
     if (op.kind >= 0 && op.kind < VATTN_NUM_KINDS) {
-      kind_ns[op.kind] += ns;
-      kind_calls[op.kind] += 1;
+      acc.ns[op.kind] += ns;
+      acc.calls[op.kind] += 1;
     }
-    if (rc && error == 0) {
-      error = rc;
-      std::snprintf(error_text, sizeof(error_text), "op kind %d at va=0x%llx size=%llu returned %d",
-                    op.kind, (unsigned long long)op.va, (unsigned long long)op.size, rc);
+    if (rc) {
+      std::lock_guard<std::mutex> g(mu);
+      if (error == 0) {
+        record_error_locked(rc);
+        std::snprintf(error_text, sizeof(error_text), "op kind %d at va=0x%llx size=%llu returned %d",
+                      op.kind, (unsigned long long)op.va, (unsigned long long)op.size, rc);
+      }
     }
   }
 
   // Pops and runs the next background op; false when there is none.
-  bool run_one_background() {
+  bool run_one_background(Acc& acc) {
     vattn_op op;
     {
       std::lock_guard<std::mutex> g(mu);
@@ -238,20 +266,20 @@ struct Mapper {
       op = background.front();
       background.pop_front();
     }
-    run_op(op);
+    run_op(op, acc);
     std::lock_guard<std::mutex> g(mu);
     ++bg_done;
     return true;
   }
 
   // Runs background ops until `target` of them have run (or none is left).
-  void drain(uint64_t target) {
+  void drain(uint64_t target, Acc& acc) {
     for (;;) {
       {
         std::lock_guard<std::mutex> g(mu);
         if (bg_done >= target) return;
       }
-      if (!run_one_background()) return;
+      if (!run_one_background(acc)) return;
     }
   }
 
@@ -259,9 +287,12 @@ struct Mapper {
     set_context_or_fail("mapping thread");
     for (;;) {
       std::vector<vattn_op> batch;
+      Acc acc;
       {
         std::unique_lock<std::mutex> lk(mu);
+        worker_waiting = true;
         work_cv.wait(lk, [this] { return stop || !queue.empty() || !background.empty(); });
+        worker_waiting = false;
         if (queue.empty() && (stop || background.empty())) {
           if (stop) return;
           continue;
@@ -273,16 +304,19 @@ struct Mapper {
         }
       }
       if (batch.empty()) {
-        run_one_background();  // nothing urgent: one background op, then look again
+        run_one_background(acc);  // nothing urgent: one background op, then look again
       } else {
-        run_batch(batch);
+        run_batch(batch, acc);
       }
+      bool notify;
       {
         std::lock_guard<std::mutex> g(mu);
+        fold(acc);
         ops_done += batch.size();
         busy = false;
+        notify = idle_waiters > 0;
       }
-      idle_cv.notify_all();
+      if (notify) idle_cv.notify_all();
     }
   }
 };
@@ -317,13 +351,16 @@ int vattn_mapper_set_lanes(void* handle, int threads, uint64_t base, uint64_t la
 int vattn_mapper_submit(void* handle, const vattn_op* ops, uint64_t n) {
   auto* m = static_cast<Mapper*>(handle);
   if (!m) return -1;
+  std::vector<vattn_op> batch(ops, ops + n);  // copied outside the lock the worker takes per batch
+  bool wake;
   {
     std::lock_guard<std::mutex> g(m->mu);
     if (m->stop) return -2;
     m->submitted = true;
-    m->queue.emplace_back(ops, ops + n);
+    m->queue.push_back(std::move(batch));
+    wake = m->worker_waiting;
   }
-  m->work_cv.notify_one();
+  if (wake) m->work_cv.notify_one();  // a busy worker looks at the queue before it sleeps again
   return 0;
 }
 
@@ -331,13 +368,15 @@ int vattn_mapper_submit(void* handle, const vattn_op* ops, uint64_t n) {
 int vattn_mapper_submit_background(void* handle, const vattn_op* ops, uint64_t n) {
   auto* m = static_cast<Mapper*>(handle);
   if (!m) return -1;
+  bool wake;
   {
     std::lock_guard<std::mutex> g(m->mu);
     if (m->stop) return -2;
     m->submitted = true;
     m->background.insert(m->background.end(), ops, ops + n);
+    wake = m->worker_waiting;
   }
-  m->work_cv.notify_one();
+  if (wake) m->work_cv.notify_one();
   return 0;
 }
 
@@ -347,7 +386,9 @@ int vattn_mapper_wait(void* handle, char* text, uint64_t text_len, uint64_t* ops
   auto* m = static_cast<Mapper*>(handle);
   if (!m) return -1;
   std::unique_lock<std::mutex> lk(m->mu);
+  ++m->idle_waiters;
   m->idle_cv.wait(lk, [m] { return m->queue.empty() && m->background.empty() && !m->busy; });
+  --m->idle_waiters;
   int rc = m->error;
   if (text && text_len) {
     std::strncpy(text, m->error_text, text_len - 1);
@@ -355,14 +396,16 @@ int vattn_mapper_wait(void* handle, char* text, uint64_t text_len, uint64_t* ops
   }
   if (ops_done) *ops_done = m->ops_done;
   m->error = 0;
+  m->failed.store(0, std::memory_order_release);
   m->error_text[0] = 0;
   return rc;
 }
 
-// Does not block: returns the first error so far (then clears it), 0 if none.
+// Does not block: returns the first error so far (then clears it, and fills `text`), 0 if none.
 int vattn_mapper_poll(void* handle, char* text, uint64_t text_len) {
   auto* m = static_cast<Mapper*>(handle);
   if (!m) return -1;
+  if (m->failed.load(std::memory_order_acquire) == 0) return 0;  // the usual case: no lock (`text` untouched)
   std::lock_guard<std::mutex> g(m->mu);
   int rc = m->error;
   if (text && text_len) {
@@ -370,6 +413,7 @@ int vattn_mapper_poll(void* handle, char* text, uint64_t text_len) {
     text[text_len - 1] = 0;
   }
   m->error = 0;
+  m->failed.store(0, std::memory_order_release);
   m->error_text[0] = 0;
   return rc;
 }
@@ -385,6 +429,26 @@ int vattn_mapper_stats(void* handle, uint64_t* ns, uint64_t* calls, int reset) {
     if (reset) m->kind_ns[k] = m->kind_calls[k] = 0;
   }
   return 0;
+}
+
+// A driver table whose calls do nothing and succeed: for measuring what the engine thread spends
+// handing ops to the native thread (benchmarks/cpu_sched_overhead.py --native), without a GPU.
+static int null_map(uint64_t, size_t, size_t, uint64_t, uint64_t) { return 0; }
+static int null_unmap(uint64_t, size_t) { return 0; }
+static int null_access(uint64_t, size_t, const void*, size_t) { return 0; }
+static int null_event(void*) { return 0; }
+static const int null_desc = 0;
+
+void vattn_null_driver_table(vattn_driver_table* t) {
+  if (!t) return;
+  t->map = null_map;
+  t->unmap = null_unmap;
+  t->set_access = null_access;
+  t->set_context = nullptr;
+  t->context = nullptr;
+  t->access_rw = &null_desc;
+  t->access_ro = &null_desc;
+  t->event_sync = null_event;
 }
 
 void vattn_mapper_destroy(void* handle) {

@@ -432,21 +432,19 @@ def test_publish_signals_only_when_a_step_planned_something(driver):
 
 
 def test_ops_reach_the_native_thread_byte_for_byte():
-    """NativeExecutor hands ops over as a numpy array whose bytes must be csrc/mapper.cpp's
+    """NativeExecutor hands ops over packed (native.pack) into bytes that must be csrc/mapper.cpp's
     vattn_op (int32 kind, int32 pad, three uint64); read back through the ctypes struct."""
     import ctypes
 
-    import numpy as np
-
     from vllm_vattention.memory.executor import ACCESS_RO, MAP, SIGNAL, UNMAP
-    from vllm_vattention.memory.native import _OP_DTYPE, _COp
+    from vllm_vattention.memory.native import _COp, pack
 
     ops = [(MAP, 0x7F00_0000_0000, 2 << 20, 2**64 - 1), (UNMAP, 1, 2, 0), (ACCESS_RO, 2**47, 4 << 20, 0),
            (SIGNAL, 0xDEAD_BEEF_0000, 0, 2**32 - 1)]
-    arr = np.array(ops, dtype=_OP_DTYPE)
-    c = (_COp * len(ops)).from_buffer(arr)
+    words = pack(ops)
+    c = (_COp * len(ops)).from_buffer(words)
     assert [(o.kind, o.pad, o.va, o.size, o.handle) for o in c] == [(k, 0, va, s, h) for k, va, s, h in ops]
-    assert arr.nbytes == len(ops) * ctypes.sizeof(_COp)
+    assert len(words) * words.itemsize == len(ops) * ctypes.sizeof(_COp)
 
 
 def test_a_fence_that_never_reports_done_does_not_keep_later_steps_in_flight(driver):
