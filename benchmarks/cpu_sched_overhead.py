@@ -97,6 +97,8 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             for new in out.scheduled_new_reqs:
                 rows.remove(new.req_id)
                 rows.admit(new.req_id, new.block_ids[0], new.num_computed_tokens)
+            if out.scheduled_new_reqs:
+                mgr.start_mappings()  # as the worker does
             c2 = time.perf_counter()
             c = out.scheduled_cached_reqs
             for rid, new_ids in zip(c.req_ids, c.new_block_ids):

@@ -510,3 +510,26 @@ def test_lanes_are_set_before_any_op_and_need_a_native_thread(driver):
     assert load_library().vattn_mapper_set_lanes(ex._handle, 2, 0, 1 << 20) == -2  # too late: ops came first
     ex.close()
     assert driver.leaks() == []
+
+
+def test_start_mappings_hands_a_steps_ops_over_before_its_signal(driver):
+    """Stream mode batches a step's ops until publish(); start_mappings() hands those planned so far
+    (the new requests') to the native thread early, and publish() still signals after all of them."""
+    mgr = make_manager(driver, background="stream")
+    r = mgr.acquire_row()
+    mgr.set_blocks(r, [1, 2])
+    mgr.mapper.executor.wait()
+    maps = driver.stats.calls.get("map", 0)
+    assert mgr.mapper.pending_step_ops()  # planned, not handed over yet
+    mgr.start_mappings()
+    mgr.mapper.executor.wait()
+    assert driver.stats.calls["map"] == maps + 2 and mgr.flag_value() == 0  # mapped, not signaled
+    mgr.set_blocks(r, [3], start=2)  # the rest of the step (a running request grows)
+    seq = mgr.publish()
+    mgr.sync()
+    assert mgr.flag_value() == seq == 1 and driver.stats.calls["map"] == maps + 3
+    assert mgr.publish() == seq  # nothing new: no new signal
+    mgr.start_mappings()  # nothing planned: nothing handed over, no signal owed
+    assert not mgr.mapper.pending_step_ops()
+    mgr.close()
+    assert driver.leaks() == []

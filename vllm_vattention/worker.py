@@ -293,6 +293,8 @@ class VattnModelRunner(V2ModelRunner):
         for new in scheduler_output.scheduled_new_reqs:
             idx = self.req_states.req_id_to_index[new.req_id]
             self._row_np[idx] = self.vattn_rows.admit(new.req_id, new.block_ids[0], new.num_computed_tokens)
+        if scheduler_output.scheduled_new_reqs:
+            self.vattn.start_mappings()  # the native thread maps while vLLM prepares the step's inputs
         self._account("admit", t)
 
     def update_requests(self, scheduler_output) -> None:

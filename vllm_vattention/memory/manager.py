@@ -263,6 +263,14 @@ class KVMemoryManager:
             self._handed_over.popleft()  # the native thread has waited on them: drop the references
         return self._seq
 
+    def start_mappings(self) -> None:
+        """Stream mode: hand the ops planned so far to the native thread now, without a signal (the
+        step's publish() signals them with the rest). A head start for a step's largest mappings
+        (its new requests'), which otherwise wait for publish at the end of the step's preparation.
+        Other modes hand each change over as it is planned."""
+        if self.stream_mode:
+            self.mapper.flush()
+
     def flag_value(self) -> int:
         return ctypes.c_uint32.from_address(self._flag_host).value if self._flag_host else 0
 
