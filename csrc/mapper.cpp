@@ -34,7 +34,6 @@
 #include <cstring>
 #include <deque>
 #include <mutex>
-#include <new>
 #include <thread>
 #include <vector>
 
@@ -327,11 +326,16 @@ extern "C" {
 
 void* vattn_mapper_create(const vattn_driver_table* table) {
   if (!table || !table->map || !table->unmap || !table->set_access) return nullptr;
-  return new (std::nothrow) Mapper(*table);
+  try {
+    return new Mapper(*table);  // starts the worker thread
+  } catch (...) {  // out of memory or no thread: the caller gets null, never an exception across the C ABI
+    return nullptr;
+  }
 }
 
 // Splits runs of driver calls over `threads` threads by lane (see the top). Only before the first
-// submission; returns 0, -1 (bad arguments) or -2 (ops were submitted already).
+// submission; returns 0, -1 (bad arguments), -2 (ops were submitted already) or -3 (a thread could
+// not be started; the mapper goes on with one).
 int vattn_mapper_set_lanes(void* handle, int threads, uint64_t base, uint64_t lane_bytes) {
   auto* m = static_cast<Mapper*>(handle);
   if (!m || threads < 1 || threads > 64 || (threads > 1 && lane_bytes == 0)) return -1;
@@ -344,7 +348,19 @@ int vattn_mapper_set_lanes(void* handle, int threads, uint64_t base, uint64_t la
     m->lane_bytes = lane_bytes;
     m->work.assign(threads, {});
   }
-  for (int t = 1; t < threads; ++t) m->helpers.emplace_back([m, t] { m->helper(t); });
+  try {
+    for (int t = 1; t < threads; ++t) m->helpers.emplace_back([m, t] { m->helper(t); });
+  } catch (...) {  // a thread could not be started: stop those that were, run on one thread
+    m->stop_helpers();
+    m->helpers.clear();
+    {
+      std::lock_guard<std::mutex> g(m->pm);
+      m->pstop = false;
+    }
+    std::lock_guard<std::mutex> g(m->mu);
+    m->lane_threads = 1;
+    return -3;
+  }
   return 0;
 }
 

@@ -99,8 +99,11 @@ class NativeExecutor:
         self._handle = self._lib.vattn_mapper_create(ctypes.byref(table))
         if not self._handle:
             raise RuntimeError("vattn_mapper_create failed (incomplete driver table)")
-        if threads != 1 and self._lib.vattn_mapper_set_lanes(self._handle, threads, lane_base, lane_bytes):
+        rc = self._lib.vattn_mapper_set_lanes(self._handle, threads, lane_base, lane_bytes) if threads != 1 else 0
+        if rc:
             self.close()
+            if rc == -3:
+                raise RuntimeError(f"could not start {threads - 1} more mapping threads; set VATTN_MAP_THREADS=1")
             raise ValueError(f"{threads} mapping threads with lanes of {lane_bytes} bytes: use 1 to 64 threads "
                              "and lanes of at least one byte")
         self.ops_done = 0
