@@ -152,9 +152,17 @@ class RowMapper:
         chunks, zero, base = self.layout.chunks, self.pool.zero_handle, self.base_va
         emit = self._ops.append
         one = self.pool.single_chunk_handles  # one chunk per block (interleaved): its handle by frame
-        if one is not None:
+        first, n = items[0][0], len(items)
+        if one is not None and all(s == first + k and t != ZERO for k, (s, t) in enumerate(items)):
+            # the usual case (a request's growth, a warmed row, a guard of spares): frames for the
+            # consecutive slots [first, first + n), one run, so one set_access
+            row_va = base + chunks(row, first + n - 1)[0] - (first + n - 1) * size  # checks row and last slot
+            self._ops.extend([(MAP, row_va + s * size, size, one[t]) for s, t in items])
+            emit((ACCESS_RW, row_va + first * size, n * size, 0))
+            pieces = ()
+        elif one is not None:
             # the common layout, done with arithmetic: slot s of the row starts s chunks into it
-            hi = items[0][0] if len(items) == 1 else max(s for s, _ in items)
+            hi = first if n == 1 else max(s for s, _ in items)
             row_va = base + chunks(row, hi)[0] - hi * size  # chunks() checks the row and highest slot
             pieces = ((row_va + slot * size, one[target] if target != ZERO else zero, target != ZERO)
                       for slot, target in items)
