@@ -273,13 +273,9 @@ class RowMapper:
         current = self.slots[row]
         holes = [s for s in range(self._readable[row], num_slots) if current[s] is None]
         if holes:
-            spares = pad() if pad is not None else iter(())
-            items = [(s, next(spares, ZERO)) for s in holes]
-            padded = [it for it in items if it[1] != ZERO]
-            if padded:
-                self._map_slots(row, padded, counter="pad_maps")
-            if len(padded) < len(items):
-                self._map_slots(row, [it for it in items if it[1] == ZERO])
+            spares = list(itertools.islice(pad(), len(holes))) if pad is not None else []
+            self._map_slots(row, list(zip(holes, spares)), counter="pad_maps")  # the first holes
+            self._map_slots(row, [(s, ZERO) for s in holes[len(spares):]])  # the rest, if spares ran out
         self._flush()
         self._readable[row] = max(self._readable[row], num_slots)
         return len(holes)

@@ -46,6 +46,7 @@ def pack(ops: Sequence[Op]) -> array.array:
     """The ops as csrc/mapper.cpp's vattn_op array (four uint64 words each)."""
     return array.array("Q", itertools.chain.from_iterable(ops))
 
+
 _LIB = None
 _LIB_KEEP_GIL = None
 
