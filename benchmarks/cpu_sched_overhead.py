@@ -52,13 +52,17 @@ class _LaggingFence:
 
 
 def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 1024, warmup: bool = True,
-        native: bool = False) -> dict:
+        native: bool = False, chain: list[str] | None = None) -> dict | list[dict]:
+    """One workload in a fresh scheduler and manager; or, with `chain`, the suite's sequence in one
+    engine (offline.py): an untimed warm-up of 16 x 64-token prompts (16 out), then each workload of
+    `chain` in turn, the counters reset before each (a list of results, one per workload)."""
     from vllm.sampling_params import SamplingParams
     from vllm.v1.outputs import ModelRunnerOutput
     from vllm.v1.request import Request
 
-    n_in, n_out, n_req = WORKLOADS[workload]
-    max_len = n_in + n_out + 16
+    names = chain or [workload]
+    max_len = (max(WORKLOADS[w][0] + WORKLOADS[w][1] for w in names) + 64 if chain
+               else WORKLOADS[workload][0] + WORKLOADS[workload][1] + 16)
     if spares is None:  # auto: one step's blocks, at most 2% of the budget
         spares = min(16384 // 16, int(AUTO_SPARE_SHARE * num_blocks))
     sched, hasher = S.make_scheduler(os.path.join(ROOT, "models", "llama-3.1-8b"), num_blocks - spares, max_len,
@@ -70,7 +74,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
     mgr.mapper.executor.close()
     # native: the real native thread and hand-over, with driver calls that do nothing (null_table)
     mgr.mapper.executor = NativeExecutor(*null_table()) if native else _NullExecutor()
-    dummy = mgr.acquire_row()
+    mgr.reserve_zero_row()  # the worker's dummy row
     rows = RequestRows(mgr)
     live = {}
     t = dict.fromkeys(PHASES, 0.0)
@@ -145,18 +149,30 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
         admitting.update(steps=0, block_maps=0)
     gc.collect()
     gc.freeze()  # as vLLM's EngineCore does once started (freeze_gc_heap): what start-up made is never scanned
-    _LaggingFence.queries = 0
-    steps = drive([[1000 + (i * 7919 + k * 104729) % 20000 for k in range(n_in)] for i in range(n_req)], n_out)
-    s = mgr.stats()
-    per_step = {k: round(1e3 * v / steps, 4) for k, v in t.items()}
-    return {"workload": workload, "steps": steps, "spares": spares, "ms_per_step": per_step,
+    if chain:  # offline.py's untimed warm-up generate, then its report() resets the counters
+        drive([[500 + (i * 31 + k * 17) % 9000 for k in range(64)] for i in range(16)], 16)
+    results = []
+    for w, name in enumerate(names):
+        n_in, n_out, n_req = WORKLOADS[name]
+        mgr.reset_stats()
+        t.update(dict.fromkeys(PHASES, 0.0))
+        admitting.update(steps=0, block_maps=0)
+        first_step.clear()
+        _LaggingFence.queries = 0
+        steps = drive([[1000 + (i * 7919 + k * 104729 + w * 13) % 20000 for k in range(n_in)] for i in range(n_req)],
+                      n_out)
+        s = mgr.stats()
+        per_step = {k: round(1e3 * v / steps, 4) for k, v in t.items()}
+        results.append({
+            "workload": name, "steps": steps, "spares": spares, "ms_per_step": per_step,
             "total_ms_per_step": round(sum(per_step.values()), 4),
             "block_maps": s["block_maps"], "swaps": s["swaps"], "warm_maps": s["warm_maps"],
             "block_unmaps": s["block_unmaps"], "zero_maps": s["zero_maps"], "pad_maps": s["pad_maps"],
             "hazard_waits": s["hazard_waits"], **{k: s[k] for k in s if k.startswith("warm_") and k != "warm_maps"},
             "event_queries_per_step": round(_LaggingFence.queries / steps, 2),
             **{f"first_step_{k}": v for k, v in first_step.items()},
-            **{f"admitting_{k}": v for k, v in admitting.items()}}
+            **{f"admitting_{k}": v for k, v in admitting.items()}})
+    return results if chain else results[0]
 
 
 def main() -> None:
@@ -166,6 +182,8 @@ def main() -> None:
     ap.add_argument("--spares", type=int, default=None, help="default: auto (min(1024, 2%% of the budget))")
     ap.add_argument("--profile", action="store_true", help="also the top functions by own time (cProfile)")
     ap.add_argument("--no-warmup", action="store_true", help="skip vLLM's warm-up requests (2-token prefills)")
+    ap.add_argument("--chain", default="",
+                    help="comma list of workloads run one after another in one engine, as the suite does")
     ap.add_argument("--native", action="store_true",
                     help="hand ops to the real native thread (driver calls that do nothing) instead of a stand-in")
     args = ap.parse_args()
@@ -174,8 +192,10 @@ def main() -> None:
         r = prof.runcall(run, args.workload, args.num_blocks, args.spares, warmup=not args.no_warmup, native=args.native)
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     else:
-        r = run(args.workload, args.num_blocks, args.spares, warmup=not args.no_warmup, native=args.native)
-    print(r)
+        r = run(args.workload, args.num_blocks, args.spares, warmup=not args.no_warmup, native=args.native,
+                chain=[w for w in args.chain.split(",") if w] or None)
+    for one in (r if isinstance(r, list) else [r]):
+        print(one)
 
 
 if __name__ == "__main__":

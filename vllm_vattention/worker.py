@@ -183,10 +183,8 @@ class VattnModelRunner(V2ModelRunner):
                                      background=cfg.background_map,
                                      spare_blocks=self._resolved_spares(cfg, vllm_config, kv_cache_config.num_blocks),
                                      map_threads=cfg.map_threads)
-        dummy = self.vattn.acquire_row()
+        dummy = self.vattn.reserve_zero_row()
         assert dummy == DUMMY_ROW
-        self.vattn.ensure_readable(DUMMY_ROW, layout.row_tokens)
-        self.vattn.sync()
 
         dtype = kv_dtype_of(vllm_config)
         flat = flat_tensor(self.vattn.base_va, layout.total_bytes, dtype, device)

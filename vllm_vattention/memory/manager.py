@@ -58,6 +58,9 @@ class KVMemoryManager:
     # warm()'s first planning calls are kept (stats' warm_trace): depth, slots warm, rows looked at,
     # rows in flight, spares freed from idle rows - how the first wave of requests found the rows
     WARM_TRACE = 24
+    # a spare this many slots past a running request's blocks is kept for its growth (the next block
+    # moves into it); spares further out go back to warm() (NOTES #42)
+    GROWTH_KEEP = 2
 
     def __init__(self, driver: Driver, layout: Layout, num_blocks: int, reclaim: str = "deferred",
                  background: bool | str = False, spare_blocks: int = 0, map_threads: int = 1):
@@ -105,6 +108,10 @@ class KVMemoryManager:
         self.mapper = RowMapper(layout, self.pool, self.base_va, executor, defer_waits=self.stream_mode)
         self._free_rows: deque[int] = deque(range(layout.rows))
         self._active: set[int] = set()
+        self._zero_rows: set[int] = set()  # reserve_zero_row()'s: never a spare's place
+        # per row, since it was acquired: slots its request's blocks reach, slots made readable
+        self._held_end = [0] * layout.rows
+        self._guard_end = [0] * layout.rows
         self._closed = False
         self._recent_fresh: deque[int] = deque(maxlen=self.WARM_HISTORY)  # fresh blocks of new requests
         self._warm_stale = True  # something warm() depends on changed since it last finished its work
@@ -124,7 +131,19 @@ class KVMemoryManager:
                 "reserved for (rows follow --max-num-seqs)")
         row = self._free_rows.popleft()  # FIFO: the longest-idle row, least likely to be in flight
         self._active.add(row)
+        self._held_end[row] = self._guard_end[row] = 0
         self._warm_stale = True
+        return row
+
+    def reserve_zero_row(self) -> int:
+        """A row for dummy runs, CUDA-graph capture and padded batch entries: acquired for good and
+        backed by the read-only zero page in every slot. Never spare frames: no request ever grows
+        into this row, so a spare put there (as ensure_readable's guard would) stays out of warm()'s
+        reach for the engine's life (on the H100 this took 548 of 572 spares, NOTES #42)."""
+        row = self.acquire_row()
+        self._zero_rows.add(row)
+        self.mapper.ensure_readable(row, self.layout.blocks_per_row)  # no pad: the zero page only
+        self.sync()
         return row
 
     def release_row(self, row: int) -> None:
@@ -148,6 +167,7 @@ class KVMemoryManager:
         self._require_active(row)
         if start == 0 and fresh_from is not None:
             self._recent_fresh.append(max(0, len(blocks) - fresh_from))
+        self._held_end[row] = max(self._held_end[row], start + len(blocks))
         swaps = self.mapper.stats.swaps
         self.mapper.set_blocks(row, list(blocks), start, fresh_from, live_rows=self._active)
         if self.mapper.stats.swaps != swaps:  # spares changed hands
@@ -168,33 +188,60 @@ class KVMemoryManager:
         if depth == 0:
             return 0
         counts["warm_calls"] += 1
-        spares = itertools.islice(self._cold_spares(), self.pad_reserve, None)
-        in_flight = self.mapper.rows_in_flight()
-        warm, warmed = 0, set()
-        for row in itertools.islice(self._free_rows, self.WARM_ROWS):
-            got = self.mapper.warm(row, depth, spares, row in in_flight)
-            warmed.add(row)
-            warm += got
-            if got < depth:  # out of spares mapped nowhere (or the row is still read by a step in flight)
-                counts["warm_stopped_in_flight" if row in in_flight else "warm_stopped_no_spare"] += 1
-                break
+        bounds = self.mapper.read_bounds()
+        in_flight = {r for r, n in bounds.items() if n}
+        window = list(itertools.islice(self._free_rows, self.WARM_ROWS))
+        got: dict[int, int] = {}  # row -> slots warm in it
+        stop = self._warm_window(window, depth, in_flight, got)
+        freed = 0
+        if stop is not None and stop not in in_flight:
+            # Out of spares mapped nowhere. A fresh block's former frame is a spare, but usually still
+            # mapped where it was: in the row of the request that last used it (deferred reclamation),
+            # or warmed deeper than the requests that took the rows since needed. Unmap such aliases
+            # where nothing reads them, and warm on with them now (their unmaps run first: the
+            # background queue keeps order).
+            freed = self._free_aliases(depth, bounds, set(got))
+            if freed:
+                stop = self._warm_window(window[window.index(stop):], depth, in_flight, got)
+        if stop is None:
+            self._warm_stale = False  # done until something changes
         else:
-            self._warm_stale = False
-            self._trace_warm(depth, warm, len(warmed), len(in_flight), 0)
-            return warm
-        # A fresh block's former frame is a spare, but usually still mapped in the row of the request
-        # that last used it (deferred reclamation). Unmap such aliases in idle rows not being warmed,
-        # in the background, so that the next step can warm with them.
-        where = self.mapper.where
-        idle = set(self._free_rows) - warmed - in_flight
-        in_warm_rows = {f for r in warmed for f in self.mapper.slots[r][:depth]}
-        freed = self.mapper.unmap_aliases([f for f in self.pool.spare_frames if f in where and f not in in_warm_rows],
-                                          idle.__contains__)
-        # done until something changes, unless spares were freed for the next call or an idle row is
-        # still read by a step in flight (that ends without a call here)
-        self._warm_stale = bool(freed) or any(r in in_flight for r in self._free_rows)
-        self._trace_warm(depth, warm, len(warmed), len(in_flight), freed)
+            counts["warm_stopped_in_flight" if stop in in_flight else "warm_stopped_no_spare"] += 1
+            # an idle row still read by a step in flight frees up without a call here
+            self._warm_stale = any(r in in_flight for r in self._free_rows)
+        warm = sum(got.values())
+        self._trace_warm(depth, warm, len(got), len(in_flight), freed)
         return warm
+
+    def _warm_window(self, rows: list[int], depth: int, in_flight: set[int], got: dict[int, int]) -> int | None:
+        """Warm `rows` in order, `depth` slots each, with spares mapped nowhere (past the pad
+        reserve); returns the row it stopped at (out of spares, or still read in flight), None if
+        all are warm."""
+        spares = itertools.islice(self._cold_spares(), self.pad_reserve, None)
+        for row in rows:
+            got[row] = self.mapper.warm(row, depth, spares, row in in_flight)
+            if got[row] < depth:
+                return row
+        return None
+
+    def _free_aliases(self, depth: int, bounds: dict[int, int], window: set[int]) -> int:
+        """Unmap, in the background, the spares mapped only where nothing reads them and no request
+        will before the slot is mapped again: no step in flight reads the slot, and it lies in an
+        idle row, past `depth` in the rows warm() has just warmed (`window`), or in a running request's
+        row past its blocks, its guard and GROWTH_KEEP slots of growth. Spares in the rows
+        further down (the rows acquire_row() hands out later) move up to the rows before them.
+        Returns how many."""
+        active, held, guard, keep, zero = self._active, self._held_end, self._guard_end, self.GROWTH_KEEP, self._zero_rows
+
+        def slot_ok(r: int, s: int) -> bool:
+            if s < bounds.get(r, 0) or r in zero:
+                return False
+            if r in active:
+                return s >= held[r] + keep and s >= guard[r]
+            return s >= depth or r not in window
+
+        where = self.mapper.where
+        return self.mapper.unmap_aliases([f for f in self.pool.spare_frames if f in where], slot_ok)
 
     def _trace_warm(self, *outcome: int) -> None:
         """The first WARM_TRACE planning calls since the counters were reset, for stats()."""
@@ -209,7 +256,7 @@ class KVMemoryManager:
         self.mapper.wait_all()
         idle = set(self._free_rows)
         freed = self.mapper.unmap_aliases([f for f in self.pool.spare_frames if f in self.mapper.where],
-                                          idle.__contains__)
+                                          lambda r, s: r in idle)
         self.sync()
         self._warm_stale = True
         return freed
@@ -224,7 +271,9 @@ class KVMemoryManager:
         mapped nowhere (the row's next fresh block moves into it: mapper.py), else the zero page."""
         self._require_active(row)
         pad = self._cold_spares if self.pool.spare_frames else None
-        self.mapper.ensure_readable(row, -(-num_tokens // self.layout.block_size), pad)
+        slots = -(-num_tokens // self.layout.block_size)
+        self._guard_end[row] = max(self._guard_end[row], slots)
+        self.mapper.ensure_readable(row, slots, pad)
 
     def record_reads(self, fence: Fence, reads: dict[int, int]) -> None:
         """A launched step may read tokens [0, reads[row]) of each row until `fence` completes."""

@@ -314,14 +314,25 @@ class RowMapper:
 
     def rows_in_flight(self) -> set[int]:
         """Rows that a step still running may read."""
-        self._retire()
-        return {r for _, reads in self._inflight for r, n in reads.items() if n}
+        return {r for r, n in self.read_bounds().items() if n}
 
-    def unmap_aliases(self, frames: Iterable[int], rows_ok) -> int:
-        """Background: for each spare frame, unmap every slot that maps it if all of them lie in rows
-        for which `rows_ok(row)` holds (the caller's: no request holds them, no step in flight reads
-        them, so no unmap needs a wait); the frame is then mapped nowhere and can warm another row.
-        Returns how many frames were freed so."""
+    def read_bounds(self) -> dict[int, int]:
+        """{row: n}: a step still running may read slots [0, n) of the row (rows it reads nothing of
+        are left out)."""
+        self._retire()
+        out: dict[int, int] = {}
+        get = out.get
+        for _, reads in self._inflight:
+            for r, n in reads.items():
+                if n > get(r, 0):
+                    out[r] = n
+        return out
+
+    def unmap_aliases(self, frames: Iterable[int], slot_ok) -> int:
+        """Background: for each spare frame, unmap every slot that maps it if `slot_ok(row, slot)`
+        holds for all of them (the caller's: no step in flight reads the slot and none will before
+        it is mapped again, so no unmap needs a wait); the frame is then mapped nowhere and can warm
+        another row. Returns how many frames were freed so."""
         self.flush()
         self._retire()
         freed, rows = 0, set()
@@ -329,10 +340,10 @@ class RowMapper:
             if f not in self.pool.spare_frames:
                 raise ValueError(f"frame {f} is not a spare")
             slots = sorted(self.where.get(f, ()))
-            if not slots or any(not rows_ok(r) for r, _ in slots):
+            if not slots or any(not slot_ok(r, s) for r, s in slots):
                 continue
             for r, s in slots:
-                self._unmap_slot(r, s)  # no step in flight reads r: no wait is planned
+                self._unmap_slot(r, s)  # no step in flight reads the slot: no wait is planned
                 rows.add(r)
             freed += 1
         self._flush_background(rows)
