@@ -16,12 +16,9 @@
 // queued, so they never delay a step's mappings by more than the one driver call in progress; a
 // DRAIN op in a batch runs them first where that batch depends on them.
 //
-// Lanes (vattn_mapper_set_lanes, optional): with threads > 1, each run of consecutive driver calls in
-// a batch (the ops between two that are not driver calls: WAIT_EVENT, SIGNAL, DRAIN) is split over
-// that many threads by lane, lane = (va - base) / lane_bytes (one row of the interleaved layout
-// each): one lane's calls keep their order on one thread, and calls of different lanes touch
-// different addresses, so only calls that commute run at once. The batch goes on once all of them
-// have run: a SIGNAL after them still means every earlier call is done.
+// One thread runs the ops: splitting a batch over threads by row was tried and removed, since the
+// driver serializes VMM calls (on an H200, 2-8 threads mapping at once took 0.77-0.79x the time of
+// one: benchmarks/NOTES.md #43).
 //
 // The thread also times itself (vattn_mapper_stats): nanoseconds spent in driver calls by kind and
 // in WAIT_EVENT, so that a benchmark can compare the mapping work the GPU may wait for (stream
@@ -101,24 +98,8 @@ struct Mapper {
   // per op kind (index = kind, VATTN_OP_WAIT_EVENT included): time spent and calls; under mu
   uint64_t kind_ns[VATTN_NUM_KINDS] = {0}, kind_calls[VATTN_NUM_KINDS] = {0};
   std::thread worker;
-  bool submitted = false;  // under mu: lanes can be set only before the first submission
-
-  // lanes (see the top): helper threads 1..n-1; the worker itself runs lane share 0
-  int lane_threads = 1;
-  uint64_t lane_base = 0, lane_bytes = 0;
-  std::vector<std::thread> helpers;
-  std::mutex pm;
-  std::condition_variable pstart, pdone;
-  std::vector<std::vector<vattn_op>> work;
-  uint64_t generation = 0;
-  int pending = 0;
-  bool pstop = false;
 
   explicit Mapper(const vattn_driver_table& t) : table(t) { worker = std::thread([this] { run(); }); }
-
-  static bool is_driver_call(int32_t kind) {
-    return kind == VATTN_OP_MAP || kind == VATTN_OP_UNMAP || kind == VATTN_OP_ACCESS_RW || kind == VATTN_OP_ACCESS_RO;
-  }
 
   // Keeps the first failure (under mu) until a caller has seen it.
   void record_error_locked(int rc) {
@@ -144,75 +125,6 @@ struct Mapper {
         std::snprintf(error_text, sizeof(error_text), "cuCtxSetCurrent on the %s returned %d", who, rc);
       }
     }
-  }
-
-  void helper(int index) {
-    set_context_or_fail("mapping helper thread");
-    uint64_t seen = 0;
-    for (;;) {
-      {
-        std::unique_lock<std::mutex> lk(pm);
-        pstart.wait(lk, [&] { return pstop || generation != seen; });
-        if (pstop) return;
-        seen = generation;
-      }
-      Acc acc;
-      for (const vattn_op& op : work[index]) run_op(op, acc);
-      {
-        std::lock_guard<std::mutex> g(mu);
-        fold(acc);
-      }
-      std::lock_guard<std::mutex> g(pm);
-      if (--pending == 0) pdone.notify_all();
-    }
-  }
-
-  // Runs n driver calls over the lanes' threads (see the top) and returns once all have run.
-  void run_lanes(const vattn_op* ops, size_t n, Acc& acc) {
-    for (auto& w : work) w.clear();
-    for (size_t k = 0; k < n; ++k) {
-      uint64_t va = ops[k].va;
-      uint64_t lane = va < lane_base ? 0 : (va - lane_base) / lane_bytes;
-      work[lane % lane_threads].push_back(ops[k]);
-    }
-    {
-      std::lock_guard<std::mutex> g(pm);
-      pending = lane_threads - 1;
-      ++generation;
-    }
-    pstart.notify_all();
-    for (const vattn_op& op : work[0]) run_op(op, acc);
-    std::unique_lock<std::mutex> lk(pm);
-    pdone.wait(lk, [&] { return pending == 0; });
-  }
-
-  void run_batch(const std::vector<vattn_op>& batch, Acc& acc) {
-    if (lane_threads <= 1) {
-      for (const vattn_op& op : batch) run_op(op, acc);
-      return;
-    }
-    size_t i = 0;
-    while (i < batch.size()) {
-      size_t j = i;
-      while (j < batch.size() && is_driver_call(batch[j].kind)) ++j;
-      if (j - i >= 2 * static_cast<size_t>(lane_threads)) {
-        run_lanes(&batch[i], j - i, acc);
-      } else {
-        for (size_t k = i; k < j; ++k) run_op(batch[k], acc);
-      }
-      if (j < batch.size()) run_op(batch[j], acc);  // the op that is not a driver call, in order
-      i = j + 1;
-    }
-  }
-
-  void stop_helpers() {
-    {
-      std::lock_guard<std::mutex> g(pm);
-      pstop = true;
-    }
-    pstart.notify_all();
-    for (auto& t : helpers)
-      if (t.joinable()) t.join();
   }
 
   int execute(const vattn_op& op) {
@@ -305,7 +217,7 @@ struct Mapper {
       if (batch.empty()) {
         run_one_background(acc);  // nothing urgent: one background op, then look again
       } else {
-        run_batch(batch, acc);
+        for (const vattn_op& op : batch) run_op(op, acc);
       }
       bool notify;
       {
@@ -333,37 +245,6 @@ void* vattn_mapper_create(const vattn_driver_table* table) {
   }
 }
 
-// Splits runs of driver calls over `threads` threads by lane (see the top). Only before the first
-// submission; returns 0, -1 (bad arguments), -2 (ops were submitted already) or -3 (a thread could
-// not be started; the mapper goes on with one).
-int vattn_mapper_set_lanes(void* handle, int threads, uint64_t base, uint64_t lane_bytes) {
-  auto* m = static_cast<Mapper*>(handle);
-  if (!m || threads < 1 || threads > 64 || (threads > 1 && lane_bytes == 0)) return -1;
-  {
-    std::lock_guard<std::mutex> g(m->mu);
-    if (m->submitted || m->lane_threads != 1) return -2;
-    // read by the worker only after a submission, under mu: set before the first one
-    m->lane_threads = threads;
-    m->lane_base = base;
-    m->lane_bytes = lane_bytes;
-    m->work.assign(threads, {});
-  }
-  try {
-    for (int t = 1; t < threads; ++t) m->helpers.emplace_back([m, t] { m->helper(t); });
-  } catch (...) {  // a thread could not be started: stop those that were, run on one thread
-    m->stop_helpers();
-    m->helpers.clear();
-    {
-      std::lock_guard<std::mutex> g(m->pm);
-      m->pstop = false;
-    }
-    std::lock_guard<std::mutex> g(m->mu);
-    m->lane_threads = 1;
-    return -3;
-  }
-  return 0;
-}
-
 int vattn_mapper_submit(void* handle, const vattn_op* ops, uint64_t n) {
   auto* m = static_cast<Mapper*>(handle);
   if (!m) return -1;
@@ -372,7 +253,6 @@ int vattn_mapper_submit(void* handle, const vattn_op* ops, uint64_t n) {
   {
     std::lock_guard<std::mutex> g(m->mu);
     if (m->stop) return -2;
-    m->submitted = true;
     m->queue.push_back(std::move(batch));
     wake = m->worker_waiting;
   }
@@ -388,7 +268,6 @@ int vattn_mapper_submit_background(void* handle, const vattn_op* ops, uint64_t n
   {
     std::lock_guard<std::mutex> g(m->mu);
     if (m->stop) return -2;
-    m->submitted = true;
     m->background.insert(m->background.end(), ops, ops + n);
     wake = m->worker_waiting;
   }
@@ -476,7 +355,6 @@ void vattn_mapper_destroy(void* handle) {
   }
   m->work_cv.notify_all();
   if (m->worker.joinable()) m->worker.join();
-  m->stop_helpers();
   delete m;
 }
 }

@@ -19,12 +19,6 @@ def test_values_are_parsed():
     assert c.decode_kernel == "fa3" and c.background_map and c.num_rows(8) == 8 and c.guard_tokens == 512
 
 
-def test_map_threads():
-    assert VattnConfig.from_env({}).map_threads == 1
-    assert VattnConfig.from_env({"VATTN_MAP_THREADS": "4"}).map_threads == 4
-    assert VattnConfig.from_env({"VATTN_MAP_THREADS": "2", "VATTN_BACKGROUND_MAP": "1"}).map_threads == 2
-
-
 def test_stream_map_mode():
     assert VattnConfig.from_env({"VATTN_BACKGROUND_MAP": "Stream"}).background_map == "stream"
     assert VattnConfig.from_env({"VATTN_BACKGROUND_MAP": "0"}).background_map is False
@@ -45,9 +39,6 @@ def test_other_backend_names_do_not_select_us():
     ({"VATTN_BACKGROUND_MAP": "maybe"}, "VATTN_BACKGROUND_MAP='maybe' .* use 0, 1 or stream"),
     ({"VATTN_EXTRA_ROWS": "many"}, "VATTN_EXTRA_ROWS='many' is not an integer"),
     ({"VATTN_GUARD_TOKENS": "64"}, "VATTN_GUARD_TOKENS=64 is below 192"),
-    ({"VATTN_MAP_THREADS": "0"}, "VATTN_MAP_THREADS=0 is below 1"),
-    ({"VATTN_MAP_THREADS": "100"}, "VATTN_MAP_THREADS=100 is above 64"),
-    ({"VATTN_MAP_THREADS": "4", "VATTN_BACKGROUND_MAP": "0"}, "VATTN_MAP_THREADS=4 needs the native mapping thread"),
 ])
 def test_bad_values_name_the_variable_and_the_choices(env, match):
     with pytest.raises(ConfigError, match=match):

@@ -60,7 +60,7 @@ def kv_of(token: int, pos: int) -> bytes:
 
 def drive(background, spares: int, prompts: list[list[int]], max_tokens: list[int], num_blocks: int, max_len: int,
           max_num_batched_tokens: int, max_num_seqs: int, layout_name: str = "interleaved",
-          reclaim: str = "deferred", over_read: tuple[str, int, bool] | None = None, map_threads: int = 1) -> dict:
+          reclaim: str = "deferred", over_read: tuple[str, int, bool] | None = None) -> dict:
     """Serve `prompts` with vLLM's Scheduler over the memory manager until every request finished,
     checking at every step that each scheduled request reads its own tokens' KV through its row.
     over_read=(decode_kernel, guard_tokens, clipped): as the model runner does, rows FA3 reads get the
@@ -77,8 +77,7 @@ def drive(background, spares: int, prompts: list[list[int]], max_tokens: list[in
     driver = FakeDriver(PAGE)
     layout = make_layout(layout_name, GEOMETRIES[layout_name], PAGE, rows=2 * max_num_seqs + 1, min_row_tokens=max_len + 64,
                          block_size=BS)
-    mgr = KVMemoryManager(driver, layout, num_blocks, background=background, spare_blocks=spares, reclaim=reclaim,
-                          map_threads=map_threads)
+    mgr = KVMemoryManager(driver, layout, num_blocks, background=background, spare_blocks=spares, reclaim=reclaim)
     rows = RequestRows(mgr)
     live = {}
     for i, (p, m) in enumerate(zip(prompts, max_tokens)):
@@ -141,14 +140,13 @@ def drive(background, spares: int, prompts: list[list[int]], max_tokens: list[in
             "preemptions": sum(r.num_preemptions for r in live.values())}
 
 
-@pytest.mark.parametrize("background, spares, threads", [(False, 0, 1), ("stream", 0, 1), ("stream", 24, 1),
-                                                         (False, 24, 1), ("stream", 24, 3)])
-def test_every_scheduled_request_reads_its_own_kv(background, spares, threads):
+@pytest.mark.parametrize("background, spares", [(False, 0), ("stream", 0), ("stream", 24), (False, 24)])
+def test_every_scheduled_request_reads_its_own_kv(background, spares):
     shared = toks(7, 40)
     prompts = [shared + toks(100 + i, 20 + 9 * i) for i in range(6)] + [toks(200 + i, 70) for i in range(6)]
     prompts += [shared + toks(300 + i, 12) for i in range(4)]  # the shared prefix again, after pressure
     r = drive(background, spares, prompts, [24] * len(prompts), num_blocks=28, max_len=256,
-              max_num_batched_tokens=96, max_num_seqs=6, map_threads=threads)
+              max_num_batched_tokens=96, max_num_seqs=6)
     assert r["hits"] > 0 and r["checked"] > 0
     assert r["preemptions"] > 0  # the budget forced preemptions
     if spares:
@@ -159,7 +157,7 @@ def test_every_scheduled_request_reads_its_own_kv(background, spares, threads):
 def test_random_workloads_read_their_own_kv(seed):
     """Random prompts over a few shared prefixes (prefix hits), random lengths and output lengths, a
     KV budget from roomy to tight (preemptions), spares or none, foreground or stream mode, either
-    layout and reclaim policy, one or three mapping threads: every read matches at every step.
+    layout and reclaim policy: every read matches at every step.
     VATTN_SCHED_SEEDS sets how many workloads (4 on CI)."""
     import random
 
@@ -179,6 +177,5 @@ def test_random_workloads_read_their_own_kv(seed):
     r = drive(background, rng.choice((0, 8, 24)), prompts, max_tokens, num_blocks, max_len,
               max_num_batched_tokens=rng.choice((32, 64, 128)), max_num_seqs=rng.choice((2, 4, 6)),
               layout_name=rng.choice(("interleaved", "per_layer")), reclaim=rng.choice(("deferred", "eager")),
-              over_read=rng.choice((None, ("fa2", 64, False), ("fa2", 64, True), ("fa3", 64, True))),
-              map_threads=rng.choice((1, 3)) if background else 1)
+              over_read=rng.choice((None, ("fa2", 64, False), ("fa2", 64, True), ("fa3", 64, True))))
     assert r["checked"] > 0

@@ -11,7 +11,6 @@
 | VATTN_GUARD_TOKENS | integer >= 192 | 256 | readable tokens kept past each sequence end for kernels that over-read (FA3) |
 | VATTN_FA3_GUARD | always, clipped | clipped | always: a zero page behind every FA3 row; clipped: FA3's view of a prefill batch ends at its longest FA3 sequence, whose row then needs no guard (relies on TMA clipping; clean under compute-sanitizer on an H200) |
 | VATTN_SPARE_BLOCKS | integer >= 0, or auto | auto in stream mode, else 0 | stream mode: this many KV blocks of memory are kept as spare frames, mapped ahead of time into the rows new requests get next, so a new request's fresh blocks need no driver call while its step waits (memory/manager.py); vLLM's KV budget shrinks by as much. auto: the blocks one step's tokens fill (--max-num-batched-tokens / block size), at most AUTO_SPARE_SHARE (2%) of the KV budget's blocks |
-| VATTN_MAP_THREADS | integer 1-64 | 1 | native mapping threads: with more than 1, a step's driver calls are split over them by row (each row's calls in order on one thread; csrc/mapper.cpp, lanes); needs VATTN_BACKGROUND_MAP=1 or stream. Helps only if the driver's VMM calls scale over threads (`vattn-mapbench` measures it) |
 | VATTN_PREFIX_EVICTION | lru, discard-lru, second-chance, adaptive | lru | prefix-cache eviction order in vLLM's scheduler (prefix_eviction.py); works with any attention backend |
 | VATTN_PREFIX_MIN_USERS | integer >= 2 | 2 | the one bit: a cached block used by at least this many requests is "keep" (discard-lru: not evicted before the others; second-chance: one more pass through the free queue; adaptive: in the list evicted second, by a share learned from misses) |
 """
@@ -104,7 +103,6 @@ class VattnConfig:
     spare_blocks: int | str | None = None
     prefix_eviction: str = "lru"
     prefix_min_users: int = DEFAULT_MIN_USERS
-    map_threads: int = 1
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "VattnConfig":
@@ -123,7 +121,6 @@ class VattnConfig:
             spare_blocks=_spares(env, "VATTN_SPARE_BLOCKS", None),
             prefix_eviction=_choice(env, "VATTN_PREFIX_EVICTION", PREFIX_EVICTION_MODES, "lru"),
             prefix_min_users=_int(env, "VATTN_PREFIX_MIN_USERS", DEFAULT_MIN_USERS, minimum=2),
-            map_threads=_int(env, "VATTN_MAP_THREADS", 1, minimum=1),
         )
 
     def __post_init__(self) -> None:
@@ -133,12 +130,6 @@ class VattnConfig:
             raise ConfigError(f"VATTN_SPARE_BLOCKS={self.spare_blocks} needs VATTN_BACKGROUND_MAP=stream (the "
                               "spares are mapped by the native thread while no step waits); set it, or "
                               "VATTN_SPARE_BLOCKS=0")
-
-        if self.map_threads > 64:
-            raise ConfigError(f"VATTN_MAP_THREADS={self.map_threads} is above 64; set 1 to 64")
-        if self.map_threads > 1 and not self.background_map:
-            raise ConfigError(f"VATTN_MAP_THREADS={self.map_threads} needs the native mapping thread "
-                              "(VATTN_BACKGROUND_MAP=1 or stream); set it, or VATTN_MAP_THREADS=1")
 
     def spare_blocks_for(self, max_num_batched_tokens: int, block_size: int, budget_blocks: int) -> int:
         """How many spare frames to create: the number given, or with auto as many blocks as one

@@ -119,11 +119,6 @@ class Layout:
         elems = row * v.strides[0] + token * v.strides[1] + head * v.strides[2]
         return v.offset + elems * self.geometry.dtype_bytes
 
-    def span_bytes(self) -> int:
-        """Every chunk of a row lies in one aligned span of this many bytes that holds nothing of other
-        rows (the native mapper's lanes: csrc/mapper.cpp)."""
-        raise NotImplementedError
-
     # shared -----------------------------------------------------------------------------
     @property
     def total_bytes(self) -> int:
@@ -146,9 +141,6 @@ class InterleavedLayout(Layout):
     def chunks(self, row: int, slot: int) -> list[int]:
         self._check(row, slot)
         return [(row * self.row_tokens + slot * self.block_size) * self.geometry.token_bytes]
-
-    def span_bytes(self) -> int:
-        return self.row_tokens * self.geometry.token_bytes  # the whole row
 
     def view(self, layer: int, kv: int) -> ViewSpec:
         g = self.geometry
@@ -177,9 +169,6 @@ class PerLayerLayout(Layout):
         self._check(row, slot)
         inside = (row * self.row_tokens + slot * self.block_size) * self.geometry.head_bytes
         return [r * self.region_bytes + inside for r in range(2 * self.geometry.num_layers)]
-
-    def span_bytes(self) -> int:
-        return self.row_tokens * self.geometry.head_bytes  # the row's part of one layer's K or V region
 
     def view(self, layer: int, kv: int) -> ViewSpec:
         g = self.geometry

@@ -63,14 +63,11 @@ class KVMemoryManager:
     GROWTH_KEEP = 2
 
     def __init__(self, driver: Driver, layout: Layout, num_blocks: int, reclaim: str = "deferred",
-                 background: bool | str = False, spare_blocks: int = 0, map_threads: int = 1):
+                 background: bool | str = False, spare_blocks: int = 0):
         if reclaim not in RECLAIM_POLICIES:
             raise ValueError(f"reclaim={reclaim!r}; use one of {RECLAIM_POLICIES}")
         if background not in (False, True, "stream"):
             raise ValueError(f"background={background!r}; use False, True or 'stream'")
-        if map_threads != 1 and (not background or not 1 <= map_threads <= 64):
-            raise ValueError(f"map_threads={map_threads}: 1 to 64 threads, and more than 1 needs "
-                             "background=True or 'stream' (the native mapping thread)")
         if layout.page_size % driver.granularity:
             raise ValueError(f"page size {layout.page_size} is not a multiple of the driver's "
                              f"granularity {driver.granularity}")
@@ -98,9 +95,7 @@ class KVMemoryManager:
         self._handed_over: deque[tuple[int, list]] = deque()  # (seq, fences the native thread waits on)
         if background:
             from .native import NativeExecutor
-            # threads > 1: a step's driver calls split over them by row (each row's span is a lane)
-            executor = NativeExecutor(*driver.native_table(), threads=map_threads, lane_base=self.base_va,
-                                      lane_bytes=layout.span_bytes())
+            executor = NativeExecutor(*driver.native_table())
         else:
             executor = SyncExecutor(driver)
         if self.stream_mode:

@@ -67,7 +67,6 @@ def load_library() -> ctypes.CDLL:
         lib.vattn_mapper_wait.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint64,
                                           ctypes.POINTER(ctypes.c_uint64)]
         lib.vattn_mapper_destroy.argtypes = [ctypes.c_void_p]
-        lib.vattn_mapper_set_lanes.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64]
         lib.vattn_null_driver_table.argtypes = [ctypes.POINTER(DriverTable)]
         for name in ("vattn_mapper_submit", "vattn_mapper_submit_background"):  # (handle, vattn_op*, n)
             getattr(keep, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64]
@@ -89,10 +88,7 @@ def load_library_keeping_gil() -> ctypes.PyDLL:
 
 
 class NativeExecutor:
-    def __init__(self, table: DriverTable, keepalive: tuple = (), threads: int = 1, lane_base: int = 0,
-                 lane_bytes: int = 0):
-        """threads > 1: a step's runs of driver calls are split over that many threads by lane,
-        (va - lane_base) // lane_bytes (csrc/mapper.cpp); one lane's calls keep their order."""
+    def __init__(self, table: DriverTable, keepalive: tuple = ()):
         self._lib = load_library()
         self._fast = load_library_keeping_gil()
         self._table = table
@@ -100,13 +96,6 @@ class NativeExecutor:
         self._handle = self._lib.vattn_mapper_create(ctypes.byref(table))
         if not self._handle:
             raise RuntimeError("vattn_mapper_create failed (incomplete driver table)")
-        rc = self._lib.vattn_mapper_set_lanes(self._handle, threads, lane_base, lane_bytes) if threads != 1 else 0
-        if rc:
-            self.close()
-            if rc == -3:
-                raise RuntimeError(f"could not start {threads - 1} more mapping threads; set VATTN_MAP_THREADS=1")
-            raise ValueError(f"{threads} mapping threads with lanes of {lane_bytes} bytes: use 1 to 64 threads "
-                             "and lanes of at least one byte")
         self.ops_done = 0
         self.background_submitted = 0
         self._poll_text = ctypes.create_string_buffer(256)
