@@ -168,7 +168,8 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             "total_ms_per_step": round(sum(per_step.values()), 4),
             "block_maps": s["block_maps"], "swaps": s["swaps"], "warm_maps": s["warm_maps"],
             "block_unmaps": s["block_unmaps"], "zero_maps": s["zero_maps"], "pad_maps": s["pad_maps"],
-            "hazard_waits": s["hazard_waits"], **{k: s[k] for k in s if k.startswith("warm_") and k != "warm_maps"},
+            "hazard_waits": s["hazard_waits"], "spares_at": s["spares_at"],
+            **{k: s[k] for k in s if k.startswith("warm_") and k != "warm_maps"},
             "event_queries_per_step": round(_LaggingFence.queries / steps, 2),
             **{f"first_step_{k}": v for k, v in first_step.items()},
             **{f"admitting_{k}": v for k, v in admitting.items()}})

@@ -478,7 +478,15 @@ def test_the_dummy_row_is_backed_by_the_zero_page_and_takes_no_spare(driver):
     mgr.release_row(r)
     assert mgr.warm() == 2 + 2 + 2  # 8 spares less the pad reserve (0 at 8 spares) over the free rows, 2 deep
     assert mgr.warm_counts["warm_stopped_no_spare"] == 0
+    assert mgr.stats()["spares_at"] == {"zero_row": 0, "running": 0, "warm": 6, "idle": 0, "free": 2}
     mgr.close()
+    # what the worker did before (a dummy row made readable like any row): the report shows the stranding
+    old = make_manager(driver, rows=4, max_tokens=64, num_blocks=32, spare_blocks=8, background="stream")
+    dummy = old.acquire_row()
+    old.ensure_readable(dummy, old.layout.row_tokens)
+    old._zero_rows.add(dummy)
+    assert old.stats()["spares_at"]["zero_row"] == min(8, old.layout.blocks_per_row)
+    old.close()
     assert driver.leaks() == []
 
 

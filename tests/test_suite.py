@@ -397,14 +397,17 @@ def test_spare_frames_table_shows_how_the_spares_worked_per_workload():
         return {"workload": "a", "system": "vattn-fa2", "error": None,
                 "mapper": {"spare_frames": 572, "swaps": swaps, "warm_maps": swaps + 10, "pad_maps": 4,
                            "warm_calls": 38, "warm_stopped_in_flight": 0, "warm_stopped_no_spare": 38,
-                           "inflight_max": inflight, "flag_longest_ms": [[longest, 3], [1.0, 9]]}}
+                           "inflight_max": inflight, "flag_longest_ms": [[longest, 3], [1.0, 9]],
+                           "spares_at": {"running": inflight, "warm": 500, "idle": 0, "free": 72 - inflight,
+                                         "zero_row": 0}}}
     old = {"workload": "a", "system": "vattn-fa2", "error": None, "mapper": {"spare_frames": 572, "swaps": 1}}
     res = [run(300, 3, 80.9), run(100, 2, 40.0), run(200, 7, 60.0), old,  # old: before the counters, left out
            {"workload": "a", "system": "stock-fa3", "error": None}]
     (row,) = S.spare_rows(res)
     assert row["n"] == 3 and row["swaps"] == 200 and row["warm_maps"] == 210
     assert row["inflight_max"] == 7 and row["longest_stall_ms"] == 80.9
-    assert "| a | vattn-fa2 | 3 | 572 | 200 | 210 | 4 | 38 | 0 | 38 | 7 | 80.9 |" in S.markdown({"results": res})
+    assert row["spares_at"] == "3/500/0/69/0"  # medians of where the spares ended up
+    assert "| a | vattn-fa2 | 3 | 572 | 200 | 210 | 4 | 38 | 0 | 38 | 7 | 80.9 | 3/500/0/69/0 |" in S.markdown({"results": res})
 
 
 def test_a_serving_job_cut_off_keeps_its_rates_and_runs_again(tmp_path):

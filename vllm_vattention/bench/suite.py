@@ -505,8 +505,21 @@ def spare_rows(results: list[dict]) -> list[dict]:
     return [{"workload": w, "system": s, "n": len(ms), "spares": statistics.median(m["spare_frames"] for m in ms),
              **{k: statistics.median(m.get(k, 0) for m in ms) for k in SPARE_COUNTERS},
              "inflight_max": max(m.get("inflight_max", 0) for m in ms),
-             "longest_stall_ms": max((m.get("flag_longest_ms") or [[None]])[0][0] or 0 for m in ms)}
+             "longest_stall_ms": max((m.get("flag_longest_ms") or [[None]])[0][0] or 0 for m in ms),
+             "spares_at": _spares_at(ms)}
             for (w, s), ms in by.items()]
+
+
+SPARE_PLACES = ("running", "warm", "idle", "free", "zero_row")
+
+
+def _spares_at(ms: list[dict]) -> str:
+    """Where the spares were at the end of the runs (manager.spares_at; medians), as
+    running/warm/idle/free/dummy row; "-" for runs from before the report had it."""
+    have = [m["spares_at"] for m in ms if m.get("spares_at")]
+    if not have:
+        return "-"
+    return "/".join(f"{statistics.median(a.get(k, 0) for a in have):.0f}" for k in SPARE_PLACES)
 
 
 def hook_rows(results: list[dict]) -> list[dict]:
@@ -572,10 +585,10 @@ def markdown(doc: dict) -> str:
         lines += _section("Spare frames (medians over repetitions; steps in flight and the longest flag stall: the most)",
                           ["workload", "system", "runs", "spares", "swaps", "warm maps", "guard spares",
                            "warm() planning calls", "stopped: row in flight", "stopped: no spare", "steps in flight",
-                           "longest flag stall ms"],
+                           "longest flag stall ms", "at the end: running/warm/idle/free/dummy row"],
                           [[m["workload"], m["system"], m["n"], f"{m['spares']:.0f}"]
                            + [f"{m[k]:.0f}" for k in SPARE_COUNTERS]
-                           + [m["inflight_max"], f"{m['longest_stall_ms']:.1f}"] for m in spares])
+                           + [m["inflight_max"], f"{m['longest_stall_ms']:.1f}", m["spares_at"]] for m in spares])
     parts = hook_rows(res)
     if parts:
         names = list(parts[0]["ms"])

@@ -328,11 +328,34 @@ class KVMemoryManager:
                  spare_frames=len(self.pool.spare_frames),
                  block_size=self.layout.block_size, pages_per_block=self.layout.pages_per_block,
                  reserved_bytes=self.layout.total_bytes, **self.warm_counts,
-                 warm_trace=[list(t) for t in self.warm_trace])
+                 warm_trace=[list(t) for t in self.warm_trace], spares_at=self.spares_at())
         native = getattr(self.mapper.executor, "stats", None)
         if native is not None:  # the native thread's own time (background modes)
             s.update(native())
         return s
+
+    def spares_at(self) -> dict[str, int]:
+        """Where the spare frames are now, each counted once, at the first place that maps it in
+        this order: "zero_row" (never: a spare there is stranded), "running" (a request's row: its
+        guard or growth slots), "warm" (the next WARM_ROWS free rows, below the warm depth: ready for
+        the next requests), "idle" (other free rows: to be taken back) and "free" (mapped nowhere).
+        A report of the stranding NOTES #42 found only by its effects."""
+        where, out = self.mapper.where, dict.fromkeys(("zero_row", "running", "warm", "idle", "free"), 0)
+        window = set(itertools.islice(self._free_rows, self.WARM_ROWS))
+        depth = max(self._recent_fresh, default=0)
+        for f in self.pool.spare_frames:
+            places = where.get(f)
+            if not places:
+                out["free"] += 1
+            elif any(r in self._zero_rows for r, _ in places):
+                out["zero_row"] += 1
+            elif any(r in self._active for r, _ in places):
+                out["running"] += 1
+            elif any(r in window and s < depth for r, s in places):
+                out["warm"] += 1
+            else:
+                out["idle"] += 1
+        return out
 
     def reset_stats(self) -> None:
         """Counters start again from zero (e.g. after start-up)."""
