@@ -22,7 +22,9 @@
 //
 // The thread also times itself (vattn_mapper_stats): nanoseconds spent in driver calls by kind and
 // in WAIT_EVENT, so that a benchmark can compare the mapping work the GPU may wait for (stream
-// mode) with what the engine thread sees.
+// mode) with what the engine thread sees; and it keeps the batches that took longest from
+// submission to done (vattn_mapper_slowest: queued and running time, the slowest op), which tells a
+// slow driver call from a batch that waited behind another.
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -79,13 +81,30 @@ namespace {
 // lock once per batch (not twice per op: the engine thread's submit and poll take the same lock).
 struct Acc {
   uint64_t ns[VATTN_NUM_KINDS] = {0}, calls[VATTN_NUM_KINDS] = {0};
+  uint64_t slowest_ns = 0;  // the batch's slowest op (background ops a DRAIN ran included)
+  int slowest_kind = -1;
 };
+
+// One of the batches that took longest from submission to done.
+struct SlowBatch {
+  uint64_t latency_ns, queued_ns, run_ns, slowest_ns, n_ops, index;
+  int slowest_kind;
+};
+constexpr int kSlowest = 8;
+
+uint64_t now_ns() {
+  return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                   std::chrono::steady_clock::now().time_since_epoch()).count());
+}
 
 struct Mapper {
   vattn_driver_table table;
   std::mutex mu;
   std::condition_variable work_cv, idle_cv;
   std::deque<std::vector<vattn_op>> queue;
+  std::deque<uint64_t> queued_at;  // now_ns() at each queued batch's submission (under mu)
+  std::vector<SlowBatch> slowest;  // at most kSlowest, longest latency first (under mu)
+  uint64_t batches = 0;  // batches run so far (under mu; a SlowBatch's index)
   std::deque<vattn_op> background;
   uint64_t bg_done = 0;  // background ops run so far (under mu)
   bool busy = false, stop = false;
@@ -105,6 +124,14 @@ struct Mapper {
   void record_error_locked(int rc) {
     error = rc;
     failed.store(rc, std::memory_order_release);
+  }
+
+  void keep_if_slow(const SlowBatch& b) {  // under mu
+    size_t at = 0;
+    while (at < slowest.size() && slowest[at].latency_ns >= b.latency_ns) ++at;
+    if (at >= static_cast<size_t>(kSlowest)) return;
+    slowest.insert(slowest.begin() + at, b);
+    if (slowest.size() > static_cast<size_t>(kSlowest)) slowest.pop_back();
   }
 
   void fold(Acc& acc) {  // under mu
@@ -158,6 +185,10 @@ struct Mapper {
       acc.ns[op.kind] += ns;
       acc.calls[op.kind] += 1;
     }
+    if (ns > acc.slowest_ns) {
+      acc.slowest_ns = ns;
+      acc.slowest_kind = op.kind;
+    }
     if (rc) {
       std::lock_guard<std::mutex> g(mu);
       if (error == 0) {
@@ -199,6 +230,7 @@ struct Mapper {
     for (;;) {
       std::vector<vattn_op> batch;
       Acc acc;
+      uint64_t submitted_ns = 0;
       {
         std::unique_lock<std::mutex> lk(mu);
         worker_waiting = true;
@@ -212,16 +244,23 @@ struct Mapper {
         if (!queue.empty()) {
           batch = std::move(queue.front());
           queue.pop_front();
+          submitted_ns = queued_at.front();
+          queued_at.pop_front();
         }
       }
+      uint64_t start_ns = now_ns();
       if (batch.empty()) {
         run_one_background(acc);  // nothing urgent: one background op, then look again
       } else {
         for (const vattn_op& op : batch) run_op(op, acc);
       }
+      uint64_t end_ns = now_ns();
       bool notify;
       {
         std::lock_guard<std::mutex> g(mu);
+        if (!batch.empty())
+          keep_if_slow({end_ns - submitted_ns, start_ns - submitted_ns, end_ns - start_ns, acc.slowest_ns,
+                        batch.size(), batches++, acc.slowest_kind});
         fold(acc);
         ops_done += batch.size();
         busy = false;
@@ -254,6 +293,7 @@ int vattn_mapper_submit(void* handle, const vattn_op* ops, uint64_t n) {
     std::lock_guard<std::mutex> g(m->mu);
     if (m->stop) return -2;
     m->queue.push_back(std::move(batch));
+    m->queued_at.push_back(now_ns());
     wake = m->worker_waiting;
   }
   if (wake) m->work_cv.notify_one();  // a busy worker looks at the queue before it sleeps again
@@ -324,6 +364,33 @@ int vattn_mapper_stats(void* handle, uint64_t* ns, uint64_t* calls, int reset) {
     if (reset) m->kind_ns[k] = m->kind_calls[k] = 0;
   }
   return 0;
+}
+
+// The batches that took longest from submission to done, longest first: up to `max` rows of 7
+// values (latency, queued, running and slowest-op milliseconds, the slowest op's kind, the batch's
+// ops, its index among the batches run). Returns the rows written, -1 on bad arguments; `reset`
+// forgets them (and restarts the index).
+int vattn_mapper_slowest(void* handle, double* out, int max, int reset) {
+  auto* m = static_cast<Mapper*>(handle);
+  if (!m || (!out && max > 0) || max < 0) return -1;
+  std::lock_guard<std::mutex> g(m->mu);
+  int n = 0;
+  for (const SlowBatch& b : m->slowest) {
+    if (n >= max) break;
+    double* row = out + 7 * n++;
+    row[0] = b.latency_ns / 1e6;
+    row[1] = b.queued_ns / 1e6;
+    row[2] = b.run_ns / 1e6;
+    row[3] = b.slowest_ns / 1e6;
+    row[4] = b.slowest_kind;
+    row[5] = static_cast<double>(b.n_ops);
+    row[6] = static_cast<double>(b.index);
+  }
+  if (reset) {
+    m->slowest.clear();
+    m->batches = 0;
+  }
+  return n;
 }
 
 // A driver table whose calls do nothing and succeed: for measuring what the engine thread spends

@@ -471,6 +471,42 @@ def test_a_fence_that_never_reports_done_does_not_keep_later_steps_in_flight(dri
     mgr.close()
 
 
+def test_the_slowest_batches_tell_a_slow_driver_call_from_a_batch_queued_behind_one(driver):
+    """A step's signal late by tens of ms (seen mid-run at 512/1024 on the H200, NOTES #44) is either
+    a slow call in its own batch or a wait behind an earlier batch: native_slowest_batches keeps the
+    batches with the longest submission-to-done time, split into queued and running time, with
+    their slowest op."""
+    import time
+    mgr = make_manager(driver, rows=4, num_blocks=16, background="stream")
+    mgr.sync()
+    mgr.reset_stats()
+    real = driver.set_access
+    slow = {"left": 1}
+
+    def set_access(*a, **k):
+        if slow["left"]:
+            slow["left"] -= 1
+            time.sleep(0.06)
+        return real(*a, **k)
+
+    driver.set_access = set_access
+    r, q = mgr.acquire_row(), mgr.acquire_row()
+    mgr.set_blocks(r, [1, 2])
+    mgr.publish()  # batch 0: its set_access takes 60 ms
+    mgr.set_blocks(q, [3])
+    mgr.publish()  # batch 1: queued behind it
+    mgr.sync()
+    rows = mgr.stats()["native_slowest_batches"]
+    first, second = sorted(rows, key=lambda b: b[6])[:2]
+    assert first[4] == "access_rw" and first[3] >= 50 and first[2] >= 50 and first[6] == 0
+    assert second[1] >= 40 and second[2] < 40 and second[6] == 1  # it waited, then ran fast
+    assert rows[0][0] == max(b[0] for b in rows)  # longest first
+    mgr.reset_stats()
+    assert mgr.stats()["native_slowest_batches"] == []
+    mgr.close()
+    assert driver.leaks() == []
+
+
 def test_a_steps_remaps_over_many_rows_run_in_order_before_its_signal(driver):
     """On the native thread each row's unmaps, maps and set_access stay in order (the fake rejects a
     map over a mapping, an unmap or set_access of nothing), and a step's signal comes after all of

@@ -14,8 +14,10 @@ import sys
 from typing import Sequence
 
 from ..errors import DriverError
-from .executor import ACCESS_RO, ACCESS_RW, MAP, UNMAP, WAIT_EVENT, Op
+from .executor import ACCESS_RO, ACCESS_RW, DRAIN, MAP, SIGNAL, UNMAP, WAIT_EVENT, Op
 
+KIND_NAMES = {MAP: "map", UNMAP: "unmap", ACCESS_RW: "access_rw", ACCESS_RO: "access_ro", SIGNAL: "signal",
+              WAIT_EVENT: "wait_event", DRAIN: "drain"}
 MAP_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_uint64,
                           ctypes.c_uint64)
 UNMAP_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint64, ctypes.c_size_t)
@@ -73,6 +75,8 @@ def load_library() -> ctypes.CDLL:
         keep.vattn_mapper_poll.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint64]
         keep.vattn_mapper_stats.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64),
                                             ctypes.POINTER(ctypes.c_uint64), ctypes.c_int]
+        keep.vattn_mapper_slowest.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_double), ctypes.c_int,
+                                              ctypes.c_int]
         _LIB, _LIB_KEEP_GIL = lib, keep
     return _LIB
 
@@ -126,19 +130,27 @@ class NativeExecutor:
         text = self._poll_text  # (once per step: written only when there is an error)
         _raise_if_failed(self._fast.vattn_mapper_poll(self._handle, text, 256), text)
 
+    SLOWEST = 8  # csrc/mapper.cpp kSlowest
+
     def stats(self, reset: bool = False) -> dict:
         """What the native thread itself spent: seconds in driver calls (map, unmap, set access) and
-        in WAIT_EVENT (a step in flight still reading a slot to unmap), with call counts."""
+        in WAIT_EVENT (a step in flight still reading a slot to unmap), with call counts; and the
+        batches that took longest from submission to done (`native_slowest_batches`: latency,
+        queued and running ms, the slowest op's ms and kind, the batch's ops, its index)."""
         ns, calls = (ctypes.c_uint64 * 7)(), (ctypes.c_uint64 * 7)()
         if self._fast.vattn_mapper_stats(self._handle, ns, calls, int(reset)):
             raise RuntimeError("vattn_mapper_stats: the native mapping thread is closed")
+        rows = (ctypes.c_double * (7 * self.SLOWEST))()
+        n = self._fast.vattn_mapper_slowest(self._handle, rows, self.SLOWEST, int(reset))
+        slowest = [[round(rows[7 * i + j], 3) for j in range(4)] + [KIND_NAMES.get(int(rows[7 * i + 4]), "-")]
+                   + [int(rows[7 * i + 5]), int(rows[7 * i + 6])] for i in range(max(n, 0))]
         s = lambda *kinds: round(sum(ns[k] for k in kinds) / 1e9, 6)  # noqa: E731
         return {"native_map_seconds": s(MAP), "native_unmap_seconds": s(UNMAP),
                 "native_access_seconds": s(ACCESS_RW, ACCESS_RO),
                 "native_driver_seconds": s(MAP, UNMAP, ACCESS_RW, ACCESS_RO),
                 "native_event_wait_seconds": s(WAIT_EVENT),
                 "native_driver_calls": sum(calls[k] for k in (MAP, UNMAP, ACCESS_RW, ACCESS_RO)),
-                "native_event_waits": calls[WAIT_EVENT]}
+                "native_event_waits": calls[WAIT_EVENT], "native_slowest_batches": slowest}
 
     def close(self) -> None:
         if self._handle:
