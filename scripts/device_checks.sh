@@ -10,6 +10,8 @@
 #          vattn-fa2,vattn-spare, else the default vattn-fa2;
 #          results kept in /root/suite across calls, copied to $OUT;
 #          DEADLINE=epoch seconds bounds it) suite_pair (the same on GPUs 0 and 1 at once, merged into $OUT)
+#          timeline (torch.profiler traces of TL_WORKLOAD's steps in stock and the default, analysed by
+#          bench.timeline: GPU idle gaps, CPU-late or GPU-waited)
 #          profile (kernel time per step of stock, the default and the former default, or PROF_SYSTEMS;
 #          PROF_ARGS="--phases ... --cpu-profile": also the engine thread's functions by own time per step)
 #          tp (needs 2 GPUs) tp_rest (-k "$TP_K", default the Yi-34B and preemption cases) tp_ab (TP=2 suite
@@ -67,6 +69,20 @@ for s in $steps; do
         timeout 480 python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/gpu/test_e2e_gpu.py -k prefix > "$OUT/spare_e2e.log" 2>&1
         echo "e2e rc=$?"; grep -E "passed|failed|Error" "$OUT/spare_e2e.log" | tail -4;;
     suite_round) suite_rounds /root/suite suite_round; copy_suite /root/suite ${SUITE_TAG:-final};;
+    timeline) # torch.profiler traces (CUPTI: nsys is not usable there) of one offline workload's steps
+        # [TL_DELAY, +TL_STEPS) in stock and the default, then bench.timeline: the GPU's idle gaps, CPU-late
+        # or GPU-waited (NOTES #44). TL_WORKLOAD=name:in:out:n (default 512-in-1024-out:512:1024:256)
+        IFS=: read -r tl_name tl_in tl_out tl_n <<< "${TL_WORKLOAD:-512-in-1024-out:512:1024:256}"
+        for sys in stock vattn; do
+          rm -rf /root/tl-$sys; mkdir -p /root/tl-$sys
+          ( if [ $sys = vattn ]; then export VLLM_ATTENTION_BACKEND=VATTENTION; else unset VLLM_ATTENTION_BACKEND; fi
+            timeout ${TL_TIMEOUT:-280} python3 -m vllm_vattention.bench.offline --model models/llama-3.1-8b \
+              --workloads "[[\"$tl_name\", $tl_in, $tl_out, $tl_n]]" --timeline /root/tl-$sys \
+              --timeline-delay ${TL_DELAY:-300} --timeline-steps ${TL_STEPS:-30} --out /root/tl-$sys.json ) \
+            > "$OUT/timeline-$sys.log" 2>&1; echo "$sys rc=$? traces: $(ls /root/tl-$sys | head -3)"
+        done
+        python3 -m vllm_vattention.bench.timeline /root/tl-stock/*.json* /root/tl-vattn/*.json* --out "$OUT/timeline.md" \
+          > /dev/null 2>&1; echo "timeline rc=$?"; head -4 "$OUT/timeline.md";;
     suite_pair) # suite_round on both GPUs at once (each repetition keeps its baseline on its GPU), merged
         for g in 0 1; do CUDA_VISIBLE_DEVICES=$g suite_rounds /root/suite-g$g suite-g$g & done; wait
         vattn-bench --merge /root/suite-g0/*-${SUITE_TAG:-final}.json /root/suite-g1/*-${SUITE_TAG:-final}.json \

@@ -60,6 +60,14 @@ def token_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]
     return [[rng.randrange(10, vocab) for _ in range(length)] for _ in range(n)]
 
 
+def timeline_profiler(trace_dir: str, delay: int, steps: int):
+    """vLLM's worker profiler (torch.profiler: CPU ops and CUDA activity) over engine steps
+    [delay, delay + steps) after start_profile(); traces go to `trace_dir` (bench.timeline)."""
+    from vllm.config import ProfilerConfig
+    return ProfilerConfig(profiler="torch", torch_profiler_dir=trace_dir, torch_profiler_with_stack=False,
+                          ignore_frontend=True, delay_iterations=delay, max_iterations=steps)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -67,6 +75,12 @@ def main(argv=None) -> None:
     ap.add_argument("--attention-backend", default=None)
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--timeline", default=None, metavar="DIR",
+                    help="torch.profiler trace of the engine process over the first workload's steps "
+                         "[--timeline-delay, + --timeline-steps) into DIR (bench.timeline reads it); "
+                         "the profiler slows those steps, so the run's throughput is not a measurement")
+    ap.add_argument("--timeline-delay", type=int, default=200)
+    ap.add_argument("--timeline-steps", type=int, default=30)
     args = ap.parse_args(argv)
 
     from vllm import LLM, SamplingParams
@@ -78,6 +92,8 @@ def main(argv=None) -> None:
               tensor_parallel_size=args.tensor_parallel_size)
     if args.attention_backend:
         kw["attention_config"] = {"backend": args.attention_backend}
+    if args.timeline:
+        kw["profiler_config"] = timeline_profiler(args.timeline, args.timeline_delay, args.timeline_steps)
     # the step timer is a function sent to the workers (pickled by reference to this module)
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     t = time.perf_counter()
@@ -98,13 +114,18 @@ def main(argv=None) -> None:
     for k, (name, in_len, out_len, n) in enumerate(workloads):
         ps = [TokensPrompt(prompt_token_ids=p) for p in token_prompts(n, in_len, vocab, seed=k)]
         sp = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=out_len, ignore_eos=True)
+        profiled = bool(args.timeline) and k == 0
+        if profiled:
+            llm.start_profile()  # the worker starts tracing --timeline-delay steps later
         t = time.perf_counter()
         outs = llm.generate(ps, sp, use_tqdm=False)
         elapsed = time.perf_counter() - t
+        if profiled:
+            llm.stop_profile()
         out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         if out_tokens != n * out_len:
             raise RuntimeError(f"{name}: {out_tokens} output tokens, expected {n * out_len}")
-        results.append({"workload": name, "elapsed_s": elapsed, "requests_per_s": n / elapsed,
+        results.append({"workload": name, "profiled": profiled, "elapsed_s": elapsed, "requests_per_s": n / elapsed,
                         "output_tokens_per_s": out_tokens / elapsed,
                         "total_tokens_per_s": (out_tokens + n * in_len) / elapsed, "mapper": report(),
                         "worker_calls": llm.collective_rpc(read_step_timer)[0]})

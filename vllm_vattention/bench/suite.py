@@ -48,7 +48,6 @@ SYSTEMS: dict[str, dict] = {
     # 1024 spare frames (2 GiB for Llama-3-8B: one 16K-token step of new requests' fresh blocks) warmed
     # ahead of time (NOTES.md #23); the default's auto gives the same count there since #29
     "vattn-spare": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_SPARE_BLOCKS": "1024"}, "args": []},
-    # the default with a step's driver calls split over 4 native threads by row (NOTES.md #41)
 }
 # Every variable that selects a system: cleared from the caller's environment before a system's own
 # are set, so that one engine's settings never leak into another's.

@@ -1,0 +1,78 @@
+"""bench.timeline: GPU idle gaps in a torch.profiler trace, by what ended them."""
+
+import gzip
+import json
+
+import pytest
+
+from vllm_vattention.bench import timeline as T
+
+
+def _trace():
+    k = lambda name, ts, dur, corr: {"ph": "X", "cat": "kernel", "name": name, "pid": 0, "tid": 7,  # noqa: E731
+                                     "ts": ts, "dur": dur, "args": {"correlation": corr}}
+    launch = lambda ts, corr: {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "pid": 1,  # noqa: E731
+                               "tid": 11, "ts": ts, "dur": 5, "args": {"correlation": corr}}
+    return {"traceEvents": [
+        k("k1", 0, 100, 1), launch(0, 1),
+        k("k2", 150, 100, 2), launch(90, 2),  # queued before the GPU went idle at 100: a wait on the GPU
+        k("k3", 300, 100, 3), launch(280, 3),  # launched 30 us into the gap at 250: the CPU was late
+        k("k4", 400, 100, 4), launch(300, 4),
+        {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD", "pid": 0, "tid": 7, "ts": 450, "dur": 70,
+         "args": {"correlation": 5}}, launch(310, 5),
+        k("k5", 600, 50, 6),  # no launch in the trace
+        {"ph": "X", "cat": "cpu_op", "name": "execute_model", "pid": 1, "tid": 11, "ts": 200, "dur": 100},
+        {"ph": "X", "cat": "cpu_op", "name": "prepare_attn", "pid": 1, "tid": 11, "ts": 240, "dur": 30},
+        {"ph": "X", "cat": "cpu_op", "name": "other_thread", "pid": 1, "tid": 12, "ts": 240, "dur": 30},
+        {"ph": "i", "name": "instant", "ts": 5},
+    ]}
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_gaps_are_split_by_whether_the_cpu_or_the_gpu_held_the_next_work(tmp_path, gz):
+    path = tmp_path / ("t.json.gz" if gz else "t.json")
+    data = json.dumps(_trace())
+    if gz:
+        with gzip.open(path, "wt") as f:
+            f.write(data)
+    else:
+        path.write_text(data)
+    r = T.analyze(T.load(str(path)))
+    assert r["span_ms"] == pytest.approx(0.65) and r["busy_ms"] == pytest.approx(0.47)
+    assert r["gaps"] == 3
+    assert r["idle_ms"] == pytest.approx({"gpu_waited": 0.05, "cpu_late": 0.05, "unknown": 0.08})
+    by_cause = {g["cause"]: g for g in r["longest"]}
+    assert by_cause["cpu_late"]["next"] == "k3" and by_cause["cpu_late"]["at_ms"] == pytest.approx(0.25)
+    assert by_cause["cpu_late"]["cpu_inside"] == ["execute_model", "prepare_attn"]  # the launching thread's only
+    assert by_cause["gpu_waited"]["next"] == "k2" and by_cause["gpu_waited"]["launch"] == "cudaLaunchKernel"
+    assert r["longest"][0]["cause"] == "unknown"  # longest first
+    md = T.markdown({"t": r})
+    assert "| t | 0.7 | 0.5 | 72.3% | 3 |" in md and "execute_model > prepare_attn" in md
+
+
+def test_a_trace_without_gpu_work_is_refused(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"traceEvents": [{"ph": "X", "cat": "cpu_op", "name": "x", "ts": 0, "dur": 1}]}))
+    with pytest.raises(ValueError, match="no GPU activity"):
+        T.analyze(T.load(str(path)))
+
+
+def test_cli_writes_markdown_and_json(tmp_path):
+    paths = []
+    for system in ("tl-stock", "tl-vattn"):  # vLLM names both runs' traces alike: the folder tells them apart
+        (tmp_path / system).mkdir()
+        paths.append(tmp_path / system / "rank0.1700000.pt.trace.json")
+        paths[-1].write_text(json.dumps(_trace()))
+    out = tmp_path / "tl.md"
+    T.main([str(p) for p in paths] + ["--out", str(out), "--top", "2"])
+    rep = json.loads((tmp_path / "tl.json").read_text())
+    assert list(rep) == ["tl-stock:rank0", "tl-vattn:rank0"] and len(rep["tl-vattn:rank0"]["longest"]) == 2
+    assert out.read_text().startswith("| trace |")
+
+
+def test_the_offline_benchmark_asks_vllm_for_a_trace_of_the_chosen_steps(tmp_path):
+    from vllm_vattention.bench.offline import timeline_profiler
+    c = timeline_profiler(str(tmp_path / "tl"), delay=300, steps=30)
+    assert c.profiler == "torch" and c.torch_profiler_dir == str(tmp_path / "tl")
+    assert (c.delay_iterations, c.max_iterations) == (300, 30) and c.ignore_frontend
+    assert not c.torch_profiler_with_stack  # stacks would slow the traced steps further

@@ -1,0 +1,142 @@
+"""Where the GPU sat idle in a torch.profiler trace, and whether the CPU or a wait kept it idle.
+
+    python3 -m vllm_vattention.bench.timeline TRACE.json[.gz] ... --out timeline.md
+
+Reads the Chrome-trace JSON that torch.profiler writes (vLLM's worker profiler included:
+`offline.py --timeline DIR`). GPU activity (kernels, memcpy, memset) is merged into busy intervals;
+every gap between two of them is classified by the launch of the work that ended it (matched by
+CUPTI's correlation id):
+
+- `cpu_late`: the launch call began after the GPU went idle, so the GPU waited for the CPU (the
+  engine thread was still preparing the step, or blocked somewhere);
+- `gpu_waited`: the work had been launched before the GPU went idle, so something on the GPU held
+  it back: a stream wait (vAttention's cuStreamWaitValue32 on the mapping flag) or an event;
+- `unknown`: no launch with that correlation id in the trace.
+
+For the longest gaps it also names the CPU ops the launching thread was inside when the gap began
+(what the CPU was doing while the GPU waited). Nsight Systems is not usable on the device machines
+(.library/device/KINDS.md), CUPTI through torch.profiler is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import gzip
+import json
+import os
+
+GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+LAUNCH_CATS = ("cuda_runtime", "cuda_driver")
+CPU_CATS = ("cpu_op", "python_function", "user_annotation")
+
+
+def load(path: str) -> list[dict]:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        doc = json.load(f)
+    events = doc["traceEvents"] if isinstance(doc, dict) else doc
+    return [e for e in events if e.get("ph") == "X" and "ts" in e and "dur" in e]
+
+
+def _corr(e: dict):
+    args = e.get("args") or {}
+    return args.get("correlation", args.get("External id"))
+
+
+def analyze(events: list[dict], top: int = 10, min_gap_us: float = 0.0) -> dict:
+    """Busy time, idle gaps by cause, and the `top` longest gaps (times in ms)."""
+    gpu = sorted((e for e in events if e.get("cat") in GPU_CATS), key=lambda e: e["ts"])
+    if not gpu:
+        raise ValueError("no GPU activity in the trace (was CUDA activity profiled?)")
+    launches = {}
+    for e in events:
+        if e.get("cat") in LAUNCH_CATS and _corr(e) is not None:
+            launches[_corr(e)] = e
+    busy = 0.0
+    gaps = []
+    start, end = gpu[0]["ts"], gpu[0]["ts"] + gpu[0]["dur"]
+    for e in gpu[1:]:
+        s, t = e["ts"], e["ts"] + e["dur"]
+        if s > end:
+            busy += end - start
+            if s - end > min_gap_us:
+                gaps.append((end, s, e))
+            start, end = s, t
+        else:
+            end = max(end, t)
+    busy += end - start
+    span = end - gpu[0]["ts"]
+    by_cause = {"cpu_late": 0.0, "gpu_waited": 0.0, "unknown": 0.0}
+    rows = []
+    for g0, g1, nxt in gaps:
+        launch = launches.get(_corr(nxt))
+        if launch is None:
+            cause = "unknown"
+        elif launch["ts"] <= g0:
+            cause = "gpu_waited"
+        else:
+            cause = "cpu_late"
+        by_cause[cause] += g1 - g0
+        rows.append((g1 - g0, g0, cause, nxt, launch))
+    rows.sort(key=lambda r: -r[0])
+    cpu_by_thread: dict = {}
+    for e in events:
+        if e.get("cat") in CPU_CATS:
+            cpu_by_thread.setdefault((e.get("pid"), e.get("tid")), []).append(e)
+    for evs in cpu_by_thread.values():
+        evs.sort(key=lambda e: e["ts"])
+    t0 = gpu[0]["ts"]
+    longest = []
+    for length, g0, cause, nxt, launch in rows[:top]:
+        inside = []
+        if launch is not None:
+            evs = cpu_by_thread.get((launch.get("pid"), launch.get("tid")), [])
+            i = bisect.bisect_right([e["ts"] for e in evs], g0)
+            inside = [e["name"] for e in evs[:i] if e["ts"] + e["dur"] >= g0][-4:]  # innermost last
+        longest.append({"at_ms": round((g0 - t0) / 1e3, 3), "gap_ms": round(length / 1e3, 3), "cause": cause,
+                        "next": nxt.get("name", "")[:60], "launch": (launch or {}).get("name", ""),
+                        "cpu_inside": inside})
+    return {"span_ms": round(span / 1e3, 3), "busy_ms": round(busy / 1e3, 3),
+            "busy_share": round(busy / span, 4) if span else None, "gaps": len(gaps),
+            "idle_ms": {k: round(v / 1e3, 3) for k, v in by_cause.items()}, "longest": longest}
+
+
+def label(path: str) -> str:
+    """A trace's name in the report: its folder and the file name's first part (vLLM names the
+    worker's traces alike in every run, so the folder tells the systems apart)."""
+    path = os.path.abspath(path)
+    return f"{os.path.basename(os.path.dirname(path))}:{os.path.basename(path).split('.')[0]}"
+
+
+def markdown(reports: dict[str, dict]) -> str:
+    lines = ["| trace | span ms | GPU busy ms | busy | gaps | idle: CPU late ms | idle: GPU waited ms | idle: unknown ms |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in reports.items():
+        i = r["idle_ms"]
+        lines.append(f"| {name} | {r['span_ms']:.1f} | {r['busy_ms']:.1f} | {100 * r['busy_share']:.1f}% | "
+                     f"{r['gaps']} | {i['cpu_late']:.1f} | {i['gpu_waited']:.1f} | {i['unknown']:.1f} |")
+    for name, r in reports.items():
+        lines += ["", f"Longest gaps, {name}:", "", "| at ms | gap ms | cause | next GPU work | its launch | CPU inside |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {g['at_ms']} | {g['gap_ms']} | {g['cause']} | `{g['next']}` | {g['launch']} | "
+                  f"{' > '.join(g['cpu_inside']) or '-'} |" for g in r["longest"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("traces", nargs="+", help="torch.profiler Chrome traces (.json or .json.gz)")
+    ap.add_argument("--out", required=True, help="markdown report (a .json beside it holds the numbers)")
+    ap.add_argument("--top", type=int, default=10)
+    args = ap.parse_args(argv)
+    reports = {label(p): analyze(load(p), top=args.top) for p in args.traces}
+    with open(args.out, "w") as f:
+        f.write(markdown(reports))
+    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+        json.dump(reports, f, indent=1)
+    print(markdown(reports))
+
+
+if __name__ == "__main__":
+    main()
