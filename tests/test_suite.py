@@ -410,6 +410,20 @@ def test_spare_frames_table_shows_how_the_spares_worked_per_workload():
     assert "| a | vattn-fa2 | 3 | 572 | 200 | 210 | 4 | 38 | 0 | 38 | 7 | 80.9 | 3/500/0/69/0 |" in S.markdown({"results": res})
 
 
+def test_slowest_batch_table_puts_the_native_threads_worst_batch_beside_the_longest_stall():
+    def run(batches, stall):
+        return {"workload": "a", "system": "vattn-fa2", "error": None,
+                "mapper": {"native_slowest_batches": batches, "flag_longest_ms": [stall]}}
+    res = [run([[12.0, 10.0, 2.0, 1.5, "access_rw", 65, 300]], [30.0, 305]),
+           run([[80.0, 1.0, 79.0, 75.0, "map", 65, 616], [5.0, 0.0, 5.0, 1.0, "map", 3, 2]], [79.6, 616]),
+           run([], [1.0, 3]),  # no batch kept: left out
+           {"workload": "a", "system": "stock-fa3", "error": None}]
+    (row,) = S.slow_batch_rows(res)
+    assert row["n"] == 2 and row["batch"][0] == 80.0 and row["stall"] == [79.6, 616]
+    assert ("| a | vattn-fa2 | 2 | 80.0 | 1.0 | 79.0 | map 75.0 ms | 65 | 616 | 79.6 (616) |"
+            in S.markdown({"results": res}))
+
+
 def test_a_serving_job_cut_off_keeps_its_rates_and_runs_again(tmp_path):
     """The device's time limit kills a call mid-job (seen: the second server's first rate finished,
     then the call ended and the job's rows were lost). Rows are now saved as each rate completes,

@@ -521,6 +521,19 @@ def _spares_at(ms: list[dict]) -> str:
     return "/".join(f"{statistics.median(a.get(k, 0) for a in have):.0f}" for k in SPARE_PLACES)
 
 
+def slow_batch_rows(results: list[dict]) -> list[dict]:
+    """Per workload and system: the native thread's slowest batch over the repetitions (the
+    mapper's native_slowest_batches: latency, queued, running, slowest op ms, its kind, ops, index),
+    with the longest flag stall beside it, to tell a slow driver call from a batch that waited."""
+    by = _grouped(results, lambda r: _mapper(r) if _mapper(r).get("native_slowest_batches") else None)
+    rows = []
+    for (w, s), ms in by.items():
+        worst = max((m["native_slowest_batches"][0] for m in ms), key=lambda b: b[0])
+        stall = max(((m.get("flag_longest_ms") or [[0, None]])[0] for m in ms), key=lambda x: x[0])
+        rows.append({"workload": w, "system": s, "n": len(ms), "batch": worst, "stall": stall})
+    return rows
+
+
 def hook_rows(results: list[dict]) -> list[dict]:
     """Per workload and system: median ms per step of each part of our hooks (the worker's
     hook_seconds; runs without it, stock's or older ones, are left out)."""
@@ -588,6 +601,14 @@ def markdown(doc: dict) -> str:
                           [[m["workload"], m["system"], m["n"], f"{m['spares']:.0f}"]
                            + [f"{m[k]:.0f}" for k in SPARE_COUNTERS]
                            + [m["inflight_max"], f"{m['longest_stall_ms']:.1f}", m["spares_at"]] for m in spares])
+    slow = slow_batch_rows(res)
+    if slow:
+        lines += _section("The native thread's slowest batch (submission to done; the most over repetitions)",
+                          ["workload", "system", "runs", "latency ms", "queued ms", "running ms", "slowest op",
+                           "ops", "batch index", "longest flag stall ms (step)"],
+                          [[m["workload"], m["system"], m["n"], f"{m['batch'][0]:.1f}", f"{m['batch'][1]:.1f}",
+                            f"{m['batch'][2]:.1f}", f"{m['batch'][4]} {m['batch'][3]:.1f} ms", m["batch"][5],
+                            m["batch"][6], f"{m['stall'][0]:.1f} ({m['stall'][1]})"] for m in slow])
     parts = hook_rows(res)
     if parts:
         names = list(parts[0]["ms"])
