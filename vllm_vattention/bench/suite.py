@@ -504,9 +504,14 @@ def spare_rows(results: list[dict]) -> list[dict]:
     return [{"workload": w, "system": s, "n": len(ms), "spares": statistics.median(m["spare_frames"] for m in ms),
              **{k: statistics.median(m.get(k, 0) for m in ms) for k in SPARE_COUNTERS},
              "inflight_max": max(m.get("inflight_max", 0) for m in ms),
-             "longest_stall_ms": max((m.get("flag_longest_ms") or [[None]])[0][0] or 0 for m in ms),
+             "longest_stall_ms": _longest_stall(ms)[0],
              "spares_at": _spares_at(ms)}
             for (w, s), ms in by.items()]
+
+
+def _longest_stall(ms: list[dict]) -> list:
+    """The longest flag stall over the runs' mapper reports: [ms, index of its wait]; [0, None] if none."""
+    return max(((m.get("flag_longest_ms") or [[0, None]])[0] for m in ms), key=lambda x: x[0] or 0)
 
 
 SPARE_PLACES = ("running", "warm", "idle", "free", "zero_row")
@@ -529,8 +534,7 @@ def slow_batch_rows(results: list[dict]) -> list[dict]:
     rows = []
     for (w, s), ms in by.items():
         worst = max((m["native_slowest_batches"][0] for m in ms), key=lambda b: b[0])
-        stall = max(((m.get("flag_longest_ms") or [[0, None]])[0] for m in ms), key=lambda x: x[0])
-        rows.append({"workload": w, "system": s, "n": len(ms), "batch": worst, "stall": stall})
+        rows.append({"workload": w, "system": s, "n": len(ms), "batch": worst, "stall": _longest_stall(ms)})
     return rows
 
 

@@ -235,8 +235,7 @@ class KVMemoryManager:
                 return s >= held[r] + keep and s >= guard[r]
             return s >= depth or r not in window
 
-        where = self.mapper.where
-        return self.mapper.unmap_aliases([f for f in self.pool.spare_frames if f in where], slot_ok)
+        return self.mapper.unmap_aliases(self.pool.spare_frames, slot_ok)  # (it skips spares mapped nowhere)
 
     def _trace_warm(self, *outcome: int) -> None:
         """The first WARM_TRACE planning calls since the counters were reset, for stats()."""
@@ -250,8 +249,7 @@ class KVMemoryManager:
         acquire_row() hands out last (warm() would free them only as they come up)."""
         self.mapper.wait_all()
         idle = set(self._free_rows)
-        freed = self.mapper.unmap_aliases([f for f in self.pool.spare_frames if f in self.mapper.where],
-                                          lambda r, s: r in idle)
+        freed = self.mapper.unmap_aliases(self.pool.spare_frames, lambda r, s: r in idle)
         self.sync()
         self._warm_stale = True
         return freed

@@ -94,8 +94,8 @@ class RowMapper:
         q = self._inflight
         if len(q) > self.RETIRE_NEWEST_FROM and q[-1][0].done():
             # Fences complete in launch order, so the newest done means every one is; without this, a
-            # fence that never reported done (seen as spares stranded on the H100, NOTES #38) would
-            # keep every later step's rows "in flight" for good
+            # fence that never reported done would keep every later step's rows "in flight" for good
+            # (suspected for the H100's stranded spares, NOTES #39; the dummy row was the cause, #42)
             q.clear()
             return
         while q and q[0][0].done():
