@@ -52,10 +52,11 @@ class _LaggingFence:
 
 
 def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 1024, warmup: bool = True,
-        native: bool = False, chain: list[str] | None = None) -> dict | list[dict]:
+        native: bool = False, chain: list[str] | None = None, lend: int = 0) -> dict | list[dict]:
     """One workload in a fresh scheduler and manager; or, with `chain`, the suite's sequence in one
     engine (offline.py): an untimed warm-up of 16 x 64-token prompts (16 out), then each workload of
-    `chain` in turn, the counters reset before each (a list of results, one per workload)."""
+    `chain` in turn, the counters reset before each (a list of results, one per workload). lend: the
+    worker's lend_unused after start-up (VATTN_LEND_BLOCKS)."""
     from vllm.sampling_params import SamplingParams
     from vllm.v1.outputs import ModelRunnerOutput
     from vllm.v1.request import Request
@@ -130,7 +131,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             _LaggingFence.step += 1
             mgr.record_read_slots(_LaggingFence(), reads)
             c7 = time.perf_counter()
-            if spares:
+            if spares or lent:
                 mgr.warm()
             c8 = time.perf_counter()
             for k, dt in zip(PHASES, (c1 - c0, c2 - c1, c3 - c2, c5 - c4, c6 - c5, c7 - c6, c8 - c7)):
@@ -144,6 +145,8 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
         drive([[7, 8 + i % 1000] for i in range(max_num_seqs)], 1, clip=False)
         if spares:
             mgr.reclaim_spares()  # as the worker does at the end of start-up
+    lent = mgr.lend_unused(lend)  # as the worker does next (VATTN_LEND_BLOCKS)
+    if warmup:
         mgr.reset_stats()
         t.update(dict.fromkeys(PHASES, 0.0))
         admitting.update(steps=0, block_maps=0)
@@ -164,7 +167,8 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
         s = mgr.stats()
         per_step = {k: round(1e3 * v / steps, 4) for k, v in t.items()}
         results.append({
-            "workload": name, "steps": steps, "spares": spares, "ms_per_step": per_step,
+            "workload": name, "steps": steps, "spares": spares, "lent": lent, "lent_taken": s["lent_taken"],
+            "ms_per_step": per_step,
             "total_ms_per_step": round(sum(per_step.values()), 4),
             "block_maps": s["block_maps"], "swaps": s["swaps"], "warm_maps": s["warm_maps"],
             "block_unmaps": s["block_unmaps"], "zero_maps": s["zero_maps"], "pad_maps": s["pad_maps"],
@@ -181,6 +185,7 @@ def main() -> None:
     ap.add_argument("--workload", choices=sorted(WORKLOADS), default="512-in-1024-out")
     ap.add_argument("--num-blocks", type=int, default=57174, help="vLLM's blocks + spares (the suite's H200 engine)")
     ap.add_argument("--spares", type=int, default=None, help="default: auto (min(1024, 2%% of the budget))")
+    ap.add_argument("--lend", type=int, default=0, help="blocks lent after start-up (VATTN_LEND_BLOCKS; auto = 1024 here)")
     ap.add_argument("--profile", action="store_true", help="also the top functions by own time (cProfile)")
     ap.add_argument("--no-warmup", action="store_true", help="skip vLLM's warm-up requests (2-token prefills)")
     ap.add_argument("--chain", default="",
@@ -190,11 +195,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.profile:
         prof = cProfile.Profile()
-        r = prof.runcall(run, args.workload, args.num_blocks, args.spares, warmup=not args.no_warmup, native=args.native)
+        r = prof.runcall(run, args.workload, args.num_blocks, args.spares, warmup=not args.no_warmup, native=args.native,
+                         lend=args.lend)
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     else:
         r = run(args.workload, args.num_blocks, args.spares, warmup=not args.no_warmup, native=args.native,
-                chain=[w for w in args.chain.split(",") if w] or None)
+                chain=[w for w in args.chain.split(",") if w] or None, lend=args.lend)
     for one in (r if isinstance(r, list) else [r]):
         print(one)
 

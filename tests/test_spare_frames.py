@@ -28,6 +28,85 @@ def test_pool_swap_moves_a_block_into_a_spare_and_frees_its_old_frame(driver):
     assert driver.leaks() == []
 
 
+def test_pool_lend_makes_unused_blocks_frames_spares_until_the_blocks_are_handed_out(driver):
+    pool = PagePool(driver, 4, 1, PAGE, spares=1)
+    assert pool.lend([3, 2]) == 2
+    assert pool.lent == 2 and pool.frame(3) is None and pool.spare_frames == {2, 3, 4}
+    with pytest.raises(ValueError, match="block 3 is lent already"):
+        pool.lend([1, 3])
+    assert pool.frame(1) == 1  # (the failed call lent nothing)
+    assert pool.swap(3, 4) is None  # handed out: it takes a spare and gives none back
+    assert pool.lent == 1 and pool.frame(3) == 4 and pool.spare_frames == {2, 3}
+    assert pool.frames([0, 2]) == [0, None] and pool.max_seen == 2
+    pool.close()
+    assert driver.leaks() == []
+
+
+@pytest.mark.parametrize("background", [False, "stream"])
+def test_lent_blocks_warm_more_rows_and_take_a_spare_when_handed_out(driver, background):
+    """lend_unused lends the highest ids never handed out whose frames are mapped nowhere; their
+    frames warm rows like spares; a lent block handed out takes the spare its slot maps (no driver
+    call) or, where none is mapped, a spare mapped nowhere, mapped like any block's frame."""
+    mgr = make_manager(driver, rows=5, num_blocks=16, spare_blocks=2, background=background)
+    bs = mgr.layout.block_size
+    r0 = mgr.acquire_row()
+    mgr.set_blocks(r0, [0, 1, 13], fresh_from=0)  # ids up to 13 were handed out
+    mgr.release_row(r0)
+    assert mgr.lend_unused(5) == 2  # only 14 and 15 were never handed out
+    assert mgr.pool.frame(14) is None and mgr.stats()["lent_blocks"] == 2
+    assert mgr.stats()["num_blocks"] == 16 and mgr.stats()["spare_frames"] == 4
+    assert mgr.warm() == 4  # 2 spares + 2 lent frames: the next row three deep, the one after it one
+    mgr.sync()
+    before = _driver_calls(driver)
+    row = mgr.acquire_row()
+    mgr.set_blocks(row, [14, 2, 15], fresh_from=0)  # two lent blocks and a plain one, all into spares
+    mgr.sync()
+    assert _driver_calls(driver) == before
+    assert mgr.pool.lent == 0 and mgr.stats()["lent_taken"] == 2 and mgr.stats()["spare_frames"] == 2
+    for j, b in enumerate((14, 2, 15)):
+        driver.write(mgr.address(row, j * bs, 0, 0), bytes([b]) * 8)
+    # a request that has a lent block where no spare is mapped
+    mgr.lend_unused(1)  # (nothing left above 15)
+    assert mgr.pool.lent == 0
+    mgr.mapper.check_invariants()
+    frames = [mgr.pool.frame(b) for b in range(16)]
+    assert len(set(frames)) == 16 and mgr.pool.spare_frames == set(range(18)) - set(frames)
+    for j, b in enumerate((14, 2, 15)):
+        assert driver.read(mgr.address(row, j * bs, 0, 0), 8) == bytes([b]) * 8
+    mgr.close()
+    assert driver.leaks() == []
+
+
+def test_a_lent_block_where_no_spare_is_mapped_takes_one_mapped_nowhere_first(driver):
+    mgr = make_manager(driver, rows=4, num_blocks=8, spare_blocks=0, background="stream")
+    assert mgr.lend_unused(3) == 3  # blocks 7, 6, 5: their frames are the only spares
+    row = mgr.acquire_row()
+    mgr.set_blocks(row, [0, 7], fresh_from=0)  # nothing warm: block 7 takes a spare mapped nowhere
+    mgr.publish()
+    mgr.sync()
+    f7 = mgr.pool.frame(7)
+    assert f7 in (5, 6, 7) and mgr.mapper.slots[row][1] == f7 and mgr.pool.lent == 2
+    assert mgr.stats()["block_maps"] == 2
+    # all spares mapped somewhere (a guard): the next lent block takes one of those, and the guard
+    # slot keeps the frame as a stale alias until the row grows there (then it is remapped)
+    mgr.ensure_readable(row, 4 * mgr.layout.block_size)
+    mgr.publish()
+    mgr.sync()
+    guards = set(mgr.mapper.slots[row][2:4])
+    assert guards <= mgr.pool.spare_frames and len(guards) == 2
+    other = mgr.acquire_row()
+    mgr.set_blocks(other, [6], fresh_from=0)
+    mgr.set_blocks(row, [5], start=2, fresh_from=0)  # the row grows into its first guard slot
+    mgr.publish()
+    mgr.sync()
+    assert mgr.pool.lent == 0 and mgr.pool.spare_frames == set()
+    assert mgr.mapper.slots[other][0] == mgr.pool.frame(6) and mgr.mapper.slots[row][2] == mgr.pool.frame(5)
+    assert mgr.pool.frame(6) != mgr.pool.frame(5)
+    mgr.mapper.check_invariants()
+    mgr.close()
+    assert driver.leaks() == []
+
+
 def _driver_calls(driver):
     c = driver.stats.calls
     return c.get("map", 0) + c.get("unmap", 0) + c.get("set_access_calls", 0)
@@ -354,6 +433,14 @@ class SpareMachine(ManagerMachineBase):
             self.launch(reads)
         self.mgr.warm()
 
+    @rule(count=st.integers(1, 4))
+    def lend(self, count):
+        """VATTN_LEND_BLOCKS: frames of blocks never handed out become spares until handed out (the
+        machine's requests pick any free block, so lent ones are handed out at random times)."""
+        before = self.mgr.pool.lent
+        lent = self.mgr.lend_unused(count)
+        assert 0 <= lent <= count and self.mgr.pool.lent == before + lent
+
     @invariant()
     def rows_read_their_blocks_content(self):
         if not hasattr(self, "mgr"):
@@ -361,10 +448,13 @@ class SpareMachine(ManagerMachineBase):
         m = self.mgr
         self.check_page_table()
         frames = [m.pool.frame(b) for b in range(NUM_BLOCKS)]
-        assert len(set(frames)) == NUM_BLOCKS  # no two blocks share memory
+        owned = [f for f in frames if f is not None]
+        assert len(set(owned)) == len(owned)  # no two blocks share memory
+        lent = {b for b, f in enumerate(frames) if f is None}
+        assert len(lent) == m.pool.lent and not lent & (self._in_use() | set(self.tag))  # never handed out
         if self.zero_row is not None:  # the zero page in every slot, never a spare
             assert set(m.mapper.slots[self.zero_row]) == {ZERO}
-        assert m.pool.spare_frames == set(range(NUM_BLOCKS + SPARES)) - set(frames)
+        assert m.pool.spare_frames == set(range(NUM_BLOCKS + SPARES)) - set(owned)
         for row, blocks in self.active.items():
             assert m.mapper.slots[row][:len(blocks)] == [m.pool.frame(b) for b in blocks]
             # what was made readable (a guard) stays mapped while the request runs: warm() takes

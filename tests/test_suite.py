@@ -397,7 +397,7 @@ def test_spare_frames_table_shows_how_the_spares_worked_per_workload():
         return {"workload": "a", "system": "vattn-fa2", "error": None,
                 "mapper": {"spare_frames": 572, "swaps": swaps, "warm_maps": swaps + 10, "pad_maps": 4,
                            "warm_calls": 38, "warm_stopped_in_flight": 0, "warm_stopped_no_spare": 38,
-                           "inflight_max": inflight, "flag_longest_ms": [[longest, 3], [1.0, 9]],
+                           "lent_taken": swaps // 100, "inflight_max": inflight, "flag_longest_ms": [[longest, 3], [1.0, 9]],
                            "spares_at": {"running": inflight, "warm": 500, "idle": 0, "free": 72 - inflight,
                                          "zero_row": 0}}}
     old = {"workload": "a", "system": "vattn-fa2", "error": None, "mapper": {"spare_frames": 572, "swaps": 1}}
@@ -407,7 +407,8 @@ def test_spare_frames_table_shows_how_the_spares_worked_per_workload():
     assert row["n"] == 3 and row["swaps"] == 200 and row["warm_maps"] == 210
     assert row["inflight_max"] == 7 and row["longest_stall_ms"] == 80.9
     assert row["spares_at"] == "3/500/0/69/0"  # medians of where the spares ended up
-    assert "| a | vattn-fa2 | 3 | 572 | 200 | 210 | 4 | 38 | 0 | 38 | 7 | 80.9 | 3/500/0/69/0 |" in S.markdown({"results": res})
+    assert row["lent_taken"] == 2  # (VATTN_LEND_BLOCKS: lent blocks vLLM handed out)
+    assert "| a | vattn-fa2 | 3 | 572 | 200 | 210 | 4 | 38 | 0 | 38 | 2 | 7 | 80.9 | 3/500/0/69/0 |" in S.markdown({"results": res})
 
 
 def test_slowest_batch_table_puts_the_native_threads_worst_batch_beside_the_longest_stall():

@@ -11,6 +11,7 @@
 | VATTN_GUARD_TOKENS | integer >= 192 | 256 | readable tokens kept past each sequence end for kernels that over-read (FA3) |
 | VATTN_FA3_GUARD | always, clipped | clipped | always: a zero page behind every FA3 row; clipped: FA3's view of a prefill batch ends at its longest FA3 sequence, whose row then needs no guard (relies on TMA clipping; clean under compute-sanitizer on an H200) |
 | VATTN_SPARE_BLOCKS | integer >= 0, or auto | auto in stream mode, else 0 | stream mode: this many KV blocks of memory are kept as spare frames, mapped ahead of time into the rows new requests get next, so a new request's fresh blocks need no driver call while its step waits (memory/manager.py); vLLM's KV budget shrinks by as much. auto: the blocks one step's tokens fill (--max-num-batched-tokens / block size), at most AUTO_SPARE_SHARE (2%) of the KV budget's blocks |
+| VATTN_LEND_BLOCKS | integer >= 0, or auto | 0 | stream mode: the frames of up to this many of vLLM's KV blocks that were never handed out also serve as spare frames, until vLLM hands the blocks out (more rows warm at once in a burst of new requests; no memory leaves the KV budget; memory/manager.py lend_unused). auto: the blocks one step's tokens fill, at most AUTO_LEND_SHARE (1/4) of the KV budget's blocks. Off until measured on a GPU (benchmarks/NOTES.md #47) |
 | VATTN_PREFIX_EVICTION | lru, discard-lru, second-chance, adaptive | lru | prefix-cache eviction order in vLLM's scheduler (prefix_eviction.py); works with any attention backend |
 | VATTN_PREFIX_MIN_USERS | integer >= 2 | 2 | the one bit: a cached block used by at least this many requests is "keep" (discard-lru: not evicted before the others; second-chance: one more pass through the free queue; adaptive: in the list evicted second, by a share learned from misses) |
 """
@@ -31,6 +32,8 @@ BACKEND_VALUE = "VATTENTION"
 # VATTN_SPARE_BLOCKS=auto takes at most this share of the KV budget's blocks, so that the spares never
 # cost more than 2% of the requests that fit (issue 4's capacity floor is 0.98x of stock).
 AUTO_SPARE_SHARE = 0.02
+# VATTN_LEND_BLOCKS=auto lends at most this share of vLLM's blocks (the highest ids: the last it hands out)
+AUTO_LEND_SHARE = 0.25
 DECODE_KERNELS = ("fa2", "fa3")
 
 
@@ -101,6 +104,7 @@ class VattnConfig:
     # a count or "auto" (resolved by spare_blocks_for() once the step size and the KV budget are known);
     # None: not given, which means auto in stream mode and 0 otherwise (benchmarks/NOTES.md #29)
     spare_blocks: int | str | None = None
+    lend_blocks: int | str = 0  # a count or "auto" (lend_blocks_for())
     prefix_eviction: str = "lru"
     prefix_min_users: int = DEFAULT_MIN_USERS
 
@@ -119,6 +123,7 @@ class VattnConfig:
             guard_tokens=_int(env, "VATTN_GUARD_TOKENS", 256, minimum=192),
             fa3_guard=_choice(env, "VATTN_FA3_GUARD", ("always", "clipped"), "clipped"),
             spare_blocks=_spares(env, "VATTN_SPARE_BLOCKS", None),
+            lend_blocks=_spares(env, "VATTN_LEND_BLOCKS", 0),
             prefix_eviction=_choice(env, "VATTN_PREFIX_EVICTION", PREFIX_EVICTION_MODES, "lru"),
             prefix_min_users=_int(env, "VATTN_PREFIX_MIN_USERS", DEFAULT_MIN_USERS, minimum=2),
         )
@@ -130,6 +135,9 @@ class VattnConfig:
             raise ConfigError(f"VATTN_SPARE_BLOCKS={self.spare_blocks} needs VATTN_BACKGROUND_MAP=stream (the "
                               "spares are mapped by the native thread while no step waits); set it, or "
                               "VATTN_SPARE_BLOCKS=0")
+        if self.lend_blocks and self.background_map != "stream":
+            raise ConfigError(f"VATTN_LEND_BLOCKS={self.lend_blocks} needs VATTN_BACKGROUND_MAP=stream (lent "
+                              "frames are spares, mapped ahead by the native thread); set it, or VATTN_LEND_BLOCKS=0")
 
     def spare_blocks_for(self, max_num_batched_tokens: int, block_size: int, budget_blocks: int) -> int:
         """How many spare frames to create: the number given, or with auto as many blocks as one
@@ -139,6 +147,14 @@ class VattnConfig:
         if self.spare_blocks == "auto":
             return min(-(-max_num_batched_tokens // block_size), int(budget_blocks * AUTO_SPARE_SHARE))
         return int(self.spare_blocks)
+
+    def lend_blocks_for(self, max_num_batched_tokens: int, block_size: int, num_blocks: int) -> int:
+        """How many never-used blocks to lend as spares: the number given, or with auto as many as
+        one step's tokens fill, at most AUTO_LEND_SHARE of vLLM's `num_blocks` (lend_unused lends
+        fewer when fewer were never handed out)."""
+        if self.lend_blocks == "auto":
+            return min(-(-max_num_batched_tokens // block_size), int(num_blocks * AUTO_LEND_SHARE))
+        return int(self.lend_blocks)
 
     def num_rows(self, max_num_seqs: int) -> int:
         extra = max_num_seqs if self.extra_rows is None else self.extra_rows

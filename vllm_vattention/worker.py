@@ -234,6 +234,19 @@ class VattnModelRunner(V2ModelRunner):
                         spares, num_blocks)
         return spares
 
+    def lend_unused_blocks(self) -> int:
+        """VATTN_LEND_BLOCKS: lend the frames of vLLM's never-used blocks as spares (after the
+        warm-up, which used some of the lowest ids)."""
+        cfg, mgr = self.vattn_cfg, self.vattn
+        want = cfg.lend_blocks_for(self.vllm_config.scheduler_config.max_num_batched_tokens,
+                                   mgr.layout.block_size, mgr.pool.num_blocks)
+        if not want:
+            return 0
+        lent = mgr.lend_unused(want)
+        logger.info("vAttention: lent the frames of %d never-used KV blocks as spares (VATTN_LEND_BLOCKS=%s "
+                    "asked for %d); each returns when vLLM hands its block out", lent, cfg.lend_blocks, want)
+        return lent
+
     def _vattn_builders(self) -> list:
         return [group.get_metadata_builder(0) for groups in getattr(self, "attn_groups", ()) for group in groups]
 
@@ -377,7 +390,7 @@ class VattnModelRunner(V2ModelRunner):
             self._pending_reads = None
             t_warm = time.perf_counter()
             self.hook_seconds["fence"] += t_warm - t_fence
-            if self.vattn_spare_blocks:
+            if self.vattn.pool.spare_frames:
                 # the step is launched, so the GPU is busy: plan the rows the next new requests get
                 # (the native thread maps them while no step waits for it)
                 self.vattn.warm()
@@ -449,5 +462,6 @@ class VattnWorker(Worker):
         if getattr(runner, "vattn", None) is not None:
             if runner.vattn.pool.spare_frames:
                 runner.vattn.reclaim_spares()  # the warm-up's guard slots took spares: serving starts with all free
+            runner.lend_unused_blocks()
             logger.info("vAttention warm-up mapper stats: %s", self.vattn_report(reset=True))
         return out

@@ -48,6 +48,9 @@ SYSTEMS: dict[str, dict] = {
     # 1024 spare frames (2 GiB for Llama-3-8B: one 16K-token step of new requests' fresh blocks) warmed
     # ahead of time (NOTES.md #23); the default's auto gives the same count there since #29
     "vattn-spare": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_SPARE_BLOCKS": "1024"}, "args": []},
+    # the default plus the frames of never-used blocks lent as spares (NOTES.md #47): one step's fresh
+    # blocks more, with no memory taken from the KV budget
+    "vattn-lend": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_LEND_BLOCKS": "auto"}, "args": []},
 }
 # Every variable that selects a system: cleared from the caller's environment before a system's own
 # are set, so that one engine's settings never leak into another's.
@@ -490,7 +493,8 @@ def step_rows(results: list[dict]) -> list[dict]:
             for (wl, s), ws in by.items()]
 
 
-SPARE_COUNTERS = ("swaps", "warm_maps", "pad_maps", "warm_calls", "warm_stopped_in_flight", "warm_stopped_no_spare")
+SPARE_COUNTERS = ("swaps", "warm_maps", "pad_maps", "warm_calls", "warm_stopped_in_flight", "warm_stopped_no_spare",
+                  "lent_taken")
 
 
 def spare_rows(results: list[dict]) -> list[dict]:
@@ -501,6 +505,7 @@ def spare_rows(results: list[dict]) -> list[dict]:
         m = _mapper(r)
         return m if m.get("spare_frames") and "warm_calls" in m else None
     by = _grouped(results, pick)
+    # (spares at the end of the run: the dedicated ones and the lent blocks not handed out, VATTN_LEND_BLOCKS)
     return [{"workload": w, "system": s, "n": len(ms), "spares": statistics.median(m["spare_frames"] for m in ms),
              **{k: statistics.median(m.get(k, 0) for m in ms) for k in SPARE_COUNTERS},
              "inflight_max": max(m.get("inflight_max", 0) for m in ms),
@@ -600,7 +605,8 @@ def markdown(doc: dict) -> str:
     if spares:
         lines += _section("Spare frames (medians over repetitions; steps in flight and the longest flag stall: the most)",
                           ["workload", "system", "runs", "spares", "swaps", "warm maps", "guard spares",
-                           "warm() planning calls", "stopped: row in flight", "stopped: no spare", "steps in flight",
+                           "warm() planning calls", "stopped: row in flight", "stopped: no spare",
+                           "lent blocks handed out", "steps in flight",
                            "longest flag stall ms", "at the end: running/warm/idle/free/dummy row"],
                           [[m["workload"], m["system"], m["n"], f"{m['spares']:.0f}"]
                            + [f"{m[k]:.0f}" for k in SPARE_COUNTERS]

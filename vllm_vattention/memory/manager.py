@@ -23,7 +23,9 @@ whose blocks are the same pays nothing, and stale slots are only ever read past 
 step): a fresh block put in such a slot moves into that frame (mapper.py), so a new request's first
 mappings cost no driver call while its step waits. How deep a row is warmed follows the recent new
 requests' fresh blocks. A few spares (PAD_RESERVE) are kept mapped nowhere for
-`ensure_readable`'s guard slots, which a growing row fills next (mapper.py).
+`ensure_readable`'s guard slots, which a growing row fills next (mapper.py). `lend_unused(n)` adds
+the frames of up to n blocks never handed out to the spares, until the blocks are handed out: more
+rows warm in a burst of new requests, with no memory taken from the KV budget.
 
     mgr.set_blocks(row, block_ids, fresh_from=ceil(num_computed_tokens / block_size))
     seq = mgr.publish(); ... launch the step ...; mgr.warm()
@@ -254,6 +256,26 @@ class KVMemoryManager:
         self._warm_stale = True
         return freed
 
+    def lend_unused(self, count: int) -> int:
+        """Lend the frames of up to `count` blocks that were never handed out (the highest ids above
+        any set so far, whose frames are mapped nowhere) as spares, until the blocks are handed out
+        (pool.lend). More rows are warmed at once (a burst of new requests, as when an engine starts
+        with a queue, needs no driver call while its steps wait) without taking memory from vLLM's
+        KV budget. It pays off because vLLM hands out a never-used block only when no lower one is
+        free (its free queue starts in id order and freed blocks go to its back), so the highest ids
+        stay unused longest; once the pool has been used through, nothing is lent, and each lent
+        block handed out costs what any fresh block costs. Returns how many were lent."""
+        pool, where = self.pool, self.mapper.where
+        picked = []
+        for b in range(pool.num_blocks - 1, pool.max_seen, -1):
+            if len(picked) >= count:
+                break
+            f = pool.frame(b)
+            if f is not None and f not in where:
+                picked.append(b)
+        self._warm_stale = True
+        return pool.lend(picked)
+
     def _cold_spares(self):
         """Spare frames mapped nowhere (warm() and guard slots take these)."""
         where = self.mapper.where
@@ -323,7 +345,7 @@ class KVMemoryManager:
     def stats(self) -> dict:
         s = self.mapper.stats.as_dict()
         s.update(rows=self.layout.rows, active_rows=len(self._active), num_blocks=self.pool.num_blocks,
-                 spare_frames=len(self.pool.spare_frames),
+                 spare_frames=len(self.pool.spare_frames), lent_blocks=self.pool.lent,
                  block_size=self.layout.block_size, pages_per_block=self.layout.pages_per_block,
                  reserved_bytes=self.layout.total_bytes, **self.warm_counts,
                  warm_trace=[list(t) for t in self.warm_trace], spares_at=self.spares_at())

@@ -53,6 +53,7 @@ class MapperStats:
     swaps: int = 0  # fresh blocks moved into the spare frame their slot already mapped (no driver call)
     warm_maps: int = 0  # spare frames mapped ahead of time into rows no request holds (background)
     pad_maps: int = 0  # spare frames mapped, instead of the zero page, past a live row's end (over-read guard)
+    lent_taken: int = 0  # lent blocks handed out (each took a spare frame: pool.lend)
     hazard_waits: int = 0  # times an unmap had to wait for a step in flight
     inflight_max: int = 0  # most steps in flight at once (launched, fence not yet seen done)
     driver_seconds: float = 0.0  # wall time the calling thread spent handing calls to the executor
@@ -212,11 +213,22 @@ class RowMapper:
         current = self.slots[row]
         changes = []
         spare = self.pool.spare_frames
+        cold = None
         for j, (b, f) in enumerate(zip(blocks, frames)):
             cur = current[start + j]
-            if cur == f:
+            if f is None:  # a lent block, handed out for the first time (its content is dead: it had none)
+                self.stats.lent_taken += 1
+                if cur in spare:
+                    self.pool.swap(b, cur)
+                    self.stats.swaps += 1
+                    continue
+                if cold is None:
+                    cold = self._spares_for_lent()
+                f = next(cold)  # (raises when none is left, which pool.lent's count rules out)
+                self.pool.swap(b, f)  # then mapped here like any block's frame
+            elif cur == f:
                 continue
-            if fresh_from is not None and j >= fresh_from and cur in spare and not self._mapped_live(f, live_rows):
+            elif fresh_from is not None and j >= fresh_from and cur in spare and not self._mapped_live(f, live_rows):
                 self.pool.swap(b, cur)  # b now lives where this slot already points
                 self.stats.swaps += 1
                 continue
@@ -229,6 +241,18 @@ class RowMapper:
             self._map_slots(row, changes)
         self._flush()
         return len(changes)
+
+    def _spares_for_lent(self) -> Iterator[int]:
+        """Spare frames for lent blocks handed out where no spare is mapped: those mapped nowhere
+        first, then the others (the pool holds at least one spare per lent block). A spare taken
+        from a slot leaves that slot mapping a block's frame, as a released row's stale slot does:
+        warm() and set_blocks() treat it so (replaced, after the steps that read it), and reads of it
+        are masked (an idle row, or past a running row's end: a guard slot)."""
+        where, spare = self.where, self.pool.spare_frames
+        snapshot = list(spare)  # (checked again as each is taken: the caller's swaps take spares too)
+        yield from (f for f in snapshot if f not in where and f in spare)
+        yield from (f for f in snapshot if f in spare)
+        raise MappingError(f"no spare frame left for a lent block ({self.pool.lent} lent): a bug")
 
     def _mapped_live(self, frame: int, live_rows: Container[int] | None) -> bool:
         """Does a row whose mappings are live (None: any row) map `frame`?"""

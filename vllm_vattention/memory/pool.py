@@ -7,7 +7,12 @@ offset argument must be zero); `handles(frame)` gives them. Block id b's content
 With `spares` > 0 there are that many more frames, owned by no block; `swap(b, f)` gives block b
 the spare frame f and makes b's former frame a spare. That is only correct when b's content is
 dead (a block vLLM has just handed out for tokens not computed yet): the mapper uses it so that a
-fresh block lands in a frame already mapped where it is needed, with no driver call. The pool also
+fresh block lands in a frame already mapped where it is needed, with no driver call.
+
+`lend(blocks)` makes the frames of blocks that were never handed out spares too, for as long as the
+blocks stay unused: such a block owns no frame (`frame(b)` is None) until it is handed out, and then
+`swap` gives it a spare (its content is dead: it never had any). The spare count grows by the blocks
+lent, and the KV budget stays whole: vLLM still owns every block. The pool also
 hands out block ids on
 its own (`allocate`/`free`) for users without vLLM's scheduler (tests, benchmarks); under vLLM the
 scheduler's BlockPool decides which ids are in use and this allocator is not used.
@@ -60,8 +65,10 @@ class PagePool:
         self._zero_fill(self._handles + [self.zero_handle], chunk_bytes)
         self._free: deque[int] = deque(range(num_blocks))
         self._is_free = [True] * num_blocks
-        self._frame_of = list(range(num_blocks))  # block -> frame holding its content
+        self._frame_of: list[int | None] = list(range(num_blocks))  # block -> frame (None: lent)
         self.spare_frames: set[int] = set(range(num_blocks, self.num_frames))  # owned by no block
+        self.lent = 0  # blocks whose frame is lent out as a spare (lend()), not handed out since
+        self.max_seen = -1  # the highest block id frames() was asked for: ids above were never handed out
 
     def handles(self, frame: int) -> list[int]:
         """Frame `frame`'s allocations, in the order of the layout's chunks."""
@@ -76,29 +83,51 @@ class PagePool:
         this list (frames were checked when they were handed out); None otherwise."""
         return self._handles if self.chunks_per_block == 1 else None
 
-    def frame(self, block: int) -> int:
-        """The frame that holds block `block`'s content."""
+    def frame(self, block: int) -> int | None:
+        """The frame that holds block `block`'s content (None: a lent block, which has none)."""
         self._check(block)
         return self._frame_of[block]
 
-    def frames(self, blocks) -> list[int]:
-        """frame(b) for each of `blocks`, every id checked first."""
-        if blocks and (min(blocks) < 0 or max(blocks) >= self.num_blocks):
-            bad = next(b for b in blocks if not 0 <= b < self.num_blocks)
-            self._check(bad)
+    def frames(self, blocks) -> list[int | None]:
+        """frame(b) for each of `blocks`, every id checked first (None for a lent block)."""
+        if blocks:
+            hi = max(blocks)
+            if min(blocks) < 0 or hi >= self.num_blocks:
+                bad = next(b for b in blocks if not 0 <= b < self.num_blocks)
+                self._check(bad)
+            if hi > self.max_seen:
+                self.max_seen = hi
         fo = self._frame_of
         return [fo[b] for b in blocks]
 
-    def swap(self, block: int, spare: int) -> int:
+    def swap(self, block: int, spare: int) -> int | None:
         """Block `block` (whose content is dead) moves to frame `spare`; returns its former frame,
-        now a spare."""
+        now a spare (None if the block was lent: it had no frame, and the spares shrink by one)."""
         if spare not in self.spare_frames:
             raise ValueError(f"frame {spare} is not a spare")
         old = self.frame(block)
         self._frame_of[block] = spare
         self.spare_frames.remove(spare)
-        self.spare_frames.add(old)
+        if old is None:
+            self.lent -= 1
+        else:
+            self.spare_frames.add(old)
         return old
+
+    def lend(self, blocks) -> int:
+        """The frames of `blocks` become spares until the blocks are handed out (`swap` then gives
+        each one a spare). Only for blocks that were never handed out and whose frames are mapped
+        nowhere: the caller checks both (KVMemoryManager.lend_unused). Returns how many."""
+        fo = self._frame_of
+        for b in blocks:
+            self._check(b)
+            if fo[b] is None:
+                raise ValueError(f"block {b} is lent already")
+        for b in blocks:
+            self.spare_frames.add(fo[b])
+            fo[b] = None
+        self.lent += len(blocks)
+        return len(blocks)
 
     def _check(self, block: int) -> None:
         if not 0 <= block < self.num_blocks:
