@@ -146,3 +146,33 @@ def test_the_runner_creates_the_spares_the_worker_took_out():
     assert unprofiled._resolved_spares(VattnConfig(), vllm_config, num_blocks=10_000) == 200  # 2% cap
     assert unprofiled.vattn_spare_blocks == 200
     assert object.__new__(VattnModelRunner)._resolved_spares(VattnConfig(spare_blocks=0), vllm_config, 10_000) == 0
+
+
+def test_lend_blocks_setting_and_the_runner_lends_after_start_up(driver):
+    """VATTN_LEND_BLOCKS: off by default, a number or auto (one step's blocks, at most a quarter of
+    vLLM's), only in stream mode; the runner lends that many never-used blocks' frames as spares."""
+    from types import SimpleNamespace
+
+    from helpers import make_manager
+    from vllm_vattention.worker import VattnModelRunner
+
+    assert VattnConfig.from_env({}).lend_blocks == 0
+    auto = VattnConfig.from_env({"VATTN_LEND_BLOCKS": "auto"})
+    assert auto.lend_blocks_for(16384, 16, num_blocks=28_023) == 1024
+    assert auto.lend_blocks_for(16384, 16, num_blocks=1000) == 250
+    assert VattnConfig.from_env({"VATTN_LEND_BLOCKS": "7"}).lend_blocks_for(16384, 16, num_blocks=10) == 7
+    with pytest.raises(ConfigError, match="VATTN_LEND_BLOCKS=auto needs VATTN_BACKGROUND_MAP=stream"):
+        VattnConfig.from_env({"VATTN_LEND_BLOCKS": "auto", "VATTN_BACKGROUND_MAP": "1"})
+    with pytest.raises(ConfigError, match="VATTN_LEND_BLOCKS='-3' is not supported"):
+        VattnConfig.from_env({"VATTN_LEND_BLOCKS": "-3"})
+
+    runner = object.__new__(VattnModelRunner)
+    runner.vllm_config = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_batched_tokens=64))
+    runner.vattn = make_manager(driver, rows=4, num_blocks=40, spare_blocks=2, background="stream")
+    runner.vattn_cfg = VattnConfig()
+    assert runner.lend_unused_blocks() == 0 and runner.vattn.pool.lent == 0  # off
+    runner.vattn_cfg = auto
+    bs = runner.vattn.layout.block_size
+    assert runner.lend_unused_blocks() == min(-(-64 // bs), 10)  # one step's blocks, a quarter of 40 at most
+    assert runner.vattn.pool.frame(39) is None and runner.vattn.pool.frame(0) == 0  # the highest ids
+    runner.vattn.close()
