@@ -121,6 +121,8 @@ VATTN_SYSTEMS = {
     "vattention-spare": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_SPARE_BLOCKS": "64"},
     # stream mode without spares (the default before NOTES.md #29): every fresh block is mapped
     "vattention-no-spare": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_SPARE_BLOCKS": "0"},
+    # never-used blocks' frames lent as spares (benchmarks/NOTES.md #47); a tight budget hands them out
+    "vattention-lend": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_LEND_BLOCKS": "auto"},
 }
 
 

@@ -70,3 +70,19 @@ def test_prefix_caching_and_parallel_sampling(cuda, tmp_path, system):
     spares = {"vattention": auto, "vattention-spare": 64, "vattention-no-spare": 0}[system]
     assert m["spare_frames"] == spares, m
     assert (m["swaps"] > 0) == (spares > 0), m  # the spare path ran, or not
+
+
+def test_lent_blocks_handed_out_under_a_tight_budget_read_their_own_kv(cuda, tmp_path):
+    """VATTN_LEND_BLOCKS=auto (at most a quarter of a 120-block budget: 30 blocks, the highest ids,
+    lent after start-up; 4 sequences at once keep vLLM's warm-up requests on the lowest ids): 10
+    requests of up to 700 + 64 tokens use the pool through, so vLLM hands every lent block out (each
+    takes a spare frame), and greedy output agrees with stock's under the same budget."""
+    s = run_ab(tmp_path, "--systems", "stock,vattention-lend", "--num-prompts", "10", "--max-tokens", "64",
+               "--num-gpu-blocks", "120", "--max-model-len", "1024", "--max-num-seqs", "4", "--enforce-eager")
+    r = s["vattention-lend"]
+    assert "CUSTOM" in r["attention_backend"]
+    out = json.load(open(tmp_path / "ab.json.vattention-lend.json"))
+    assert all(len(o["tokens"]) == 64 for o in out["outputs"])
+    m = r["mapper"]
+    assert m["lent_taken"] > 0 and m["lent_blocks"] == 0, m  # every lent block was handed out
+    assert s["stock_vs_vattention-lend"]["greedy_prefix_agreement"] >= 0.9, s["stock_vs_vattention-lend"]
