@@ -107,6 +107,30 @@ def test_a_lent_block_where_no_spare_is_mapped_takes_one_mapped_nowhere_first(dr
     assert driver.leaks() == []
 
 
+def test_a_lent_block_with_no_spare_mapped_nowhere_takes_a_warm_rows_before_a_running_rows_guard(driver):
+    mgr = make_manager(driver, rows=4, num_blocks=10, spare_blocks=0, background="stream")
+    bs = mgr.layout.block_size
+    assert mgr.lend_unused(4) == 4  # blocks 9, 8, 7, 6: their frames are the spares
+    a = mgr.acquire_row()
+    mgr.set_blocks(a, [0], fresh_from=0)
+    mgr.ensure_readable(a, 3 * bs)  # a guard of two spares behind the running row
+    mgr.publish()
+    assert mgr.warm() == 2  # the next two rows, one slot deep (the fresh blocks seen so far)
+    mgr.sync()
+    guards, warm_row = mgr.mapper.slots[a][1:3], mgr.mapper.slots[2][0]
+    assert set(guards) | {warm_row, mgr.mapper.slots[1][0]} == mgr.pool.spare_frames  # none mapped nowhere
+    b = mgr.acquire_row()  # row 1, warm at slot 0
+    mgr.set_blocks(b, [9, 8], fresh_from=0)
+    mgr.publish()
+    mgr.sync()
+    assert mgr.stats()["swaps"] == 1 and mgr.stats()["lent_taken"] == 2
+    assert mgr.pool.frame(8) == warm_row  # the idle row's spare, not the running row's guard
+    assert mgr.mapper.slots[a][1:3] == guards and set(guards) <= mgr.pool.spare_frames
+    mgr.mapper.check_invariants()
+    mgr.close()
+    assert driver.leaks() == []
+
+
 def _driver_calls(driver):
     c = driver.stats.calls
     return c.get("map", 0) + c.get("unmap", 0) + c.get("set_access_calls", 0)

@@ -223,7 +223,7 @@ class RowMapper:
                     self.stats.swaps += 1
                     continue
                 if cold is None:
-                    cold = self._spares_for_lent()
+                    cold = self._spares_for_lent(live_rows)
                 f = next(cold)  # (raises when none is left, which pool.lent's count rules out)
                 self.pool.swap(b, f)  # then mapped here like any block's frame
             elif cur == f:
@@ -242,15 +242,18 @@ class RowMapper:
         self._flush()
         return len(changes)
 
-    def _spares_for_lent(self) -> Iterator[int]:
+    def _spares_for_lent(self, live_rows: Container[int] | None) -> Iterator[int]:
         """Spare frames for lent blocks handed out where no spare is mapped: those mapped nowhere
-        first, then the others (the pool holds at least one spare per lent block). A spare taken
-        from a slot leaves that slot mapping a block's frame, as a released row's stale slot does:
-        warm() and set_blocks() treat it so (replaced, after the steps that read it), and reads of it
-        are masked (an idle row, or past a running row's end: a guard slot)."""
+        first, then those mapped only in rows not in `live_rows` (warm rows), then any (the pool
+        holds at least one spare per lent block). A spare taken from a slot leaves that slot mapping
+        a block's frame, as a released row's stale slot does: warm() and set_blocks() treat it so
+        (replaced, after the steps that read it), and reads of it are masked (an idle row, or past a
+        running row's end: a guard slot, whose row then pays a remap when it grows there)."""
         where, spare = self.where, self.pool.spare_frames
         snapshot = list(spare)  # (checked again as each is taken: the caller's swaps take spares too)
         yield from (f for f in snapshot if f not in where and f in spare)
+        if live_rows is not None:
+            yield from (f for f in snapshot if f in spare and not self._mapped_live(f, live_rows))
         yield from (f for f in snapshot if f in spare)
         raise MappingError(f"no spare frame left for a lent block ({self.pool.lent} lent): a bug")
 
