@@ -3,6 +3,7 @@
 # tests, the mapper benchmark and an offline A/B smoke test. Logs go to $OUT.
 # Usage: bash scripts/device_checks.sh [steps...]
 #   steps: install gpu_tests (all of tests/gpu) unit (VMM + kernels) e2e server sanitizer mapbench ab
+#          kbench (vattn-kbench: paged FA3 vs FA2 over our rows, FA2's split count swept; KB_ARGS)
 #          stream_check (the stream-mode GPU tests alone, no sanitizer; then the clipped-guard tests under it)
 #          spare_check (spare frames: the libcuda test, then the e2e prefix-caching test against stock)
 #          prefix (the default's prefix-caching e2e test alone) lend_check (VATTN_LEND_BLOCKS e2e against stock, tight budget)
@@ -112,6 +113,9 @@ for s in $steps; do
             --out "$OUT/prof-$sys.json" ${PROF_ARGS:-} > "$OUT/prof-$sys.log" 2>&1; echo "$sys rc=$?"
           reports="$reports $OUT/prof-$sys.json"; done
         python3 -m vllm_vattention.bench.profile --report $reports --out "$OUT/profile.md";;
+    kbench) # decode attention at serving geometry: paged FA3 vs FA2 over our rows, FA2's split count swept
+        timeout ${KB_TIMEOUT:-300} python3 -m vllm_vattention.bench.kbench --out "$OUT" ${KB_ARGS:-} > "$OUT/kbench.log" 2>&1
+        echo "rc=$?"; grep "^|" "$OUT"/*-kbench.md | head -14;;
     mapbench) timeout 200 python3 -m vllm_vattention.bench.mapbench --out "$OUT" > "$OUT/mapbench.log" 2>&1; echo "rc=$?"; tail -30 "$OUT/mapbench.log";;
     ab) timeout 420 python3 examples/offline_ab.py --out "$OUT/ab.json" ${AB_ARGS:-} > "$OUT/ab.log" 2>&1; echo "rc=$?"; tail -40 "$OUT/ab.log";;
     *) echo "unknown step $s";;

@@ -176,3 +176,18 @@ def test_lend_blocks_setting_and_the_runner_lends_after_start_up(driver):
     assert runner.lend_unused_blocks() == min(-(-64 // bs), 10)  # one step's blocks, a quarter of 40 at most
     assert runner.vattn.pool.frame(39) is None and runner.vattn.pool.frame(0) == 0  # the highest ids
     runner.vattn.close()
+
+
+def test_fa2_splits_setting_reaches_the_attention_impl(monkeypatch):
+    """VATTN_FA2_SPLITS: 0 (FA2's heuristic) by default, 0-128 given; the attention impl reads it."""
+    from vllm_vattention.attention.backend import VattnImpl
+
+    assert VattnConfig.from_env({}).fa2_splits == 0
+    with pytest.raises(ConfigError, match="VATTN_FA2_SPLITS=129 is above FA2's limit of 128"):
+        VattnConfig.from_env({"VATTN_FA2_SPLITS": "129"})
+    with pytest.raises(ConfigError, match="VATTN_FA2_SPLITS='two' is not an integer"):
+        VattnConfig.from_env({"VATTN_FA2_SPLITS": "two"})
+    monkeypatch.setenv("VATTN_FA2_SPLITS", "4")
+    assert VattnImpl(32, 128, 0.088, num_kv_heads=8).fa2_splits == 4
+    monkeypatch.delenv("VATTN_FA2_SPLITS")
+    assert VattnImpl(32, 128, 0.088, num_kv_heads=8).fa2_splits == 0

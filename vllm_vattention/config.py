@@ -6,6 +6,7 @@
 | VATTN_LAYOUT | interleaved, per_layer | interleaved | how a token's KV is laid out in a row |
 | VATTN_RECLAIM | deferred, eager | deferred | keep a released row's pages mapped, or unmap them |
 | VATTN_DECODE_KERNEL | fa2, fa3 | fa2 | kernel for decode-only batches (FA3 always runs prefill) |
+| VATTN_FA2_SPLITS | integer 0-128 | 0 | FA2 decode: the parts each sequence's keys are split into (0: FA2's own heuristic, from the batch, the heads and the row length); `vattn-kbench` sweeps it |
 | VATTN_BACKGROUND_MAP | 0, 1, stream | stream | 0: driver calls on the engine thread before the step launches; 1: on a native thread (no GIL), joined before the step launches; stream: on that thread, and the GPU stream waits for them (cuStreamWaitValue32 on a host flag), the CPU never joins |
 | VATTN_EXTRA_ROWS | integer >= 0 | max_num_seqs | rows beyond max_num_seqs, so a new request rarely waits for a row still read by a step in flight |
 | VATTN_GUARD_TOKENS | integer >= 192 | 256 | readable tokens kept past each sequence end for kernels that over-read (FA3) |
@@ -97,6 +98,7 @@ class VattnConfig:
     layout: str = "interleaved"
     reclaim: str = "deferred"
     decode_kernel: str = "fa2"
+    fa2_splits: int = 0
     background_map: bool | str = "stream"  # False, True (native thread) or "stream"
     extra_rows: int | None = None
     guard_tokens: int = 256
@@ -117,6 +119,7 @@ class VattnConfig:
             layout=_choice(env, "VATTN_LAYOUT", LAYOUTS, "interleaved"),
             reclaim=_choice(env, "VATTN_RECLAIM", RECLAIM_POLICIES, "deferred"),
             decode_kernel=_choice(env, "VATTN_DECODE_KERNEL", DECODE_KERNELS, "fa2"),
+            fa2_splits=_int(env, "VATTN_FA2_SPLITS", 0),
             background_map=_map_mode(env, "VATTN_BACKGROUND_MAP", "stream"),
             extra_rows=_int(env, "VATTN_EXTRA_ROWS", None),
             # FA3 reads up to one key tile (<= 192 tokens, ops.FA3_MAX_OVERREAD) past a sequence's end.
@@ -135,6 +138,9 @@ class VattnConfig:
             raise ConfigError(f"VATTN_SPARE_BLOCKS={self.spare_blocks} needs VATTN_BACKGROUND_MAP=stream (the "
                               "spares are mapped by the native thread while no step waits); set it, or "
                               "VATTN_SPARE_BLOCKS=0")
+        if self.fa2_splits > 128:
+            raise ConfigError(f"VATTN_FA2_SPLITS={self.fa2_splits} is above FA2's limit of 128; use 0 (FA2's "
+                              "heuristic) to 128")
         if self.lend_blocks and self.background_map != "stream":
             raise ConfigError(f"VATTN_LEND_BLOCKS={self.lend_blocks} needs VATTN_BACKGROUND_MAP=stream (lent "
                               "frames are spares, mapped ahead by the native thread); set it, or VATTN_LEND_BLOCKS=0")

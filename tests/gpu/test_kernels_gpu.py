@@ -87,6 +87,18 @@ def test_fa3_and_fa2_over_vmm_match_ordinary_memory_and_reference(manager_factor
         assert (out2.float() - ref).abs().max().item() <= tol
 
 
+@pytest.mark.parametrize("num_splits", [0, 1, 3, 8])
+def test_fa2_decode_split_counts_match_the_reference(manager_factory, cuda, num_splits):
+    """VATTN_FA2_SPLITS: any split count gives the same attention over vAttention's rows (sequences
+    shorter than a split, one page past a boundary, and long ones in one batch)."""
+    m = manager_factory(rows=4, max_tokens=2048, num_blocks=256)  # (194 blocks used)
+    k_rows, v_rows, _, _, rows, lens, cu_q, q = _setup(m, cuda, [5, 17, 1025, 2000], [1] * 4, guard=0)
+    out = ops.fa2_decode(q, k_rows, v_rows, torch.empty_like(q), lens, rows, SCALE, num_splits=num_splits)
+    ref = ops.reference_attention(q, k_rows, v_rows, cu_q, lens, rows, SCALE)
+    torch.cuda.synchronize()
+    assert (out.float() - ref).abs().max().item() <= _bf16_tolerance(ref)
+
+
 @pytest.mark.parametrize("seq_len", [16, 17, 32, 176, 177, 1024, 1025])
 def test_fa2_decode_needs_no_guard(manager_factory, cuda, seq_len):
     """Only the sequence's own pages are mapped: FA2 must not touch anything else."""

@@ -177,6 +177,7 @@ class VattnImpl(AttentionImpl[VattnMetadata]):
                                   "VLLM_ATTENTION_BACKEND to serve this model with stock vLLM")
         if attn_type != AttentionType.DECODER:
             raise ConfigError(f"vAttention serves decoder attention only, not {attn_type}")
+        self.fa2_splits = VattnConfig.from_env().fa2_splits  # FA2 decode's split count (0: its heuristic)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: VattnMetadata, output: torch.Tensor,
@@ -195,7 +196,8 @@ class VattnImpl(AttentionImpl[VattnMetadata]):
         nd = md.num_decodes
         if nd:  # one query token each: tokens [0, nd)
             ops.fa2_decode(query[:nd].view(nd, h, d), k_rows[:, :md.kv_len], v_rows[:, :md.kv_len],
-                           output[:nd].view(nd, h, d), md.decode_seq_lens, md.decode_rows, self.scale)
+                           output[:nd].view(nd, h, d), md.decode_seq_lens, md.decode_rows, self.scale,
+                           self.fa2_splits)
         if md.prefill_query_start_loc is not None:  # the rest, tokens [nd, n)
             ops.fa3_varlen(query[nd:n].view(n - nd, h, d), k_rows[:, :md.fa3_kv_len], v_rows[:, :md.fa3_kv_len],
                            output[nd:n].view(n - nd, h, d), md.prefill_query_start_loc, md.prefill_seq_lens,

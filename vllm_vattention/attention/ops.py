@@ -110,12 +110,14 @@ def fa3_varlen(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, out:
 
 
 def fa2_decode(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, out: torch.Tensor,
-               seq_lens: torch.Tensor, rows: torch.Tensor, scale: float) -> torch.Tensor:
-    """One query token per request ([num_reqs, num_heads, head_size])."""
+               seq_lens: torch.Tensor, rows: torch.Tensor, scale: float, num_splits: int = 0) -> torch.Tensor:
+    """One query token per request ([num_reqs, num_heads, head_size]). num_splits: how many parts
+    each sequence's keys are split into (0: FA2's heuristic, from the batch, heads and
+    k_rows.shape[1]; VATTN_FA2_SPLITS)."""
     fa2, _ = _ops()
     b, h, d = q.shape
     fa2.fwd_kvcache(q.view(b, 1, h, d), k_rows, v_rows, None, None, seq_lens, None, None, rows,
-                    None, None, None, out.view(b, 1, h, d), scale, True, -1, -1, 0.0, True, 0)
+                    None, None, None, out.view(b, 1, h, d), scale, True, -1, -1, 0.0, True, num_splits)
     return out
 
 

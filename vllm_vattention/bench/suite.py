@@ -51,6 +51,8 @@ SYSTEMS: dict[str, dict] = {
     # the default plus the frames of never-used blocks lent as spares (NOTES.md #47): one step's fresh
     # blocks more, with no memory taken from the KV budget
     "vattn-lend": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_LEND_BLOCKS": "auto"}, "args": []},
+    # the default with FA2 decode's keys split in 4 (vattn-kbench picks the count; NOTES.md #48)
+    "vattn-split4": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_FA2_SPLITS": "4"}, "args": []},
 }
 # Every variable that selects a system: cleared from the caller's environment before a system's own
 # are set, so that one engine's settings never leak into another's.

@@ -1,0 +1,30 @@
+"""vattn-kbench's CPU side: shapes, row lengths, bytes read, and the report (the timing runs on a GPU)."""
+
+import pytest
+
+from vllm_vattention.bench import kbench as K
+
+
+def test_shapes_rows_and_bytes():
+    assert K.parse_shapes("24x16384,128X1024") == [(24, 16384), (128, 1024)]
+    with pytest.raises(ValueError, match="shape '24-16384' is not BATCHxCONTEXT"):
+        K.parse_shapes("24-16384")
+    with pytest.raises(ValueError, match="must be positive"):
+        K.parse_shapes("0x16")
+    assert K.row_tokens_for(16384) == 17664  # + 1024 out + 256 guard, rounded up to 256
+    assert K.row_tokens_for(1000) == 2304
+    assert K.kv_bytes(24, 16384) == 24 * 16384 * 8 * 128 * 2 * 2  # K and V, bf16, one layer
+
+
+def test_report_picks_the_heuristic_and_the_best_split_per_layout():
+    def r(layout, system, s, ms, diff=0.001, note=""):
+        return {"batch": 24, "context": 16384, "row_tokens": 17664, "layout": layout, "system": system,
+                "num_splits": s, "ms": ms, "tb_per_s": None, "max_abs_diff_vs_paged_fa3": diff, "note": note}
+    res = {"gpu": "G", "driver": "d", "torch": "t", "vllm": "v", "commit": "c", "date": "x", "splits": [0, 2, 4],
+           "results": [r("paged", "paged-fa3", None, 0.40, 0.0), r("interleaved", "fa2", 0, 0.44),
+                       r("interleaved", "fa2", 2, 0.42, 0.003), r("interleaved", "fa2", 4, 0.36),
+                       r("per_layer", "fa2", None, None, None, "out of memory (99 GiB)")]}
+    md = K.markdown(res)
+    assert "| 24 x 16384 | 17664 | interleaved | 0.4000 | 0.4400 | 4 | 0.3600 | 1.111x | 0.909x | 0.0030 |" in md
+    assert "| 24 x 16384 | 17664 | per_layer | 0.4000 | - | - | - | - | - | out of memory (99 GiB) |" in md
+    assert "| 24 x 16384 | interleaved | 0.4400 | 0.4200 | 0.3600 |" in md

@@ -1,0 +1,211 @@
+"""Decode-attention kernels at serving geometry: stock vLLM's paged FA3 against FA2 over vAttention's
+rows, FA2's split count swept (VATTN_FA2_SPLITS). GPU only.
+
+    vattn-kbench --out benchmarks/results/   (writes <date>-<gpu>-kbench.json and .md)
+
+Each shape is batch x context (Llama-3-8B: 32 query heads, 8 KV heads, head size 128, bf16). Rows are
+as long as the serving engine's (`--row-tokens`, default context + 1024 out + 256 guard, rounded up
+to 256), because a CUDA-graph decode step hands FA2 whole rows and FA2 picks its splits from the row
+length. Layouts: `interleaved` (the default's: all 32 layers' K and V of a token together, a 128 KiB
+token stride; needs rows x row_tokens x 128 KiB of memory, skipped when it does not fit) and
+`per_layer` (a layer's rows contiguous). Every kernel reads the same keys and values (the paged cache
+is filled from the rows through a shuffled block table); outputs are compared with paged FA3's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+from .env import environment, header, results_stem, write_markdown
+
+HQ, HKV, D, LAYERS, BLOCK = 32, 8, 128, 32, 16
+DEFAULT_SHAPES = "24x16384,16x16384,8x32768,64x4096,128x1024"  # (interleaved rows fit an H100)
+DEFAULT_SPLITS = "0,1,2,3,4,6,8,12,16"
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """'24x16384,256x1024' -> [(24, 16384), (256, 1024)] (batch, context)."""
+    out = []
+    for item in text.split(","):
+        try:
+            b, n = (int(x) for x in item.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"shape {item!r} is not BATCHxCONTEXT, e.g. 24x16384") from None
+        if b <= 0 or n <= 0:
+            raise ValueError(f"shape {item!r}: batch and context must be positive")
+        out.append((b, n))
+    return out
+
+
+def row_tokens_for(context: int, extra: int = 1024 + 256) -> int:
+    """The serving row length for a context: context + the outputs and the guard, rounded up to 256."""
+    return -(-(context + extra) // 256) * 256
+
+
+def kv_bytes(batch: int, context: int) -> int:
+    """Bytes of K and V one layer's decode step reads (every kernel's floor)."""
+    return batch * context * HKV * D * 2 * 2
+
+
+def _time_ms(fn, iters: int = 20, rounds: int = 5) -> float:
+    import torch
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / iters)
+    return statistics.median(times)
+
+
+def run_shape(batch: int, context: int, row_tokens: int, splits: list[int], layouts: list[str], seed: int = 0) -> list[dict]:
+    import torch
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    from ..attention import ops
+
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    scale = D ** -0.5
+    # contexts spread over the last 1024 tokens, as a decode batch's are
+    lens = (context - torch.randint(0, 1024, (batch,), generator=gen, device=dev)).clamp(min=1).to(torch.int32)
+    rows = torch.arange(batch, dtype=torch.int32, device=dev)
+    q = torch.randn(batch, HQ, D, dtype=torch.bfloat16, device=dev, generator=gen)
+    # the keys and values every kernel reads: one layer's, [batch, context, HKV, D]
+    k_src = torch.randn(batch, context, HKV, D, dtype=torch.bfloat16, device=dev, generator=gen)
+    v_src = torch.randn(batch, context, HKV, D, dtype=torch.bfloat16, device=dev, generator=gen)
+    gbytes = kv_bytes(batch, context) / 1e9
+    out: list[dict] = []
+
+    def record(layout: str, system: str, num_splits, ms: float | None, diff: float | None, note: str = "") -> None:
+        out.append({"batch": batch, "context": context, "row_tokens": row_tokens, "layout": layout,
+                    "system": system, "num_splits": num_splits, "ms": ms,
+                    "tb_per_s": gbytes / ms if ms else None, "max_abs_diff_vs_paged_fa3": diff, "note": note})
+
+    # stock's decode: FA3 over 16-token blocks in shuffled order
+    nblk = -(-row_tokens // BLOCK)
+    perm = torch.randperm(batch * nblk, generator=gen, device=dev).view(batch, nblk).to(torch.int32)
+    k_cache = torch.zeros(batch * nblk, BLOCK, HKV, D, dtype=torch.bfloat16, device=dev)
+    v_cache = torch.zeros_like(k_cache)
+    full = context // BLOCK * BLOCK
+    for b in range(batch):
+        ids = perm[b, :-(-context // BLOCK)].long()
+        k_cache[ids[:full // BLOCK]] = k_src[b, :full].view(-1, BLOCK, HKV, D)
+        v_cache[ids[:full // BLOCK]] = v_src[b, :full].view(-1, BLOCK, HKV, D)
+        if context > full:
+            k_cache[ids[-1], :context - full] = k_src[b, full:]
+            v_cache[ids[-1], :context - full] = v_src[b, full:]
+    cu_q = torch.arange(batch + 1, dtype=torch.int32, device=dev)
+    paged_out = torch.empty_like(q)
+
+    def paged():
+        flash_attn_varlen_func(q, k_cache, v_cache, 1, cu_q, row_tokens, seqused_k=lens, softmax_scale=scale,
+                               causal=True, block_table=perm, out=paged_out, fa_version=3)
+
+    record("paged", "paged-fa3", None, _time_ms(paged), 0.0)
+    ref = paged_out.float()
+    del k_cache, v_cache
+
+    for layout in layouts:
+        try:
+            if layout == "interleaved":  # [rows, row_tokens, layers, K/V, HKV, D]; layer 0 is read
+                store = torch.empty(batch, row_tokens, LAYERS, 2, HKV, D, dtype=torch.bfloat16, device=dev)
+                k_rows, v_rows = store[:, :, 0, 0], store[:, :, 0, 1]
+            else:  # per_layer: one layer's K rows and V rows, each contiguous
+                store = torch.empty(2, batch, row_tokens, HKV, D, dtype=torch.bfloat16, device=dev)
+                k_rows, v_rows = store[0], store[1]
+        except torch.cuda.OutOfMemoryError:
+            record(layout, "fa2", None, None, None, f"out of memory ({batch * row_tokens * LAYERS * 4 * HKV * D / 2**30:.0f} GiB)")
+            continue
+        k_rows[:, :context].copy_(k_src)
+        v_rows[:, :context].copy_(v_src)
+        k_rows[:, context:].zero_()
+        v_rows[:, context:].zero_()
+        o = torch.empty_like(q)
+        for s in splits:
+            def fa2(s=s):
+                ops.fa2_decode(q, k_rows, v_rows, o, lens, rows, scale, num_splits=s)
+            ms = _time_ms(fa2)
+            fa2()
+            torch.cuda.synchronize()
+            record(layout, "fa2", s, ms, (o.float() - ref).abs().max().item())
+        del store, k_rows, v_rows
+        torch.cuda.empty_cache()
+    return out
+
+
+def markdown(res: dict) -> str:
+    """Per shape and layout: paged FA3, FA2 with its own heuristic (splits 0) and the best split count."""
+    rows = res["results"]
+    lines = ["# Decode attention at serving geometry (one layer, Llama-3-8B heads)", "", header(res), "",
+             "FA2 over vAttention's rows with FA2's own split heuristic (0) and each split count given; "
+             "paged FA3 is stock vLLM's decode. ms per call (median); TB/s of K and V read.", "",
+             "| batch x context | row tokens | layout | paged FA3 ms | FA2 (heuristic) ms | best splits | its ms | "
+             "best vs paged FA3 | heuristic vs paged FA3 | max abs diff vs paged |", "|---|---|---|---|---|---|---|---|---|---|"]
+    shapes = sorted({(r["batch"], r["context"], r["row_tokens"]) for r in rows}, key=lambda x: (x[1], x[0]))
+    for b, n, rt in shapes:
+        mine = [r for r in rows if (r["batch"], r["context"]) == (b, n)]
+        paged = next((r["ms"] for r in mine if r["system"] == "paged-fa3"), None)
+        for layout in sorted({r["layout"] for r in mine} - {"paged"}):
+            fa2 = [r for r in mine if r["layout"] == layout]
+            timed = [r for r in fa2 if r["ms"]]
+            if not timed:
+                lines.append(f"| {b} x {n} | {rt} | {layout} | {paged:.4f} | - | - | - | - | - | {fa2[0]['note']} |")
+                continue
+            heur = next((r for r in timed if r["num_splits"] == 0), None)
+            best = min(timed, key=lambda r: r["ms"])
+            diff = max(r["max_abs_diff_vs_paged_fa3"] for r in timed)
+            lines.append(f"| {b} x {n} | {rt} | {layout} | {paged:.4f} | {heur['ms'] if heur else float('nan'):.4f} | "
+                         f"{best['num_splits']} | {best['ms']:.4f} | {paged / best['ms']:.3f}x | "
+                         f"{(paged / heur['ms']) if heur else float('nan'):.3f}x | {diff:.4f} |")
+    lines += ["", "Every split count (ms):", "",
+              "| batch x context | layout | " + " | ".join(f"s={s}" for s in res["splits"]) + " |",
+              "|---|---|" + "---|" * len(res["splits"])]
+    for b, n, _ in shapes:
+        for layout in sorted({r["layout"] for r in rows if (r["batch"], r["context"]) == (b, n)} - {"paged"}):
+            by = {r["num_splits"]: r["ms"] for r in rows
+                  if (r["batch"], r["context"], r["layout"]) == (b, n, layout) and r["ms"]}
+            if by:
+                lines.append(f"| {b} x {n} | {layout} | " + " | ".join(
+                    f"{by[s]:.4f}" if s in by else "-" for s in res["splits"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--shapes", default=DEFAULT_SHAPES, help="BATCHxCONTEXT,... (default %(default)s)")
+    ap.add_argument("--splits", default=DEFAULT_SPLITS, help="FA2 split counts; 0: FA2's heuristic")
+    ap.add_argument("--layouts", default="interleaved,per_layer")
+    ap.add_argument("--row-tokens", type=int, default=0, help="row length (default: context + 1280, to 256)")
+    ap.add_argument("--tag", default="kbench")
+    args = ap.parse_args(argv)
+    shapes = parse_shapes(args.shapes)
+    splits = [int(s) for s in args.splits.split(",")]
+    if any(not 0 <= s <= 128 for s in splits):
+        raise SystemExit(f"--splits {args.splits}: each must be 0 (FA2's heuristic) to 128")
+    layouts = [x for x in args.layouts.split(",") if x]
+    if set(layouts) - {"interleaved", "per_layer"}:
+        raise SystemExit(f"--layouts {args.layouts}: use interleaved and/or per_layer")
+    env = environment()
+    res = {**env, "splits": splits, "results": []}
+    os.makedirs(args.out, exist_ok=True)
+    stem = results_stem(args.out, env, f"-{args.tag}")
+    for b, n in shapes:
+        res["results"] += run_shape(b, n, args.row_tokens or row_tokens_for(n), splits, layouts)
+        with open(stem + ".json", "w") as f:  # after each shape: a run cut short keeps what it measured
+            json.dump(res, f, indent=1)
+        print(f"[kbench] {b} x {n} done", flush=True)
+    write_markdown(stem, markdown(res))
+
+
+if __name__ == "__main__":
+    main()
