@@ -28,3 +28,35 @@ def test_report_picks_the_heuristic_and_the_best_split_per_layout():
     assert "| 24 x 16384 | 17664 | interleaved | 0.4000 | 0.4400 | 4 | 0.3600 | 1.111x | 0.909x | 0.0030 |" in md
     assert "| 24 x 16384 | 17664 | per_layer | 0.4000 | - | - | - | - | - | out of memory (99 GiB) |" in md
     assert "| 24 x 16384 | interleaved | 0.4400 | 0.4200 | 0.3600 |" in md
+
+
+def test_every_kernel_reads_the_same_keys_and_values():
+    """The plumbing on the CPU with stand-in kernels (float32 attention): the paged cache, filled
+    through the shuffled block table, and both row layouts hold the same keys and values, so every
+    stand-in's output equals the paged one's; splits reach the FA2 call; timings are recorded."""
+    import torch
+
+    from vllm_vattention.attention import ops
+
+    def paged(q, k_cache, v_cache, max_q, cu_q, max_k, seqused_k, softmax_scale, causal, block_table, out, fa_version):
+        assert fa_version == 3 and max_k == 64 and causal
+        k_rows = k_cache[block_table.long()].flatten(1, 2)  # [batch, blocks * 16, heads, dim]
+        v_rows = v_cache[block_table.long()].flatten(1, 2)
+        rows = torch.arange(q.shape[0], dtype=torch.int32)
+        out.copy_(ops.reference_attention(q, k_rows, v_rows, cu_q, seqused_k, rows, softmax_scale))
+
+    seen_splits = []
+
+    def fa2(q, k_rows, v_rows, out, seq_lens, rows, scale, num_splits=0):
+        assert k_rows.shape[1] == 64  # whole rows, as a CUDA-graph decode step passes them
+        seen_splits.append(num_splits)
+        cu = torch.arange(q.shape[0] + 1, dtype=torch.int32)
+        out.copy_(ops.reference_attention(q, k_rows, v_rows, cu, seq_lens, rows, scale))
+
+    res = K.run_shape(3, 40, 64, [0, 2], ["interleaved", "per_layer"], device="cpu", timer=lambda fn: (fn(), 0.5)[1],
+                      paged_kernel=paged, fa2_kernel=fa2)
+    assert [(r["layout"], r["num_splits"]) for r in res] == [
+        ("paged", None), ("interleaved", 0), ("interleaved", 2), ("per_layer", 0), ("per_layer", 2)]
+    assert seen_splits == [0, 0, 2, 2] * 2  # per layout and count: the timed call, then the checked one
+    assert all(r["ms"] == 0.5 and r["max_abs_diff_vs_paged_fa3"] <= 1e-2 for r in res)
+    assert res[1]["tb_per_s"] == pytest.approx(K.kv_bytes(3, 40) / 1e9 / 0.5)

@@ -66,17 +66,24 @@ def _time_ms(fn, iters: int = 20, rounds: int = 5) -> float:
     return statistics.median(times)
 
 
-def run_shape(batch: int, context: int, row_tokens: int, splits: list[int], layouts: list[str], seed: int = 0) -> list[dict]:
+def run_shape(batch: int, context: int, row_tokens: int, splits: list[int], layouts: list[str], seed: int = 0,
+              device: str = "cuda", timer=None, paged_kernel=None, fa2_kernel=None) -> list[dict]:
+    """Every kernel on one shape. `device`, `timer` (ms per call of a function) and the kernels
+    (vLLM's flash_attn_varlen_func, ops.fa2_decode) are replaceable for the CPU test of this plumbing."""
     import torch
-    from vllm.vllm_flash_attn import flash_attn_varlen_func
 
-    from ..attention import ops
+    if paged_kernel is None:
+        from vllm.vllm_flash_attn import flash_attn_varlen_func as paged_kernel
+    if fa2_kernel is None:
+        from ..attention.ops import fa2_decode as fa2_kernel
 
-    dev = torch.device("cuda")
+    timer = timer or _time_ms
+    dev = torch.device(device)
     gen = torch.Generator(device=dev).manual_seed(seed)
     scale = D ** -0.5
-    # contexts spread over the last 1024 tokens, as a decode batch's are
-    lens = (context - torch.randint(0, 1024, (batch,), generator=gen, device=dev)).clamp(min=1).to(torch.int32)
+    # contexts spread over the last 1024 tokens (a quarter of short ones), as a decode batch's are
+    spread = max(1, min(1024, context // 4))
+    lens = (context - torch.randint(0, spread, (batch,), generator=gen, device=dev)).to(torch.int32)
     rows = torch.arange(batch, dtype=torch.int32, device=dev)
     q = torch.randn(batch, HQ, D, dtype=torch.bfloat16, device=dev, generator=gen)
     # the keys and values every kernel reads: one layer's, [batch, context, HKV, D]
@@ -107,10 +114,10 @@ def run_shape(batch: int, context: int, row_tokens: int, splits: list[int], layo
     paged_out = torch.empty_like(q)
 
     def paged():
-        flash_attn_varlen_func(q, k_cache, v_cache, 1, cu_q, row_tokens, seqused_k=lens, softmax_scale=scale,
-                               causal=True, block_table=perm, out=paged_out, fa_version=3)
+        paged_kernel(q, k_cache, v_cache, 1, cu_q, row_tokens, seqused_k=lens, softmax_scale=scale,
+                     causal=True, block_table=perm, out=paged_out, fa_version=3)
 
-    record("paged", "paged-fa3", None, _time_ms(paged), 0.0)
+    record("paged", "paged-fa3", None, timer(paged), 0.0)
     ref = paged_out.float()
     del k_cache, v_cache
 
@@ -122,7 +129,7 @@ def run_shape(batch: int, context: int, row_tokens: int, splits: list[int], layo
             else:  # per_layer: one layer's K rows and V rows, each contiguous
                 store = torch.empty(2, batch, row_tokens, HKV, D, dtype=torch.bfloat16, device=dev)
                 k_rows, v_rows = store[0], store[1]
-        except torch.cuda.OutOfMemoryError:
+        except torch.OutOfMemoryError:
             record(layout, "fa2", None, None, None, f"out of memory ({batch * row_tokens * LAYERS * 4 * HKV * D / 2**30:.0f} GiB)")
             continue
         k_rows[:, :context].copy_(k_src)
@@ -132,13 +139,15 @@ def run_shape(batch: int, context: int, row_tokens: int, splits: list[int], layo
         o = torch.empty_like(q)
         for s in splits:
             def fa2(s=s):
-                ops.fa2_decode(q, k_rows, v_rows, o, lens, rows, scale, num_splits=s)
-            ms = _time_ms(fa2)
+                fa2_kernel(q, k_rows, v_rows, o, lens, rows, scale, num_splits=s)
+            ms = timer(fa2)
             fa2()
-            torch.cuda.synchronize()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
             record(layout, "fa2", s, ms, (o.float() - ref).abs().max().item())
         del store, k_rows, v_rows
-        torch.cuda.empty_cache()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     return out
 
 
