@@ -41,3 +41,16 @@ def test_the_thread_scaling_phase_maps_every_page_once_per_trial_and_leaves_noth
     # per trial: 16 maps before the set_access phase, 16 more in the map + set_access phase
     assert d.stats.calls["map"] == 3 * 32 and d.stats.calls["set_access_calls"] == 3 * 32
     assert d.leaks() == []
+
+
+def test_the_allocation_size_phase_maps_the_same_bytes_in_fewer_larger_allocations():
+    from vllm_vattention.bench.mapbench import alloc_size_costs
+    from vllm_vattention.memory import PAGE_SIZE
+    d = FakeDriver(PAGE_SIZE, capacity=64 * PAGE_SIZE)
+    rows = alloc_size_costs(d, total_bytes=32 * PAGE_SIZE, sizes_mib=(2, 8, 64, 3))
+    # 64 MiB: one allocation; 3 MiB: not a whole number of pages, skipped
+    assert [(r["alloc_mib"], r["allocations"]) for r in rows] == [(2, 32), (8, 8), (64, 1)]
+    assert d.stats.calls["map"] == 3 * 32  # the same 32 pages each time (counted in pages)...
+    assert d.stats.calls["set_access_calls"] == 32 + 8 + 1  # ...in one call per allocation
+    assert all(r["set_access_us_per_2mib"] > 0 for r in rows)
+    assert d.leaks() == []

@@ -486,3 +486,16 @@ def test_paired_ratios_compare_runs_of_one_call():
     # results written before rows carried their call pair by repetition alone
     old = [{k: v for k, v in r.items() if k != "call"} for r in rows[:6]]
     assert S.summarize(old)[1]["paired"] == pytest.approx([0.99, 0.99, 0.99])
+
+
+def test_every_systems_engine_flags_are_taken_by_the_offline_runner():
+    """The suite appends a system's engine flags to offline.py's command line: each must parse."""
+    from vllm_vattention.bench import offline
+
+    for name, spec in S.SYSTEMS.items():
+        args = offline.parser().parse_args(["--model", "m", "--workloads", "[]", "--out", "o", *spec["args"]])
+        assert args.model == "m", name
+    args = offline.parser().parse_args(["--model", "m", "--workloads", "[]", "--out", "o", *S.SYSTEMS["vattn-bs32"]["args"]])
+    assert args.block_size == 32
+    assert offline.parser().parse_args(["--model", "m", "--workloads", "[]", "--out", "o",
+                                        *S.SYSTEMS["stock-flashinfer"]["args"]]).attention_backend == "FLASHINFER"

@@ -113,6 +113,43 @@ def parallel_driver(d, pages: int = 1024, threads: tuple[int, ...] = (1, 2, 4, 8
     return out
 
 
+def alloc_size_costs(d, total_bytes: int = 1 << 30, sizes_mib: tuple[int, ...] = (2, 4, 8, 16, 32)) -> list[dict]:
+    """Does one allocation of several 2 MiB pages map and get its access set for less per byte than
+    as many 2 MiB allocations? (`total_bytes` in allocations of each size: cuMemMap and cuMemSetAccess
+    per allocation, then cuMemUnmap; us per 2 MiB of each call.) If so, a vAttention block of several
+    pages in one allocation (a larger --block-size) cuts the native thread's driver time, which slows
+    GEMMs while it runs (NOTES #35, #49)."""
+    out = []
+    page = d.granularity
+    for mib in sizes_mib:
+        size = mib << 20
+        if size % page or total_bytes % size:
+            continue
+        n = total_bytes // size
+        va = d.reserve(total_bytes)
+        hs = [d.create(size) for _ in range(n)]
+        addrs = [va + i * size for i in range(n)]
+        per = total_bytes / (2 << 20)  # 2 MiB units
+        t = time.perf_counter()
+        for a, h in zip(addrs, hs):
+            d.map(a, size, h)
+        t_map = time.perf_counter() - t
+        t = time.perf_counter()
+        for a in addrs:
+            d.set_access(a, size)
+        t_access = time.perf_counter() - t
+        t = time.perf_counter()
+        for a in addrs:
+            d.unmap(a, size)
+        t_unmap = time.perf_counter() - t
+        for h in hs:
+            d.release(h)
+        d.free_reservation(va, total_bytes)
+        out.append({"alloc_mib": mib, "allocations": n, "map_us_per_2mib": t_map / per * 1e6,
+                    "set_access_us_per_2mib": t_access / per * 1e6, "unmap_us_per_2mib": t_unmap / per * 1e6})
+    return out
+
+
 def manager_costs(d: CudaDriver, rows: int, blocks_per_row: int) -> dict:
     lay = make_layout("interleaved", LLAMA3_8B, PAGE_SIZE, rows=rows, min_row_tokens=blocks_per_row * 16)
     m = KVMemoryManager(d, lay, 2 * rows * blocks_per_row)
@@ -276,7 +313,8 @@ def main(argv=None) -> None:
     res = {**env, "driver_per_page": driver_costs(d, args.pages),
            "manager": manager_costs(d, rows=32, blocks_per_row=64),
            "step_loop": [step_loop(d, bg, steps=60, batch=32, cpu_work_s=0.004) for bg in (False, True)],
-           "contention": contention(d), "parallel": parallel_driver(d, args.pages)}
+           "contention": contention(d), "parallel": parallel_driver(d, args.pages),
+           "alloc_sizes": alloc_size_costs(d)}
     os.makedirs(args.out, exist_ok=True)
     stem = results_stem(args.out, env, "-mapbench")
     with open(stem + ".json", "w") as f:
@@ -306,6 +344,10 @@ def main(argv=None) -> None:
               "map + set_access us/page | speedup |", "|---|---|---|---|"]
     lines += [f"| {r['threads']} thread(s) | {r['set_access_us_per_page']:.1f} | {r['map_and_access_us_per_page']:.1f} | "
               f"{r['speedup_map_and_access']:.2f}x |" for r in res["parallel"]]
+    lines += ["", "| one allocation of (1 GiB in all) | map us per 2 MiB | set_access us per 2 MiB | unmap us per 2 MiB |",
+              "|---|---|---|---|"]
+    lines += [f"| {r['alloc_mib']} MiB x {r['allocations']} | {r['map_us_per_2mib']:.1f} | "
+              f"{r['set_access_us_per_2mib']:.1f} | {r['unmap_us_per_2mib']:.1f} |" for r in res["alloc_sizes"]]
     write_markdown(stem, "\n".join(lines) + "\n")
 
 

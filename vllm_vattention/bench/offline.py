@@ -68,12 +68,14 @@ def timeline_profiler(trace_dir: str, delay: int, steps: int):
                           ignore_frontend=True, delay_iterations=delay, max_iterations=steps)
 
 
-def main(argv=None) -> None:
+def parser() -> argparse.ArgumentParser:
+    """The flags; the suite appends a system's engine flags (SYSTEMS[...]["args"]) to them."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--workloads", required=True, help="JSON list of [name, input_len, output_len, num_prompts]")
     ap.add_argument("--attention-backend", default=None)
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
+    ap.add_argument("--block-size", type=int, default=None, help="vLLM's --block-size (default: the backend's)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--timeline", default=None, metavar="DIR",
                     help="torch.profiler trace of the engine process over the first workload's steps "
@@ -81,7 +83,11 @@ def main(argv=None) -> None:
                          "the profiler slows those steps, so the run's throughput is not a measurement")
     ap.add_argument("--timeline-delay", type=int, default=200)
     ap.add_argument("--timeline-steps", type=int, default=30)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
 
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -92,6 +98,8 @@ def main(argv=None) -> None:
               tensor_parallel_size=args.tensor_parallel_size)
     if args.attention_backend:
         kw["attention_config"] = {"backend": args.attention_backend}
+    if args.block_size:
+        kw["block_size"] = args.block_size
     if args.timeline:
         kw["profiler_config"] = timeline_profiler(args.timeline, args.timeline_delay, args.timeline_steps)
     # the step timer is a function sent to the workers (pickled by reference to this module)

@@ -53,6 +53,8 @@ SYSTEMS: dict[str, dict] = {
     "vattn-lend": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_LEND_BLOCKS": "auto"}, "args": []},
     # the default with FA2 decode's keys split in 4 (vattn-kbench picks the count; NOTES.md #48)
     "vattn-split4": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_FA2_SPLITS": "4"}, "args": []},
+    # 32-token blocks: each block one 4 MiB allocation, mapped with one call each (NOTES.md #49)
+    "vattn-bs32": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION"}, "args": ["--block-size", "32"]},
 }
 # Every variable that selects a system: cleared from the caller's environment before a system's own
 # are set, so that one engine's settings never leak into another's.
@@ -175,9 +177,7 @@ def run_job(model: str, group: str, workloads: list[Workload], system: str, out_
         spec = [[w.name, w.input_len, w.output_len, w.num_prompts] for w in timed] or [["smoke", 64, 16, 4]]
         cmd = [sys.executable, "-m", "vllm_vattention.bench.offline", "--model", model, "--workloads",
                json.dumps(spec), "--out", raw, "--tensor-parallel-size", str(tp)]
-        backend = SYSTEMS[system]["args"]
-        if backend:
-            cmd += ["--attention-backend", backend[1]]
+        cmd += SYSTEMS[system]["args"]  # engine flags, as `vllm serve` takes them (offline.py takes these)
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         log = p.stdout + p.stderr
         with open(os.path.join(out_dir, f"log-{group}-{system}.txt"), "w") as f:
