@@ -76,3 +76,37 @@ def test_the_offline_benchmark_asks_vllm_for_a_trace_of_the_chosen_steps(tmp_pat
     assert c.profiler == "torch" and c.torch_profiler_dir == str(tmp_path / "tl")
     assert (c.delay_iterations, c.max_iterations) == (300, 30) and c.ignore_frontend
     assert not c.torch_profiler_with_stack  # stacks would slow the traced steps further
+
+
+def _step_trace(stall_us: int):
+    """Two engine steps; the second step's first kernel waits `stall_us` after the first step ends."""
+    ev = []
+    ann = lambda name, ts, dur: {"ph": "X", "cat": "user_annotation", "name": name, "pid": 1, "tid": 11,  # noqa: E731
+                                 "ts": ts, "dur": dur}
+    ev += [ann("execute_context_4(4096)_generation_0(0)", 0, 50), ann("execute_context_0(0)_generation_4(4)", 60, 20)]
+    for corr, (ts, dur, launch) in enumerate([(10, 100, 5), (120, 30, 55),  # step 0 (the second: its sampling)
+                                              (150 + stall_us, 40, 65), (190 + stall_us, 10, 70)]):  # step 1
+        ev.append({"ph": "X", "cat": "kernel", "name": f"k{corr}", "pid": 0, "tid": 7, "ts": ts, "dur": dur,
+                   "args": {"correlation": corr}})
+        ev.append({"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "pid": 1, "tid": 11, "ts": launch,
+                   "dur": 2, "args": {"correlation": corr}})
+    ev.append({"ph": "X", "cat": "kernel", "name": "orphan", "pid": 0, "tid": 7, "ts": 0, "dur": 1, "args": {}})
+    return ev
+
+
+def test_per_step_spans_show_which_step_a_system_loses_time_in(tmp_path):
+    a, b = T.per_step(_step_trace(0)), T.per_step(_step_trace(30))
+    assert [s["name"][:17] for s in a] == ["execute_context_4", "execute_context_0"]
+    assert a[0]["gpu_span_ms"] == pytest.approx(0.14) and a[0]["busy_ms"] == pytest.approx(0.13)  # 10-150, a 10 us hole
+    assert a[0]["cpu_ms"] == pytest.approx(0.05) and a[0]["idle_before_ms"] is None
+    assert a[1]["idle_before_ms"] == pytest.approx(0.0) and b[1]["idle_before_ms"] == pytest.approx(0.03)
+    assert b[1]["gpu_span_ms"] == pytest.approx(0.05) and b[1]["gpu_start_ms"] == pytest.approx(0.17)
+    paths = []
+    for system, stall in (("tl-stock", 0), ("tl-vattn", 30)):
+        (tmp_path / system).mkdir()
+        paths.append(tmp_path / system / "rank0.1.pt.trace.json")
+        paths[-1].write_text(json.dumps({"traceEvents": _step_trace(stall)}))
+    T.main([str(p) for p in paths] + ["--out", str(tmp_path / "tl.md")])
+    md = (tmp_path / "tl.md").read_text()
+    assert "| 1 | execute_context_0(0)_generation_4(4) | 0.050 | 0.050 | +0.000 | 0.0 | 0.03 |" in md
+    assert json.loads((tmp_path / "tl.json").read_text())["tl-vattn:rank0"]["steps"][1]["idle_before_ms"] == 0.03

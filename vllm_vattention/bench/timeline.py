@@ -14,7 +14,9 @@ CUPTI's correlation id):
 - `unknown`: no launch with that correlation id in the trace.
 
 For the longest gaps it also names the CPU ops the launching thread was inside when the gap began
-(what the CPU was doing while the GPU waited). Nsight Systems is not usable on the device machines
+(what the CPU was doing while the GPU waited). Per engine step (vLLM's `execute_context_...`
+annotations): the GPU's span, busy time and the idle time before the step, and for the first two
+traces a step-by-step comparison (which steps a system loses time in). Nsight Systems is not usable on the device machines
 (.library/device/KINDS.md), CUPTI through torch.profiler is.
 """
 
@@ -102,6 +104,55 @@ def analyze(events: list[dict], top: int = 10, min_gap_us: float = 0.0) -> dict:
             "idle_ms": {k: round(v / 1e3, 3) for k, v in by_cause.items()}, "longest": longest}
 
 
+STEP_PREFIX = "execute_context"  # vLLM's annotation of each step's launch ("execute_context_N(..)_generation_M(..)")
+
+
+def _merged_busy(spans: list[tuple[float, float]]) -> float:
+    spans.sort()
+    busy, start, end = 0.0, None, None
+    for s, t in spans:
+        if start is None or s > end:
+            if start is not None:
+                busy += end - start
+            start, end = s, t
+        else:
+            end = max(end, t)
+    return busy + (end - start if start is not None else 0.0)
+
+
+def per_step(events: list[dict]) -> list[dict]:
+    """The GPU work of each engine step: work launched from the start of a step's annotation until
+    the next one's (its sampling included) belongs to it. Per step: the GPU's span from its first
+    work to its last, its busy time, and the idle time before its first work (since the previous
+    step's last), in ms; the annotation's CPU time."""
+    steps = sorted((e for e in events if e.get("cat") in CPU_CATS and e.get("name", "").startswith(STEP_PREFIX)),
+                   key=lambda e: e["ts"])
+    if not steps:
+        return []
+    starts = [e["ts"] for e in steps]
+    launches = {_corr(e): e for e in events if e.get("cat") in LAUNCH_CATS and _corr(e) is not None}
+    work: list[list[tuple[float, float]]] = [[] for _ in steps]
+    for e in events:
+        if e.get("cat") not in GPU_CATS:
+            continue
+        launch = launches.get(_corr(e))
+        i = bisect.bisect_right(starts, launch["ts"]) - 1 if launch is not None else -1
+        if i >= 0:
+            work[i].append((e["ts"], e["ts"] + e["dur"]))
+    t0 = min((w[0][0] for w in work if w), default=0.0)
+    out, prev_end = [], None
+    for ann, w in zip(steps, work):
+        if not w:
+            continue
+        first, last = min(s for s, _ in w), max(t for _, t in w)
+        out.append({"step": len(out), "name": ann["name"][:60], "cpu_ms": round(ann["dur"] / 1e3, 3),
+                    "gpu_start_ms": round((first - t0) / 1e3, 3), "gpu_span_ms": round((last - first) / 1e3, 3),
+                    "busy_ms": round(_merged_busy(w) / 1e3, 3),
+                    "idle_before_ms": round((first - prev_end) / 1e3, 3) if prev_end is not None else None})
+        prev_end = last if prev_end is None else max(prev_end, last)
+    return out
+
+
 def label(path: str) -> str:
     """A trace's name in the report: its folder and the file name's first part (vLLM names the
     worker's traces alike in every run, so the folder tells the systems apart)."""
@@ -116,6 +167,16 @@ def markdown(reports: dict[str, dict]) -> str:
         i = r["idle_ms"]
         lines.append(f"| {name} | {r['span_ms']:.1f} | {r['busy_ms']:.1f} | {100 * r['busy_share']:.1f}% | "
                      f"{r['gaps']} | {i['cpu_late']:.1f} | {i['gpu_waited']:.1f} | {i['unknown']:.1f} |")
+    named = [(n, r) for n, r in reports.items() if r.get("steps")]
+    if len(named) >= 2:  # the first two traces step by step (the same workload in two systems)
+        (a, ra), (b, rb) = named[:2]
+        lines += ["", f"Per step, {a} (A) against {b} (B): GPU span from a step's first work to its last, and "
+                  "the idle time before it (ms)", "",
+                  "| step | A step | A span | B span | B - A | A idle before | B idle before |", "|---|---|---|---|---|---|---|"]
+        for x, y in zip(ra["steps"], rb["steps"]):
+            lines.append(f"| {x['step']} | {x['name']} | {x['gpu_span_ms']:.3f} | {y['gpu_span_ms']:.3f} | "
+                         f"{y['gpu_span_ms'] - x['gpu_span_ms']:+.3f} | {x['idle_before_ms'] if x['idle_before_ms'] is not None else '-'} | "
+                         f"{y['idle_before_ms'] if y['idle_before_ms'] is not None else '-'} |")
     for name, r in reports.items():
         lines += ["", f"Longest gaps, {name}:", "", "| at ms | gap ms | cause | next GPU work | its launch | CPU inside |",
                   "|---|---|---|---|---|---|"]
@@ -130,7 +191,10 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True, help="markdown report (a .json beside it holds the numbers)")
     ap.add_argument("--top", type=int, default=10)
     args = ap.parse_args(argv)
-    reports = {label(p): analyze(load(p), top=args.top) for p in args.traces}
+    reports = {}
+    for p in args.traces:
+        events = load(p)
+        reports[label(p)] = {**analyze(events, top=args.top), "steps": per_step(events)}
     with open(args.out, "w") as f:
         f.write(markdown(reports))
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
