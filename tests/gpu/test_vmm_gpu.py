@@ -242,6 +242,36 @@ def test_stream_mode_spare_frames_on_libcuda(manager_factory, driver, cuda):
     assert torch.equal(k[c][:bs], new[:bs])
 
 
+def test_stream_mode_lent_blocks_on_libcuda(manager_factory, driver, cuda):
+    """VATTN_LEND_BLOCKS: the frames of never-used blocks warm rows beside the spares; lent blocks
+    handed out move into the warm slots (no driver call), and a later row that hits them reads what
+    was written through the rows that computed them."""
+    m, k, step = stream_spare_manager(manager_factory, driver, cuda, layer=7, kv=1)
+    bs = m.layout.block_size
+    a = m.acquire_row()
+    m.set_blocks(a, [1, 2, 3, 4], fresh_from=0)  # teaches the warm depth (4); ids up to 4 handed out
+    step()
+    m.release_row(a)
+    assert m.lend_unused(8) == 8  # blocks 159-152 (the manager's 160 blocks)
+    assert m.warm() == 16  # 8 spares + 8 lent frames: the next four rows, 4 slots deep
+    b, c = m.acquire_row(), m.acquire_row()
+    m.set_blocks(b, [159, 158, 157, 156], fresh_from=0)  # lent, into warm slots
+    m.set_blocks(c, [155, 5, 154, 153], fresh_from=0)  # lent and a plain fresh block
+    step()
+    data_b = torch.randn(4 * bs, 8, 128, device=cuda, dtype=torch.bfloat16)
+    data_c = torch.randn(4 * bs, 8, 128, device=cuda, dtype=torch.bfloat16)
+    k[b][: 4 * bs].copy_(data_b)
+    k[c][: 4 * bs].copy_(data_c)
+    d = m.acquire_row()
+    m.set_blocks(d, [158, 5], fresh_from=2)  # prefix hits on a lent block and a plain one
+    step()
+    torch.cuda.synchronize()
+    s = m.stats()
+    assert s["swaps"] == 8 and s["lent_taken"] == 7 and s["lent_blocks"] == 1
+    assert torch.equal(k[d][:bs], data_b[bs: 2 * bs])
+    assert torch.equal(k[d][bs: 2 * bs], data_c[bs: 2 * bs])
+
+
 def test_stream_mode_spare_frames_same_step_hit_on_libcuda(manager_factory, driver, cuda):
     """A block hit in the step it is fresh for a running request (vLLM caches it when it schedules
     the tokens that fill it; the runner sets up the new request first): the block keeps its frame,
