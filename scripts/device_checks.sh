@@ -114,7 +114,7 @@ for s in $steps; do
           reports="$reports $OUT/prof-$sys.json"; done
         python3 -m vllm_vattention.bench.profile --report $reports --out "$OUT/profile.md";;
     kbench) # decode attention at serving geometry: paged FA3 vs FA2 over our rows, FA2's split count swept
-        timeout ${KB_TIMEOUT:-300} python3 -m vllm_vattention.bench.kbench --out "$OUT" ${KB_ARGS:-} > "$OUT/kbench.log" 2>&1
+        timeout ${KB_TIMEOUT:-540} python3 -m vllm_vattention.bench.kbench --out "$OUT" ${KB_ARGS:-} > "$OUT/kbench.log" 2>&1
         echo "rc=$?"; grep "^|" "$OUT"/*-kbench.md | head -14;;
     mapbench) timeout 200 python3 -m vllm_vattention.bench.mapbench --out "$OUT" > "$OUT/mapbench.log" 2>&1; echo "rc=$?"; tail -30 "$OUT/mapbench.log";;
     ab) timeout 420 python3 examples/offline_ab.py --out "$OUT/ab.json" ${AB_ARGS:-} > "$OUT/ab.log" 2>&1; echo "rc=$?"; tail -40 "$OUT/ab.log";;
