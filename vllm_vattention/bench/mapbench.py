@@ -129,24 +129,15 @@ def alloc_size_costs(d, total_bytes: int = 1 << 30, sizes_mib: tuple[int, ...] =
         va = d.reserve(total_bytes)
         hs = [d.create(size) for _ in range(n)]
         addrs = [va + i * size for i in range(n)]
-        per = total_bytes / (2 << 20)  # 2 MiB units
-        t = time.perf_counter()
-        for a, h in zip(addrs, hs):
-            d.map(a, size, h)
-        t_map = time.perf_counter() - t
-        t = time.perf_counter()
-        for a in addrs:
-            d.set_access(a, size)
-        t_access = time.perf_counter() - t
-        t = time.perf_counter()
-        for a in addrs:
-            d.unmap(a, size)
-        t_unmap = time.perf_counter() - t
+        units = mib / 2  # 2 MiB pages per allocation
+        map_us = _per_call_us(lambda p: d.map(p[0], size, p[1]), list(zip(addrs, hs)))
+        access_us = _per_call_us(lambda a: d.set_access(a, size), addrs)
+        unmap_us = _per_call_us(lambda a: d.unmap(a, size), addrs)
         for h in hs:
             d.release(h)
         d.free_reservation(va, total_bytes)
-        out.append({"alloc_mib": mib, "allocations": n, "map_us_per_2mib": t_map / per * 1e6,
-                    "set_access_us_per_2mib": t_access / per * 1e6, "unmap_us_per_2mib": t_unmap / per * 1e6})
+        out.append({"alloc_mib": mib, "allocations": n, "map_us_per_2mib": map_us / units,
+                    "set_access_us_per_2mib": access_us / units, "unmap_us_per_2mib": unmap_us / units})
     return out
 
 

@@ -537,7 +537,10 @@ def slow_batch_rows(results: list[dict]) -> list[dict]:
     """Per workload and system: the native thread's slowest batch over the repetitions (the
     mapper's native_slowest_batches: latency, queued, running, slowest op ms, its kind, ops, index),
     with the longest flag stall beside it, to tell a slow driver call from a batch that waited."""
-    by = _grouped(results, lambda r: _mapper(r) if _mapper(r).get("native_slowest_batches") else None)
+    def pick(r: dict) -> dict | None:
+        m = _mapper(r)
+        return m if m.get("native_slowest_batches") else None
+    by = _grouped(results, pick)
     rows = []
     for (w, s), ms in by.items():
         worst = max((m["native_slowest_batches"][0] for m in ms), key=lambda b: b[0])
