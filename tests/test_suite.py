@@ -488,6 +488,20 @@ def test_paired_ratios_compare_runs_of_one_call():
     assert S.summarize(old)[1]["paired"] == pytest.approx([0.99, 0.99, 0.99])
 
 
+def test_every_systems_environment_is_a_valid_configuration():
+    """A system's variables are read by VattnConfig in the engine: a bad value (or a pair the
+    config refuses) would fail only on the device, after the machine was staged."""
+    from vllm_vattention.config import ConfigError, VattnConfig
+
+    for name, spec in S.SYSTEMS.items():
+        cfg = VattnConfig.from_env(S.engine_env(spec["env"], S.SYSTEM_VARS))
+        assert cfg.requested_by_env == ("VLLM_ATTENTION_BACKEND" in spec["env"]), name
+    cfg = VattnConfig.from_env(S.SYSTEMS["vattn-per-layer-s4"]["env"])
+    assert (cfg.layout, cfg.fa2_splits) == ("per_layer", 4)
+    with pytest.raises(ConfigError, match="VATTN_FA2_SPLITS=129"):
+        VattnConfig.from_env({**S.SYSTEMS["vattn-per-layer-s4"]["env"], "VATTN_FA2_SPLITS": "129"})
+
+
 def test_every_systems_engine_flags_are_taken_by_the_offline_runner():
     """The suite appends a system's engine flags to offline.py's command line: each must parse."""
     from vllm_vattention.bench import offline

@@ -53,7 +53,11 @@ SYSTEMS: dict[str, dict] = {
     "vattn-lend": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_LEND_BLOCKS": "auto"}, "args": []},
     # the default with FA2 decode's keys split in 4 (vattn-kbench picks the count; NOTES.md #48)
     "vattn-split4": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_FA2_SPLITS": "4"}, "args": []},
-    # 32-token blocks: each block one 4 MiB allocation, mapped with one call each (NOTES.md #49)
+    # per_layer rows with FA2 decode's keys split in 4: vattn-kbench's best count for per_layer rows
+    # at 64 x 4K, 24 x 16K and 8 x 32K on an H100, where FA2's heuristic lost 13-15% (NOTES.md #53)
+    "vattn-per-layer-s4": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_LAYOUT": "per_layer",
+                                   "VATTN_FA2_SPLITS": "4"}, "args": []},
+    # 32-token blocks: each block one 4 MiB allocation, mapped with one call each (NOTES.md #49, #52)
     "vattn-bs32": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION"}, "args": ["--block-size", "32"]},
 }
 # Every variable that selects a system: cleared from the caller's environment before a system's own
