@@ -51,7 +51,8 @@ SYSTEMS: dict[str, dict] = {
     # the default plus the frames of never-used blocks lent as spares (NOTES.md #47): one step's fresh
     # blocks more, with no memory taken from the KV budget
     "vattn-lend": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_LEND_BLOCKS": "auto"}, "args": []},
-    # the default with FA2 decode's keys split in 4 (vattn-kbench picks the count; NOTES.md #48)
+    # the default with FA2 decode's keys split in 4 (NOTES.md #48; on an H100 vattn-kbench found no count
+    # better than FA2's heuristic over the default's rows, #53)
     "vattn-split4": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_FA2_SPLITS": "4"}, "args": []},
     # per_layer rows with FA2 decode's keys split in 4: vattn-kbench's best count for per_layer rows
     # at 64 x 4K, 24 x 16K and 8 x 32K on an H100, where FA2's heuristic lost 13-15% (NOTES.md #53)
