@@ -1,7 +1,7 @@
 """Engine-thread time of vAttention's hooks per step under vLLM 0.25's real Scheduler, on a CPU.
 
 The suite's offline workloads (fixed lengths, ignore_eos) are scheduled by vLLM's own Scheduler
-(prefix caching on, 16-token blocks, 16,384 batched tokens, 1,024 sequences) with the KV budget of
+(prefix caching on, 16-token blocks unless --block-size, 16,384 batched tokens, 1,024 sequences) with the KV budget of
 the suite's H200 engine; each step goes through what the model runner does (worker.py):
 `_remove_request` -> RequestRows.remove, `add_requests` -> admit, `update_requests` -> extend,
 `prepare_attn`'s mapping part (read_extents, publish), `execute_model`'s record_reads and warm().
@@ -52,11 +52,12 @@ class _LaggingFence:
 
 
 def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 1024, warmup: bool = True,
-        native: bool = False, chain: list[str] | None = None, lend: int = 0) -> dict | list[dict]:
+        native: bool = False, chain: list[str] | None = None, lend: int = 0, block_size: int = 16) -> dict | list[dict]:
     """One workload in a fresh scheduler and manager; or, with `chain`, the suite's sequence in one
     engine (offline.py): an untimed warm-up of 16 x 64-token prompts (16 out), then each workload of
     `chain` in turn, the counters reset before each (a list of results, one per workload). lend: the
-    worker's lend_unused after start-up (VATTN_LEND_BLOCKS)."""
+    worker's lend_unused after start-up (VATTN_LEND_BLOCKS). block_size: vLLM's (--block-size; 32 is
+    one 4 MiB allocation per block for Llama-3-8B)."""
     from vllm.sampling_params import SamplingParams
     from vllm.v1.outputs import ModelRunnerOutput
     from vllm.v1.request import Request
@@ -65,11 +66,12 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
     max_len = (max(WORKLOADS[w][0] + WORKLOADS[w][1] for w in names) + 64 if chain
                else WORKLOADS[workload][0] + WORKLOADS[workload][1] + 16)
     if spares is None:  # auto: one step's blocks, at most 2% of the budget
-        spares = min(16384 // 16, int(AUTO_SPARE_SHARE * num_blocks))
+        spares = min(16384 // block_size, int(AUTO_SPARE_SHARE * num_blocks))
     sched, hasher = S.make_scheduler(os.path.join(ROOT, "models", "llama-3.1-8b"), num_blocks - spares, max_len,
-                                     max_num_batched_tokens=16384, max_num_seqs=max_num_seqs)
+                                     max_num_batched_tokens=16384, max_num_seqs=max_num_seqs, block_size=block_size)
     sched.use_v2_model_runner = True
-    lay = make_layout("interleaved", LLAMA3_8B, PAGE, rows=2 * max_num_seqs + 1, min_row_tokens=max_len + 256)
+    lay = make_layout("interleaved", LLAMA3_8B, PAGE, rows=2 * max_num_seqs + 1, min_row_tokens=max_len + 256,
+                      block_size=block_size)
     mgr = KVMemoryManager(_NoZeroing(PAGE, capacity=1 << 50), lay, num_blocks - spares, background="stream",
                           spare_blocks=spares)
     mgr.mapper.executor.close()
@@ -186,6 +188,7 @@ def main() -> None:
     ap.add_argument("--num-blocks", type=int, default=57174, help="vLLM's blocks + spares (the suite's H200 engine)")
     ap.add_argument("--spares", type=int, default=None, help="default: auto (min(1024, 2%% of the budget))")
     ap.add_argument("--lend", type=int, default=0, help="blocks lent after start-up (VATTN_LEND_BLOCKS; auto = 1024 here)")
+    ap.add_argument("--block-size", type=int, default=16, help="vLLM's block size (the suite's vattn-bs32: 32)")
     ap.add_argument("--profile", action="store_true", help="also the top functions by own time (cProfile)")
     ap.add_argument("--no-warmup", action="store_true", help="skip vLLM's warm-up requests (2-token prefills)")
     ap.add_argument("--chain", default="",
@@ -196,11 +199,11 @@ def main() -> None:
     if args.profile:
         prof = cProfile.Profile()
         r = prof.runcall(run, args.workload, args.num_blocks, args.spares, warmup=not args.no_warmup, native=args.native,
-                         lend=args.lend)
+                         lend=args.lend, block_size=args.block_size)
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     else:
         r = run(args.workload, args.num_blocks, args.spares, warmup=not args.no_warmup, native=args.native,
-                chain=[w for w in args.chain.split(",") if w] or None, lend=args.lend)
+                chain=[w for w in args.chain.split(",") if w] or None, lend=args.lend, block_size=args.block_size)
     for one in (r if isinstance(r, list) else [r]):
         print(one)
 
