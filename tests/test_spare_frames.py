@@ -637,3 +637,34 @@ def test_spares_warmed_deeper_than_a_request_needs_go_back_to_warm_the_next_rows
     mgr.mapper.check_invariants()
     mgr.close()
     assert driver.leaks() == []
+
+
+def test_unmap_aliases_frees_a_spare_only_if_every_slot_that_maps_it_may_go(driver):
+    """A block's former frame, now a spare, stays mapped where the block was (deferred
+    reclamation), possibly in several rows (a prefix hit). unmap_aliases frees it only if the
+    caller's slot_ok holds for every such slot, and then unmaps all of them; one that maps a single
+    slot takes the same rule."""
+    mgr = make_manager(driver, rows=5, num_blocks=8, spare_blocks=2, background=False)
+    m, pool = mgr.mapper, mgr.pool
+    r0, r1 = mgr.acquire_row(), mgr.acquire_row()
+    mgr.set_blocks(r0, [0, 1], fresh_from=0)
+    mgr.set_blocks(r1, [0])  # block 0 in both rows
+    mgr.sync()
+    shared, alone = pool.frame(0), pool.frame(1)
+    s0, s1 = sorted(pool.spare_frames)
+    assert pool.swap(0, s0) == shared and pool.swap(1, s1) == alone  # both blocks move: old frames spare
+    assert m.where[shared] == {(r0, 0), (r1, 0)} and m.where[alone] == {(r0, 1)}
+    with pytest.raises(ValueError, match="is not a spare"):
+        m.unmap_aliases([s0], lambda r, s: True)
+    assert m.unmap_aliases([shared, alone], lambda r, s: r == r1) == 0  # (r0, 0) and (r0, 1) must stay
+    assert m.where[shared] == {(r0, 0), (r1, 0)} and m.where[alone] == {(r0, 1)}
+    assert m.unmap_aliases([shared, alone], lambda r, s: s == 0) == 1  # the shared one: both its slots
+    mgr.sync()
+    assert shared not in m.where and m.where[alone] == {(r0, 1)}
+    assert m.slots[r0][0] is None and m.slots[r1][0] is None
+    assert driver.mapping_at(mgr.address(r0, 0, 0, 0)) is None and driver.mapping_at(mgr.address(r1, 0, 0, 0)) is None
+    assert m.unmap_aliases([alone], lambda r, s: True) == 1
+    mgr.sync()
+    assert alone not in m.where and driver.mapping_at(mgr.address(r0, mgr.layout.block_size, 0, 0)) is None
+    mgr.close()
+    assert driver.leaks() == []

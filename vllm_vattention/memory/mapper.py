@@ -363,13 +363,23 @@ class RowMapper:
         self.flush()
         self._retire()
         freed, rows = 0, set()
-        for f in frames:
-            if f not in self.pool.spare_frames:
+        spare, where = self.pool.spare_frames, self.where
+        for f in frames:  # (warm() calls this with every spare each time it runs short: kept lean)
+            if f not in spare:
                 raise ValueError(f"frame {f} is not a spare")
-            slots = sorted(self.where.get(f, ()))
-            if not slots or any(not slot_ok(r, s) for r, s in slots):
+            slots = where.get(f)
+            if not slots:
                 continue
-            for r, s in slots:
+            if len(slots) == 1:  # the usual case: a spare mapped in one slot
+                ((r, s),) = slots
+                if not slot_ok(r, s):
+                    continue
+                todo = ((r, s),)
+            else:
+                todo = sorted(slots)
+                if not all(slot_ok(r, s) for r, s in todo):
+                    continue
+            for r, s in todo:
                 self._unmap_slot(r, s)  # no step in flight reads the slot: no wait is planned
                 rows.add(r)
             freed += 1
