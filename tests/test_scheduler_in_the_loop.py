@@ -60,24 +60,26 @@ def kv_of(token: int, pos: int) -> bytes:
 
 def drive(background, spares: int, prompts: list[list[int]], max_tokens: list[int], num_blocks: int, max_len: int,
           max_num_batched_tokens: int, max_num_seqs: int, layout_name: str = "interleaved",
-          reclaim: str = "deferred", over_read: tuple[str, int, bool] | None = None, lend: int = 0) -> dict:
+          reclaim: str = "deferred", over_read: tuple[str, int, bool] | None = None, lend: int = 0,
+          block_size: int = BS) -> dict:
     """Serve `prompts` with vLLM's Scheduler over the memory manager until every request finished,
     checking at every step that each scheduled request reads its own tokens' KV through its row.
     over_read=(decode_kernel, guard_tokens, clipped): as the model runner does, rows FA3 reads get the
     zero page up to their read extent (ops.read_extents), and every step checks the whole extent is
     readable. lend: lend_unused(lend) before the first step (VATTN_LEND_BLOCKS; vLLM hands the lent
-    blocks out once the lower ids are taken). Returns counts: steps, tokens checked, prefix-hit tokens, preemptions, the manager's
+    blocks out once the lower ids are taken). block_size: vLLM's (32: two pages per block here, as
+    --block-size 32 gives Llama-3-8B two 2 MiB pages' worth in one block). Returns counts: steps, tokens checked, prefix-hit tokens, preemptions, the manager's
     stats."""
     from vllm.sampling_params import SamplingParams
     from vllm.v1.outputs import ModelRunnerOutput
     from vllm.v1.request import Request
 
     sched, hasher = S.make_scheduler(MODEL, num_blocks, max_len, max_num_batched_tokens=max_num_batched_tokens,
-                                     max_num_seqs=max_num_seqs, block_size=BS)
+                                     max_num_seqs=max_num_seqs, block_size=block_size)
     sched.use_v2_model_runner = True  # as in the engine we serve in (worker.py needs it): resumed = new
     driver = FakeDriver(PAGE)
     layout = make_layout(layout_name, GEOMETRIES[layout_name], PAGE, rows=2 * max_num_seqs + 1, min_row_tokens=max_len + 64,
-                         block_size=BS)
+                         block_size=block_size)
     mgr = KVMemoryManager(driver, layout, num_blocks, background=background, spare_blocks=spares, reclaim=reclaim)
     lent = mgr.lend_unused(lend)
     rows = RequestRows(mgr)
@@ -126,7 +128,7 @@ def drive(background, spares: int, prompts: list[list[int]], max_tokens: list[in
             checked += done_before
             sampled.append([100] if req.num_computed_tokens >= req.num_tokens else [])
         for row, ext in reads.items():  # the kernel may read all of it: mapped (the zero page at least)
-            for pos in list(range(0, ext, BS)) + ([ext - 1] if ext else []):
+            for pos in list(range(0, ext, block_size)) + ([ext - 1] if ext else []):
                 driver.read(mgr.address(row, pos, 0, 0), 8)
         mgr.record_reads(DoneFence(), reads)
         mgr.warm()
@@ -156,6 +158,22 @@ def test_every_scheduled_request_reads_its_own_kv(background, spares, lend):
         assert r["stats"]["swaps"] > 0
     if lend:  # the tight budget hands every lent block out, each into a spare frame
         assert r["lent"] == lend and r["stats"]["lent_taken"] == lend and r["stats"]["lent_blocks"] == 0
+
+
+@pytest.mark.parametrize("spares, lend", [(0, 0), (6, 0), (6, 6)])
+def test_32_token_blocks_read_their_own_kv(spares, lend):
+    """--block-size 32 (the throughput option in README): vLLM's scheduler hands out 32-token blocks,
+    each two pages here (one 4 MiB block of Llama-3-8B on a GPU), under a budget that forces
+    preemptions, with prefix hits, spare frames and lent blocks."""
+    shared = toks(7, 72)
+    prompts = [shared + toks(100 + i, 20 + 9 * i) for i in range(6)] + [toks(200 + i, 70) for i in range(6)]
+    prompts += [shared + toks(300 + i, 12) for i in range(4)]
+    r = drive("stream", spares, prompts, [40] * len(prompts), num_blocks=16, max_len=256,
+              max_num_batched_tokens=128, max_num_seqs=6, lend=lend, block_size=32)
+    assert r["hits"] > 0 and r["checked"] > 0 and r["preemptions"] > 0
+    assert r["stats"]["block_size"] == 32 and r["stats"]["pages_per_block"] == 2
+    if lend:
+        assert r["stats"]["lent_taken"] == lend and r["stats"]["lent_blocks"] == 0
 
 
 @pytest.mark.parametrize("seed", range(int(os.environ.get("VATTN_SCHED_SEEDS", "4"))))
