@@ -59,6 +59,8 @@ def run_one(args) -> None:
               disable_log_stats=False, tensor_parallel_size=args.tensor_parallel_size)
     if args.num_gpu_blocks:
         kw["num_gpu_blocks_override"] = args.num_gpu_blocks
+    if args.block_size:
+        kw["block_size"] = args.block_size
     if args.attention_backend:
         kw["attention_config"] = {"backend": args.attention_backend}
         if args.flash_attn_version:
@@ -142,6 +144,7 @@ def main() -> None:
     ap.add_argument("--attention-backend", default=None)
     ap.add_argument("--flash-attn-version", type=int, default=None)
     ap.add_argument("--num-gpu-blocks", type=int, default=0, help="KV budget override (forces preemption)")
+    ap.add_argument("--block-size", type=int, default=0, help="vLLM's block size for every system (0: its default)")
     ap.add_argument("--shared-prefix", action="store_true", help="prompts share a 300-token prefix")
     ap.add_argument("--no-prefix-caching", action="store_true")
     ap.add_argument("--parallel-n", type=int, default=1)
@@ -169,7 +172,7 @@ def main() -> None:
         for flag in ("enforce_eager", "shared_prefix", "no_prefix_caching"):
             if getattr(args, flag):
                 cmd.append("--" + flag.replace("_", "-"))
-        cmd += ["--num-gpu-blocks", str(args.num_gpu_blocks), "--parallel-n", str(args.parallel_n),
+        cmd += ["--num-gpu-blocks", str(args.num_gpu_blocks), "--block-size", str(args.block_size), "--parallel-n", str(args.parallel_n),
                 "--tensor-parallel-size", str(args.tensor_parallel_size)]
         print("running", system, flush=True)
         subprocess.run(cmd, env=env, check=True)

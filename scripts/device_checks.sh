@@ -6,7 +6,7 @@
 #          kbench (vattn-kbench: paged FA3 vs FA2 over our rows, FA2's split count swept; KB_ARGS)
 #          stream_check (the stream-mode GPU tests alone, no sanitizer; then the clipped-guard tests under it)
 #          spare_check (spare frames: the libcuda test, then the e2e prefix-caching test against stock)
-#          prefix (the default's prefix-caching e2e test alone) lend_check (VATTN_LEND_BLOCKS e2e against stock, tight budget)
+#          prefix (the default's prefix-caching e2e test alone) lend_check (VATTN_LEND_BLOCKS e2e against stock, tight budget; --block-size 32 against stock)
 #          suite_round (offline rounds of stock-fa3 with the candidates: $SUITE_CANDIDATE, a comma list such as
 #          vattn-fa2,vattn-spare, else the default vattn-fa2;
 #          results kept in /root/suite across calls, copied to $OUT;
@@ -64,8 +64,9 @@ for s in $steps; do
     prefix) # the default's prefix-caching + n=3 sampling e2e test against stock (~70 s with the JIT cache)
         timeout 240 python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/gpu/test_e2e_gpu.py -k "prefix and not spare" \
           > "$OUT/prefix.log" 2>&1; echo "rc=$?"; grep -E "passed|failed|Error" "$OUT/prefix.log" | tail -3;;
-    lend_check) # VATTN_LEND_BLOCKS end to end against stock under a tight budget (every lent block handed out)
-        timeout 240 python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/gpu/test_e2e_gpu.py -k lent \
+    lend_check) # VATTN_LEND_BLOCKS end to end against stock under a tight budget (every lent block handed
+        # out), and --block-size 32 against stock at 32 (~2 min each with the JIT cache)
+        timeout 400 python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/gpu/test_e2e_gpu.py -k "lent or 32_token" \
           > "$OUT/lend.log" 2>&1; echo "rc=$?"; grep -E "passed|failed|Error" "$OUT/lend.log" | tail -3;;
     spare_check) # spare frames (VATTN_SPARE_BLOCKS) on libcuda, then end to end against stock (prefix caching, n=3)
         timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_vmm_gpu.py -k "spare or stream" > "$OUT/spare_unit.log" 2>&1

@@ -72,6 +72,19 @@ def test_prefix_caching_and_parallel_sampling(cuda, tmp_path, system):
     assert (m["swaps"] > 0) == (spares > 0), m  # the spare path ran, or not
 
 
+def test_32_token_blocks_match_stock_at_the_same_block_size(cuda, tmp_path):
+    """--block-size 32 (README's throughput option: one 4 MiB allocation per block for this KV
+    shape) against stock FA3 at 32 too: prefix hits as stock's, greedy output as stock's. (A tight
+    budget with 32-token blocks, preemptions included, is checked on the CPU:
+    test_scheduler_in_the_loop.py -k 32_token.)"""
+    s = run_ab(tmp_path, "--systems", "stock,vattention", "--num-prompts", "8", "--max-tokens", "32",
+               "--shared-prefix", "--block-size", "32")
+    m = s["vattention"]["mapper"]
+    assert m["block_size"] == 32 and m["pages_per_block"] == 2, m
+    assert s["vattention"]["cached_tokens"] == s["stock"]["cached_tokens"] > 0
+    assert s["stock_vs_vattention"]["greedy_prefix_agreement"] >= 0.9, s["stock_vs_vattention"]
+
+
 def test_lent_blocks_handed_out_under_a_tight_budget_read_their_own_kv(cuda, tmp_path):
     """VATTN_LEND_BLOCKS=auto (at most a quarter of a 120-block budget: 30 blocks, the highest ids,
     lent after start-up; 4 sequences at once keep vLLM's warm-up requests on the lowest ids): 11
