@@ -1,8 +1,8 @@
 """Engine-thread time of vAttention's hooks per step under vLLM 0.25's real Scheduler, on a CPU.
 
 The suite's offline workloads (fixed lengths, ignore_eos) are scheduled by vLLM's own Scheduler
-(prefix caching on, 16-token blocks unless --block-size, 16,384 batched tokens, 1,024 sequences) with the KV budget of
-the suite's H200 engine; each step goes through what the model runner does (worker.py):
+(prefix caching on, 16-token blocks unless --block-size, 16,384 batched tokens, 1,024 sequences)
+with the KV budget of the suite's H200 engine; each step goes through what the model runner does (worker.py):
 `_remove_request` -> RequestRows.remove, `add_requests` -> admit, `update_requests` -> extend,
 `prepare_attn`'s mapping part (read_extents, publish), `execute_model`'s record_reads and warm().
 The model is not run and nothing is mapped (a null executor: planning alone; a fence done two steps after its own, whose done() calls are

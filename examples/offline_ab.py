@@ -172,8 +172,8 @@ def main() -> None:
         for flag in ("enforce_eager", "shared_prefix", "no_prefix_caching"):
             if getattr(args, flag):
                 cmd.append("--" + flag.replace("_", "-"))
-        cmd += ["--num-gpu-blocks", str(args.num_gpu_blocks), "--block-size", str(args.block_size), "--parallel-n", str(args.parallel_n),
-                "--tensor-parallel-size", str(args.tensor_parallel_size)]
+        cmd += ["--num-gpu-blocks", str(args.num_gpu_blocks), "--block-size", str(args.block_size),
+                "--parallel-n", str(args.parallel_n), "--tensor-parallel-size", str(args.tensor_parallel_size)]
         print("running", system, flush=True)
         subprocess.run(cmd, env=env, check=True)
         results[system] = json.load(open(child_out))
