@@ -316,7 +316,7 @@ class RowMapper:
         ops go to the executor's background queue, and the row's next change waits for them."""
         num_slots = min(num_slots, self.layout.blocks_per_row)
         self.flush()  # nothing planned for a step may end up in the background queue
-        # (no _retire() here: the caller decided `read` from rows_in_flight(), which retired; one
+        # (no _retire() here: the caller decided `read` from read_bounds(), which retired; one
         # event query per warmed row was most of warm()'s driver calls)
         current = self.slots[row]
         spare = self.pool.spare_frames
