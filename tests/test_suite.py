@@ -93,6 +93,30 @@ def test_a_job_is_planned_for_its_workloads_only(tmp_path):
     assert left == 0  # the round's three jobs fit in three one-workload estimates
 
 
+def test_a_round_is_planned_from_what_its_jobs_took_before(tmp_path):
+    """Recorded job times longer than the fixed estimate are planned for, so a call does not start a
+    round its time limit would cut off (twice on an H100: a fresh machine's first engine took 162 s
+    where 111 s were planned). Only jobs of the same system and workloads count."""
+    path = str(tmp_path / "r.json")
+    w = [S.Workload("a", "offline", 8, 8, 1), S.Workload("b", "offline", 8, 8, 1)]
+    fixed = S.job_seconds(w)
+    suite = S.Suite("m", w, ["stock-fa3", "vattn-fa2"], reps=2)
+    clock = FakeClock()
+    assert S.run(suite, path, max_seconds=2.5 * fixed, job=fake_job(clock), env=ENV, clock=clock, log=quiet) == 2
+    assert S.planned_seconds(suite.results, w, "vattn-fa2") == fixed  # fake jobs take exactly the estimate
+    for r in suite.results:  # as if rep 0 had run on a fresh machine
+        r["job_seconds"] = 1.5 * fixed if r["system"] == "vattn-fa2" else r["job_seconds"]
+    suite.results.append({"workload": "a", "system": "stock-fa3", "rep": 9, "call": 1, "job_seconds": 9 * fixed})
+    assert S.planned_seconds(suite.results, w, "vattn-fa2") == 1.5 * fixed
+    assert S.planned_seconds(suite.results, w, "stock-fa3") == fixed  # a job of other workloads: not counted
+    assert S.planned_seconds(suite.results, w[:1], "stock-fa3") == 9 * fixed
+    suite.results.pop()
+    clock2 = FakeClock()
+    left = S.run(suite, path, max_seconds=2.4 * fixed, job=fake_job(clock2), env=ENV, clock=clock2, log=quiet)
+    assert left == 2 and clock2.t == 0  # 2.5 x fixed planned: the round waits for the next call
+    assert S.run(suite, path, max_seconds=2.6 * fixed, job=fake_job(clock2), env=ENV, clock=clock2, log=quiet) == 0
+
+
 def test_ratios_spread_and_report(tmp_path):
     path = str(tmp_path / "r.json")
     w = [S.Workload("a", "offline", 8, 8, 1), S.Workload("capacity-300-tokens", "capacity", 280, 20, 0)]

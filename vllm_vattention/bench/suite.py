@@ -107,6 +107,20 @@ def job_seconds(workloads: list[Workload]) -> float:
     return START_SECONDS[GROUP_OF[workloads[0].kind]] + sum(WORKLOAD_SECONDS[w.kind] for w in workloads)
 
 
+def planned_seconds(results: list[dict], workloads: list[Workload], system: str) -> float:
+    """Seconds to plan for one job: job_seconds(), or the longest this system took for these
+    workloads in the results so far, if longer. On an H100 the fixed estimate (111 s for three
+    offline workloads) was short of what jobs took (109-162 s, the longest a fresh machine's first
+    engine): twice a round began that the call's limit then cut off, and what it had run was lost."""
+    names = {w.name for w in workloads}
+    jobs: dict[tuple, tuple[set, float]] = {}  # (rep, call) -> (its workloads, job_seconds): a job's rows share both
+    for r in results:
+        if r.get("system") == system and not r.get("partial") and r.get("job_seconds") is not None:
+            jobs.setdefault((r.get("rep"), r.get("call")), (set(), float(r["job_seconds"])))[0].add(r.get("workload"))
+    # only jobs that ran exactly these workloads: a job of more (or fewer) says little about this one
+    return max([job_seconds(workloads), *(secs for ran, secs in jobs.values() if ran == names)])
+
+
 @dataclass
 class Suite:
     model: str
@@ -310,7 +324,7 @@ def run(suite: Suite, path: str, max_seconds: float, job: Callable = run_job, en
     todo = [[j for j in r if not suite.done(*j)] for r in suite.rounds()]
     todo = [r for r in todo if r]
     for i, rnd in enumerate(todo):
-        est = sum(job_seconds(suite.group_workloads(g)) for g, _, _ in rnd)
+        est = sum(planned_seconds(suite.results, suite.group_workloads(g), s) for g, s, _ in rnd)
         if clock() - start + est > max_seconds:
             left = sum(len(r) for r in todo[i:])
             log(f"[suite] stopping: {left} job(s) left for the next call")
