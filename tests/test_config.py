@@ -149,14 +149,18 @@ def test_the_runner_creates_the_spares_the_worker_took_out():
 
 
 def test_lend_blocks_setting_and_the_runner_lends_after_start_up(driver):
-    """VATTN_LEND_BLOCKS: off by default, a number or auto (one step's blocks, at most a quarter of
-    vLLM's), only in stream mode; the runner lends that many never-used blocks' frames as spares."""
+    """VATTN_LEND_BLOCKS: auto by default in stream mode (off in the other modes, where no spares are
+    used), a number or auto (one step's blocks, at most a quarter of vLLM's), only in stream mode
+    when given; the runner lends that many never-used blocks' frames as spares."""
     from types import SimpleNamespace
 
     from helpers import make_manager
     from vllm_vattention.worker import VattnModelRunner
 
-    assert VattnConfig.from_env({}).lend_blocks == 0
+    assert VattnConfig.from_env({}).lend_blocks == "auto" == VattnConfig().lend_blocks
+    assert VattnConfig.from_env({"VATTN_BACKGROUND_MAP": "1"}).lend_blocks == 0  # not given: no error
+    assert VattnConfig.from_env({"VATTN_BACKGROUND_MAP": "0"}).lend_blocks == 0
+    assert VattnConfig.from_env({"VATTN_LEND_BLOCKS": "0"}).lend_blocks == 0
     auto = VattnConfig.from_env({"VATTN_LEND_BLOCKS": "auto"})
     assert auto.lend_blocks_for(16384, 16, num_blocks=28_023) == 1024
     assert auto.lend_blocks_for(16384, 16, num_blocks=1000) == 250
@@ -169,7 +173,7 @@ def test_lend_blocks_setting_and_the_runner_lends_after_start_up(driver):
     runner = object.__new__(VattnModelRunner)
     runner.vllm_config = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_batched_tokens=64))
     runner.vattn = make_manager(driver, rows=4, num_blocks=40, spare_blocks=2, background="stream")
-    runner.vattn_cfg = VattnConfig()
+    runner.vattn_cfg = VattnConfig(lend_blocks=0)
     assert runner.lend_unused_blocks() == 0 and runner.vattn.pool.lent == 0  # off
     runner.vattn_cfg = auto
     bs = runner.vattn.layout.block_size

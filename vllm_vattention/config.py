@@ -12,7 +12,7 @@
 | VATTN_GUARD_TOKENS | integer >= 192 | 256 | readable tokens kept past each sequence end for kernels that over-read (FA3) |
 | VATTN_FA3_GUARD | always, clipped | clipped | always: a zero page behind every FA3 row; clipped: FA3's view of a prefill batch ends at its longest FA3 sequence, whose row then needs no guard (relies on TMA clipping; clean under compute-sanitizer on an H200) |
 | VATTN_SPARE_BLOCKS | integer >= 0, or auto | auto in stream mode, else 0 | stream mode: this many KV blocks of memory are kept as spare frames, mapped ahead of time into the rows new requests get next, so a new request's fresh blocks need no driver call while its step waits (memory/manager.py); vLLM's KV budget shrinks by as much. auto: the blocks one step's tokens fill (--max-num-batched-tokens / block size), at most AUTO_SPARE_SHARE (2%) of the KV budget's blocks |
-| VATTN_LEND_BLOCKS | integer >= 0, or auto | 0 | stream mode: the frames of up to this many of vLLM's KV blocks that were never handed out also serve as spare frames, until vLLM hands the blocks out (more rows warm at once in a burst of new requests; no memory leaves the KV budget; memory/manager.py lend_unused). auto: the blocks one step's tokens fill, at most AUTO_LEND_SHARE (1/4) of the KV budget's blocks. Off until its throughput is measured on a GPU (output checked against stock on an H100: benchmarks/NOTES.md #47, #54) |
+| VATTN_LEND_BLOCKS | integer >= 0, or auto | auto in stream mode, else 0 | stream mode: the frames of up to this many of vLLM's KV blocks that were never handed out also serve as spare frames, until vLLM hands the blocks out (more rows warm at once in a burst of new requests; no memory leaves the KV budget; memory/manager.py lend_unused). auto: the blocks one step's tokens fill, at most AUTO_LEND_SHARE (1/4) of the KV budget's blocks. The default since benchmarks/NOTES.md #58 (H100: 1024-in/128-out 0.976x -> 0.994x of stock, output checked against stock, #54) |
 | VATTN_PREFIX_EVICTION | lru, discard-lru, second-chance, adaptive | lru | prefix-cache eviction order in vLLM's scheduler (prefix_eviction.py); works with any attention backend |
 | VATTN_PREFIX_MIN_USERS | integer >= 2 | 2 | the one bit: a cached block used by at least this many requests is "keep" (discard-lru: not evicted before the others; second-chance: one more pass through the free queue; adaptive: in the list evicted second, by a share learned from misses) |
 """
@@ -106,7 +106,7 @@ class VattnConfig:
     # a count or "auto" (resolved by spare_blocks_for() once the step size and the KV budget are known);
     # None: not given, which means auto in stream mode and 0 otherwise (benchmarks/NOTES.md #29)
     spare_blocks: int | str | None = None
-    lend_blocks: int | str = 0  # a count or "auto" (lend_blocks_for())
+    lend_blocks: int | str | None = None  # a count or "auto" (lend_blocks_for()); None: as spare_blocks
     prefix_eviction: str = "lru"
     prefix_min_users: int = DEFAULT_MIN_USERS
 
@@ -126,7 +126,7 @@ class VattnConfig:
             guard_tokens=_int(env, "VATTN_GUARD_TOKENS", 256, minimum=192),
             fa3_guard=_choice(env, "VATTN_FA3_GUARD", ("always", "clipped"), "clipped"),
             spare_blocks=_spares(env, "VATTN_SPARE_BLOCKS", None),
-            lend_blocks=_spares(env, "VATTN_LEND_BLOCKS", 0),
+            lend_blocks=_spares(env, "VATTN_LEND_BLOCKS", None),
             prefix_eviction=_choice(env, "VATTN_PREFIX_EVICTION", PREFIX_EVICTION_MODES, "lru"),
             prefix_min_users=_int(env, "VATTN_PREFIX_MIN_USERS", DEFAULT_MIN_USERS, minimum=2),
         )
@@ -141,7 +141,9 @@ class VattnConfig:
         if self.fa2_splits > 128:
             raise ConfigError(f"VATTN_FA2_SPLITS={self.fa2_splits} is above FA2's limit of 128; use 0 (FA2's "
                               "heuristic) to 128")
-        if self.lend_blocks and self.background_map != "stream":
+        if self.lend_blocks is None:  # not given: on wherever lent frames can be used (NOTES.md #58)
+            object.__setattr__(self, "lend_blocks", "auto" if self.background_map == "stream" else 0)
+        elif self.lend_blocks and self.background_map != "stream":
             raise ConfigError(f"VATTN_LEND_BLOCKS={self.lend_blocks} needs VATTN_BACKGROUND_MAP=stream (lent "
                               "frames are spares, mapped ahead by the native thread); set it, or VATTN_LEND_BLOCKS=0")
 

@@ -31,7 +31,8 @@ SYSTEMS: dict[str, dict] = {
     "stock-fa3": {"env": {}, "args": []},
     "stock-flashinfer": {"env": {}, "args": ["--attention-backend", "FLASHINFER"]},
     # the default configuration (FA2 decode), whatever it is at the commit a result names: since
-    # benchmarks/NOTES.md #29 with spare frames; results of earlier commits (c8909ba and before) without
+    # benchmarks/NOTES.md #29 with spare frames, since #58 with lent blocks too; results of earlier
+    # commits (c8909ba and before) without spares
     "vattn-fa2": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION"}, "args": []},
     "vattn-fa3": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_DECODE_KERNEL": "fa3"}, "args": []},
     "vattn-per-layer": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_LAYOUT": "per_layer"}, "args": []},
@@ -40,16 +41,20 @@ SYSTEMS: dict[str, dict] = {
     # native thread joined before each step, and the former default before that (mapping on the
     # engine thread, a guard page behind every FA3 row)
     "vattn-stream-clipped": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_BACKGROUND_MAP": "stream",
-                                     "VATTN_FA3_GUARD": "clipped", "VATTN_SPARE_BLOCKS": "0"}, "args": []},
+                                     "VATTN_FA3_GUARD": "clipped", "VATTN_SPARE_BLOCKS": "0",
+                                     "VATTN_LEND_BLOCKS": "0"}, "args": []},
     "vattn-bg-clipped": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_BACKGROUND_MAP": "1",
                                  "VATTN_FA3_GUARD": "clipped"}, "args": []},
     "vattn-sync": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_BACKGROUND_MAP": "0",
                            "VATTN_FA3_GUARD": "always"}, "args": []},
     # 1024 spare frames (2 GiB for Llama-3-8B: one 16K-token step of new requests' fresh blocks) warmed
     # ahead of time (NOTES.md #23); the default's auto gives the same count there since #29
-    "vattn-spare": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_SPARE_BLOCKS": "1024"}, "args": []},
-    # the default plus the frames of never-used blocks lent as spares (NOTES.md #47): one step's fresh
-    # blocks more, with no memory taken from the KV budget
+    "vattn-spare": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_SPARE_BLOCKS": "1024",
+                            "VATTN_LEND_BLOCKS": "0"}, "args": []},
+    # the default from NOTES.md #29 to #57: spare frames, no lent blocks
+    "vattn-no-lend": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_LEND_BLOCKS": "0"}, "args": []},
+    # the frames of never-used blocks lent as spares (NOTES.md #47): one step's fresh blocks more, with
+    # no memory taken from the KV budget; the default does the same since #58
     "vattn-lend": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_LEND_BLOCKS": "auto"}, "args": []},
     # the default with FA2 decode's keys split in 4 (NOTES.md #48; on an H100 vattn-kbench found no count
     # better than FA2's heuristic over the default's rows, #53)
