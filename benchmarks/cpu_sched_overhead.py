@@ -52,12 +52,14 @@ class _LaggingFence:
 
 
 def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 1024, warmup: bool = True,
-        native: bool = False, chain: list[str] | None = None, lend: int = 0, block_size: int = 16) -> dict | list[dict]:
+        native: bool = False, chain: list[str] | None = None, lend: int = 0, block_size: int = 16,
+        growth: bool = False) -> dict | list[dict]:
     """One workload in a fresh scheduler and manager; or, with `chain`, the suite's sequence in one
     engine (offline.py): an untimed warm-up of 16 x 64-token prompts (16 out), then each workload of
     `chain` in turn, the counters reset before each (a list of results, one per workload). lend: the
     worker's lend_unused after start-up (VATTN_LEND_BLOCKS). block_size: vLLM's (--block-size; 32 is
-    one 4 MiB allocation per block for Llama-3-8B)."""
+    one 4 MiB allocation per block for Llama-3-8B). growth: the manager's growth_ahead
+    (VATTN_GROWTH_AHEAD)."""
     from vllm.sampling_params import SamplingParams
     from vllm.v1.outputs import ModelRunnerOutput
     from vllm.v1.request import Request
@@ -73,7 +75,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
     lay = make_layout("interleaved", LLAMA3_8B, PAGE, rows=2 * max_num_seqs + 1, min_row_tokens=max_len + 256,
                       block_size=block_size)
     mgr = KVMemoryManager(_NoZeroing(PAGE, capacity=1 << 50), lay, num_blocks - spares, background="stream",
-                          spare_blocks=spares)
+                          spare_blocks=spares, growth_ahead=growth)
     mgr.mapper.executor.close()
     # native: the real native thread and hand-over, with driver calls that do nothing (null_table)
     mgr.mapper.executor = NativeExecutor(*null_table()) if native else _NullExecutor()
@@ -83,6 +85,8 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
     t = dict.fromkeys(PHASES, 0.0)
     first_step: dict[str, int] = {}  # the first step's critical-path maps and swaps (no earlier step hides them)
     admitting = {"steps": 0, "block_maps": 0}  # steps that admit requests, and the block maps they plan
+    # the other steps (decode growth): their block maps, and the most in one step
+    others = {"block_maps": 0, "max_step_block_maps": 0, "steps_with_maps": 0}
     step_reads = ops.StepReads(lay.block_size)  # as the worker builds each step's reads
 
     def drive(prompts: list[list[int]], max_tokens: int, clip: bool = True) -> int:
@@ -118,6 +122,11 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             if out.scheduled_new_reqs:  # a step that admits requests: its maps are the ones a GPU waits for most
                 admitting["steps"] += 1
                 admitting["block_maps"] += mgr.mapper.stats.block_maps - maps_before
+            else:
+                n_maps = mgr.mapper.stats.block_maps - maps_before
+                others["block_maps"] += n_maps
+                others["max_step_block_maps"] = max(others["max_step_block_maps"], n_maps)
+                others["steps_with_maps"] += n_maps > 0
             ids = list(out.num_scheduled_tokens)
             row_of = np.array([rows.row(r) for r in ids], dtype=np.int64)
             seq = np.array([live[r].num_computed_tokens for r in ids], dtype=np.int64)
@@ -152,6 +161,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
         mgr.reset_stats()
         t.update(dict.fromkeys(PHASES, 0.0))
         admitting.update(steps=0, block_maps=0)
+        others.update(block_maps=0, max_step_block_maps=0, steps_with_maps=0)
     gc.collect()
     gc.freeze()  # as vLLM's EngineCore does once started (freeze_gc_heap): what start-up made is never scanned
     if chain:  # offline.py's untimed warm-up generate, then its report() resets the counters
@@ -162,6 +172,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
         mgr.reset_stats()
         t.update(dict.fromkeys(PHASES, 0.0))
         admitting.update(steps=0, block_maps=0)
+        others.update(block_maps=0, max_step_block_maps=0, steps_with_maps=0)
         first_step.clear()
         _LaggingFence.queries = 0
         steps = drive([[1000 + (i * 7919 + k * 104729 + w * 13) % 20000 for k in range(n_in)] for i in range(n_req)],
@@ -178,7 +189,8 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             **{k: s[k] for k in s if k.startswith("warm_") and k != "warm_maps"},
             "event_queries_per_step": round(_LaggingFence.queries / steps, 2),
             **{f"first_step_{k}": v for k, v in first_step.items()},
-            **{f"admitting_{k}": v for k, v in admitting.items()}})
+            **{f"admitting_{k}": v for k, v in admitting.items()},
+            "growth_maps": s["growth_maps"], **{f"other_steps_{k}": v for k, v in others.items()}})
     return results if chain else results[0]
 
 
@@ -195,15 +207,18 @@ def main() -> None:
                     help="comma list of workloads run one after another in one engine, as the suite does")
     ap.add_argument("--native", action="store_true",
                     help="hand ops to the real native thread (driver calls that do nothing) instead of a stand-in")
+    ap.add_argument("--growth", action="store_true",
+                    help="the manager's growth_ahead (VATTN_GROWTH_AHEAD): spares in running requests' next slots")
     args = ap.parse_args()
     if args.profile:
         prof = cProfile.Profile()
         r = prof.runcall(run, args.workload, args.num_blocks, args.spares, warmup=not args.no_warmup, native=args.native,
-                         lend=args.lend, block_size=args.block_size)
+                         lend=args.lend, block_size=args.block_size, growth=args.growth)
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     else:
         r = run(args.workload, args.num_blocks, args.spares, warmup=not args.no_warmup, native=args.native,
-                chain=[w for w in args.chain.split(",") if w] or None, lend=args.lend, block_size=args.block_size)
+                chain=[w for w in args.chain.split(",") if w] or None, lend=args.lend, block_size=args.block_size,
+                growth=args.growth)
     for one in (r if isinstance(r, list) else [r]):
         print(one)
 

@@ -148,6 +148,16 @@ def test_the_runner_creates_the_spares_the_worker_took_out():
     assert object.__new__(VattnModelRunner)._resolved_spares(VattnConfig(spare_blocks=0), vllm_config, 10_000) == 0
 
 
+def test_growth_ahead_setting():
+    """VATTN_GROWTH_AHEAD: off by default, 1 turns it on, stream mode only; a bad value names itself."""
+    assert VattnConfig.from_env({}).growth_ahead is False
+    assert VattnConfig.from_env({"VATTN_GROWTH_AHEAD": "1"}).growth_ahead is True
+    with pytest.raises(ConfigError, match="VATTN_GROWTH_AHEAD=1 needs VATTN_BACKGROUND_MAP=stream"):
+        VattnConfig.from_env({"VATTN_GROWTH_AHEAD": "1", "VATTN_BACKGROUND_MAP": "1"})
+    with pytest.raises(ConfigError, match="VATTN_GROWTH_AHEAD='maybe' is not a boolean"):
+        VattnConfig.from_env({"VATTN_GROWTH_AHEAD": "maybe"})
+
+
 def test_lend_blocks_setting_and_the_runner_lends_after_start_up(driver):
     """VATTN_LEND_BLOCKS: auto by default in stream mode (off in the other modes, where no spares are
     used), a number or auto (one step's blocks, at most a quarter of vLLM's), only in stream mode

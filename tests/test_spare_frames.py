@@ -344,11 +344,13 @@ class SpareMachine(ManagerMachineBase):
     its row; every row must read its blocks' tags."""
 
     @initialize(layout=st.sampled_from(["interleaved", "per_layer"]), background=st.sampled_from([False, "stream"]),
-                zero_row=st.booleans())
-    def setup(self, layout, background, zero_row):
+                zero_row=st.booleans(), growth=st.booleans())
+    def setup(self, layout, background, zero_row, growth):
         self.driver = FakeDriver(PAGE)
         lay = make_layout(layout, SMALL, PAGE, rows=ROWS + zero_row, min_row_tokens=24)
-        self.mgr = KVMemoryManager(self.driver, lay, NUM_BLOCKS, background=background, spare_blocks=SPARES)
+        self.mgr = KVMemoryManager(self.driver, lay, NUM_BLOCKS, background=background, spare_blocks=SPARES,
+                                   growth_ahead=growth)
+        self.mgr.GROWTH_WARM_ROWS = 1  # (of 4 rows) so that growth slots also take warm rows' spares
         self.mgr.pad_reserve = 1  # (0 at 4 spares) so that guards also take spares while warm() runs
         self.zero_row = self.mgr.reserve_zero_row() if zero_row else None  # the worker's dummy row
         self.bs = lay.block_size
@@ -455,7 +457,9 @@ class SpareMachine(ManagerMachineBase):
         reads = {r: len(b) * self.bs for r, b in self.active.items() if b}
         if reads:
             self.launch(reads)
+        waits = self.mgr.mapper.stats.hazard_waits
         self.mgr.warm()
+        assert self.mgr.mapper.stats.hazard_waits == waits  # warm() unmaps only what no step in flight reads
 
     @rule(count=st.integers(1, 4))
     def lend(self, count):
@@ -637,6 +641,75 @@ def test_spares_warmed_deeper_than_a_request_needs_go_back_to_warm_the_next_rows
     mgr.mapper.check_invariants()
     mgr.close()
     assert driver.leaks() == []
+
+
+def test_growth_ahead_maps_a_spare_past_each_running_request_so_its_next_block_needs_no_driver_call(driver):
+    """growth_ahead: warm() maps a spare, in the background, into the slot past each running
+    request's blocks that no step in flight reads; the request's next block (decode growth) then
+    moves into it without a driver call, and the slot after it gets the next spare."""
+    mgr = make_manager(driver, rows=4, num_blocks=16, spare_blocks=4, background="stream", growth_ahead=True)
+    bs = mgr.layout.block_size
+    r = mgr.acquire_row()
+    mgr.set_blocks(r, [0, 1], fresh_from=0)
+    mgr.publish()
+    stream = FakeStream()
+    mgr.record_reads(stream.fence(), {r: 2 * bs})  # the step reads slots 0-1 and is still running
+    mgr.warm()
+    assert mgr.mapper.slots[r][2] in mgr.pool.spare_frames and mgr.stats()["growth_maps"] == 1
+    assert mgr.mapper.slots[r][3] is None  # one slot ahead, not more
+    mgr.sync()
+    stream.finished = stream.launched
+    calls, maps = _driver_calls(driver), mgr.stats()["block_maps"]
+    mgr.set_blocks(r, [5], start=2, fresh_from=0)  # the request crosses into its third block
+    mgr.publish()
+    mgr.sync()
+    assert _driver_calls(driver) == calls and mgr.stats()["block_maps"] == maps and mgr.stats()["swaps"] == 1
+    assert mgr.mapper.slots[r][2] == mgr.pool.frame(5)
+    for j, b in enumerate((0, 1, 5)):
+        driver.write(mgr.address(r, j * bs, 0, 0), bytes([b + 1]) * 8)
+    mgr.warm()  # the next growth slot
+    mgr.sync()
+    assert mgr.mapper.slots[r][3] in mgr.pool.spare_frames and mgr.stats()["growth_maps"] == 2
+    for j, b in enumerate((0, 1, 5)):
+        assert driver.read(mgr.address(r, j * bs, 0, 0), 8) == bytes([b + 1]) * 8
+    mgr.mapper.check_invariants()
+    mgr.close()
+    assert driver.leaks() == []
+
+
+def test_growth_ahead_takes_the_spares_of_free_rows_past_the_first_when_short(driver):
+    """With no spare mapped nowhere for a growth slot, warm() keeps GROWTH_WARM_ROWS free rows warm
+    and frees the spares of the others (and stale aliases) for growth slots, which take them at the
+    next call; until a new request takes a row, the rest stay for the next growth. Without
+    growth_ahead the free rows keep them."""
+    def run(growth):
+        drv = FakeDriver(PAGE)
+        mgr = make_manager(drv, rows=6, num_blocks=32, spare_blocks=6, background="stream", growth_ahead=growth)
+        mgr.GROWTH_WARM_ROWS, mgr.pad_reserve = 1, 0
+        r0 = mgr.acquire_row()
+        mgr.set_blocks(r0, [0, 1], fresh_from=0)  # teaches depth 2, then leaves (its slots stay mapped)
+        mgr.release_row(r0)
+        mgr.warm()
+        warm_rows = [x for x in mgr._free_rows if mgr.mapper.slots[x][0] in mgr.pool.spare_frames]
+        assert len(warm_rows) == 3  # 2 deep: every spare
+        a = mgr.acquire_row()
+        assert a == warm_rows[0]
+        mgr.set_blocks(a, [0, 1], fresh_from=0)  # fresh again: both swapped; frames 0 and 1, spares
+        mgr.publish()  # now, stay mapped in r0 (stale aliases): no spare is mapped nowhere
+        for _ in range(3):  # (the first finds the growth slot short and frees spares, the next uses one)
+            mgr.warm()
+        mgr.sync()
+        spare = mgr.pool.spare_frames
+        out = (mgr.mapper.slots[a][2] in spare, sum(mgr.mapper.slots[x][0] in spare for x in mgr._free_rows),
+               sum(f not in mgr.mapper.where for f in spare))
+        assert mgr.mapper.stats.hazard_waits == 0
+        mgr.mapper.check_invariants()
+        mgr.close()
+        assert drv.leaks() == []
+        return out
+
+    assert run(growth=False) == (False, 3, 0)  # the aliases freed warm a third row again
+    assert run(growth=True) == (True, 1, 3)  # growth slot; one free row warm; 3 kept for growth
 
 
 def test_unmap_aliases_frees_a_spare_only_if_every_slot_that_maps_it_may_go(driver):

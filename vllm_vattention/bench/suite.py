@@ -51,6 +51,8 @@ SYSTEMS: dict[str, dict] = {
     # ahead of time (NOTES.md #23); the default's auto gives the same count there since #29
     "vattn-spare": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_SPARE_BLOCKS": "1024",
                             "VATTN_LEND_BLOCKS": "0"}, "args": []},
+    # the default with spares kept in running requests' growth slots (NOTES.md #61)
+    "vattn-growth": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_GROWTH_AHEAD": "1"}, "args": []},
     # the default from NOTES.md #29 to #57: spare frames, no lent blocks
     "vattn-no-lend": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_LEND_BLOCKS": "0"}, "args": []},
     # the frames of never-used blocks lent as spares (NOTES.md #47): one step's fresh blocks more, with

@@ -64,8 +64,21 @@ class KVMemoryManager:
     # moves into it); spares further out go back to warm() (NOTES #42)
     GROWTH_KEEP = 2
 
+    # growth_ahead: when spares mapped nowhere run out, the rows after the first this many free rows
+    # give up their warm spares to running requests' growth slots (a running request will grow; a
+    # warm row waits for a new request)
+    GROWTH_WARM_ROWS = 4
+    # warm()'s alias scan (_free_aliases: every spare, once per call) runs when rows were acquired or
+    # released since the last one, else at most once in this many calls: with growth_ahead a decode
+    # step's swaps mark warm() stale at almost every step, and the scan was most of its time
+    ALIAS_SCAN_EVERY = 8
+    # after growth slots last ran short of spares, warm() keeps only GROWTH_WARM_ROWS free rows warm for
+    # this many calls (two blocks of decode steps: the next wave of growth) unless a new request takes
+    # a row, so that spares do not move back and forth between free rows and growth slots at every wave
+    GROWTH_HOLD = 32
+
     def __init__(self, driver: Driver, layout: Layout, num_blocks: int, reclaim: str = "deferred",
-                 background: bool | str = False, spare_blocks: int = 0):
+                 background: bool | str = False, spare_blocks: int = 0, growth_ahead: bool = False):
         if reclaim not in RECLAIM_POLICIES:
             raise ValueError(f"reclaim={reclaim!r}; use one of {RECLAIM_POLICIES}")
         if background not in (False, True, "stream"):
@@ -113,6 +126,15 @@ class KVMemoryManager:
         self._recent_fresh: deque[int] = deque(maxlen=self.WARM_HISTORY)  # fresh blocks of new requests
         self._warm_stale = True  # something warm() depends on changed since it last finished its work
         self.pad_reserve = min(self.PAD_RESERVE, spare_blocks // 32)
+        # growth_ahead (stream mode with spares): warm() keeps the slot past each running request's
+        # blocks mapped with a spare, so that its next block (decode growth) moves in without a
+        # driver call while its step waits. Rows whose growth slot may lack one, oldest first:
+        self.growth_ahead = growth_ahead
+        self._grow: dict[int, None] = {}
+        self._grow_blocked = False  # the last try found no spare; set again where _warm_stale is
+        self._scan_due, self._scan_countdown = True, 0  # warm()'s alias scan: rows changed / calls left
+        # warm() calls; the last in which growth slots ran short; the last before a row was acquired
+        self._calls, self._short_at, self._acquired_at = 0, -self.GROWTH_HOLD, 0
         self.warm_counts = dict.fromkeys(_WARM_COUNTS, 0)
         self.warm_trace: list[tuple[int, ...]] = []
 
@@ -129,7 +151,9 @@ class KVMemoryManager:
         row = self._free_rows.popleft()  # FIFO: the longest-idle row, least likely to be in flight
         self._active.add(row)
         self._held_end[row] = self._guard_end[row] = 0
-        self._warm_stale = True
+        self._warm_stale = self._scan_due = True
+        self._grow_blocked = False
+        self._acquired_at = self._calls
         return row
 
     def reserve_zero_row(self) -> int:
@@ -147,7 +171,9 @@ class KVMemoryManager:
         if row not in self._active:
             raise MappingError(f"row {row} is not in use")
         self._active.remove(row)
-        self._warm_stale = True
+        self._grow.pop(row, None)
+        self._warm_stale = self._scan_due = True
+        self._grow_blocked = False
         if self.reclaim == "eager":
             self.mapper.clear_row(row)
         self._free_rows.append(row)
@@ -165,16 +191,33 @@ class KVMemoryManager:
         if start == 0 and fresh_from is not None:
             self._recent_fresh.append(max(0, len(blocks) - fresh_from))
         self._held_end[row] = max(self._held_end[row], start + len(blocks))
+        if self.growth_ahead:
+            self._grow[row] = None
         swaps = self.mapper.stats.swaps
         self.mapper.set_blocks(row, list(blocks), start, fresh_from, live_rows=self._active)
         if self.mapper.stats.swaps != swaps:  # spares changed hands
             self._warm_stale = True
+            self._grow_blocked = False
 
     def warm(self) -> int:
         """Map spare frames, in the background, into the rows acquire_row() hands out next, each as
         deep as the most fresh blocks a recent new request had, until no spare is left unmapped.
-        Call once per step, after the step's mappings were published. Returns slots now warm."""
-        if not self.pool.spare_frames or not self._recent_fresh:
+        Call once per step, after the step's mappings were published. Returns slots now warm.
+        With growth_ahead, running requests' growth slots are served first (_warm_growth)."""
+        if not self.pool.spare_frames:
+            return 0
+        bounds = None
+        self._calls += 1
+        short_now = False
+        if self._grow:
+            bounds = self.mapper.read_bounds()
+            short_now = self._warm_growth(bounds) > 0
+            if short_now:
+                self._short_at = self._calls
+        # held narrow only while no new request took a row since (admissions need the warm rows)
+        growth_short = short_now or (self._calls < self._short_at + self.GROWTH_HOLD
+                                     and self._acquired_at <= self._short_at)
+        if not self._recent_fresh:
             return 0
         counts = self.warm_counts
         if not self._warm_stale:
@@ -185,30 +228,63 @@ class KVMemoryManager:
         if depth == 0:
             return 0
         counts["warm_calls"] += 1
-        bounds = self.mapper.read_bounds()
+        bounds = self.mapper.read_bounds() if bounds is None else bounds
         in_flight = {r for r, n in bounds.items() if n}
-        window = list(itertools.islice(self._free_rows, self.WARM_ROWS))
+        # running requests' growth slots short of spares: the free rows after the first few give theirs up
+        window = list(itertools.islice(self._free_rows, self.GROWTH_WARM_ROWS if growth_short else self.WARM_ROWS))
         got: dict[int, int] = {}  # row -> slots warm in it
         stop = self._warm_window(window, depth, in_flight, got)
         freed = 0
-        if stop is not None and stop not in in_flight:
+        if growth_short and stop is None:
+            stop = next(itertools.islice(self._free_rows, len(window), None), None)  # free the rest for growth
+        self._scan_countdown -= 1
+        if stop is not None and stop not in in_flight and (self._scan_due or self._scan_countdown <= 0):
             # Out of spares mapped nowhere. A fresh block's former frame is a spare, but usually still
             # mapped where it was: in the row of the request that last used it (deferred reclamation),
             # or warmed deeper than the requests that took the rows since needed. Unmap such aliases
             # where nothing reads them, and warm on with them now (their unmaps run first: the
             # background queue keeps order).
+            self._scan_due, self._scan_countdown = False, self.ALIAS_SCAN_EVERY
             freed = self._free_aliases(depth, bounds, set(got))
             if freed:
-                stop = self._warm_window(window[window.index(stop):], depth, in_flight, got)
+                self._grow_blocked = False
+                if stop in window:
+                    stop = self._warm_window(window[window.index(stop):], depth, in_flight, got)
         if stop is None:
             self._warm_stale = False  # done until something changes
         else:
             counts["warm_stopped_in_flight" if stop in in_flight else "warm_stopped_no_spare"] += 1
             # an idle row still read by a step in flight frees up without a call here
-            self._warm_stale = any(r in in_flight for r in self._free_rows)
+            self._warm_stale = not in_flight <= self._active  # (a row is active or free)
         warm = sum(got.values())
         self._trace_warm(depth, warm, len(got), len(in_flight), freed)
         return warm
+
+    def _warm_growth(self, bounds: dict[int, int]) -> int:
+        """growth_ahead: a spare mapped nowhere (past the pad reserve), in the background, in the
+        slot past each running request's blocks (rows in _grow, oldest first) that no step in
+        flight reads. Returns how many rows still wait for one; warm() then keeps only
+        GROWTH_WARM_ROWS free rows warm, and frees the spares of the others for them (a running
+        request grows into its slot within a block of tokens; a warm row waits for a new request)."""
+        if self._grow_blocked:
+            return len(self._grow)
+        slots, spare, held, bpr = self.mapper.slots, self.pool.spare_frames, self._held_end, self.layout.blocks_per_row
+        todo = []
+        for row in list(self._grow):
+            s = held[row]
+            cur = slots[row][s] if s < bpr else None
+            if s >= bpr or cur in spare:
+                del self._grow[row]  # at the row's end, or its growth slot holds a spare already
+            elif cur is None or bounds.get(row, 0) <= s:
+                todo.append((row, s))  # (else a step in flight reads the slot: next time)
+        if todo:
+            done = self.mapper.map_ahead(todo, itertools.islice(self._cold_spares(), self.pad_reserve, None))
+            for row, _ in todo[:done]:
+                del self._grow[row]
+            # out of spares mapped nowhere: none to be had until spares change hands (a swap, a
+            # released row, aliases freed)
+            self._grow_blocked = done < len(todo)
+        return len(self._grow)
 
     def _warm_window(self, rows: list[int], depth: int, in_flight: set[int], got: dict[int, int]) -> int | None:
         """Warm `rows` in order, `depth` slots each, with spares mapped nowhere (past the pad
@@ -254,6 +330,7 @@ class KVMemoryManager:
         freed = self.mapper.unmap_aliases(self.pool.spare_frames, lambda r, s: r in idle)
         self.sync()
         self._warm_stale = True
+        self._grow_blocked = False
         return freed
 
     def lend_unused(self, count: int) -> int:
@@ -274,6 +351,7 @@ class KVMemoryManager:
             if f is not None and f not in where:
                 picked.append(b)
         self._warm_stale = True
+        self._grow_blocked = False
         return pool.lend(picked)
 
     def _cold_spares(self):

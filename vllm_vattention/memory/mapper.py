@@ -52,6 +52,7 @@ class MapperStats:
     zero_maps: int = 0  # slots given the zero page
     swaps: int = 0  # fresh blocks moved into the spare frame their slot already mapped (no driver call)
     warm_maps: int = 0  # spare frames mapped ahead of time into rows no request holds (background)
+    growth_maps: int = 0  # spare frames mapped ahead of time past a running request's blocks (background)
     pad_maps: int = 0  # spare frames mapped, instead of the zero page, past a live row's end (over-read guard)
     lent_taken: int = 0  # lent blocks handed out (each took a spare frame: pool.lend)
     hazard_waits: int = 0  # times an unmap had to wait for a step in flight
@@ -338,6 +339,28 @@ class RowMapper:
             self._map_slots(row, items, counter="warm_maps")
             self._flush_background({row})
         return ready + len(items)
+
+    def map_ahead(self, items: Sequence[tuple[int, int]], cold: Iterator[int]) -> int:
+        """Background: a spare frame from `cold` (spares mapped nowhere) into each (row, slot) of
+        `items`, in order, replacing what the slot maps; the caller guarantees that no step in
+        flight reads these slots (read_bounds()), so no unmap waits. For the slot a running
+        request's row grows into next: its next fresh block then moves into the spare (set_blocks)
+        instead of being mapped while its step waits. Each row's next change waits for these ops
+        (DRAIN). Returns how many slots were given a spare (fewer if `cold` ran out)."""
+        self.flush()  # nothing planned for a step may end up in the background queue
+        rows: set[int] = set()
+        done = 0
+        for row, slot in items:
+            f = next(cold, None)
+            if f is None:
+                break
+            if self.slots[row][slot] is not None:
+                self._unmap_slot(row, slot)
+            self._map_slots(row, [(slot, f)], counter="growth_maps")
+            rows.add(row)
+            done += 1
+        self._flush_background(rows)
+        return done
 
     def rows_in_flight(self) -> set[int]:
         """Rows that a step still running may read."""
