@@ -61,15 +61,16 @@ def kv_of(token: int, pos: int) -> bytes:
 def drive(background, spares: int, prompts: list[list[int]], max_tokens: list[int], num_blocks: int, max_len: int,
           max_num_batched_tokens: int, max_num_seqs: int, layout_name: str = "interleaved",
           reclaim: str = "deferred", over_read: tuple[str, int, bool] | None = None, lend: int = 0,
-          block_size: int = BS) -> dict:
+          block_size: int = BS, growth: bool = False) -> dict:
     """Serve `prompts` with vLLM's Scheduler over the memory manager until every request finished,
     checking at every step that each scheduled request reads its own tokens' KV through its row.
     over_read=(decode_kernel, guard_tokens, clipped): as the model runner does, rows FA3 reads get the
     zero page up to their read extent (ops.read_extents), and every step checks the whole extent is
     readable. lend: lend_unused(lend) before the first step (VATTN_LEND_BLOCKS; vLLM hands the lent
     blocks out once the lower ids are taken). block_size: vLLM's (32: two pages per block here, as
-    --block-size 32 gives Llama-3-8B two 2 MiB pages' worth in one block). Returns counts: steps, tokens checked, prefix-hit tokens, preemptions, the manager's
-    stats."""
+    --block-size 32 gives Llama-3-8B two 2 MiB pages' worth in one block). growth: the manager's
+    growth_ahead (VATTN_GROWTH_AHEAD). Returns counts: steps, tokens checked, prefix-hit tokens,
+    preemptions, the manager's stats."""
     from vllm.sampling_params import SamplingParams
     from vllm.v1.outputs import ModelRunnerOutput
     from vllm.v1.request import Request
@@ -80,7 +81,8 @@ def drive(background, spares: int, prompts: list[list[int]], max_tokens: list[in
     driver = FakeDriver(PAGE)
     layout = make_layout(layout_name, GEOMETRIES[layout_name], PAGE, rows=2 * max_num_seqs + 1, min_row_tokens=max_len + 64,
                          block_size=block_size)
-    mgr = KVMemoryManager(driver, layout, num_blocks, background=background, spare_blocks=spares, reclaim=reclaim)
+    mgr = KVMemoryManager(driver, layout, num_blocks, background=background, spare_blocks=spares, reclaim=reclaim,
+                          growth_ahead=growth)
     lent = mgr.lend_unused(lend)
     rows = RequestRows(mgr)
     live = {}
@@ -144,18 +146,21 @@ def drive(background, spares: int, prompts: list[list[int]], max_tokens: list[in
             "preemptions": sum(r.num_preemptions for r in live.values())}
 
 
-@pytest.mark.parametrize("background, spares, lend", [(False, 0, 0), ("stream", 0, 0), ("stream", 24, 0), (False, 24, 0),
-                                                     ("stream", 0, 12), ("stream", 24, 12)])
-def test_every_scheduled_request_reads_its_own_kv(background, spares, lend):
+@pytest.mark.parametrize("background, spares, lend, growth",
+                         [(False, 0, 0, False), ("stream", 0, 0, False), ("stream", 24, 0, False), (False, 24, 0, False),
+                          ("stream", 0, 12, False), ("stream", 24, 12, False), ("stream", 24, 12, True),
+                          ("stream", 4, 0, True)])
+def test_every_scheduled_request_reads_its_own_kv(background, spares, lend, growth):
     shared = toks(7, 40)
     prompts = [shared + toks(100 + i, 20 + 9 * i) for i in range(6)] + [toks(200 + i, 70) for i in range(6)]
     prompts += [shared + toks(300 + i, 12) for i in range(4)]  # the shared prefix again, after pressure
     r = drive(background, spares, prompts, [24] * len(prompts), num_blocks=28, max_len=256,
-              max_num_batched_tokens=96, max_num_seqs=6, lend=lend)
+              max_num_batched_tokens=96, max_num_seqs=6, lend=lend, growth=growth)
     assert r["hits"] > 0 and r["checked"] > 0
     assert r["preemptions"] > 0  # the budget forced preemptions
     if spares or lend:
         assert r["stats"]["swaps"] > 0
+    assert (r["stats"]["growth_maps"] > 0) == growth  # growth slots were mapped ahead, and only with it
     if lend:  # the tight budget hands every lent block out, each into a spare frame
         assert r["lent"] == lend and r["stats"]["lent_taken"] == lend and r["stats"]["lent_blocks"] == 0
 
@@ -201,7 +206,8 @@ def test_random_workloads_read_their_own_kv(seed):
               max_num_batched_tokens=rng.choice((32, 64, 128)), max_num_seqs=rng.choice((2, 4, 6)),
               layout_name=rng.choice(("interleaved", "per_layer")), reclaim=rng.choice(("deferred", "eager")),
               over_read=rng.choice((None, ("fa2", 64, False), ("fa2", 64, True), ("fa3", 64, True))),
-              lend=rng.choice((0, 0, 6, 30)))  # (drawn last: the earlier seeds' workloads stay as they were)
+              lend=rng.choice((0, 0, 6, 30)),  # (drawn last: the earlier seeds' workloads stay as they were)
+              growth=rng.random() < 0.5)
     assert r["checked"] > 0
 
 

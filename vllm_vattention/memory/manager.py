@@ -196,8 +196,11 @@ class KVMemoryManager:
         swaps = self.mapper.stats.swaps
         self.mapper.set_blocks(row, list(blocks), start, fresh_from, live_rows=self._active)
         if self.mapper.stats.swaps != swaps:  # spares changed hands
-            self._warm_stale = True
             self._grow_blocked = False
+            # (with growth_ahead a running request's growth swaps almost every step; the spare it frees
+            # goes to its next growth slot, so the free rows' warm state need not be checked again)
+            if not (self.growth_ahead and start > 0):
+                self._warm_stale = True
 
     def warm(self) -> int:
         """Map spare frames, in the background, into the rows acquire_row() hands out next, each as
@@ -220,7 +223,10 @@ class KVMemoryManager:
         if not self._recent_fresh:
             return 0
         counts = self.warm_counts
-        if not self._warm_stale:
+        self._scan_countdown -= 1
+        scan_now = self._scan_due or self._scan_countdown <= 0
+        # growth slots short of spares need the alias scan below to free some (at its pace)
+        if not self._warm_stale and not (short_now and scan_now):
             counts["warm_unchanged"] += 1
             return 0  # (nothing changed since a call that did all it could: a decode step's usual case)
         depth = max(self._recent_fresh)
@@ -237,8 +243,7 @@ class KVMemoryManager:
         freed = 0
         if growth_short and stop is None:
             stop = next(itertools.islice(self._free_rows, len(window), None), None)  # free the rest for growth
-        self._scan_countdown -= 1
-        if stop is not None and stop not in in_flight and (self._scan_due or self._scan_countdown <= 0):
+        if stop is not None and stop not in in_flight and scan_now:
             # Out of spares mapped nowhere. A fresh block's former frame is a spare, but usually still
             # mapped where it was: in the row of the request that last used it (deferred reclamation),
             # or warmed deeper than the requests that took the rows since needed. Unmap such aliases
