@@ -209,12 +209,10 @@ class KVMemoryManager:
         With growth_ahead, running requests' growth slots are served first (_warm_growth)."""
         if not self.pool.spare_frames:
             return 0
-        bounds = None
         self._calls += 1
         short_now = False
         if self._grow:
-            bounds = self.mapper.read_bounds()
-            short_now = self._warm_growth(bounds) > 0
+            short_now = self._warm_growth() > 0
             if short_now:
                 self._short_at = self._calls
         # held narrow only while no new request took a row since (admissions need the warm rows)
@@ -234,7 +232,7 @@ class KVMemoryManager:
         if depth == 0:
             return 0
         counts["warm_calls"] += 1
-        bounds = self.mapper.read_bounds() if bounds is None else bounds
+        bounds = self.mapper.read_bounds()
         in_flight = {r for r, n in bounds.items() if n}
         # running requests' growth slots short of spares: the free rows after the first few give theirs up
         window = list(itertools.islice(self._free_rows, self.GROWTH_WARM_ROWS if growth_short else self.WARM_ROWS))
@@ -265,7 +263,7 @@ class KVMemoryManager:
         self._trace_warm(depth, warm, len(got), len(in_flight), freed)
         return warm
 
-    def _warm_growth(self, bounds: dict[int, int]) -> int:
+    def _warm_growth(self) -> int:
         """growth_ahead: a spare mapped nowhere (past the pad reserve), in the background, in the
         slot past each running request's blocks (rows in _grow, oldest first) that no step in
         flight reads. Returns how many rows still wait for one; warm() then keeps only
@@ -273,14 +271,16 @@ class KVMemoryManager:
         request grows into its slot within a block of tokens; a warm row waits for a new request)."""
         if self._grow_blocked:
             return len(self._grow)
-        slots, spare, held, bpr = self.mapper.slots, self.pool.spare_frames, self._held_end, self.layout.blocks_per_row
+        mapper = self.mapper
+        slots, spare, held, bpr = mapper.slots, self.pool.spare_frames, self._held_end, self.layout.blocks_per_row
+        mapper._retire()
         todo = []
         for row in list(self._grow):
             s = held[row]
             cur = slots[row][s] if s < bpr else None
             if s >= bpr or cur in spare:
                 del self._grow[row]  # at the row's end, or its growth slot holds a spare already
-            elif cur is None or bounds.get(row, 0) <= s:
+            elif cur is None or mapper.read_bound(row) <= s:
                 todo.append((row, s))  # (else a step in flight reads the slot: next time)
         if todo:
             done = self.mapper.map_ahead(todo, itertools.islice(self._cold_spares(), self.pad_reserve, None))

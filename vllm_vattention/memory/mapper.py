@@ -366,6 +366,10 @@ class RowMapper:
         """Rows that a step still running may read."""
         return {r for r, n in self.read_bounds().items() if n}
 
+    def read_bound(self, row: int) -> int:
+        """read_bounds()[row] without building the dict (a few rows per step; call _retire() first)."""
+        return max((reads.get(row, 0) for _, reads in self._inflight), default=0)
+
     def read_bounds(self) -> dict[int, int]:
         """{row: n}: a step still running may read slots [0, n) of the row (rows it reads nothing of
         are left out)."""
