@@ -84,7 +84,7 @@ def test_a_job_is_planned_for_its_workloads_only(tmp_path):
     """A call that runs one workload plans for one workload, not for the whole group's five."""
     one = [S.Workload("a", "offline", 8, 8, 1)]
     five = one * 4 + [S.Workload("capacity-300-tokens", "capacity", 280, 20, 0)]
-    assert S.job_seconds(one) < S.job_seconds(five) / 2
+    assert S.job_seconds(five) - S.job_seconds(one) == 3 * S.WORKLOAD_SECONDS["offline"] + S.WORKLOAD_SECONDS["capacity"]
     suite = S.Suite("m", one, ["stock-fa3", "vattn-fa2", "vattn-per-layer"], reps=1,
                     paired=("vattn-fa2", "vattn-per-layer"))
     clock = FakeClock()
@@ -108,6 +108,11 @@ def test_a_round_is_planned_from_what_its_jobs_took_before(tmp_path):
         r["job_seconds"] = 1.5 * fixed if r["system"] == "vattn-fa2" else r["job_seconds"]
     suite.results.append({"workload": "a", "system": "stock-fa3", "rep": 9, "call": 1, "job_seconds": 9 * fixed})
     assert S.planned_seconds(suite.results, w, "vattn-fa2") == 1.5 * fixed
+    suite.results.append({"workload": "a", "system": "vattn-fa2", "rep": 7, "call": 1, "job_seconds": 3 * fixed})
+    suite.results.append({"workload": "b", "system": "vattn-fa2", "rep": 7, "call": 1, "job_seconds": 3 * fixed})
+    assert S.planned_seconds(suite.results, w, "vattn-fa2") == 3 * fixed  # a call's first round: the longest
+    assert S.planned_seconds(suite.results, w, "vattn-fa2", first=False) == 2.25 * fixed  # later: the median
+    del suite.results[-2:]
     assert S.planned_seconds(suite.results, w, "stock-fa3") == fixed  # a job of other workloads: not counted
     assert S.planned_seconds(suite.results, w[:1], "stock-fa3") == 9 * fixed
     suite.results.pop()

@@ -101,11 +101,12 @@ WORKLOADS = [
 # A job is one fresh engine running every chosen workload of its group in turn.
 GROUP_OF = {"offline": "offline", "capacity": "offline", "serve": "serve"}
 # A job's expected seconds: an engine start, then each workload (H200: 121-156 s for the five offline
-# workloads; a server's start and stop ~150 s (torch.compile, CUDA graphs), ~30 s per serving rate:
-# 233 s for stock's two rates, 172 s for one), so that a call with fewer workloads plans for fewer
-# seconds. Not included: the first FA2 engine on a fresh Hopper machine compiles FA2's PTX (README,
-# "First start"; +100-130 s), so run an offline job first there.
-START_SECONDS = {"offline": 45, "serve": 150}
+# workloads; H100: 109-162 s for three, the longest a fresh machine's first engine with the FA2 JIT
+# cache restored; a server's start and stop ~150 s (torch.compile, CUDA graphs), ~30 s per serving
+# rate: 233 s for stock's two rates, 172 s for one), so that a call with fewer workloads plans for
+# fewer seconds. Not included: the first FA2 engine on a fresh Hopper machine without the JIT cache
+# compiles FA2's PTX (README, "First start"; +100-130 s), so run an offline job first there.
+START_SECONDS = {"offline": 90, "serve": 150}
 WORKLOAD_SECONDS = {"offline": 22, "capacity": 22, "serve": 40}
 
 
@@ -114,18 +115,22 @@ def job_seconds(workloads: list[Workload]) -> float:
     return START_SECONDS[GROUP_OF[workloads[0].kind]] + sum(WORKLOAD_SECONDS[w.kind] for w in workloads)
 
 
-def planned_seconds(results: list[dict], workloads: list[Workload], system: str) -> float:
-    """Seconds to plan for one job: job_seconds(), or the longest this system took for these
-    workloads in the results so far, if longer. On an H100 the fixed estimate (111 s for three
-    offline workloads) was short of what jobs took (109-162 s, the longest a fresh machine's first
-    engine): twice a round began that the call's limit then cut off, and what it had run was lost."""
+def planned_seconds(results: list[dict], workloads: list[Workload], system: str, first: bool = True) -> float:
+    """Seconds to plan for one job: job_seconds(), or what this system took for these workloads in
+    the results so far if longer: the longest for a call's first round (the machine may be fresh,
+    and a fresh machine's first engine is the slowest), the median for later ones. On an H100 the
+    fixed estimate of the time (111 s for three offline workloads) was short of what jobs took
+    (109-162 s): twice a round began that the call's limit then cut off, and what it had run was lost."""
     names = {w.name for w in workloads}
     jobs: dict[tuple, tuple[set, float]] = {}  # (rep, call) -> (its workloads, job_seconds): a job's rows share both
     for r in results:
         if r.get("system") == system and not r.get("partial") and r.get("job_seconds") is not None:
             jobs.setdefault((r.get("rep"), r.get("call")), (set(), float(r["job_seconds"])))[0].add(r.get("workload"))
     # only jobs that ran exactly these workloads: a job of more (or fewer) says little about this one
-    return max([job_seconds(workloads), *(secs for ran, secs in jobs.values() if ran == names)])
+    took = [secs for ran, secs in jobs.values() if ran == names]
+    if not took:
+        return job_seconds(workloads)
+    return max(job_seconds(workloads), max(took) if first else statistics.median(took))
 
 
 @dataclass
@@ -331,7 +336,7 @@ def run(suite: Suite, path: str, max_seconds: float, job: Callable = run_job, en
     todo = [[j for j in r if not suite.done(*j)] for r in suite.rounds()]
     todo = [r for r in todo if r]
     for i, rnd in enumerate(todo):
-        est = sum(planned_seconds(suite.results, suite.group_workloads(g), s) for g, s, _ in rnd)
+        est = sum(planned_seconds(suite.results, suite.group_workloads(g), s, first=i == 0) for g, s, _ in rnd)
         if clock() - start + est > max_seconds:
             left = sum(len(r) for r in todo[i:])
             log(f"[suite] stopping: {left} job(s) left for the next call")
