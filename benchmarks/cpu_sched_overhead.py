@@ -24,7 +24,7 @@ import numpy as np
 from cpu_step_overhead import LLAMA3_8B, PAGE, _NoZeroing, _NullExecutor  # this script's neighbour
 from vllm_vattention.attention import ops
 from vllm_vattention.bench import sched_replay as S
-from vllm_vattention.config import AUTO_SPARE_SHARE
+from vllm_vattention.config import AUTO_SPARE_SHARE, VattnConfig
 from vllm_vattention.memory import KVMemoryManager, RequestRows, make_layout
 from vllm_vattention.memory.native import NativeExecutor, null_table
 
@@ -52,12 +52,12 @@ class _LaggingFence:
 
 
 def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 1024, warmup: bool = True,
-        native: bool = False, chain: list[str] | None = None, lend: int = 0, block_size: int = 16,
+        native: bool = False, chain: list[str] | None = None, lend: int | str = 0, block_size: int = 16,
         growth: bool = False) -> dict | list[dict]:
     """One workload in a fresh scheduler and manager; or, with `chain`, the suite's sequence in one
     engine (offline.py): an untimed warm-up of 16 x 64-token prompts (16 out), then each workload of
     `chain` in turn, the counters reset before each (a list of results, one per workload). lend: the
-    worker's lend_unused after start-up (VATTN_LEND_BLOCKS). block_size: vLLM's (--block-size; 32 is
+    worker's lend_unused after start-up (VATTN_LEND_BLOCKS; "auto" as the engine's default). block_size: vLLM's (--block-size; 32 is
     one 4 MiB allocation per block for Llama-3-8B). growth: the manager's growth_ahead
     (VATTN_GROWTH_AHEAD)."""
     from vllm.sampling_params import SamplingParams
@@ -156,7 +156,9 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
         drive([[7, 8 + i % 1000] for i in range(max_num_seqs)], 1, clip=False)
         if spares:
             mgr.reclaim_spares()  # as the worker does at the end of start-up
-    lent = mgr.lend_unused(lend)  # as the worker does next (VATTN_LEND_BLOCKS)
+    if lend == "auto":  # the engine's default (config.lend_blocks_for)
+        lend = VattnConfig(lend_blocks="auto").lend_blocks_for(16384, block_size, mgr.pool.num_blocks)
+    lent = mgr.lend_unused(int(lend))  # as the worker does next (VATTN_LEND_BLOCKS)
     if warmup:
         mgr.reset_stats()
         t.update(dict.fromkeys(PHASES, 0.0))
@@ -199,7 +201,9 @@ def main() -> None:
     ap.add_argument("--workload", choices=sorted(WORKLOADS), default="512-in-1024-out")
     ap.add_argument("--num-blocks", type=int, default=57174, help="vLLM's blocks + spares (the suite's H200 engine)")
     ap.add_argument("--spares", type=int, default=None, help="default: auto (min(1024, 2%% of the budget))")
-    ap.add_argument("--lend", type=int, default=0, help="blocks lent after start-up (VATTN_LEND_BLOCKS; auto = 1024 here)")
+    ap.add_argument("--lend", default="auto",
+                    help="blocks lent after start-up (VATTN_LEND_BLOCKS): a number, or auto as the engine's default "
+                         "(1,024 at 16-token blocks here); 0 for the default before NOTES.md #58")
     ap.add_argument("--block-size", type=int, default=16, help="vLLM's block size (the suite's vattn-bs32: 32)")
     ap.add_argument("--profile", action="store_true", help="also the top functions by own time (cProfile)")
     ap.add_argument("--no-warmup", action="store_true", help="skip vLLM's warm-up requests (2-token prefills)")
