@@ -119,10 +119,13 @@ VATTN_SYSTEMS = {
     "vattention": {"VLLM_ATTENTION_BACKEND": "VATTENTION"},
     "vattention-sync": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_BACKGROUND_MAP": "0",
                         "VATTN_FA3_GUARD": "always"},
-    # few spare frames (benchmarks/NOTES.md #23): rows run out of warm slots, so both paths mix
-    "vattention-spare": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_SPARE_BLOCKS": "64"},
+    # few spare frames (benchmarks/NOTES.md #23) and no lent ones: rows run out of warm slots, so both paths mix
+    "vattention-spare": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_SPARE_BLOCKS": "64", "VATTN_LEND_BLOCKS": "0"},
     # stream mode without spares (the default before NOTES.md #29): every fresh block is mapped
-    "vattention-no-spare": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_SPARE_BLOCKS": "0"},
+    "vattention-no-spare": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_SPARE_BLOCKS": "0",
+                            "VATTN_LEND_BLOCKS": "0"},
+    # spares kept in running requests' growth slots (benchmarks/NOTES.md #61)
+    "vattention-growth": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_GROWTH_AHEAD": "1"},
     # never-used blocks' frames lent as spares (benchmarks/NOTES.md #47); a tight budget hands them out
     "vattention-lend": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_LEND_BLOCKS": "auto"},
 }

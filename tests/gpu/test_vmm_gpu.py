@@ -272,6 +272,45 @@ def test_stream_mode_lent_blocks_on_libcuda(manager_factory, driver, cuda):
     assert torch.equal(k[d][bs: 2 * bs], data_c[bs: 2 * bs])
 
 
+def test_stream_mode_growth_slots_on_libcuda(manager_factory, driver, cuda):
+    """VATTN_GROWTH_AHEAD: the native thread maps a spare, in the background, into the slot past a
+    running request's blocks while a step reads the row; the request's next block moves into it
+    (no driver call), what was written before stays, and the next growth slot follows."""
+    m = manager_factory(background="stream", spare_blocks=8, growth_ahead=True)
+    k = layer_views(m.base_va, m.layout, torch.bfloat16, cuda)[9][0]
+    stream = torch.cuda.current_stream()
+
+    def step():
+        driver.stream_wait(stream.cuda_stream, m.flag_device_address, m.publish())
+    bs = m.layout.block_size
+    a = m.acquire_row()
+    m.set_blocks(a, [1, 2], fresh_from=0)
+    step()
+    data = torch.randn(2 * bs, 8, 128, device=cuda, dtype=torch.bfloat16)
+    k[a][: 2 * bs].copy_(data)
+    total = k[a][: 2 * bs].float().sum()  # a step that reads the row while the growth slot is mapped
+    m.warm()
+    assert m.stats()["growth_maps"] == 1 and m.mapper.slots[a][2] in m.pool.spare_frames
+    calls = m.stats()["block_maps"]
+    m.set_blocks(a, [7], start=2, fresh_from=0)  # the request crosses into its third block
+    step()
+    more = torch.randn(bs, 8, 128, device=cuda, dtype=torch.bfloat16)
+    k[a][2 * bs: 3 * bs].copy_(more)
+    m.warm()
+    step()
+    torch.cuda.synchronize()
+    s = m.stats()
+    assert s["block_maps"] == calls and s["swaps"] >= 1 and s["growth_maps"] == 2
+    assert m.mapper.slots[a][2] == m.pool.frame(7) and m.mapper.slots[a][3] in m.pool.spare_frames
+    assert torch.allclose(total, data.float().sum())
+    assert torch.equal(k[a][: 2 * bs], data) and torch.equal(k[a][2 * bs: 3 * bs], more)
+    b = m.acquire_row()
+    m.set_blocks(b, [1, 2, 7], fresh_from=3)  # prefix hits on all three: the same KV through another row
+    step()
+    torch.cuda.synchronize()
+    assert torch.equal(k[b][: 3 * bs], k[a][: 3 * bs])
+
+
 def test_stream_mode_spare_frames_same_step_hit_on_libcuda(manager_factory, driver, cuda):
     """A block hit in the step it is fresh for a running request (vLLM caches it when it schedules
     the tokens that fill it; the runner sets up the new request first): the block keeps its frame,
