@@ -30,7 +30,10 @@ from vllm_vattention.memory.native import NativeExecutor, null_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKLOADS = {"1024-in-128-out": (1024, 128, 300), "8192-in-256-out": (8192, 256, 64),
-             "512-in-1024-out": (512, 1024, 256), "16k-context-decode": (16384, 1024, 24)}
+             "512-in-1024-out": (512, 1024, 256), "16k-context-decode": (16384, 1024, 24),
+             # lengths drawn per request (seeded): input 64 to 4,096, output 32 to 512 (the most of each here)
+             "mixed-64-4096-in": (4096, 512, 300)}
+MIXED = {"mixed-64-4096-in": ((64, 4096), (32, 512))}
 PHASES = ("remove", "admit", "extend", "read_extents", "publish", "record_reads", "warm")
 
 
@@ -89,11 +92,12 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
     others = {"block_maps": 0, "max_step_block_maps": 0, "steps_with_maps": 0}
     step_reads = ops.StepReads(lay.block_size)  # as the worker builds each step's reads
 
-    def drive(prompts: list[list[int]], max_tokens: int, clip: bool = True) -> int:
+    def drive(prompts: list[list[int]], max_tokens: int | list[int], clip: bool = True) -> int:
         """Schedules the requests to the end through our hooks; returns the steps taken."""
         steps = 0
-        for prompt in prompts:
-            req = Request(str(len(live)), prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0),
+        outs = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+        for prompt, out_len in zip(prompts, outs):
+            req = Request(str(len(live)), prompt, SamplingParams(max_tokens=out_len, ignore_eos=True, temperature=0.0),
                           None, arrival_time=float(len(live)), block_hasher=hasher)
             live[req.request_id] = req
             sched.add_request(req)
@@ -177,8 +181,15 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
         others.update(block_maps=0, max_step_block_maps=0, steps_with_maps=0)
         first_step.clear()
         _LaggingFence.queries = 0
-        steps = drive([[1000 + (i * 7919 + k * 104729 + w * 13) % 20000 for k in range(n_in)] for i in range(n_req)],
-                      n_out)
+        if name in MIXED:
+            rng = np.random.default_rng(w)
+            (lo_in, hi_in), (lo_out, hi_out) = MIXED[name]
+            ins = rng.integers(lo_in, hi_in + 1, n_req).tolist()
+            outs: int | list[int] = rng.integers(lo_out, hi_out + 1, n_req).tolist()
+        else:
+            ins, outs = [n_in] * n_req, n_out
+        steps = drive([[1000 + (i * 7919 + k * 104729 + w * 13) % 20000 for k in range(ins[i])] for i in range(n_req)],
+                      outs)
         s = mgr.stats()
         per_step = {k: round(1e3 * v / steps, 4) for k, v in t.items()}
         results.append({
