@@ -643,6 +643,39 @@ def test_spares_warmed_deeper_than_a_request_needs_go_back_to_warm_the_next_rows
     assert driver.leaks() == []
 
 
+def test_a_guard_is_let_go_once_its_row_stops_getting_one(driver):
+    """FA3's guard past a prefill row (spares, ensure_readable) is needed while FA3 reads the row.
+    After a step without one (the request decodes with FA2, which reads only its tokens), warm()
+    may take the guard's spares back for the free rows, once no step in flight reads them; before,
+    they stayed in the guard for the request's life (NOTES #62: with mixed prompt lengths most spares)."""
+    from helpers import FakeFence
+    mgr = make_manager(driver, rows=4, num_blocks=16, spare_blocks=4, background="stream")
+    bs = mgr.layout.block_size
+    r = mgr.acquire_row()
+    mgr.set_blocks(r, [0], fresh_from=0)
+    mgr.ensure_readable(r, 5 * bs)  # the prefill step's guard: slots 1-4, every spare
+    mgr.publish()
+    reading = FakeFence()
+    mgr.record_reads(reading, {r: 5 * bs})
+    assert mgr.warm() == 0  # the guard holds every spare, and is current
+    mgr.ensure_readable(r, 5 * bs)  # the next prefill step: still current
+    mgr.publish()
+    assert mgr.warm() == 0 and set(mgr.mapper.slots[r][1:5]) <= mgr.pool.spare_frames
+    mgr.publish()  # a decode step: no guard; the prefill step that read it is still in flight
+    assert mgr.warm() == 0 and mgr._guard_end[r] == 1
+    assert set(mgr.mapper.slots[r][1:5]) <= mgr.pool.spare_frames  # read in flight: left alone
+    reading.complete()
+    mgr.publish()
+    warm = mgr.warm()  # the guard's spares past the growth slots go to the next free rows
+    mgr.sync()
+    kept = [s for s in range(1, 5) if mgr.mapper.slots[r][s] in mgr.pool.spare_frames]
+    assert kept == list(range(1, 1 + mgr.GROWTH_KEEP)) and warm == 4 - len(kept)
+    assert mgr.mapper.stats.hazard_waits == 0
+    mgr.mapper.check_invariants()
+    mgr.close()
+    assert driver.leaks() == []
+
+
 def test_growth_ahead_maps_a_spare_past_each_running_request_so_its_next_block_needs_no_driver_call(driver):
     """growth_ahead: warm() maps a spare, in the background, into the slot past each running
     request's blocks that no step in flight reads; the request's next block (decode growth) then

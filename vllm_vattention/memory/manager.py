@@ -122,6 +122,11 @@ class KVMemoryManager:
         # per row, since it was acquired: slots its request's blocks reach, slots made readable
         self._held_end = [0] * layout.rows
         self._guard_end = [0] * layout.rows
+        # rows given a guard (ensure_readable) since the last warm(): a guard is kept only while its
+        # row keeps getting one, i.e. while FA3 reads past its end (prefill); then warm() lets go of it
+        self._guarded_now: set[int] = set()
+        self._guarded: set[int] = set()  # rows whose guard reaches past their blocks
+        self._let_go: set[int] = set()  # rows whose guard was let go while a step in flight read it
         self._closed = False
         self._recent_fresh: deque[int] = deque(maxlen=self.WARM_HISTORY)  # fresh blocks of new requests
         self._warm_stale = True  # something warm() depends on changed since it last finished its work
@@ -172,6 +177,8 @@ class KVMemoryManager:
             raise MappingError(f"row {row} is not in use")
         self._active.remove(row)
         self._grow.pop(row, None)
+        self._guarded.discard(row)
+        self._guarded_now.discard(row)
         self._warm_stale = self._scan_due = True
         self._grow_blocked = False
         if self.reclaim == "eager":
@@ -210,6 +217,7 @@ class KVMemoryManager:
         if not self.pool.spare_frames:
             return 0
         self._calls += 1
+        self._drop_stale_guards()
         short_now = False
         if self._grow:
             short_now = self._warm_growth() > 0
@@ -259,9 +267,34 @@ class KVMemoryManager:
             counts["warm_stopped_in_flight" if stop in in_flight else "warm_stopped_no_spare"] += 1
             # an idle row still read by a step in flight frees up without a call here
             self._warm_stale = not in_flight <= self._active  # (a row is active or free)
+        if self._let_go:
+            # guards let go of while a step in flight still read them: their spares free up without a
+            # call here either, so the next call looks again (a scan at its pace takes them then)
+            held, keep = self._held_end, self.GROWTH_KEEP
+            self._let_go = {r for r in self._let_go if r in self._active and bounds.get(r, 0) > held[r] + keep}
+            if self._let_go:
+                self._warm_stale = self._scan_due = True
         warm = sum(got.values())
         self._trace_warm(depth, warm, len(got), len(in_flight), freed)
         return warm
+
+    def _drop_stale_guards(self) -> None:
+        """A running request's guard (FA3's over-read slots past its blocks, often holding spares:
+        ensure_readable) is needed only in the steps FA3 reads its row: its prefill. Once a step
+        passes without one (the request decodes with FA2, which reads no further than its tokens),
+        the guard's slots become what warm() may take spares back from (_free_aliases), after any
+        step in flight that reads them. With mixed prompt lengths every prefill row but the longest
+        gets a guard, and those guards held most spares for their requests' lives (NOTES #62)."""
+        now, self._guarded_now = self._guarded_now, set()
+        self._guarded |= now
+        if len(now) == len(self._guarded):
+            return
+        held, guard = self._held_end, self._guard_end
+        for r in self._guarded - now:
+            guard[r] = min(guard[r], held[r])
+            self._let_go.add(r)
+        self._guarded &= now
+        self._warm_stale = self._scan_due = True  # spares may be free to take back
 
     def _warm_growth(self) -> int:
         """growth_ahead: a spare mapped nowhere (past the pad reserve), in the background, in the
@@ -371,6 +404,7 @@ class KVMemoryManager:
         pad = self._cold_spares if self.pool.spare_frames else None
         slots = -(-num_tokens // self.layout.block_size)
         self._guard_end[row] = max(self._guard_end[row], slots)
+        self._guarded_now.add(row)
         self.mapper.ensure_readable(row, slots, pad)
 
     def record_reads(self, fence: Fence, reads: dict[int, int]) -> None:
