@@ -542,3 +542,19 @@ def test_every_systems_engine_flags_are_taken_by_the_offline_runner():
     assert args.block_size == 32
     assert offline.parser().parse_args(["--model", "m", "--workloads", "[]", "--out", "o",
                                         *S.SYSTEMS["stock-flashinfer"]["args"]]).attention_backend == "FLASHINFER"
+
+
+def test_a_mixed_workload_draws_lengths_per_request_and_the_fixed_ones_stay_as_they_were():
+    """The mixed workload's spec carries its minimums; offline.py draws each request's lengths in
+    [min, len] (seeded, the same each run), and a fixed workload's lengths are all alike."""
+    from vllm_vattention.bench import offline
+
+    mixed = next(w for w in S.WORKLOADS if w.name == "mixed-64-4096-in")
+    assert mixed.spec() == ["mixed-64-4096-in", 4096, 512, 300, 64, 32]
+    ins, outs = offline.lengths(mixed.spec(), seed=4)
+    assert len(ins) == len(outs) == 300 and (ins, outs) == offline.lengths(mixed.spec(), seed=4)
+    assert min(ins) >= 64 and max(ins) <= 4096 and min(outs) >= 32 and max(outs) <= 512
+    assert len(set(ins)) > 200 and 1500 < sum(ins) / 300 < 2600  # spread over the range, mean ~2,080
+    fixed = next(w for w in S.WORKLOADS if w.name == "1024-in-128-out")
+    assert fixed.spec() == ["1024-in-128-out", 1024, 128, 300]
+    assert offline.lengths(fixed.spec(), seed=0) == ([1024] * 300, [128] * 300)

@@ -60,6 +60,18 @@ def token_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]
     return [[rng.randrange(10, vocab) for _ in range(length)] for _ in range(n)]
 
 
+def lengths(spec: list, seed: int) -> tuple[list[int], list[int]]:
+    """Per request input and output lengths of a workload [name, input_len, output_len, n] (all
+    alike) or [name, input_len, output_len, n, input_min, output_min] (each drawn uniformly from
+    [min, len], seeded: mixed lengths, as a serving mix has)."""
+    _, in_len, out_len, n, *mins = spec
+    if not mins:
+        return [in_len] * n, [out_len] * n
+    rng = random.Random(1000 + seed)
+    in_min, out_min = mins
+    return [rng.randint(in_min, in_len) for _ in range(n)], [rng.randint(out_min, out_len) for _ in range(n)]
+
+
 def timeline_profiler(trace_dir: str, delay: int, steps: int):
     """vLLM's worker profiler (torch.profiler: CPU ops and CUDA activity) over engine steps
     [delay, delay + steps) after start_profile(); traces go to `trace_dir` (bench.timeline)."""
@@ -72,7 +84,9 @@ def parser() -> argparse.ArgumentParser:
     """The flags; the suite appends a system's engine flags (SYSTEMS[...]["args"]) to them."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
-    ap.add_argument("--workloads", required=True, help="JSON list of [name, input_len, output_len, num_prompts]")
+    ap.add_argument("--workloads", required=True,
+                    help="JSON list of [name, input_len, output_len, num_prompts] or, for lengths drawn per "
+                         "request, [name, input_len, output_len, num_prompts, input_min, output_min]")
     ap.add_argument("--attention-backend", default=None)
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--block-size", type=int, default=None, help="vLLM's --block-size (default: the backend's)")
@@ -93,7 +107,7 @@ def main(argv=None) -> None:
     from vllm.inputs import TokensPrompt
 
     workloads = json.loads(args.workloads)
-    max_len = max(i + o for _, i, o, _ in workloads) + 64
+    max_len = max(w[1] + w[2] for w in workloads) + 64
     kw = dict(model=args.model, load_format="dummy", seed=0, max_model_len=max_len,
               tensor_parallel_size=args.tensor_parallel_size)
     if args.attention_backend:
@@ -119,9 +133,12 @@ def main(argv=None) -> None:
     report()
     llm.collective_rpc(install_step_timer)
     results = []
-    for k, (name, in_len, out_len, n) in enumerate(workloads):
-        ps = [TokensPrompt(prompt_token_ids=p) for p in token_prompts(n, in_len, vocab, seed=k)]
-        sp = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=out_len, ignore_eos=True)
+    for k, spec in enumerate(workloads):
+        name, n = spec[0], spec[3]
+        ins, outs_len = lengths(spec, k)
+        rng = random.Random(k)
+        ps = [TokensPrompt(prompt_token_ids=[rng.randrange(10, vocab) for _ in range(i)]) for i in ins]
+        sp = [SamplingParams(temperature=1.0, top_p=1.0, max_tokens=o, ignore_eos=True) for o in outs_len]
         profiled = bool(args.timeline) and k == 0
         if profiled:
             llm.start_profile()  # the worker starts tracing --timeline-delay steps later
@@ -131,11 +148,11 @@ def main(argv=None) -> None:
         if profiled:
             llm.stop_profile()
         out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        if out_tokens != n * out_len:
-            raise RuntimeError(f"{name}: {out_tokens} output tokens, expected {n * out_len}")
+        if out_tokens != sum(outs_len):
+            raise RuntimeError(f"{name}: {out_tokens} output tokens, expected {sum(outs_len)}")
         results.append({"workload": name, "profiled": profiled, "elapsed_s": elapsed, "requests_per_s": n / elapsed,
                         "output_tokens_per_s": out_tokens / elapsed,
-                        "total_tokens_per_s": (out_tokens + n * in_len) / elapsed, "mapper": report(),
+                        "total_tokens_per_s": (out_tokens + sum(ins)) / elapsed, "mapper": report(),
                         "worker_calls": llm.collective_rpc(read_step_timer)[0]})
         print(f"[offline] {name}: {n / elapsed:.2f} req/s", flush=True)
     with open(args.out, "w") as f:
