@@ -122,10 +122,11 @@ class KVMemoryManager:
         # per row, since it was acquired: slots its request's blocks reach, slots made readable
         self._held_end = [0] * layout.rows
         self._guard_end = [0] * layout.rows
-        # rows given a guard (ensure_readable) since the last warm(): a guard is kept only while its
-        # row keeps getting one, i.e. while FA3 reads past its end (prefill); then warm() lets go of it
+        # rows given a guard past their blocks (ensure_readable) since the last warm(): a guard is kept
+        # only while its row keeps getting one, i.e. while FA3 reads past its end (prefill); then
+        # warm() lets go of it
         self._guarded_now: set[int] = set()
-        self._guarded: set[int] = set()  # rows whose guard reaches past their blocks
+        self._guarded: set[int] = set()  # rows whose guard was current at the last warm()
         self._let_go: set[int] = set()  # rows whose guard was let go while a step in flight read it
         self._closed = False
         self._recent_fresh: deque[int] = deque(maxlen=self.WARM_HISTORY)  # fresh blocks of new requests
@@ -404,7 +405,8 @@ class KVMemoryManager:
         pad = self._cold_spares if self.pool.spare_frames else None
         slots = -(-num_tokens // self.layout.block_size)
         self._guard_end[row] = max(self._guard_end[row], slots)
-        self._guarded_now.add(row)
+        if slots > self._held_end[row]:  # a guard past its blocks (FA3 over-reads this step)
+            self._guarded_now.add(row)
         self.mapper.ensure_readable(row, slots, pad)
 
     def record_reads(self, fence: Fence, reads: dict[int, int]) -> None:
