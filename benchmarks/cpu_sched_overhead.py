@@ -56,7 +56,7 @@ class _LaggingFence:
 
 def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 1024, warmup: bool = True,
         native: bool = False, chain: list[str] | None = None, lend: int | str = 0, block_size: int = 16,
-        growth: bool = False) -> dict | list[dict]:
+        growth: bool = False, keep_guards: bool = False) -> dict | list[dict]:
     """One workload in a fresh scheduler and manager; or, with `chain`, the suite's sequence in one
     engine (offline.py): an untimed warm-up of 16 x 64-token prompts (16 out), then each workload of
     `chain` in turn, the counters reset before each (a list of results, one per workload). lend: the
@@ -78,7 +78,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
     lay = make_layout("interleaved", LLAMA3_8B, PAGE, rows=2 * max_num_seqs + 1, min_row_tokens=max_len + 256,
                       block_size=block_size)
     mgr = KVMemoryManager(_NoZeroing(PAGE, capacity=1 << 50), lay, num_blocks - spares, background="stream",
-                          spare_blocks=spares, growth_ahead=growth)
+                          spare_blocks=spares, growth_ahead=growth, keep_guards=keep_guards)
     mgr.mapper.executor.close()
     # native: the real native thread and hand-over, with driver calls that do nothing (null_table)
     mgr.mapper.executor = NativeExecutor(*null_table()) if native else _NullExecutor()
@@ -224,16 +224,19 @@ def main() -> None:
                     help="hand ops to the real native thread (driver calls that do nothing) instead of a stand-in")
     ap.add_argument("--growth", action="store_true",
                     help="the manager's growth_ahead (VATTN_GROWTH_AHEAD): spares in running requests' next slots")
+    ap.add_argument("--keep-guards", action="store_true",
+                    help="the manager's keep_guards (VATTN_KEEP_GUARDS=1): guards kept for their requests' lives")
     args = ap.parse_args()
     if args.profile:
         prof = cProfile.Profile()
         r = prof.runcall(run, args.workload, args.num_blocks, args.spares, warmup=not args.no_warmup, native=args.native,
-                         lend=args.lend, block_size=args.block_size, growth=args.growth)
+                         lend=args.lend, block_size=args.block_size, growth=args.growth,
+                         keep_guards=args.keep_guards)
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     else:
         r = run(args.workload, args.num_blocks, args.spares, warmup=not args.no_warmup, native=args.native,
                 chain=[w for w in args.chain.split(",") if w] or None, lend=args.lend, block_size=args.block_size,
-                growth=args.growth)
+                growth=args.growth, keep_guards=args.keep_guards)
     for one in (r if isinstance(r, list) else [r]):
         print(one)
 

@@ -148,6 +148,13 @@ def test_the_runner_creates_the_spares_the_worker_took_out():
     assert object.__new__(VattnModelRunner)._resolved_spares(VattnConfig(spare_blocks=0), vllm_config, 10_000) == 0
 
 
+def test_keep_guards_setting():
+    assert VattnConfig.from_env({}).keep_guards is False
+    assert VattnConfig.from_env({"VATTN_KEEP_GUARDS": "1"}).keep_guards is True
+    with pytest.raises(ConfigError, match="VATTN_KEEP_GUARDS='2' is not a boolean"):
+        VattnConfig.from_env({"VATTN_KEEP_GUARDS": "2"})
+
+
 def test_growth_ahead_setting():
     """VATTN_GROWTH_AHEAD: off by default, 1 turns it on, stream mode only; a bad value names itself."""
     assert VattnConfig.from_env({}).growth_ahead is False

@@ -344,12 +344,12 @@ class SpareMachine(ManagerMachineBase):
     its row; every row must read its blocks' tags."""
 
     @initialize(layout=st.sampled_from(["interleaved", "per_layer"]), background=st.sampled_from([False, "stream"]),
-                zero_row=st.booleans(), growth=st.booleans())
-    def setup(self, layout, background, zero_row, growth):
+                zero_row=st.booleans(), growth=st.booleans(), keep_guards=st.booleans())
+    def setup(self, layout, background, zero_row, growth, keep_guards):
         self.driver = FakeDriver(PAGE)
         lay = make_layout(layout, SMALL, PAGE, rows=ROWS + zero_row, min_row_tokens=24)
         self.mgr = KVMemoryManager(self.driver, lay, NUM_BLOCKS, background=background, spare_blocks=SPARES,
-                                   growth_ahead=growth)
+                                   growth_ahead=growth, keep_guards=keep_guards)
         self.mgr.GROWTH_WARM_ROWS = 1  # (of 4 rows) so that growth slots also take warm rows' spares
         self.mgr.pad_reserve = 1  # (0 at 4 spares) so that guards also take spares while warm() runs
         self.zero_row = self.mgr.reserve_zero_row() if zero_row else None  # the worker's dummy row
@@ -643,13 +643,15 @@ def test_spares_warmed_deeper_than_a_request_needs_go_back_to_warm_the_next_rows
     assert driver.leaks() == []
 
 
-def test_a_guard_is_let_go_once_its_row_stops_getting_one(driver):
+@pytest.mark.parametrize("keep_guards", [False, True])
+def test_a_guard_is_let_go_once_its_row_stops_getting_one(driver, keep_guards):
     """FA3's guard past a prefill row (spares, ensure_readable) is needed while FA3 reads the row.
     After a step without one (the request decodes with FA2, which reads only its tokens), warm()
     may take the guard's spares back for the free rows, once no step in flight reads them; before,
-    they stayed in the guard for the request's life (NOTES #62: with mixed prompt lengths most spares)."""
+    they stayed in the guard for the request's life (NOTES #62: with mixed prompt lengths most spares),
+    as they still do with keep_guards (VATTN_KEEP_GUARDS=1)."""
     from helpers import FakeFence
-    mgr = make_manager(driver, rows=4, num_blocks=16, spare_blocks=4, background="stream")
+    mgr = make_manager(driver, rows=4, num_blocks=16, spare_blocks=4, background="stream", keep_guards=keep_guards)
     bs = mgr.layout.block_size
     r = mgr.acquire_row()
     mgr.set_blocks(r, [0], fresh_from=0)
@@ -662,14 +664,17 @@ def test_a_guard_is_let_go_once_its_row_stops_getting_one(driver):
     mgr.publish()
     assert mgr.warm() == 0 and set(mgr.mapper.slots[r][1:5]) <= mgr.pool.spare_frames
     mgr.publish()  # a decode step: no guard; the prefill step that read it is still in flight
-    assert mgr.warm() == 0 and mgr._guard_end[r] == 1
+    assert mgr.warm() == 0 and mgr._guard_end[r] == (5 if keep_guards else 1)
     assert set(mgr.mapper.slots[r][1:5]) <= mgr.pool.spare_frames  # read in flight: left alone
     reading.complete()
     mgr.publish()
     warm = mgr.warm()  # the guard's spares past the growth slots go to the next free rows
     mgr.sync()
     kept = [s for s in range(1, 5) if mgr.mapper.slots[r][s] in mgr.pool.spare_frames]
-    assert kept == list(range(1, 1 + mgr.GROWTH_KEEP)) and warm == 4 - len(kept)
+    if keep_guards:
+        assert kept == [1, 2, 3, 4] and warm == 0
+    else:
+        assert kept == list(range(1, 1 + mgr.GROWTH_KEEP)) and warm == 4 - len(kept)
     assert mgr.mapper.stats.hazard_waits == 0
     mgr.mapper.check_invariants()
     mgr.close()

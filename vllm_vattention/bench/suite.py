@@ -53,6 +53,8 @@ SYSTEMS: dict[str, dict] = {
                             "VATTN_LEND_BLOCKS": "0"}, "args": []},
     # the default with spares kept in running requests' growth slots (NOTES.md #61)
     "vattn-growth": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_GROWTH_AHEAD": "1"}, "args": []},
+    # the default with FA3's guards kept for their requests' lives, as before NOTES.md #62
+    "vattn-keep-guards": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_KEEP_GUARDS": "1"}, "args": []},
     # the default from NOTES.md #29 to #57: spare frames, no lent blocks
     "vattn-no-lend": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_LEND_BLOCKS": "0"}, "args": []},
     # the frames of never-used blocks lent as spares (NOTES.md #47): one step's fresh blocks more, with

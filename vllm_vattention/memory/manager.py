@@ -78,7 +78,8 @@ class KVMemoryManager:
     GROWTH_HOLD = 32
 
     def __init__(self, driver: Driver, layout: Layout, num_blocks: int, reclaim: str = "deferred",
-                 background: bool | str = False, spare_blocks: int = 0, growth_ahead: bool = False):
+                 background: bool | str = False, spare_blocks: int = 0, growth_ahead: bool = False,
+                 keep_guards: bool = False):
         if reclaim not in RECLAIM_POLICIES:
             raise ValueError(f"reclaim={reclaim!r}; use one of {RECLAIM_POLICIES}")
         if background not in (False, True, "stream"):
@@ -128,6 +129,7 @@ class KVMemoryManager:
         self._guarded_now: set[int] = set()
         self._guarded: set[int] = set()  # rows whose guard was current at the last warm()
         self._let_go: set[int] = set()  # rows whose guard was let go while a step in flight read it
+        self.keep_guards = keep_guards  # (VATTN_KEEP_GUARDS: the former rule, every guard kept while its request runs)
         self._closed = False
         self._recent_fresh: deque[int] = deque(maxlen=self.WARM_HISTORY)  # fresh blocks of new requests
         self._warm_stale = True  # something warm() depends on changed since it last finished its work
@@ -287,6 +289,8 @@ class KVMemoryManager:
         step in flight that reads them. With mixed prompt lengths every prefill row but the longest
         gets a guard, and those guards held most spares for their requests' lives (NOTES #62)."""
         now, self._guarded_now = self._guarded_now, set()
+        if self.keep_guards:
+            return
         self._guarded |= now
         if len(now) == len(self._guarded):
             return
