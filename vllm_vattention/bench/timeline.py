@@ -46,6 +46,18 @@ def _corr(e: dict):
     return args.get("correlation", args.get("External id"))
 
 
+def _merged(spans: list[tuple]) -> list[list]:
+    """(start, end, item) spans with overlapping (or touching) ones merged: [start, end, the first
+    item] in time order."""
+    out: list[list] = []
+    for s, t, item in sorted(spans, key=lambda x: x[0]):
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], t)
+        else:
+            out.append([s, t, item])
+    return out
+
+
 def analyze(events: list[dict], top: int = 10, min_gap_us: float = 0.0) -> dict:
     """Busy time, idle gaps by cause, and the `top` longest gaps (times in ms)."""
     gpu = sorted((e for e in events if e.get("cat") in GPU_CATS), key=lambda e: e["ts"])
@@ -55,20 +67,11 @@ def analyze(events: list[dict], top: int = 10, min_gap_us: float = 0.0) -> dict:
     for e in events:
         if e.get("cat") in LAUNCH_CATS and _corr(e) is not None:
             launches[_corr(e)] = e
-    busy = 0.0
-    gaps = []
-    start, end = gpu[0]["ts"], gpu[0]["ts"] + gpu[0]["dur"]
-    for e in gpu[1:]:
-        s, t = e["ts"], e["ts"] + e["dur"]
-        if s > end:
-            busy += end - start
-            if s - end > min_gap_us:
-                gaps.append((end, s, e))
-            start, end = s, t
-        else:
-            end = max(end, t)
-    busy += end - start
-    span = end - gpu[0]["ts"]
+    busy_spans = _merged([(e["ts"], e["ts"] + e["dur"], e) for e in gpu])
+    busy = sum(t - s for s, t, _ in busy_spans)
+    # an idle gap ends where the next busy span begins: its first work is what the GPU waited for
+    gaps = [(prev[1], s, e) for prev, (s, _, e) in zip(busy_spans, busy_spans[1:]) if s - prev[1] > min_gap_us]
+    span = busy_spans[-1][1] - gpu[0]["ts"]
     by_cause = {"cpu_late": 0.0, "gpu_waited": 0.0, "unknown": 0.0}
     rows = []
     for g0, g1, nxt in gaps:
@@ -107,17 +110,6 @@ def analyze(events: list[dict], top: int = 10, min_gap_us: float = 0.0) -> dict:
 STEP_PREFIX = "execute_context"  # vLLM's annotation of each step's launch ("execute_context_N(..)_generation_M(..)")
 
 
-def _merged_busy(spans: list[tuple[float, float]]) -> float:
-    spans.sort()
-    busy, start, end = 0.0, None, None
-    for s, t in spans:
-        if start is None or s > end:
-            if start is not None:
-                busy += end - start
-            start, end = s, t
-        else:
-            end = max(end, t)
-    return busy + (end - start if start is not None else 0.0)
 
 
 def per_step(events: list[dict]) -> list[dict]:
@@ -147,7 +139,7 @@ def per_step(events: list[dict]) -> list[dict]:
         first, last = min(s for s, _ in w), max(t for _, t in w)
         out.append({"step": len(out), "name": ann["name"][:60], "cpu_ms": round(ann["dur"] / 1e3, 3),
                     "gpu_start_ms": round((first - t0) / 1e3, 3), "gpu_span_ms": round((last - first) / 1e3, 3),
-                    "busy_ms": round(_merged_busy(w) / 1e3, 3),
+                    "busy_ms": round(sum(t - s for s, t, _ in _merged([(s, t, None) for s, t in w])) / 1e3, 3),
                     "idle_before_ms": round((first - prev_end) / 1e3, 3) if prev_end is not None else None})
         prev_end = last if prev_end is None else max(prev_end, last)
     return out
