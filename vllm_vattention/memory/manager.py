@@ -127,7 +127,7 @@ class KVMemoryManager:
         # only while its row keeps getting one, i.e. while FA3 reads past its end (prefill); then
         # warm() lets go of it
         self._guarded_now: set[int] = set()
-        self._guarded: set[int] = set()  # rows whose guard was current at the last warm()
+        self._guarded: set[int] = set()  # the rows guarded before the last warm()
         self._let_go: set[int] = set()  # rows whose guard was let go while a step in flight read it
         self.keep_guards = keep_guards  # (VATTN_KEEP_GUARDS: the former rule, every guard kept while its request runs)
         self._closed = False
@@ -291,14 +291,13 @@ class KVMemoryManager:
         now, self._guarded_now = self._guarded_now, set()
         if self.keep_guards:
             return
-        self._guarded |= now
-        if len(now) == len(self._guarded):
+        stale, self._guarded = self._guarded - now, now
+        if not stale:
             return
         held, guard = self._held_end, self._guard_end
-        for r in self._guarded - now:
+        for r in stale:
             guard[r] = min(guard[r], held[r])
-            self._let_go.add(r)
-        self._guarded &= now
+        self._let_go |= stale
         self._warm_stale = self._scan_due = True  # spares may be free to take back
 
     def _warm_growth(self) -> int:
