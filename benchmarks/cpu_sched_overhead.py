@@ -24,7 +24,7 @@ import numpy as np
 from cpu_step_overhead import LLAMA3_8B, PAGE, _NoZeroing, _NullExecutor  # this script's neighbour
 from vllm_vattention.attention import ops
 from vllm_vattention.bench import sched_replay as S
-from vllm_vattention.config import AUTO_SPARE_SHARE, VattnConfig
+from vllm_vattention.config import VattnConfig
 from vllm_vattention.memory import KVMemoryManager, RequestRows, make_layout
 from vllm_vattention.memory.native import NativeExecutor, null_table
 
@@ -71,7 +71,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
     max_len = (max(WORKLOADS[w][0] + WORKLOADS[w][1] for w in names) + 64 if chain
                else WORKLOADS[workload][0] + WORKLOADS[workload][1] + 16)
     if spares is None:  # auto: one step's blocks, at most 2% of the budget
-        spares = min(16384 // block_size, int(AUTO_SPARE_SHARE * num_blocks))
+        spares = VattnConfig(spare_blocks="auto").spare_blocks_for(16384, block_size, num_blocks)
     sched, hasher = S.make_scheduler(os.path.join(ROOT, "models", "llama-3.1-8b"), num_blocks - spares, max_len,
                                      max_num_batched_tokens=16384, max_num_seqs=max_num_seqs, block_size=block_size)
     sched.use_v2_model_runner = True

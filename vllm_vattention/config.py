@@ -82,6 +82,11 @@ def _spares(env: Mapping[str, str], name: str, default: int | str | None) -> int
         raise ConfigError(f"{name}={raw!r} is not supported; use a whole number >= 0 or auto") from None
 
 
+def _step_blocks(max_num_batched_tokens: int, block_size: int, blocks: int, share: float) -> int:
+    """auto: the blocks one step's tokens fill, at most `share` of `blocks`."""
+    return min(-(-max_num_batched_tokens // block_size), int(blocks * share))
+
+
 def _map_mode(env: Mapping[str, str], name: str, default: bool | str) -> bool | str:
     raw = env.get(name)
     if raw is None:
@@ -162,7 +167,7 @@ class VattnConfig:
         AUTO_SPARE_SHARE of `budget_blocks` (the blocks the KV budget holds before spares are taken
         out of it)."""
         if self.spare_blocks == "auto":
-            return min(-(-max_num_batched_tokens // block_size), int(budget_blocks * AUTO_SPARE_SHARE))
+            return _step_blocks(max_num_batched_tokens, block_size, budget_blocks, AUTO_SPARE_SHARE)
         return int(self.spare_blocks)
 
     def lend_blocks_for(self, max_num_batched_tokens: int, block_size: int, num_blocks: int) -> int:
@@ -170,7 +175,7 @@ class VattnConfig:
         one step's tokens fill, at most AUTO_LEND_SHARE of vLLM's `num_blocks` (lend_unused lends
         fewer when fewer were never handed out)."""
         if self.lend_blocks == "auto":
-            return min(-(-max_num_batched_tokens // block_size), int(num_blocks * AUTO_LEND_SHARE))
+            return _step_blocks(max_num_batched_tokens, block_size, num_blocks, AUTO_LEND_SHARE)
         return int(self.lend_blocks)
 
     def num_rows(self, max_num_seqs: int) -> int:
