@@ -558,3 +558,40 @@ def test_a_mixed_workload_draws_lengths_per_request_and_the_fixed_ones_stay_as_t
     fixed = next(w for w in S.WORKLOADS if w.name == "1024-in-128-out")
     assert fixed.spec() == ["1024-in-128-out", 1024, 128, 300]
     assert offline.lengths(fixed.spec(), seed=0) == ([1024] * 300, [128] * 300)
+
+
+def _phases(head, spans_ms, tail, steps):
+    return {"steps": steps, "head_ms": head, "tail_ms": tail, "buckets": [list(b) for b in spans_ms]}
+
+
+def test_phase_table_pairs_each_run_with_the_baselines_of_its_call():
+    def run(system, rep, call, head, b0, b1, tail, steps=4, last=(2, 4)):
+        return {"workload": "a", "system": system, "rep": rep, "call": call, "error": None,
+                "step_phases": _phases(head, [(0, 1, b0), (1, 2, b1), (*last, 10.0)], tail, steps)}
+    res = [run("stock-fa3", 0, 1, 5.0, 30.0, 10.0, 2.0), run("vattn-fa2", 0, 1, 5.5, 40.0, 10.0, 2.0),
+           run("stock-fa3", 1, 2, 9.0, 20.0, 10.0, 2.0), run("vattn-fa2", 1, 2, 9.0, 24.0, 11.0, 1.0),
+           # rep 2 has no baseline in its call: left out; a failed run of rep 1 does not replace the good one
+           run("vattn-fa2", 2, 3, 0.0, 99.0, 99.0, 0.0), {**run("vattn-fa2", 1, 2, 0, 0, 0, 0), "error": "boom"}]
+    (row,) = S.phase_rows(res)
+    assert row["system"] == "vattn-fa2" and row["n"] == 2 and row["steps"] == "4/4"
+    ms = row["ms"]
+    assert list(ms) == ["before first step", "step 0", "step 1", "steps 2-3", "after last step", "whole run"]
+    assert ms["before first step"] == pytest.approx(0.25) and ms["step 0"] == pytest.approx(7.0)
+    assert ms["step 1"] == pytest.approx(0.5) and ms["after last step"] == pytest.approx(-0.5)
+    # the whole run's difference is the sum of its parts, per pair, then the median
+    assert ms["whole run"] == pytest.approx((10.5 + 4.0) / 2)
+    md = S.markdown({"results": res})
+    assert "## a: where the run's time differs from stock-fa3's" in md
+    assert "| vattn-fa2 | 2 | 4/4 | +0.2 | +7.0 | +0.5 | +0.0 | -0.5 | +7.2 |" in md
+
+
+def test_phase_table_compares_a_last_span_only_when_both_runs_have_it_whole():
+    base = {"workload": "a", "system": "stock-fa3", "rep": 0, "call": 1, "error": None,
+            "step_phases": _phases(1.0, [(0, 1, 5.0), (1, 2, 5.0), (2, 4, 10.0)], 1.0, 4)}
+    cand = {**base, "system": "vattn-fa2",
+            "step_phases": _phases(1.0, [(0, 1, 6.0), (1, 2, 5.0), (2, 4, 10.0), (4, 5, 3.0)], 1.0, 5)}
+    (row,) = S.phase_rows([base, cand])
+    assert row["steps"] == "5/4" and "step 4" not in row["ms"]
+    assert row["ms"]["step 0"] == pytest.approx(1.0) and row["ms"]["whole run"] == pytest.approx(4.0)
+    # stock alone, or runs without phases (older results): no rows, no section
+    assert S.phase_rows([base]) == [] and S.phase_rows([{**base, "step_phases": None}]) == []

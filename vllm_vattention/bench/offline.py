@@ -8,7 +8,12 @@ throughput` does). With vAttention, the mapper's counters are read and reset aft
 through the worker method `vattn_report`, so each workload gets its own mapping statistics. For
 every system alike, the worker's `execute_model` and `sample_tokens` calls are timed (count and
 seconds per workload; a wrapper on the worker instance, installed by this benchmark only), so the
-CPU time per step of stock vLLM and of vAttention can be compared.
+CPU time per step of stock vLLM and of vAttention can be compared. The same wrapper keeps when each
+`execute_model` call (one per engine step) started and ended, and `step_phases` splits the
+workload's wall time at those instants: before the first step, the steps in spans of doubling
+length (0, 1, 2-3, 4-7, ...), after the last. Two systems run the same steps in the same order, so
+the difference per span says where in the run one of them loses its time (admission, steady
+decode, the tail).
 """
 
 from __future__ import annotations
@@ -23,24 +28,30 @@ TIMED = ("execute_model", "sample_tokens")
 
 
 def install_step_timer(worker) -> bool:
-    """In the worker process (via collective_rpc): time `TIMED` calls on this worker instance."""
+    """In the worker process (via collective_rpc): time `TIMED` calls on this worker instance, and
+    keep each `execute_model` call's (start, end) on `time.monotonic()` (CLOCK_MONOTONIC on Linux,
+    one clock for every process, so the spans line up with the caller's own instants)."""
     if getattr(worker, "_bench_timer", None) is not None:
         return True
     timer: dict[str, list] = {}
     worker._bench_timer = timer
+    worker._bench_spans = spans = []
     for name in TIMED:
         fn = getattr(worker, name, None)
         if fn is None:
             continue
 
         def timed(*a, _fn=fn, _name=name, **kw):
-            t = time.perf_counter()
+            t = time.monotonic()
             try:
                 return _fn(*a, **kw)
             finally:
+                end = time.monotonic()
                 entry = timer.setdefault(_name, [0, 0.0])
                 entry[0] += 1
-                entry[1] += time.perf_counter() - t
+                entry[1] += end - t
+                if _name == "execute_model":
+                    spans.append((t, end))
         setattr(worker, name, timed)
     return True
 
@@ -53,6 +64,33 @@ def read_step_timer(worker, reset: bool = True) -> dict:
     if reset:
         timer.clear()
     return out
+
+
+def read_step_spans(worker, reset: bool = True) -> list[list[float]]:
+    """Each `execute_model` call's [start, end] since the last reset, in call order (plain lists of
+    floats: what vLLM's utility-result encoding carries back from the engine process as sent)."""
+    spans = getattr(worker, "_bench_spans", None)
+    if spans is None:
+        return []
+    out = [list(s) for s in spans]
+    if reset:
+        spans.clear()
+    return out
+
+
+def step_phases(spans: list, t0: float, t1: float) -> dict:
+    """A workload's wall time [t0, t1) split at its steps: `head_ms` before the first step starts,
+    then per span of steps [lo, hi) (lo = 0, 1, 2, 4, 8, ...; the last ends at the step count) the
+    time from step lo's start to step hi's (the last step: to its end), then `tail_ms` after the
+    last step ends. The parts add up to t1 - t0."""
+    starts = [a for a, _ in spans]
+    if not starts:
+        return {"steps": 0, "head_ms": 1e3 * (t1 - t0), "tail_ms": 0.0, "buckets": []}
+    n = len(starts)
+    edges = [0] + [1 << k for k in range(n.bit_length()) if (1 << k) < n] + [n]
+    stops = starts[1:] + [spans[-1][1]]  # where each step's period ends
+    buckets = [[lo, hi, 1e3 * (stops[hi - 1] - starts[lo])] for lo, hi in zip(edges, edges[1:])]
+    return {"steps": n, "head_ms": 1e3 * (starts[0] - t0), "tail_ms": 1e3 * (t1 - spans[-1][1]), "buckets": buckets}
 
 
 def token_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -142,9 +180,11 @@ def main(argv=None) -> None:
         profiled = bool(args.timeline) and k == 0
         if profiled:
             llm.start_profile()  # the worker starts tracing --timeline-delay steps later
-        t = time.perf_counter()
+        llm.collective_rpc(read_step_spans)  # nothing of the last workload's report calls stays
+        t = time.monotonic()
         outs = llm.generate(ps, sp, use_tqdm=False)
-        elapsed = time.perf_counter() - t
+        t_end = time.monotonic()
+        elapsed = t_end - t
         if profiled:
             llm.stop_profile()
         out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
@@ -153,7 +193,8 @@ def main(argv=None) -> None:
         results.append({"workload": name, "profiled": profiled, "elapsed_s": elapsed, "requests_per_s": n / elapsed,
                         "output_tokens_per_s": out_tokens / elapsed,
                         "total_tokens_per_s": (out_tokens + sum(ins)) / elapsed, "mapper": report(),
-                        "worker_calls": llm.collective_rpc(read_step_timer)[0]})
+                        "worker_calls": llm.collective_rpc(read_step_timer)[0],
+                        "step_phases": step_phases(llm.collective_rpc(read_step_spans)[0], t, t_end)})
         print(f"[offline] {name}: {n / elapsed:.2f} req/s", flush=True)
     with open(args.out, "w") as f:
         json.dump({"start_s": start_s, "attention_backend": str(llm.llm_engine.vllm_config.attention_config.backend),

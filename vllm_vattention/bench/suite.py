@@ -238,6 +238,7 @@ def run_job(model: str, group: str, workloads: list[Workload], system: str, out_
                 row["elapsed_s"] = r.get("elapsed_s")
                 row["mapper"] = r.get("mapper")
                 row["worker_calls"] = r.get("worker_calls")
+                row["step_phases"] = r.get("step_phases")
             row["max_concurrent_requests"] = _kv_capacity(log, w.input_len + w.output_len, _block_size(log))
             rows.append({"workload": w.name, **row})
     else:
@@ -539,6 +540,42 @@ def step_rows(results: list[dict]) -> list[dict]:
             for (wl, s), ws in by.items()]
 
 
+def _span_label(lo: int, hi: int) -> str:
+    return f"step {lo}" if hi - lo == 1 else f"steps {lo}-{hi - 1}"
+
+
+def phase_rows(results: list[dict]) -> list[dict]:
+    """Per workload and vAttention system: where in the run its wall time differs from stock's, as
+    ms of (candidate - baseline) per phase of the run, each repetition paired with the baseline's
+    run of the same repetition and call (offline.step_phases: before the first step, spans of
+    steps 0, 1, 2-3, 4-7, ..., after the last), medians over pairs. A span is compared only when
+    both runs have it whole (same start, same end); the last span ends at each run's own step
+    count, so it is compared only when the counts are equal."""
+    runs = {(r["workload"], r["system"], r.get("rep"), r.get("call")): r["step_phases"] for r in results
+            if not r.get("error") and isinstance(r.get("step_phases"), dict) and r["step_phases"].get("steps")}
+    diffs: dict[tuple[str, str], list[dict]] = {}
+    for (w, s, rep, call), ph in runs.items():
+        base = runs.get((w, BASELINE, rep, call))
+        if s == BASELINE or base is None:
+            continue
+        spans = {(lo, hi): ms for lo, hi, ms in base["buckets"]}
+        d = {"before first step": ph["head_ms"] - base["head_ms"]}
+        for lo, hi, ms in ph["buckets"]:
+            if (lo, hi) in spans:
+                d[_span_label(lo, hi)] = ms - spans[(lo, hi)]
+        d["after last step"] = ph["tail_ms"] - base["tail_ms"]
+        total = lambda p: p["head_ms"] + p["tail_ms"] + sum(b[2] for b in p["buckets"])  # noqa: E731
+        d["whole run"] = total(ph) - total(base)
+        diffs.setdefault((w, s), []).append({"d": d, "steps": (ph["steps"], base["steps"])})
+    out = []
+    for (w, s), ps in diffs.items():
+        keys = [k for k in ps[0]["d"] if all(k in p["d"] for p in ps)]
+        out.append({"workload": w, "system": s, "n": len(ps),
+                    "steps": "/".join(f"{statistics.median(p['steps'][i] for p in ps):.0f}" for i in (0, 1)),
+                    "ms": {k: statistics.median(p["d"][k] for p in ps) for k in keys}})
+    return out
+
+
 SPARE_COUNTERS = ("swaps", "warm_maps", "pad_maps", "warm_calls", "warm_stopped_in_flight", "warm_stopped_no_spare",
                   "lent_taken")
 
@@ -650,6 +687,15 @@ def markdown(doc: dict) -> str:
                            "sample_tokens ms/call", "our prepare_attn ms/step", "our metadata build ms/step"],
                           [[m["workload"], m["system"], m["n"], f"{m['calls']:.0f}", f"{m['execute_ms']:.3f}",
                             f"{m['sample_ms']:.3f}", _secs(m["prepare_ms"]), _secs(m["build_ms"])] for m in steps])
+    phases = phase_rows(res)
+    for w in dict.fromkeys(p["workload"] for p in phases):
+        ps = [p for p in phases if p["workload"] == w]
+        names = list(dict.fromkeys(k for p in ps for k in p["ms"]))
+        lines += _section(f"{w}: where the run's time differs from {BASELINE}'s (ms, system minus {BASELINE}, "
+                          "each run paired with the baseline's of its call; medians over pairs; by engine step)",
+                          ["system", "pairs", "steps (its/stock)"] + names,
+                          [[p["system"], p["n"], p["steps"]] + [f"{p['ms'][k]:+.1f}" if k in p["ms"] else "-"
+                                                                for k in names] for p in ps])
     spares = spare_rows(res)
     if spares:
         lines += _section("Spare frames (medians over repetitions; steps in flight and the longest flag stall: the most)",
