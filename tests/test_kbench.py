@@ -23,11 +23,17 @@ def test_report_picks_the_heuristic_and_the_best_split_per_layout():
     res = {"gpu": "G", "driver": "d", "torch": "t", "vllm": "v", "commit": "c", "date": "x", "splits": [0, 2, 4],
            "results": [r("paged", "paged-fa3", None, 0.40, 0.0), r("interleaved", "fa2", 0, 0.44),
                        r("interleaved", "fa2", 2, 0.42, 0.003), r("interleaved", "fa2", 4, 0.36),
+                       r("interleaved", "fa3-rows", None, 0.50, 0.004),
                        r("per_layer", "fa2", None, None, None, "out of memory (99 GiB)")]}
     md = K.markdown(res)
-    assert "| 24 x 16384 | 17664 | interleaved | 0.4000 | 0.4400 | 4 | 0.3600 | 1.111x | 0.909x | 0.0030 |" in md
-    assert "| 24 x 16384 | 17664 | per_layer | 0.4000 | - | - | - | - | - | out of memory (99 GiB) |" in md
+    # FA3 over rows has its own columns; it is not taken for a split count (its num_splits is None)
+    assert ("| 24 x 16384 | 17664 | interleaved | 0.4000 | 0.4400 | 4 | 0.3600 | 1.111x | 0.909x | 0.5000 | 0.800x "
+            "| 0.0040 |") in md
+    assert "| 24 x 16384 | 17664 | per_layer | 0.4000 | - | - | - | - | - | - | - | out of memory (99 GiB) |" in md
     assert "| 24 x 16384 | interleaved | 0.4400 | 0.4200 | 0.3600 |" in md
+    # an older run without FA3 over rows: its cells are '-'
+    old = {**res, "results": [x for x in res["results"] if x["system"] != "fa3-rows"]}
+    assert "| 0.909x | - | - | 0.0030 |" in K.markdown(old)
 
 
 def test_every_kernel_reads_the_same_keys_and_values():
@@ -53,10 +59,16 @@ def test_every_kernel_reads_the_same_keys_and_values():
         cu = torch.arange(q.shape[0] + 1, dtype=torch.int32)
         out.copy_(ops.reference_attention(q, k_rows, v_rows, cu, seq_lens, rows, scale))
 
+    def fa3(q, k_rows, v_rows, out, cu_seqlens_q, seq_lens, rows, max_query_len, scale):
+        assert k_rows.shape[1] == 64 and max_query_len == 1  # whole rows, one query token each
+        out.copy_(ops.reference_attention(q, k_rows, v_rows, cu_seqlens_q, seq_lens, rows, scale))
+
     res = K.run_shape(3, 40, 64, [0, 2], ["interleaved", "per_layer"], device="cpu", timer=lambda fn: (fn(), 0.5)[1],
-                      paged_kernel=paged, fa2_kernel=fa2)
-    assert [(r["layout"], r["num_splits"]) for r in res] == [
-        ("paged", None), ("interleaved", 0), ("interleaved", 2), ("per_layer", 0), ("per_layer", 2)]
+                      paged_kernel=paged, fa2_kernel=fa2, fa3_kernel=fa3)
+    assert [(r["layout"], r["system"], r["num_splits"]) for r in res] == [
+        ("paged", "paged-fa3", None), ("interleaved", "fa2", 0), ("interleaved", "fa2", 2),
+        ("interleaved", "fa3-rows", None), ("per_layer", "fa2", 0), ("per_layer", "fa2", 2),
+        ("per_layer", "fa3-rows", None)]
     assert seen_splits == [0, 0, 2, 2] * 2  # per layout and count: the timed call, then the checked one
     assert all(r["ms"] == 0.5 and r["max_abs_diff_vs_paged_fa3"] <= 1e-2 for r in res)
     assert res[1]["tb_per_s"] == pytest.approx(K.kv_bytes(3, 40) / 1e9 / 0.5)

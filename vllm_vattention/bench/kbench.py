@@ -1,5 +1,6 @@
 """Decode-attention kernels at serving geometry: stock vLLM's paged FA3 against FA2 over vAttention's
-rows, FA2's split count swept (VATTN_FA2_SPLITS). GPU only.
+rows, FA2's split count swept (VATTN_FA2_SPLITS), and FA3 over the same rows (VATTN_DECODE_KERNEL=fa3:
+no block table, its own split heuristic). GPU only.
 
     vattn-kbench --out benchmarks/results/   (writes <date>-<gpu>-kbench.json and .md)
 
@@ -67,15 +68,18 @@ def _time_ms(fn, iters: int = 20, rounds: int = 5) -> float:
 
 
 def run_shape(batch: int, context: int, row_tokens: int, splits: list[int], layouts: list[str], seed: int = 0,
-              device: str = "cuda", timer=None, paged_kernel=None, fa2_kernel=None) -> list[dict]:
+              device: str = "cuda", timer=None, paged_kernel=None, fa2_kernel=None, fa3_kernel=None) -> list[dict]:
     """Every kernel on one shape. `device`, `timer` (ms per call of a function) and the kernels
-    (vLLM's flash_attn_varlen_func, ops.fa2_decode) are replaceable for the CPU test of this plumbing."""
+    (vLLM's flash_attn_varlen_func, ops.fa2_decode, ops.fa3_varlen) are replaceable for the CPU
+    test of this plumbing."""
     import torch
 
     if paged_kernel is None:
         from vllm.vllm_flash_attn import flash_attn_varlen_func as paged_kernel
     if fa2_kernel is None:
         from ..attention.ops import fa2_decode as fa2_kernel
+    if fa3_kernel is None:
+        from ..attention.ops import fa3_varlen as fa3_kernel
 
     timer = timer or _time_ms
     dev = torch.device(device)
@@ -145,6 +149,14 @@ def run_shape(batch: int, context: int, row_tokens: int, splits: list[int], layo
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             record(layout, "fa2", s, ms, (o.float() - ref).abs().max().item())
+
+        def fa3():  # the rows' zeros past each sequence stand for the guard FA3's last key tile reads
+            fa3_kernel(q, k_rows, v_rows, o, cu_q, lens, rows, 1, scale)
+        ms = timer(fa3)
+        fa3()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        record(layout, "fa3-rows", None, ms, (o.float() - ref).abs().max().item())
         del store, k_rows, v_rows
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -152,36 +164,41 @@ def run_shape(batch: int, context: int, row_tokens: int, splits: list[int], layo
 
 
 def markdown(res: dict) -> str:
-    """Per shape and layout: paged FA3, FA2 with its own heuristic (splits 0) and the best split count."""
+    """Per shape and layout: paged FA3, FA2 with its own heuristic (splits 0) and the best split
+    count, and FA3 over the rows (runs without it, older ones, show '-')."""
     rows = res["results"]
     lines = ["# Decode attention at serving geometry (one layer, Llama-3-8B heads)", "", header(res), "",
              "FA2 over vAttention's rows with FA2's own split heuristic (0) and each split count given; "
-             "paged FA3 is stock vLLM's decode. ms per call (median); TB/s of K and V read.", "",
+             "FA3 over the same rows (no block table); paged FA3 is stock vLLM's decode. ms per call "
+             "(median); TB/s of K and V read.", "",
              "| batch x context | row tokens | layout | paged FA3 ms | FA2 (heuristic) ms | best splits | its ms | "
-             "best vs paged FA3 | heuristic vs paged FA3 | max abs diff vs paged |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "best vs paged FA3 | heuristic vs paged FA3 | FA3 over rows ms | vs paged FA3 | max abs diff vs paged |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     shapes = sorted({(r["batch"], r["context"], r["row_tokens"]) for r in rows}, key=lambda x: (x[1], x[0]))
     for b, n, rt in shapes:
         mine = [r for r in rows if (r["batch"], r["context"]) == (b, n)]
         paged = next((r["ms"] for r in mine if r["system"] == "paged-fa3"), None)
         for layout in sorted({r["layout"] for r in mine} - {"paged"}):
-            fa2 = [r for r in mine if r["layout"] == layout]
+            fa2 = [r for r in mine if r["layout"] == layout and r["system"] == "fa2"]
             timed = [r for r in fa2 if r["ms"]]
             if not timed:
-                lines.append(f"| {b} x {n} | {rt} | {layout} | {paged:.4f} | - | - | - | - | - | {fa2[0]['note']} |")
+                lines.append(f"| {b} x {n} | {rt} | {layout} | {paged:.4f} | - | - | - | - | - | - | - | {fa2[0]['note']} |")
                 continue
+            fa3 = next((r for r in mine if r["layout"] == layout and r["system"] == "fa3-rows" and r["ms"]), None)
             heur = next((r for r in timed if r["num_splits"] == 0), None)
             best = min(timed, key=lambda r: r["ms"])
-            diff = max(r["max_abs_diff_vs_paged_fa3"] for r in timed)
+            diff = max(r["max_abs_diff_vs_paged_fa3"] for r in timed + ([fa3] if fa3 else []))
+            fa3_cells = f"{fa3['ms']:.4f} | {paged / fa3['ms']:.3f}x" if fa3 else "- | -"
             lines.append(f"| {b} x {n} | {rt} | {layout} | {paged:.4f} | {heur['ms'] if heur else float('nan'):.4f} | "
                          f"{best['num_splits']} | {best['ms']:.4f} | {paged / best['ms']:.3f}x | "
-                         f"{(paged / heur['ms']) if heur else float('nan'):.3f}x | {diff:.4f} |")
+                         f"{(paged / heur['ms']) if heur else float('nan'):.3f}x | {fa3_cells} | {diff:.4f} |")
     lines += ["", "Every split count (ms):", "",
               "| batch x context | layout | " + " | ".join(f"s={s}" for s in res["splits"]) + " |",
               "|---|---|" + "---|" * len(res["splits"])]
     for b, n, _ in shapes:
         for layout in sorted({r["layout"] for r in rows if (r["batch"], r["context"]) == (b, n)} - {"paged"}):
             by = {r["num_splits"]: r["ms"] for r in rows
-                  if (r["batch"], r["context"], r["layout"]) == (b, n, layout) and r["ms"]}
+                  if (r["batch"], r["context"], r["layout"]) == (b, n, layout) and r["system"] == "fa2" and r["ms"]}
             if by:
                 lines.append(f"| {b} x {n} | {layout} | " + " | ".join(
                     f"{by[s]:.4f}" if s in by else "-" for s in res["splits"]) + " |")
