@@ -180,7 +180,7 @@ def main(argv=None) -> None:
         profiled = bool(args.timeline) and k == 0
         if profiled:
             llm.start_profile()  # the worker starts tracing --timeline-delay steps later
-        llm.collective_rpc(read_step_spans)  # nothing of the last workload's report calls stays
+        llm.collective_rpc(read_step_spans)  # a reset: only this generate call's steps are counted
         t = time.monotonic()
         outs = llm.generate(ps, sp, use_tqdm=False)
         t_end = time.monotonic()

@@ -553,6 +553,9 @@ def phase_rows(results: list[dict]) -> list[dict]:
     count, so it is compared only when the counts are equal."""
     runs = {(r["workload"], r["system"], r.get("rep"), r.get("call")): r["step_phases"] for r in results
             if not r.get("error") and isinstance(r.get("step_phases"), dict) and r["step_phases"].get("steps")}
+    def total(p: dict) -> float:
+        return p["head_ms"] + p["tail_ms"] + sum(b[2] for b in p["buckets"])
+
     diffs: dict[tuple[str, str], list[dict]] = {}
     for (w, s, rep, call), ph in runs.items():
         base = runs.get((w, BASELINE, rep, call))
@@ -564,7 +567,6 @@ def phase_rows(results: list[dict]) -> list[dict]:
             if (lo, hi) in spans:
                 d[_span_label(lo, hi)] = ms - spans[(lo, hi)]
         d["after last step"] = ph["tail_ms"] - base["tail_ms"]
-        total = lambda p: p["head_ms"] + p["tail_ms"] + sum(b[2] for b in p["buckets"])  # noqa: E731
         d["whole run"] = total(ph) - total(base)
         diffs.setdefault((w, s), []).append({"d": d, "steps": (ph["steps"], base["steps"])})
     out = []
