@@ -56,13 +56,14 @@ class _LaggingFence:
 
 def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 1024, warmup: bool = True,
         native: bool = False, chain: list[str] | None = None, lend: int | str = 0, block_size: int = 16,
-        growth: bool = False, keep_guards: bool = False) -> dict | list[dict]:
+        growth: bool = False, keep_guards: bool = False, decode_kernel: str = "fa2") -> dict | list[dict]:
     """One workload in a fresh scheduler and manager; or, with `chain`, the suite's sequence in one
     engine (offline.py): an untimed warm-up of 16 x 64-token prompts (16 out), then each workload of
     `chain` in turn, the counters reset before each (a list of results, one per workload). lend: the
     worker's lend_unused after start-up (VATTN_LEND_BLOCKS; "auto" as the engine's default). block_size: vLLM's (--block-size; 32 is
     one 4 MiB allocation per block for Llama-3-8B). growth: the manager's growth_ahead
-    (VATTN_GROWTH_AHEAD)."""
+    (VATTN_GROWTH_AHEAD). decode_kernel: VATTN_DECODE_KERNEL (fa3: decode rows get FA3's over-read
+    guard too, as the worker gives them)."""
     from vllm.sampling_params import SamplingParams
     from vllm.v1.outputs import ModelRunnerOutput
     from vllm.v1.request import Request
@@ -136,7 +137,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             seq = np.array([live[r].num_computed_tokens for r in ids], dtype=np.int64)
             q = np.array([out.num_scheduled_tokens[r] for r in ids], dtype=np.int64)
             c4 = time.perf_counter()
-            fa3, ext = ops.read_extents(seq, q, "fa2", 256, lay.row_tokens, clip_to_view=clip)
+            fa3, ext = ops.read_extents(seq, q, decode_kernel, 256, lay.row_tokens, clip_to_view=clip)
             for row, e in zip(row_of[fa3].tolist(), ext[fa3].tolist()):
                 mgr.ensure_readable(row, e)
             reads = step_reads(row_of, ext)
@@ -226,17 +227,19 @@ def main() -> None:
                     help="the manager's growth_ahead (VATTN_GROWTH_AHEAD): spares in running requests' next slots")
     ap.add_argument("--keep-guards", action="store_true",
                     help="the manager's keep_guards (VATTN_KEEP_GUARDS=1): guards kept for their requests' lives")
+    ap.add_argument("--decode-kernel", choices=("fa2", "fa3"), default="fa2",
+                    help="VATTN_DECODE_KERNEL: fa3 gives decode rows FA3's over-read guard (suite system vattn-fa3)")
     args = ap.parse_args()
     if args.profile:
         prof = cProfile.Profile()
         r = prof.runcall(run, args.workload, args.num_blocks, args.spares, warmup=not args.no_warmup, native=args.native,
                          lend=args.lend, block_size=args.block_size, growth=args.growth,
-                         keep_guards=args.keep_guards)
+                         keep_guards=args.keep_guards, decode_kernel=args.decode_kernel)
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     else:
         r = run(args.workload, args.num_blocks, args.spares, warmup=not args.no_warmup, native=args.native,
                 chain=[w for w in args.chain.split(",") if w] or None, lend=args.lend, block_size=args.block_size,
-                growth=args.growth, keep_guards=args.keep_guards)
+                growth=args.growth, keep_guards=args.keep_guards, decode_kernel=args.decode_kernel)
     for one in (r if isinstance(r, list) else [r]):
         print(one)
 
