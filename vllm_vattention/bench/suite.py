@@ -553,6 +553,7 @@ def phase_rows(results: list[dict]) -> list[dict]:
     count, so it is compared only when the counts are equal."""
     runs = {(r["workload"], r["system"], r.get("rep"), r.get("call")): r["step_phases"] for r in results
             if not r.get("error") and isinstance(r.get("step_phases"), dict) and r["step_phases"].get("steps")}
+
     def total(p: dict) -> float:
         return p["head_ms"] + p["tail_ms"] + sum(b[2] for b in p["buckets"])
 

@@ -110,8 +110,6 @@ def analyze(events: list[dict], top: int = 10, min_gap_us: float = 0.0) -> dict:
 STEP_PREFIX = "execute_context"  # vLLM's annotation of each step's launch ("execute_context_N(..)_generation_M(..)")
 
 
-
-
 def per_step(events: list[dict]) -> list[dict]:
     """The GPU work of each engine step: work launched from the start of a step's annotation until
     the next one's (its sampling included) belongs to it. Per step: the GPU's span from its first
