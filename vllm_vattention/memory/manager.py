@@ -310,7 +310,7 @@ class KVMemoryManager:
             return len(self._grow)
         mapper = self.mapper
         slots, spare, held, bpr = mapper.slots, self.pool.spare_frames, self._held_end, self.layout.blocks_per_row
-        mapper._retire()
+        mapper.retire()
         todo = []
         for row in list(self._grow):
             s = held[row]

@@ -64,7 +64,7 @@ class MapperStats:
 
 
 class RowMapper:
-    RETIRE_NEWEST_FROM = 4  # with more steps in flight than this, _retire() first asks the newest fence
+    RETIRE_NEWEST_FROM = 4  # with more steps in flight than this, retire() first asks the newest fence
     def __init__(self, layout: Layout, pool: PagePool, base_va: int, executor, defer_waits: bool = False):
         self.executor = executor  # runs the planned driver calls (executor.py)
         self._ops: list[Op] = []  # planned driver calls, run by the executor at the end of each call
@@ -87,12 +87,14 @@ class RowMapper:
         Finished steps are dropped first, so the list holds only steps in flight even when no slot is
         unmapped for a long time (e.g. a long decode). `reads` is kept as it is: the caller must not
         change it afterwards."""
-        self._retire()
+        self.retire()
         self._inflight.append((fence, reads))
         if len(self._inflight) > self.stats.inflight_max:
             self.stats.inflight_max = len(self._inflight)
 
-    def _retire(self) -> None:
+    def retire(self) -> None:
+        """Forget the steps in flight whose fences are done (each done() is an event query on a GPU:
+        callers retire once, then ask read_bound() for each row)."""
         q = self._inflight
         if len(q) > self.RETIRE_NEWEST_FROM and q[-1][0].done():
             # Fences complete in launch order, so the newest done means every one is; without this, a
@@ -235,7 +237,7 @@ class RowMapper:
                 continue
             changes.append((start + j, f))
         if any(current[slot] is not None for slot, _ in changes):
-            self._retire()  # only an unmap asks which steps in flight read a slot (an event query each)
+            self.retire()  # only an unmap asks which steps in flight read a slot (an event query each)
         for slot, _ in changes:
             self._unmap_slot(row, slot)
         if changes:
@@ -317,7 +319,7 @@ class RowMapper:
         ops go to the executor's background queue, and the row's next change waits for them."""
         num_slots = min(num_slots, self.layout.blocks_per_row)
         self.flush()  # nothing planned for a step may end up in the background queue
-        # (no _retire() here: the caller decided `read` from read_bounds(), which retired; one
+        # (no retire() here: the caller decided `read` from read_bounds(), which retired; one
         # event query per warmed row was most of warm()'s driver calls)
         current = self.slots[row]
         spare = self.pool.spare_frames
@@ -367,13 +369,13 @@ class RowMapper:
         return {r for r, n in self.read_bounds().items() if n}
 
     def read_bound(self, row: int) -> int:
-        """read_bounds()[row] without building the dict (a few rows per step; call _retire() first)."""
+        """read_bounds()[row] without building the dict (a few rows per step; call retire() first)."""
         return max((reads.get(row, 0) for _, reads in self._inflight), default=0)
 
     def read_bounds(self) -> dict[int, int]:
         """{row: n}: a step still running may read slots [0, n) of the row (rows it reads nothing of
         are left out)."""
-        self._retire()
+        self.retire()
         out: dict[int, int] = {}
         get = out.get
         for _, reads in self._inflight:
@@ -388,7 +390,7 @@ class RowMapper:
         it is mapped again, so no unmap needs a wait); the frame is then mapped nowhere and can warm
         another row. Returns how many frames were freed so."""
         self.flush()
-        self._retire()
+        self.retire()
         freed, rows = 0, set()
         spare, where = self.pool.spare_frames, self.where
         for f in frames:  # (warm() calls this with every spare each time it runs short: kept lean)
@@ -433,7 +435,7 @@ class RowMapper:
     def clear_row(self, row: int, from_slot: int = 0) -> None:
         """Unmap slots [from_slot, end) of `row`, waiting for any step that still reads them."""
         self._drain_warming(row)
-        self._retire()
+        self.retire()
         for s in range(from_slot, self.layout.blocks_per_row):
             self._unmap_slot(row, s)
         self._flush()
