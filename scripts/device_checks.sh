@@ -89,10 +89,13 @@ for s in $steps; do
         done
         python3 -m vllm_vattention.bench.timeline /root/tl-stock/*.json* /root/tl-vattn/*.json* --out "$OUT/timeline.md" \
           > /dev/null 2>&1; echo "timeline rc=$?"; head -4 "$OUT/timeline.md";;
-    suite_pair) # suite_round on both GPUs at once (each repetition keeps its baseline on its GPU), merged
-        for g in 0 1; do CUDA_VISIBLE_DEVICES=$g suite_rounds /root/suite-g$g suite-g$g & done; wait
+    suite_pair) # suite_round on both GPUs at once (each repetition keeps its baseline on its GPU), merged;
+        # each GPU's suites get their own vLLM cache (two engines compiling one graph at once would share
+        # files) and their own server port (suite.free_port); both result folders come back packed
+        for g in 0 1; do CUDA_VISIBLE_DEVICES=$g VLLM_CACHE_ROOT=/root/.cache/vllm-g$g suite_rounds /root/suite-g$g suite-g$g & done; wait
         vattn-bench --merge /root/suite-g0/*-${SUITE_TAG:-final}.json /root/suite-g1/*-${SUITE_TAG:-final}.json \
-          --out "$OUT" --tag ${SUITE_TAG:-final}-pair | tail -1;;
+          --out "$OUT" --tag ${SUITE_TAG:-final}-pair | tail -1
+        tar czf "$OUT/suite-pair-${SUITE_TAG:-final}.tgz" -C /root suite-g0 suite-g1;;
     tp_rest) timeout ${TP_TIMEOUT:-580} python3 -m pytest -m gpu2 tests/gpu_multi -q -s -p no:cacheprovider -k "${TP_K:-yi or preemption}" > "$OUT/tp_rest.log" 2>&1; echo "rc=$?"; grep -E "greedy|absdiff_max|passed|failed" "$OUT/tp_rest.log" | tail -12;;
     tp_ab) timeout 580 vattn-bench --tensor-parallel-size 2 --systems stock-fa3,vattn-fa2 --workloads ${TP_WORKLOADS:-1024-in-128-out,16k-context-decode} \
         --reps ${TP_REPS:-1} --max-seconds $(( ${DEADLINE:-$(( $(date +%s) + 575 ))} - $(date +%s) - 15 )) --out /root/tp > "$OUT/tp_ab.log" 2>&1

@@ -213,16 +213,9 @@ def test_results_stem_and_nearest_rank():
     assert nearest_rank(list(range(1, 101)), 0.99) == 99 and nearest_rank([5], 0.99) == 5
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_running_server_is_stopped_and_its_log_kept(tmp_path):
     import sys
-    port = _free_port()
+    port = S.free_port()
     script = tmp_path / "srv.py"
     script.write_text(
         "import http.server, sys\n"
@@ -235,7 +228,7 @@ def test_running_server_is_stopped_and_its_log_kept(tmp_path):
     with S.RunningServer([sys.executable, str(script)], {}, port, 30) as server:
         assert server._proc.poll() is None  # healthy and running inside the block
     assert server._proc.poll() is not None and "server up" in server.log
-    failing = S.RunningServer([sys.executable, "-c", "print('bad flag'); raise SystemExit(2)"], {}, _free_port(), 30)
+    failing = S.RunningServer([sys.executable, "-c", "print('bad flag'); raise SystemExit(2)"], {}, S.free_port(), 30)
     try:
         with failing:
             raise AssertionError("the block must not run when the server does not start")
@@ -250,7 +243,7 @@ def test_running_server_that_logs_more_than_a_pipe_holds_does_not_block(tmp_path
     # (a 1000-request replay hung on the device). 2 MiB before it listens, more on every request.
     import sys
     import urllib.request
-    port = _free_port()
+    port = S.free_port()
     script = tmp_path / "chatty.py"
     script.write_text(
         "import http.server, sys\n"
@@ -595,3 +588,48 @@ def test_phase_table_compares_a_last_span_only_when_both_runs_have_it_whole():
     assert row["ms"]["step 0"] == pytest.approx(1.0) and row["ms"]["whole run"] == pytest.approx(4.0)
     # stock alone, or runs without phases (older results): no rows, no section
     assert S.phase_rows([base]) == [] and S.phase_rows([{**base, "step_phases": None}]) == []
+
+
+FAKE_VLLM_CLI = """
+import http.server, json, sys, urllib.request
+args = sys.argv[1:]
+port = int(args[args.index("--port") + 1])
+if args[0] == "serve":
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200); self.end_headers()
+        def log_message(self, *a): pass
+    print("GPU KV cache size: 1,600 tokens", flush=True)
+    http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
+else:  # bench serve: the server it was given must answer
+    assert urllib.request.urlopen(f"http://127.0.0.1:{port}/health").status == 200
+    rate = float(args[args.index("--request-rate") + 1])
+    json.dump({"request_throughput": rate / 2, "output_throughput": 1.0, "total_token_throughput": 2.0,
+               "median_ttft_ms": 10.0 * rate, "p99_ttft_ms": 20.0, "median_tpot_ms": 5.0, "p99_tpot_ms": 6.0},
+              open(args[args.index("--result-filename") + 1], "w"))
+"""
+
+
+def test_serving_jobs_side_by_side_each_get_a_port_of_their_own(tmp_path):
+    """suite_pair runs a suite per GPU at once; with one fixed port the second server could not
+    listen while the first ran (and its client would have measured the first). Each job now takes
+    a free port, passed to both its server and its client: here while another server holds the
+    port every job used to take."""
+    import http.server
+    import sys
+    import threading
+    cli = tmp_path / "fake_vllm.py"
+    cli.write_text(FAKE_VLLM_CLI)
+    try:  # the port every job used to take, held by another server (or already taken on this machine)
+        busy = http.server.HTTPServer(("127.0.0.1", 8190), http.server.BaseHTTPRequestHandler)
+        threading.Thread(target=busy.serve_forever, daemon=True).start()
+    except OSError:
+        busy = None
+    try:
+        w = [S.Workload("rate-4", "serve", 8, 8, 1, request_rate=4.0), S.Workload("rate-16", "serve", 8, 8, 1, request_rate=16.0)]
+        rows = S._run_serve([sys.executable, str(cli)], "m", w, "stock-fa3", {}, str(tmp_path / "raw.json"), 60)
+    finally:
+        if busy:
+            busy.shutdown()
+    assert [(r["workload"], r["requests_per_s"], r["ttft_p50_ms"]) for r in rows] == [("rate-4", 2.0, 40.0), ("rate-16", 8.0, 160.0)]
+    assert rows[0]["max_concurrent_requests"] == 1600 // 16 // 1  # 8+8 tokens: one 16-token block each

@@ -307,10 +307,19 @@ class RunningServer:
         self._file.close()
 
 
+def free_port() -> int:
+    """A TCP port no one listens on now: servers of two suites running side by side (one per GPU,
+    device_checks.sh suite_pair) must not both take a fixed one."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _run_serve(cli, model: str, workloads: list[Workload], system: str, env, raw, timeout, tp: int = 1,
                on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """One server; `vllm bench serve` at each workload's request rate in turn."""
-    port = 8190
+    port = free_port()
     max_len = max(w.input_len + w.output_len for w in workloads) + 64
     cmd = cli + ["serve", model, "--load-format", "dummy", "--max-model-len", str(max_len),
                  "--port", str(port), "--tensor-parallel-size", str(tp), *SYSTEMS[system]["args"]]
