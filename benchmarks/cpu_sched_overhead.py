@@ -32,8 +32,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKLOADS = {"1024-in-128-out": (1024, 128, 300), "8192-in-256-out": (8192, 256, 64),
              "512-in-1024-out": (512, 1024, 256), "16k-context-decode": (16384, 1024, 24),
              # lengths drawn per request (seeded): input 64 to 4,096, output 32 to 512 (the most of each here)
-             "mixed-64-4096-in": (4096, 512, 300)}
+             "mixed-64-4096-in": (4096, 512, 300),
+             # the suite's serving workloads: Poisson arrivals at these rates (seeded), as `vllm bench serve`'s
+             "serve-rate-4": (1024, 128, 120), "serve-rate-16": (1024, 128, 240)}
 MIXED = {"mixed-64-4096-in": ((64, 4096), (32, 512))}
+SERVE = {"serve-rate-4": 4.0, "serve-rate-16": 16.0}
+# serving (--rate): a step's simulated milliseconds, fixed + per scheduled token: H200, Llama-3-8B,
+# stock's TPOT p50 at 4 requests/s (5.4 ms) and its TTFT p50 for 1,024-token prompts (~40 ms)
+STEP_MODEL = (5.4, 0.034)
 PHASES = ("remove", "admit", "extend", "read_extents", "publish", "record_reads", "warm")
 
 
@@ -88,25 +94,40 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
     live = {}
     t = dict.fromkeys(PHASES, 0.0)
     first_step: dict[str, int] = {}  # the first step's critical-path maps and swaps (no earlier step hides them)
-    admitting = {"steps": 0, "block_maps": 0}  # steps that admit requests, and the block maps they plan
+    # steps that admit requests: how many, the requests they admit, the block maps and DRAINs they plan
+    admitting = {"steps": 0, "requests": 0, "block_maps": 0, "drains": 0}
     # the other steps (decode growth): their block maps, and the most in one step
-    others = {"block_maps": 0, "max_step_block_maps": 0, "steps_with_maps": 0}
+    others = {"block_maps": 0, "max_step_block_maps": 0, "steps_with_maps": 0, "drains": 0}
     step_reads = ops.StepReads(lay.block_size)  # as the worker builds each step's reads
 
-    def drive(prompts: list[list[int]], max_tokens: int | list[int], clip: bool = True) -> int:
-        """Schedules the requests to the end through our hooks; returns the steps taken."""
+    def drive(prompts: list[list[int]], max_tokens: int | list[int], clip: bool = True,
+              arrivals: list[float] | None = None) -> int:
+        """Schedules the requests to the end through our hooks; returns the steps taken. arrivals:
+        each request's arrival second (serving); the clock moves by STEP_MODEL per step, and jumps
+        to the next arrival while nothing runs (no step, so no warm(), as in an idle server)."""
         steps = 0
         outs = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+        waiting = []
         for prompt, out_len in zip(prompts, outs):
             req = Request(str(len(live)), prompt, SamplingParams(max_tokens=out_len, ignore_eos=True, temperature=0.0),
                           None, arrival_time=float(len(live)), block_hasher=hasher)
             live[req.request_id] = req
-            sched.add_request(req)
-        while sched.has_requests():
+            waiting.append(req)
+        at = list(arrivals) if arrivals is not None else [0.0] * len(waiting)
+        now, nxt = 0.0, 0
+        while nxt < len(waiting) or sched.has_requests():
+            while nxt < len(waiting) and at[nxt] <= now:
+                sched.add_request(waiting[nxt])
+                nxt += 1
+            if not sched.has_requests():
+                now = at[nxt]
+                continue
             out = sched.schedule()
+            base_ms, per_token_ms = STEP_MODEL
+            now += (base_ms + per_token_ms * out.total_num_scheduled_tokens) / 1e3
             steps += 1
             c0 = time.perf_counter()
-            maps_before = mgr.mapper.stats.block_maps
+            maps_before, drains_before = mgr.mapper.stats.block_maps, mgr.mapper.stats.drains
             for rid in out.finished_req_ids | (out.preempted_req_ids or set()):
                 rows.remove(rid)
             c1 = time.perf_counter()
@@ -126,12 +147,15 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
                 first_step["swaps"] = mgr.mapper.stats.swaps
             if out.scheduled_new_reqs:  # a step that admits requests: its maps are the ones a GPU waits for most
                 admitting["steps"] += 1
+                admitting["requests"] += len(out.scheduled_new_reqs)
                 admitting["block_maps"] += mgr.mapper.stats.block_maps - maps_before
+                admitting["drains"] += mgr.mapper.stats.drains - drains_before
             else:
                 n_maps = mgr.mapper.stats.block_maps - maps_before
                 others["block_maps"] += n_maps
                 others["max_step_block_maps"] = max(others["max_step_block_maps"], n_maps)
                 others["steps_with_maps"] += n_maps > 0
+                others["drains"] += mgr.mapper.stats.drains - drains_before
             ids = list(out.num_scheduled_tokens)
             row_of = np.array([rows.row(r) for r in ids], dtype=np.int64)
             seq = np.array([live[r].num_computed_tokens for r in ids], dtype=np.int64)
@@ -167,8 +191,8 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
     if warmup:
         mgr.reset_stats()
         t.update(dict.fromkeys(PHASES, 0.0))
-        admitting.update(steps=0, block_maps=0)
-        others.update(block_maps=0, max_step_block_maps=0, steps_with_maps=0)
+        admitting.update(steps=0, requests=0, block_maps=0, drains=0)
+        others.update(block_maps=0, max_step_block_maps=0, steps_with_maps=0, drains=0)
     gc.collect()
     gc.freeze()  # as vLLM's EngineCore does once started (freeze_gc_heap): what start-up made is never scanned
     if chain:  # offline.py's untimed warm-up generate, then its report() resets the counters
@@ -178,8 +202,8 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
         n_in, n_out, n_req = WORKLOADS[name]
         mgr.reset_stats()
         t.update(dict.fromkeys(PHASES, 0.0))
-        admitting.update(steps=0, block_maps=0)
-        others.update(block_maps=0, max_step_block_maps=0, steps_with_maps=0)
+        admitting.update(steps=0, requests=0, block_maps=0, drains=0)
+        others.update(block_maps=0, max_step_block_maps=0, steps_with_maps=0, drains=0)
         first_step.clear()
         _LaggingFence.queries = 0
         if name in MIXED:
@@ -189,8 +213,10 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             outs: int | list[int] = rng.integers(lo_out, hi_out + 1, n_req).tolist()
         else:
             ins, outs = [n_in] * n_req, n_out
+        arrivals = (np.random.default_rng(w).exponential(1 / SERVE[name], n_req).cumsum().tolist()
+                    if name in SERVE else None)
         steps = drive([[1000 + (i * 7919 + k * 104729 + w * 13) % 20000 for k in range(ins[i])] for i in range(n_req)],
-                      outs)
+                      outs, arrivals=arrivals)
         s = mgr.stats()
         per_step = {k: round(1e3 * v / steps, 4) for k, v in t.items()}
         results.append({
@@ -200,6 +226,8 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             "block_maps": s["block_maps"], "swaps": s["swaps"], "warm_maps": s["warm_maps"],
             "block_unmaps": s["block_unmaps"], "zero_maps": s["zero_maps"], "pad_maps": s["pad_maps"],
             "hazard_waits": s["hazard_waits"], "spares_at": s["spares_at"],
+            # step changes that waited for a row's background ops (DRAIN), and those below every op pending
+            "drains": s["drains"], "drains_skipped": s["drains_skipped"],
             **{k: s[k] for k in s if k.startswith("warm_") and k != "warm_maps"},
             "event_queries_per_step": round(_LaggingFence.queries / steps, 2),
             **{f"first_step_{k}": v for k, v in first_step.items()},

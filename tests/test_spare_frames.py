@@ -281,6 +281,43 @@ def test_prefix_hits_keep_their_frames_and_only_the_rest_is_swapped(driver):
     assert driver.leaks() == []
 
 
+def test_a_step_below_a_rows_pending_background_ops_does_not_wait_for_them(driver):
+    """A running row's background ops (a growth slot, or stale slots past its end that the alias
+    scan unmaps) touch only slots from some `lo` up; a step that changes and reads the row below
+    `lo` plans no DRAIN, so its signal does not wait for the whole background queue ahead of them
+    (on an H200 such waits were the flag's longest stalls, 60-190 ms, NOTES #67). A step that
+    reaches `lo` still drains first."""
+    from vllm_vattention.memory.executor import WAIT_EVENT
+    mgr = make_manager(driver, rows=4, num_blocks=8, spare_blocks=4, background="stream")
+    bs = mgr.layout.block_size
+    row = mgr.acquire_row()
+    mgr.set_blocks(row, [0, 1])
+    mgr.publish()
+    mgr.sync()
+    running = BlockingFence(driver)  # holds the native thread: what follows queues up behind it
+    mgr.mapper.executor.run([(WAIT_EVENT, 0, 0, running.native_handle)])
+    flag_at_map = []
+    real_map = driver.map
+    driver.map = lambda *a, **k: (flag_at_map.append(mgr.flag_value()), real_map(*a, **k))[1]
+    assert mgr.mapper.map_ahead([(row, 3)], mgr._cold_spares()) == 1  # background, pending
+    mgr.set_blocks(row, [2], start=2)  # slot 2: below slot 3
+    seq = mgr.publish()
+    running.release()
+    mgr.sync()
+    assert mgr.mapper.stats.drains == 0 and mgr.mapper.stats.drains_skipped == 1
+    assert flag_at_map == [seq - 1, seq]  # block 2's map ran before the signal, the growth slot's after it
+    mgr.set_blocks(row, [3], start=3, fresh_from=0)  # reaches slot 3: waits for its background map
+    mgr.publish()
+    mgr.sync()
+    assert mgr.mapper.stats.drains == 1 and mgr.stats()["swaps"] == 1  # block 3 moved into the spare there
+    for j in range(4):  # every slot reads back what was written through it
+        driver.write(mgr.address(row, j * bs, 0, 0), bytes([j + 1]) * 8)
+        assert driver.read(mgr.address(row, j * bs, 0, 0), 8) == bytes([j + 1]) * 8
+    mgr.mapper.check_invariants()
+    mgr.close()
+    assert driver.leaks() == []
+
+
 def test_spares_of_reused_blocks_are_unmapped_from_idle_rows_and_warm_again(driver):
     """Steady state: a fresh block's former frame is still mapped in the row that last used the
     block; warm() unmaps it there (in the background) and warms the next row with it in the same

@@ -58,6 +58,8 @@ class MapperStats:
     hazard_waits: int = 0  # times an unmap had to wait for a step in flight
     inflight_max: int = 0  # most steps in flight at once (launched, fence not yet seen done)
     driver_seconds: float = 0.0  # wall time the calling thread spent handing calls to the executor
+    drains: int = 0  # step changes that waited for a row's background ops (DRAIN), none done or not
+    drains_skipped: int = 0  # step changes to a row with background ops pending that touched none of their slots
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -78,7 +80,9 @@ class RowMapper:
         self.stats = MapperStats()
         self.defer_waits = defer_waits  # stream mode: WAIT_EVENT ops for the native thread, not fence.wait()
         self.handed_over: list[Fence] = []  # fences the native thread waits on (kept alive until it has)
-        self._warming: dict[int, int] = {}  # row -> background ops to run before its next change (DRAIN)
+        # row -> (background ops to run before a change that reaches `lo`, lo: the lowest slot those
+        # ops touch); a change only below lo needs no DRAIN (_drain_warming)
+        self._warming: dict[int, tuple[int, int]] = {}
         self.unsignaled = False  # step ops went to the executor since the manager last published a signal
 
     # -- fences ----------------------------------------------------------------------------
@@ -212,7 +216,7 @@ class RowMapper:
                 f"row {row} needs {start + len(blocks)} blocks but rows hold {self.layout.blocks_per_row} "
                 f"({self.layout.row_tokens} tokens); the request is longer than max_model_len")
         frames = self.pool.frames(blocks)  # validates every id before anything changes
-        self._drain_warming(row)
+        self._drain_warming(row, start + len(blocks))
         current = self.slots[row]
         changes = []
         spare = self.pool.spare_frames
@@ -299,7 +303,7 @@ class RowMapper:
         read masked either way (a spare holds zeros or a dead block's finite KV, as vLLM's stale
         paged blocks do)."""
         num_slots = min(num_slots, self.layout.blocks_per_row)
-        self._drain_warming(row)
+        self._drain_warming(row, num_slots)
         current = self.slots[row]
         holes = [s for s in range(self._readable[row], num_slots) if current[s] is None]
         if holes:
@@ -339,7 +343,7 @@ class RowMapper:
             items.append((s, f))
         if items:
             self._map_slots(row, items, counter="warm_maps")
-            self._flush_background({row})
+            self._flush_background({row: items[0][0]})
         return ready + len(items)
 
     def map_ahead(self, items: Sequence[tuple[int, int]], cold: Iterator[int]) -> int:
@@ -350,7 +354,7 @@ class RowMapper:
         instead of being mapped while its step waits. Each row's next change waits for these ops
         (DRAIN). Returns how many slots were given a spare (fewer if `cold` ran out)."""
         self.flush()  # nothing planned for a step may end up in the background queue
-        rows: set[int] = set()
+        rows: dict[int, int] = {}  # row -> the lowest slot changed
         done = 0
         for row, slot in items:
             f = next(cold, None)
@@ -359,7 +363,7 @@ class RowMapper:
             if self.slots[row][slot] is not None:
                 self._unmap_slot(row, slot)
             self._map_slots(row, [(slot, f)], counter="growth_maps")
-            rows.add(row)
+            rows[row] = min(slot, rows.get(row, slot))
             done += 1
         self._flush_background(rows)
         return done
@@ -391,7 +395,7 @@ class RowMapper:
         another row. Returns how many frames were freed so."""
         self.flush()
         self.retire()
-        freed, rows = 0, set()
+        freed, rows = 0, {}  # rows: row -> the lowest slot unmapped
         spare, where = self.pool.spare_frames, self.where
         for f in frames:  # (warm() calls this with every spare each time it runs short: kept lean)
             if f not in spare:
@@ -410,27 +414,41 @@ class RowMapper:
                     continue
             for r, s in todo:
                 self._unmap_slot(r, s)  # no step in flight reads the slot: no wait is planned
-                rows.add(r)
+                rows[r] = min(s, rows.get(r, s))
             freed += 1
         self._flush_background(rows)
         return freed
 
-    def _flush_background(self, rows: set[int]) -> None:
-        """Hand the ops planned for `rows` (rows no request holds) to the background queue; each
-        row's next change waits for them (DRAIN)."""
+    def _flush_background(self, rows: dict[int, int]) -> None:
+        """Hand the ops planned for `rows` ({row: the lowest slot they touch}) to the background
+        queue; a later change of a row that reaches that slot waits for them (DRAIN)."""
         if self._ops:
             ops, self._ops = self._ops, []
             t = time.perf_counter()
             upto = self.executor.run_background(ops)
             self.stats.driver_seconds += time.perf_counter() - t
-            for r in rows:
-                self._warming[r] = upto
+            warming = self._warming
+            for r, lo in rows.items():
+                before = warming.get(r)
+                warming[r] = (upto, lo if before is None else min(lo, before[1]))
 
-    def _drain_warming(self, row: int) -> None:
-        """A row's background ops run before any later change to it (and before its step's signal)."""
-        upto = self._warming.pop(row, None)
-        if upto is not None:
-            self._ops.append((DRAIN, 0, 0, upto))
+    def _drain_warming(self, row: int, end: int | None = None) -> None:
+        """Before a change to slots below `end` of `row` (None: any slot) is planned, and before the
+        step that reads them: the row's background ops must have run, if any touches one of those
+        slots. DRAIN runs the background queue up to the row's last op, every other row's queued
+        before it included; on a GPU that was the flag's longest stalls (60-190 ms on an H200,
+        NOTES #67): the alias scan unmaps stale slots past running requests' ends, and each such
+        row's next decode growth, far below those slots, used to wait for the whole scan."""
+        entry = self._warming.get(row)
+        if entry is None:
+            return
+        upto, lo = entry
+        if end is not None and end <= lo:
+            self.stats.drains_skipped += 1
+            return
+        del self._warming[row]
+        self.stats.drains += 1
+        self._ops.append((DRAIN, 0, 0, upto))
 
     def clear_row(self, row: int, from_slot: int = 0) -> None:
         """Unmap slots [from_slot, end) of `row`, waiting for any step that still reads them."""
