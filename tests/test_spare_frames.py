@@ -152,6 +152,10 @@ def test_a_warmed_row_takes_a_new_requests_fresh_blocks_without_a_driver_call(dr
     mgr.sync()
     assert _driver_calls(driver) == before  # no map, unmap or set_access
     assert mgr.stats()["swaps"] == 3 and mgr.stats()["warm_maps"] == 8
+    # per admission: the first request's row was cold (3 maps), this one's warm (3 swaps, nothing mapped)
+    st = mgr.stats()
+    assert (st["admissions"], st["admit_swaps"], st["admit_maps"], st["admit_unmaps"]) == (2, 3, 3, 0)
+    assert st["admit_trace"] == [[r0, 3, 3, 0, 0, 3, 0], [row, 3, 3, 3, 3, 0, 0]]
     assert mgr.stats()["spare_frames"] == 8  # swaps trade frames; the number of spares stays
     assert {mgr.pool.frame(b) for b in (5, 6, 7)} <= set(range(16, 24))  # spares now hold them
     assert {5, 6, 7} <= mgr.pool.spare_frames  # and their former frames are spares

@@ -433,6 +433,20 @@ def test_spare_frames_table_shows_how_the_spares_worked_per_workload():
     assert "| a | vattn-fa2 | 3 | 572 | 200 | 210 | 4 | 38 | 0 | 38 | 2 | 7 | 80.9 | 3/500/0/69/0 |" in S.markdown({"results": res})
 
 
+def test_admission_table_gives_each_new_requests_swaps_and_maps_per_admission():
+    def run(n, swaps, maps, unmaps, drains):
+        return {"workload": "serve", "system": "vattn-fa2", "error": None,
+                "mapper": {"admissions": n, "admit_swaps": swaps, "admit_maps": maps, "admit_unmaps": unmaps,
+                           "drains": drains, "drains_skipped": 2}}
+    res = [run(100, 6400, 0, 0, 100), run(120, 3840, 3840, 3000, 130), run(110, 5500, 1540, 1100, 120),
+           {"workload": "serve", "system": "vattn-fa2", "error": None, "mapper": {"swaps": 5}},  # older: left out
+           {"workload": "serve", "system": "stock-fa3", "error": None}]
+    (row,) = S.admit_rows(res)
+    assert row["n"] == 3 and row["admissions"] == 110
+    assert (row["swaps"], row["maps"], row["unmaps"], row["drains"]) == (50.0, 14.0, 10.0, 120)
+    assert "| serve | vattn-fa2 | 3 | 110 | 50.0 | 14.0 | 10.0 | 120 | 2 |" in S.markdown({"results": res})
+
+
 def test_slowest_batch_table_puts_the_native_threads_worst_batch_beside_the_longest_stall():
     def run(batches, stall):
         return {"workload": "a", "system": "vattn-fa2", "error": None,

@@ -609,6 +609,23 @@ def spare_rows(results: list[dict]) -> list[dict]:
             for (w, s), ms in by.items()]
 
 
+def admit_rows(results: list[dict]) -> list[dict]:
+    """Per workload and system: how new requests' blocks got into place (manager.admit_counts),
+    per admission, medians over repetitions: moved into spares warmed ahead (no driver call), or
+    mapped while their step waited, after unmapping what a slot held; and the step changes that
+    waited for background ops (DRAIN). Runs without the counters (stock, older runs) are left out."""
+    def pick(r: dict) -> dict | None:
+        m = _mapper(r)
+        n = m.get("admissions")
+        return {"admissions": n, **{k: m[f"admit_{k}"] / n for k in ("swaps", "maps", "unmaps")},
+                "drains": m.get("drains"), "drains_skipped": m.get("drains_skipped")} if n else None
+    by = _grouped(results, pick)
+    return [{"workload": w, "system": s, "n": len(ms), **{k: statistics.median(m[k] for m in ms)
+                                                          for k in ("admissions", "swaps", "maps", "unmaps")},
+             "drains": _median_of(ms, "drains"), "drains_skipped": _median_of(ms, "drains_skipped")}
+            for (w, s), ms in by.items()]
+
+
 def _longest_stall(ms: list[dict]) -> list:
     """The longest flag stall over the runs' mapper reports: [ms, index of its wait]; [0, None] if none."""
     return max(((m.get("flag_longest_ms") or [[0, None]])[0] for m in ms), key=lambda x: x[0] or 0)
@@ -718,6 +735,14 @@ def markdown(doc: dict) -> str:
                           [[m["workload"], m["system"], m["n"], f"{m['spares']:.0f}"]
                            + [f"{m[k]:.0f}" for k in SPARE_COUNTERS]
                            + [m["inflight_max"], f"{m['longest_stall_ms']:.1f}", m["spares_at"]] for m in spares])
+    admits = admit_rows(res)
+    if admits:
+        lines += _section("New requests' blocks, per admission (medians over repetitions)",
+                          ["workload", "system", "runs", "admissions", "moved into a spare", "mapped while the step waited",
+                           "unmapped first", "steps that waited for background ops (DRAIN)", "DRAINs not needed"],
+                          [[m["workload"], m["system"], m["n"], f"{m['admissions']:.0f}", f"{m['swaps']:.1f}",
+                            f"{m['maps']:.1f}", f"{m['unmaps']:.1f}", "-" if m["drains"] is None else f"{m['drains']:.0f}",
+                            "-" if m["drains_skipped"] is None else f"{m['drains_skipped']:.0f}"] for m in admits])
     slow = slow_batch_rows(res)
     if slow:
         lines += _section("The native thread's slowest batch (submission to done; the most over repetitions)",

@@ -49,6 +49,7 @@ RECLAIM_POLICIES = ("deferred", "eager")
 # warm()'s outcomes, counted (stats()): calls that planned, that found nothing changed, that stopped at
 # a row a step in flight still reads or at the end of the spares mapped nowhere; the last depth
 _WARM_COUNTS = ("warm_calls", "warm_unchanged", "warm_stopped_in_flight", "warm_stopped_no_spare", "warm_depth")
+_ADMIT_COUNTS = ("admissions", "admit_swaps", "admit_maps", "admit_unmaps")
 
 
 class KVMemoryManager:
@@ -60,6 +61,7 @@ class KVMemoryManager:
     # warm()'s first planning calls are kept (stats' warm_trace): depth, slots warm, rows looked at,
     # rows in flight, spares freed from idle rows - how the first wave of requests found the rows
     WARM_TRACE = 24
+    ADMIT_TRACE = 24
     # a spare this many slots past a running request's blocks is kept for its growth (the next block
     # moves into it); spares further out go back to warm() (NOTES #42)
     GROWTH_KEEP = 2
@@ -145,6 +147,8 @@ class KVMemoryManager:
         self._calls, self._short_at, self._acquired_at = 0, -self.GROWTH_HOLD, 0
         self.warm_counts = dict.fromkeys(_WARM_COUNTS, 0)
         self.warm_trace: list[tuple[int, ...]] = []
+        self.admit_counts = dict.fromkeys(_ADMIT_COUNTS, 0)
+        self.admit_trace: list[tuple[int, ...]] = []  # the first ADMIT_TRACE admissions since the counters were reset
 
     # -- rows --------------------------------------------------------------------------
     @property
@@ -198,13 +202,28 @@ class KVMemoryManager:
         blocks[fresh_from:] hold no content yet (tokens not computed): they may move into spare
         frames (mapper.set_blocks); None: every block's content counts."""
         self._require_active(row)
-        if start == 0 and fresh_from is not None:
+        admission = start == 0 and fresh_from is not None  # a new request's blocks
+        if admission:
             self._recent_fresh.append(max(0, len(blocks) - fresh_from))
         self._held_end[row] = max(self._held_end[row], start + len(blocks))
         if self.growth_ahead:
             self._grow[row] = None
-        swaps = self.mapper.stats.swaps
+        st = self.mapper.stats
+        swaps, maps, unmaps = st.swaps, st.block_maps, st.block_unmaps
+        warm_before = (sum(1 for f in self.mapper.slots[row][:len(blocks)] if f in self.pool.spare_frames)
+                       if admission and len(self.admit_trace) < self.ADMIT_TRACE else None)
         self.mapper.set_blocks(row, list(blocks), start, fresh_from, live_rows=self._active)
+        if admission:
+            # how new requests' blocks got into place: moved into spares (no driver call) or mapped while
+            # their step waits, and what was unmapped first (a stale slot of the row's last user)
+            got = (st.swaps - swaps, st.block_maps - maps, st.block_unmaps - unmaps)
+            c = self.admit_counts
+            c["admissions"] += 1
+            c["admit_swaps"] += got[0]
+            c["admit_maps"] += got[1]
+            c["admit_unmaps"] += got[2]
+            if warm_before is not None:  # (row, blocks, fresh, slots holding a spare before, swaps, maps, unmaps)
+                self.admit_trace.append((row, len(blocks), len(blocks) - fresh_from, warm_before, *got))
         if self.mapper.stats.swaps != swaps:  # spares changed hands
             self._grow_blocked = False
             # (with growth_ahead a running request's growth swaps almost every step; the spare it frees
@@ -470,7 +489,8 @@ class KVMemoryManager:
                  spare_frames=len(self.pool.spare_frames), lent_blocks=self.pool.lent,
                  block_size=self.layout.block_size, pages_per_block=self.layout.pages_per_block,
                  reserved_bytes=self.layout.total_bytes, **self.warm_counts,
-                 warm_trace=[list(t) for t in self.warm_trace], spares_at=self.spares_at())
+                 warm_trace=[list(t) for t in self.warm_trace], spares_at=self.spares_at(),
+                 **self.admit_counts, admit_trace=[list(t) for t in self.admit_trace])
         native = getattr(self.mapper.executor, "stats", None)
         if native is not None:  # the native thread's own time (background modes)
             s.update(native())
@@ -504,6 +524,8 @@ class KVMemoryManager:
         self.mapper.stats = type(self.mapper.stats)()
         self.warm_counts = dict.fromkeys(_WARM_COUNTS, 0)
         self.warm_trace = []
+        self.admit_counts = dict.fromkeys(_ADMIT_COUNTS, 0)
+        self.admit_trace = []
         native = getattr(self.mapper.executor, "stats", None)
         if native is not None:
             native(reset=True)
