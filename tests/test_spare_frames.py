@@ -289,8 +289,7 @@ def test_a_step_below_a_rows_pending_background_ops_does_not_wait_for_them(drive
     """A running row's background ops (a growth slot, or stale slots past its end that the alias
     scan unmaps) touch only slots from some `lo` up; a step that changes and reads the row below
     `lo` plans no DRAIN, so its signal does not wait for the whole background queue ahead of them
-    (on an H200 such waits were the flag's longest stalls, 60-190 ms, NOTES #67). A step that
-    reaches `lo` still drains first."""
+    (NOTES #68). A step that reaches `lo` still drains first."""
     from vllm_vattention.memory.executor import WAIT_EVENT
     mgr = make_manager(driver, rows=4, num_blocks=8, spare_blocks=4, background="stream")
     bs = mgr.layout.block_size

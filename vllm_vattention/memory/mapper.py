@@ -436,9 +436,9 @@ class RowMapper:
         """Before a change to slots below `end` of `row` (None: any slot) is planned, and before the
         step that reads them: the row's background ops must have run, if any touches one of those
         slots. DRAIN runs the background queue up to the row's last op, every other row's queued
-        before it included; on a GPU that was the flag's longest stalls (60-190 ms on an H200,
-        NOTES #67): the alias scan unmaps stale slots past running requests' ends, and each such
-        row's next decode growth, far below those slots, used to wait for the whole scan."""
+        before it included, so a change that touches none of the row's pending slots (e.g. a running
+        request's growth below slots the alias scan unmapped past its end) need not wait for it
+        (NOTES #68)."""
         entry = self._warming.get(row)
         if entry is None:
             return
