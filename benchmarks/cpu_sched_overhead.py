@@ -60,16 +60,32 @@ class _LaggingFence:
     def wait(self): pass
 
 
+def bench_serve_prompts(n: int, input_len: int, output_len: int) -> list[list[int]]:
+    """The token ids `vllm bench serve --dataset-name random` sends (its RandomDataset, seed 0, with
+    the repository's model tokenizer), as the server tokenizes them. That tokenizer has 536 tokens and
+    the dataset walks the vocabulary from a random offset, so prompts that start at the same offset
+    share most of their blocks: prefix-cache hits (NOTES #71)."""
+    from transformers import AutoTokenizer
+    from vllm.benchmarks.datasets.datasets import RandomDataset
+    tok = AutoTokenizer.from_pretrained(os.path.join(ROOT, "models", "llama-3.1-8b"))
+    reqs = RandomDataset(random_seed=0).sample(tokenizer=tok, num_requests=n, input_len=input_len,
+                                               output_len=output_len, range_ratio=0.0, prefix_len=0)
+    return [tok(r.prompt).input_ids for r in reqs]
+
+
 def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 1024, warmup: bool = True,
         native: bool = False, chain: list[str] | None = None, lend: int | str = 0, block_size: int = 16,
-        growth: bool = False, keep_guards: bool = False, decode_kernel: str = "fa2") -> dict | list[dict]:
+        growth: bool = False, keep_guards: bool = False, decode_kernel: str = "fa2",
+        serve_prompts: str = "bench", prefix_rows: bool = True) -> dict | list[dict]:
     """One workload in a fresh scheduler and manager; or, with `chain`, the suite's sequence in one
     engine (offline.py): an untimed warm-up of 16 x 64-token prompts (16 out), then each workload of
     `chain` in turn, the counters reset before each (a list of results, one per workload). lend: the
     worker's lend_unused after start-up (VATTN_LEND_BLOCKS; "auto" as the engine's default). block_size: vLLM's (--block-size; 32 is
     one 4 MiB allocation per block for Llama-3-8B). growth: the manager's growth_ahead
     (VATTN_GROWTH_AHEAD). decode_kernel: VATTN_DECODE_KERNEL (fa3: decode rows get FA3's over-read
-    guard too, as the worker gives them)."""
+    guard too, as the worker gives them). serve_prompts: the serving workloads' prompts, "bench" (what
+    `vllm bench serve` sends: prefix hits) or "distinct" (no two share a block). prefix_rows: the
+    manager's (VATTN_PREFIX_ROWS)."""
     from vllm.sampling_params import SamplingParams
     from vllm.v1.outputs import ModelRunnerOutput
     from vllm.v1.request import Request
@@ -85,7 +101,8 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
     lay = make_layout("interleaved", LLAMA3_8B, PAGE, rows=2 * max_num_seqs + 1, min_row_tokens=max_len + 256,
                       block_size=block_size)
     mgr = KVMemoryManager(_NoZeroing(PAGE, capacity=1 << 50), lay, num_blocks - spares, background="stream",
-                          spare_blocks=spares, growth_ahead=growth, keep_guards=keep_guards)
+                          spare_blocks=spares, growth_ahead=growth, keep_guards=keep_guards,
+                          prefix_rows=prefix_rows)
     mgr.mapper.executor.close()
     # native: the real native thread and hand-over, with driver calls that do nothing (null_table)
     mgr.mapper.executor = NativeExecutor(*null_table()) if native else _NullExecutor()
@@ -213,10 +230,13 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             outs: int | list[int] = rng.integers(lo_out, hi_out + 1, n_req).tolist()
         else:
             ins, outs = [n_in] * n_req, n_out
-        arrivals = (np.random.default_rng(w).exponential(1 / SERVE[name], n_req).cumsum().tolist()
-                    if name in SERVE else None)
-        steps = drive([[1000 + (i * 7919 + k * 104729 + w * 13) % 20000 for k in range(ins[i])] for i in range(n_req)],
-                      outs, arrivals=arrivals)
+        prompts = [[1000 + (i * 7919 + k * 104729 + w * 13) % 20000 for k in range(ins[i])] for i in range(n_req)]
+        arrivals = None
+        if name in SERVE:
+            arrivals = np.random.default_rng(w).exponential(1 / SERVE[name], n_req).cumsum().tolist()
+            if serve_prompts == "bench":
+                prompts = bench_serve_prompts(n_req, n_in, n_out)
+        steps = drive(prompts, outs, arrivals=arrivals)
         s = mgr.stats()
         per_step = {k: round(1e3 * v / steps, 4) for k, v in t.items()}
         results.append({
@@ -227,7 +247,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             "block_unmaps": s["block_unmaps"], "zero_maps": s["zero_maps"], "pad_maps": s["pad_maps"],
             "hazard_waits": s["hazard_waits"], "spares_at": s["spares_at"],
             # step changes that waited for a row's background ops (DRAIN), and those below every op pending
-            "drains": s["drains"], "drains_skipped": s["drains_skipped"],
+            "drains": s["drains"], "drains_skipped": s["drains_skipped"], "prefix_rows": s["prefix_rows"],
             # new requests' blocks: admissions, and how many of their blocks moved into spares or were mapped
             **{k: s[k] for k in ("admissions", "admit_swaps", "admit_maps", "admit_unmaps")},
             **{k: s[k] for k in s if k.startswith("warm_") and k != "warm_maps"},
@@ -259,17 +279,23 @@ def main() -> None:
                     help="the manager's keep_guards (VATTN_KEEP_GUARDS=1): guards kept for their requests' lives")
     ap.add_argument("--decode-kernel", choices=("fa2", "fa3"), default="fa2",
                     help="VATTN_DECODE_KERNEL: fa3 gives decode rows FA3's over-read guard (suite system vattn-fa3)")
+    ap.add_argument("--serve-prompts", choices=("bench", "distinct"), default="bench",
+                    help="serving workloads: the prompts vllm bench serve sends (prefix hits), or distinct ones")
+    ap.add_argument("--fifo-rows", action="store_true",
+                    help="VATTN_PREFIX_ROWS=0: rows in FIFO order only (prefix hits mapped into warm rows)")
     args = ap.parse_args()
     if args.profile:
         prof = cProfile.Profile()
         r = prof.runcall(run, args.workload, args.num_blocks, args.spares, warmup=not args.no_warmup, native=args.native,
                          lend=args.lend, block_size=args.block_size, growth=args.growth,
-                         keep_guards=args.keep_guards, decode_kernel=args.decode_kernel)
+                         keep_guards=args.keep_guards, decode_kernel=args.decode_kernel,
+                         serve_prompts=args.serve_prompts, prefix_rows=not args.fifo_rows)
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     else:
         r = run(args.workload, args.num_blocks, args.spares, warmup=not args.no_warmup, native=args.native,
                 chain=[w for w in args.chain.split(",") if w] or None, lend=args.lend, block_size=args.block_size,
-                growth=args.growth, keep_guards=args.keep_guards, decode_kernel=args.decode_kernel)
+                growth=args.growth, keep_guards=args.keep_guards, decode_kernel=args.decode_kernel,
+                         serve_prompts=args.serve_prompts, prefix_rows=not args.fifo_rows)
     for one in (r if isinstance(r, list) else [r]):
         print(one)
 

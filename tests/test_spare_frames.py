@@ -819,3 +819,88 @@ def test_unmap_aliases_frees_a_spare_only_if_every_slot_that_maps_it_may_go(driv
     assert alone not in m.where and driver.mapping_at(mgr.address(r0, mgr.layout.block_size, 0, 0)) is None
     mgr.close()
     assert driver.leaks() == []
+
+
+@pytest.mark.parametrize("background", [False, "stream"])
+def test_a_request_with_prefix_hits_gets_the_free_row_that_still_maps_them(driver, background):
+    """vllm bench serve's prompts share prefixes (NOTES #71): a hit block has content, so a warm
+    row must map it (and unmap the spare its slot held) while the step waits. The row of the request
+    that computed the blocks, released, still maps them at the same slots (deferred reclamation):
+    the new request gets that row, and only what differs is mapped."""
+    from vllm_vattention.memory import RequestRows
+    mgr = make_manager(driver, rows=6, num_blocks=16, spare_blocks=4, background=background)
+    bs = mgr.layout.block_size
+    rows = RequestRows(mgr)
+
+    def settle():  # the step's mappings in place (stream mode: published to the native thread first)
+        if mgr.stream_mode:
+            mgr.publish()
+        mgr.sync()
+
+    first = rows.admit("a", [0, 1, 2], 0)
+    settle()
+    for j, b in enumerate((0, 1, 2)):
+        driver.write(mgr.address(first, j * bs, 0, 0), bytes([10 + b]) * 8)
+    rows.remove("a")
+    mgr.warm()
+    settle()
+    head = mgr._free_rows[0]
+    assert head != first  # FIFO would hand out another row (the released one went to the back)
+    before, maps = _driver_calls(driver), mgr.stats()["block_maps"]
+    row = rows.admit("b", [0, 1, 5], 2 * bs)  # blocks 0 and 1 are hits, 5 is fresh
+    settle()
+    assert row == first and mgr.stats()["prefix_rows"] == 1
+    assert mgr.stats()["block_maps"] == maps + 1  # block 5 only (slot 2 held block 2: unmapped first)
+    assert _driver_calls(driver) - before == 3  # unmap, map, set_access
+    for j, b in enumerate((0, 1)):  # the hits read back what request a wrote
+        assert driver.read(mgr.address(row, j * bs, 0, 0), 8) == bytes([10 + b]) * 8
+    # few hits against many fresh blocks: a warm row costs fewer maps, FIFO stands
+    rows.remove("b")
+    row2 = rows.admit("c", [0, 6, 7, 8], bs)
+    assert row2 != first and mgr.stats()["prefix_rows"] == 1
+    mgr.mapper.check_invariants()
+    mgr.close()
+    assert driver.leaks() == []
+
+
+def test_a_prefix_row_a_step_in_flight_still_reads_is_not_taken(driver):
+    from vllm_vattention.memory import RequestRows
+    mgr = make_manager(driver, rows=6, num_blocks=16, spare_blocks=4)
+    bs = mgr.layout.block_size
+    rows = RequestRows(mgr)
+    first = rows.admit("a", [0, 1, 2], 0)
+    stream = FakeStream()
+    mgr.record_reads(stream.fence(), {first: 3 * bs})  # a step still reads the row
+    rows.remove("a")
+    other = rows.admit("b", [0, 1, 5], 2 * bs)
+    assert other != first
+    assert mgr.stats()["prefix_rows"] == 0 and mgr.stats()["hazard_waits"] == 0
+    stream.finished = stream.launched  # the step is done: the row is free to take now
+    rows.remove("b")  # (its row maps the hits too now)
+    assert rows.admit("c", [0, 1, 7], 2 * bs) in (first, other) and mgr.stats()["prefix_rows"] == 1
+    mgr.close()
+
+
+def test_eager_reclamation_has_no_prefix_row_to_offer(driver):
+    from vllm_vattention.memory import RequestRows
+    mgr = make_manager(driver, rows=6, num_blocks=16, reclaim="eager")
+    rows = RequestRows(mgr)
+    first = rows.admit("a", [0, 1, 2], 0)
+    rows.remove("a")
+    assert rows.admit("b", [0, 1, 5], 2 * mgr.layout.block_size) != first
+    mgr.close()
+
+
+def test_prefix_rows_off_keeps_fifo_order(driver):
+    """VATTN_PREFIX_ROWS=0 (suite system vattn-fifo-rows): the rule before NOTES #71, for A/B runs."""
+    from vllm_vattention.config import VattnConfig
+    from vllm_vattention.memory import RequestRows
+    assert VattnConfig.from_env({"VATTN_PREFIX_ROWS": "0"}).prefix_rows is False
+    assert VattnConfig.from_env({}).prefix_rows is True
+    mgr = make_manager(driver, rows=6, num_blocks=16, prefix_rows=False)
+    rows = RequestRows(mgr)
+    first = rows.admit("a", [0, 1, 2], 0)
+    rows.remove("a")
+    assert rows.admit("b", [0, 1, 5], 2 * mgr.layout.block_size) != first
+    assert mgr.stats()["prefix_rows"] == 0
+    mgr.close()

@@ -15,6 +15,7 @@
 | VATTN_LEND_BLOCKS | integer >= 0, or auto | auto in stream mode, else 0 | stream mode: the frames of up to this many of vLLM's KV blocks that were never handed out also serve as spare frames, until vLLM hands the blocks out (more rows warm at once in a burst of new requests; no memory leaves the KV budget; memory/manager.py lend_unused). auto: the blocks one step's tokens fill, at most AUTO_LEND_SHARE (1/4) of the KV budget's blocks. The default since benchmarks/NOTES.md #58 (H100: 1024-in/128-out 0.976x -> 0.994x of stock, output checked against stock, #54) |
 | VATTN_GROWTH_AHEAD | 0, 1 | 0 | stream mode: warm() keeps the slot past each running request's blocks mapped with a spare frame (in the background), so that its next block (decode growth, one every block_size tokens) moves in without a driver call while its step waits; short of spares, only a few free rows stay warm for new requests (memory/manager.py _warm_growth). Off until measured on a GPU (CPU harness: benchmarks/NOTES.md #61) |
 | VATTN_KEEP_GUARDS | 0, 1 | 0 | 1: keep FA3's over-read guard past a running request's blocks (and the spare frames in it) for the request's life, the rule before benchmarks/NOTES.md #62; 0: let it go once the request decodes (FA2 reads no further than its tokens), so its spares warm rows for new requests. For A/B runs (suite system vattn-keep-guards) |
+| VATTN_PREFIX_ROWS | 0, 1 | 1 | 1: a new request whose first blocks are prefix-cache hits gets the free row that still maps them at the same slots (deferred reclamation kept the mappings of the request that computed them), when that maps fewer blocks than a warm row, which must map every hit while the step waits (benchmarks/NOTES.md #71); 0: rows in FIFO order only. For A/B runs (suite system vattn-fifo-rows) |
 | VATTN_PREFIX_EVICTION | lru, discard-lru, second-chance, adaptive | lru | prefix-cache eviction order in vLLM's scheduler (prefix_eviction.py); works with any attention backend |
 | VATTN_PREFIX_MIN_USERS | integer >= 2 | 2 | the one bit: a cached block used by at least this many requests is "keep" (discard-lru: not evicted before the others; second-chance: one more pass through the free queue; adaptive: in the list evicted second, by a share learned from misses) |
 """
@@ -116,6 +117,7 @@ class VattnConfig:
     lend_blocks: int | str | None = None  # a count or "auto" (lend_blocks_for()); None: as spare_blocks
     growth_ahead: bool = False
     keep_guards: bool = False
+    prefix_rows: bool = True
     prefix_eviction: str = "lru"
     prefix_min_users: int = DEFAULT_MIN_USERS
 
@@ -138,6 +140,7 @@ class VattnConfig:
             lend_blocks=_spares(env, "VATTN_LEND_BLOCKS", None),
             growth_ahead=_flag(env, "VATTN_GROWTH_AHEAD", False),
             keep_guards=_flag(env, "VATTN_KEEP_GUARDS", False),
+            prefix_rows=_flag(env, "VATTN_PREFIX_ROWS", True),
             prefix_eviction=_choice(env, "VATTN_PREFIX_EVICTION", PREFIX_EVICTION_MODES, "lru"),
             prefix_min_users=_int(env, "VATTN_PREFIX_MIN_USERS", DEFAULT_MIN_USERS, minimum=2),
         )

@@ -181,7 +181,7 @@ class VattnModelRunner(V2ModelRunner):
         driver = CudaDriver(device.index if device.index is not None else torch.cuda.current_device())
         self.vattn = KVMemoryManager(driver, layout, kv_cache_config.num_blocks, reclaim=cfg.reclaim,
                                      background=cfg.background_map, growth_ahead=cfg.growth_ahead,
-                                     keep_guards=cfg.keep_guards,
+                                     keep_guards=cfg.keep_guards, prefix_rows=cfg.prefix_rows,
                                      spare_blocks=self._resolved_spares(cfg, vllm_config, kv_cache_config.num_blocks))
         dummy = self.vattn.reserve_zero_row()
         assert dummy == DUMMY_ROW

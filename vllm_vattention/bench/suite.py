@@ -55,6 +55,9 @@ SYSTEMS: dict[str, dict] = {
     "vattn-growth": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_GROWTH_AHEAD": "1"}, "args": []},
     # the default with FA3's guards kept for their requests' lives, as before NOTES.md #62
     "vattn-keep-guards": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_KEEP_GUARDS": "1"}, "args": []},
+    # rows in FIFO order only: a request with prefix hits gets a warm row and maps every hit (the
+    # default before benchmarks/NOTES.md #71)
+    "vattn-fifo-rows": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_PREFIX_ROWS": "0"}, "args": []},
     # the default from NOTES.md #29 to #57: spare frames, no lent blocks
     "vattn-no-lend": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_LEND_BLOCKS": "0"}, "args": []},
     # the frames of never-used blocks lent as spares (NOTES.md #47): one step's fresh blocks more, with

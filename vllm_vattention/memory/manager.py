@@ -81,7 +81,7 @@ class KVMemoryManager:
 
     def __init__(self, driver: Driver, layout: Layout, num_blocks: int, reclaim: str = "deferred",
                  background: bool | str = False, spare_blocks: int = 0, growth_ahead: bool = False,
-                 keep_guards: bool = False):
+                 keep_guards: bool = False, prefix_rows: bool = True):
         if reclaim not in RECLAIM_POLICIES:
             raise ValueError(f"reclaim={reclaim!r}; use one of {RECLAIM_POLICIES}")
         if background not in (False, True, "stream"):
@@ -134,6 +134,8 @@ class KVMemoryManager:
         self.keep_guards = keep_guards  # (VATTN_KEEP_GUARDS: the former rule, every guard kept while its request runs)
         self._closed = False
         self._recent_fresh: deque[int] = deque(maxlen=self.WARM_HISTORY)  # fresh blocks of new requests
+        self.prefix_rows = 0  # new requests given the free row that still mapped their prefix hits
+        self.prefer_prefix_rows = prefix_rows and reclaim == "deferred"  # (VATTN_PREFIX_ROWS; eager keeps no mappings)
         self._warm_stale = True  # something warm() depends on changed since it last finished its work
         self.pad_reserve = min(self.PAD_RESERVE, spare_blocks // 32)
         # growth_ahead (stream mode with spares): warm() keeps the slot past each running request's
@@ -155,18 +157,51 @@ class KVMemoryManager:
     def num_free_rows(self) -> int:
         return len(self._free_rows)
 
-    def acquire_row(self) -> int:
+    def acquire_row(self, blocks: Sequence[int] = (), cached: int = 0) -> int:
+        """A free row for a new request. FIFO (the longest-idle row: least likely to be in flight,
+        and the next warm one) - unless the request's first `cached` `blocks` are prefix-cache hits
+        and a free row still maps most of them at the same slots (deferred reclamation kept the
+        mappings of the request that computed them): then that row, if it costs fewer block maps
+        than a warm row would (a warm row maps every hit; its spares only help fresh blocks)."""
         if not self._free_rows:
             raise MappingError(
                 f"all {self.layout.rows} rows are in use; more requests run at once than rows were "
                 "reserved for (rows follow --max-num-seqs)")
-        row = self._free_rows.popleft()  # FIFO: the longest-idle row, least likely to be in flight
+        row = self._prefix_row(blocks, cached) if cached and self.prefer_prefix_rows else None
+        if row is None:
+            row = self._free_rows.popleft()
+        else:
+            self._free_rows.remove(row)
+            self.prefix_rows += 1
         self._active.add(row)
         self._held_end[row] = self._guard_end[row] = 0
         self._warm_stale = self._scan_due = True
         self._grow_blocked = False
         self._acquired_at = self._calls
         return row
+
+    def _prefix_row(self, blocks: Sequence[int], cached: int) -> int | None:
+        """The free row that maps the longest run of `blocks`' frames from slot 0, if taking it maps
+        fewer blocks than a warm row: (len(blocks) - run) against `cached` (NOTES #71). Rows a step
+        in flight may still read are left out (their stale slots would need a hazard wait)."""
+        frames = self.pool.frames(blocks[:cached])
+        users = self.mapper.where.get(frames[0]) if frames and frames[0] is not None else None
+        if not users:
+            return None
+        best, best_run = None, 0
+        slots_of = self.mapper.slots
+        for r, s in users:
+            if s != 0 or r in self._active or r in self._zero_rows:
+                continue
+            slots, run = slots_of[r], 1
+            while run < len(frames) and slots[run] == frames[run]:
+                run += 1
+            if run > best_run:
+                best, best_run = r, run
+        if best is None or len(blocks) - best_run >= cached:
+            return None
+        self.mapper.retire()
+        return best if self.mapper.read_bound(best) == 0 else None
 
     def reserve_zero_row(self) -> int:
         """A row for dummy runs, CUDA-graph capture and padded batch entries: acquired for good and
@@ -490,7 +525,7 @@ class KVMemoryManager:
                  block_size=self.layout.block_size, pages_per_block=self.layout.pages_per_block,
                  reserved_bytes=self.layout.total_bytes, **self.warm_counts,
                  warm_trace=[list(t) for t in self.warm_trace], spares_at=self.spares_at(),
-                 **self.admit_counts, admit_trace=[list(t) for t in self.admit_trace])
+                 **self.admit_counts, admit_trace=[list(t) for t in self.admit_trace], prefix_rows=self.prefix_rows)
         native = getattr(self.mapper.executor, "stats", None)
         if native is not None:  # the native thread's own time (background modes)
             s.update(native())
@@ -526,6 +561,7 @@ class KVMemoryManager:
         self.warm_trace = []
         self.admit_counts = dict.fromkeys(_ADMIT_COUNTS, 0)
         self.admit_trace = []
+        self.prefix_rows = 0
         native = getattr(self.mapper.executor, "stats", None)
         if native is not None:
             native(reset=True)

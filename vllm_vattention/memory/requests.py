@@ -31,9 +31,11 @@ class RequestRows:
         if request_id in self._row:
             raise MappingError(f"request {request_id!r} already holds row {self._row[request_id]}")
         m = self.manager
-        row = m.acquire_row()
+        fresh_from = -(-num_computed_tokens // m.layout.block_size)
+        # the row that still maps the prefix-cache hits (wholly computed blocks), if one is free
+        row = m.acquire_row(blocks, num_computed_tokens // m.layout.block_size)
         try:
-            m.set_blocks(row, blocks, fresh_from=-(-num_computed_tokens // m.layout.block_size))
+            m.set_blocks(row, blocks, fresh_from=fresh_from)
         except BaseException:
             m.release_row(row)
             raise
