@@ -247,7 +247,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             "block_unmaps": s["block_unmaps"], "zero_maps": s["zero_maps"], "pad_maps": s["pad_maps"],
             "hazard_waits": s["hazard_waits"], "spares_at": s["spares_at"],
             # step changes that waited for a row's background ops (DRAIN), and those below every op pending
-            "drains": s["drains"], "drains_skipped": s["drains_skipped"], "prefix_rows": s["prefix_rows"],
+            "drains": s["drains"], "drains_skipped": s["drains_skipped"], "prefix_rows_taken": s["prefix_rows_taken"],
             # new requests' blocks: admissions, and how many of their blocks moved into spares or were mapped
             **{k: s[k] for k in ("admissions", "admit_swaps", "admit_maps", "admit_unmaps")},
             **{k: s[k] for k in s if k.startswith("warm_") and k != "warm_maps"},

@@ -849,7 +849,7 @@ def test_a_request_with_prefix_hits_gets_the_free_row_that_still_maps_them(drive
     before, maps = _driver_calls(driver), mgr.stats()["block_maps"]
     row = rows.admit("b", [0, 1, 5], 2 * bs)  # blocks 0 and 1 are hits, 5 is fresh
     settle()
-    assert row == first and mgr.stats()["prefix_rows"] == 1
+    assert row == first and mgr.stats()["prefix_rows_taken"] == 1
     assert mgr.stats()["block_maps"] == maps + 1  # block 5 only (slot 2 held block 2: unmapped first)
     assert _driver_calls(driver) - before == 3  # unmap, map, set_access
     for j, b in enumerate((0, 1)):  # the hits read back what request a wrote
@@ -857,7 +857,7 @@ def test_a_request_with_prefix_hits_gets_the_free_row_that_still_maps_them(drive
     # few hits against many fresh blocks: a warm row costs fewer maps, FIFO stands
     rows.remove("b")
     row2 = rows.admit("c", [0, 6, 7, 8], bs)
-    assert row2 != first and mgr.stats()["prefix_rows"] == 1
+    assert row2 != first and mgr.stats()["prefix_rows_taken"] == 1
     mgr.mapper.check_invariants()
     mgr.close()
     assert driver.leaks() == []
@@ -874,10 +874,10 @@ def test_a_prefix_row_a_step_in_flight_still_reads_is_not_taken(driver):
     rows.remove("a")
     other = rows.admit("b", [0, 1, 5], 2 * bs)
     assert other != first
-    assert mgr.stats()["prefix_rows"] == 0 and mgr.stats()["hazard_waits"] == 0
+    assert mgr.stats()["prefix_rows_taken"] == 0 and mgr.stats()["hazard_waits"] == 0
     stream.finished = stream.launched  # the step is done: the row is free to take now
     rows.remove("b")  # (its row maps the hits too now)
-    assert rows.admit("c", [0, 1, 7], 2 * bs) in (first, other) and mgr.stats()["prefix_rows"] == 1
+    assert rows.admit("c", [0, 1, 7], 2 * bs) in (first, other) and mgr.stats()["prefix_rows_taken"] == 1
     mgr.close()
 
 
@@ -902,5 +902,5 @@ def test_prefix_rows_off_keeps_fifo_order(driver):
     first = rows.admit("a", [0, 1, 2], 0)
     rows.remove("a")
     assert rows.admit("b", [0, 1, 5], 2 * mgr.layout.block_size) != first
-    assert mgr.stats()["prefix_rows"] == 0
+    assert mgr.stats()["prefix_rows_taken"] == 0
     mgr.close()

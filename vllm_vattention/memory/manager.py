@@ -134,7 +134,7 @@ class KVMemoryManager:
         self.keep_guards = keep_guards  # (VATTN_KEEP_GUARDS: the former rule, every guard kept while its request runs)
         self._closed = False
         self._recent_fresh: deque[int] = deque(maxlen=self.WARM_HISTORY)  # fresh blocks of new requests
-        self.prefix_rows = 0  # new requests given the free row that still mapped their prefix hits
+        self.prefix_rows_taken = 0  # new requests given the free row that still mapped their prefix hits
         self.prefer_prefix_rows = prefix_rows and reclaim == "deferred"  # (VATTN_PREFIX_ROWS; eager keeps no mappings)
         self._warm_stale = True  # something warm() depends on changed since it last finished its work
         self.pad_reserve = min(self.PAD_RESERVE, spare_blocks // 32)
@@ -172,7 +172,7 @@ class KVMemoryManager:
             row = self._free_rows.popleft()
         else:
             self._free_rows.remove(row)
-            self.prefix_rows += 1
+            self.prefix_rows_taken += 1
         self._active.add(row)
         self._held_end[row] = self._guard_end[row] = 0
         self._warm_stale = self._scan_due = True
@@ -525,7 +525,7 @@ class KVMemoryManager:
                  block_size=self.layout.block_size, pages_per_block=self.layout.pages_per_block,
                  reserved_bytes=self.layout.total_bytes, **self.warm_counts,
                  warm_trace=[list(t) for t in self.warm_trace], spares_at=self.spares_at(),
-                 **self.admit_counts, admit_trace=[list(t) for t in self.admit_trace], prefix_rows=self.prefix_rows)
+                 **self.admit_counts, admit_trace=[list(t) for t in self.admit_trace], prefix_rows_taken=self.prefix_rows_taken)
         native = getattr(self.mapper.executor, "stats", None)
         if native is not None:  # the native thread's own time (background modes)
             s.update(native())
@@ -561,7 +561,7 @@ class KVMemoryManager:
         self.warm_trace = []
         self.admit_counts = dict.fromkeys(_ADMIT_COUNTS, 0)
         self.admit_trace = []
-        self.prefix_rows = 0
+        self.prefix_rows_taken = 0
         native = getattr(self.mapper.executor, "stats", None)
         if native is not None:
             native(reset=True)
