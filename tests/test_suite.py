@@ -618,6 +618,11 @@ if args[0] == "serve":
 else:  # bench serve: the server it was given must answer
     assert urllib.request.urlopen(f"http://127.0.0.1:{port}/health").status == 200
     rate = float(args[args.index("--request-rate") + 1])
+    if args[args.index("--dataset-name") + 1] == "custom":  # report the prompts it was given, as the throughput
+        prompts = [json.loads(line)["prompt"] for line in open(args[args.index("--dataset-path") + 1])]
+        assert "--skip-chat-template" in args and args[args.index("--custom-output-len") + 1] == "8"
+        rate = 2.0 * len(set(prompts))
+        json.dump(prompts, open(args[args.index("--result-filename") + 1] + ".prompts", "w"))
     json.dump({"request_throughput": rate / 2, "output_throughput": 1.0, "total_token_throughput": 2.0,
                "median_ttft_ms": 10.0 * rate, "p99_ttft_ms": 20.0, "median_tpot_ms": 5.0, "p99_tpot_ms": 6.0},
               open(args[args.index("--result-filename") + 1], "w"))
@@ -647,3 +652,27 @@ def test_serving_jobs_side_by_side_each_get_a_port_of_their_own(tmp_path):
             busy.shutdown()
     assert [(r["workload"], r["requests_per_s"], r["ttft_p50_ms"]) for r in rows] == [("rate-4", 2.0, 40.0), ("rate-16", 8.0, 160.0)]
     assert rows[0]["max_concurrent_requests"] == 1600 // 16 // 1  # 8+8 tokens: one 16-token block each
+
+
+def test_a_distinct_serving_workload_sends_prompts_that_share_no_block(tmp_path):
+    """vllm bench serve's random prompts over the repository's 536-token tokenizer share prefixes
+    (NOTES #71); the -distinct workloads send a custom dataset of random words instead: as many
+    prompts as asked, each of input_len tokens, no two alike in their first block; the file is
+    removed after the run."""
+    import os
+    import sys
+    from transformers import AutoTokenizer
+    model = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "llama-3.1-8b")
+    cli = tmp_path / "fake_vllm.py"
+    cli.write_text(FAKE_VLLM_CLI)
+    raw = str(tmp_path / "raw.json")
+    w = [S.Workload("d", "serve", 32, 8, 6, request_rate=4.0, dataset="distinct")]
+    rows = S._run_serve([sys.executable, str(cli)], model, w, "vattn-fa2", {}, raw, 60)
+    assert rows[0]["requests_per_s"] == 6  # six distinct prompts reached the client
+    prompts = json.load(open(raw + ".prompts"))
+    tok = AutoTokenizer.from_pretrained(model)
+    ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]
+    assert [len(i) for i in ids] == [32] * 6
+    assert len({tuple(i[:16]) for i in ids}) == 6
+    assert not list(tmp_path.glob("*.jsonl"))
+    assert {x.name for x in S.WORKLOADS if x.dataset == "distinct"} == {"serve-rate-4-distinct", "serve-rate-16-distinct"}

@@ -93,6 +93,10 @@ class Workload:
     # offline only: lengths drawn per request from [input_min, input_len] and [output_min, output_len]
     input_min: int | None = None
     output_min: int | None = None
+    # serve only: "random" (`vllm bench serve --dataset-name random`: over this repository's 536-token
+    # tokenizer its prompts share prefixes, so many blocks are prefix-cache hits, NOTES #71) or
+    # "distinct" (prompts of random words, no two sharing a block: a custom dataset written per run)
+    dataset: str = "random"
 
     def spec(self) -> list:
         """bench/offline.py's --workloads entry."""
@@ -110,6 +114,10 @@ WORKLOADS = [
     Workload("mixed-64-4096-in", "offline", 4096, 512, 300, input_min=64, output_min=32),
     Workload("serve-rate-4", "serve", 1024, 128, 120, request_rate=4.0),
     Workload("serve-rate-16", "serve", 1024, 128, 240, request_rate=16.0),
+    # the same rates without prefix hits (typical random traffic; a real tokenizer's random prompts
+    # would rarely share a block either)
+    Workload("serve-rate-4-distinct", "serve", 1024, 128, 120, request_rate=4.0, dataset="distinct"),
+    Workload("serve-rate-16-distinct", "serve", 1024, 128, 240, request_rate=16.0, dataset="distinct"),
     # How many 300-token requests fit at once in the KV budget vLLM's profiling gives each system
     # (read from the offline engine's start-up log: same GPU, same --gpu-memory-utilization).
     Workload("capacity-300-tokens", "capacity", 280, 20, 0),
@@ -319,6 +327,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def distinct_prompts(model: str, w: Workload, path: str) -> str:
+    """Writes `w.num_prompts` prompts of `w.input_len` tokens of random words (seeded by the
+    workload's name), no two alike in their first block, as a JSONL file for `vllm bench serve
+    --dataset-name custom`. Returns `path`."""
+    import random
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model)
+    rng = random.Random(w.name)
+    words = [t for t in (tok.decode([i]).strip() for i in range(min(tok.vocab_size, 4096))) if t.isalpha()]
+    with open(path, "w") as f:
+        for _ in range(w.num_prompts):
+            text = " ".join(rng.choice(words) for _ in range(2 * w.input_len))
+            ids = tok(text, add_special_tokens=False).input_ids[:w.input_len]
+            f.write(json.dumps({"prompt": tok.decode(ids)}) + "\n")
+    return path
+
+
+def _dataset_args(model: str, w: Workload, raw: str) -> list[str]:
+    """`vllm bench serve`'s dataset flags for workload `w`."""
+    if w.dataset == "distinct":
+        path = distinct_prompts(model, w, f"{raw}.{w.name}.jsonl")
+        return ["--dataset-name", "custom", "--dataset-path", path, "--custom-output-len", str(w.output_len),
+                "--skip-chat-template"]
+    return ["--dataset-name", "random", "--random-input-len", str(w.input_len), "--random-output-len", str(w.output_len)]
+
+
 def _run_serve(cli, model: str, workloads: list[Workload], system: str, env, raw, timeout, tp: int = 1,
                on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """One server; `vllm bench serve` at each workload's request rate in turn."""
@@ -330,11 +364,14 @@ def _run_serve(cli, model: str, workloads: list[Workload], system: str, env, raw
     server = RunningServer(cmd, env, port, timeout / 2, os.path.join(os.path.dirname(raw), f"log-serve-{system}.txt"))
     with server:
         for w in workloads:
-            client = cli + ["bench", "serve", "--model", model, "--port", str(port), "--dataset-name", "random",
-                            "--random-input-len", str(w.input_len), "--random-output-len", str(w.output_len),
+            client = cli + ["bench", "serve", "--model", model, "--port", str(port), *_dataset_args(model, w, raw),
                             "--num-prompts", str(w.num_prompts), "--request-rate", str(w.request_rate),
                             "--ignore-eos", "--save-result", "--result-filename", raw]
-            p = subprocess.run(client, env=env, capture_output=True, text=True, timeout=timeout)
+            try:
+                p = subprocess.run(client, env=env, capture_output=True, text=True, timeout=timeout)
+            finally:
+                if w.dataset == "distinct" and os.path.exists(f"{raw}.{w.name}.jsonl"):
+                    os.remove(f"{raw}.{w.name}.jsonl")
             if p.returncode != 0:
                 raise RuntimeError(f"bench serve failed:\n{(p.stdout + p.stderr)[-3000:]}")
             d = json.load(open(raw))
