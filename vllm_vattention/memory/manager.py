@@ -49,7 +49,9 @@ RECLAIM_POLICIES = ("deferred", "eager")
 # warm()'s outcomes, counted (stats()): calls that planned, that found nothing changed, that stopped at
 # a row a step in flight still reads or at the end of the spares mapped nowhere; the last depth
 _WARM_COUNTS = ("warm_calls", "warm_unchanged", "warm_stopped_in_flight", "warm_stopped_no_spare", "warm_depth")
-_ADMIT_COUNTS = ("admissions", "admit_swaps", "admit_maps", "admit_unmaps")
+# new requests' blocks (set_blocks from slot 0): admissions, blocks moved into spares, mapped, unmapped first;
+# and the admissions that took the free row still mapping their prefix hits (acquire_row)
+_ADMIT_COUNTS = ("admissions", "admit_swaps", "admit_maps", "admit_unmaps", "prefix_rows_taken")
 
 
 class KVMemoryManager:
@@ -134,7 +136,6 @@ class KVMemoryManager:
         self.keep_guards = keep_guards  # (VATTN_KEEP_GUARDS: the former rule, every guard kept while its request runs)
         self._closed = False
         self._recent_fresh: deque[int] = deque(maxlen=self.WARM_HISTORY)  # fresh blocks of new requests
-        self.prefix_rows_taken = 0  # new requests given the free row that still mapped their prefix hits
         self.prefer_prefix_rows = prefix_rows and reclaim == "deferred"  # (VATTN_PREFIX_ROWS; eager keeps no mappings)
         self._warm_stale = True  # something warm() depends on changed since it last finished its work
         self.pad_reserve = min(self.PAD_RESERVE, spare_blocks // 32)
@@ -147,10 +148,7 @@ class KVMemoryManager:
         self._scan_due, self._scan_countdown = True, 0  # warm()'s alias scan: rows changed / calls left
         # warm() calls; the last in which growth slots ran short; the last before a row was acquired
         self._calls, self._short_at, self._acquired_at = 0, -self.GROWTH_HOLD, 0
-        self.warm_counts = dict.fromkeys(_WARM_COUNTS, 0)
-        self.warm_trace: list[tuple[int, ...]] = []
-        self.admit_counts = dict.fromkeys(_ADMIT_COUNTS, 0)
-        self.admit_trace: list[tuple[int, ...]] = []  # the first ADMIT_TRACE admissions since the counters were reset
+        self._zero_counters()
 
     # -- rows --------------------------------------------------------------------------
     @property
@@ -172,7 +170,7 @@ class KVMemoryManager:
             row = self._free_rows.popleft()
         else:
             self._free_rows.remove(row)
-            self.prefix_rows_taken += 1
+            self.admit_counts["prefix_rows_taken"] += 1
         self._active.add(row)
         self._held_end[row] = self._guard_end[row] = 0
         self._warm_stale = self._scan_due = True
@@ -525,7 +523,7 @@ class KVMemoryManager:
                  block_size=self.layout.block_size, pages_per_block=self.layout.pages_per_block,
                  reserved_bytes=self.layout.total_bytes, **self.warm_counts,
                  warm_trace=[list(t) for t in self.warm_trace], spares_at=self.spares_at(),
-                 **self.admit_counts, admit_trace=[list(t) for t in self.admit_trace], prefix_rows_taken=self.prefix_rows_taken)
+                 **self.admit_counts, admit_trace=[list(t) for t in self.admit_trace])
         native = getattr(self.mapper.executor, "stats", None)
         if native is not None:  # the native thread's own time (background modes)
             s.update(native())
@@ -557,14 +555,17 @@ class KVMemoryManager:
     def reset_stats(self) -> None:
         """Counters start again from zero (e.g. after start-up)."""
         self.mapper.stats = type(self.mapper.stats)()
-        self.warm_counts = dict.fromkeys(_WARM_COUNTS, 0)
-        self.warm_trace = []
-        self.admit_counts = dict.fromkeys(_ADMIT_COUNTS, 0)
-        self.admit_trace = []
-        self.prefix_rows_taken = 0
+        self._zero_counters()
         native = getattr(self.mapper.executor, "stats", None)
         if native is not None:
             native(reset=True)
+
+    def _zero_counters(self) -> None:
+        """warm()'s and the admissions' counters and traces (stats()), from zero."""
+        self.warm_counts = dict.fromkeys(_WARM_COUNTS, 0)
+        self.warm_trace: list[tuple[int, ...]] = []
+        self.admit_counts = dict.fromkeys(_ADMIT_COUNTS, 0)
+        self.admit_trace: list[tuple[int, ...]] = []  # the first ADMIT_TRACE admissions
 
     def close(self) -> None:
         """Unmap everything (after every step in flight), release all memory. Idempotent."""
