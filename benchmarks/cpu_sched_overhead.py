@@ -112,9 +112,15 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
     t = dict.fromkeys(PHASES, 0.0)
     first_step: dict[str, int] = {}  # the first step's critical-path maps and swaps (no earlier step hides them)
     # steps that admit requests: how many, the requests they admit, the block maps and DRAINs they plan
-    admitting = {"steps": 0, "requests": 0, "block_maps": 0, "drains": 0}
+    admitting = dict.fromkeys(("steps", "requests", "block_maps", "drains"), 0)
     # the other steps (decode growth): their block maps, and the most in one step
-    others = {"block_maps": 0, "max_step_block_maps": 0, "steps_with_maps": 0, "drains": 0}
+    others = dict.fromkeys(("block_maps", "max_step_block_maps", "steps_with_maps", "drains"), 0)
+
+    def zero_counts() -> None:
+        mgr.reset_stats()
+        t.update(dict.fromkeys(PHASES, 0.0))
+        admitting.update(dict.fromkeys(admitting, 0))
+        others.update(dict.fromkeys(others, 0))
     step_reads = ops.StepReads(lay.block_size)  # as the worker builds each step's reads
 
     def drive(prompts: list[list[int]], max_tokens: int | list[int], clip: bool = True,
@@ -132,6 +138,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             waiting.append(req)
         at = list(arrivals) if arrivals is not None else [0.0] * len(waiting)
         now, nxt = 0.0, 0
+        base_ms, per_token_ms = STEP_MODEL
         while nxt < len(waiting) or sched.has_requests():
             while nxt < len(waiting) and at[nxt] <= now:
                 sched.add_request(waiting[nxt])
@@ -140,7 +147,6 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
                 now = at[nxt]
                 continue
             out = sched.schedule()
-            base_ms, per_token_ms = STEP_MODEL
             now += (base_ms + per_token_ms * out.total_num_scheduled_tokens) / 1e3
             steps += 1
             c0 = time.perf_counter()
@@ -206,10 +212,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
         lend = VattnConfig(lend_blocks="auto").lend_blocks_for(16384, block_size, mgr.pool.num_blocks)
     lent = mgr.lend_unused(int(lend))  # as the worker does next (VATTN_LEND_BLOCKS)
     if warmup:
-        mgr.reset_stats()
-        t.update(dict.fromkeys(PHASES, 0.0))
-        admitting.update(steps=0, requests=0, block_maps=0, drains=0)
-        others.update(block_maps=0, max_step_block_maps=0, steps_with_maps=0, drains=0)
+        zero_counts()
     gc.collect()
     gc.freeze()  # as vLLM's EngineCore does once started (freeze_gc_heap): what start-up made is never scanned
     if chain:  # offline.py's untimed warm-up generate, then its report() resets the counters
@@ -217,10 +220,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
     results = []
     for w, name in enumerate(names):
         n_in, n_out, n_req = WORKLOADS[name]
-        mgr.reset_stats()
-        t.update(dict.fromkeys(PHASES, 0.0))
-        admitting.update(steps=0, requests=0, block_maps=0, drains=0)
-        others.update(block_maps=0, max_step_block_maps=0, steps_with_maps=0, drains=0)
+        zero_counts()
         first_step.clear()
         _LaggingFence.queries = 0
         if name in MIXED:
@@ -230,12 +230,13 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             outs: int | list[int] = rng.integers(lo_out, hi_out + 1, n_req).tolist()
         else:
             ins, outs = [n_in] * n_req, n_out
-        prompts = [[1000 + (i * 7919 + k * 104729 + w * 13) % 20000 for k in range(ins[i])] for i in range(n_req)]
         arrivals = None
         if name in SERVE:
             arrivals = np.random.default_rng(w).exponential(1 / SERVE[name], n_req).cumsum().tolist()
-            if serve_prompts == "bench":
-                prompts = bench_serve_prompts(n_req, n_in, n_out)
+        if name in SERVE and serve_prompts == "bench":
+            prompts = bench_serve_prompts(n_req, n_in, n_out)
+        else:
+            prompts = [[1000 + (i * 7919 + k * 104729 + w * 13) % 20000 for k in range(ins[i])] for i in range(n_req)]
         steps = drive(prompts, outs, arrivals=arrivals)
         s = mgr.stats()
         per_step = {k: round(1e3 * v / steps, 4) for k, v in t.items()}
@@ -284,18 +285,15 @@ def main() -> None:
     ap.add_argument("--fifo-rows", action="store_true",
                     help="VATTN_PREFIX_ROWS=0: rows in FIFO order only (prefix hits mapped into warm rows)")
     args = ap.parse_args()
+    kw = dict(warmup=not args.no_warmup, native=args.native, lend=args.lend, block_size=args.block_size,
+              growth=args.growth, keep_guards=args.keep_guards, decode_kernel=args.decode_kernel,
+              serve_prompts=args.serve_prompts, prefix_rows=not args.fifo_rows)
     if args.profile:
         prof = cProfile.Profile()
-        r = prof.runcall(run, args.workload, args.num_blocks, args.spares, warmup=not args.no_warmup, native=args.native,
-                         lend=args.lend, block_size=args.block_size, growth=args.growth,
-                         keep_guards=args.keep_guards, decode_kernel=args.decode_kernel,
-                         serve_prompts=args.serve_prompts, prefix_rows=not args.fifo_rows)
+        r = prof.runcall(run, args.workload, args.num_blocks, args.spares, **kw)
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     else:
-        r = run(args.workload, args.num_blocks, args.spares, warmup=not args.no_warmup, native=args.native,
-                chain=[w for w in args.chain.split(",") if w] or None, lend=args.lend, block_size=args.block_size,
-                growth=args.growth, keep_guards=args.keep_guards, decode_kernel=args.decode_kernel,
-                         serve_prompts=args.serve_prompts, prefix_rows=not args.fifo_rows)
+        r = run(args.workload, args.num_blocks, args.spares, chain=[w for w in args.chain.split(",") if w] or None, **kw)
     for one in (r if isinstance(r, list) else [r]):
         print(one)
 
