@@ -24,6 +24,7 @@ import numpy as np
 from cpu_step_overhead import LLAMA3_8B, PAGE, _NoZeroing, _NullExecutor  # this script's neighbour
 from vllm_vattention.attention import ops
 from vllm_vattention.bench import sched_replay as S
+from vllm_vattention.bench import serve_hits
 from vllm_vattention.config import VattnConfig
 from vllm_vattention.memory import KVMemoryManager, RequestRows, make_layout
 from vllm_vattention.memory.native import NativeExecutor, null_table
@@ -61,16 +62,9 @@ class _LaggingFence:
 
 
 def bench_serve_prompts(n: int, input_len: int, output_len: int) -> list[list[int]]:
-    """The token ids `vllm bench serve --dataset-name random` sends (its RandomDataset, seed 0, with
-    the repository's model tokenizer), as the server tokenizes them. That tokenizer has 536 tokens and
-    the dataset walks the vocabulary from a random offset, so prompts that start at the same offset
-    share most of their blocks: prefix-cache hits (NOTES #71)."""
-    from transformers import AutoTokenizer
-    from vllm.benchmarks.datasets.datasets import RandomDataset
-    tok = AutoTokenizer.from_pretrained(os.path.join(ROOT, "models", "llama-3.1-8b"))
-    reqs = RandomDataset(random_seed=0).sample(tokenizer=tok, num_requests=n, input_len=input_len,
-                                               output_len=output_len, range_ratio=0.0, prefix_len=0)
-    return [tok(r.prompt).input_ids for r in reqs]
+    """The token ids `vllm bench serve --dataset-name random` sends, as the server tokenizes them
+    with the repository's tokenizer (536 tokens: the prompts share prefixes, NOTES #71)."""
+    return serve_hits.bench_serve_prompts(os.path.join(ROOT, "models", "llama-3.1-8b"), n, input_len, output_len)
 
 
 def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 1024, warmup: bool = True,

@@ -72,3 +72,50 @@ def test_every_kernel_reads_the_same_keys_and_values():
     assert seen_splits == [0, 0, 2, 2] * 2  # per layout and count: the timed call, then the checked one
     assert all(r["ms"] == 0.5 and r["max_abs_diff_vs_paged_fa3"] <= 1e-2 for r in res)
     assert res[1]["tb_per_s"] == pytest.approx(K.kv_bytes(3, 40) / 1e9 / 0.5)
+
+
+def test_controls_in_order_blocks_and_padded_rows_read_the_same_data():
+    """The controls of NOTES #73: paged FA3 over blocks in order gets the same block table a row has
+    (0, 1, 2, ... per sequence) and the same answer; padded rows give the kernels a view of
+    row_tokens over a longer stride, and read the same keys and values."""
+    import torch
+
+    from vllm_vattention.attention import ops
+
+    tables, strides = [], []
+
+    def paged(q, k_cache, v_cache, max_q, cu_q, max_k, seqused_k, softmax_scale, causal, block_table, out, fa_version):
+        tables.append(block_table.clone())
+        k_rows = k_cache[block_table.long()].flatten(1, 2)
+        v_rows = v_cache[block_table.long()].flatten(1, 2)
+        rows = torch.arange(q.shape[0], dtype=torch.int32)
+        out.copy_(ops.reference_attention(q, k_rows, v_rows, cu_q, seqused_k, rows, softmax_scale))
+
+    def fa2(q, k_rows, v_rows, out, seq_lens, rows, scale, num_splits=0):
+        assert k_rows.shape[1] == 64
+        strides.append(k_rows.stride(0) // k_rows.stride(1))  # row stride in tokens
+        cu = torch.arange(q.shape[0] + 1, dtype=torch.int32)
+        out.copy_(ops.reference_attention(q, k_rows, v_rows, cu, seq_lens, rows, scale))
+
+    def fa3(q, k_rows, v_rows, out, cu_seqlens_q, seq_lens, rows, max_query_len, scale):
+        out.copy_(ops.reference_attention(q, k_rows, v_rows, cu_seqlens_q, seq_lens, rows, scale))
+
+    res = K.run_shape(3, 40, 64, [0], ["per_layer"], device="cpu", timer=lambda fn: (fn(), 0.25)[1],
+                      paged_kernel=paged, fa2_kernel=fa2, fa3_kernel=fa3,
+                      paged_orders=("sequential", "shuffled"), row_pads=(0, 16))
+    assert [(r["layout"], r["system"]) for r in res] == [
+        ("paged", "paged-fa3"), ("paged", "paged-fa3-seq"), ("per_layer", "fa2"), ("per_layer", "fa3-rows"),
+        ("per_layer+pad16", "fa2"), ("per_layer+pad16", "fa3-rows")]
+    in_order = tables[-1]
+    assert in_order.tolist() == [[b * 4 + j for j in range(4)] for b in range(3)]  # 64 tokens = 4 blocks a row
+    assert sorted(tables[0].flatten().tolist()) == list(range(12)) and not torch.equal(tables[0], in_order)
+    assert set(strides) == {64, 80}
+    assert all(r["max_abs_diff_vs_paged_fa3"] <= 1e-2 for r in res)
+    md = K.markdown({"gpu": "G", "driver": "d", "torch": "t", "vllm": "v", "commit": "c", "date": "x",
+                     "splits": [0], "results": res})
+    assert "| 3 x 40 | 0.2500 | 0.2500 | 1.000x | 0.0000 |" in md
+    assert "| 3 x 40 | 64 | per_layer+pad16 | 0.2500 |" in md
+    with pytest.raises(SystemExit, match="--paged-orders random"):
+        K.main(["--paged-orders", "random", "--out", "/tmp/kb-x"])
+    with pytest.raises(SystemExit, match="--row-pads 0,-1"):
+        K.main(["--row-pads", "0,-1", "--out", "/tmp/kb-x"])

@@ -623,9 +623,13 @@ else:  # bench serve: the server it was given must answer
         assert "--skip-chat-template" in args and args[args.index("--custom-output-len") + 1] == "8"
         rate = 2.0 * len(set(prompts))
         json.dump(prompts, open(args[args.index("--result-filename") + 1] + ".prompts", "w"))
+    detail = {}
+    if "--save-detailed" in args:  # two requests, listed out of their start order
+        detail = {"start_times": [100.5, 100.0], "ttfts": [0.030, 0.020], "itls": [[0.005, 0.007], [0.004]],
+                  "input_lens": [8, 9]}
     json.dump({"request_throughput": rate / 2, "output_throughput": 1.0, "total_token_throughput": 2.0,
-               "median_ttft_ms": 10.0 * rate, "p99_ttft_ms": 20.0, "median_tpot_ms": 5.0, "p99_tpot_ms": 6.0},
-              open(args[args.index("--result-filename") + 1], "w"))
+               "median_ttft_ms": 10.0 * rate, "p99_ttft_ms": 20.0, "median_tpot_ms": 5.0, "p99_tpot_ms": 6.0,
+               **detail}, open(args[args.index("--result-filename") + 1], "w"))
 """
 
 
@@ -652,6 +656,16 @@ def test_serving_jobs_side_by_side_each_get_a_port_of_their_own(tmp_path):
             busy.shutdown()
     assert [(r["workload"], r["requests_per_s"], r["ttft_p50_ms"]) for r in rows] == [("rate-4", 2.0, 40.0), ("rate-16", 8.0, 160.0)]
     assert rows[0]["max_concurrent_requests"] == 1600 // 16 // 1  # 8+8 tokens: one 16-token block each
+    # each request's TTFT and TPOT, in the order they were sent (NOTES #73)
+    assert rows[0]["per_request"] == {"start_s": [0.0, 0.5], "ttft_ms": [20.0, 30.0], "tpot_ms": [4.0, 6.0],
+                                      "input_len": [9, 8]}
+
+
+def test_per_request_needs_every_list_and_equal_lengths():
+    d = {"start_times": [1.0, 2.0], "ttfts": [0.01, 0.02], "itls": [[], [0.002]], "input_lens": [4, 4]}
+    assert S.per_request(d)["tpot_ms"] == [None, 2.0]  # a one-token output has no TPOT
+    assert S.per_request({**d, "ttfts": [0.01]}) is None
+    assert S.per_request({k: v for k, v in d.items() if k != "itls"}) is None
 
 
 def test_a_distinct_serving_workload_sends_prompts_that_share_no_block(tmp_path):

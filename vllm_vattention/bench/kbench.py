@@ -11,6 +11,12 @@ length. Layouts: `interleaved` (the default's: all 32 layers' K and V of a token
 token stride; needs rows x row_tokens x 128 KiB of memory, skipped when it does not fit) and
 `per_layer` (a layer's rows contiguous). Every kernel reads the same keys and values (the paged cache
 is filled from the rows through a shuffled block table); outputs are compared with paged FA3's.
+
+Two controls for why rows can lose to paged FA3 at large batches (NOTES #73): `--paged-orders
+shuffled,sequential` also times paged FA3 with each sequence's blocks in order (the rows' address
+pattern under the paged kernel: slow too means the addresses, fast means the kernel's paged path),
+and `--row-pads 0,16` also times rows whose stride is that many tokens longer than the kernel's
+view (row starts off the 2 MiB grid: a memory-partition effect would move).
 """
 
 from __future__ import annotations
@@ -67,11 +73,18 @@ def _time_ms(fn, iters: int = 20, rounds: int = 5) -> float:
     return statistics.median(times)
 
 
+def layout_label(layout: str, pad: int) -> str:
+    """'per_layer' for unpadded rows, 'per_layer+pad16' for rows 16 tokens longer than the view."""
+    return f"{layout}+pad{pad}" if pad else layout
+
+
 def run_shape(batch: int, context: int, row_tokens: int, splits: list[int], layouts: list[str], seed: int = 0,
-              device: str = "cuda", timer=None, paged_kernel=None, fa2_kernel=None, fa3_kernel=None) -> list[dict]:
+              device: str = "cuda", timer=None, paged_kernel=None, fa2_kernel=None, fa3_kernel=None,
+              paged_orders: tuple[str, ...] = ("shuffled",), row_pads: tuple[int, ...] = (0,)) -> list[dict]:
     """Every kernel on one shape. `device`, `timer` (ms per call of a function) and the kernels
     (vLLM's flash_attn_varlen_func, ops.fa2_decode, ops.fa3_varlen) are replaceable for the CPU
-    test of this plumbing."""
+    test of this plumbing. `paged_orders`: 'shuffled' (stock's baseline, always timed first) and/or
+    'sequential' (each sequence's blocks in order); `row_pads`: extra tokens of row stride."""
     import torch
 
     if paged_kernel is None:
@@ -101,40 +114,51 @@ def run_shape(batch: int, context: int, row_tokens: int, splits: list[int], layo
                     "system": system, "num_splits": num_splits, "ms": ms,
                     "tb_per_s": gbytes / ms if ms else None, "max_abs_diff_vs_paged_fa3": diff, "note": note})
 
-    # stock's decode: FA3 over 16-token blocks in shuffled order
+    # stock's decode: FA3 over 16-token blocks in shuffled order (and, as a control, in order)
     nblk = -(-row_tokens // BLOCK)
-    perm = torch.randperm(batch * nblk, generator=gen, device=dev).view(batch, nblk).to(torch.int32)
-    k_cache = torch.zeros(batch * nblk, BLOCK, HKV, D, dtype=torch.bfloat16, device=dev)
-    v_cache = torch.zeros_like(k_cache)
-    full = context // BLOCK * BLOCK
-    for b in range(batch):
-        ids = perm[b, :-(-context // BLOCK)].long()
-        k_cache[ids[:full // BLOCK]] = k_src[b, :full].view(-1, BLOCK, HKV, D)
-        v_cache[ids[:full // BLOCK]] = v_src[b, :full].view(-1, BLOCK, HKV, D)
-        if context > full:
-            k_cache[ids[-1], :context - full] = k_src[b, full:]
-            v_cache[ids[-1], :context - full] = v_src[b, full:]
     cu_q = torch.arange(batch + 1, dtype=torch.int32, device=dev)
     paged_out = torch.empty_like(q)
+    ref = None
+    for order in ("shuffled", *[o for o in paged_orders if o != "shuffled"]):
+        if order == "shuffled":
+            perm = torch.randperm(batch * nblk, generator=gen, device=dev).view(batch, nblk).to(torch.int32)
+        else:  # sequence b's blocks are b * nblk, b * nblk + 1, ...: rows' addresses, paged kernel
+            perm = torch.arange(batch * nblk, dtype=torch.int32, device=dev).view(batch, nblk)
+        k_cache = torch.zeros(batch * nblk, BLOCK, HKV, D, dtype=torch.bfloat16, device=dev)
+        v_cache = torch.zeros_like(k_cache)
+        full = context // BLOCK * BLOCK
+        for b in range(batch):
+            ids = perm[b, :-(-context // BLOCK)].long()
+            k_cache[ids[:full // BLOCK]] = k_src[b, :full].view(-1, BLOCK, HKV, D)
+            v_cache[ids[:full // BLOCK]] = v_src[b, :full].view(-1, BLOCK, HKV, D)
+            if context > full:
+                k_cache[ids[-1], :context - full] = k_src[b, full:]
+                v_cache[ids[-1], :context - full] = v_src[b, full:]
 
-    def paged():
-        paged_kernel(q, k_cache, v_cache, 1, cu_q, row_tokens, seqused_k=lens, softmax_scale=scale,
-                     causal=True, block_table=perm, out=paged_out, fa_version=3)
+        def paged(k_cache=k_cache, v_cache=v_cache, perm=perm):
+            paged_kernel(q, k_cache, v_cache, 1, cu_q, row_tokens, seqused_k=lens, softmax_scale=scale,
+                         causal=True, block_table=perm, out=paged_out, fa_version=3)
 
-    record("paged", "paged-fa3", None, timer(paged), 0.0)
-    ref = paged_out.float()
-    del k_cache, v_cache
+        ms = timer(paged)
+        paged()
+        if ref is None:
+            ref = paged_out.float().clone()
+            record("paged", "paged-fa3", None, ms, 0.0)
+        else:
+            record("paged", "paged-fa3-seq", None, ms, (paged_out.float() - ref).abs().max().item())
+        del k_cache, v_cache
 
-    for layout in layouts:
+    for layout, pad in [(x, p) for x in layouts for p in row_pads]:
+        label, stride = layout_label(layout, pad), row_tokens + pad
         try:
             if layout == "interleaved":  # [rows, row_tokens, layers, K/V, HKV, D]; layer 0 is read
-                store = torch.empty(batch, row_tokens, LAYERS, 2, HKV, D, dtype=torch.bfloat16, device=dev)
-                k_rows, v_rows = store[:, :, 0, 0], store[:, :, 0, 1]
+                store = torch.empty(batch, stride, LAYERS, 2, HKV, D, dtype=torch.bfloat16, device=dev)
+                k_rows, v_rows = store[:, :row_tokens, 0, 0], store[:, :row_tokens, 0, 1]
             else:  # per_layer: one layer's K rows and V rows, each contiguous
-                store = torch.empty(2, batch, row_tokens, HKV, D, dtype=torch.bfloat16, device=dev)
-                k_rows, v_rows = store[0], store[1]
+                store = torch.empty(2, batch, stride, HKV, D, dtype=torch.bfloat16, device=dev)
+                k_rows, v_rows = store[0, :, :row_tokens], store[1, :, :row_tokens]
         except torch.OutOfMemoryError:
-            record(layout, "fa2", None, None, None, f"out of memory ({batch * row_tokens * LAYERS * 4 * HKV * D / 2**30:.0f} GiB)")
+            record(label, "fa2", None, None, None, f"out of memory ({batch * stride * LAYERS * 4 * HKV * D / 2**30:.0f} GiB)")
             continue
         k_rows[:, :context].copy_(k_src)
         v_rows[:, :context].copy_(v_src)
@@ -148,7 +172,7 @@ def run_shape(batch: int, context: int, row_tokens: int, splits: list[int], layo
             fa2()
             if dev.type == "cuda":
                 torch.cuda.synchronize()
-            record(layout, "fa2", s, ms, (o.float() - ref).abs().max().item())
+            record(label, "fa2", s, ms, (o.float() - ref).abs().max().item())
 
         def fa3():  # the rows' zeros past each sequence stand for the guard FA3's last key tile reads
             fa3_kernel(q, k_rows, v_rows, o, cu_q, lens, rows, 1, scale)
@@ -156,7 +180,7 @@ def run_shape(batch: int, context: int, row_tokens: int, splits: list[int], layo
         fa3()
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        record(layout, "fa3-rows", None, ms, (o.float() - ref).abs().max().item())
+        record(label, "fa3-rows", None, ms, (o.float() - ref).abs().max().item())
         del store, k_rows, v_rows
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -192,6 +216,17 @@ def markdown(res: dict) -> str:
             lines.append(f"| {b} x {n} | {rt} | {layout} | {paged:.4f} | {heur['ms'] if heur else float('nan'):.4f} | "
                          f"{best['num_splits']} | {best['ms']:.4f} | {paged / best['ms']:.3f}x | "
                          f"{(paged / heur['ms']) if heur else float('nan'):.3f}x | {fa3_cells} | {diff:.4f} |")
+    seq = {(r["batch"], r["context"]): r for r in rows if r["system"] == "paged-fa3-seq" and r["ms"]}
+    if seq:  # the control: paged FA3 over blocks laid out as rows are
+        lines += ["", "Paged FA3 with each sequence's blocks in order (rows' addresses, the paged kernel):", "",
+                  "| batch x context | paged FA3 (shuffled) ms | paged FA3 (in order) ms | shuffled vs in order "
+                  "| max abs diff |", "|---|---|---|---|---|"]
+        for b, n, _ in shapes:
+            r = seq.get((b, n))
+            paged = next((x["ms"] for x in rows if (x["batch"], x["context"]) == (b, n) and x["system"] == "paged-fa3"), None)
+            if r and paged:
+                lines.append(f"| {b} x {n} | {paged:.4f} | {r['ms']:.4f} | {r['ms'] / paged:.3f}x "
+                             f"| {r['max_abs_diff_vs_paged_fa3']:.4f} |")
     lines += ["", "Every split count (ms):", "",
               "| batch x context | layout | " + " | ".join(f"s={s}" for s in res["splits"]) + " |",
               "|---|---|" + "---|" * len(res["splits"])]
@@ -212,6 +247,9 @@ def main(argv=None) -> None:
     ap.add_argument("--splits", default=DEFAULT_SPLITS, help="FA2 split counts; 0: FA2's heuristic")
     ap.add_argument("--layouts", default="interleaved,per_layer")
     ap.add_argument("--row-tokens", type=int, default=0, help="row length (default: context + 1280, to 256)")
+    ap.add_argument("--paged-orders", default="shuffled",
+                    help="shuffled (stock's baseline) and/or sequential (blocks in order: a control)")
+    ap.add_argument("--row-pads", default="0", help="extra tokens of row stride, each a layout variant (e.g. 0,16)")
     ap.add_argument("--tag", default="kbench")
     args = ap.parse_args(argv)
     shapes = parse_shapes(args.shapes)
@@ -221,12 +259,22 @@ def main(argv=None) -> None:
     layouts = [x for x in args.layouts.split(",") if x]
     if set(layouts) - {"interleaved", "per_layer"}:
         raise SystemExit(f"--layouts {args.layouts}: use interleaved and/or per_layer")
+    orders = tuple(x for x in args.paged_orders.split(",") if x)
+    if not orders or set(orders) - {"shuffled", "sequential"}:
+        raise SystemExit(f"--paged-orders {args.paged_orders}: use shuffled and/or sequential")
+    try:
+        pads = tuple(int(x) for x in args.row_pads.split(","))
+    except ValueError:
+        raise SystemExit(f"--row-pads {args.row_pads}: a comma list of token counts, e.g. 0,16") from None
+    if any(p < 0 for p in pads):
+        raise SystemExit(f"--row-pads {args.row_pads}: each must be >= 0")
     env = environment()
     res = {**env, "splits": splits, "results": []}
     os.makedirs(args.out, exist_ok=True)
     stem = results_stem(args.out, env, f"-{args.tag}")
     for b, n in shapes:
-        res["results"] += run_shape(b, n, args.row_tokens or row_tokens_for(n), splits, layouts)
+        res["results"] += run_shape(b, n, args.row_tokens or row_tokens_for(n), splits, layouts,
+                                    paged_orders=orders, row_pads=pads)
         with open(stem + ".json", "w") as f:  # after each shape: a run cut short keeps what it measured
             json.dump(res, f, indent=1)
         print(f"[kbench] {b} x {n} done", flush=True)

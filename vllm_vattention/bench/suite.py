@@ -344,6 +344,22 @@ def distinct_prompts(model: str, w: Workload, path: str) -> str:
     return path
 
 
+def per_request(d: dict) -> dict | None:
+    """Each request's TTFT and TPOT (ms) from `vllm bench serve --save-detailed`'s result, in the
+    order the client sent them (by start time, which is the dataset's order at a fixed rate), with
+    its start (s after the first) and prompt length; None without the per-request lists. Lets a later
+    analysis split TTFT by what each request was (e.g. its prefix hits: NOTES #73)."""
+    starts, ttfts, itls, lens = (d.get(k) for k in ("start_times", "ttfts", "itls", "input_lens"))
+    if not (starts and ttfts and itls and lens) or not len(starts) == len(ttfts) == len(itls) == len(lens):
+        return None
+    t0 = min(starts)
+    order = sorted(range(len(starts)), key=starts.__getitem__)
+    return {"start_s": [round(starts[i] - t0, 4) for i in order],
+            "ttft_ms": [round(ttfts[i] * 1e3, 3) for i in order],
+            "tpot_ms": [round(sum(itls[i]) / len(itls[i]) * 1e3, 3) if itls[i] else None for i in order],
+            "input_len": [lens[i] for i in order]}
+
+
 def _dataset_args(model: str, w: Workload, raw: str) -> list[str]:
     """`vllm bench serve`'s dataset flags for workload `w`."""
     if w.dataset == "distinct":
@@ -366,7 +382,7 @@ def _run_serve(cli, model: str, workloads: list[Workload], system: str, env, raw
         for w in workloads:
             client = cli + ["bench", "serve", "--model", model, "--port", str(port), *_dataset_args(model, w, raw),
                             "--num-prompts", str(w.num_prompts), "--request-rate", str(w.request_rate),
-                            "--ignore-eos", "--save-result", "--result-filename", raw]
+                            "--ignore-eos", "--save-result", "--save-detailed", "--result-filename", raw]
             try:
                 p = subprocess.run(client, env=env, capture_output=True, text=True, timeout=timeout)
             finally:
@@ -379,7 +395,8 @@ def _run_serve(cli, model: str, workloads: list[Workload], system: str, env, raw
                             "output_tokens_per_s": d.get("output_throughput"),
                             "total_tokens_per_s": d.get("total_token_throughput"),
                             "ttft_p50_ms": d.get("median_ttft_ms"), "ttft_p99_ms": d.get("p99_ttft_ms"),
-                            "tpot_p50_ms": d.get("median_tpot_ms"), "tpot_p99_ms": d.get("p99_tpot_ms")})
+                            "tpot_p50_ms": d.get("median_tpot_ms"), "tpot_p99_ms": d.get("p99_tpot_ms"),
+                            "per_request": per_request(d)})
             if on_row:
                 on_row(dict(results[-1]))
     log = server.log

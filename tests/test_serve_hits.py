@@ -1,0 +1,53 @@
+"""Serving TTFT split by prefix hits (bench.serve_hits): the replay of the server's prefix cache and
+the per-class report, on made-up prompts and times."""
+
+import pytest
+
+from vllm_vattention.bench import serve_hits as H
+
+
+def test_leading_hits_follow_the_prefix_chain():
+    a = list(range(48))            # 3 blocks of 16
+    b = a[:32] + [99] * 16         # shares a's first two blocks
+    c = [7] + a[1:48]              # same later blocks as a, but its first differs: no hit at all
+    d = a[:16] + [5] * 16 + a[32:48]  # block 2 equals a's, but its parent differs: one hit
+    seen = set()
+    assert H.leading_hits([a, b, c, d, a], 16, seen) == [0, 2, 0, 1, 3]
+    assert H.leading_hits([b], 16, seen) == [3]  # `seen` carries over (one server, two workloads)
+    assert H.hit_class(0, 48, 16) == "no hit" and H.hit_class(2, 48, 16) == "some hits"
+    assert H.hit_class(3, 50, 16) == "whole prompt"  # the partial last block is recomputed either way
+
+
+def test_report_replays_each_servers_workloads_in_order_and_compares_classes():
+    prompts = {"serve-rate-4": [list(range(32)), list(range(32)), [9] * 32],
+               "serve-rate-16": [list(range(32)), [8] * 32]}
+
+    def per(ttfts):
+        return {"start_s": list(range(len(ttfts))), "ttft_ms": ttfts, "tpot_ms": [5.0] * len(ttfts),
+                "input_len": [32] * len(ttfts)}
+
+    res = []
+    for system, scale in (("stock-fa3", 1.0), ("vattn-fa2", 2.0)):
+        # listed rate-16 first: the replay still runs rate-4 first (the suite's order), so rate-16's
+        # first prompt hits what rate-4 wrote
+        res.append({"workload": "serve-rate-16", "system": system, "rep": 0, "call": 1,
+                    "per_request": per([10 * scale, 40.0])})
+        res.append({"workload": "serve-rate-4", "system": system, "rep": 0, "call": 1,
+                    "per_request": per([40.0, 10 * scale, 40.0])})
+    res.append({"workload": "serve-rate-4-distinct", "system": "stock-fa3", "rep": 0, "call": 1,
+                "per_request": per([1.0])})  # custom prompts: not replayed
+    rows = H.classify(res, lambda name, n, i, o: prompts[name])
+    assert [r["class"] for r in rows if r["workload"] == "serve-rate-4" and r["system"] == "stock-fa3"] == [
+        "no hit", "whole prompt", "no hit"]
+    assert [r["class"] for r in rows if r["workload"] == "serve-rate-16" and r["system"] == "vattn-fa2"] == [
+        "whole prompt", "no hit"]
+    assert {(r["workload"], r["system"]) for r in rows} == {
+        (w, s) for w in ("serve-rate-4", "serve-rate-16") for s in ("stock-fa3", "vattn-fa2")}
+    md = H.markdown(rows)
+    assert "| serve-rate-4 | whole prompt | 1 | stock-fa3 | 10.00 | 1.000x | 5.00 | 1.000x |" in md
+    assert "| serve-rate-4 | whole prompt | 1 | vattn-fa2 | 20.00 | 2.000x | 5.00 | 1.000x |" in md
+    assert "| serve-rate-4 | no hit | 2 | vattn-fa2 | 40.00 | 1.000x |" in md
+    # a result whose request count differs from the rebuilt prompts is refused, not misaligned
+    res[1]["per_request"] = per([1.0, 2.0])
+    with pytest.raises(ValueError, match="2 requests measured, 3 prompts rebuilt"):
+        H.classify(res, lambda name, n, i, o: prompts[name])

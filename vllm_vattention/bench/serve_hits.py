@@ -1,0 +1,142 @@
+"""Serving TTFT split by each request's prefix-cache hits (NOTES #73).
+
+`vllm bench serve --dataset-name random` over the repository's 536-token tokenizer sends prompts that
+share prefixes (NOTES #71). The suite keeps each request's TTFT and TPOT (`per_request`, in the order
+sent); this rebuilds the prompts the client sent (vLLM's RandomDataset, seed 0, as the server
+tokenizes them), replays the server's prefix cache over one server's workloads in order (no
+eviction: the suite's budget holds every block these runs write), and reports TTFT and TPOT p50 per
+class of request: no hit, some leading blocks hit, or (nearly) the whole prompt hit.
+
+    python3 -m vllm_vattention.bench.serve_hits benchmarks/results/<date>-<gpu>-serve.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+from typing import Callable
+
+from .suite import WORKLOADS
+
+CLASSES = ("no hit", "some hits", "whole prompt")
+
+
+def bench_serve_prompts(model: str, n: int, input_len: int, output_len: int) -> list[list[int]]:
+    """The token ids `vllm bench serve --dataset-name random` sends (its RandomDataset, seed 0), as
+    the server tokenizes them with `model`'s tokenizer."""
+    from transformers import AutoTokenizer
+    from vllm.benchmarks.datasets.datasets import RandomDataset
+    tok = AutoTokenizer.from_pretrained(model)
+    reqs = RandomDataset(random_seed=0).sample(tokenizer=tok, num_requests=n, input_len=input_len,
+                                               output_len=output_len, range_ratio=0.0, prefix_len=0)
+    return [tok(r.prompt).input_ids for r in reqs]
+
+
+def leading_hits(prompts: list[list[int]], block_size: int, seen: set) -> list[int]:
+    """For each prompt in order, how many of its leading full blocks an earlier prompt (or one in
+    `seen`, updated here) had already written: vLLM's prefix cache, whose block hash chains the
+    parent's."""
+    out = []
+    for p in prompts:
+        key, hits, missed = None, 0, False
+        for j in range(len(p) // block_size):
+            key = hash((key, tuple(p[j * block_size:(j + 1) * block_size])))
+            if key in seen and not missed:
+                hits += 1
+            else:
+                missed = True
+            seen.add(key)
+        out.append(hits)
+    return out
+
+
+def hit_class(hits: int, prompt_len: int, block_size: int) -> str:
+    """'no hit', 'some hits', or 'whole prompt' (every full block hit: vLLM recomputes at most the
+    last block's tokens)."""
+    if hits == 0:
+        return CLASSES[0]
+    return CLASSES[2] if hits >= prompt_len // block_size else CLASSES[1]
+
+
+def classify(results: list[dict], prompts_for: Callable[[str, int, int, int], list[list[int]]],
+             block_size: int = 16) -> list[dict]:
+    """One row per request of every random-prompt serving result that kept `per_request`: workload,
+    system, rep, class, TTFT and TPOT. A server's workloads ran in the suite's order, sharing one
+    prefix cache, so each (system, rep, call) replays them in that order."""
+    known = {w.name: w for w in WORKLOADS}
+    serve = [r for r in results if r.get("per_request") and r["workload"] in known
+             and known[r["workload"]].kind == "serve" and known[r["workload"]].dataset == "random"]
+    order = [w.name for w in WORKLOADS]
+    prompts: dict[str, list[list[int]]] = {}
+    rows = []
+    servers: dict[tuple, list[dict]] = {}
+    for r in serve:
+        servers.setdefault((r["system"], r.get("rep"), r.get("call")), []).append(r)
+    for (system, rep, _), runs in servers.items():
+        seen: set = set()
+        for r in sorted(runs, key=lambda x: order.index(x["workload"])):
+            w = known[r["workload"]]
+            if w.name not in prompts:
+                prompts[w.name] = prompts_for(w.name, w.num_prompts, w.input_len, w.output_len)
+            ps = prompts[w.name]
+            hits = leading_hits(ps, block_size, seen)
+            per = r["per_request"]
+            if len(per["ttft_ms"]) != len(ps):
+                raise ValueError(f"{w.name} / {system}: {len(per['ttft_ms'])} requests measured, "
+                                 f"{len(ps)} prompts rebuilt; was it run with another dataset or count?")
+            for h, p, ttft, tpot in zip(hits, ps, per["ttft_ms"], per["tpot_ms"]):
+                rows.append({"workload": w.name, "system": system, "rep": rep, "hits": h,
+                             "class": hit_class(h, len(p), block_size), "ttft_ms": ttft, "tpot_ms": tpot})
+    return rows
+
+
+def markdown(rows: list[dict], baseline: str = "stock-fa3") -> str:
+    """TTFT and TPOT p50 per workload, class and system (every repetition's requests pooled), and
+    each candidate's ratio to the baseline's."""
+    lines = ["| workload | class | requests per run | system | TTFT p50 ms | vs stock | TPOT p50 ms | vs stock |",
+             "|---|---|---|---|---|---|---|---|"]
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    systems.sort(key=lambda s: s != baseline)
+
+    def ratio(x: float | None, b: float | None) -> str:
+        return f"{x / b:.3f}x" if x is not None and b else "-"
+
+    def p50(xs: list) -> float | None:
+        xs = [x for x in xs if x is not None]
+        return statistics.median(xs) if xs else None
+
+    for w in workloads:
+        for c in CLASSES:
+            base = None
+            for s in systems:
+                mine = [r for r in rows if (r["workload"], r["class"], r["system"]) == (w, c, s)]
+                if not mine:
+                    continue
+                runs = len({r["rep"] for r in mine})
+                ttft, tpot = p50([r["ttft_ms"] for r in mine]), p50([r["tpot_ms"] for r in mine])
+                if s == baseline:
+                    base = (ttft, tpot)
+                cells = [f"{ttft:.2f}", ratio(ttft, base[0] if base else None),
+                         f"{tpot:.2f}" if tpot is not None else "-", ratio(tpot, base[1] if base else None)]
+                lines.append(f"| {w} | {c} | {len(mine) / runs:.0f} | {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    import json
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("result", help="a suite JSON with serving results (per_request kept)")
+    ap.add_argument("--model", default=os.path.join("models", "llama-3.1-8b"), help="whose tokenizer the client used")
+    ap.add_argument("--block-size", type=int, default=16)
+    args = ap.parse_args(argv)
+    res = json.load(open(args.result))
+    rows = classify(res["results"], lambda name, n, i, o: bench_serve_prompts(args.model, n, i, o), args.block_size)
+    if not rows:
+        raise SystemExit(f"{args.result}: no serving result with per-request times (suites before NOTES #73 kept none)")
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
