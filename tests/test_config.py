@@ -212,3 +212,11 @@ def test_fa2_splits_setting_reaches_the_attention_impl(monkeypatch):
     assert VattnImpl(32, 128, 0.088, num_kv_heads=8).fa2_splits == 4
     monkeypatch.delenv("VATTN_FA2_SPLITS")
     assert VattnImpl(32, 128, 0.088, num_kv_heads=8).fa2_splits == 0
+
+
+def test_step_trace_names_a_file_in_an_existing_folder(tmp_path):
+    assert VattnConfig.from_env({}).step_trace == ""
+    path = str(tmp_path / "steps.json")
+    assert VattnConfig.from_env({"VATTN_STEP_TRACE": path}).step_trace == path
+    with pytest.raises(ConfigError, match="VATTN_STEP_TRACE=.*nowhere/steps.json.*folder does not exist"):
+        VattnConfig.from_env({"VATTN_STEP_TRACE": str(tmp_path / "nowhere" / "steps.json")})

@@ -145,3 +145,31 @@ def test_a_decode_step_that_reads_the_same_slots_hands_the_last_steps_reads_on(r
     runner._row_np[:2] = rows[::-1]
     runner.prepare_attn(decode_batch(rows[::-1], [2 * bs + 1, bs + 3]))  # the batch's order changed
     assert list(runner._pending_reads) == rows[::-1]
+
+
+def test_step_trace_records_each_steps_new_requests_tokens_and_maps(runner, monkeypatch, tmp_path):
+    """VATTN_STEP_TRACE: execute_model appends one record per step (after vLLM's own warm-up, whose
+    end resets the timers), with the block maps planned on the step's path; no flag wait in the
+    synchronous mode (-1)."""
+    import dataclasses
+    import json
+
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+    mgr = runner.vattn
+    assert runner.step_trace is None  # not asked for
+    runner.vattn_cfg = dataclasses.replace(runner.vattn_cfg, step_trace=str(tmp_path / "steps.json"))
+    runner.reset_timers()
+    row = mgr.acquire_row()
+
+    def fake_step(self, so):  # stands in for vLLM's step: admitting maps the new request's blocks
+        if so.scheduled_new_reqs:
+            mgr.set_blocks(row, [1, 2, 3])
+        return "out"
+    monkeypatch.setattr(GPUModelRunner, "execute_model", fake_step)
+    assert runner.execute_model(SimpleNamespace(scheduled_new_reqs=["a"], total_num_scheduled_tokens=40)) == "out"
+    runner.execute_model(SimpleNamespace(scheduled_new_reqs=[], total_num_scheduled_tokens=1))
+    steps = runner.step_trace.steps
+    assert [s[2:] for s in steps] == [(1, 40, 3, 0, -1), (0, 1, 0, 0, -1)]
+    assert 0 <= steps[0][0] <= steps[1][0] and all(s[1] >= 0 for s in steps)
+    runner.step_trace.write(None)
+    assert json.load(open(tmp_path / "steps.json"))["steps"][0][2:] == [1, 40, 3, 0, -1]

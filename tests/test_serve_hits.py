@@ -51,3 +51,35 @@ def test_report_replays_each_servers_workloads_in_order_and_compares_classes():
     res[1]["per_request"] = per([1.0, 2.0])
     with pytest.raises(ValueError, match="2 requests measured, 3 prompts rebuilt"):
         H.classify(res, lambda name, n, i, o: prompts[name])
+
+
+def test_ttft_windows_line_requests_up_with_the_servers_steps():
+    """Both clocks are time.perf_counter on one machine: a request that arrived at 1000.10 s with a
+    TTFT of 25 ms saw the steps begun in [1000.10, 1000.125]."""
+    trace = {"t0": 1000.0, "fields": ["start_s", "ms", "new_reqs", "tokens", "block_maps", "drains", "flag_wait"],
+             "steps": [[0.095, 5.0, 0, 3, 0, 0, -1], [0.102, 6.0, 1, 1027, 4, 1, 0], [0.110, 5.5, 0, 4, 1, 0, 1],
+                       [0.130, 5.0, 0, 4, 0, 0, -1]],
+             "flag_waits_ms": [2.5, 0.25]}
+    per = {"t0": 1000.1, "start_s": [0.0, 0.05], "ttft_ms": [25.0, 10.0], "tpot_ms": [5.0, 5.0], "input_len": [1024, 1024]}
+    first, late = H.ttft_windows(per, trace)
+    assert first == {"steps": 2, "execute_ms": 11.5, "flag_ms": 2.75, "block_maps": 5, "drains": 1,
+                     "to_first_step_ms": pytest.approx(2.0)}
+    assert late["steps"] == 0 and late["to_first_step_ms"] is None  # after the last step traced
+    rows = [{"workload": "serve-rate-4", "class": "no hit", "system": "vattn-fa2", "ttft_ms": 25.0, "window": first}]
+    assert "| serve-rate-4 | no hit | vattn-fa2 | 1 | 25.00 | 2.00 | 11.50 | 2.75 | 5.00 | 1.00 | 2.00 |" in \
+        H.window_markdown(rows)
+
+
+def test_classify_attaches_windows_from_the_results_trace():
+    per = {"t0": 1000.1, "start_s": [0.0], "ttft_ms": [25.0], "tpot_ms": [5.0], "input_len": [32]}
+    trace = {"t0": 1000.0, "fields": ["start_s", "ms", "new_reqs", "tokens", "block_maps", "drains", "flag_wait"],
+             "steps": [[0.11, 5.0, 1, 32, 2, 0, -1]], "flag_waits_ms": []}
+    res = [{"workload": "serve-rate-4", "system": "vattn-fa2", "rep": 0, "call": 1, "per_request": per,
+            "step_trace": "steps-x.json"},
+           {"workload": "serve-rate-4", "system": "stock-fa3", "rep": 0, "call": 1, "per_request": per,
+            "step_trace": None}]
+    loaded = []
+    rows = H.classify(res, lambda name, n, i, o: [list(range(32))],
+                      load_trace=lambda name: loaded.append(name) or trace)
+    assert loaded == ["steps-x.json"]
+    assert rows[0]["window"]["block_maps"] == 2 and rows[1]["window"] is None

@@ -67,3 +67,32 @@ def test_the_longest_stalls_are_kept_with_their_place_in_the_run():
     assert [i for _, i in top[:3]] == [3, 24, 1]  # 9, 6 and 4 ms, where they happened
     assert [ms for ms, _ in top] == [9.0, 6.0, 4.0, 1.19, 1.18, 1.17, 1.16, 1.15]
     assert len(top) == StreamWaitTimer.TOP
+
+
+def test_every_wait_is_kept_by_index_when_steps_are_traced():
+    timer = StreamWaitTimer(make_event=FakeEvent, keep_all=True)
+    for k in range(3):
+        timer.around("s", lambda: None)
+        a, b = timer._pending[-1]
+        a.t, b.t = 10.0 * k, 10.0 * k + (k + 1) * 0.5
+    assert timer.issued == 3
+    timer.collect(wait=True)
+    assert timer.all_ms == [0.5, 1.0, 1.5]
+    assert StreamWaitTimer(make_event=FakeEvent).all_ms is None  # not kept otherwise
+
+
+def test_step_trace_keeps_each_step_and_writes_json(tmp_path):
+    import json
+
+    from vllm_vattention.worker import StepTrace
+    now = [100.0]
+    trace = StepTrace(str(tmp_path / "steps.json"), clock=lambda: now[0])
+    trace.add(100.5, 100.5061, 2, 2048, 3, 1, 0)
+    trace.add(100.51, 100.515, 0, 2, 0, 0, -1)
+    trace.MAX_STEPS = 2
+    trace.add(100.52, 100.525, 0, 2, 0, 0, -1)  # past the cap: counted, not kept
+    trace.write([0.25])
+    d = json.load(open(tmp_path / "steps.json"))
+    assert d["t0"] == 100.0 and d["fields"] == list(StepTrace.FIELDS) and d["dropped_steps"] == 1
+    assert d["steps"] == [[0.5, 6.1, 2, 2048, 3, 1, 0], [0.51, 5.0, 0, 2, 0, 0, -1]]
+    assert d["flag_waits_ms"] == [0.25]

@@ -614,6 +614,9 @@ if args[0] == "serve":
             self.send_response(200); self.end_headers()
         def log_message(self, *a): pass
     print("GPU KV cache size: 1,600 tokens", flush=True)
+    import os
+    if os.environ.get("VATTN_STEP_TRACE"):  # the worker writes it at shutdown; here at once
+        json.dump({"steps": []}, open(os.environ["VATTN_STEP_TRACE"], "w"))
     http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
 else:  # bench serve: the server it was given must answer
     assert urllib.request.urlopen(f"http://127.0.0.1:{port}/health").status == 200
@@ -657,8 +660,9 @@ def test_serving_jobs_side_by_side_each_get_a_port_of_their_own(tmp_path):
     assert [(r["workload"], r["requests_per_s"], r["ttft_p50_ms"]) for r in rows] == [("rate-4", 2.0, 40.0), ("rate-16", 8.0, 160.0)]
     assert rows[0]["max_concurrent_requests"] == 1600 // 16 // 1  # 8+8 tokens: one 16-token block each
     # each request's TTFT and TPOT, in the order they were sent (NOTES #73)
-    assert rows[0]["per_request"] == {"start_s": [0.0, 0.5], "ttft_ms": [20.0, 30.0], "tpot_ms": [4.0, 6.0],
-                                      "input_len": [9, 8]}
+    assert rows[0]["per_request"] == {"t0": 100.0, "start_s": [0.0, 0.5], "ttft_ms": [20.0, 30.0],
+                                      "tpot_ms": [4.0, 6.0], "input_len": [9, 8]}
+    assert rows[0]["step_trace"] is None  # stock: no step trace asked for
 
 
 def test_per_request_needs_every_list_and_equal_lengths():
@@ -681,8 +685,11 @@ def test_a_distinct_serving_workload_sends_prompts_that_share_no_block(tmp_path)
     cli.write_text(FAKE_VLLM_CLI)
     raw = str(tmp_path / "raw.json")
     w = [S.Workload("d", "serve", 32, 8, 6, request_rate=4.0, dataset="distinct")]
-    rows = S._run_serve([sys.executable, str(cli)], model, w, "vattn-fa2", {}, raw, 60)
+    rows = S._run_serve([sys.executable, str(cli)], model, w, "vattn-fa2", {"VLLM_ATTENTION_BACKEND": "VATTENTION"},
+                        raw, 60)
     assert rows[0]["requests_per_s"] == 6  # six distinct prompts reached the client
+    # a vAttention server is asked for its step trace, beside the run's other files
+    assert rows[0]["step_trace"].startswith("steps-vattn-fa2-") and (tmp_path / rows[0]["step_trace"]).exists()
     prompts = json.load(open(raw + ".prompts"))
     tok = AutoTokenizer.from_pretrained(model)
     ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]

@@ -120,6 +120,7 @@ class VattnConfig:
     prefix_rows: bool = True
     prefix_eviction: str = "lru"
     prefix_min_users: int = DEFAULT_MIN_USERS
+    step_trace: str = ""  # VATTN_STEP_TRACE: a JSON file each serving step's timing is written to at shutdown
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "VattnConfig":
@@ -143,6 +144,7 @@ class VattnConfig:
             prefix_rows=_flag(env, "VATTN_PREFIX_ROWS", True),
             prefix_eviction=_choice(env, "VATTN_PREFIX_EVICTION", PREFIX_EVICTION_MODES, "lru"),
             prefix_min_users=_int(env, "VATTN_PREFIX_MIN_USERS", DEFAULT_MIN_USERS, minimum=2),
+            step_trace=env.get("VATTN_STEP_TRACE", "").strip(),
         )
 
     def __post_init__(self) -> None:
@@ -155,6 +157,9 @@ class VattnConfig:
         if self.growth_ahead and self.background_map != "stream":
             raise ConfigError("VATTN_GROWTH_AHEAD=1 needs VATTN_BACKGROUND_MAP=stream (growth slots are mapped "
                               "ahead by the native thread); set it, or VATTN_GROWTH_AHEAD=0")
+        if self.step_trace and not os.path.isdir(os.path.dirname(os.path.abspath(self.step_trace))):
+            raise ConfigError(f"VATTN_STEP_TRACE={self.step_trace!r}: its folder does not exist; create it or "
+                              "name a file in an existing folder")
         if self.fa2_splits > 128:
             raise ConfigError(f"VATTN_FA2_SPLITS={self.fa2_splits} is above FA2's limit of 128; use 0 (FA2's "
                               "heuristic) to 128")

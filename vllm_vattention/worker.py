@@ -69,14 +69,16 @@ class StreamWaitTimer:
     STALL_S = 50e-6  # a wait longer than this counts as a stall (an unblocked wait takes a few us)
     TOP = 8  # the longest stalls are reported with the index of their wait (where in the run they were)
 
-    def __init__(self, make_event=lambda: torch.cuda.Event(enable_timing=True)):
+    def __init__(self, make_event=lambda: torch.cuda.Event(enable_timing=True), keep_all: bool = False):
         self._make_event = make_event
         self._free: list = []
         self._pending: collections.deque = collections.deque()
         self.seconds = 0.0
         self.waits = 0
+        self.issued = 0  # waits enqueued (the next one's index)
         self.stalls = 0
         self.longest: list[tuple[float, int]] = []  # the TOP longest waits: (seconds, index of the wait), a min-heap
+        self.all_ms: list[float] | None = [] if keep_all else None  # every wait, by index (VATTN_STEP_TRACE)
 
     def around(self, stream, enqueue) -> None:
         """Run `enqueue()` (which enqueues the wait on `stream`) between two timing events."""
@@ -85,6 +87,7 @@ class StreamWaitTimer:
         enqueue()
         end.record(stream)
         self._pending.append((start, end))
+        self.issued += 1
         self.collect()
 
     def collect(self, wait: bool = False) -> None:
@@ -97,6 +100,8 @@ class StreamWaitTimer:
             self.seconds += dt
             self.waits += 1
             self.stalls += dt > self.STALL_S
+            if self.all_ms is not None:
+                self.all_ms.append(round(dt * 1e3, 4))
             if dt > self.STALL_S:
                 (heapq.heappush if len(self.longest) < self.TOP else heapq.heappushpop)(self.longest, (dt, self.waits - 1))
             self._free += (start, end)
@@ -104,6 +109,39 @@ class StreamWaitTimer:
     def report(self) -> dict:
         return {"gpu_flag_wait_seconds": round(self.seconds, 4), "flag_waits": self.waits, "flag_stalls": self.stalls,
                 "flag_longest_ms": [[round(1e3 * dt, 3), i] for dt, i in sorted(self.longest, reverse=True)]}
+
+
+class StepTrace:
+    """VATTN_STEP_TRACE=path: each serving step's timing on the engine thread, written as JSON at
+    shutdown, to line a request's time to first token up with the steps that ran meanwhile
+    (bench.serve_hits). Times are time.perf_counter, i.e. CLOCK_MONOTONIC on Linux, the clock
+    `vllm bench serve` stamps its requests with on the same machine. Per step: its start (s after
+    `t0`), execute_model's duration (ms), new requests, scheduled tokens, block maps and DRAINs
+    planned on the step's path, and the index of the GPU's wait at the mapping flag it enqueued
+    (-1: none; `flag_waits_ms` gives each wait's length)."""
+
+    FIELDS = ("start_s", "ms", "new_reqs", "tokens", "block_maps", "drains", "flag_wait")
+    MAX_STEPS = 500_000  # ~50 MB at most; later steps are counted, not kept
+
+    def __init__(self, path: str, clock=time.perf_counter):
+        self.path, self.clock = path, clock
+        self.t0 = clock()
+        self.steps: list[tuple] = []
+        self.dropped = 0
+
+    def add(self, start: float, end: float, new_reqs: int, tokens: int, block_maps: int, drains: int,
+            flag_wait: int) -> None:
+        if len(self.steps) >= self.MAX_STEPS:
+            self.dropped += 1
+            return
+        self.steps.append((round(start - self.t0, 6), round((end - start) * 1e3, 4), new_reqs, tokens,
+                           block_maps, drains, flag_wait))
+
+    def write(self, flag_waits_ms: list[float] | None) -> None:
+        import json
+        with open(self.path, "w") as f:
+            json.dump({"clock": "time.perf_counter", "t0": self.t0, "fields": self.FIELDS, "steps": self.steps,
+                       "dropped_steps": self.dropped, "flag_waits_ms": flag_waits_ms}, f)
 
 
 def _spare_blocks(cfg: VattnConfig, vllm_config, budget_blocks: int) -> int:
@@ -150,6 +188,7 @@ class VattnModelRunner(V2ModelRunner):
     steps = 0
     hook_seconds: dict | None = None  # our per-step hooks, part by part (HOOK_PARTS)
     flag_timer: StreamWaitTimer | None = None
+    step_trace: StepTrace | None = None  # VATTN_STEP_TRACE
     vattn_spare_blocks: int | None = None  # resolved by VattnWorker.determine_available_memory
 
     # -- KV allocation ---------------------------------------------------------------------
@@ -263,8 +302,12 @@ class VattnModelRunner(V2ModelRunner):
         self.hook_seconds = dict.fromkeys(HOOK_PARTS, 0.0)
         for builder in self._vattn_builders():
             builder.build_seconds = 0.0
+        path = getattr(getattr(self, "vattn_cfg", None), "step_trace", "")
+        if path and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
+            path += f".rank{torch.distributed.get_rank()}"  # (TP: one file per worker)
+        self.step_trace = StepTrace(path) if path and self.vattn is not None else None
         if self.vattn is not None and self.vattn.stream_mode:
-            self.flag_timer = StreamWaitTimer()
+            self.flag_timer = StreamWaitTimer(keep_all=self.step_trace is not None)
 
     def vattn_report(self) -> dict:
         s = self.vattn.stats()
@@ -384,7 +427,16 @@ class VattnModelRunner(V2ModelRunner):
     def execute_model(self, scheduler_output, *args, **kwargs):
         t = time.perf_counter()
         self._pending_reads = None
+        trace = self.step_trace
+        if trace is not None:
+            st, flags = self.vattn.mapper.stats, self.flag_timer
+            before = (st.block_maps, st.drains, flags.issued if flags else 0)
         out = super().execute_model(scheduler_output, *args, **kwargs)
+        if trace is not None:
+            issued = flags.issued if flags else 0
+            trace.add(t, time.perf_counter(), len(scheduler_output.scheduled_new_reqs),
+                      scheduler_output.total_num_scheduled_tokens, st.block_maps - before[0],
+                      st.drains - before[1], issued - 1 if issued > before[2] else -1)
         if self._pending_reads:
             t_fence = time.perf_counter()
             self.vattn.record_read_slots(EventFence(), self._pending_reads)
@@ -404,6 +456,9 @@ class VattnModelRunner(V2ModelRunner):
         if self.vattn is not None:
             torch.cuda.synchronize()
             logger.info("vAttention mapper stats: %s", self.vattn_report())
+            if self.step_trace is not None:  # (vattn_report collected every flag wait)
+                self.step_trace.write(self.flag_timer.all_ms if self.flag_timer else None)
+                logger.info("vAttention: %d steps traced to %s", len(self.step_trace.steps), self.step_trace.path)
             self.vattn.close()
             self.vattn.driver.close()  # releases the primary-context reference CudaDriver retained
             self.vattn = None

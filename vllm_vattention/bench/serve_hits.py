@@ -5,7 +5,9 @@ share prefixes (NOTES #71). The suite keeps each request's TTFT and TPOT (`per_r
 sent); this rebuilds the prompts the client sent (vLLM's RandomDataset, seed 0, as the server
 tokenizes them), replays the server's prefix cache over one server's workloads in order (no
 eviction: the suite's budget holds every block these runs write), and reports TTFT and TPOT p50 per
-class of request: no hit, some leading blocks hit, or (nearly) the whole prompt hit.
+class of request: no hit, some leading blocks hit, or (nearly) the whole prompt hit. With the
+servers' step traces (VATTN_STEP_TRACE, which the suite sets for vAttention's servers) it also tells
+what the steps did while each request waited for its first token.
 
     python3 -m vllm_vattention.bench.serve_hits benchmarks/results/<date>-<gpu>-serve.json
 """
@@ -60,10 +62,12 @@ def hit_class(hits: int, prompt_len: int, block_size: int) -> str:
 
 
 def classify(results: list[dict], prompts_for: Callable[[str, int, int, int], list[list[int]]],
-             block_size: int = 16) -> list[dict]:
+             block_size: int = 16, load_trace: Callable[[str], dict | None] | None = None) -> list[dict]:
     """One row per request of every random-prompt serving result that kept `per_request`: workload,
-    system, rep, class, TTFT and TPOT. A server's workloads ran in the suite's order, sharing one
-    prefix cache, so each (system, rep, call) replays them in that order."""
+    system, rep, class, TTFT and TPOT, and with `load_trace` (a result's step_trace file name ->
+    the trace, or None) what the server's steps did in its TTFT window (ttft_windows). A server's
+    workloads ran in the suite's order, sharing one prefix cache, so each (system, rep, call)
+    replays them in that order."""
     known = {w.name: w for w in WORKLOADS}
     serve = [r for r in results if r.get("per_request") and r["workload"] in known
              and known[r["workload"]].kind == "serve" and known[r["workload"]].dataset == "random"]
@@ -85,9 +89,12 @@ def classify(results: list[dict], prompts_for: Callable[[str, int, int, int], li
             if len(per["ttft_ms"]) != len(ps):
                 raise ValueError(f"{w.name} / {system}: {len(per['ttft_ms'])} requests measured, "
                                  f"{len(ps)} prompts rebuilt; was it run with another dataset or count?")
-            for h, p, ttft, tpot in zip(hits, ps, per["ttft_ms"], per["tpot_ms"]):
+            trace = load_trace(r["step_trace"]) if load_trace and r.get("step_trace") and "t0" in per else None
+            windows = ttft_windows(per, trace) if trace else [None] * len(ps)
+            for h, p, ttft, tpot, win in zip(hits, ps, per["ttft_ms"], per["tpot_ms"], windows):
                 rows.append({"workload": w.name, "system": system, "rep": rep, "hits": h,
-                             "class": hit_class(h, len(p), block_size), "ttft_ms": ttft, "tpot_ms": tpot})
+                             "class": hit_class(h, len(p), block_size), "ttft_ms": ttft, "tpot_ms": tpot,
+                             "window": win})
     return rows
 
 
@@ -124,18 +131,72 @@ def markdown(rows: list[dict], baseline: str = "stock-fa3") -> str:
     return "\n".join(lines) + "\n"
 
 
+def ttft_windows(per: dict, trace: dict) -> list[dict]:
+    """For each request (per_request, in the order sent), what the server's steps did between its
+    arrival and its first token (worker.StepTrace, the same clock): steps begun in that window,
+    their execute_model time, the GPU's wait at the mapping flag they enqueued, the block maps and
+    DRAINs on their path, and the wait from arrival to the first step begun after it."""
+    import bisect
+    fields = list(trace["fields"])
+    i_start, i_ms, i_maps, i_drains, i_wait = (fields.index(k) for k in ("start_s", "ms", "block_maps", "drains",
+                                                                         "flag_wait"))
+    steps = trace["steps"]
+    starts = [trace["t0"] + st[i_start] for st in steps]
+    waits = trace.get("flag_waits_ms") or []
+    out = []
+    for start, ttft in zip(per["start_s"], per["ttft_ms"]):
+        a = per["t0"] + start
+        lo, hi = bisect.bisect_left(starts, a), bisect.bisect_right(starts, a + ttft / 1e3)
+        mine = steps[lo:hi]
+        out.append({"steps": len(mine), "execute_ms": sum(st[i_ms] for st in mine),
+                    "flag_ms": sum(waits[st[i_wait]] for st in mine if 0 <= st[i_wait] < len(waits)),
+                    "block_maps": sum(st[i_maps] for st in mine), "drains": sum(st[i_drains] for st in mine),
+                    "to_first_step_ms": (starts[lo] - a) * 1e3 if lo < len(starts) else None})
+    return out
+
+
+def window_markdown(rows: list[dict]) -> str:
+    """Per workload, class and system (requests with a step trace only): means of ttft_windows()."""
+    keys = ("steps", "execute_ms", "flag_ms", "block_maps", "drains", "to_first_step_ms")
+    lines = ["| workload | class | system | requests | TTFT p50 ms | steps in the window | execute_model ms | "
+             "GPU at the flag ms | block maps | DRAINs | arrival to next step ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for w in dict.fromkeys(r["workload"] for r in rows):
+        for c in CLASSES:
+            for s in dict.fromkeys(r["system"] for r in rows):
+                mine = [r for r in rows if (r["workload"], r["class"], r["system"]) == (w, c, s) and r.get("window")]
+                if not mine:
+                    continue
+                means = []
+                for k in keys:
+                    xs = [r["window"][k] for r in mine if r["window"][k] is not None]
+                    means.append(f"{statistics.fmean(xs):.2f}" if xs else "-")
+                ttft = statistics.median(r["ttft_ms"] for r in mine)
+                lines.append(f"| {w} | {c} | {s} | {len(mine)} | {ttft:.2f} | " + " | ".join(means) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> None:
     import json
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("result", help="a suite JSON with serving results (per_request kept)")
     ap.add_argument("--model", default=os.path.join("models", "llama-3.1-8b"), help="whose tokenizer the client used")
     ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--traces", default=None, help="folder of the servers' step traces (default: the result's)")
     args = ap.parse_args(argv)
     res = json.load(open(args.result))
-    rows = classify(res["results"], lambda name, n, i, o: bench_serve_prompts(args.model, n, i, o), args.block_size)
+    folder = args.traces or os.path.dirname(os.path.abspath(args.result))
+
+    def load_trace(name: str) -> dict | None:
+        path = os.path.join(folder, name)
+        return json.load(open(path)) if os.path.exists(path) else None
+    rows = classify(res["results"], lambda name, n, i, o: bench_serve_prompts(args.model, n, i, o), args.block_size,
+                    load_trace)
     if not rows:
         raise SystemExit(f"{args.result}: no serving result with per-request times (suites before NOTES #73 kept none)")
     print(markdown(rows))
+    if any(r["window"] for r in rows):
+        print("What the server's steps did between each request's arrival and its first token (means):\n")
+        print(window_markdown(rows))
 
 
 if __name__ == "__main__":

@@ -354,7 +354,8 @@ def per_request(d: dict) -> dict | None:
         return None
     t0 = min(starts)
     order = sorted(range(len(starts)), key=starts.__getitem__)
-    return {"start_s": [round(starts[i] - t0, 4) for i in order],
+    return {"t0": t0,  # time.perf_counter of the first request: the server's step trace uses the same clock
+            "start_s": [round(starts[i] - t0, 4) for i in order],
             "ttft_ms": [round(ttfts[i] * 1e3, 3) for i in order],
             "tpot_ms": [round(sum(itls[i]) / len(itls[i]) * 1e3, 3) if itls[i] else None for i in order],
             "input_len": [lens[i] for i in order]}
@@ -377,6 +378,10 @@ def _run_serve(cli, model: str, workloads: list[Workload], system: str, env, raw
     cmd = cli + ["serve", model, "--load-format", "dummy", "--max-model-len", str(max_len),
                  "--port", str(port), "--tensor-parallel-size", str(tp), *SYSTEMS[system]["args"]]
     results = []
+    trace = None
+    if (env or {}).get("VLLM_ATTENTION_BACKEND") == "VATTENTION":  # each step's timing (worker.StepTrace)
+        trace = os.path.join(os.path.dirname(raw), f"steps-{system}-{int(time.time())}.json")
+        env = {**env, "VATTN_STEP_TRACE": trace}
     server = RunningServer(cmd, env, port, timeout / 2, os.path.join(os.path.dirname(raw), f"log-serve-{system}.txt"))
     with server:
         for w in workloads:
@@ -404,6 +409,7 @@ def _run_serve(cli, model: str, workloads: list[Workload], system: str, env, raw
     for r, w in zip(results, workloads):
         r["max_concurrent_requests"] = _kv_capacity(log, w.input_len + w.output_len, _block_size(log))
         r["mapper"] = mapper
+        r["step_trace"] = os.path.basename(trace) if trace and os.path.exists(trace) else None
     return results
 
 
