@@ -37,16 +37,18 @@ def test_report_replays_each_servers_workloads_in_order_and_compares_classes():
     res.append({"workload": "serve-rate-4-distinct", "system": "stock-fa3", "rep": 0, "call": 1,
                 "per_request": per([1.0])})  # custom prompts: not replayed
     rows = H.classify(res, lambda name, n, i, o: prompts[name])
+    # the client sends each workload's first prompt once before the run (its test request), so
+    # the first measured request already hits it
     assert [r["class"] for r in rows if r["workload"] == "serve-rate-4" and r["system"] == "stock-fa3"] == [
-        "no hit", "whole prompt", "no hit"]
+        "whole prompt", "whole prompt", "no hit"]
     assert [r["class"] for r in rows if r["workload"] == "serve-rate-16" and r["system"] == "vattn-fa2"] == [
         "whole prompt", "no hit"]
     assert {(r["workload"], r["system"]) for r in rows} == {
         (w, s) for w in ("serve-rate-4", "serve-rate-16") for s in ("stock-fa3", "vattn-fa2")}
     md = H.markdown(rows)
-    assert "| serve-rate-4 | whole prompt | 1 | stock-fa3 | 10.00 | 1.000x | 5.00 | 1.000x |" in md
-    assert "| serve-rate-4 | whole prompt | 1 | vattn-fa2 | 20.00 | 2.000x | 5.00 | 1.000x |" in md
-    assert "| serve-rate-4 | no hit | 2 | vattn-fa2 | 40.00 | 1.000x |" in md
+    assert "| serve-rate-4 | whole prompt | 2 | stock-fa3 | 25.00 | 1.000x | 5.00 | 1.000x |" in md
+    assert "| serve-rate-4 | whole prompt | 2 | vattn-fa2 | 30.00 | 1.200x | 5.00 | 1.000x |" in md
+    assert "| serve-rate-4 | no hit | 1 | vattn-fa2 | 40.00 | 1.000x |" in md
     # a result whose request count differs from the rebuilt prompts is refused, not misaligned
     res[1]["per_request"] = per([1.0, 2.0])
     with pytest.raises(ValueError, match="2 requests measured, 3 prompts rebuilt"):

@@ -3,8 +3,9 @@
 `vllm bench serve --dataset-name random` over the repository's 536-token tokenizer sends prompts that
 share prefixes (NOTES #71). The suite keeps each request's TTFT and TPOT (`per_request`, in the order
 sent); this rebuilds the prompts the client sent (vLLM's RandomDataset, seed 0, as the server
-tokenizes them), replays the server's prefix cache over one server's workloads in order (no
-eviction: the suite's budget holds every block these runs write), and reports TTFT and TPOT p50 per
+tokenizes them), replays the server's prefix cache over one server's workloads in order (each
+workload's first prompt is sent once before the run, as a test; no eviction: the suite's budget
+holds every block these runs write), and reports TTFT and TPOT p50 per
 class of request: no hit, some leading blocks hit, or (nearly) the whole prompt hit. With the
 servers' step traces (VATTN_STEP_TRACE, which the suite sets for vAttention's servers) it also tells
 what the steps did while each request waited for its first token.
@@ -84,6 +85,7 @@ def classify(results: list[dict], prompts_for: Callable[[str, int, int, int], li
             if w.name not in prompts:
                 prompts[w.name] = prompts_for(w.name, w.num_prompts, w.input_len, w.output_len)
             ps = prompts[w.name]
+            leading_hits(ps[:1], block_size, seen)  # the client's "initial single prompt test run" sends the first
             hits = leading_hits(ps, block_size, seen)
             per = r["per_request"]
             if len(per["ttft_ms"]) != len(ps):
