@@ -119,3 +119,70 @@ def test_controls_in_order_blocks_and_padded_rows_read_the_same_data():
         K.main(["--paged-orders", "random", "--out", "/tmp/kb-x"])
     with pytest.raises(SystemExit, match="--row-pads 0,-1"):
         K.main(["--row-pads", "0,-1", "--out", "/tmp/kb-x"])
+
+
+def test_vmm_rows_are_planned_as_the_engine_has_them():
+    """plan_vmm_rows: one row per sequence, its blocks a share of one shuffled permutation of the
+    pool (frames from anywhere), FA3's guard behind the sequence as the zero page, nothing else."""
+    import torch
+
+    from helpers import PAGE, SMALL
+    from vllm_vattention.memory import FakeDriver, KVMemoryManager, make_layout
+    from vllm_vattention.memory.mapper import ZERO
+    driver = FakeDriver(PAGE, capacity=1 << 28)
+    lay = make_layout("interleaved", SMALL, PAGE, rows=3, min_row_tokens=20 * 16)
+    bs = lay.block_size
+    m = KVMemoryManager(driver, lay, num_blocks=3 * 5)
+    try:
+        rows = K.plan_vmm_rows(m, 3, 4 * bs + 1, guard=2 * bs, gen=torch.Generator().manual_seed(0))
+        assert sorted(rows) == [0, 1, 2]
+        frames = [m.mapper.slots[r] for r in rows]
+        held = [f[:5] for f in frames]
+        assert sorted(x for h in held for x in h) == sorted(m.pool.frame(b) for b in range(15))
+        assert held != [[m.pool.frame(b) for b in range(5 * i, 5 * i + 5)] for i in range(3)]  # shuffled
+        # 4 blocks + 1 token: 5 blocks; the guard of 2 blocks reaches token 6 * bs + 1: slots 5-6 zero
+        assert all(f[5:7] == [ZERO] * 2 and all(x is None for x in f[7:]) for f in frames)
+        m.mapper.check_invariants()
+    finally:
+        m.close()
+
+
+def test_vmm_layout_goes_through_its_own_rows_and_closes_them():
+    """run_shape's 'vmm' variant takes its rows from vmm_rows (replaced here by rows of a plain
+    tensor at other indices), times FA2 and FA3 over them with those row indices, labels the rows'
+    length, and closes them."""
+    import torch
+
+    from vllm_vattention.attention import ops
+
+    def paged(q, k_cache, v_cache, max_q, cu_q, max_k, seqused_k, softmax_scale, causal, block_table, out, fa_version):
+        k_rows = k_cache[block_table.long()].flatten(1, 2)
+        v_rows = v_cache[block_table.long()].flatten(1, 2)
+        out.copy_(ops.reference_attention(q, k_rows, v_rows, cu_q, seqused_k, torch.arange(q.shape[0]), softmax_scale))
+
+    used_rows, closed = [], []
+
+    def fake_vmm(batch, context, row_tokens, k_src, v_src, dev):
+        assert row_tokens == 96
+        store = torch.zeros(2, batch + 2, row_tokens, K.HKV, K.D, dtype=torch.bfloat16)
+        rows = torch.arange(batch, dtype=torch.int32) + 2  # rows 2.. (row 0, 1 unused)
+        store[0, rows.long(), :context] = k_src
+        store[1, rows.long(), :context] = v_src
+        return store[0], store[1], rows, lambda: closed.append(True)
+
+    def fa2(q, k_rows, v_rows, out, seq_lens, rows, scale, num_splits=0):
+        used_rows.append(rows.tolist())
+        out.copy_(ops.reference_attention(q, k_rows, v_rows, torch.arange(q.shape[0] + 1, dtype=torch.int32),
+                                          seq_lens, rows, scale))
+
+    def fa3(q, k_rows, v_rows, out, cu_seqlens_q, seq_lens, rows, max_query_len, scale):
+        used_rows.append(rows.tolist())
+        out.copy_(ops.reference_attention(q, k_rows, v_rows, cu_seqlens_q, seq_lens, rows, scale))
+
+    res = K.run_shape(3, 40, 64, [0], ["vmm"], device="cpu", timer=lambda fn: (fn(), 0.3)[1],
+                      paged_kernel=paged, fa2_kernel=fa2, fa3_kernel=fa3, vmm_row_tokens=96, vmm_rows_fn=fake_vmm,
+                      row_pads=(0, 16))  # pads do not apply to vmm rows
+    assert [(r["layout"], r["system"]) for r in res] == [
+        ("paged", "paged-fa3"), ("vmm (96-token rows)", "fa2"), ("vmm (96-token rows)", "fa3-rows")]
+    assert used_rows and all(u == [2, 3, 4] for u in used_rows) and closed == [True]
+    assert all(r["max_abs_diff_vs_paged_fa3"] <= 1e-2 for r in res)

@@ -17,6 +17,12 @@ shuffled,sequential` also times paged FA3 with each sequence's blocks in order (
 pattern under the paged kernel: slow too means the addresses, fast means the kernel's paged path),
 and `--row-pads 0,16` also times rows whose stride is that many tokens longer than the kernel's
 view (row starts off the 2 MiB grid: a memory-partition effect would move).
+
+Plain-memory rows are one physically contiguous allocation with every row whole. Layout `vmm` is the
+engine's own arrangement instead: the interleaved layout over a VMM reservation, each 2 MiB frame
+created on its own, each row mapping only its sequence's blocks (in shuffled order) and FA3's guard,
+rows as long as `--vmm-row-tokens` (the engine's: max_model_len + 256, rounded up to 16). It needs
+batch x context x 128 KiB of frames (48 GiB at 256 x 1536), not whole rows.
 """
 
 from __future__ import annotations
@@ -26,9 +32,12 @@ import json
 import os
 import statistics
 
+from ..errors import VattnError
+from ..memory import KVGeometry
 from .env import environment, header, results_stem, write_markdown
 
 HQ, HKV, D, LAYERS, BLOCK = 32, 8, 128, 32, 16
+GEOMETRY = KVGeometry(num_layers=LAYERS, num_kv_heads=HKV, head_size=D, dtype_bytes=2)  # Llama-3-8B, bf16
 DEFAULT_SHAPES = "24x16384,16x16384,8x32768,64x4096,128x1024"  # (interleaved rows fit an H100)
 DEFAULT_SPLITS = "0,1,2,3,4,6,8,12,16"
 
@@ -73,6 +82,54 @@ def _time_ms(fn, iters: int = 20, rounds: int = 5) -> float:
     return statistics.median(times)
 
 
+def plan_vmm_rows(manager, batch: int, context: int, guard: int, gen) -> list[int]:
+    """The engine's arrangement for a decode batch: a row per sequence, holding `context` tokens'
+    blocks (vLLM block ids in shuffled order, so each row's frames come from anywhere in the pool, as
+    after a while of serving) and FA3's guard behind them; nothing else mapped. Returns the rows."""
+    import torch
+    bs = manager.layout.block_size
+    nb = -(-context // bs)
+    ids = torch.randperm(batch * nb, generator=gen).view(batch, nb).tolist()
+    rows = []
+    for b in range(batch):
+        r = manager.acquire_row()
+        manager.set_blocks(r, ids[b])
+        manager.ensure_readable(r, min(context + guard, manager.layout.row_tokens))
+        rows.append(r)
+    manager.sync()
+    return rows
+
+
+def vmm_rows(batch: int, context: int, row_tokens: int, k_src, v_src, device):
+    """K and V rows of layer 0 as the engine has them (interleaved layout over a VMM reservation,
+    2 MiB frames created one by one, plan_vmm_rows), filled with k_src/v_src. Returns (k_rows,
+    v_rows, rows tensor, close)."""
+    import torch
+
+    from ..memory import PAGE_SIZE, CudaDriver, KVMemoryManager, make_layout
+    from ..memory.views import layer_views
+    lay = make_layout("interleaved", GEOMETRY, PAGE_SIZE, rows=batch, min_row_tokens=row_tokens)
+    driver = CudaDriver(device.index if device.index is not None else torch.cuda.current_device())
+    m = KVMemoryManager(driver, lay, batch * -(-context // lay.block_size))
+    try:
+        rows = plan_vmm_rows(m, batch, context, 256, torch.Generator().manual_seed(1))
+        k_rows, v_rows = layer_views(m.base_va, lay, torch.bfloat16, device)[0]
+        rows_t = torch.tensor(rows, dtype=torch.int32, device=device)
+        k_rows[rows_t.long(), :context] = k_src
+        v_rows[rows_t.long(), :context] = v_src
+        torch.cuda.synchronize()
+    except BaseException:
+        m.close()
+        driver.close()
+        raise
+
+    def close():
+        torch.cuda.synchronize()
+        m.close()
+        driver.close()
+    return k_rows, v_rows, rows_t, close
+
+
 def layout_label(layout: str, pad: int) -> str:
     """'per_layer' for unpadded rows, 'per_layer+pad16' for rows 16 tokens longer than the view."""
     return f"{layout}+pad{pad}" if pad else layout
@@ -80,11 +137,14 @@ def layout_label(layout: str, pad: int) -> str:
 
 def run_shape(batch: int, context: int, row_tokens: int, splits: list[int], layouts: list[str], seed: int = 0,
               device: str = "cuda", timer=None, paged_kernel=None, fa2_kernel=None, fa3_kernel=None,
-              paged_orders: tuple[str, ...] = ("shuffled",), row_pads: tuple[int, ...] = (0,)) -> list[dict]:
+              paged_orders: tuple[str, ...] = ("shuffled",), row_pads: tuple[int, ...] = (0,),
+              vmm_row_tokens: int = 0, vmm_rows_fn=None) -> list[dict]:
     """Every kernel on one shape. `device`, `timer` (ms per call of a function) and the kernels
     (vLLM's flash_attn_varlen_func, ops.fa2_decode, ops.fa3_varlen) are replaceable for the CPU
     test of this plumbing. `paged_orders`: 'shuffled' (stock's baseline, always timed first) and/or
-    'sequential' (each sequence's blocks in order); `row_pads`: extra tokens of row stride."""
+    'sequential' (each sequence's blocks in order); `row_pads`: extra tokens of row stride (not for
+    'vmm'). Layout 'vmm' (the engine's own rows, vmm_rows; `vmm_rows_fn` replaces it on a CPU) has
+    rows of `vmm_row_tokens` (default row_tokens) tokens."""
     import torch
 
     if paged_kernel is None:
@@ -148,42 +208,58 @@ def run_shape(batch: int, context: int, row_tokens: int, splits: list[int], layo
             record("paged", "paged-fa3-seq", None, ms, (paged_out.float() - ref).abs().max().item())
         del k_cache, v_cache
 
-    for layout, pad in [(x, p) for x in layouts for p in row_pads]:
-        label, stride = layout_label(layout, pad), row_tokens + pad
+    variants = [(x, p) for x in layouts if x != "vmm" for p in row_pads] + [(x, 0) for x in layouts if x == "vmm"]
+    for layout, pad in variants:
+        label, stride, used = layout_label(layout, pad), row_tokens + pad, rows
+        close = None
         try:
             if layout == "interleaved":  # [rows, row_tokens, layers, K/V, HKV, D]; layer 0 is read
                 store = torch.empty(batch, stride, LAYERS, 2, HKV, D, dtype=torch.bfloat16, device=dev)
                 k_rows, v_rows = store[:, :row_tokens, 0, 0], store[:, :row_tokens, 0, 1]
-            else:  # per_layer: one layer's K rows and V rows, each contiguous
+            elif layout == "per_layer":  # one layer's K rows and V rows, each contiguous
                 store = torch.empty(2, batch, stride, HKV, D, dtype=torch.bfloat16, device=dev)
                 k_rows, v_rows = store[0, :, :row_tokens], store[1, :, :row_tokens]
+            else:  # vmm: the engine's rows (only the sequences' frames and FA3's guard mapped), filled there
+                label = f"vmm ({vmm_row_tokens or row_tokens}-token rows)"
+                k_rows, v_rows, used, close = (vmm_rows_fn or vmm_rows)(batch, context, vmm_row_tokens or row_tokens,
+                                                                       k_src, v_src, dev)
         except torch.OutOfMemoryError:
             record(label, "fa2", None, None, None, f"out of memory ({batch * stride * LAYERS * 4 * HKV * D / 2**30:.0f} GiB)")
             continue
-        k_rows[:, :context].copy_(k_src)
-        v_rows[:, :context].copy_(v_src)
-        k_rows[:, context:].zero_()
-        v_rows[:, context:].zero_()
+        except VattnError as e:  # vmm: the driver's own error (e.g. out of memory for the frames), kept as a note
+            record(label, "fa2", None, None, None, f"{type(e).__name__}: {e}"[:200])
+            continue
+        if close is None:
+            k_rows[:, :context].copy_(k_src)
+            v_rows[:, :context].copy_(v_src)
+            k_rows[:, context:].zero_()
+            v_rows[:, context:].zero_()
         o = torch.empty_like(q)
-        for s in splits:
-            def fa2(s=s):
-                fa2_kernel(q, k_rows, v_rows, o, lens, rows, scale, num_splits=s)
-            ms = timer(fa2)
-            fa2()
+        try:
+            for s in splits:
+                def fa2(s=s):
+                    fa2_kernel(q, k_rows, v_rows, o, lens, used, scale, num_splits=s)
+                ms = timer(fa2)
+                fa2()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                record(label, "fa2", s, ms, (o.float() - ref).abs().max().item())
+
+            def fa3():  # past each sequence: zeros, or the zero page (vmm), for FA3's last key tile
+                fa3_kernel(q, k_rows, v_rows, o, cu_q, lens, used, 1, scale)
+            ms = timer(fa3)
+            fa3()
             if dev.type == "cuda":
                 torch.cuda.synchronize()
-            record(label, "fa2", s, ms, (o.float() - ref).abs().max().item())
-
-        def fa3():  # the rows' zeros past each sequence stand for the guard FA3's last key tile reads
-            fa3_kernel(q, k_rows, v_rows, o, cu_q, lens, rows, 1, scale)
-        ms = timer(fa3)
-        fa3()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        record(label, "fa3-rows", None, ms, (o.float() - ref).abs().max().item())
-        del store, k_rows, v_rows
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+            record(label, "fa3-rows", None, ms, (o.float() - ref).abs().max().item())
+        finally:
+            del k_rows, v_rows
+            if close is not None:
+                close()
+            else:
+                del store
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
     return out
 
 
@@ -245,7 +321,10 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--shapes", default=DEFAULT_SHAPES, help="BATCHxCONTEXT,... (default %(default)s)")
     ap.add_argument("--splits", default=DEFAULT_SPLITS, help="FA2 split counts; 0: FA2's heuristic")
-    ap.add_argument("--layouts", default="interleaved,per_layer")
+    ap.add_argument("--layouts", default="interleaved,per_layer",
+                    help="interleaved, per_layer (plain memory) and/or vmm (the engine's own rows)")
+    ap.add_argument("--vmm-row-tokens", type=int, default=0,
+                    help="vmm rows' length (default --row-tokens'; the engine's: max_model_len + 256, to 16)")
     ap.add_argument("--row-tokens", type=int, default=0, help="row length (default: context + 1280, to 256)")
     ap.add_argument("--paged-orders", default="shuffled",
                     help="shuffled (stock's baseline) and/or sequential (blocks in order: a control)")
@@ -257,8 +336,8 @@ def main(argv=None) -> None:
     if any(not 0 <= s <= 128 for s in splits):
         raise SystemExit(f"--splits {args.splits}: each must be 0 (FA2's heuristic) to 128")
     layouts = [x for x in args.layouts.split(",") if x]
-    if set(layouts) - {"interleaved", "per_layer"}:
-        raise SystemExit(f"--layouts {args.layouts}: use interleaved and/or per_layer")
+    if set(layouts) - {"interleaved", "per_layer", "vmm"}:
+        raise SystemExit(f"--layouts {args.layouts}: use interleaved, per_layer and/or vmm")
     orders = tuple(x for x in args.paged_orders.split(",") if x)
     if not orders or set(orders) - {"shuffled", "sequential"}:
         raise SystemExit(f"--paged-orders {args.paged_orders}: use shuffled and/or sequential")
@@ -274,7 +353,7 @@ def main(argv=None) -> None:
     stem = results_stem(args.out, env, f"-{args.tag}")
     for b, n in shapes:
         res["results"] += run_shape(b, n, args.row_tokens or row_tokens_for(n), splits, layouts,
-                                    paged_orders=orders, row_pads=pads)
+                                    paged_orders=orders, row_pads=pads, vmm_row_tokens=args.vmm_row_tokens)
         with open(stem + ".json", "w") as f:  # after each shape: a run cut short keeps what it measured
             json.dump(res, f, indent=1)
         print(f"[kbench] {b} x {n} done", flush=True)
