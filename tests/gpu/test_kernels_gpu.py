@@ -227,3 +227,16 @@ def test_matches_stock_vllm_paged_fa3_on_the_same_data(manager_factory, cuda, se
     err_ours = (ours.float() - ref).abs().max().item()
     assert (ours.float() - stock.float()).abs().max().item() <= err_stock + err_ours + 1e-6
     assert err_ours <= _bf16_tolerance(ref)
+
+
+def test_kbench_over_plain_and_vmm_rows_matches_paged_fa3(cuda):
+    """vattn-kbench's variants read the same keys and values as its paged FA3 baseline: plain rows
+    (padded and not), paged FA3 over in-order blocks, and the engine's own VMM rows (NOTES #74, #77)."""
+    from vllm_vattention.bench import kbench
+
+    res = kbench.run_shape(4, 100, 256, [0, 2], ["interleaved", "vmm"], paged_orders=("shuffled", "sequential"),
+                           row_pads=(0, 16), vmm_row_tokens=288, timer=lambda fn: (fn(), 1.0)[1])
+    got = {(r["layout"], r["system"], r["num_splits"]) for r in res}
+    assert ("paged", "paged-fa3-seq", None) in got and ("interleaved+pad16", "fa2", 2) in got
+    assert ("vmm (288-token rows)", "fa3-rows", None) in got
+    assert all(r["ms"] == 1.0 and r["max_abs_diff_vs_paged_fa3"] < 2e-2 for r in res), res
