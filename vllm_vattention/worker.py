@@ -116,7 +116,7 @@ class StepTrace:
     shutdown, to line a request's time to first token up with the steps that ran meanwhile
     (bench.serve_hits). Times are time.perf_counter, i.e. CLOCK_MONOTONIC on Linux, the clock
     `vllm bench serve` stamps its requests with on the same machine. Per step: its start (s after
-    `t0`), execute_model's duration (ms), new requests, scheduled tokens, block maps and DRAINs
+    `t0`), execute_model's duration with our hooks (ms), new requests, scheduled tokens, block maps and DRAINs
     planned on the step's path, and the index of the GPU's wait at the mapping flag it enqueued
     (-1: none; `flag_waits_ms` gives each wait's length)."""
 
@@ -124,7 +124,7 @@ class StepTrace:
     MAX_STEPS = 500_000  # ~50 MB at most; later steps are counted, not kept
 
     def __init__(self, path: str, clock=time.perf_counter):
-        self.path, self.clock = path, clock
+        self.path = path
         self.t0 = clock()
         self.steps: list[tuple] = []
         self.dropped = 0
@@ -432,11 +432,6 @@ class VattnModelRunner(V2ModelRunner):
             st, flags = self.vattn.mapper.stats, self.flag_timer
             before = (st.block_maps, st.drains, flags.issued if flags else 0)
         out = super().execute_model(scheduler_output, *args, **kwargs)
-        if trace is not None:
-            issued = flags.issued if flags else 0
-            trace.add(t, time.perf_counter(), len(scheduler_output.scheduled_new_reqs),
-                      scheduler_output.total_num_scheduled_tokens, st.block_maps - before[0],
-                      st.drains - before[1], issued - 1 if issued > before[2] else -1)
         if self._pending_reads:
             t_fence = time.perf_counter()
             self.vattn.record_read_slots(EventFence(), self._pending_reads)
@@ -448,8 +443,13 @@ class VattnModelRunner(V2ModelRunner):
                 # (the native thread maps them while no step waits for it)
                 self.vattn.warm()
                 self._account("warm", t_warm)
-        self.execute_seconds += time.perf_counter() - t
+        end = time.perf_counter()
+        self.execute_seconds += end - t
         self.steps += 1
+        if trace is not None:
+            issued = flags.issued if flags else 0
+            trace.add(t, end, len(scheduler_output.scheduled_new_reqs), scheduler_output.total_num_scheduled_tokens,
+                      st.block_maps - before[0], st.drains - before[1], issued - 1 if issued > before[2] else -1)
         return out
 
     def shutdown(self) -> None:
