@@ -85,3 +85,20 @@ def test_classify_attaches_windows_from_the_results_trace():
                       load_trace=lambda name: loaded.append(name) or trace)
     assert loaded == ["steps-x.json"]
     assert rows[0]["window"]["block_maps"] == 2 and rows[1]["window"] is None
+
+
+def test_cli_reads_the_result_and_its_traces_from_the_results_folder(tmp_path, monkeypatch, capsys):
+    import json
+    per = {"t0": 1000.1, "start_s": [0.0], "ttft_ms": [25.0], "tpot_ms": [5.0], "input_len": [32]}
+    trace = {"t0": 1000.0, "fields": ["start_s", "ms", "new_reqs", "tokens", "block_maps", "drains", "flag_wait"],
+             "steps": [[0.11, 5.0, 1, 32, 2, 0, 0]], "flag_waits_ms": [1.5]}
+    (tmp_path / "steps-v.json").write_text(json.dumps(trace))
+    res = {"results": [{"workload": "serve-rate-4", "system": s, "rep": 0, "call": 1, "per_request": per,
+                        "step_trace": "steps-v.json" if s == "vattn-fa2" else None}
+                       for s in ("stock-fa3", "vattn-fa2")]}
+    (tmp_path / "r.json").write_text(json.dumps(res))
+    monkeypatch.setattr(H, "bench_serve_prompts", lambda model, n, i, o: [list(range(32))])
+    H.main([str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert "| serve-rate-4 | whole prompt | 1 | vattn-fa2 | 25.00 | 1.000x |" in out  # the test request cached it
+    assert "| serve-rate-4 | whole prompt | vattn-fa2 | 1 | 25.00 | 1.00 | 5.00 | 1.50 | 2.00 | 0.00 | 10.00 |" in out
