@@ -76,6 +76,12 @@ class KVMemoryManager:
     # released since the last one, else at most once in this many calls: with growth_ahead a decode
     # step's swaps mark warm() stale at almost every step, and the scan was most of its time
     ALIAS_SCAN_EVERY = 8
+    # the scan looks at every spare only every this many scans, or when the warm depth or the
+    # window changed; the others look at the spares that can have become free since: frames that
+    # became spares (swaps, lends), spares in rows acquired, released or whose guard was let go,
+    # and those a step in flight kept last time (each scan was ~1-2 ms of the engine thread with
+    # 2,048 spares, most of warm(), and found what these hold: NOTES #78)
+    ALIAS_FULL_EVERY = 8
     # after growth slots last ran short of spares, warm() keeps only GROWTH_WARM_ROWS free rows warm for
     # this many calls (two blocks of decode steps: the next wave of growth) unless a new request takes
     # a row, so that spares do not move back and forth between free rows and growth slots at every wave
@@ -146,6 +152,12 @@ class KVMemoryManager:
         self._grow: dict[int, None] = {}
         self._grow_blocked = False  # the last try found no spare; set again where _warm_stale is
         self._scan_due, self._scan_countdown = True, 0  # warm()'s alias scan: rows changed / calls left
+        # what a scan of some spares looks at (_alias_candidates): rows acquired, released or whose
+        # guard was let go; frames a step in flight kept from being freed; scans left before a full
+        # one, and the (depth, window) the last full one saw
+        self._touched: set[int] = set()
+        self._alias_retry: set[int] = set()
+        self._full_scans_in, self._alias_basis = 0, None
         # warm() calls; the last in which growth slots ran short; the last before a row was acquired
         self._calls, self._short_at, self._acquired_at = 0, -self.GROWTH_HOLD, 0
         self._zero_counters()
@@ -172,6 +184,7 @@ class KVMemoryManager:
             self._free_rows.remove(row)
             self.admit_counts["prefix_rows_taken"] += 1
         self._active.add(row)
+        self._touched.add(row)
         self._held_end[row] = self._guard_end[row] = 0
         self._warm_stale = self._scan_due = True
         self._grow_blocked = False
@@ -219,6 +232,7 @@ class KVMemoryManager:
         self._grow.pop(row, None)
         self._guarded.discard(row)
         self._guarded_now.discard(row)
+        self._touched.add(row)
         self._warm_stale = self._scan_due = True
         self._grow_blocked = False
         if self.reclaim == "eager":
@@ -272,6 +286,9 @@ class KVMemoryManager:
         if not self.pool.spare_frames:
             return 0
         self._calls += 1
+        if len(self.pool.respared) > 4 * len(self.pool.spare_frames):  # no scan for long: the next is full
+            self.pool.respared.clear()
+            self._full_scans_in = 0
         self._drop_stale_guards()
         short_now = False
         if self._grow:
@@ -311,7 +328,7 @@ class KVMemoryManager:
             # where nothing reads them, and warm on with them now (their unmaps run first: the
             # background queue keeps order).
             self._scan_due, self._scan_countdown = False, self.ALIAS_SCAN_EVERY
-            freed = self._free_aliases(depth, bounds, set(got))
+            freed = self._free_aliases(depth, bounds, set(got), self._alias_candidates(depth, len(window)))
             if freed:
                 self._grow_blocked = False
                 if stop in window:
@@ -350,6 +367,7 @@ class KVMemoryManager:
         for r in stale:
             guard[r] = min(guard[r], held[r])
         self._let_go |= stale
+        self._touched |= stale
         self._warm_stale = self._scan_due = True  # spares may be free to take back
 
     def _warm_growth(self) -> int:
@@ -391,7 +409,30 @@ class KVMemoryManager:
                 return row
         return None
 
-    def _free_aliases(self, depth: int, bounds: dict[int, int], window: set[int]) -> int:
+    def _alias_candidates(self, depth: int, window: int) -> list[int] | None:
+        """The spares the next alias scan looks at: None (all of them) every ALIAS_FULL_EVERY scans
+        and when the warm depth or the window's size differ from the last full scan's; else those
+        whose slots can have become free to unmap since: frames that became spares, spares mapped in rows
+        acquired, released or let go of, and those a step in flight kept from being freed last time."""
+        pool, touched = self.pool, self._touched | self._let_go
+        full = self._full_scans_in <= 0 or self._alias_basis != (depth, window)
+        if full:
+            self._full_scans_in, self._alias_basis = self.ALIAS_FULL_EVERY, (depth, window)
+            frames = None
+        else:
+            self._full_scans_in -= 1
+            spare, slots = pool.spare_frames, self.mapper.slots
+            cand = {f for f in pool.respared if f in spare} | {f for f in self._alias_retry if f in spare}
+            for r in touched:
+                cand.update(f for f in slots[r] if f in spare)
+            frames = sorted(cand)
+        pool.respared.clear()
+        self._touched.clear()
+        self._alias_retry.clear()
+        return frames
+
+    def _free_aliases(self, depth: int, bounds: dict[int, int], window: set[int],
+                      frames: list[int] | None = None) -> int:
         """Unmap, in the background, the spares mapped only where nothing reads them and no request
         will before the slot is mapped again: no step in flight reads the slot, and it lies in an
         idle row, past `depth` in the rows warm() has just warmed (`window`), or in a running request's
@@ -399,15 +440,20 @@ class KVMemoryManager:
         further down (the rows acquire_row() hands out later) move up to the rows before them.
         Returns how many."""
         active, held, guard, keep, zero = self._active, self._held_end, self._guard_end, self.GROWTH_KEEP, self._zero_rows
+        retry, slots = self._alias_retry, self.mapper.slots
 
         def slot_ok(r: int, s: int) -> bool:
-            if s < bounds.get(r, 0) or r in zero:
+            if s < bounds.get(r, 0):
+                retry.add(slots[r][s])  # read by a step in flight: look again next time
+                return False
+            if r in zero:
                 return False
             if r in active:
                 return s >= held[r] + keep and s >= guard[r]
             return s >= depth or r not in window
 
-        return self.mapper.unmap_aliases(self.pool.spare_frames, slot_ok)  # (it skips spares mapped nowhere)
+        # (it skips spares mapped nowhere)
+        return self.mapper.unmap_aliases(self.pool.spare_frames if frames is None else frames, slot_ok)
 
     def _trace_warm(self, *outcome: int) -> None:
         """The first WARM_TRACE planning calls since the counters were reset, for stats()."""

@@ -67,6 +67,7 @@ class PagePool:
         self._is_free = [True] * num_blocks
         self._frame_of: list[int | None] = list(range(num_blocks))  # block -> frame (None: lent)
         self.spare_frames: set[int] = set(range(num_blocks, self.num_frames))  # owned by no block
+        self.respared: list[int] = []  # frames that became spares (swap, lend) since a reader cleared it
         self.lent = 0  # blocks whose frame is lent out as a spare (lend()), not handed out since
         self.max_seen = -1  # the highest block id frames() was asked for: ids above were never handed out
 
@@ -112,6 +113,7 @@ class PagePool:
             self.lent -= 1
         else:
             self.spare_frames.add(old)
+            self.respared.append(old)
         return old
 
     def lend(self, blocks) -> int:
@@ -125,6 +127,7 @@ class PagePool:
                 raise ValueError(f"block {b} is lent already")
         for b in blocks:
             self.spare_frames.add(fo[b])
+            self.respared.append(fo[b])
             fo[b] = None
         self.lent += len(blocks)
         return len(blocks)
