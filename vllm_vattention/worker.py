@@ -448,8 +448,10 @@ class VattnModelRunner(V2ModelRunner):
         self.steps += 1
         if trace is not None:
             issued = flags.issued if flags else 0
-            trace.add(t, end, len(scheduler_output.scheduled_new_reqs), scheduler_output.total_num_scheduled_tokens,
-                      st.block_maps - before[0], st.drains - before[1], issued - 1 if issued > before[2] else -1)
+            so = scheduler_output  # (read defensively: a trace must never stop a step)
+            new_reqs = len(getattr(so, "scheduled_new_reqs", ()) or ())
+            trace.add(t, end, new_reqs, getattr(so, "total_num_scheduled_tokens", 0), st.block_maps - before[0],
+                      st.drains - before[1], issued - 1 if issued > before[2] else -1)
         return out
 
     def shutdown(self) -> None:
