@@ -459,8 +459,11 @@ class VattnModelRunner(V2ModelRunner):
             torch.cuda.synchronize()
             logger.info("vAttention mapper stats: %s", self.vattn_report())
             if self.step_trace is not None:  # (vattn_report collected every flag wait)
-                self.step_trace.write(self.flag_timer.all_ms if self.flag_timer else None)
-                logger.info("vAttention: %d steps traced to %s", len(self.step_trace.steps), self.step_trace.path)
+                try:
+                    self.step_trace.write(self.flag_timer.all_ms if self.flag_timer else None)
+                    logger.info("vAttention: %d steps traced to %s", len(self.step_trace.steps), self.step_trace.path)
+                except OSError as e:  # the KV memory is still released below
+                    logger.warning("vAttention: VATTN_STEP_TRACE=%s could not be written: %s", self.step_trace.path, e)
             self.vattn.close()
             self.vattn.driver.close()  # releases the primary-context reference CudaDriver retained
             self.vattn = None
