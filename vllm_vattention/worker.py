@@ -75,7 +75,6 @@ class StreamWaitTimer:
         self._pending: collections.deque = collections.deque()
         self.seconds = 0.0
         self.waits = 0
-        self.issued = 0  # waits enqueued (the next one's index)
         self.stalls = 0
         self.longest: list[tuple[float, int]] = []  # the TOP longest waits: (seconds, index of the wait), a min-heap
         self.all_ms: list[float] | None = [] if keep_all else None  # every wait, by index (VATTN_STEP_TRACE)
@@ -87,8 +86,12 @@ class StreamWaitTimer:
         enqueue()
         end.record(stream)
         self._pending.append((start, end))
-        self.issued += 1
         self.collect()
+
+    @property
+    def issued(self) -> int:
+        """Waits enqueued so far (the next one's index): those read back and those pending."""
+        return self.waits + len(self._pending)
 
     def collect(self, wait: bool = False) -> None:
         """Account every pair that has completed (with wait=True: every pair, synchronizing)."""
