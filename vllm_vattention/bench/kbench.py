@@ -33,11 +33,10 @@ import os
 import statistics
 
 from ..errors import VattnError
-from ..memory import KVGeometry
 from .env import environment, header, results_stem, write_markdown
+from .mapbench import LLAMA3_8B  # (HQ/HKV/D/LAYERS below are its shape)
 
 HQ, HKV, D, LAYERS, BLOCK = 32, 8, 128, 32, 16
-GEOMETRY = KVGeometry(num_layers=LAYERS, num_kv_heads=HKV, head_size=D, dtype_bytes=2)  # Llama-3-8B, bf16
 DEFAULT_SHAPES = "24x16384,16x16384,8x32768,64x4096,128x1024"  # (interleaved rows fit an H100)
 DEFAULT_SPLITS = "0,1,2,3,4,6,8,12,16"
 
@@ -108,7 +107,7 @@ def vmm_rows(batch: int, context: int, row_tokens: int, k_src, v_src, device):
 
     from ..memory import PAGE_SIZE, CudaDriver, KVMemoryManager, make_layout
     from ..memory.views import layer_views
-    lay = make_layout("interleaved", GEOMETRY, PAGE_SIZE, rows=batch, min_row_tokens=row_tokens)
+    lay = make_layout("interleaved", LLAMA3_8B, PAGE_SIZE, rows=batch, min_row_tokens=row_tokens)
     driver = CudaDriver(device.index if device.index is not None else torch.cuda.current_device())
     m = KVMemoryManager(driver, lay, batch * -(-context // lay.block_size))
     try:
