@@ -119,9 +119,9 @@ class StepTrace:
     shutdown, to line a request's time to first token up with the steps that ran meanwhile
     (bench.serve_hits). Times are time.perf_counter, i.e. CLOCK_MONOTONIC on Linux, the clock
     `vllm bench serve` stamps its requests with on the same machine. Per step: its start (s after
-    `t0`), execute_model's duration with our hooks (ms), new requests, scheduled tokens, block maps and DRAINs
-    planned on the step's path, and the index of the GPU's wait at the mapping flag it enqueued
-    (-1: none; `flag_waits_ms` gives each wait's length)."""
+    `t0`), execute_model's duration with our hooks (ms), new requests, scheduled tokens, block maps
+    and DRAINs planned on the step's path, and the index of the GPU's wait at the mapping flag it
+    enqueued (-1: none; `flag_waits_ms` gives each wait's length)."""
 
     FIELDS = ("start_s", "ms", "new_reqs", "tokens", "block_maps", "drains", "flag_wait")
     MAX_STEPS = 500_000  # ~50 MB at most; later steps are counted, not kept

@@ -16,6 +16,7 @@ what the steps did while each request waited for its first token.
 from __future__ import annotations
 
 import argparse
+import bisect
 import os
 import statistics
 from typing import Callable
@@ -138,7 +139,6 @@ def ttft_windows(per: dict, trace: dict) -> list[dict]:
     arrival and its first token (worker.StepTrace, the same clock): steps begun in that window,
     their execute_model time, the GPU's wait at the mapping flag they enqueued, the block maps and
     DRAINs on their path, and the wait from arrival to the first step begun after it."""
-    import bisect
     fields = list(trace["fields"])
     i_start, i_ms, i_maps, i_drains, i_wait = (fields.index(k) for k in ("start_s", "ms", "block_maps", "drains",
                                                                          "flag_wait"))

@@ -412,18 +412,18 @@ class KVMemoryManager:
     def _alias_candidates(self, depth: int, window: int) -> list[int] | None:
         """The spares the next alias scan looks at: None (all of them) every ALIAS_FULL_EVERY scans
         and when the warm depth or the window's size differ from the last full scan's; else those
-        whose slots can have become free to unmap since: frames that became spares, spares mapped in rows
-        acquired, released or let go of, and those a step in flight kept from being freed last time."""
-        pool, touched = self.pool, self._touched | self._let_go
-        full = self._full_scans_in <= 0 or self._alias_basis != (depth, window)
-        if full:
+        whose slots can have become free to unmap since: frames that became spares, spares mapped
+        in rows acquired, released or let go of, and those a step in flight kept from being freed
+        last time."""
+        pool = self.pool
+        if self._full_scans_in <= 0 or self._alias_basis != (depth, window):
             self._full_scans_in, self._alias_basis = self.ALIAS_FULL_EVERY, (depth, window)
             frames = None
         else:
             self._full_scans_in -= 1
             spare, slots = pool.spare_frames, self.mapper.slots
             cand = {f for f in pool.respared if f in spare} | {f for f in self._alias_retry if f in spare}
-            for r in touched:
+            for r in self._touched | self._let_go:
                 cand.update(f for f in slots[r] if f in spare)
             frames = sorted(cand)
         pool.respared.clear()
