@@ -4,6 +4,7 @@
 # Usage: bash scripts/device_checks.sh [steps...]
 #   steps: install gpu_tests (all of tests/gpu) unit (VMM + kernels) e2e server sanitizer mapbench ab
 #          kbench (vattn-kbench: paged FA3 vs FA2 over our rows, FA2's split count swept; KB_ARGS)
+#          mapbench (vattn-mapbench; MB_ARGS, e.g. "--sections driver_per_page,contention --tag mapbench-x")
 #          stream_check (the stream-mode GPU tests alone, no sanitizer; then the clipped-guard tests under it)
 #          spare_check (spare frames: the libcuda test, then the e2e prefix-caching test against stock)
 #          prefix (the default's prefix-caching e2e test alone) lend_check (VATTN_LEND_BLOCKS e2e against stock, tight budget; --block-size 32 against stock)
@@ -121,7 +122,7 @@ for s in $steps; do
     kbench) # decode attention at serving geometry: paged FA3 vs FA2 over our rows, FA2's split count swept
         timeout ${KB_TIMEOUT:-540} python3 -m vllm_vattention.bench.kbench --out "$OUT" ${KB_ARGS:-} > "$OUT/kbench.log" 2>&1
         echo "rc=$?"; grep "^|" "$OUT"/*-kbench.md | head -14;;
-    mapbench) timeout 200 python3 -m vllm_vattention.bench.mapbench --out "$OUT" > "$OUT/mapbench.log" 2>&1; echo "rc=$?"; tail -30 "$OUT/mapbench.log";;
+    mapbench) timeout 200 python3 -m vllm_vattention.bench.mapbench --out "$OUT" ${MB_ARGS:-} > "$OUT/mapbench.log" 2>&1; echo "rc=$?"; tail -30 "$OUT/mapbench.log";;
     ab) timeout 420 python3 examples/offline_ab.py --out "$OUT/ab.json" ${AB_ARGS:-} > "$OUT/ab.log" 2>&1; echo "rc=$?"; tail -40 "$OUT/ab.log";;
     *) echo "unknown step $s";;
   esac

@@ -54,3 +54,22 @@ def test_the_allocation_size_phase_maps_the_same_bytes_in_fewer_larger_allocatio
     assert d.stats.calls["set_access_calls"] == 32 + 8 + 1  # ...in one call per allocation
     assert all(r["set_access_us_per_2mib"] > 0 for r in rows)
     assert d.leaks() == []
+
+
+def test_driver_costs_time_one_unmap_over_many_mappings_and_leave_nothing():
+    """driver_costs unmaps every page's own mapping in one call (is unmap charged per mapping, as
+    set_access is?): the fake driver, like the real one, takes a range over whole mappings."""
+    from vllm_vattention.bench.mapbench import driver_costs
+    from vllm_vattention.memory import PAGE_SIZE
+    d = FakeDriver(PAGE_SIZE, capacity=16 * PAGE_SIZE)
+    out = driver_costs(d, pages=8)
+    assert {"unmap_us", "unmap_range_us_per_page", "set_access_range_us_per_page"} <= set(out)
+    assert d.stats.calls["unmap"] == 2 * 8  # one page at a time, then all 8 in one call
+    assert d.leaks() == []
+
+
+def test_an_unknown_section_is_refused_before_any_gpu_work(capsys):
+    from vllm_vattention.bench import mapbench
+    with pytest.raises(SystemExit):
+        mapbench.main(["--sections", "driver_per_page,tlb"])
+    assert "unknown ['tlb']" in capsys.readouterr().err

@@ -173,3 +173,20 @@ def test_step_trace_records_each_steps_new_requests_tokens_and_maps(runner, monk
     assert 0 <= steps[0][0] <= steps[1][0] and all(s[1] >= 0 for s in steps)
     runner.step_trace.write(None)
     assert json.load(open(tmp_path / "steps.json"))["steps"][0][2:] == [1, 40, 3, 0, -1]
+
+
+def test_step_trace_warns_when_the_server_may_kill_the_engine_before_it_is_written(runner, monkeypatch):
+    """The trace is written at engine shutdown: with vLLM's --shutdown-timeout 0 the server kills
+    the engine at once, so asking for a trace then logs how to keep it."""
+    import dataclasses
+
+    from vllm_vattention import worker
+    warnings: list[str] = []
+    monkeypatch.setattr(worker.logger, "warning", lambda msg, *a: warnings.append(msg % a))
+    runner.vattn_cfg = dataclasses.replace(runner.vattn_cfg, step_trace="/tmp/steps.json")
+    for timeout, warned in ((0, True), (30, False)):
+        runner.vllm_config = SimpleNamespace(shutdown_timeout=timeout)
+        warnings.clear()
+        runner.reset_timers()
+        assert runner.step_trace is not None
+        assert any("--shutdown-timeout 30" in w for w in warnings) == warned

@@ -102,3 +102,10 @@ def test_cli_reads_the_result_and_its_traces_from_the_results_folder(tmp_path, m
     out = capsys.readouterr().out
     assert "| serve-rate-4 | whole prompt | 1 | vattn-fa2 | 25.00 | 1.000x |" in out  # the test request cached it
     assert "| serve-rate-4 | whole prompt | vattn-fa2 | 1 | 25.00 | 1.00 | 5.00 | 1.50 | 2.00 | 0.00 | 10.00 |" in out
+    # a trace cut off mid-write (an engine killed at shutdown): the classes are still reported,
+    # without the step windows, and stderr says which file it could not read
+    (tmp_path / "steps-v.json").write_text(json.dumps(trace)[:40])
+    H.main([str(tmp_path / "r.json")])
+    captured = capsys.readouterr()
+    assert "| serve-rate-4 | whole prompt | 1 | vattn-fa2 | 25.00 | 1.000x |" in captured.out
+    assert "What the server's steps did" not in captured.out and "steps-v.json: not a whole trace" in captured.err

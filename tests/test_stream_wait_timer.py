@@ -96,3 +96,20 @@ def test_step_trace_keeps_each_step_and_writes_json(tmp_path):
     assert d["t0"] == 100.0 and d["fields"] == list(StepTrace.FIELDS) and d["dropped_steps"] == 1
     assert d["steps"] == [[0.5, 6.1, 2, 2048, 3, 1, 0], [0.51, 5.0, 0, 2, 0, 0, -1]]
     assert d["flag_waits_ms"] == [0.25]
+
+
+def test_step_trace_write_that_fails_leaves_no_trace_file(tmp_path):
+    """A write that stops half-way (here: a value JSON cannot hold; on a server: the engine killed
+    while writing) leaves no file at the trace's path, not a truncated one; a good write leaves no
+    temporary file behind."""
+    import pytest
+
+    from vllm_vattention.worker import StepTrace
+    path = tmp_path / "steps.json"
+    trace = StepTrace(str(path))
+    trace.add(trace.t0, trace.t0 + 0.001, 0, 1, 0, 0, -1)
+    with pytest.raises(TypeError):
+        trace.write([object()])
+    assert not path.exists()
+    trace.write([0.5])
+    assert path.exists() and [p.name for p in tmp_path.iterdir()] == ["steps.json"]

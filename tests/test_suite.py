@@ -615,7 +615,9 @@ if args[0] == "serve":
         def log_message(self, *a): pass
     print("GPU KV cache size: 1,600 tokens", flush=True)
     import os
-    if os.environ.get("VATTN_STEP_TRACE"):  # the worker writes it at shutdown; here at once
+    # the worker writes the trace at shutdown, which a real server given no --shutdown-timeout may
+    # kill first (a missing flag makes args.index raise: the server dies); here it is written at once
+    if os.environ.get("VATTN_STEP_TRACE") and int(args[args.index("--shutdown-timeout") + 1]) > 0:
         json.dump({"steps": []}, open(os.environ["VATTN_STEP_TRACE"], "w"))
     http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
 else:  # bench serve: the server it was given must answer

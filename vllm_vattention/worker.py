@@ -20,6 +20,7 @@ import collections
 import contextlib
 import heapq
 import logging
+import os
 import time
 
 import numpy as np
@@ -141,10 +142,14 @@ class StepTrace:
                            block_maps, drains, flag_wait))
 
     def write(self, flag_waits_ms: list[float] | None) -> None:
+        """Written beside `path` and renamed onto it, so that a process killed while writing leaves
+        no truncated trace (a server stopped with vLLM's --shutdown-timeout 0 did)."""
         import json
-        with open(self.path, "w") as f:
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w") as f:
             json.dump({"clock": "time.perf_counter", "t0": self.t0, "fields": self.FIELDS, "steps": self.steps,
                        "dropped_steps": self.dropped, "flag_waits_ms": flag_waits_ms}, f)
+        os.replace(tmp, self.path)
 
 
 def _spare_blocks(cfg: VattnConfig, vllm_config, budget_blocks: int) -> int:
@@ -309,6 +314,10 @@ class VattnModelRunner(V2ModelRunner):
         if path and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
             path += f".rank{torch.distributed.get_rank()}"  # (TP: one file per worker)
         self.step_trace = StepTrace(path) if path and self.vattn is not None else None
+        if self.step_trace is not None and not getattr(getattr(self, "vllm_config", None), "shutdown_timeout", 1):
+            logger.warning("vAttention: VATTN_STEP_TRACE is written when the engine shuts down, and with "
+                           "shutdown_timeout 0 (vLLM's default) `vllm serve` may kill the engine first; "
+                           "pass --shutdown-timeout 30")
         if self.vattn is not None and self.vattn.stream_mode:
             self.flag_timer = StreamWaitTimer(keep_all=self.step_trace is not None)
 

@@ -17,6 +17,7 @@ import torch
 from ..memory import PAGE_SIZE, CudaDriver, KVGeometry, KVMemoryManager, make_layout
 from .env import environment, header, results_stem, write_markdown
 
+SECTIONS = ("driver_per_page", "manager", "step_loop", "contention", "parallel", "alloc_sizes")
 LLAMA3_8B = KVGeometry(num_layers=32, num_kv_heads=8, head_size=128, dtype_bytes=2)
 
 
@@ -41,7 +42,9 @@ def driver_costs(d: CudaDriver, pages: int) -> dict:
     t = time.perf_counter()
     d.set_access(va, pages * PAGE_SIZE)
     out["set_access_range_us_per_page"] = (time.perf_counter() - t) / pages * 1e6
+    t = time.perf_counter()  # one call over every page's own mapping: is unmap, too, charged per mapping?
     d.unmap(va, pages * PAGE_SIZE)
+    out["unmap_range_us_per_page"] = (time.perf_counter() - t) / pages * 1e6
     out["release_us"] = _per_call_us(d.release, hs)
     d.free_reservation(va, pages * PAGE_SIZE)
     return out
@@ -297,48 +300,61 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--pages", type=int, default=1024)
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help=f"comma-separated subset of {','.join(SECTIONS)} (default: all; ~3 min on an H200)")
+    ap.add_argument("--tag", default="mapbench")
     args = ap.parse_args(argv)
+    wanted = [x for x in args.sections.split(",") if x]
+    unknown = sorted(set(wanted) - set(SECTIONS))
+    if unknown:
+        ap.error(f"--sections: unknown {unknown}; choose from {list(SECTIONS)}")
     torch.empty(1, device="cuda")
     d = CudaDriver(torch.cuda.current_device())
     env = environment()
-    res = {**env, "driver_per_page": driver_costs(d, args.pages),
-           "manager": manager_costs(d, rows=32, blocks_per_row=64),
-           "step_loop": [step_loop(d, bg, steps=60, batch=32, cpu_work_s=0.004) for bg in (False, True)],
-           "contention": contention(d), "parallel": parallel_driver(d, args.pages),
-           "alloc_sizes": alloc_size_costs(d)}
+    runs = {"driver_per_page": lambda: driver_costs(d, args.pages),
+            "manager": lambda: manager_costs(d, rows=32, blocks_per_row=64),
+            "step_loop": lambda: [step_loop(d, bg, steps=60, batch=32, cpu_work_s=0.004) for bg in (False, True)],
+            "contention": lambda: contention(d), "parallel": lambda: parallel_driver(d, args.pages),
+            "alloc_sizes": lambda: alloc_size_costs(d)}
+    res = {**env, **{name: runs[name]() for name in SECTIONS if name in wanted}}
     os.makedirs(args.out, exist_ok=True)
-    stem = results_stem(args.out, env, "-mapbench")
+    stem = results_stem(args.out, env, f"-{args.tag}")
     with open(stem + ".json", "w") as f:
         json.dump(res, f, indent=1)
-    dp, mg = res["driver_per_page"], res["manager"]
-    lines = ["# Mapper micro-benchmark", "", header(env), "",
-             "| driver call (2 MiB page) | us |", "|---|---|"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in dp.items()]
-    lines += ["", "| manager (Llama-3-8B KV, 16-token blocks) | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in mg.items()]
-    lines += ["", "| step loop (32 blocks/step, 4 ms CPU work) | blocked ms/step (median) | p90 | wall ms/step |",
-              "|---|---|---|---|"]
-    for r in res["step_loop"]:
-        lines.append(f"| {'native background' if r['background'] else 'foreground'} thread | "
-                     f"{r['blocked_ms_per_step_median']:.3f} | {r['blocked_ms_per_step_p90']:.3f} | {r['wall_ms_per_step']:.2f} |")
-    c = res["contention"]
-    lines += ["", f"| native thread mapping {c['pages']} pages x {c['rounds']} meanwhile? | idle | mapping | "
-              "native driver s while measured |", "|---|---|---|---|"]
-    for key, what, fmt in (("launch_us", "tiny kernel launch, CPU us", ".2f"), ("gemm_ms", "4096^2 bf16 GEMM, GPU ms", ".3f"),
-                           ("event_us", "fence: new event, record, query, CPU us", ".2f"),
-                           ("stream_wait_us", "satisfied cuStreamWaitValue32, CPU us", ".2f"),
-                           ("h2d_copy_us", "1 KiB pinned H2D copy, CPU us", ".2f")):
-        if f"{key}_idle" in c:
-            lines.append(f"| {what} | {c[f'{key}_idle']:{fmt}} | {c[f'{key}_mapping']:{fmt}} | "
-                         f"{c[f'{key}_native_driver_s']:.3f} |")
-    lines += ["", f"| driver calls over threads ({args.pages} pages, wall time) | set_access us/page | "
-              "map + set_access us/page | speedup |", "|---|---|---|---|"]
-    lines += [f"| {r['threads']} thread(s) | {r['set_access_us_per_page']:.1f} | {r['map_and_access_us_per_page']:.1f} | "
-              f"{r['speedup_map_and_access']:.2f}x |" for r in res["parallel"]]
-    lines += ["", "| one allocation of (1 GiB in all) | map us per 2 MiB | set_access us per 2 MiB | unmap us per 2 MiB |",
-              "|---|---|---|---|"]
-    lines += [f"| {r['alloc_mib']} MiB x {r['allocations']} | {r['map_us_per_2mib']:.1f} | "
-              f"{r['set_access_us_per_2mib']:.1f} | {r['unmap_us_per_2mib']:.1f} |" for r in res["alloc_sizes"]]
+    lines = ["# Mapper micro-benchmark", "", header(env)]
+    if "driver_per_page" in res:
+        lines += ["", "| driver call (2 MiB page) | us |", "|---|---|"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in res["driver_per_page"].items()]
+    if "manager" in res:
+        lines += ["", "| manager (Llama-3-8B KV, 16-token blocks) | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in res["manager"].items()]
+    if "step_loop" in res:
+        lines += ["", "| step loop (32 blocks/step, 4 ms CPU work) | blocked ms/step (median) | p90 | wall ms/step |",
+                  "|---|---|---|---|"]
+        for r in res["step_loop"]:
+            lines.append(f"| {'native background' if r['background'] else 'foreground'} thread | "
+                         f"{r['blocked_ms_per_step_median']:.3f} | {r['blocked_ms_per_step_p90']:.3f} | {r['wall_ms_per_step']:.2f} |")
+    if "contention" in res:
+        c = res["contention"]
+        lines += ["", f"| native thread mapping {c['pages']} pages x {c['rounds']} meanwhile? | idle | mapping | "
+                  "native driver s while measured |", "|---|---|---|---|"]
+        for key, what, fmt in (("launch_us", "tiny kernel launch, CPU us", ".2f"), ("gemm_ms", "4096^2 bf16 GEMM, GPU ms", ".3f"),
+                               ("event_us", "fence: new event, record, query, CPU us", ".2f"),
+                               ("stream_wait_us", "satisfied cuStreamWaitValue32, CPU us", ".2f"),
+                               ("h2d_copy_us", "1 KiB pinned H2D copy, CPU us", ".2f")):
+            if f"{key}_idle" in c:
+                lines.append(f"| {what} | {c[f'{key}_idle']:{fmt}} | {c[f'{key}_mapping']:{fmt}} | "
+                             f"{c[f'{key}_native_driver_s']:.3f} |")
+    if "parallel" in res:
+        lines += ["", f"| driver calls over threads ({args.pages} pages, wall time) | set_access us/page | "
+                  "map + set_access us/page | speedup |", "|---|---|---|---|"]
+        lines += [f"| {r['threads']} thread(s) | {r['set_access_us_per_page']:.1f} | {r['map_and_access_us_per_page']:.1f} | "
+                  f"{r['speedup_map_and_access']:.2f}x |" for r in res["parallel"]]
+    if "alloc_sizes" in res:
+        lines += ["", "| one allocation of (1 GiB in all) | map us per 2 MiB | set_access us per 2 MiB | unmap us per 2 MiB |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['alloc_mib']} MiB x {r['allocations']} | {r['map_us_per_2mib']:.1f} | "
+                  f"{r['set_access_us_per_2mib']:.1f} | {r['unmap_us_per_2mib']:.1f} |" for r in res["alloc_sizes"]]
     write_markdown(stem, "\n".join(lines) + "\n")
 
 

@@ -370,13 +370,20 @@ def _dataset_args(model: str, w: Workload, raw: str) -> list[str]:
     return ["--dataset-name", "random", "--random-input-len", str(w.input_len), "--random-output-len", str(w.output_len)]
 
 
+SERVER_SHUTDOWN_S = 30  # seconds a stopping server gives its engine to shut down (it needs ~1)
+
+
 def _run_serve(cli, model: str, workloads: list[Workload], system: str, env, raw, timeout, tp: int = 1,
                on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """One server; `vllm bench serve` at each workload's request rate in turn."""
     port = free_port()
     max_len = max(w.input_len + w.output_len for w in workloads) + 64
+    # --shutdown-timeout: vLLM's default (0) kills the engine process at once when the server stops,
+    # so the engine's shutdown log (the mapper stats) and the step trace were lost or cut off
+    # (fifteenth-to-sixteenth session: one server of three logged no stats, two traces truncated)
     cmd = cli + ["serve", model, "--load-format", "dummy", "--max-model-len", str(max_len),
-                 "--port", str(port), "--tensor-parallel-size", str(tp), *SYSTEMS[system]["args"]]
+                 "--port", str(port), "--tensor-parallel-size", str(tp),
+                 "--shutdown-timeout", str(SERVER_SHUTDOWN_S), *SYSTEMS[system]["args"]]
     results = []
     trace = None
     if (env or {}).get("VLLM_ATTENTION_BACKEND") == "VATTENTION":  # each step's timing (worker.StepTrace)
