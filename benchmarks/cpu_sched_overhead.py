@@ -18,6 +18,7 @@ import gc
 import os
 import pstats
 import time
+from collections import deque
 
 import numpy as np
 
@@ -27,6 +28,7 @@ from vllm_vattention.bench import sched_replay as S
 from vllm_vattention.bench import serve_hits
 from vllm_vattention.config import VattnConfig
 from vllm_vattention.memory import KVMemoryManager, RequestRows, make_layout
+from vllm_vattention.memory.executor import ACCESS_RO, ACCESS_RW, DRAIN, MAP, UNMAP
 from vllm_vattention.memory.native import NativeExecutor, null_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +43,71 @@ SERVE = {"serve-rate-4": 4.0, "serve-rate-16": 16.0}
 # serving (--rate): a step's simulated milliseconds, fixed + per scheduled token: H200, Llama-3-8B,
 # stock's TPOT p50 at 4 requests/s (5.4 ms) and its TTFT p50 for 1,024-token prompts (~40 ms)
 STEP_MODEL = (5.4, 0.034)
+IDLE_S = 5.0  # --timed: seconds between one drive's last step and the next one's start (server start-up, the client's test request)
 PHASES = ("remove", "admit", "extend", "read_extents", "publish", "record_reads", "warm")
+
+
+# the H200's driver cost per op (vattn-mapbench, sixteenth session, NOTES #82): cuMemMap 4.7 us,
+# cuMemUnmap 27.2 us a mapping, cuMemSetAccess 28.1 us a page over a range
+MAP_US, UNMAP_US, ACCESS_US_PER_PAGE = 4.7, 27.2, 28.1
+
+
+class _TimedExecutor:
+    """--timed: the native thread in the harness's simulated time. Background ops run one after
+    another whenever the thread has nothing else (at the driver's cost per op, above); a step's
+    batch runs after the op in progress, a DRAIN in it first runs the background queue up to its
+    mark. Per step that handed over a batch: when its last op ran, against when the step was
+    planned (the GPU reaches the step's flag between that time and one step later, as async
+    scheduling plans a step while the GPU runs the one before)."""
+
+    background_submitted = 0
+
+    def __init__(self, clock: list):
+        self.clock = clock  # [the step's planning time (s), ...], set by drive()
+        self.queue: deque = deque()  # background ops' costs (s)
+        self.submitted = self.ran = 0
+        self.t = 0.0  # when the thread is next free
+        self.critical_done = None  # when the current step's batch finished (None: it handed none over)
+        self.drained = 0  # background ops the current step's DRAINs ran
+
+    @staticmethod
+    def cost(op) -> float:
+        kind, _, size, _ = op
+        if kind == MAP:
+            return MAP_US * 1e-6
+        if kind == UNMAP:
+            return UNMAP_US * 1e-6
+        if kind in (ACCESS_RW, ACCESS_RO):
+            return ACCESS_US_PER_PAGE * 1e-6 * max(1, size // PAGE)
+        return 0.0  # SIGNAL, DRAIN, WAIT_EVENT (a hazard wait, counted by the mapper, not timed here)
+
+    def _catch_up(self, now: float) -> None:
+        while self.queue and self.t < now:
+            self.t += self.queue.popleft()
+            self.ran += 1
+        self.t = max(self.t, now)  # (an op still running at `now` keeps the thread busy past it)
+
+    def run_background(self, ops) -> int:
+        self._catch_up(self.clock[0])
+        self.queue.extend(self.cost(op) for op in ops)
+        self.submitted += len(ops)
+        return self.submitted
+
+    def run(self, ops) -> None:
+        self._catch_up(self.clock[0])
+        for op in ops:
+            if op[0] == DRAIN:
+                while self.ran < op[3] and self.queue:
+                    self.t += self.queue.popleft()
+                    self.ran += 1
+                    self.drained += 1
+            else:
+                self.t += self.cost(op)
+        self.critical_done = self.t
+
+    def wait(self): pass
+    def poll(self): pass
+    def close(self): pass
 
 
 class _LaggingFence:
@@ -67,10 +133,40 @@ def bench_serve_prompts(n: int, input_len: int, output_len: int) -> list[list[in
     return serve_hits.bench_serve_prompts(os.path.join(ROOT, "models", "llama-3.1-8b"), n, input_len, output_len)
 
 
+def flag_model(timeline: list[tuple]) -> dict:
+    """--timed: how long the GPU would wait at the mapping flag. A step's batch is planned while the
+    GPU runs the step before, so the GPU waits between `late - the previous step's ms` (at least)
+    and `late` (at most) for a batch that ran `late` ms past its planning. Totals, the longest, the
+    steps that would wait over 1 ms, the background ops DRAINs ran, and the lower bound per quarter
+    of the run's time (where in the run the waits fall)."""
+    lo, hi, drained, new = [], [], [], []
+    prev_ms = 0.0
+    for _, ms, n_new, late, d in timeline:
+        if late is not None:
+            lo.append(max(0.0, late - prev_ms))
+            hi.append(late)
+            drained.append(d)
+            new.append(n_new)
+        prev_ms = ms
+    if not timeline:
+        return {}
+    span = timeline[-1][0] - timeline[0][0] or 1.0
+    quarters = [0.0] * 4
+    for (t, _, _, late, _), prev in zip(timeline, [0.0] + [x[1] for x in timeline[:-1]]):
+        if late is not None:
+            quarters[min(3, int(4 * (t - timeline[0][0]) / span))] += max(0.0, late - prev)
+    return {"steps_with_a_batch": len(lo), "wait_s_at_least": round(sum(lo) / 1e3, 4),
+            "wait_s_at_most": round(sum(hi) / 1e3, 4), "longest_ms_at_least": round(max(lo, default=0), 2),
+            "steps_over_1ms_at_least": sum(x > 1 for x in lo),
+            "admitting_wait_s_at_least": round(sum(x for x, n in zip(lo, new) if n) / 1e3, 4),
+            "drained_ops": sum(drained), "most_drained_in_a_step": max(drained, default=0),
+            "wait_s_at_least_by_quarter": [round(q / 1e3, 4) for q in quarters]}
+
+
 def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 1024, warmup: bool = True,
         native: bool = False, chain: list[str] | None = None, lend: int | str = 0, block_size: int = 16,
         growth: bool = False, keep_guards: bool = False, decode_kernel: str = "fa2",
-        serve_prompts: str = "bench", prefix_rows: bool = True) -> dict | list[dict]:
+        serve_prompts: str = "bench", prefix_rows: bool = True, timed: bool = False) -> dict | list[dict]:
     """One workload in a fresh scheduler and manager; or, with `chain`, the suite's sequence in one
     engine (offline.py): an untimed warm-up of 16 x 64-token prompts (16 out), then each workload of
     `chain` in turn, the counters reset before each (a list of results, one per workload). lend: the
@@ -79,7 +175,8 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
     (VATTN_GROWTH_AHEAD). decode_kernel: VATTN_DECODE_KERNEL (fa3: decode rows get FA3's over-read
     guard too, as the worker gives them). serve_prompts: the serving workloads' prompts, "bench" (what
     `vllm bench serve` sends: prefix hits) or "distinct" (no two share a block). prefix_rows: the
-    manager's (VATTN_PREFIX_ROWS)."""
+    manager's (VATTN_PREFIX_ROWS). timed: the native thread in simulated time (_TimedExecutor): when
+    each step's mappings were done (`flag_model`)."""
     from vllm.sampling_params import SamplingParams
     from vllm.v1.outputs import ModelRunnerOutput
     from vllm.v1.request import Request
@@ -99,7 +196,10 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
                           prefix_rows=prefix_rows)
     mgr.mapper.executor.close()
     # native: the real native thread and hand-over, with driver calls that do nothing (null_table)
-    mgr.mapper.executor = NativeExecutor(*null_table()) if native else _NullExecutor()
+    clock = [0.0, 0.0]  # timed: [the step's planning time, the time the current drive() started at] (s)
+    mgr.mapper.executor = (NativeExecutor(*null_table()) if native else _TimedExecutor(clock) if timed
+                           else _NullExecutor())
+    timeline: list[tuple] = []  # timed: per step (planned at s, modeled ms, new requests, ms its batch ran past planning, background ops drained)
     mgr.reserve_zero_row()  # the worker's dummy row
     rows = RequestRows(mgr)
     live = {}
@@ -112,6 +212,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
 
     def zero_counts() -> None:
         mgr.reset_stats()
+        timeline.clear()
         t.update(dict.fromkeys(PHASES, 0.0))
         admitting.update(dict.fromkeys(admitting, 0))
         others.update(dict.fromkeys(others, 0))
@@ -141,7 +242,9 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
                 now = at[nxt]
                 continue
             out = sched.schedule()
-            now += (base_ms + per_token_ms * out.total_num_scheduled_tokens) / 1e3
+            clock[0] = clock[1] + now
+            step_s = (base_ms + per_token_ms * out.total_num_scheduled_tokens) / 1e3
+            now += step_s
             steps += 1
             c0 = time.perf_counter()
             maps_before, drains_before = mgr.mapper.stats.block_maps, mgr.mapper.stats.drains
@@ -185,6 +288,11 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             c5 = time.perf_counter()
             mgr.publish()
             c6 = time.perf_counter()
+            ex = mgr.mapper.executor
+            if timed:
+                late = None if ex.critical_done is None else 1e3 * (ex.critical_done - clock[0])
+                timeline.append((clock[0], 1e3 * step_s, len(out.scheduled_new_reqs), late, ex.drained))
+                ex.critical_done, ex.drained = None, 0
             _LaggingFence.step += 1
             mgr.record_read_slots(_LaggingFence(), reads)
             c7 = time.perf_counter()
@@ -196,6 +304,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             sampled = [[100] if live[r].num_computed_tokens >= live[r].num_tokens else [] for r in ids]
             sched.update_from_output(out, ModelRunnerOutput(req_ids=ids, req_id_to_index={r: k for k, r in enumerate(ids)},
                                                             sampled_token_ids=sampled))
+        clock[1] += now + IDLE_S  # (timed) the next drive starts after a pause, as a server between runs
         return steps
 
     if warmup:  # vLLM's warm-up: max_num_seqs 2-token prefills through the runner (worker.py), not counted
@@ -249,7 +358,8 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             "event_queries_per_step": round(_LaggingFence.queries / steps, 2),
             **{f"first_step_{k}": v for k, v in first_step.items()},
             **{f"admitting_{k}": v for k, v in admitting.items()},
-            "growth_maps": s["growth_maps"], **{f"other_steps_{k}": v for k, v in others.items()}})
+            "growth_maps": s["growth_maps"], **{f"other_steps_{k}": v for k, v in others.items()},
+            **({"flag_model": flag_model(timeline)} if timed else {})})
     return results if chain else results[0]
 
 
@@ -276,12 +386,14 @@ def main() -> None:
                     help="VATTN_DECODE_KERNEL: fa3 gives decode rows FA3's over-read guard (suite system vattn-fa3)")
     ap.add_argument("--serve-prompts", choices=("bench", "distinct"), default="bench",
                     help="serving workloads: the prompts vllm bench serve sends (prefix hits), or distinct ones")
+    ap.add_argument("--timed", action="store_true",
+                    help="the native thread in simulated time at the H200's driver costs: the GPU's wait at the flag (flag_model)")
     ap.add_argument("--fifo-rows", action="store_true",
                     help="VATTN_PREFIX_ROWS=0: rows in FIFO order only (prefix hits mapped into warm rows)")
     args = ap.parse_args()
     kw = dict(warmup=not args.no_warmup, native=args.native, lend=args.lend, block_size=args.block_size,
               growth=args.growth, keep_guards=args.keep_guards, decode_kernel=args.decode_kernel,
-              serve_prompts=args.serve_prompts, prefix_rows=not args.fifo_rows)
+              serve_prompts=args.serve_prompts, prefix_rows=not args.fifo_rows, timed=args.timed)
     if args.profile:
         prof = cProfile.Profile()
         r = prof.runcall(run, args.workload, args.num_blocks, args.spares, **kw)

@@ -1,0 +1,42 @@
+"""The CPU harness's --timed model of the native thread (benchmarks/cpu_sched_overhead.py)."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+H = pytest.importorskip("cpu_sched_overhead")  # (imports vLLM's scheduler: present wherever the tests run)
+
+from vllm_vattention.memory.executor import ACCESS_RW, DRAIN, MAP, SIGNAL, UNMAP  # noqa: E402
+
+PAGE = 2 << 20
+
+
+def test_background_ops_run_while_idle_and_a_drain_runs_the_queue_up_to_its_mark():
+    clock = [0.0, 0.0]
+    ex = H._TimedExecutor(clock)
+    unmap = (UNMAP, 0, PAGE, 0)
+    assert ex.run_background([unmap] * 100) == 100  # 100 x 27.2 us = 2.72 ms of work from t=0
+    clock[0] = 0.001  # 1 ms later: 37 of them have run, the 37th... runs past 1 ms
+    ex.run([(MAP, 0, PAGE, 1), (ACCESS_RW, 0, 2 * PAGE, 0), (SIGNAL, 0, 0, 0)])
+    assert ex.ran == 37 and ex.drained == 0
+    # the batch waited for the op in progress, then ran: map 4.7 us + set_access over 2 pages 56.2 us
+    assert ex.critical_done == pytest.approx(37 * 27.2e-6 + 4.7e-6 + 2 * 28.1e-6)
+    ex.run([(DRAIN, 0, 0, 90)])  # the step needs the first 90 background ops: 53 more run first
+    assert ex.ran == 90 and ex.drained == 53
+    assert ex.critical_done == pytest.approx(90 * 27.2e-6 + 4.7e-6 + 2 * 28.1e-6)
+    clock[0] = 1.0  # long after: the rest ran while the thread had nothing else
+    ex.run([])
+    assert ex.ran == 100 and ex.critical_done == pytest.approx(1.0)
+
+
+def test_flag_model_bounds_the_wait_by_the_step_before():
+    # (planned at s, modeled ms, new requests, ms its batch ran past planning (None: none), drained)
+    timeline = [(0.0, 6.0, 1, 2.0, 0), (0.006, 5.0, 0, None, 0), (0.011, 5.0, 1, 7.5, 40), (0.016, 5.0, 0, 0.5, 0)]
+    m = H.flag_model(timeline)
+    # at most: every late ms (2 + 7.5 + 0.5); at least: past the step before's ms (2 - 0, 7.5 - 5, 0.5 - 5 -> 0)
+    assert m["wait_s_at_most"] == pytest.approx(0.010) and m["wait_s_at_least"] == pytest.approx(0.0045)
+    assert m["longest_ms_at_least"] == 2.5 and m["steps_over_1ms_at_least"] == 2 and m["steps_with_a_batch"] == 3
+    assert m["admitting_wait_s_at_least"] == pytest.approx(0.0045) and m["most_drained_in_a_step"] == 40
+    assert sum(m["wait_s_at_least_by_quarter"]) == pytest.approx(0.0045)
