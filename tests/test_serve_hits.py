@@ -109,3 +109,20 @@ def test_cli_reads_the_result_and_its_traces_from_the_results_folder(tmp_path, m
     captured = capsys.readouterr()
     assert "| serve-rate-4 | whole prompt | 1 | vattn-fa2 | 25.00 | 1.000x |" in captured.out
     assert "What the server's steps did" not in captured.out and "steps-v.json: not a whole trace" in captured.err
+
+
+def test_by_time_compares_each_slice_of_the_run_with_the_baselines_same_slice():
+    """Requests in send order, cut into equal slices; repetitions pooled; any dataset (a -distinct
+    workload has no hit classes but has per-request times)."""
+    def per(ttft, tpot):
+        return {"t0": 0.0, "start_s": list(range(len(ttft))), "ttft_ms": ttft, "tpot_ms": tpot, "input_len": [8] * len(ttft)}
+    res = [{"workload": "serve-rate-4-distinct", "system": "stock-fa3", "per_request": per([10, 10, 20, 20], [5, 5, 5, None])},
+           {"workload": "serve-rate-4-distinct", "system": "vattn-fa2", "per_request": per([30, 30, 20, 20], [5, 5, 6, 6])},
+           {"workload": "serve-rate-4-distinct", "system": "vattn-fa2", "per_request": per([50, 50, 20, 20], [5, 5, 6, 6])},
+           {"workload": "serve-rate-4", "system": "stock-fa3", "per_request": None}]  # kept no times: left out
+    out = H.by_time(res, parts=2)
+    lines = [line for line in out.splitlines() if line.startswith("| serve")]
+    assert lines == ["| serve-rate-4-distinct | 0-1 | stock-fa3 | 10.00 | 1.000x | 5.00 | 1.000x |",
+                     "| serve-rate-4-distinct | 0-1 | vattn-fa2 | 40.00 | 4.000x | 5.00 | 1.000x |",  # 30, 30, 50, 50 pooled
+                     "| serve-rate-4-distinct | 2-3 | stock-fa3 | 20.00 | 1.000x | 5.00 | 1.000x |",  # a one-token output: no TPOT
+                     "| serve-rate-4-distinct | 2-3 | vattn-fa2 | 20.00 | 1.000x | 6.00 | 1.200x |"]

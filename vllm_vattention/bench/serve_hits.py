@@ -8,7 +8,8 @@ workload's first prompt is sent once before the run, as a test; no eviction: the
 holds every block these runs write), and reports TTFT and TPOT p50 per
 class of request: no hit, some leading blocks hit, or (nearly) the whole prompt hit. With the
 servers' step traces (VATTN_STEP_TRACE, which the suite sets for vAttention's servers) it also tells
-what the steps did while each request waited for its first token.
+what the steps did while each request waited for its first token. For any serving workload
+(distinct prompts too) it also splits each run's requests into slices in send order (by_time).
 
     python3 -m vllm_vattention.bench.serve_hits benchmarks/results/<date>-<gpu>-serve.json
 """
@@ -178,6 +179,39 @@ def window_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def by_time(results: list[dict], parts: int = 4, baseline: str = "stock-fa3") -> str:
+    """TTFT and TPOT p50 per slice of each serving run, its requests cut into `parts` equal slices in
+    the order they were sent (same arrivals for every system: the client's seed), with each
+    candidate's ratio to the baseline's same slice; every repetition's requests pooled. Any dataset:
+    where in a run a system loses (e.g. a server's first requests, or one rate's phase of prefix
+    hits) without rebuilding prompts."""
+    runs: dict[tuple, list[dict]] = {}
+    for r in results:
+        if r.get("per_request"):
+            runs.setdefault((r["workload"], r["system"]), []).append(r["per_request"])
+    lines = ["| workload | requests (in send order) | system | TTFT p50 ms | vs stock | TPOT p50 ms | vs stock |",
+             "|---|---|---|---|---|---|---|"]
+    for w in dict.fromkeys(k[0] for k in runs):
+        systems = sorted((k[1] for k in runs if k[0] == w), key=lambda x: x != baseline)
+        n = min(len(per["ttft_ms"]) for k in runs if k[0] == w for per in runs[k])
+        cuts = [round(i * n / parts) for i in range(parts + 1)]
+        for lo, hi in zip(cuts, cuts[1:]):
+            if lo == hi:  # (fewer requests than slices)
+                continue
+            base = None
+            for sy in systems:
+                ttft = statistics.median(x for per in runs[(w, sy)] for x in per["ttft_ms"][lo:hi])
+                tp = [x for per in runs[(w, sy)] for x in per["tpot_ms"][lo:hi] if x is not None]
+                tpot = statistics.median(tp) if tp else None
+                if sy == baseline:
+                    base = (ttft, tpot)
+                rt = f"{ttft / base[0]:.3f}x" if base else "-"
+                rp = f"{tpot / base[1]:.3f}x" if base and tpot and base[1] else "-"
+                lines.append(f"| {w} | {lo}-{hi - 1} | {sy} | {ttft:.2f} | {rt} | "
+                             f"{f'{tpot:.2f}' if tpot is not None else '-'} | {rp} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> None:
     import json
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -185,6 +219,7 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default=os.path.join("models", "llama-3.1-8b"), help="whose tokenizer the client used")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--traces", default=None, help="folder of the servers' step traces (default: the result's)")
+    ap.add_argument("--parts", type=int, default=4, help="slices of each run for the by-time table")
     args = ap.parse_args(argv)
     res = json.load(open(args.result))
     folder = args.traces or os.path.dirname(os.path.abspath(args.result))
@@ -202,9 +237,12 @@ def main(argv=None) -> None:
             return None
     rows = classify(res["results"], lambda name, n, i, o: bench_serve_prompts(args.model, n, i, o), args.block_size,
                     load_trace)
-    if not rows:
+    if not any(r.get("per_request") for r in res["results"]):
         raise SystemExit(f"{args.result}: no serving result with per-request times (suites before NOTES #73 kept none)")
-    print(markdown(rows))
+    if rows:  # (random prompts only: the -distinct workloads have no hit classes)
+        print(markdown(rows))
+    print(f"By time: each run's requests in {args.parts} slices, in the order sent:\n")
+    print(by_time(res["results"], args.parts))
     if any(r["window"] for r in rows):
         print("What the server's steps did between each request's arrival and its first token (means):\n")
         print(window_markdown(rows))
