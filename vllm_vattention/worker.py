@@ -146,10 +146,15 @@ class StepTrace:
         no truncated trace (a server stopped with vLLM's --shutdown-timeout 0 did)."""
         import json
         tmp = f"{self.path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"clock": "time.perf_counter", "t0": self.t0, "fields": self.FIELDS, "steps": self.steps,
-                       "dropped_steps": self.dropped, "flag_waits_ms": flag_waits_ms}, f)
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "w") as f:
+                json.dump({"clock": "time.perf_counter", "t0": self.t0, "fields": self.FIELDS, "steps": self.steps,
+                           "dropped_steps": self.dropped, "flag_waits_ms": flag_waits_ms}, f)
+            os.replace(tmp, self.path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
 
 
 def _spare_blocks(cfg: VattnConfig, vllm_config, budget_blocks: int) -> int:

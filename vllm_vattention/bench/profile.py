@@ -32,7 +32,7 @@ PHASES = [  # name, prompts, input_len, steps before profiling, then prompts add
     ("prefill-8x8k", 8, 8192, 0, 0, 0),
     # decodes with prefill chunks in the same steps (most steps of the 1024-in-128-out workload)
     ("mixed-128x1k+chunks", 128, 1024, 20, 16, 2048),
-    # serving at 4 req/s (TPOT p50 1.001-1.030x of stock in all 12 serving pairs, NOTES #80): a
+    # serving (TPOT p50 1.001-1.087x of stock in all 13 serving pairs, NOTES #80): a
     # few decoding requests, alone and with one new 1,024-token prompt's prefill in their steps
     ("decode-4x1k", 4, 1024, 20, 0, 0),
     ("mixed-4x1k+1k", 4, 1024, 20, 1, 1024),

@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import bisect
 import os
-import sys
 import statistics
+import sys
 from typing import Callable
 
 from .suite import WORKLOADS

@@ -378,9 +378,8 @@ def _run_serve(cli, model: str, workloads: list[Workload], system: str, env, raw
     """One server; `vllm bench serve` at each workload's request rate in turn."""
     port = free_port()
     max_len = max(w.input_len + w.output_len for w in workloads) + 64
-    # --shutdown-timeout: vLLM's default (0) kills the engine process at once when the server stops,
-    # so the engine's shutdown log (the mapper stats) and the step trace were lost or cut off
-    # (fifteenth-to-sixteenth session: one server of three logged no stats, two traces truncated)
+    # --shutdown-timeout: at vLLM's default (0) a stopping server kills its engine process at once, and
+    # the engine's shutdown log (the mapper stats) and step trace were lost or cut off (NOTES #81)
     cmd = cli + ["serve", model, "--load-format", "dummy", "--max-model-len", str(max_len),
                  "--port", str(port), "--tensor-parallel-size", str(tp),
                  "--shutdown-timeout", str(SERVER_SHUTDOWN_S), *SYSTEMS[system]["args"]]
