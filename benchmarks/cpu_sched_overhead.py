@@ -139,22 +139,22 @@ def flag_model(timeline: list[tuple]) -> dict:
     and `late` (at most) for a batch that ran `late` ms past its planning. Totals, the longest, the
     steps that would wait over 1 ms, the background ops DRAINs ran, and the lower bound per quarter
     of the run's time (where in the run the waits fall)."""
+    if not timeline:
+        return {}
+    t0 = timeline[0][0]
+    span = timeline[-1][0] - t0 or 1.0
     lo, hi, drained, new = [], [], [], []
+    quarters = [0.0] * 4
     prev_ms = 0.0
-    for _, ms, n_new, late, d in timeline:
+    for t, ms, n_new, late, d in timeline:
         if late is not None:
-            lo.append(max(0.0, late - prev_ms))
+            wait = max(0.0, late - prev_ms)
+            lo.append(wait)
             hi.append(late)
             drained.append(d)
             new.append(n_new)
+            quarters[min(3, int(4 * (t - t0) / span))] += wait
         prev_ms = ms
-    if not timeline:
-        return {}
-    span = timeline[-1][0] - timeline[0][0] or 1.0
-    quarters = [0.0] * 4
-    for (t, _, _, late, _), prev in zip(timeline, [0.0] + [x[1] for x in timeline[:-1]]):
-        if late is not None:
-            quarters[min(3, int(4 * (t - timeline[0][0]) / span))] += max(0.0, late - prev)
     return {"steps_with_a_batch": len(lo), "wait_s_at_least": round(sum(lo) / 1e3, 4),
             "wait_s_at_most": round(sum(hi) / 1e3, 4), "longest_ms_at_least": round(max(lo, default=0), 2),
             "steps_over_1ms_at_least": sum(x > 1 for x in lo),
