@@ -186,7 +186,13 @@ def test_step_trace_warns_when_the_server_may_kill_the_engine_before_it_is_writt
     runner.vattn_cfg = dataclasses.replace(runner.vattn_cfg, step_trace="/tmp/steps.json")
     for timeout, warned in ((0, True), (30, False)):
         runner.vllm_config = SimpleNamespace(shutdown_timeout=timeout)
+        runner.step_trace = None  # (as before the first reset)
         warnings.clear()
         runner.reset_timers()
         assert runner.step_trace is not None
         assert any("--shutdown-timeout 30" in w for w in warnings) == warned
+    # the reset after vLLM's warm-up starts a new trace without saying it again
+    runner.vllm_config = SimpleNamespace(shutdown_timeout=0)
+    warnings.clear()
+    runner.reset_timers()
+    assert runner.step_trace is not None and warnings == []

@@ -318,8 +318,10 @@ class VattnModelRunner(V2ModelRunner):
         path = getattr(getattr(self, "vattn_cfg", None), "step_trace", "")
         if path and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
             path += f".rank{torch.distributed.get_rank()}"  # (TP: one file per worker)
+        first = self.step_trace is None  # (reset_timers runs at KV allocation and again after warm-up)
         self.step_trace = StepTrace(path) if path and self.vattn is not None else None
-        if self.step_trace is not None and not getattr(getattr(self, "vllm_config", None), "shutdown_timeout", 1):
+        if first and self.step_trace is not None and not getattr(getattr(self, "vllm_config", None),
+                                                                 "shutdown_timeout", 1):
             logger.warning("vAttention: VATTN_STEP_TRACE is written when the engine shuts down, and with "
                            "shutdown_timeout 0 (vLLM's default) `vllm serve` may kill the engine first; "
                            "pass --shutdown-timeout 30")
