@@ -111,14 +111,15 @@ for s in $steps; do
     multiturn) timeout 580 python3 -m vllm_vattention.bench.multiturn --trace .gpu/trace/mooncake_conversation_trace.jsonl --out "$OUT" ${MT_ARGS:-} > "$OUT/multiturn.log" 2>&1; echo "rc=$?"; tail -8 "$OUT/multiturn.log";;
     profile) # kernel time per step (torch.profiler): stock, vAttention's default, the former default (mapping
         # on the engine thread); PROF_SYSTEMS picks some of "stock vattn sync"
-        reports=""; for sys in ${PROF_SYSTEMS:-stock vattn sync}; do
+        # PROF_TAG names the files (prof-SYS-TAG.json, profile-TAG.md), PROF_TIMEOUT bounds each engine
+        reports=""; t=${PROF_TAG:+-$PROF_TAG}; for sys in ${PROF_SYSTEMS:-stock vattn sync}; do
           env -u VLLM_ATTENTION_BACKEND -u VATTN_BACKGROUND_MAP -u VATTN_FA3_GUARD -u VATTN_SPARE_BLOCKS \
             $( [ $sys != stock ] && echo VLLM_ATTENTION_BACKEND=VATTENTION ) \
             $( [ $sys = sync ] && echo VATTN_BACKGROUND_MAP=0 VATTN_FA3_GUARD=always ) \
-            VLLM_ENABLE_V1_MULTIPROCESSING=0 timeout 180 python3 -m vllm_vattention.bench.profile \
-            --out "$OUT/prof-$sys.json" ${PROF_ARGS:-} > "$OUT/prof-$sys.log" 2>&1; echo "$sys rc=$?"
-          reports="$reports $OUT/prof-$sys.json"; done
-        python3 -m vllm_vattention.bench.profile --report $reports --out "$OUT/profile.md";;
+            VLLM_ENABLE_V1_MULTIPROCESSING=0 timeout ${PROF_TIMEOUT:-180} python3 -m vllm_vattention.bench.profile \
+            --out "$OUT/prof-$sys$t.json" ${PROF_ARGS:-} > "$OUT/prof-$sys$t.log" 2>&1; echo "$sys rc=$?"
+          reports="$reports $OUT/prof-$sys$t.json"; done
+        python3 -m vllm_vattention.bench.profile --report $reports --out "$OUT/profile$t.md";;
     kbench) # decode attention at serving geometry: paged FA3 vs FA2 over our rows, FA2's split count swept
         timeout ${KB_TIMEOUT:-540} python3 -m vllm_vattention.bench.kbench --out "$OUT" ${KB_ARGS:-} > "$OUT/kbench.log" 2>&1
         echo "rc=$?"; grep "^|" "$OUT"/*-kbench.md | head -14;;

@@ -699,3 +699,12 @@ def test_a_distinct_serving_workload_sends_prompts_that_share_no_block(tmp_path)
     assert len({tuple(i[:16]) for i in ids}) == 6
     assert not list(tmp_path.glob("*.jsonl"))
     assert {x.name for x in S.WORKLOADS if x.dataset == "distinct"} == {"serve-rate-4-distinct", "serve-rate-16-distinct"}
+
+
+def test_profile_refuses_phases_that_do_not_fit_max_model_len():
+    from vllm_vattention.bench import profile as P
+    P.check_fits("decode-4x1k,mixed-4x1k+1k", 30, 1216)  # serving's geometry in the suite: fits
+    with pytest.raises(SystemExit, match="decode-24x16k needs 16452 tokens.*--max-model-len 1216"):
+        P.check_fits("decode-24x16k", 30, 1216)
+    with pytest.raises(SystemExit, match="unknown --phases.*nope"):
+        P.check_fits("decode-4x1k,nope", 30, 1216)

@@ -46,6 +46,10 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--out", required=True)
     ap.add_argument("--phases", default="", help="comma-separated subset of the phases (default: all)")
+    ap.add_argument("--max-model-len", type=int, default=16384 + 1024 + 64,
+                    help="the engine's max_model_len: vAttention's rows are this long, and its decode CUDA "
+                         "graphs run FA2 over whole rows (serving in the suite: 1216; `vllm serve`'s "
+                         "default for this model: 131072)")
     ap.add_argument("--cpu-profile", action="store_true", help="also cProfile the engine thread over the same steps")
     ap.add_argument("--report", nargs="+", metavar="JSON",
                     help="only write a markdown table comparing these runs (the first is the baseline) to --out")
@@ -57,20 +61,22 @@ def main(argv=None) -> None:
         print(report_table(runs))
         return
 
+    check_fits(args.phases, args.steps, args.max_model_len)
     import torch
     from torch.profiler import ProfilerActivity, profile
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=args.model, load_format="dummy", seed=0, max_model_len=16384 + 1024 + 64)
+    llm = LLM(model=args.model, load_format="dummy", seed=0, max_model_len=args.max_model_len)
     engine = llm.llm_engine
     backend = str(engine.vllm_config.attention_config.backend)
     rng = random.Random(0)
-    report = {"attention_backend": backend, "phases": []}
+    report = {"attention_backend": backend, "max_model_len": args.max_model_len, "phases": []}
     for name, n, in_len, warm, more, more_len in PHASES:
         if args.phases and name not in args.phases.split(","):
             continue
-        sp = SamplingParams(max_tokens=1024, ignore_eos=True, temperature=1.0)
+        sp = SamplingParams(max_tokens=min(1024, args.max_model_len - max(in_len, more_len)), ignore_eos=True,
+                            temperature=1.0)
 
         def add(tag, count, length):
             return [engine.add_request(f"{name}-{tag}{i}", TokensPrompt(
@@ -119,6 +125,19 @@ def main(argv=None) -> None:
             engine.step()
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
+
+
+def check_fits(phases: str, steps: int, max_model_len: int) -> None:
+    """Every chosen phase's prompts and steps fit max_model_len (else its requests would stop early)."""
+    chosen = [p for p in PHASES if not phases or p[0] in phases.split(",")]
+    unknown = set(phases.split(",")) - {p[0] for p in PHASES} if phases else set()
+    if unknown:
+        raise SystemExit(f"unknown --phases {sorted(unknown)}; choose from {[p[0] for p in PHASES]}")
+    for name, _, in_len, warm, _, more_len in chosen:
+        need = max(in_len, more_len) + warm + steps + 8
+        if need > max_model_len:
+            raise SystemExit(f"phase {name} needs {need} tokens per request, more than --max-model-len "
+                             f"{max_model_len}; raise it or pick other --phases")
 
 
 def ours(llm, reset: bool = False) -> dict | None:
