@@ -189,3 +189,25 @@ def test_custom_backend_of_another_plugin_is_left_alone(vllm_config_factory, mon
     assert not is_selected(vllm_config_factory(backend="CUSTOM"), VattnConfig.from_env({}))
     with pytest.raises(ConfigError, match="another plugin"):
         is_selected(vllm_config_factory(), VattnConfig.from_env(ON))
+
+
+def test_step_trace_on_a_stock_run_picks_the_traced_worker_only(vllm_config_factory, v2_runner, monkeypatch,
+                                                                 tmp_path):
+    """VATTN_STEP_TRACE without vAttention: vLLM's own worker becomes the traced one (block size and
+    backend untouched); without the variable, or with a worker class someone else chose, nothing changes."""
+    from vllm_vattention.selection import TRACED_WORKER_PATH, apply_if_selected
+    for k in ("VLLM_ATTENTION_BACKEND", "VATTN_STEP_TRACE"):
+        monkeypatch.delenv(k, raising=False)
+    vc = vllm_config_factory()
+    vc.parallel_config.worker_cls = "vllm.v1.worker.gpu_worker.Worker"  # (CudaPlatform's choice for "auto")
+    apply_if_selected(vc)
+    assert vc.parallel_config.worker_cls == "vllm.v1.worker.gpu_worker.Worker"
+    monkeypatch.setenv("VATTN_STEP_TRACE", str(tmp_path / "steps.json"))
+    before = (vc.cache_config.block_size, vc.attention_config.backend)
+    apply_if_selected(vc)
+    assert vc.parallel_config.worker_cls == TRACED_WORKER_PATH
+    assert (vc.cache_config.block_size, vc.attention_config.backend) == before
+    other = vllm_config_factory()
+    other.parallel_config.worker_cls = "my.own.Worker"
+    apply_if_selected(other)
+    assert other.parallel_config.worker_cls == "my.own.Worker"

@@ -196,3 +196,31 @@ def test_step_trace_warns_when_the_server_may_kill_the_engine_before_it_is_writt
     warnings.clear()
     runner.reset_timers()
     assert runner.step_trace is not None and warnings == []
+
+
+def test_stock_runner_traces_steps_in_the_same_format(monkeypatch, tmp_path):
+    """TracedModelRunner (a stock run with VATTN_STEP_TRACE): one record per step with no block maps,
+    DRAINs or flag wait, nothing before vLLM's warm-up ends, written at shutdown; bench.serve_hits
+    reads it as it reads vAttention's."""
+    import json
+
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+    from vllm_vattention.bench.serve_hits import ttft_windows
+    from vllm_vattention.worker import StepTrace, TracedModelRunner
+    monkeypatch.setattr(GPUModelRunner, "execute_model", lambda self, so: "out")
+    monkeypatch.setattr(GPUModelRunner, "shutdown", lambda self: None)
+    r = object.__new__(TracedModelRunner)
+    assert r.execute_model(SimpleNamespace(scheduled_new_reqs=["w"], total_num_scheduled_tokens=2)) == "out"
+    r.step_trace = StepTrace(str(tmp_path / "steps.json"))  # (TracedWorker: after the warm-up)
+    r.execute_model(SimpleNamespace(scheduled_new_reqs=["a", "b"], total_num_scheduled_tokens=2048))
+    r.execute_model(SimpleNamespace(scheduled_new_reqs=[], total_num_scheduled_tokens=2))
+    assert [s[2:] for s in r.step_trace.steps] == [(2, 2048, 0, 0, -1), (0, 2, 0, 0, -1)]
+    t0 = r.step_trace.t0
+    r.shutdown()
+    assert r.step_trace is None
+    trace = json.load(open(tmp_path / "steps.json"))
+    assert len(trace["steps"]) == 2 and trace["flag_waits_ms"] is None
+    # a request that arrived just before the first step and got its first token after the second
+    end = trace["steps"][1][0] + trace["steps"][1][1] / 1e3
+    win = ttft_windows({"t0": t0, "start_s": [-1e-6], "ttft_ms": [(end + 1e-3) * 1e3]}, trace)[0]
+    assert win["steps"] == 2 and win["block_maps"] == 0 and win["flag_ms"] == 0

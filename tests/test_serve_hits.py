@@ -126,3 +126,29 @@ def test_by_time_compares_each_slice_of_the_run_with_the_baselines_same_slice():
                      "| serve-rate-4-distinct | 0-1 | vattn-fa2 | 40.00 | 4.000x | 5.00 | 1.000x |",  # 30, 30, 50, 50 pooled
                      "| serve-rate-4-distinct | 2-3 | stock-fa3 | 20.00 | 1.000x | 5.00 | 1.000x |",  # a one-token output: no TPOT
                      "| serve-rate-4-distinct | 2-3 | vattn-fa2 | 20.00 | 1.000x | 6.00 | 1.200x |"]
+
+
+def test_step_kinds_split_each_traced_run_by_what_its_steps_scheduled():
+    """Steps inside the run's window (first arrival to the last request's last token) by kind, with
+    the time to the next step; steps outside it (another workload's) are left out."""
+    per = {"t0": 1000.0, "start_s": [0.0, 0.01], "ttft_ms": [20.0, 20.0], "tpot_ms": [0.04, 0.04],
+           "input_len": [1024, 1024]}  # serve-rate-4: 128 tokens out, the last ends at 1000.01 + 0.02 + 0.00508
+    fields = ["start_s", "ms", "new_reqs", "tokens", "block_maps", "drains", "flag_wait"]
+    trace = {"t0": 1000.0, "fields": fields, "flag_waits_ms": None,
+             "steps": [[-0.5, 9.0, 1, 1024, 0, 0, -1],  # before the run: left out
+                       [0.000, 20.0, 1, 1024, 0, 0, -1], [0.022, 1.0, 0, 1, 0, 0, -1],
+                       [0.027, 3.0, 1, 40, 0, 0, -1], [0.033, 1.5, 0, 2, 0, 0, -1], [0.034, 1.0, 0, 2, 0, 0, -1],
+                       [0.5, 9.0, 0, 2, 0, 0, -1]]}  # after it: left out
+    res = [{"workload": "serve-rate-4", "system": s, "rep": 0, "per_request": per, "step_trace": f"steps-{s}.json"}
+           for s in ("stock-fa3", "vattn-fa2")]
+    rows = H.step_kinds(res, lambda name: trace)
+    mine = {(r["system"], r["kind"]): r for r in rows}
+    assert len(rows) == 6  # both systems, three kinds each (the last step in the window has no next)
+    big, new_short, none = (mine[("vattn-fa2", k)] for k in H.STEP_KINDS[::-1])
+    assert big["steps"] == 1 and big["to_next_ms_p50"] == pytest.approx(22.0) and big["execute_ms_p50"] == 20.0
+    assert new_short["steps"] == 1 and new_short["to_next_ms_p50"] == pytest.approx(6.0)
+    assert none["steps"] == 2 and none["to_next_ms_p50"] == pytest.approx(3.0)  # 5 and 1 ms
+    assert none["to_next_s_sum"] == pytest.approx(0.006)
+    md = H.step_kinds_markdown(rows)
+    assert "| serve-rate-4 | stock-fa3 | 0 | new, >= 256 tokens | 1 | 20.00 | 22.00 | 0.02 |" in md
+    assert H.step_kind(0, 5000) == "no new request" and H.step_kind(2, 255) == "new, < 256 tokens"

@@ -664,7 +664,8 @@ def test_serving_jobs_side_by_side_each_get_a_port_of_their_own(tmp_path):
     # each request's TTFT and TPOT, in the order they were sent (NOTES #73)
     assert rows[0]["per_request"] == {"t0": 100.0, "start_s": [0.0, 0.5], "ttft_ms": [20.0, 30.0],
                                       "tpot_ms": [4.0, 6.0], "input_len": [9, 8]}
-    assert rows[0]["step_trace"] is None  # stock: no step trace asked for
+    # stock's server is traced too (worker.TracedWorker), in a file of its own beside the run's
+    assert rows[0]["step_trace"].startswith("steps-stock-fa3-") and (tmp_path / rows[0]["step_trace"]).exists()
 
 
 def test_per_request_needs_every_list_and_equal_lengths():

@@ -16,6 +16,8 @@ from .memory import PAGE_SIZE, KVGeometry, preferred_block_size
 logger = logging.getLogger("vllm.vattention")  # under vLLM's logger, so its handlers print us
 
 WORKER_PATH = "vllm_vattention.worker.VattnWorker"
+TRACED_WORKER_PATH = "vllm_vattention.worker.TracedWorker"  # stock vLLM with VATTN_STEP_TRACE
+STOCK_WORKERS = ("auto", "vllm.v1.worker.gpu_worker.Worker")
 # Virtual address space we allow one rank to reserve. Hopper exposes 2^49 bytes of GPU VA; we keep
 # well under it so that torch's allocator and other libraries still find room (tests/gpu probes it).
 MAX_RESERVATION_BYTES = 1 << 46  # 64 TiB
@@ -129,6 +131,19 @@ def validate_and_apply(vllm_config, cfg: VattnConfig) -> None:
                 cfg.layout, cc.block_size, rows, cfg.reclaim, cfg.decode_kernel)
 
 
+def trace_stock(vllm_config, cfg: VattnConfig) -> None:
+    """VATTN_STEP_TRACE on a stock run (vAttention not selected): vLLM's own worker and runner with
+    the step trace only (worker.TracedWorker), so an A/B's baseline server is traced as ours is.
+    A worker class someone else chose is left alone."""
+    pc = vllm_config.parallel_config
+    if pc.worker_cls not in STOCK_WORKERS:
+        logger.warning("VATTN_STEP_TRACE=%s: not traced, the worker class is %s (not vLLM's own)",
+                       cfg.step_trace, pc.worker_cls)
+        return
+    pc.worker_cls = TRACED_WORKER_PATH
+    logger.info("VATTN_STEP_TRACE=%s: stock vLLM's steps are traced (vAttention is not selected)", cfg.step_trace)
+
+
 def first_start_note(cfg: VattnConfig, capability: tuple[int, int]) -> str | None:
     """What the first start costs on this GPU, or None. vLLM 0.25.0's FA2 library carries sm_80 code
     and compute_80 PTX only (its FA3 library: sm_90 code), so on a GPU of compute capability 9 or
@@ -146,6 +161,8 @@ def apply_if_selected(vllm_config) -> None:
     """The platform's check_and_update_config addition; a no-op unless vAttention is selected."""
     cfg = VattnConfig.from_env()
     if not is_selected(vllm_config, cfg):
+        if cfg.step_trace:
+            trace_stock(vllm_config, cfg)
         return
     if not torch.cuda.is_available():
         raise ConfigError("vAttention needs a CUDA GPU, and none is visible to this process "

@@ -157,6 +157,28 @@ class StepTrace:
             raise
 
 
+def _trace_path(path: str) -> str:
+    """VATTN_STEP_TRACE's file for this process: one per worker under tensor parallelism."""
+    if path and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
+        path += f".rank{torch.distributed.get_rank()}"
+    return path
+
+
+def _trace_step(trace: StepTrace, start: float, end: float, scheduler_output, block_maps: int = 0,
+                drains: int = 0, flag_wait: int = -1) -> None:
+    so = scheduler_output  # (read defensively: a trace must never stop a step)
+    trace.add(start, end, len(getattr(so, "scheduled_new_reqs", ()) or ()),
+              getattr(so, "total_num_scheduled_tokens", 0), block_maps, drains, flag_wait)
+
+
+def _write_trace(trace: StepTrace, flag_waits_ms: list[float] | None) -> None:
+    try:
+        trace.write(flag_waits_ms)
+        logger.info("vAttention: %d steps traced to %s", len(trace.steps), trace.path)
+    except OSError as e:
+        logger.warning("vAttention: VATTN_STEP_TRACE=%s could not be written: %s", trace.path, e)
+
+
 def _spare_blocks(cfg: VattnConfig, vllm_config, budget_blocks: int) -> int:
     """The spare frames VATTN_SPARE_BLOCKS asks for, resolved against this engine's step size and
     its KV budget (in blocks, before the spares are taken out of it)."""
@@ -315,9 +337,7 @@ class VattnModelRunner(V2ModelRunner):
         self.hook_seconds = dict.fromkeys(HOOK_PARTS, 0.0)
         for builder in self._vattn_builders():
             builder.build_seconds = 0.0
-        path = getattr(getattr(self, "vattn_cfg", None), "step_trace", "")
-        if path and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
-            path += f".rank{torch.distributed.get_rank()}"  # (TP: one file per worker)
+        path = _trace_path(getattr(getattr(self, "vattn_cfg", None), "step_trace", ""))
         first = self.step_trace is None  # (reset_timers runs at KV allocation and again after warm-up)
         self.step_trace = StepTrace(path) if path and self.vattn is not None else None
         if first and self.step_trace is not None and not getattr(getattr(self, "vllm_config", None),
@@ -467,22 +487,17 @@ class VattnModelRunner(V2ModelRunner):
         self.steps += 1
         if trace is not None:
             issued = flags.issued if flags else 0
-            so = scheduler_output  # (read defensively: a trace must never stop a step)
-            new_reqs = len(getattr(so, "scheduled_new_reqs", ()) or ())
-            trace.add(t, end, new_reqs, getattr(so, "total_num_scheduled_tokens", 0), st.block_maps - before[0],
-                      st.drains - before[1], issued - 1 if issued > before[2] else -1)
+            _trace_step(trace, t, end, scheduler_output, st.block_maps - before[0], st.drains - before[1],
+                        issued - 1 if issued > before[2] else -1)
         return out
 
     def shutdown(self) -> None:
         if self.vattn is not None:
             torch.cuda.synchronize()
             logger.info("vAttention mapper stats: %s", self.vattn_report())
-            if self.step_trace is not None:  # (vattn_report collected every flag wait)
-                try:
-                    self.step_trace.write(self.flag_timer.all_ms if self.flag_timer else None)
-                    logger.info("vAttention: %d steps traced to %s", len(self.step_trace.steps), self.step_trace.path)
-                except OSError as e:  # the KV memory is still released below
-                    logger.warning("vAttention: VATTN_STEP_TRACE=%s could not be written: %s", self.step_trace.path, e)
+            if self.step_trace is not None:  # (vattn_report collected every flag wait; an OSError is
+                # logged and the KV memory still released below)
+                _write_trace(self.step_trace, self.flag_timer.all_ms if self.flag_timer else None)
             self.vattn.close()
             self.vattn.driver.close()  # releases the primary-context reference CudaDriver retained
             self.vattn = None
@@ -544,4 +559,43 @@ class VattnWorker(Worker):
                 runner.vattn.reclaim_spares()  # the warm-up's guard slots took spares: serving starts with all free
             runner.lend_unused_blocks()
             logger.info("vAttention warm-up mapper stats: %s", self.vattn_report(reset=True))
+        return out
+
+
+class TracedModelRunner(V2ModelRunner):
+    """Stock vLLM's runner, unchanged but for VATTN_STEP_TRACE: each step's start, execute_model time,
+    new requests and scheduled tokens, in vAttention's trace format (no block maps, DRAINs or flag
+    waits), so that the A/B suite's baseline server is traced like vAttention's and bench.serve_hits
+    can set their steps side by side. Only a stock run that asks for a trace gets it (selection)."""
+
+    step_trace: StepTrace | None = None  # set after vLLM's warm-up (TracedWorker)
+
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        t = time.perf_counter()
+        out = super().execute_model(scheduler_output, *args, **kwargs)
+        if self.step_trace is not None:
+            _trace_step(self.step_trace, t, time.perf_counter(), scheduler_output)
+        return out
+
+    def shutdown(self) -> None:
+        if self.step_trace is not None:
+            _write_trace(self.step_trace, None)
+            self.step_trace = None
+        super().shutdown()
+
+
+class TracedWorker(Worker):
+    """vLLM's worker with the TracedModelRunner: a stock run (vAttention not selected) with VATTN_STEP_TRACE."""
+
+    def init_device(self):
+        super().init_device()
+        if isinstance(self.model_runner, V2ModelRunner):
+            self.model_runner.__class__ = TracedModelRunner
+        else:
+            logger.warning("VATTN_STEP_TRACE traces vLLM's V2 model runner only; this run's steps are not traced")
+
+    def compile_or_warm_up_model(self):
+        out = super().compile_or_warm_up_model()  # (its warm-up steps are not traced)
+        if isinstance(self.model_runner, TracedModelRunner):
+            self.model_runner.step_trace = StepTrace(_trace_path(VattnConfig.from_env().step_trace))
         return out

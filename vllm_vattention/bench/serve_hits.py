@@ -7,8 +7,9 @@ tokenizes them), replays the server's prefix cache over one server's workloads i
 workload's first prompt is sent once before the run, as a test; no eviction: the suite's budget
 holds every block these runs write), and reports TTFT and TPOT p50 per
 class of request: no hit, some leading blocks hit, or (nearly) the whole prompt hit. With the
-servers' step traces (VATTN_STEP_TRACE, which the suite sets for vAttention's servers) it also tells
-what the steps did while each request waited for its first token. For any serving workload
+servers' step traces (VATTN_STEP_TRACE, which the suite sets for every server it starts) it also tells
+what the steps did while each request waited for its first token, and how each server's steps
+split by what they scheduled (step_kinds). For any serving workload
 (distinct prompts too) it also splits each run's requests into slices in send order (by_time).
 
     python3 -m vllm_vattention.bench.serve_hits benchmarks/results/<date>-<gpu>-serve.json
@@ -212,6 +213,55 @@ def by_time(results: list[dict], parts: int = 4, baseline: str = "stock-fa3") ->
     return "\n".join(lines) + "\n"
 
 
+STEP_KINDS = ("no new request", "new, < 256 tokens", "new, >= 256 tokens")
+
+
+def step_kind(new_reqs: int, tokens: int) -> str:
+    """A step by what it scheduled: decodes only (and chunks of earlier prompts), a new request with
+    a short prefill (most of its prompt a prefix-cache hit), or a new request's prefill."""
+    return STEP_KINDS[0] if not new_reqs else STEP_KINDS[1] if tokens < 256 else STEP_KINDS[2]
+
+
+def step_kinds(results: list[dict], load_trace: Callable[[str], dict | None]) -> list[dict]:
+    """Per serving run with a step trace (every system's, NOTES #84): its steps during the run (from
+    the first request's arrival to the last one's last token), by step_kind: how many, execute_model
+    ms (median), and the time to the next step's start (median, and the sum: where the run's time went)."""
+    out = []
+    for r in results:
+        per, name = r.get("per_request"), r.get("step_trace")
+        trace = load_trace(name) if per and name and "t0" in per else None
+        if not trace:
+            continue
+        w = next((x for x in WORKLOADS if x.name == r["workload"]), None)
+        out_len = w.output_len if w else 1
+        ends = [s + (t + (p or 0) * (out_len - 1)) / 1e3
+                for s, t, p in zip(per["start_s"], per["ttft_ms"], per["tpot_ms"])]
+        lo, hi = per["t0"] + min(per["start_s"]), per["t0"] + max(ends)
+        fields = list(trace["fields"])
+        i_start, i_ms, i_new, i_tok = (fields.index(k) for k in ("start_s", "ms", "new_reqs", "tokens"))
+        steps = [st for st in trace["steps"] if lo <= trace["t0"] + st[i_start] <= hi]
+        by: dict[str, list[tuple[float, float]]] = {k: [] for k in STEP_KINDS}
+        for a, b in zip(steps, steps[1:]):
+            by[step_kind(a[i_new], a[i_tok])].append((a[i_ms], (b[i_start] - a[i_start]) * 1e3))
+        for kind, xs in by.items():
+            if xs:
+                out.append({"workload": r["workload"], "system": r["system"], "rep": r.get("rep"), "kind": kind,
+                            "steps": len(xs), "execute_ms_p50": statistics.median(x[0] for x in xs),
+                            "to_next_ms_p50": statistics.median(x[1] for x in xs),
+                            "to_next_s_sum": sum(x[1] for x in xs) / 1e3, "window_s": hi - lo})
+    return out
+
+
+def step_kinds_markdown(rows: list[dict]) -> str:
+    lines = ["| workload | system | rep | step | steps | execute_model ms p50 | to next step ms p50 | "
+             "to next step, total s | share of the run |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['workload']} | {r['system']} | {r['rep']} | {r['kind']} | {r['steps']} | "
+                     f"{r['execute_ms_p50']:.2f} | {r['to_next_ms_p50']:.2f} | {r['to_next_s_sum']:.2f} | "
+                     f"{100 * r['to_next_s_sum'] / r['window_s']:.0f}% |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> None:
     import json
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -246,6 +296,10 @@ def main(argv=None) -> None:
     if any(r["window"] for r in rows):
         print("What the server's steps did between each request's arrival and its first token (means):\n")
         print(window_markdown(rows))
+    kinds = step_kinds(res["results"], load_trace)
+    if kinds:
+        print("Each traced server's steps during each run, by what they scheduled:\n")
+        print(step_kinds_markdown(kinds))
 
 
 if __name__ == "__main__":

@@ -384,10 +384,9 @@ def _run_serve(cli, model: str, workloads: list[Workload], system: str, env, raw
                  "--port", str(port), "--tensor-parallel-size", str(tp),
                  "--shutdown-timeout", str(SERVER_SHUTDOWN_S), *SYSTEMS[system]["args"]]
     results = []
-    trace = None
-    if (env or {}).get("VLLM_ATTENTION_BACKEND") == "VATTENTION":  # each step's timing (worker.StepTrace)
-        trace = os.path.join(os.path.dirname(raw), f"steps-{system}-{int(time.time())}.json")
-        env = {**env, "VATTN_STEP_TRACE": trace}
+    # each step's timing (worker.StepTrace; for stock, vLLM's own runner with only that: worker.TracedWorker)
+    trace = os.path.join(os.path.dirname(raw), f"steps-{system}-{int(time.time())}.json")
+    env = {**(env or {}), "VATTN_STEP_TRACE": trace}
     server = RunningServer(cmd, env, port, timeout / 2, os.path.join(os.path.dirname(raw), f"log-serve-{system}.txt"))
     with server:
         for w in workloads:
