@@ -709,3 +709,18 @@ def test_profile_refuses_phases_that_do_not_fit_max_model_len():
         P.check_fits("decode-24x16k", 30, 1216)
     with pytest.raises(SystemExit, match="unknown --phases.*nope"):
         P.check_fits("decode-4x1k,nope", 30, 1216)
+
+
+def test_profile_hit_phase_sends_copies_of_its_first_prompts():
+    """mixed-16x1k+hit: the late prompt repeats the phase's first prompt token for token (a whole
+    prefix-cache hit for vLLM); other phases' prompts are random and distinct."""
+    import random
+    from vllm_vattention.bench import profile as P
+    rng = random.Random(0)
+    first = P.make_prompts(rng, 16, 1024, [])
+    assert len(first) == 16 and all(len(p) == 1024 for p in first) and len({tuple(p) for p in first}) == 16
+    late = P.make_prompts(rng, 2, P.HIT, first)
+    assert late == first[:2] and late[0] is not first[0]
+    with pytest.raises(ValueError, match="first prompts"):
+        P.make_prompts(rng, 1, P.HIT, [])
+    P.check_fits("mixed-16x1k+hit", 30, 1216)
