@@ -209,6 +209,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
     admitting = dict.fromkeys(("steps", "requests", "block_maps", "drains"), 0)
     # the other steps (decode growth): their block maps, and the most in one step
     others = dict.fromkeys(("block_maps", "max_step_block_maps", "steps_with_maps", "drains"), 0)
+    step_ms: dict[bool, list[float]] = {False: [], True: []}  # each step's hooks in all, by whether it admits
 
     def zero_counts() -> None:
         mgr.reset_stats()
@@ -301,6 +302,9 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             c8 = time.perf_counter()
             for k, dt in zip(PHASES, (c1 - c0, c2 - c1, c3 - c2, c5 - c4, c6 - c5, c7 - c6, c8 - c7)):
                 t[k] += dt
+            # this step's hooks in all (the step trace's hooks_ms, without the driver's and the GPU's
+            # calls): admitting steps apart, since a prefix hit's admission step is CPU-bound (NOTES #85)
+            step_ms[bool(out.scheduled_new_reqs)].append(1e3 * (c8 - c0))
             sampled = [[100] if live[r].num_computed_tokens >= live[r].num_tokens else [] for r in ids]
             sched.update_from_output(out, ModelRunnerOutput(req_ids=ids, req_id_to_index={r: k for k, r in enumerate(ids)},
                                                             sampled_token_ids=sampled))
@@ -340,6 +344,8 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             prompts = bench_serve_prompts(n_req, n_in, n_out)
         else:
             prompts = [[1000 + (i * 7919 + k * 104729 + w * 13) % 20000 for k in range(ins[i])] for i in range(n_req)]
+        step_ms[False].clear()
+        step_ms[True].clear()
         steps = drive(prompts, outs, arrivals=arrivals)
         s = mgr.stats()
         per_step = {k: round(1e3 * v / steps, 4) for k, v in t.items()}
@@ -359,8 +365,19 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             **{f"first_step_{k}": v for k, v in first_step.items()},
             **{f"admitting_{k}": v for k, v in admitting.items()},
             "growth_maps": s["growth_maps"], **{f"other_steps_{k}": v for k, v in others.items()},
+            **{f"{kind}_hooks_ms_{name}": round(v, 4) for kind, xs in (("admitting", step_ms[True]),
+                                                                      ("other_steps", step_ms[False]))
+               for name, v in _p50_p90(xs).items()},
             **({"flag_model": flag_model(timeline)} if timed else {})})
     return results if chain else results[0]
+
+
+def _p50_p90(xs: list[float]) -> dict[str, float]:
+    """Median and 90th percentile (nearest rank) of a step's hooks in ms; zeros for no steps."""
+    if not xs:
+        return {"p50": 0.0, "p90": 0.0}
+    ys = sorted(xs)
+    return {"p50": ys[len(ys) // 2], "p90": ys[min(len(ys) - 1, int(0.9 * len(ys)))]}
 
 
 def main() -> None:

@@ -40,3 +40,15 @@ def test_flag_model_bounds_the_wait_by_the_step_before():
     assert m["longest_ms_at_least"] == 2.5 and m["steps_over_1ms_at_least"] == 2 and m["steps_with_a_batch"] == 3
     assert m["admitting_wait_s_at_least"] == pytest.approx(0.0045) and m["most_drained_in_a_step"] == 40
     assert sum(m["wait_s_at_least_by_quarter"]) == pytest.approx(0.0045)
+
+
+def test_each_steps_hooks_are_reported_apart_for_admitting_steps():
+    """The harness's per-step hook time (what the step trace's hooks_ms measures on a server, less the
+    driver's calls), split by whether the step admits requests: an admission plans a row and its
+    blocks, so its step's hooks take longer than a decode step's."""
+    r = H.run("serve-rate-4", 57174, None, serve_prompts="distinct", warmup=False)
+    adm, other = r["admitting_hooks_ms_p50"], r["other_steps_hooks_ms_p50"]
+    assert r["admitting_steps"] > 0 and adm > 0 and other > 0
+    assert r["admitting_hooks_ms_p90"] >= adm and r["other_steps_hooks_ms_p90"] >= other
+    assert adm > other
+    assert H._p50_p90([]) == {"p50": 0.0, "p90": 0.0} and H._p50_p90([3.0, 1.0, 2.0]) == {"p50": 2.0, "p90": 3.0}

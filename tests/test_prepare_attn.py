@@ -164,15 +164,20 @@ def test_step_trace_records_each_steps_new_requests_tokens_and_maps(runner, monk
     def fake_step(self, so):  # stands in for vLLM's step: admitting maps the new request's blocks
         if so.scheduled_new_reqs:
             mgr.set_blocks(row, [1, 2, 3])
+            self.prepare_seconds += 0.002  # as if prepare_attn took 2 ms
+            self.hook_seconds["admit"] += 0.0005  # and the admission hook 0.5 ms
         return "out"
     monkeypatch.setattr(GPUModelRunner, "execute_model", fake_step)
     assert runner.execute_model(SimpleNamespace(scheduled_new_reqs=["a"], total_num_scheduled_tokens=40)) == "out"
     runner.execute_model(SimpleNamespace(scheduled_new_reqs=[], total_num_scheduled_tokens=1))
     steps = runner.step_trace.steps
-    assert [s[2:] for s in steps] == [(1, 40, 3, 0, -1), (0, 1, 0, 0, -1)]
+    assert [s[2:7] for s in steps] == [(1, 40, 3, 0, -1), (0, 1, 0, 0, -1)]
     assert 0 <= steps[0][0] <= steps[1][0] and all(s[1] >= 0 for s in steps)
+    # our hooks' share of each step: prepare_attn and the request hooks (plus the fence and warm(),
+    # which the synchronous mode does not run here), not the rest of vLLM's step
+    assert steps[0][7] == pytest.approx(2.5, abs=0.05) and steps[1][7] == pytest.approx(0.0, abs=0.05)
     runner.step_trace.write(None)
-    assert json.load(open(tmp_path / "steps.json"))["steps"][0][2:] == [1, 40, 3, 0, -1]
+    assert json.load(open(tmp_path / "steps.json"))["steps"][0][2:7] == [1, 40, 3, 0, -1]
 
 
 def test_step_trace_warns_when_the_server_may_kill_the_engine_before_it_is_written(runner, monkeypatch):
@@ -214,7 +219,7 @@ def test_stock_runner_traces_steps_in_the_same_format(monkeypatch, tmp_path):
     r.step_trace = StepTrace(str(tmp_path / "steps.json"))  # (TracedWorker: after the warm-up)
     r.execute_model(SimpleNamespace(scheduled_new_reqs=["a", "b"], total_num_scheduled_tokens=2048))
     r.execute_model(SimpleNamespace(scheduled_new_reqs=[], total_num_scheduled_tokens=2))
-    assert [s[2:] for s in r.step_trace.steps] == [(2, 2048, 0, 0, -1), (0, 2, 0, 0, -1)]
+    assert [s[2:] for s in r.step_trace.steps] == [(2, 2048, 0, 0, -1, 0.0), (0, 2, 0, 0, -1, 0.0)]
     t0 = r.step_trace.t0
     r.shutdown()
     assert r.step_trace is None

@@ -121,10 +121,11 @@ class StepTrace:
     (bench.serve_hits). Times are time.perf_counter, i.e. CLOCK_MONOTONIC on Linux, the clock
     `vllm bench serve` stamps its requests with on the same machine. Per step: its start (s after
     `t0`), execute_model's duration with our hooks (ms), new requests, scheduled tokens, block maps
-    and DRAINs planned on the step's path, and the index of the GPU's wait at the mapping flag it
-    enqueued (-1: none; `flag_waits_ms` gives each wait's length)."""
+    and DRAINs planned on the step's path, the index of the GPU's wait at the mapping flag it
+    enqueued (-1: none; `flag_waits_ms` gives each wait's length), and how much of the step's time
+    went to our hooks (prepare_attn, the metadata build, the fence and warm(); 0 for stock)."""
 
-    FIELDS = ("start_s", "ms", "new_reqs", "tokens", "block_maps", "drains", "flag_wait")
+    FIELDS = ("start_s", "ms", "new_reqs", "tokens", "block_maps", "drains", "flag_wait", "hooks_ms")
     MAX_STEPS = 500_000  # ~50 MB at most; later steps are counted, not kept
 
     def __init__(self, path: str, clock=time.perf_counter):
@@ -134,12 +135,12 @@ class StepTrace:
         self.dropped = 0
 
     def add(self, start: float, end: float, new_reqs: int, tokens: int, block_maps: int, drains: int,
-            flag_wait: int) -> None:
+            flag_wait: int, hooks_s: float = 0.0) -> None:
         if len(self.steps) >= self.MAX_STEPS:
             self.dropped += 1
             return
         self.steps.append((round(start - self.t0, 6), round((end - start) * 1e3, 4), new_reqs, tokens,
-                           block_maps, drains, flag_wait))
+                           block_maps, drains, flag_wait, round(hooks_s * 1e3, 4)))
 
     def write(self, flag_waits_ms: list[float] | None) -> None:
         """Written beside `path` and renamed onto it, so that a process killed while writing leaves
@@ -165,10 +166,10 @@ def _trace_path(path: str) -> str:
 
 
 def _trace_step(trace: StepTrace, start: float, end: float, scheduler_output, block_maps: int = 0,
-                drains: int = 0, flag_wait: int = -1) -> None:
+                drains: int = 0, flag_wait: int = -1, hooks_s: float = 0.0) -> None:
     so = scheduler_output  # (read defensively: a trace must never stop a step)
     trace.add(start, end, len(getattr(so, "scheduled_new_reqs", ()) or ()),
-              getattr(so, "total_num_scheduled_tokens", 0), block_maps, drains, flag_wait)
+              getattr(so, "total_num_scheduled_tokens", 0), block_maps, drains, flag_wait, hooks_s)
 
 
 def _write_trace(trace: StepTrace, flag_waits_ms: list[float] | None) -> None:
@@ -469,7 +470,7 @@ class VattnModelRunner(V2ModelRunner):
         trace = self.step_trace
         if trace is not None:
             st, flags = self.vattn.mapper.stats, self.flag_timer
-            before = (st.block_maps, st.drains, flags.issued if flags else 0)
+            before = (st.block_maps, st.drains, flags.issued if flags else 0, self._hooks_so_far())
         out = super().execute_model(scheduler_output, *args, **kwargs)
         if self._pending_reads:
             t_fence = time.perf_counter()
@@ -488,8 +489,16 @@ class VattnModelRunner(V2ModelRunner):
         if trace is not None:
             issued = flags.issued if flags else 0
             _trace_step(trace, t, end, scheduler_output, st.block_maps - before[0], st.drains - before[1],
-                        issued - 1 if issued > before[2] else -1)
+                        issued - 1 if issued > before[2] else -1, self._hooks_so_far() - before[3])
         return out
+
+    def _hooks_so_far(self) -> float:
+        """Seconds in our hooks on the engine thread since the last reset (for the step trace):
+        prepare_attn (its parts rows ... stage), the request hooks, the fence, warm() and the
+        metadata build."""
+        hs = self.hook_seconds or {}
+        return (self.prepare_seconds + sum(hs.get(k, 0.0) for k in ("remove", "admit", "extend", "fence", "warm"))
+                + sum(b.build_seconds for b in self._vattn_builders()))
 
     def shutdown(self) -> None:
         if self.vattn is not None:

@@ -239,25 +239,29 @@ def step_kinds(results: list[dict], load_trace: Callable[[str], dict | None]) ->
         lo, hi = per["t0"] + min(per["start_s"]), per["t0"] + max(ends)
         fields = list(trace["fields"])
         i_start, i_ms, i_new, i_tok = (fields.index(k) for k in ("start_s", "ms", "new_reqs", "tokens"))
+        i_hooks = fields.index("hooks_ms") if "hooks_ms" in fields else None  # (traces before NOTES #88 have none)
         steps = [st for st in trace["steps"] if lo <= trace["t0"] + st[i_start] <= hi]
-        by: dict[str, list[tuple[float, float]]] = {k: [] for k in STEP_KINDS}
+        by: dict[str, list[tuple]] = {k: [] for k in STEP_KINDS}
         for a, b in zip(steps, steps[1:]):
-            by[step_kind(a[i_new], a[i_tok])].append((a[i_ms], (b[i_start] - a[i_start]) * 1e3))
+            by[step_kind(a[i_new], a[i_tok])].append((a[i_ms], (b[i_start] - a[i_start]) * 1e3,
+                                                      a[i_hooks] if i_hooks is not None else None))
         for kind, xs in by.items():
             if xs:
                 out.append({"workload": r["workload"], "system": r["system"], "rep": r.get("rep"), "kind": kind,
                             "steps": len(xs), "execute_ms_p50": statistics.median(x[0] for x in xs),
+                            "hooks_ms_p50": statistics.median(x[2] for x in xs) if i_hooks is not None else None,
                             "to_next_ms_p50": statistics.median(x[1] for x in xs),
                             "to_next_s_sum": sum(x[1] for x in xs) / 1e3, "window_s": hi - lo})
     return out
 
 
 def step_kinds_markdown(rows: list[dict]) -> str:
-    lines = ["| workload | system | rep | step | steps | execute_model ms p50 | to next step ms p50 | "
-             "to next step, total s | share of the run |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| workload | system | rep | step | steps | execute_model ms p50 | of it our hooks ms p50 | "
+             "to next step ms p50 | to next step, total s | share of the run |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        hooks = "-" if r.get("hooks_ms_p50") is None else f"{r['hooks_ms_p50']:.2f}"
         lines.append(f"| {r['workload']} | {r['system']} | {r['rep']} | {r['kind']} | {r['steps']} | "
-                     f"{r['execute_ms_p50']:.2f} | {r['to_next_ms_p50']:.2f} | {r['to_next_s_sum']:.2f} | "
+                     f"{r['execute_ms_p50']:.2f} | {hooks} | {r['to_next_ms_p50']:.2f} | {r['to_next_s_sum']:.2f} | "
                      f"{100 * r['to_next_s_sum'] / r['window_s']:.0f}% |")
     return "\n".join(lines) + "\n"
 
