@@ -399,7 +399,7 @@ def main() -> None:
                     help="the manager's growth_ahead (VATTN_GROWTH_AHEAD): spares in running requests' next slots")
     ap.add_argument("--keep-guards", action="store_true",
                     help="the manager's keep_guards (VATTN_KEEP_GUARDS=1): guards kept for their requests' lives")
-    ap.add_argument("--decode-kernel", choices=("fa2", "fa3"), default="fa2",
+    ap.add_argument("--decode-kernel", choices=("fa2", "fa3", "fa2-graphs"), default="fa2",
                     help="VATTN_DECODE_KERNEL: fa3 gives decode rows FA3's over-read guard (suite system vattn-fa3)")
     ap.add_argument("--serve-prompts", choices=("bench", "distinct"), default="bench",
                     help="serving workloads: the prompts vllm bench serve sends (prefix hits), or distinct ones")
@@ -409,7 +409,9 @@ def main() -> None:
                     help="VATTN_PREFIX_ROWS=0: rows in FIFO order only (prefix hits mapped into warm rows)")
     args = ap.parse_args()
     kw = dict(warmup=not args.no_warmup, native=args.native, lend=args.lend, block_size=args.block_size,
-              growth=args.growth, keep_guards=args.keep_guards, decode_kernel=args.decode_kernel,
+              growth=args.growth, decode_kernel=args.decode_kernel,
+              # (as VattnConfig: fa2-graphs keeps guards unless told otherwise)
+              keep_guards=args.keep_guards or args.decode_kernel == "fa2-graphs",
               serve_prompts=args.serve_prompts, prefix_rows=not args.fifo_rows, timed=args.timed)
     if args.profile:
         prof = cProfile.Profile()

@@ -59,6 +59,8 @@ def run_one(args) -> None:
               disable_log_stats=False, tensor_parallel_size=args.tensor_parallel_size)
     if args.num_gpu_blocks:
         kw["num_gpu_blocks_override"] = args.num_gpu_blocks
+    if args.max_num_batched_tokens:
+        kw["max_num_batched_tokens"] = args.max_num_batched_tokens
     if args.block_size:
         kw["block_size"] = args.block_size
     if args.attention_backend:
@@ -126,6 +128,8 @@ VATTN_SYSTEMS = {
                             "VATTN_LEND_BLOCKS": "0"},
     # spares kept in running requests' growth slots (benchmarks/NOTES.md #61)
     "vattention-growth": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_GROWTH_AHEAD": "1"},
+    # FA2 in decode-only (CUDA-graph) steps, FA3 for the whole of a mixed batch (benchmarks/NOTES.md #89)
+    "vattention-fa2-graphs": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_DECODE_KERNEL": "fa2-graphs"},
     # never-used blocks' frames lent as spares (benchmarks/NOTES.md #47); a tight budget hands them out
     "vattention-lend": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_LEND_BLOCKS": "auto"},
 }
@@ -147,6 +151,8 @@ def main() -> None:
     ap.add_argument("--attention-backend", default=None)
     ap.add_argument("--flash-attn-version", type=int, default=None)
     ap.add_argument("--num-gpu-blocks", type=int, default=0, help="KV budget override (forces preemption)")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=0,
+                    help="vLLM's token budget per step (0: its default); small: prefills chunked beside decodes")
     ap.add_argument("--block-size", type=int, default=0, help="vLLM's block size for every system (0: its default)")
     ap.add_argument("--shared-prefix", action="store_true", help="prompts share a 300-token prefix")
     ap.add_argument("--no-prefix-caching", action="store_true")
@@ -176,6 +182,7 @@ def main() -> None:
             if getattr(args, flag):
                 cmd.append("--" + flag.replace("_", "-"))
         cmd += ["--num-gpu-blocks", str(args.num_gpu_blocks), "--block-size", str(args.block_size),
+                "--max-num-batched-tokens", str(args.max_num_batched_tokens),
                 "--parallel-n", str(args.parallel_n), "--tensor-parallel-size", str(args.tensor_parallel_size)]
         print("running", system, flush=True)
         subprocess.run(cmd, env=env, check=True)

@@ -7,6 +7,7 @@
 #          mapbench (vattn-mapbench; MB_ARGS, e.g. "--sections driver_per_page,contention --tag mapbench-x")
 #          stream_check (the stream-mode GPU tests alone, no sanitizer; then the clipped-guard tests under it)
 #          spare_check (spare frames: the libcuda test, then the e2e prefix-caching test against stock)
+#          mix_check (VATTN_DECODE_KERNEL=fa2-graphs against stock)
 #          prefix (the default's prefix-caching e2e test alone) lend_check (VATTN_LEND_BLOCKS e2e against stock, tight budget; --block-size 32 against stock)
 #          suite_round (offline rounds of stock-fa3 with the candidates: $SUITE_CANDIDATE, a comma list such as
 #          vattn-fa2,vattn-spare, else the default vattn-fa2;
@@ -66,6 +67,10 @@ for s in $steps; do
         # VATTN_GROWTH_AHEAD=1 (~70 s each with the JIT cache)
         timeout 300 python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/gpu/test_e2e_gpu.py -k "prefix and not spare" \
           > "$OUT/prefix.log" 2>&1; echo "rc=$?"; grep -E "passed|failed|Error" "$OUT/prefix.log" | tail -3;;
+    mix_check) # VATTN_DECODE_KERNEL=fa2-graphs end to end against stock (mixed steps in FA3 over guarded
+        # rows, decode steps in FA2 graphs; NOTES #89), then the prefix-caching + n=3 test with it
+        timeout 400 python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/gpu/test_e2e_gpu.py -k fa2_graphs \
+          > "$OUT/mix.log" 2>&1; echo "rc=$?"; grep -E "passed|failed|Error|absdiff" "$OUT/mix.log" | tail -5;;
     lend_check) # VATTN_LEND_BLOCKS end to end against stock under a tight budget (every lent block handed
         # out), and --block-size 32 against stock at 32 (~2 min each with the JIT cache)
         timeout 400 python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/gpu/test_e2e_gpu.py -k "lent or 32_token" \

@@ -35,7 +35,9 @@ def test_other_backend_names_do_not_select_us():
 @pytest.mark.parametrize("env, match", [
     ({"VATTN_LAYOUT": "paged"}, "VATTN_LAYOUT='paged' .* interleaved, per_layer"),
     ({"VATTN_RECLAIM": "never"}, "VATTN_RECLAIM='never' .* deferred, eager"),
-    ({"VATTN_DECODE_KERNEL": "fa4"}, "VATTN_DECODE_KERNEL='fa4' .* fa2, fa3"),
+    ({"VATTN_DECODE_KERNEL": "fa4"}, "VATTN_DECODE_KERNEL='fa4' .* fa2, fa3, fa2-graphs"),
+    ({"VATTN_DECODE_KERNEL": "fa2-graphs", "VATTN_KEEP_GUARDS": "0"},
+     "VATTN_KEEP_GUARDS=0 with VATTN_DECODE_KERNEL=fa2-graphs .* leave VATTN_KEEP_GUARDS unset"),
     ({"VATTN_BACKGROUND_MAP": "maybe"}, "VATTN_BACKGROUND_MAP='maybe' .* use 0, 1 or stream"),
     ({"VATTN_EXTRA_ROWS": "many"}, "VATTN_EXTRA_ROWS='many' is not an integer"),
     ({"VATTN_GUARD_TOKENS": "64"}, "VATTN_GUARD_TOKENS=64 is below 192"),
@@ -151,6 +153,10 @@ def test_the_runner_creates_the_spares_the_worker_took_out():
 def test_keep_guards_setting():
     assert VattnConfig.from_env({}).keep_guards is False
     assert VattnConfig.from_env({"VATTN_KEEP_GUARDS": "1"}).keep_guards is True
+    # fa2-graphs: guards kept unless said otherwise (decode rows are FA3's in every mixed step)
+    assert VattnConfig.from_env({"VATTN_DECODE_KERNEL": "fa2-graphs"}).keep_guards is True
+    assert VattnConfig.from_env({"VATTN_DECODE_KERNEL": "fa3"}).keep_guards is False
+    assert VattnConfig(decode_kernel="fa2-graphs").keep_guards is True and VattnConfig().keep_guards is False
     with pytest.raises(ConfigError, match="VATTN_KEEP_GUARDS='2' is not a boolean"):
         VattnConfig.from_env({"VATTN_KEEP_GUARDS": "2"})
 

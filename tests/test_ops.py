@@ -31,3 +31,17 @@ def test_decode_only_batches_are_never_clipped():
     assert ops.fa3_view_len(seq, q, ops.fa3_mask(q, "fa3")) is None  # CUDA graphs replay whole rows
     _, ext = ops.read_extents(seq, q, "fa3", guard_tokens=256, row_len=4096, clip_to_view=True)
     assert ext.tolist() == [266, 276, 286]
+
+
+def test_fa2_graphs_runs_a_mixed_batch_all_in_fa3_and_a_decode_batch_all_in_fa2():
+    """VATTN_DECODE_KERNEL=fa2-graphs: one FA3 launch per layer for a batch with any prefill (its
+    decode rows then get FA3's guard), FA2 alone for a decode-only batch (no guard)."""
+    seq, q = np.array([1000, 2000, 600]), np.array([1, 1, 64])
+    fa3, ext = ops.read_extents(seq, q, "fa2-graphs", guard_tokens=256, row_len=4096)
+    assert fa3.tolist() == [True, True, True] and ext.tolist() == [1256, 2256, 856]
+    # clipped: the view ends at the longest FA3 sequence (a decode's here), which needs no guard
+    fa3, ext = ops.read_extents(seq, q, "fa2-graphs", guard_tokens=256, row_len=4096, clip_to_view=True)
+    assert ext.tolist() == [1256, 2000, 856]
+    decode = np.array([1, 1, 1])
+    fa3, ext = ops.read_extents(seq, decode, "fa2-graphs", guard_tokens=256, row_len=4096)
+    assert fa3.tolist() == [False, False, False] and ext.tolist() == seq.tolist()

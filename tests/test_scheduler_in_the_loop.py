@@ -61,7 +61,7 @@ def kv_of(token: int, pos: int) -> bytes:
 def drive(background, spares: int, prompts: list[list[int]], max_tokens: list[int], num_blocks: int, max_len: int,
           max_num_batched_tokens: int, max_num_seqs: int, layout_name: str = "interleaved",
           reclaim: str = "deferred", over_read: tuple[str, int, bool] | None = None, lend: int = 0,
-          block_size: int = BS, growth: bool = False) -> dict:
+          block_size: int = BS, growth: bool = False, keep_guards: bool = False) -> dict:
     """Serve `prompts` with vLLM's Scheduler over the memory manager until every request finished,
     checking at every step that each scheduled request reads its own tokens' KV through its row.
     over_read=(decode_kernel, guard_tokens, clipped): as the model runner does, rows FA3 reads get the
@@ -82,7 +82,7 @@ def drive(background, spares: int, prompts: list[list[int]], max_tokens: list[in
     layout = make_layout(layout_name, GEOMETRIES[layout_name], PAGE, rows=2 * max_num_seqs + 1, min_row_tokens=max_len + 64,
                          block_size=block_size)
     mgr = KVMemoryManager(driver, layout, num_blocks, background=background, spare_blocks=spares, reclaim=reclaim,
-                          growth_ahead=growth)
+                          growth_ahead=growth, keep_guards=keep_guards)
     lent = mgr.lend_unused(lend)
     rows = RequestRows(mgr)
     live = {}
@@ -209,6 +209,26 @@ def test_random_workloads_read_their_own_kv(seed):
               lend=rng.choice((0, 0, 6, 30)),  # (drawn last: the earlier seeds' workloads stay as they were)
               growth=rng.random() < 0.5)
     assert r["checked"] > 0
+
+
+@pytest.mark.parametrize("background, spares, lend", [(False, 0, 0), ("stream", 24, 12), ("stream", 0, 0)])
+def test_fa2_graphs_guards_every_row_a_mixed_step_reads(background, spares, lend):
+    """VATTN_DECODE_KERNEL=fa2-graphs: a mixed step runs FA3 over every request, decodes included, so
+    each decode row must be readable up to its FA3 extent in those steps (the zero page or a spare at
+    least), with guards kept while requests run (its default); decode-only steps read only tokens.
+    Every read the kernels may make is checked against the fake driver's mappings at every step."""
+    shared = toks(7, 40)
+    prompts = [shared + toks(100 + i, 20 + 9 * i) for i in range(6)] + [toks(200 + i, 70) for i in range(6)]
+    prompts += [shared + toks(300 + i, 12) for i in range(4)]
+    r = drive(background, spares, prompts, [24] * len(prompts), num_blocks=40, max_len=256,
+              max_num_batched_tokens=96, max_num_seqs=6, over_read=("fa2-graphs", 64, True), lend=lend,
+              keep_guards=True)
+    assert r["hits"] > 0 and r["checked"] > 0
+    if not spares and not lend:  # (no spare frames to stand in for the zero page in guard slots)
+        # decode rows got guards too: more zero-page maps than the default's (prefill rows only)
+        fa2 = drive(background, spares, prompts, [24] * len(prompts), num_blocks=40, max_len=256,
+                    max_num_batched_tokens=96, max_num_seqs=6, over_read=("fa2", 64, True), lend=lend)
+        assert r["stats"]["zero_maps"] > fa2["stats"]["zero_maps"] > 0
 
 
 @pytest.mark.parametrize("num_prompts, handed_out", [(10, 8), (11, 30)])

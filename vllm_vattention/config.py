@@ -5,7 +5,7 @@
 | VLLM_ATTENTION_BACKEND | VATTENTION | unset | turn vAttention on (vLLM 0.25 dropped this variable; we honour it) |
 | VATTN_LAYOUT | interleaved, per_layer | interleaved | how a token's KV is laid out in a row |
 | VATTN_RECLAIM | deferred, eager | deferred | keep a released row's pages mapped, or unmap them |
-| VATTN_DECODE_KERNEL | fa2, fa3 | fa2 | kernel for decode-only batches (FA3 always runs prefill) |
+| VATTN_DECODE_KERNEL | fa2, fa3, fa2-graphs | fa2 | fa2: FA2 for every one-token query, FA3 for the rest (two launches per layer in a mixed batch); fa3: FA3 for everything (every row guarded); fa2-graphs: FA2 in decode-only batches (the CUDA-graph steps), FA3 for the whole of a mixed batch (one launch per layer; decode rows then need FA3's guard, so guards are kept while requests run: VATTN_KEEP_GUARDS defaults to 1). benchmarks/NOTES.md #89; not yet run on a GPU |
 | VATTN_FA2_SPLITS | integer 0-128 | 0 | FA2 decode: the parts each sequence's keys are split into (0: FA2's own heuristic, from the batch, the heads and the row length); `vattn-kbench` sweeps it |
 | VATTN_BACKGROUND_MAP | 0, 1, stream | stream | 0: driver calls on the engine thread before the step launches; 1: on a native thread (no GIL), joined before the step launches; stream: on that thread, and the GPU stream waits for them (cuStreamWaitValue32 on a host flag), the CPU never joins |
 | VATTN_EXTRA_ROWS | integer >= 0 | max_num_seqs | rows beyond max_num_seqs, so a new request rarely waits for a row still read by a step in flight |
@@ -38,7 +38,7 @@ BACKEND_VALUE = "VATTENTION"
 AUTO_SPARE_SHARE = 0.02
 # VATTN_LEND_BLOCKS=auto lends at most this share of vLLM's blocks (the highest ids: the last it hands out)
 AUTO_LEND_SHARE = 0.25
-DECODE_KERNELS = ("fa2", "fa3")
+DECODE_KERNELS = ("fa2", "fa3", "fa2-graphs")
 
 
 def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
@@ -116,7 +116,7 @@ class VattnConfig:
     spare_blocks: int | str | None = None
     lend_blocks: int | str | None = None  # a count or "auto" (lend_blocks_for()); None: as spare_blocks
     growth_ahead: bool = False
-    keep_guards: bool = False
+    keep_guards: bool | None = None  # None: not given, which means on for decode_kernel fa2-graphs only
     prefix_rows: bool = True
     prefix_eviction: str = "lru"
     prefix_min_users: int = DEFAULT_MIN_USERS
@@ -140,7 +140,7 @@ class VattnConfig:
             spare_blocks=_spares(env, "VATTN_SPARE_BLOCKS", None),
             lend_blocks=_spares(env, "VATTN_LEND_BLOCKS", None),
             growth_ahead=_flag(env, "VATTN_GROWTH_AHEAD", False),
-            keep_guards=_flag(env, "VATTN_KEEP_GUARDS", False),
+            keep_guards=_flag(env, "VATTN_KEEP_GUARDS", None),
             prefix_rows=_flag(env, "VATTN_PREFIX_ROWS", True),
             prefix_eviction=_choice(env, "VATTN_PREFIX_EVICTION", PREFIX_EVICTION_MODES, "lru"),
             prefix_min_users=_int(env, "VATTN_PREFIX_MIN_USERS", DEFAULT_MIN_USERS, minimum=2),
@@ -148,6 +148,12 @@ class VattnConfig:
         )
 
     def __post_init__(self) -> None:
+        if self.keep_guards is None:
+            object.__setattr__(self, "keep_guards", self.decode_kernel == "fa2-graphs")
+        elif not self.keep_guards and self.decode_kernel == "fa2-graphs":
+            raise ConfigError("VATTN_KEEP_GUARDS=0 with VATTN_DECODE_KERNEL=fa2-graphs would map every decode "
+                              "row's FA3 guard again in each mixed step (while that step waits); leave "
+                              "VATTN_KEEP_GUARDS unset, or use VATTN_DECODE_KERNEL=fa2")
         if self.spare_blocks is None:
             object.__setattr__(self, "spare_blocks", "auto" if self.background_map == "stream" else 0)
         elif self.spare_blocks and self.background_map != "stream":

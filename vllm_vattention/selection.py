@@ -149,7 +149,7 @@ def first_start_note(cfg: VattnConfig, capability: tuple[int, int]) -> str | Non
     and compute_80 PTX only (its FA3 library: sm_90 code), so on a GPU of compute capability 9 or
     later the driver compiles each FA2 kernel from PTX the first time it runs. Measured on an H200:
     engine start 92-122 s instead of 6-20 s, once per machine; ~26 MB land in the driver's JIT cache."""
-    if cfg.decode_kernel != "fa2" or capability[0] < 9:
+    if not cfg.decode_kernel.startswith("fa2") or capability[0] < 9:
         return None
     return (f"decode=fa2 on a compute capability {capability[0]}.{capability[1]} GPU: vLLM's FA2 kernels ship as "
             "sm_80 code and PTX, so the CUDA driver compiles the ones used at the first start on this "

@@ -40,6 +40,20 @@ def test_logprobs_match_stock_within_the_fa2_fa3_spread(cuda, tmp_path):
         assert ours["greedy_prefix_agreement"] >= min(spread["greedy_prefix_agreement"], 0.9), system
 
 
+def test_fa2_graphs_mixed_steps_match_stock_within_the_fa2_fa3_spread(cuda, tmp_path):
+    """VATTN_DECODE_KERNEL=fa2-graphs (NOTES.md #89) with CUDA graphs on: at most 8 requests at once
+    and 256 tokens a step, so later prompts' prefill chunks share steps with earlier requests'
+    decodes, which then run FA3 over guarded rows; decode-only steps replay FA2 graphs."""
+    s = run_ab(tmp_path, "--systems", "stock,stock-fa2,vattention-fa2-graphs", "--num-prompts", "26",
+               "--max-tokens", "32", "--max-num-seqs", "8", "--max-num-batched-tokens", "256")
+    spread, ours = s["stock_vs_stock-fa2"], s["stock_vs_vattention-fa2-graphs"]
+    print(json.dumps({"fa2_vs_fa3_spread": spread, "stock_vs_fa2_graphs": ours}, indent=1))
+    assert "CUSTOM" in s["vattention-fa2-graphs"]["attention_backend"]
+    assert ours["tokens_compared"] >= 26
+    assert ours["logprob_absdiff_max"] <= max(2 * spread["logprob_absdiff_max"], 1e-2), (ours, spread)
+    assert ours["greedy_prefix_agreement"] >= min(spread["greedy_prefix_agreement"], 0.9)
+
+
 @pytest.mark.parametrize("system", ["vattention-flag", "vattention-sync"])
 def test_preemption_under_memory_pressure_completes_every_request(cuda, tmp_path, system):
     """A KV budget of 80 blocks (1280 tokens) for 10 requests of up to 700 + 64 tokens."""

@@ -127,13 +127,14 @@ class VattnMetadataBuilder(AttentionMetadataBuilder[VattnMetadata]):
             # Decode batches may be replayed from a CUDA graph: fixed shapes (whole rows), and every
             # (padded) request in one kernel.
             kv_len = row_len
-            if self.cfg.decode_kernel == "fa2":
+            if self.cfg.decode_kernel in ("fa2", "fa2-graphs"):
                 num_decodes = m.num_reqs
             else:
                 num_decodes, prefill_qsl = 0, m.query_start_loc
         else:
             # Mixed batches run eagerly: rows sliced to the longest sequence plus FA3's over-read.
-            # vLLM orders a batch decodes first; those run FA2 and need no guard.
+            # vLLM orders a batch decodes first; with decode_kernel fa2 those run FA2 and need no
+            # guard, with fa2-graphs the whole batch runs FA3 (ops.fa3_mask).
             kv_len = min(row_len, -(-(m.max_seq_len + self.cfg.guard_tokens) // 256) * 256)
             qsl = m.query_start_loc_cpu[:m.num_reqs + 1].numpy()
             query_lens = qsl[1:] - qsl[:-1]
@@ -142,7 +143,9 @@ class VattnMetadataBuilder(AttentionMetadataBuilder[VattnMetadata]):
             if fa3[num_decodes:].sum() != m.num_reqs - num_decodes:
                 raise AssertionError("vLLM's batch is not ordered decodes first")
             if num_decodes < m.num_reqs:
-                prefill_qsl = m.query_start_loc[num_decodes:m.num_reqs + 1] - num_decodes
+                prefill_qsl = m.query_start_loc[num_decodes:m.num_reqs + 1]
+                if num_decodes:  # (a kernel: only when FA3's part does not start at the batch's start)
+                    prefill_qsl = prefill_qsl - num_decodes
             if self.cfg.fa3_guard == "clipped":
                 # the same numbers the model runner gave the memory manager (worker.prepare_attn)
                 if m.seq_lens_cpu_upper_bound is None:

@@ -26,10 +26,15 @@ def _ops():
 
 
 def fa3_mask(query_lens: np.ndarray, decode_kernel: str) -> np.ndarray:
-    """Which requests run FA3: single-token queries go to FA2 when configured (it reads nothing
-    past the sequence, so those rows need no guard), everything else to FA3."""
+    """Which requests run FA3. fa2: single-token queries go to FA2 (it reads nothing past the
+    sequence, so those rows need no guard), everything else to FA3. fa3: all. fa2-graphs: a batch of
+    single-token queries only (a decode step, replayed from a CUDA graph) all FA2, any other batch
+    all FA3 (one launch per layer; its decode rows need FA3's guard)."""
+    one = query_lens == 1
     if decode_kernel == "fa2":
-        return query_lens != 1
+        return ~one
+    if decode_kernel == "fa2-graphs":
+        return np.full(len(query_lens), not one.all(), dtype=bool)
     return np.ones(len(query_lens), dtype=bool)
 
 

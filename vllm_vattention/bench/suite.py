@@ -35,6 +35,10 @@ SYSTEMS: dict[str, dict] = {
     # commits (c8909ba and before) without spares
     "vattn-fa2": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION"}, "args": []},
     "vattn-fa3": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_DECODE_KERNEL": "fa3"}, "args": []},
+    # FA2 in decode-only steps (CUDA graphs), FA3 for all of a mixed batch: one attention op per layer
+    # there (NOTES #89)
+    "vattn-fa2-graphs": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_DECODE_KERNEL": "fa2-graphs"},
+                         "args": []},
     "vattn-per-layer": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_LAYOUT": "per_layer"}, "args": []},
     # named settings, so that a run keeps its meaning when the default changes: stream mode with the
     # clipped FA3 view and no spare frames (the default from benchmarks/NOTES.md #21 to #29), the
