@@ -223,7 +223,7 @@ def step_kind(new_reqs: int, tokens: int) -> str:
 
 
 def step_kinds(results: list[dict], load_trace: Callable[[str], dict | None]) -> list[dict]:
-    """Per serving run with a step trace (every system's, NOTES #84): its steps during the run (from
+    """Per serving run with a step trace (every system's, NOTES #85): its steps during the run (from
     the first request's arrival to the last one's last token), by step_kind: how many, execute_model
     ms (median), and the time to the next step's start (median, and the sum: where the run's time went)."""
     out = []
