@@ -193,6 +193,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
                       block_size=block_size)
     mgr = KVMemoryManager(_NoZeroing(PAGE, capacity=1 << 50), lay, num_blocks - spares, background="stream",
                           spare_blocks=spares, growth_ahead=growth, keep_guards=keep_guards,
+                          guard_ahead=VattnConfig(decode_kernel=decode_kernel).guard_ahead_slots(block_size),
                           prefix_rows=prefix_rows)
     mgr.mapper.executor.close()
     # native: the real native thread and hand-over, with driver calls that do nothing (null_table)
@@ -297,7 +298,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             _LaggingFence.step += 1
             mgr.record_read_slots(_LaggingFence(), reads)
             c7 = time.perf_counter()
-            if spares or lent:
+            if spares or lent or mgr.guard_ahead:
                 mgr.warm()
             c8 = time.perf_counter()
             for k, dt in zip(PHASES, (c1 - c0, c2 - c1, c3 - c2, c5 - c4, c6 - c5, c7 - c6, c8 - c7)):

@@ -157,6 +157,10 @@ def test_keep_guards_setting():
     assert VattnConfig.from_env({"VATTN_DECODE_KERNEL": "fa2-graphs"}).keep_guards is True
     assert VattnConfig.from_env({"VATTN_DECODE_KERNEL": "fa3"}).keep_guards is False
     assert VattnConfig(decode_kernel="fa2-graphs").keep_guards is True and VattnConfig().keep_guards is False
+    # and its guards are extended ahead, FA3's guard in block slots (256 tokens: 16 of 16, 8 of 32)
+    assert VattnConfig(decode_kernel="fa2-graphs").guard_ahead_slots(16) == 16
+    assert VattnConfig(decode_kernel="fa2-graphs", guard_tokens=200).guard_ahead_slots(32) == 7
+    assert VattnConfig().guard_ahead_slots(16) == 0 and VattnConfig(decode_kernel="fa3").guard_ahead_slots(16) == 0
     with pytest.raises(ConfigError, match="VATTN_KEEP_GUARDS='2' is not a boolean"):
         VattnConfig.from_env({"VATTN_KEEP_GUARDS": "2"})
 

@@ -61,7 +61,7 @@ def kv_of(token: int, pos: int) -> bytes:
 def drive(background, spares: int, prompts: list[list[int]], max_tokens: list[int], num_blocks: int, max_len: int,
           max_num_batched_tokens: int, max_num_seqs: int, layout_name: str = "interleaved",
           reclaim: str = "deferred", over_read: tuple[str, int, bool] | None = None, lend: int = 0,
-          block_size: int = BS, growth: bool = False, keep_guards: bool = False) -> dict:
+          block_size: int = BS, growth: bool = False, keep_guards: bool = False, guard_ahead: int = 0) -> dict:
     """Serve `prompts` with vLLM's Scheduler over the memory manager until every request finished,
     checking at every step that each scheduled request reads its own tokens' KV through its row.
     over_read=(decode_kernel, guard_tokens, clipped): as the model runner does, rows FA3 reads get the
@@ -82,7 +82,7 @@ def drive(background, spares: int, prompts: list[list[int]], max_tokens: list[in
     layout = make_layout(layout_name, GEOMETRIES[layout_name], PAGE, rows=2 * max_num_seqs + 1, min_row_tokens=max_len + 64,
                          block_size=block_size)
     mgr = KVMemoryManager(driver, layout, num_blocks, background=background, spare_blocks=spares, reclaim=reclaim,
-                          growth_ahead=growth, keep_guards=keep_guards)
+                          growth_ahead=growth, keep_guards=keep_guards, guard_ahead=guard_ahead)
     lent = mgr.lend_unused(lend)
     rows = RequestRows(mgr)
     live = {}
@@ -222,8 +222,9 @@ def test_fa2_graphs_guards_every_row_a_mixed_step_reads(background, spares, lend
     prompts += [shared + toks(300 + i, 12) for i in range(4)]
     r = drive(background, spares, prompts, [24] * len(prompts), num_blocks=40, max_len=256,
               max_num_batched_tokens=96, max_num_seqs=6, over_read=("fa2-graphs", 64, True), lend=lend,
-              keep_guards=True)
+              keep_guards=True, guard_ahead=64 // BS)
     assert r["hits"] > 0 and r["checked"] > 0
+    assert r["stats"]["guard_ahead_maps"] > 0  # guards were extended in the background too
     if not spares and not lend:  # (no spare frames to stand in for the zero page in guard slots)
         # decode rows got guards too: more zero-page maps than the default's (prefill rows only)
         fa2 = drive(background, spares, prompts, [24] * len(prompts), num_blocks=40, max_len=256,

@@ -387,12 +387,15 @@ class SpareMachine(ManagerMachineBase):
     its row; every row must read its blocks' tags."""
 
     @initialize(layout=st.sampled_from(["interleaved", "per_layer"]), background=st.sampled_from([False, "stream"]),
-                zero_row=st.booleans(), growth=st.booleans(), keep_guards=st.booleans())
-    def setup(self, layout, background, zero_row, growth, keep_guards):
+                zero_row=st.booleans(), growth=st.booleans(), keep_guards=st.booleans(),
+                guard_ahead=st.sampled_from([0, 0, 1, 2]))
+    def setup(self, layout, background, zero_row, growth, keep_guards, guard_ahead):
         self.driver = FakeDriver(PAGE)
         lay = make_layout(layout, SMALL, PAGE, rows=ROWS + zero_row, min_row_tokens=24)
+        # guard_ahead (fa2-graphs' background guard extension) comes with keep_guards, as in the engine
         self.mgr = KVMemoryManager(self.driver, lay, NUM_BLOCKS, background=background, spare_blocks=SPARES,
-                                   growth_ahead=growth, keep_guards=keep_guards)
+                                   growth_ahead=growth, keep_guards=keep_guards or bool(guard_ahead),
+                                   guard_ahead=guard_ahead)
         self.mgr.GROWTH_WARM_ROWS = 1  # (of 4 rows) so that growth slots also take warm rows' spares
         self.mgr.pad_reserve = 1  # (0 at 4 spares) so that guards also take spares while warm() runs
         self.zero_row = self.mgr.reserve_zero_row() if zero_row else None  # the worker's dummy row
@@ -966,3 +969,43 @@ def test_an_alias_scan_looks_at_every_spare_every_so_often_and_when_depth_or_win
     assert mgr._alias_candidates(3, 2) is None  # every ALIAS_FULL_EVERY + 1 scans
     assert mgr._alias_candidates(2, 2) is None  # changed back: full again
     mgr.close()
+
+
+@pytest.mark.parametrize("spares", [0, 8])
+def test_guard_ahead_extends_a_growing_rows_guard_in_the_background(driver, spares):
+    """guard_ahead (VATTN_DECODE_KERNEL=fa2-graphs): after a running row's blocks grow, warm() maps
+    the slots up to guard_ahead past them in the background (spares first, else the zero page), so
+    the next step that over-reads every row finds its guard in place: its ensure_readable plans no
+    driver call for the step. Without keep_guards it is refused (the guard would be let go at once)."""
+    with pytest.raises(ValueError, match="guard_ahead needs keep_guards"):
+        make_manager(driver, guard_ahead=2)
+    mgr = make_manager(driver, rows=4, num_blocks=16, spare_blocks=spares, background="stream",
+                       keep_guards=True, guard_ahead=2)
+    bs = mgr.layout.block_size
+    r = mgr.acquire_row()
+    mgr.set_blocks(r, [0, 1], fresh_from=0)
+    mgr.ensure_readable(r, 4 * bs)  # a prefill's guard: slots 2 and 3, on the step's path
+    mgr.publish()
+    mgr.sync()
+    mgr.set_blocks(r, [2], start=2, fresh_from=0)  # decode growth into slot 2
+    mgr.publish()
+    assert mgr.stats()["guard_ahead_maps"] == 0
+    mgr.warm()  # after the step's launch: slot 4 (held end 3 + 2 = 5) in the background
+    mgr.sync()
+    s = mgr.stats()
+    assert s["guard_ahead_maps"] == 1 and mgr._guard_end[r] == 5
+    target = mgr.mapper.slots[r][4]
+    assert (target in mgr.pool.spare_frames) if spares else target == ZERO
+    calls = _driver_calls(driver)
+    mgr.ensure_readable(r, 5 * bs)  # the next mixed step reads up to slot 4: already readable
+    mgr.publish()
+    mgr.sync()
+    assert _driver_calls(driver) == calls
+    assert driver.read(mgr.address(r, 4 * bs + 1, 0, 0), 8) == bytes(8)
+    mgr.warm()  # nothing grew since: nothing more
+    assert mgr.stats()["guard_ahead_maps"] == 1
+    mgr.release_row(r)
+    assert r not in mgr._ahead_rows
+    mgr.mapper.check_invariants()
+    mgr.close()
+    assert driver.leaks() == []

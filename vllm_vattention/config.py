@@ -5,7 +5,7 @@
 | VLLM_ATTENTION_BACKEND | VATTENTION | unset | turn vAttention on (vLLM 0.25 dropped this variable; we honour it) |
 | VATTN_LAYOUT | interleaved, per_layer | interleaved | how a token's KV is laid out in a row |
 | VATTN_RECLAIM | deferred, eager | deferred | keep a released row's pages mapped, or unmap them |
-| VATTN_DECODE_KERNEL | fa2, fa3, fa2-graphs | fa2 | fa2: FA2 for every one-token query, FA3 for the rest (two launches per layer in a mixed batch); fa3: FA3 for everything (every row guarded); fa2-graphs: FA2 in decode-only batches (the CUDA-graph steps), FA3 for the whole of a mixed batch (one launch per layer; decode rows then need FA3's guard, so guards are kept while requests run: VATTN_KEEP_GUARDS defaults to 1). benchmarks/NOTES.md #89; not yet run on a GPU |
+| VATTN_DECODE_KERNEL | fa2, fa3, fa2-graphs | fa2 | fa2: FA2 for every one-token query, FA3 for the rest (two launches per layer in a mixed batch); fa3: FA3 for everything (every row guarded); fa2-graphs: FA2 in decode-only batches (the CUDA-graph steps), FA3 for the whole of a mixed batch (one launch per layer; decode rows then need FA3's guard, so guards are kept while requests run, VATTN_KEEP_GUARDS defaulting to 1, and extended in the background as rows grow). benchmarks/NOTES.md #89; not yet run on a GPU |
 | VATTN_FA2_SPLITS | integer 0-128 | 0 | FA2 decode: the parts each sequence's keys are split into (0: FA2's own heuristic, from the batch, the heads and the row length); `vattn-kbench` sweeps it |
 | VATTN_BACKGROUND_MAP | 0, 1, stream | stream | 0: driver calls on the engine thread before the step launches; 1: on a native thread (no GIL), joined before the step launches; stream: on that thread, and the GPU stream waits for them (cuStreamWaitValue32 on a host flag), the CPU never joins |
 | VATTN_EXTRA_ROWS | integer >= 0 | max_num_seqs | rows beyond max_num_seqs, so a new request rarely waits for a row still read by a step in flight |
@@ -191,6 +191,13 @@ class VattnConfig:
         if self.lend_blocks == "auto":
             return _step_blocks(max_num_batched_tokens, block_size, num_blocks, AUTO_LEND_SHARE)
         return int(self.lend_blocks)
+
+    def guard_ahead_slots(self, block_size: int) -> int:
+        """Slots past each running row's blocks that warm() keeps readable ahead of the steps that
+        read them (memory manager's guard_ahead): FA3's guard in block slots with fa2-graphs, whose
+        mixed steps over-read every row (an extent of seq + guard_tokens tokens ends at most this many
+        slots past the row's blocks); 0 otherwise."""
+        return -(-self.guard_tokens // block_size) if self.decode_kernel == "fa2-graphs" else 0
 
     def num_rows(self, max_num_seqs: int) -> int:
         extra = max_num_seqs if self.extra_rows is None else self.extra_rows

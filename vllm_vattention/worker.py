@@ -257,6 +257,7 @@ class VattnModelRunner(V2ModelRunner):
         self.vattn = KVMemoryManager(driver, layout, kv_cache_config.num_blocks, reclaim=cfg.reclaim,
                                      background=cfg.background_map, growth_ahead=cfg.growth_ahead,
                                      keep_guards=cfg.keep_guards, prefix_rows=cfg.prefix_rows,
+                                     guard_ahead=cfg.guard_ahead_slots(layout.block_size),
                                      spare_blocks=self._resolved_spares(cfg, vllm_config, kv_cache_config.num_blocks))
         dummy = self.vattn.reserve_zero_row()
         assert dummy == DUMMY_ROW
@@ -478,9 +479,10 @@ class VattnModelRunner(V2ModelRunner):
             self._pending_reads = None
             t_warm = time.perf_counter()
             self.hook_seconds["fence"] += t_warm - t_fence
-            if self.vattn.pool.spare_frames:
+            if self.vattn.pool.spare_frames or self.vattn.guard_ahead:
                 # the step is launched, so the GPU is busy: plan the rows the next new requests get
-                # (the native thread maps them while no step waits for it)
+                # and the guards running rows outgrew (the native thread maps them while no step
+                # waits for it)
                 self.vattn.warm()
                 self._account("warm", t_warm)
         end = time.perf_counter()

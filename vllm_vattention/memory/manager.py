@@ -89,11 +89,13 @@ class KVMemoryManager:
 
     def __init__(self, driver: Driver, layout: Layout, num_blocks: int, reclaim: str = "deferred",
                  background: bool | str = False, spare_blocks: int = 0, growth_ahead: bool = False,
-                 keep_guards: bool = False, prefix_rows: bool = True):
+                 keep_guards: bool = False, prefix_rows: bool = True, guard_ahead: int = 0):
         if reclaim not in RECLAIM_POLICIES:
             raise ValueError(f"reclaim={reclaim!r}; use one of {RECLAIM_POLICIES}")
         if background not in (False, True, "stream"):
             raise ValueError(f"background={background!r}; use False, True or 'stream'")
+        if guard_ahead and not keep_guards:
+            raise ValueError("guard_ahead needs keep_guards (a guard mapped ahead would be let go at once)")
         if layout.page_size % driver.granularity:
             raise ValueError(f"page size {layout.page_size} is not a multiple of the driver's "
                              f"granularity {driver.granularity}")
@@ -140,6 +142,11 @@ class KVMemoryManager:
         self._guarded: set[int] = set()  # the rows guarded before the last warm()
         self._let_go: set[int] = set()  # rows whose guard was let go while a step in flight read it
         self.keep_guards = keep_guards  # (VATTN_KEEP_GUARDS: the former rule, every guard kept while its request runs)
+        # slots past each running row's blocks that warm() keeps readable in the background (0: off),
+        # for kernels that over-read every row in some steps (VATTN_DECODE_KERNEL=fa2-graphs: FA3 in
+        # mixed steps); with keep_guards, since a guard extended ahead must not be let go again
+        self.guard_ahead = guard_ahead
+        self._ahead_rows: dict[int, None] = {}  # running rows whose blocks grew since their guard was extended
         self._closed = False
         self._recent_fresh: deque[int] = deque(maxlen=self.WARM_HISTORY)  # fresh blocks of new requests
         self.prefer_prefix_rows = prefix_rows and reclaim == "deferred"  # (VATTN_PREFIX_ROWS; eager keeps no mappings)
@@ -230,6 +237,7 @@ class KVMemoryManager:
             raise MappingError(f"row {row} is not in use")
         self._active.remove(row)
         self._grow.pop(row, None)
+        self._ahead_rows.pop(row, None)
         self._guarded.discard(row)
         self._guarded_now.discard(row)
         self._touched.add(row)
@@ -255,6 +263,8 @@ class KVMemoryManager:
         self._held_end[row] = max(self._held_end[row], start + len(blocks))
         if self.growth_ahead:
             self._grow[row] = None
+        if self.guard_ahead:
+            self._ahead_rows[row] = None
         st = self.mapper.stats
         swaps, maps, unmaps = st.swaps, st.block_maps, st.block_unmaps
         warm_before = (sum(1 for f in self.mapper.slots[row][:len(blocks)] if f in self.pool.spare_frames)
@@ -282,7 +292,10 @@ class KVMemoryManager:
         """Map spare frames, in the background, into the rows acquire_row() hands out next, each as
         deep as the most fresh blocks a recent new request had, until no spare is left unmapped.
         Call once per step, after the step's mappings were published. Returns slots now warm.
-        With growth_ahead, running requests' growth slots are served first (_warm_growth)."""
+        With growth_ahead, running requests' growth slots are served first (_warm_growth); with
+        guard_ahead, running rows' guards are extended first (_extend_guards, spares or not)."""
+        if self._ahead_rows:
+            self._extend_guards()
         if not self.pool.spare_frames:
             return 0
         self._calls += 1
@@ -369,6 +382,28 @@ class KVMemoryManager:
         self._let_go |= stale
         self._touched |= stale
         self._warm_stale = self._scan_due = True  # spares may be free to take back
+
+    def _extend_guards(self) -> None:
+        """guard_ahead: each running row whose blocks grew gets its guard extended to guard_ahead
+        slots past its blocks, in the background (spares mapped nowhere past the pad reserve, else
+        the zero page), so that the next step in which a kernel over-reads every row finds the
+        guards in place instead of mapping them while it waits. A row a step in flight reads past
+        the guard's start (none should: reads end at the guard) waits for the next call."""
+        mapper, held, guard, bpr = self.mapper, self._held_end, self._guard_end, self.layout.blocks_per_row
+        mapper.retire()
+        spans, later = [], {}
+        for row in self._ahead_rows:
+            start, want = max(guard[row], held[row]), min(held[row] + self.guard_ahead, bpr)
+            if start >= want:
+                continue
+            if mapper.read_bound(row) > start:
+                later[row] = None
+                continue
+            spans.append((row, start, want))
+            guard[row] = want
+        self._ahead_rows = later
+        if spans:
+            mapper.guard_ahead(spans, itertools.islice(self._cold_spares(), self.pad_reserve, None))
 
     def _warm_growth(self) -> int:
         """growth_ahead: a spare mapped nowhere (past the pad reserve), in the background, in the

@@ -54,6 +54,7 @@ class MapperStats:
     warm_maps: int = 0  # spare frames mapped ahead of time into rows no request holds (background)
     growth_maps: int = 0  # spare frames mapped ahead of time past a running request's blocks (background)
     pad_maps: int = 0  # spare frames mapped, instead of the zero page, past a live row's end (over-read guard)
+    guard_ahead_maps: int = 0  # of the guard slots, those mapped in the background ahead of a step (guard_ahead)
     lent_taken: int = 0  # lent blocks handed out (each took a spare frame: pool.lend)
     hazard_waits: int = 0  # times an unmap had to wait for a step in flight
     inflight_max: int = 0  # most steps in flight at once (launched, fence not yet seen done)
@@ -313,6 +314,32 @@ class RowMapper:
         self._flush()
         self._readable[row] = max(self._readable[row], num_slots)
         return len(holes)
+
+    def guard_ahead(self, spans: Sequence[tuple[int, int, int]], cold: Iterator[int]) -> int:
+        """Background: ensure_readable's guard, planned before a step needs it. For each (row, start,
+        end) of `spans`, every unmapped slot in [start, end) gets a spare frame from `cold` (spares
+        mapped nowhere) while it yields, else the zero page. The caller guarantees that no step in
+        flight reads these slots (read_bounds()); a step that will read them waits for these ops
+        (ensure_readable's DRAIN), as a change of the row does. Returns the slots mapped."""
+        self.flush()  # nothing planned for a step may end up in the background queue
+        rows: dict[int, int] = {}  # row -> the lowest slot mapped
+        done = 0
+        for row, start, end in spans:
+            end = min(end, self.layout.blocks_per_row)
+            current = self.slots[row]
+            holes = [s for s in range(start, end) if current[s] is None]
+            if not holes:
+                continue
+            spares = list(itertools.islice(cold, len(holes)))
+            self._map_slots(row, list(zip(holes, spares)), counter="pad_maps")
+            self._map_slots(row, [(s, ZERO) for s in holes[len(spares):]])
+            rows[row] = holes[0]
+            done += len(holes)
+            if self._readable[row] >= start:  # (slots [0, _readable) known mapped: now up to end)
+                self._readable[row] = max(self._readable[row], end)
+        self.stats.guard_ahead_maps += done
+        self._flush_background(rows)
+        return done
 
     # -- spare frames, mapped ahead of time ------------------------------------------------
     def warm(self, row: int, num_slots: int, cold: Iterator[int], read: bool) -> int:
