@@ -156,3 +156,9 @@ def test_step_kinds_split_each_traced_run_by_what_its_steps_scheduled():
     (row,) = [r for r in H.step_kinds(res[1:], lambda name: hooked) if r["kind"] == "new, < 256 tokens"]
     assert row["hooks_ms_p50"] == 0.75 and "| 3.00 | 0.75 | 6.00 |" in H.step_kinds_markdown([row])
     assert H.step_kind(0, 5000) == "no new request" and H.step_kind(2, 255) == "new, < 256 tokens"
+    # the backlog signs per run: at most one request was admitted per step here
+    assert all(r["max_admitted"] == 1 and r["steps_admitting_3"] == 0 for r in rows)
+    assert "| serve-rate-4 | vattn-fa2 | 0 | 1 | 0 |" in md
+    burst = {**trace, "steps": trace["steps"][:2] + [[0.024, 30.0, 4, 4096, 0, 0, -1]] + trace["steps"][2:]}
+    (r0,) = [r for r in H.step_kinds(res[:1], lambda name: burst) if r["kind"] == "new, >= 256 tokens"][:1]
+    assert r0["max_admitted"] == 4 and r0["steps_admitting_3"] == 1
