@@ -26,7 +26,7 @@ import pstats
 import random
 import time
 
-HIT = -1  # a late prompt's input_len meaning "a copy of the phase's first prompt" (a whole prefix-cache hit)
+HIT = -1  # a late prompt's input_len meaning "a copy of an earlier prompt" (a whole prefix-cache hit)
 PHASES = [  # name, prompts, input_len, steps before profiling, then prompts added, their input_len
     ("decode-256x512", 256, 512, 40, 0, 0),
     ("decode-24x16k", 24, 16384, 30, 0, 0),
@@ -38,8 +38,8 @@ PHASES = [  # name, prompts, input_len, steps before profiling, then prompts add
     ("decode-4x1k", 4, 1024, 20, 0, 0),
     ("mixed-4x1k+1k", 4, 1024, 20, 1, 1024),
     # serving at 16 req/s (NOTES #85): ~16 decoding requests and a new one whose prompt is a whole
-    # prefix-cache hit (a copy of the first prompt), so its step carries a prefill of only the
-    # tokens vLLM recomputes: the step kind that costs vAttention +2.1 ms on the engine thread
+    # prefix-cache hit (a copy of a finished request's prompt), so its step carries a prefill of
+    # only the tokens vLLM recomputes: the step kind that costs vAttention +2.1 ms on the engine thread
     ("mixed-16x1k+hit", 16, 1024, 20, 1, HIT),
 ]
 ATTENTION_MARKERS = ("flash", "fmha", "attn", "Flash")
@@ -85,12 +85,18 @@ def main(argv=None) -> None:
 
         first: list[list[int]] = []
 
-        def add(tag, count, length):
+        def add(tag, count, length, params=sp):
             prompts = make_prompts(rng, count, length, first)
             first.extend(prompts if not first else [])
-            return [engine.add_request(f"{name}-{tag}{i}", TokensPrompt(prompt_token_ids=p), sp)
+            return [engine.add_request(f"{name}-{tag}{i}", TokensPrompt(prompt_token_ids=p), params)
                     for i, p in enumerate(prompts)]
-        ids = add("", n, in_len)
+        ids = []
+        if more_len == HIT:
+            # the hit's original: a request that finishes after its prefill, so that its blocks stay
+            # cached and its row is free (as the 4 req/s run's requests were when the 16 req/s run's
+            # whole hits came); the late prompts copy it
+            ids += add("seed-", more, in_len, SamplingParams(max_tokens=1, ignore_eos=True))
+        ids += add("", n, in_len)
         for _ in range(warm):
             engine.step()
         ids += add("late-", more, more_len)  # their prefill chunks share the next steps with the decodes
