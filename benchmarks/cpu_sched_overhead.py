@@ -191,10 +191,12 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
     sched.use_v2_model_runner = True
     lay = make_layout("interleaved", LLAMA3_8B, PAGE, rows=2 * max_num_seqs + 1, min_row_tokens=max_len + 256,
                       block_size=block_size)
+    # the engine's guard rules (config.VattnConfig): fa2-graphs keeps guards unless told otherwise, and
+    # extends them ahead
+    cfg = VattnConfig(decode_kernel=decode_kernel, keep_guards=keep_guards or None)
     mgr = KVMemoryManager(_NoZeroing(PAGE, capacity=1 << 50), lay, num_blocks - spares, background="stream",
-                          spare_blocks=spares, growth_ahead=growth, keep_guards=keep_guards,
-                          guard_ahead=VattnConfig(decode_kernel=decode_kernel).guard_ahead_slots(block_size),
-                          prefix_rows=prefix_rows)
+                          spare_blocks=spares, growth_ahead=growth, keep_guards=cfg.keep_guards,
+                          guard_ahead=cfg.guard_ahead_slots(block_size), prefix_rows=prefix_rows)
     mgr.mapper.executor.close()
     # native: the real native thread and hand-over, with driver calls that do nothing (null_table)
     clock = [0.0, 0.0]  # timed: [the step's planning time, the time the current drive() started at] (s)
@@ -410,9 +412,7 @@ def main() -> None:
                     help="VATTN_PREFIX_ROWS=0: rows in FIFO order only (prefix hits mapped into warm rows)")
     args = ap.parse_args()
     kw = dict(warmup=not args.no_warmup, native=args.native, lend=args.lend, block_size=args.block_size,
-              growth=args.growth, decode_kernel=args.decode_kernel,
-              # (as VattnConfig: fa2-graphs keeps guards unless told otherwise)
-              keep_guards=args.keep_guards or args.decode_kernel == "fa2-graphs",
+              growth=args.growth, decode_kernel=args.decode_kernel, keep_guards=args.keep_guards,
               serve_prompts=args.serve_prompts, prefix_rows=not args.fifo_rows, timed=args.timed)
     if args.profile:
         prof = cProfile.Profile()

@@ -305,15 +305,22 @@ class RowMapper:
         paged blocks do)."""
         num_slots = min(num_slots, self.layout.blocks_per_row)
         self._drain_warming(row, num_slots)
-        current = self.slots[row]
-        holes = [s for s in range(self._readable[row], num_slots) if current[s] is None]
-        if holes:
-            spares = list(itertools.islice(pad(), len(holes))) if pad is not None else []
-            self._map_slots(row, list(zip(holes, spares)), counter="pad_maps")  # the first holes
-            self._map_slots(row, [(s, ZERO) for s in holes[len(spares):]])  # the rest, if spares ran out
+        holes = self._fill_holes(row, self._readable[row], num_slots, pad or (lambda: iter(())))
         self._flush()
         self._readable[row] = max(self._readable[row], num_slots)
         return len(holes)
+
+    def _fill_holes(self, row: int, start: int, end: int, spares: Callable[[], Iterator[int]]) -> list[int]:
+        """Plan a mapping for every unmapped slot of `row` in [start, end): a spare frame from
+        `spares()` (called only if there is a hole) while it yields, else the zero page. Returns
+        the slots it mapped (the holes)."""
+        current = self.slots[row]
+        holes = [s for s in range(start, end) if current[s] is None]
+        if holes:
+            got = list(itertools.islice(spares(), len(holes)))
+            self._map_slots(row, list(zip(holes, got)), counter="pad_maps")  # the first holes
+            self._map_slots(row, [(s, ZERO) for s in holes[len(got):]])  # the rest, if spares ran out
+        return holes
 
     def guard_ahead(self, spans: Sequence[tuple[int, int, int]], cold: Iterator[int]) -> int:
         """Background: ensure_readable's guard, planned before a step needs it. For each (row, start,
@@ -326,13 +333,9 @@ class RowMapper:
         done = 0
         for row, start, end in spans:
             end = min(end, self.layout.blocks_per_row)
-            current = self.slots[row]
-            holes = [s for s in range(start, end) if current[s] is None]
+            holes = self._fill_holes(row, start, end, lambda: cold)
             if not holes:
                 continue
-            spares = list(itertools.islice(cold, len(holes)))
-            self._map_slots(row, list(zip(holes, spares)), counter="pad_maps")
-            self._map_slots(row, [(s, ZERO) for s in holes[len(spares):]])
             rows[row] = holes[0]
             done += len(holes)
             if self._readable[row] >= start:  # (slots [0, _readable) known mapped: now up to end)
