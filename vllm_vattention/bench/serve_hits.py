@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import functools
 import os
 import statistics
 import sys
@@ -289,6 +290,7 @@ def main(argv=None) -> None:
     res = json.load(open(args.result))
     folder = args.traces or os.path.dirname(os.path.abspath(args.result))
 
+    @functools.lru_cache(maxsize=None)  # one server's trace serves its workloads and both tables: read once
     def load_trace(name: str) -> dict | None:
         path = os.path.join(folder, name)
         if not os.path.exists(path):
