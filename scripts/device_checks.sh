@@ -67,8 +67,9 @@ for s in $steps; do
         # VATTN_GROWTH_AHEAD=1 (~70 s each with the JIT cache)
         timeout 300 python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/gpu/test_e2e_gpu.py -k "prefix and not spare" \
           > "$OUT/prefix.log" 2>&1; echo "rc=$?"; grep -E "passed|failed|Error" "$OUT/prefix.log" | tail -3;;
-    mix_check) # VATTN_DECODE_KERNEL=fa2-graphs end to end against stock (mixed steps in FA3 over guarded
-        # rows, decode steps in FA2 graphs; NOTES #89), then the prefix-caching + n=3 test with it
+    mix_check) # VATTN_DECODE_KERNEL=fa2-graphs end to end against stock: logprobs within the FA2/FA3
+        # spread, prefills chunked beside decodes (mixed steps in FA3 over guarded rows, decode steps in
+        # FA2 graphs; NOTES #89)
         timeout 400 python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/gpu/test_e2e_gpu.py -k fa2_graphs \
           > "$OUT/mix.log" 2>&1; echo "rc=$?"; grep -E "passed|failed|Error|absdiff" "$OUT/mix.log" | tail -5;;
     lend_check) # VATTN_LEND_BLOCKS end to end against stock under a tight budget (every lent block handed
