@@ -130,6 +130,10 @@ VATTN_SYSTEMS = {
     "vattention-growth": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_GROWTH_AHEAD": "1"},
     # FA2 in decode-only (CUDA-graph) steps, FA3 for the whole of a mixed batch (benchmarks/NOTES.md #89)
     "vattention-fa2-graphs": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_DECODE_KERNEL": "fa2-graphs"},
+    # FA3's scheduler metadata once per step for every layer (benchmarks/NOTES.md #91), with each decode kernel
+    "vattention-sched": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_FA3_SCHEDULE": "1"},
+    "vattention-fa2-graphs-sched": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_DECODE_KERNEL": "fa2-graphs",
+                                    "VATTN_FA3_SCHEDULE": "1"},
     # never-used blocks' frames lent as spares (benchmarks/NOTES.md #47); a tight budget hands them out
     "vattention-lend": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_LEND_BLOCKS": "auto"},
 }

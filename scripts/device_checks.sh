@@ -7,7 +7,7 @@
 #          mapbench (vattn-mapbench; MB_ARGS, e.g. "--sections driver_per_page,contention --tag mapbench-x")
 #          stream_check (the stream-mode GPU tests alone, no sanitizer; then the clipped-guard tests under it)
 #          spare_check (spare frames: the libcuda test, then the e2e prefix-caching test against stock)
-#          mix_check (VATTN_DECODE_KERNEL=fa2-graphs against stock)
+#          mix_check (VATTN_DECODE_KERNEL=fa2-graphs and VATTN_FA3_SCHEDULE=1 against stock)
 #          prefix (the default's prefix-caching e2e test alone) lend_check (VATTN_LEND_BLOCKS e2e against stock, tight budget; --block-size 32 against stock)
 #          suite_round (offline rounds of stock-fa3 with the candidates: $SUITE_CANDIDATE, a comma list such as
 #          vattn-fa2,vattn-spare, else the default vattn-fa2;
@@ -67,10 +67,10 @@ for s in $steps; do
         # VATTN_GROWTH_AHEAD=1 (~70 s each with the JIT cache)
         timeout 300 python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/gpu/test_e2e_gpu.py -k "prefix and not spare" \
           > "$OUT/prefix.log" 2>&1; echo "rc=$?"; grep -E "passed|failed|Error" "$OUT/prefix.log" | tail -3;;
-    mix_check) # VATTN_DECODE_KERNEL=fa2-graphs end to end against stock: logprobs within the FA2/FA3
-        # spread, prefills chunked beside decodes (mixed steps in FA3 over guarded rows, decode steps in
-        # FA2 graphs; NOTES #89)
-        timeout 400 python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/gpu/test_e2e_gpu.py -k fa2_graphs \
+    mix_check) # VATTN_DECODE_KERNEL=fa2-graphs and VATTN_FA3_SCHEDULE=1 end to end against stock: logprobs
+        # within the FA2/FA3 spread, prefills chunked beside decodes (NOTES #89, #91); on a fresh
+        # machine FA2's JIT and FlashInfer's autotune take ~3 min of it
+        timeout 560 python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/gpu/test_e2e_gpu.py -k mixed_steps \
           > "$OUT/mix.log" 2>&1; echo "rc=$?"; grep -E "passed|failed|Error|absdiff" "$OUT/mix.log" | tail -5;;
     lend_check) # VATTN_LEND_BLOCKS end to end against stock under a tight budget (every lent block handed
         # out), and --block-size 32 against stock at 32 (~2 min each with the JIT cache)
@@ -117,13 +117,14 @@ for s in $steps; do
     multiturn) timeout 580 python3 -m vllm_vattention.bench.multiturn --trace .gpu/trace/mooncake_conversation_trace.jsonl --out "$OUT" ${MT_ARGS:-} > "$OUT/multiturn.log" 2>&1; echo "rc=$?"; tail -8 "$OUT/multiturn.log";;
     profile) # kernel time per step (torch.profiler): stock, vAttention's default, the former default (mapping
         # on the engine thread); PROF_SYSTEMS picks some of "stock vattn sync graphs" (graphs:
-        # VATTN_DECODE_KERNEL=fa2-graphs)
+        # VATTN_DECODE_KERNEL=fa2-graphs), a name ending -sched (vattn-sched): VATTN_FA3_SCHEDULE=1
         # PROF_TAG names the files (prof-SYS-TAG.json, profile-TAG.md), PROF_TIMEOUT bounds each engine
         reports=""; t=${PROF_TAG:+-$PROF_TAG}; for sys in ${PROF_SYSTEMS:-stock vattn sync}; do
-          env -u VLLM_ATTENTION_BACKEND -u VATTN_BACKGROUND_MAP -u VATTN_FA3_GUARD -u VATTN_SPARE_BLOCKS -u VATTN_DECODE_KERNEL \
+          env -u VLLM_ATTENTION_BACKEND -u VATTN_BACKGROUND_MAP -u VATTN_FA3_GUARD -u VATTN_SPARE_BLOCKS -u VATTN_DECODE_KERNEL -u VATTN_FA3_SCHEDULE \
             $( [ $sys != stock ] && echo VLLM_ATTENTION_BACKEND=VATTENTION ) \
             $( [ $sys = sync ] && echo VATTN_BACKGROUND_MAP=0 VATTN_FA3_GUARD=always ) \
-            $( [ $sys = graphs ] && echo VATTN_DECODE_KERNEL=fa2-graphs ) \
+            $( [ ${sys%-sched} = graphs ] && echo VATTN_DECODE_KERNEL=fa2-graphs ) \
+            $( [ ${sys%-sched} != $sys ] && echo VATTN_FA3_SCHEDULE=1 ) \
             VLLM_ENABLE_V1_MULTIPROCESSING=0 timeout ${PROF_TIMEOUT:-180} python3 -m vllm_vattention.bench.profile \
             --out "$OUT/prof-$sys$t.json" ${PROF_ARGS:-} > "$OUT/prof-$sys$t.log" 2>&1; echo "$sys rc=$?"
           reports="$reports $OUT/prof-$sys$t.json"; done

@@ -13,9 +13,19 @@ from vllm_vattention.config import VattnConfig
 ROW_LEN = 4096
 
 
-def builder(decode_kernel: str) -> VattnMetadataBuilder:
+SHAPE = (32, 8, 128, torch.bfloat16)  # query heads, KV heads, head size, dtype
+
+
+def builder(decode_kernel: str, **cfg) -> VattnMetadataBuilder:
     b = object.__new__(VattnMetadataBuilder)  # (its __init__ needs vLLM's config objects)
-    b.cfg, b.row_len, b.build_seconds = VattnConfig(decode_kernel=decode_kernel), ROW_LEN, 0.0
+    cfg.setdefault("fa3_schedule", True)
+    b.cfg, b.row_len, b.build_seconds = VattnConfig(decode_kernel=decode_kernel, **cfg), ROW_LEN, 0.0
+    b.fa3_shape, b.schedules = SHAPE, []
+
+    def scheduler(*args):  # ops.fa3_schedule's arguments, recorded; a tensor the forward can be told apart by
+        b.schedules.append(args)
+        return torch.full((5,), len(b.schedules), dtype=torch.int32)
+    b.fa3_scheduler = scheduler
     return b
 
 
@@ -56,3 +66,46 @@ def test_a_decode_batch_runs_whole_rows(kernel, decodes):
     md = builder(kernel)._build(batch([1, 1, 1], [1000, 2000, 600]))
     assert md.num_decodes == decodes and md.kv_len == ROW_LEN and md.fa3_kv_len == ROW_LEN
     assert (md.prefill_query_start_loc is None) == bool(decodes)
+
+
+@pytest.mark.parametrize("kernel", ["fa2", "fa3", "fa2-graphs"])
+def test_a_mixed_batch_schedules_fa3_once_for_every_layer(kernel):
+    """FA3's scheduler metadata is computed in build (once per step) from exactly what the layers'
+    FA3 call gets: its part's offsets and lengths, the batch's longest query, the view's row length."""
+    b = builder(kernel)
+    md = b._build(batch(*MIXED))
+    assert len(b.schedules) == 1
+    qsl, seq_lens, max_q, kv_len, *shape = b.schedules[0]
+    assert qsl is md.prefill_query_start_loc and seq_lens.tolist() == md.prefill_seq_lens.tolist()
+    assert max_q == md.max_query_len == 64 and kv_len == md.fa3_kv_len and tuple(shape) == SHAPE
+    assert md.fa3_schedule.tolist() == [1] * 5
+
+
+@pytest.mark.parametrize("kernel", ["fa2", "fa3", "fa2-graphs"])
+def test_no_schedule_for_decode_batches_or_when_turned_off(kernel):
+    """Decode batches may be CUDA-graph replays (FA3 there keeps its own scheduling); and
+    VATTN_FA3_SCHEDULE=0 leaves FA3 to schedule in each call."""
+    b = builder(kernel)
+    assert b._build(batch([1, 1, 1], [1000, 2000, 600])).fa3_schedule is None
+    off = builder(kernel, fa3_schedule=False)
+    assert off._build(batch(*MIXED)).fa3_schedule is None
+    assert b.schedules == [] and off.schedules == []
+
+
+def test_forward_hands_every_layer_the_steps_schedule(monkeypatch):
+    """Each layer's FA3 call gets the step's schedule (the same tensor); FA2's decodes get none."""
+    from vllm_vattention.attention import backend, ops
+    calls = {"fa3": [], "fa2": 0}
+    monkeypatch.setattr(ops, "write_kv", lambda *a, **k: None)
+    monkeypatch.setattr(ops, "fa3_varlen", lambda *a, schedule=None, **k: calls["fa3"].append(schedule))
+
+    def fa2(*a, **k):
+        calls["fa2"] += 1
+    monkeypatch.setattr(ops, "fa2_decode", fa2)
+    md = builder("fa2")._build(batch(*MIXED))
+    impl = backend.VattnImpl(32, 128, 0.088, num_kv_heads=8)
+    n, kv = md.num_actual_tokens, torch.zeros(2, 16, ROW_LEN, 1, 1)  # (the kernels are stand-ins)
+    for _ in range(3):  # three layers
+        impl.forward(None, torch.zeros(n, 32 * 128), None, None, kv, md, torch.zeros(n, 32 * 128))
+    assert calls["fa2"] == 3 and len(calls["fa3"]) == 3
+    assert all(s is md.fa3_schedule for s in calls["fa3"])

@@ -111,6 +111,9 @@ class VattnConfig:
     extra_rows: int | None = None
     guard_tokens: int = 256
     fa3_guard: str = "clipped"
+    # FA3's scheduler metadata once per step for every layer (ops.fa3_schedule); off until measured on
+    # a GPU (benchmarks/NOTES.md #91)
+    fa3_schedule: bool = False
     # a count or "auto" (resolved by spare_blocks_for() once the step size and the KV budget are known);
     # None: not given, which means auto in stream mode and 0 otherwise (benchmarks/NOTES.md #29)
     spare_blocks: int | str | None = None
@@ -137,6 +140,7 @@ class VattnConfig:
             # FA3 reads up to one key tile (<= 192 tokens, ops.FA3_MAX_OVERREAD) past a sequence's end.
             guard_tokens=_int(env, "VATTN_GUARD_TOKENS", 256, minimum=192),
             fa3_guard=_choice(env, "VATTN_FA3_GUARD", ("always", "clipped"), "clipped"),
+            fa3_schedule=_flag(env, "VATTN_FA3_SCHEDULE", False),
             spare_blocks=_spares(env, "VATTN_SPARE_BLOCKS", None),
             lend_blocks=_spares(env, "VATTN_LEND_BLOCKS", None),
             growth_ahead=_flag(env, "VATTN_GROWTH_AHEAD", False),

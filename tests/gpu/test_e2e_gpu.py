@@ -40,18 +40,25 @@ def test_logprobs_match_stock_within_the_fa2_fa3_spread(cuda, tmp_path):
         assert ours["greedy_prefix_agreement"] >= min(spread["greedy_prefix_agreement"], 0.9), system
 
 
-def test_fa2_graphs_mixed_steps_match_stock_within_the_fa2_fa3_spread(cuda, tmp_path):
-    """VATTN_DECODE_KERNEL=fa2-graphs (NOTES.md #89) with CUDA graphs on: at most 8 requests at once
-    and 256 tokens a step, so later prompts' prefill chunks share steps with earlier requests'
-    decodes, which then run FA3 over guarded rows; decode-only steps replay FA2 graphs."""
-    s = run_ab(tmp_path, "--systems", "stock,stock-fa2,vattention-fa2-graphs", "--num-prompts", "26",
+MIXED_SYSTEMS = ("vattention-fa2-graphs", "vattention-sched", "vattention-fa2-graphs-sched")
+
+
+def test_mixed_steps_fa2_graphs_and_fa3_schedule_match_stock_within_the_fa2_fa3_spread(cuda, tmp_path):
+    """VATTN_DECODE_KERNEL=fa2-graphs (NOTES.md #89) and VATTN_FA3_SCHEDULE=1 (#91) with CUDA graphs
+    on: at most 8 requests at once and 256 tokens a step, so later prompts' prefill chunks share
+    steps with earlier requests' decodes (with fa2-graphs those run FA3 over guarded rows; with the
+    schedule every layer's FA3 call takes the metadata the step computed once); decode-only steps
+    replay FA2 graphs."""
+    s = run_ab(tmp_path, "--systems", ",".join(("stock", "stock-fa2") + MIXED_SYSTEMS), "--num-prompts", "26",
                "--max-tokens", "32", "--max-num-seqs", "8", "--max-num-batched-tokens", "256")
-    spread, ours = s["stock_vs_stock-fa2"], s["stock_vs_vattention-fa2-graphs"]
-    print(json.dumps({"fa2_vs_fa3_spread": spread, "stock_vs_fa2_graphs": ours}, indent=1))
-    assert "CUSTOM" in s["vattention-fa2-graphs"]["attention_backend"]
-    assert ours["tokens_compared"] >= 26
-    assert ours["logprob_absdiff_max"] <= max(2 * spread["logprob_absdiff_max"], 1e-2), (ours, spread)
-    assert ours["greedy_prefix_agreement"] >= min(spread["greedy_prefix_agreement"], 0.9)
+    spread = s["stock_vs_stock-fa2"]
+    for system in MIXED_SYSTEMS:
+        ours = s[f"stock_vs_{system}"]
+        print(json.dumps({"system": system, "fa2_vs_fa3_spread": spread, "stock_vs_ours": ours}, indent=1))
+        assert "CUSTOM" in s[system]["attention_backend"]
+        assert ours["tokens_compared"] >= 26
+        assert ours["logprob_absdiff_max"] <= max(2 * spread["logprob_absdiff_max"], 1e-2), (system, ours, spread)
+        assert ours["greedy_prefix_agreement"] >= min(spread["greedy_prefix_agreement"], 0.9), system
 
 
 @pytest.mark.parametrize("system", ["vattention-flag", "vattention-sync"])

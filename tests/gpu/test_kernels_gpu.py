@@ -87,6 +87,29 @@ def test_fa3_and_fa2_over_vmm_match_ordinary_memory_and_reference(manager_factor
         assert (out2.float() - ref).abs().max().item() <= tol
 
 
+@pytest.mark.parametrize("seq_lens, q_lens", [
+    ([300, 48, 16, 129], [300, 16, 1, 1]),  # a prefill, a chunk, decodes
+    ([3900, 3000, 17], [1, 1, 17]),  # long rows, few query tiles: FA3 splits them (its dynamic split)
+])
+def test_fa3_given_the_steps_schedule_equals_fa3_scheduling_itself(manager_factory, cuda, seq_lens, q_lens):
+    """The backend computes FA3's scheduler metadata once per step (ops.fa3_schedule) and hands it
+    to every layer: each layer's output is bit for bit what FA3 gives when it schedules the call
+    itself, also on the layers after the first (the metadata's semaphore is reset by each call)."""
+    m = manager_factory(rows=4, max_tokens=4096, num_blocks=512)
+    k_rows, v_rows, _, _, rows, lens, cu_q, q = _setup(m, cuda, seq_lens, q_lens, guard=ops.FA3_MAX_OVERREAD)
+    view = min(k_rows.shape[1], -(-(max(seq_lens) + 256) // 256) * 256)  # the builder's sliced view
+    kv = (k_rows[:, :view], v_rows[:, :view])
+    own = ops.fa3_varlen(q, *kv, torch.empty_like(q), cu_q, lens, rows, max(q_lens), SCALE)
+    schedule = ops.fa3_schedule(cu_q, lens, max(q_lens), view, HQ, HK, D, torch.bfloat16)
+    layers = [ops.fa3_varlen(q, *kv, torch.empty_like(q), cu_q, lens, rows, max(q_lens), SCALE, schedule=schedule)
+              for _ in range(3)]
+    ref = ops.reference_attention(q, k_rows, v_rows, cu_q, lens, rows, SCALE)
+    torch.cuda.synchronize()
+    for out in layers:
+        assert torch.equal(out, own)
+    assert (own.float() - ref).abs().max().item() <= _bf16_tolerance(ref)
+
+
 @pytest.mark.parametrize("num_splits", [0, 1, 3, 8])
 def test_fa2_decode_split_counts_match_the_reference(manager_factory, cuda, num_splits):
     """VATTN_FA2_SPLITS: any split count gives the same attention over vAttention's rows (sequences

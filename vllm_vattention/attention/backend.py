@@ -91,6 +91,7 @@ class VattnMetadata:
     prefill_query_start_loc: torch.Tensor | None  # int32, the FA3 part's cu_seqlens_q (from 0)
     kv_len: int  # row length the kernels see (rows sliced to it when not under a CUDA graph)
     fa3_kv_len: int  # row length of FA3's view (kv_len, or the longest FA3 sequence with VATTN_FA3_GUARD=clipped)
+    fa3_schedule: torch.Tensor | None = None  # FA3's scheduler metadata for this step (eager FA3 parts only)
 
     def __post_init__(self) -> None:
         # the same for every layer: sliced once per step here, not in each layer's forward
@@ -108,6 +109,10 @@ class VattnMetadataBuilder(AttentionMetadataBuilder[VattnMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.cfg = VattnConfig.from_env()
         self.row_len: int | None = None  # set by the model runner once rows exist
+        # what ops.fa3_schedule needs beyond the batch: this rank's heads, the head size, the dtype
+        self.fa3_shape = (vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config),
+                          kv_cache_spec.num_kv_heads, kv_cache_spec.head_size, kv_cache_spec.dtype)
+        self.fa3_scheduler = ops.fa3_schedule
         self.build_seconds = 0.0  # engine-thread time in build(), read and reset by the model runner
         self._init_reorder_batch_threshold(1)
 
@@ -153,12 +158,20 @@ class VattnMetadataBuilder(AttentionMetadataBuilder[VattnMetadata]):
                 view = ops.fa3_view_len(m.seq_lens_cpu_upper_bound[:m.num_reqs].numpy(), query_lens, fa3)
                 if view is not None:
                     fa3_kv_len = min(kv_len, view)
+        fa3_kv_len = kv_len if fa3_kv_len is None else fa3_kv_len
+        schedule = None
+        if m.max_query_len > 1 and prefill_qsl is not None and self.cfg.fa3_schedule:
+            # Eager FA3 (mixed batches): its scheduling once here rather than in each layer's call, as
+            # stock vLLM does. Decode batches with decode_kernel fa3 may be CUDA-graph replays, whose
+            # captured FA3 keeps computing its own (a tensor made here would not be the captured one).
+            schedule = self.fa3_scheduler(prefill_qsl, m.seq_lens[num_decodes:m.num_reqs], m.max_query_len,
+                                          fa3_kv_len, *self.fa3_shape)
         return VattnMetadata(
             num_actual_tokens=m.num_actual_tokens, max_query_len=m.max_query_len,
             max_seq_len=m.max_seq_len, query_start_loc=m.query_start_loc, seq_lens=m.seq_lens,
             rows=m.block_table_tensor.reshape(-1)[:m.num_reqs], slot_mapping=m.slot_mapping,
             num_decodes=num_decodes, num_reqs=m.num_reqs, prefill_query_start_loc=prefill_qsl, kv_len=kv_len,
-            fa3_kv_len=kv_len if fa3_kv_len is None else fa3_kv_len)
+            fa3_kv_len=fa3_kv_len, fa3_schedule=schedule)
 
 
 class VattnImpl(AttentionImpl[VattnMetadata]):
@@ -204,5 +217,5 @@ class VattnImpl(AttentionImpl[VattnMetadata]):
         if md.prefill_query_start_loc is not None:  # the rest, tokens [nd, n)
             ops.fa3_varlen(query[nd:n].view(n - nd, h, d), k_rows[:, :md.fa3_kv_len], v_rows[:, :md.fa3_kv_len],
                            output[nd:n].view(n - nd, h, d), md.prefill_query_start_loc, md.prefill_seq_lens,
-                           md.prefill_rows, md.max_query_len, self.scale)
+                           md.prefill_rows, md.max_query_len, self.scale, schedule=md.fa3_schedule)
         return output

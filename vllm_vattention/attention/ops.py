@@ -101,17 +101,35 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, k_rows: torch.Tensor, v_row
     _custom_ops.reshape_and_cache_flash(key, value, k_rows, v_rows, slot_mapping, "auto", k_scale, v_scale)
 
 
+def fa3_schedule(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, max_query_len: int, kv_len: int,
+                 num_heads: int, num_kv_heads: int, head_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """FA3's scheduler metadata for one batch (tiles per request, dynamic split counts), computed
+    once per step and passed to every layer's `fa3_varlen`, as stock vLLM's FLASH_ATTN builder does.
+    Without it each layer's FA3 call allocates the metadata and launches its own prepare kernel.
+    The arguments must be the ones fa3_varlen gets (`kv_len` is its views' row length,
+    k_rows.shape[1]): FA3 checks only the metadata's size. Not for CUDA-graph replays (a fresh tensor
+    each call)."""
+    from vllm.vllm_flash_attn.flash_attn_interface import get_scheduler_metadata
+    return get_scheduler_metadata(
+        batch_size=cu_seqlens_q.shape[0] - 1, max_seqlen_q=max_query_len, max_seqlen_k=kv_len,
+        num_heads_q=num_heads, num_heads_kv=num_kv_heads, headdim=head_size, cache_seqlens=seq_lens,
+        qkv_dtype=dtype, cu_seqlens_q=cu_seqlens_q, page_size=None, causal=True, window_size=(-1, -1),
+        num_splits=0)
+
+
 def fa3_varlen(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, out: torch.Tensor,
                cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, rows: torch.Tensor,
-               max_query_len: int, scale: float, causal: bool = True) -> torch.Tensor:
-    """Mixed prefill + decode in one launch. k_rows.shape[1] is FA3's max_seqlen_k."""
+               max_query_len: int, scale: float, causal: bool = True,
+               schedule: torch.Tensor | None = None) -> torch.Tensor:
+    """Mixed prefill + decode in one launch. k_rows.shape[1] is FA3's max_seqlen_k. `schedule`:
+    `fa3_schedule` of the same batch (None: FA3 computes it in this call)."""
     _, fa3 = _ops()
     return fa3.fwd(
         q, k_rows, v_rows, None, None, None, out,
         cu_seqlens_q, None, None, None, seq_lens,
         max_query_len, k_rows.shape[1], None, rows, None,
         None, None, None, None, None, None,
-        scale, causal, -1, -1, 0.0, True, None, 0, None, 0, None, 1, 0, None)[0]
+        scale, causal, -1, -1, 0.0, True, schedule, 0, None, 0, None, 1, 0, None)[0]
 
 
 def fa2_decode(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, out: torch.Tensor,

@@ -40,6 +40,11 @@ SYSTEMS: dict[str, dict] = {
     "vattn-fa2-graphs": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_DECODE_KERNEL": "fa2-graphs"},
                          "args": []},
     "vattn-per-layer": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_LAYOUT": "per_layer"}, "args": []},
+    # the default and fa2-graphs with FA3's scheduler metadata computed once per step for every layer,
+    # as stock vLLM does (VATTN_FA3_SCHEDULE=1; NOTES.md #91)
+    "vattn-fa2-sched": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_FA3_SCHEDULE": "1"}, "args": []},
+    "vattn-fa2-graphs-sched": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_DECODE_KERNEL": "fa2-graphs",
+                                       "VATTN_FA3_SCHEDULE": "1"}, "args": []},
     # named settings, so that a run keeps its meaning when the default changes: stream mode with the
     # clipped FA3 view and no spare frames (the default from benchmarks/NOTES.md #21 to #29), the
     # native thread joined before each step, and the former default before that (mapping on the
