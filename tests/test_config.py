@@ -230,3 +230,12 @@ def test_step_trace_names_a_file_in_an_existing_folder(tmp_path):
     assert VattnConfig.from_env({"VATTN_STEP_TRACE": path}).step_trace == path
     with pytest.raises(ConfigError, match="VATTN_STEP_TRACE=.*nowhere/steps.json.*folder does not exist"):
         VattnConfig.from_env({"VATTN_STEP_TRACE": str(tmp_path / "nowhere" / "steps.json")})
+
+
+def test_fa3_schedule_setting():
+    """VATTN_FA3_SCHEDULE: off by default (not yet measured on a GPU, NOTES.md #91), 1 turns it on; a
+    bad value names itself."""
+    assert VattnConfig.from_env({}).fa3_schedule is False
+    assert VattnConfig.from_env({"VATTN_FA3_SCHEDULE": "1"}).fa3_schedule is True
+    with pytest.raises(ConfigError, match="VATTN_FA3_SCHEDULE='yes please' is not a boolean"):
+        VattnConfig.from_env({"VATTN_FA3_SCHEDULE": "yes please"})
