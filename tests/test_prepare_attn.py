@@ -176,6 +176,11 @@ def test_step_trace_records_each_steps_new_requests_tokens_and_maps(runner, monk
     # our hooks' share of each step: prepare_attn and the request hooks (plus the fence and warm(),
     # which the synchronous mode does not run here), not the rest of vLLM's step
     assert steps[0][7] == pytest.approx(2.5, abs=0.05) and steps[1][7] == pytest.approx(0.0, abs=0.05)
+    # the admitting step's hooks part by part (TRACE_PARTS); none kept for the other step
+    from vllm_vattention.worker import TRACE_PARTS
+    parts = dict(zip(TRACE_PARTS, steps[0][8]))
+    assert parts["admit"] == pytest.approx(0.5, abs=0.05) and sum(parts.values()) == pytest.approx(0.5, abs=0.05)
+    assert steps[1][8] is None
     runner.step_trace.write(None)
     assert json.load(open(tmp_path / "steps.json"))["steps"][0][2:7] == [1, 40, 3, 0, -1]
 
@@ -219,7 +224,7 @@ def test_stock_runner_traces_steps_in_the_same_format(monkeypatch, tmp_path):
     r.step_trace = StepTrace(str(tmp_path / "steps.json"))  # (TracedWorker: after the warm-up)
     r.execute_model(SimpleNamespace(scheduled_new_reqs=["a", "b"], total_num_scheduled_tokens=2048))
     r.execute_model(SimpleNamespace(scheduled_new_reqs=[], total_num_scheduled_tokens=2))
-    assert [s[2:] for s in r.step_trace.steps] == [(2, 2048, 0, 0, -1, 0.0), (0, 2, 0, 0, -1, 0.0)]
+    assert [s[2:] for s in r.step_trace.steps] == [(2, 2048, 0, 0, -1, 0.0, None), (0, 2, 0, 0, -1, 0.0, None)]
     t0 = r.step_trace.t0
     r.shutdown()
     assert r.step_trace is None

@@ -162,3 +162,28 @@ def test_step_kinds_split_each_traced_run_by_what_its_steps_scheduled():
     burst = {**trace, "steps": trace["steps"][:2] + [[0.024, 30.0, 4, 4096, 0, 0, -1]] + trace["steps"][2:]}
     (r0,) = [r for r in H.step_kinds(res[:1], lambda name: burst) if r["kind"] == "new, >= 256 tokens"][:1]
     assert r0["max_admitted"] == 4 and r0["steps_admitting_3"] == 1
+
+
+def test_step_kinds_show_an_admitting_steps_hooks_part_by_part():
+    """A trace with each admitting step's hooks split by part (worker.TRACE_PARTS, NOTES #93): the
+    median of each part per step kind, in a table of its own; steps without parts (decode steps,
+    stock's trace) add none, and a trace without the field gives no table."""
+    from vllm_vattention.worker import TRACE_PARTS
+    per = {"t0": 1000.0, "start_s": [0.0, 0.01], "ttft_ms": [20.0, 20.0], "tpot_ms": [0.04, 0.04],
+           "input_len": [1024, 1024]}
+    fields = ["start_s", "ms", "new_reqs", "tokens", "block_maps", "drains", "flag_wait", "hooks_ms", "hook_parts_ms"]
+    p = lambda warm, extents: [0.0] * 4 + [extents] + [0.0] * 4 + [warm, 0.01]  # noqa: E731 (TRACE_PARTS order)
+    trace = {"t0": 1000.0, "fields": fields, "hook_parts": list(TRACE_PARTS), "flag_waits_ms": None,
+             "steps": [[0.000, 20.0, 1, 1024, 0, 0, -1, 2.0, p(0.5, 1.0)], [0.022, 1.0, 0, 1, 0, 0, -1, 0.3, None],
+                       [0.027, 3.0, 1, 40, 0, 0, -1, 1.0, p(0.2, 0.4)], [0.030, 3.0, 1, 40, 0, 0, -1, 1.0, p(0.4, 0.6)],
+                       [0.033, 1.5, 0, 2, 0, 0, -1, 0.2, None], [0.034, 1.0, 0, 2, 0, 0, -1, 0.2, None]]}
+    res = [{"workload": "serve-rate-4", "system": "vattn-fa2", "rep": 0, "per_request": per, "step_trace": "s.json"}]
+    rows = {r["kind"]: r for r in H.step_kinds(res, lambda name: trace)}
+    assert rows["no new request"]["hook_parts_ms_p50"] is None
+    short = rows["new, < 256 tokens"]["hook_parts_ms_p50"]
+    assert short["warm"] == pytest.approx(0.3) and short["extents"] == pytest.approx(0.5) and short["build"] == 0.01
+    assert list(rows["new, >= 256 tokens"]["hook_parts_ms_p50"]) == list(TRACE_PARTS)
+    md = H.step_kinds_markdown(list(rows.values()))
+    assert "part by part" in md and "| serve-rate-4 | vattn-fa2 | 0 | new, < 256 tokens | 0.000 |" in md
+    old = {**trace, "fields": fields[:-1], "steps": [st[:-1] for st in trace["steps"]]}
+    assert "part by part" not in H.step_kinds_markdown(H.step_kinds(res, lambda name: old))

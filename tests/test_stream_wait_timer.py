@@ -84,17 +84,18 @@ def test_every_wait_is_kept_by_index_when_steps_are_traced():
 def test_step_trace_keeps_each_step_and_writes_json(tmp_path):
     import json
 
-    from vllm_vattention.worker import StepTrace
+    from vllm_vattention.worker import TRACE_PARTS, StepTrace
     now = [100.0]
     trace = StepTrace(str(tmp_path / "steps.json"), clock=lambda: now[0])
-    trace.add(100.5, 100.5061, 2, 2048, 3, 1, 0, 0.0012)
-    trace.add(100.51, 100.515, 0, 2, 0, 0, -1)  # (no hooks time given: 0)
+    trace.add(100.5, 100.5061, 2, 2048, 3, 1, 0, 0.0012, [0.001, 0.0002])  # (an admitting step's parts)
+    trace.add(100.51, 100.515, 0, 2, 0, 0, -1)  # (no hooks time given: 0; no parts)
     trace.MAX_STEPS = 2
     trace.add(100.52, 100.525, 0, 2, 0, 0, -1)  # past the cap: counted, not kept
     trace.write([0.25])
     d = json.load(open(tmp_path / "steps.json"))
     assert d["t0"] == 100.0 and d["fields"] == list(StepTrace.FIELDS) and d["dropped_steps"] == 1
-    assert d["steps"] == [[0.5, 6.1, 2, 2048, 3, 1, 0, 1.2], [0.51, 5.0, 0, 2, 0, 0, -1, 0.0]]
+    assert d["steps"] == [[0.5, 6.1, 2, 2048, 3, 1, 0, 1.2, [1.0, 0.2]], [0.51, 5.0, 0, 2, 0, 0, -1, 0.0, None]]
+    assert d["hook_parts"] == list(TRACE_PARTS) and TRACE_PARTS[-1] == "build"
     assert d["flag_waits_ms"] == [0.25]
 
 

@@ -115,6 +115,17 @@ class StreamWaitTimer:
                 "flag_longest_ms": [[round(1e3 * dt, 3), i] for dt, i in sorted(self.longest, reverse=True)]}
 
 
+# Our hooks' parts, timed on the engine thread (vattn_report's hook_seconds): requests leaving,
+# admitted and growing (planning their mappings); prepare_attn's rows, read extents (with FA3's
+# zero-page guard), publish (the step's ops and signal to the native thread), the GPU's stream
+# wait (with its timing events), the rows/slots sent to the GPU; after the launch, the step's
+# fence (an event and the reads it guards) and warming spare frames.
+HOOK_PARTS = ("remove", "admit", "extend", "rows", "extents", "publish", "stream_wait", "stage", "fence", "warm")
+# A traced step that admits requests keeps its hooks part by part (the trace's hook_parts_ms): these,
+# then the metadata build.
+TRACE_PARTS = HOOK_PARTS + ("build",)
+
+
 class StepTrace:
     """VATTN_STEP_TRACE=path: each serving step's timing on the engine thread, written as JSON at
     shutdown, to line a request's time to first token up with the steps that ran meanwhile
@@ -123,9 +134,12 @@ class StepTrace:
     `t0`), execute_model's duration with our hooks (ms), new requests, scheduled tokens, block maps
     and DRAINs planned on the step's path, the index of the GPU's wait at the mapping flag it
     enqueued (-1: none; `flag_waits_ms` gives each wait's length), and how much of the step's time
-    went to our hooks (prepare_attn, the metadata build, the fence and warm(); 0 for stock)."""
+    went to our hooks (prepare_attn, the metadata build, the fence and warm(); 0 for stock), and for a
+    step that admits requests the same split by part (ms in TRACE_PARTS order; null otherwise and
+    for stock)."""
 
-    FIELDS = ("start_s", "ms", "new_reqs", "tokens", "block_maps", "drains", "flag_wait", "hooks_ms")
+    FIELDS = ("start_s", "ms", "new_reqs", "tokens", "block_maps", "drains", "flag_wait", "hooks_ms",
+              "hook_parts_ms")
     MAX_STEPS = 500_000  # ~50 MB at most; later steps are counted, not kept
 
     def __init__(self, path: str, clock=time.perf_counter):
@@ -135,12 +149,13 @@ class StepTrace:
         self.dropped = 0
 
     def add(self, start: float, end: float, new_reqs: int, tokens: int, block_maps: int, drains: int,
-            flag_wait: int, hooks_s: float = 0.0) -> None:
+            flag_wait: int, hooks_s: float = 0.0, parts_s: list[float] | None = None) -> None:
         if len(self.steps) >= self.MAX_STEPS:
             self.dropped += 1
             return
         self.steps.append((round(start - self.t0, 6), round((end - start) * 1e3, 4), new_reqs, tokens,
-                           block_maps, drains, flag_wait, round(hooks_s * 1e3, 4)))
+                           block_maps, drains, flag_wait, round(hooks_s * 1e3, 4),
+                           None if parts_s is None else [round(x * 1e3, 4) for x in parts_s]))
 
     def write(self, flag_waits_ms: list[float] | None) -> None:
         """Written beside `path` and renamed onto it, so that a process killed while writing leaves
@@ -149,7 +164,8 @@ class StepTrace:
         tmp = f"{self.path}.tmp"
         try:
             with open(tmp, "w") as f:
-                json.dump({"clock": "time.perf_counter", "t0": self.t0, "fields": self.FIELDS, "steps": self.steps,
+                json.dump({"clock": "time.perf_counter", "t0": self.t0, "fields": self.FIELDS,
+                           "hook_parts": TRACE_PARTS, "steps": self.steps,
                            "dropped_steps": self.dropped, "flag_waits_ms": flag_waits_ms}, f)
             os.replace(tmp, self.path)
         except BaseException:
@@ -166,10 +182,12 @@ def _trace_path(path: str) -> str:
 
 
 def _trace_step(trace: StepTrace, start: float, end: float, scheduler_output, block_maps: int = 0,
-                drains: int = 0, flag_wait: int = -1, hooks_s: float = 0.0) -> None:
+                drains: int = 0, flag_wait: int = -1, hooks_s: float = 0.0,
+                parts_s: list[float] | None = None) -> None:
     so = scheduler_output  # (read defensively: a trace must never stop a step)
-    trace.add(start, end, len(getattr(so, "scheduled_new_reqs", ()) or ()),
-              getattr(so, "total_num_scheduled_tokens", 0), block_maps, drains, flag_wait, hooks_s)
+    new_reqs = len(getattr(so, "scheduled_new_reqs", ()) or ())
+    trace.add(start, end, new_reqs, getattr(so, "total_num_scheduled_tokens", 0), block_maps, drains, flag_wait,
+              hooks_s, parts_s if new_reqs else None)
 
 
 def _write_trace(trace: StepTrace, flag_waits_ms: list[float] | None) -> None:
@@ -205,12 +223,6 @@ def _replace_init_kv_cache(fn):
         v2_model_runner.init_kv_cache = original
 
 
-# Our hooks' parts, timed on the engine thread (vattn_report's hook_seconds): requests leaving,
-# admitted and growing (planning their mappings); prepare_attn's rows, read extents (with FA3's
-# zero-page guard), publish (the step's ops and signal to the native thread), the GPU's stream
-# wait (with its timing events), the rows/slots sent to the GPU; after the launch, the step's
-# fence (an event and the reads it guards) and warming spare frames.
-HOOK_PARTS = ("remove", "admit", "extend", "rows", "extents", "publish", "stream_wait", "stage", "fence", "warm")
 
 
 class VattnModelRunner(V2ModelRunner):
@@ -471,7 +483,7 @@ class VattnModelRunner(V2ModelRunner):
         trace = self.step_trace
         if trace is not None:
             st, flags = self.vattn.mapper.stats, self.flag_timer
-            before = (st.block_maps, st.drains, flags.issued if flags else 0, self._hooks_so_far())
+            before = (st.block_maps, st.drains, flags.issued if flags else 0, self._hooks_so_far(), self._hook_parts())
         out = super().execute_model(scheduler_output, *args, **kwargs)
         if self._pending_reads:
             t_fence = time.perf_counter()
@@ -491,7 +503,8 @@ class VattnModelRunner(V2ModelRunner):
         if trace is not None:
             issued = flags.issued if flags else 0
             _trace_step(trace, t, end, scheduler_output, st.block_maps - before[0], st.drains - before[1],
-                        issued - 1 if issued > before[2] else -1, self._hooks_so_far() - before[3])
+                        issued - 1 if issued > before[2] else -1, self._hooks_so_far() - before[3],
+                        [a - b for a, b in zip(self._hook_parts(), before[4])])
         return out
 
     def _hooks_so_far(self) -> float:
@@ -501,6 +514,11 @@ class VattnModelRunner(V2ModelRunner):
         hs = self.hook_seconds or {}
         return (self.prepare_seconds + sum(hs.get(k, 0.0) for k in ("remove", "admit", "extend", "fence", "warm"))
                 + sum(b.build_seconds for b in self._vattn_builders()))
+
+    def _hook_parts(self) -> list[float]:
+        """Seconds in each of our hooks' parts since the last reset, in TRACE_PARTS order."""
+        hs = self.hook_seconds or {}
+        return [hs.get(k, 0.0) for k in HOOK_PARTS] + [sum(b.build_seconds for b in self._vattn_builders())]
 
     def shutdown(self) -> None:
         if self.vattn is not None:

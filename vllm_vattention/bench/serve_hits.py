@@ -241,19 +241,26 @@ def step_kinds(results: list[dict], load_trace: Callable[[str], dict | None]) ->
         fields = list(trace["fields"])
         i_start, i_ms, i_new, i_tok = (fields.index(k) for k in ("start_s", "ms", "new_reqs", "tokens"))
         i_hooks = fields.index("hooks_ms") if "hooks_ms" in fields else None  # (traces before NOTES #88 have none)
+        # an admitting step's hooks part by part (traces before NOTES #93 have none; stock's are null)
+        i_parts = fields.index("hook_parts_ms") if "hook_parts_ms" in fields else None
         steps = [st for st in trace["steps"] if lo <= trace["t0"] + st[i_start] <= hi]
         by: dict[str, list[tuple]] = {k: [] for k in STEP_KINDS}
         for a, b in zip(steps, steps[1:]):
             by[step_kind(a[i_new], a[i_tok])].append((a[i_ms], (b[i_start] - a[i_start]) * 1e3,
-                                                      a[i_hooks] if i_hooks is not None else None))
+                                                      a[i_hooks] if i_hooks is not None else None,
+                                                      a[i_parts] if i_parts is not None else None))
         admitted = [st[i_new] for st in steps]
         backlog = {"max_admitted": max(admitted, default=0), "steps_admitting_3": sum(a >= 3 for a in admitted)}
         for kind, xs in by.items():
             if xs:
+                parts = [x[3] for x in xs if x[3]]
                 out.append({"workload": r["workload"], "system": r["system"], "rep": r.get("rep"), "kind": kind,
                             **backlog,
                             "steps": len(xs), "execute_ms_p50": statistics.median(x[0] for x in xs),
                             "hooks_ms_p50": statistics.median(x[2] for x in xs) if i_hooks is not None else None,
+                            "hook_parts_ms_p50": dict(zip(trace.get("hook_parts", ()),
+                                                          (statistics.median(c) for c in zip(*parts))))
+                            if parts else None,
                             "to_next_ms_p50": statistics.median(x[1] for x in xs),
                             "to_next_s_sum": sum(x[1] for x in xs) / 1e3, "window_s": hi - lo})
     return out
@@ -275,6 +282,14 @@ def step_kinds_markdown(rows: list[dict]) -> str:
                   "|---|---|---|---|---|"]
         lines += [f"| {w} | {sy} | {rep} | {r['max_admitted']} | {r['steps_admitting_3']} |"
                   for (w, sy, rep), r in runs.items()]
+    parted = [r for r in rows if r.get("hook_parts_ms_p50")]
+    if parted:  # which of our hooks the admitting steps' share is (the parts' medians need not add up to it)
+        names = list(parted[0]["hook_parts_ms_p50"])
+        lines += ["", "Our hooks in the steps that admit requests, part by part (ms, median over the kind's steps):",
+                  "", "| workload | system | rep | step | " + " | ".join(names) + " |",
+                  "|---|---|---|---|" + "---|" * len(names)]
+        lines += [f"| {r['workload']} | {r['system']} | {r['rep']} | {r['kind']} | "
+                  + " | ".join(f"{r['hook_parts_ms_p50'].get(n, 0):.3f}" for n in names) + " |" for r in parted]
     return "\n".join(lines) + "\n"
 
 
