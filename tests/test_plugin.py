@@ -211,3 +211,23 @@ def test_step_trace_on_a_stock_run_picks_the_traced_worker_only(vllm_config_fact
     other.parallel_config.worker_cls = "my.own.Worker"
     apply_if_selected(other)
     assert other.parallel_config.worker_cls == "my.own.Worker"
+
+
+def test_metadata_builder_reads_fa3s_shape_from_vllms_config(vllm_config_factory, v2_runner):
+    """The builder's own __init__ on real config objects: what ops.fa3_schedule needs beyond the
+    batch (this rank's query heads, the KV heads, the head size, the dtype) comes from vLLM's model
+    config and the layer group's KV spec."""
+    import torch
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from vllm_vattention.attention import ops
+    from vllm_vattention.attention.backend import VattnMetadataBuilder
+    cfg = vllm_config_factory(max_model_len=2048)
+    mc = cfg.model_config
+    spec = FullAttentionSpec(block_size=16, num_kv_heads=mc.get_num_kv_heads(cfg.parallel_config),
+                             head_size=mc.get_head_size(), dtype=torch.bfloat16)
+    b = VattnMetadataBuilder(spec, ["model.layers.0.self_attn.attn"], cfg, torch.device("cpu"))
+    hf = json.load(open(os.path.join(TINY, "config.json")))
+    assert b.fa3_shape == (hf["num_attention_heads"], hf["num_key_value_heads"],
+                           hf["head_dim"], torch.bfloat16)
+    assert b.fa3_scheduler is ops.fa3_schedule and b.cfg.fa3_schedule is False
