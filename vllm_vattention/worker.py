@@ -223,8 +223,6 @@ def _replace_init_kv_cache(fn):
         v2_model_runner.init_kv_cache = original
 
 
-
-
 class VattnModelRunner(V2ModelRunner):
     """vLLM's V2 runner with vAttention's KV; the worker swaps its runner's class to this one."""
 
