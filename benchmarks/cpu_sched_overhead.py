@@ -213,6 +213,8 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
     # the other steps (decode growth): their block maps, and the most in one step
     others = dict.fromkeys(("block_maps", "max_step_block_maps", "steps_with_maps", "drains"), 0)
     step_ms: dict[bool, list[float]] = {False: [], True: []}  # each step's hooks in all, by whether it admits
+    # an admitting step's hooks part by part, by serve_hits.step_kind (as the step trace's hook_parts_ms)
+    admit_parts: dict[str, list[tuple]] = {}
 
     def zero_counts() -> None:
         mgr.reset_stats()
@@ -308,6 +310,9 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             # this step's hooks in all (the step trace's hooks_ms, without the driver's and the GPU's
             # calls): admitting steps apart, since a prefix hit's admission step is CPU-bound (NOTES #85)
             step_ms[bool(out.scheduled_new_reqs)].append(1e3 * (c8 - c0))
+            if out.scheduled_new_reqs:
+                kind = serve_hits.step_kind(len(out.scheduled_new_reqs), out.total_num_scheduled_tokens)
+                admit_parts.setdefault(kind, []).append((c1 - c0, c2 - c1, c3 - c2, c5 - c4, c6 - c5, c7 - c6, c8 - c7))
             sampled = [[100] if live[r].num_computed_tokens >= live[r].num_tokens else [] for r in ids]
             sched.update_from_output(out, ModelRunnerOutput(req_ids=ids, req_id_to_index={r: k for k, r in enumerate(ids)},
                                                             sampled_token_ids=sampled))
@@ -349,6 +354,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             prompts = [[1000 + (i * 7919 + k * 104729 + w * 13) % 20000 for k in range(ins[i])] for i in range(n_req)]
         step_ms[False].clear()
         step_ms[True].clear()
+        admit_parts.clear()
         steps = drive(prompts, outs, arrivals=arrivals)
         s = mgr.stats()
         per_step = {k: round(1e3 * v / steps, 4) for k, v in t.items()}
@@ -371,6 +377,8 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             **{f"{kind}_hooks_ms_{name}": round(v, 4) for kind, xs in (("admitting", step_ms[True]),
                                                                       ("other_steps", step_ms[False]))
                for name, v in _p50_p90(xs).items()},
+            "admitting_parts_ms_p50": {kind: {k: round(1e3 * float(np.median(c)), 4) for k, c in zip(PHASES, zip(*xs))}
+                                       for kind, xs in sorted(admit_parts.items())},
             **({"flag_model": flag_model(timeline)} if timed else {})})
     return results if chain else results[0]
 
