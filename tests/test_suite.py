@@ -724,3 +724,59 @@ def test_profile_hit_phase_sends_copies_of_its_first_prompts():
     with pytest.raises(ValueError, match="first prompts"):
         P.make_prompts(rng, 1, P.HIT, [])
     P.check_fits("mixed-16x1k+hit", 30, 1216)
+
+
+def test_profile_runs_each_phase_unmeasured_first(tmp_path, monkeypatch):
+    """--warm-passes: each phase runs that many times unmeasured (its requests added, stepped and
+    aborted) before the measured pass, so that first-use costs fall outside it; one report entry per
+    phase, from the last pass; request ids name the pass. On a stand-in engine (no GPU here)."""
+    import json
+    import sys
+    import types
+
+    import torch
+
+    from vllm_vattention.bench import profile as P
+    added, aborted, steps = [], [], [0]
+
+    class Engine:
+        vllm_config = types.SimpleNamespace(attention_config=types.SimpleNamespace(backend="FLASH_ATTN"))
+
+        def add_request(self, rid, prompt, params):
+            added.append(rid)
+            return rid
+
+        def step(self):
+            steps[0] += 1
+
+        def abort_request(self, ids, internal=False):
+            aborted.append(list(ids))
+
+    class LLM:
+        def __init__(self, **kw):
+            self.llm_engine = Engine()
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=lambda **kw: kw))
+    monkeypatch.setitem(sys.modules, "vllm.inputs", types.SimpleNamespace(TokensPrompt=lambda **kw: kw))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+
+    class NoKernels:  # torch.profiler.profile's CUDA activity needs a GPU
+        def __init__(self, **kw):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def key_averages(self):
+            return []
+    monkeypatch.setattr(torch.profiler, "profile", NoKernels)
+    out = tmp_path / "prof.json"
+    P.main(["--out", str(out), "--phases", "mixed-4x1k+1k", "--max-model-len", "2200", "--warm-passes", "2"])
+    report = json.load(open(out))
+    assert [p["phase"] for p in report["phases"]] == ["mixed-4x1k+1k"]
+    assert [rid.split("-")[2] for rid in added] == ["p0"] * 5 + ["p1"] * 5 + ["p2"] * 5  # 4 requests + 1 late each
+    assert [a[0].split("-")[2] for a in aborted] == ["p0", "p1", "p2"]
+    assert steps[0] == 3 * (20 + 4 + 3)  # per pass: the warm steps, the phase's 4 steps, 3 after the abort

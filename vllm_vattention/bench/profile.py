@@ -56,6 +56,9 @@ def main(argv=None) -> None:
                          "graphs run FA2 over whole rows (serving in the suite: 1216; `vllm serve`'s "
                          "default for this model: 131072)")
     ap.add_argument("--cpu-profile", action="store_true", help="also cProfile the engine thread over the same steps")
+    ap.add_argument("--warm-passes", type=int, default=1,
+                    help="unmeasured runs of each phase before the measured one (first-use costs: lazily loaded "
+                         "kernels, FA2's JIT cache, new allocation sizes; results before NOTES #95 had none)")
     ap.add_argument("--report", nargs="+", metavar="JSON",
                     help="only write a markdown table comparing these runs (the first is the baseline) to --out")
     args = ap.parse_args(argv)
@@ -83,61 +86,72 @@ def main(argv=None) -> None:
         sp = SamplingParams(max_tokens=min(1024, args.max_model_len - max(in_len, more_len)), ignore_eos=True,
                             temperature=1.0)
 
-        first: list[list[int]] = []
+        # warm passes: the phase run unmeasured first, so that first-use costs (kernels loaded lazily
+        # or compiled from the JIT cache, new allocation sizes) fall outside the measured pass
+        for pass_ in range(args.warm_passes + 1):
+            measure = pass_ == args.warm_passes
+            first: list[list[int]] = []
 
-        def add(tag, count, length, params=sp):
-            prompts = make_prompts(rng, count, length, first)
-            first.extend(prompts if not first else [])
-            return [engine.add_request(f"{name}-{tag}{i}", TokensPrompt(prompt_token_ids=p), params)
-                    for i, p in enumerate(prompts)]
-        ids = []
-        if more_len == HIT:
-            # the hit's original: a request that finishes after its prefill, so that its blocks stay
-            # cached and its row is free (as the 4 req/s run's requests were when the 16 req/s run's
-            # whole hits came); the late prompts copy it
-            ids += add("seed-", more, in_len, SamplingParams(max_tokens=1, ignore_eos=True))
-        ids += add("", n, in_len)
-        for _ in range(warm):
-            engine.step()
-        ids += add("late-", more, more_len)  # their prefill chunks share the next steps with the decodes
-        torch.cuda.synchronize()
-        # a prefill phase: its first steps; a mixed one: the ~4 steps that carry the late prompts' chunks
-        steps = 4 if more else (args.steps if warm else 6)
-        cpu = cProfile.Profile() if args.cpu_profile else None
-        hooks = ours(llm, reset=True)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            t = time.perf_counter()
-            with (cpu if cpu is not None else contextlib.nullcontext()):
+            def add(tag, count, length, params=sp):
+                prompts = make_prompts(rng, count, length, first)
+                first.extend(prompts if not first else [])
+                return [engine.add_request(f"{name}-p{pass_}-{tag}{i}", TokensPrompt(prompt_token_ids=p), params)
+                        for i, p in enumerate(prompts)]
+            ids = []
+            if more_len == HIT:
+                # the hit's original: a request that finishes after its prefill, so that its blocks stay
+                # cached and its row is free (as the 4 req/s run's requests were when the 16 req/s run's
+                # whole hits came); the late prompts copy it
+                ids += add("seed-", more, in_len, SamplingParams(max_tokens=1, ignore_eos=True))
+            ids += add("", n, in_len)
+            for _ in range(warm):
+                engine.step()
+            ids += add("late-", more, more_len)  # their prefill chunks share the next steps with the decodes
+            torch.cuda.synchronize()
+            # a prefill phase: its first steps; a mixed one: the ~4 steps that carry the late prompts' chunks
+            steps = 4 if more else (args.steps if warm else 6)
+            if not measure:
                 for _ in range(steps):
                     engine.step()
-            torch.cuda.synchronize()
-            wall = time.perf_counter() - t
-        kernels = {}
-        for e in prof.key_averages():
-            dt = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
-            if dt > 0:
-                kernels[e.key] = kernels.get(e.key, 0.0) + dt / 1e3  # ms
-        total = sum(kernels.values())
-        attn = sum(v for k, v in kernels.items() if any(m in k for m in ATTENTION_MARKERS))
-        top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
-        phase = {"phase": name, "steps": steps, "wall_ms_per_step": 1e3 * wall / steps,
-                 "gpu_ms_per_step": total / steps, "gpu_busy": total / (1e3 * wall),
-                 "attention_ms_per_step": attn / steps, "attention_share_of_gpu": attn / total if total else None,
-                 "top_kernels_ms_per_step": [(k[:120], round(v / steps, 4)) for k, v in top]}
-        hooks = ours(llm)
-        if hooks:
-            # our hooks on the engine thread in this process, where no output thread competes for the
-            # GIL (VLLM_ENABLE_V1_MULTIPROCESSING=0); the suite's numbers come from the engine process
-            # (NOTES.md #31). Under --cpu-profile they include cProfile's overhead.
-            phase["our_hooks_ms_per_step"] = {k: round(1e3 * hooks[k + "_seconds"] / max(hooks["steps"], 1), 4)
-                                              for k in ("prepare_attn", "map", "metadata_build")}
-        if cpu is not None:
-            phase["cpu_top_functions_ms_per_step"] = top_functions(cpu, steps)
-        report["phases"].append(phase)
-        print(json.dumps({k: v for k, v in phase.items() if not k.startswith(("top_", "cpu_top"))}), flush=True)
-        engine.abort_request(ids, internal=True)
-        for _ in range(3):
-            engine.step()
+                engine.abort_request(ids, internal=True)
+                for _ in range(3):
+                    engine.step()
+                continue
+            cpu = cProfile.Profile() if args.cpu_profile else None
+            hooks = ours(llm, reset=True)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                t = time.perf_counter()
+                with (cpu if cpu is not None else contextlib.nullcontext()):
+                    for _ in range(steps):
+                        engine.step()
+                torch.cuda.synchronize()
+                wall = time.perf_counter() - t
+            kernels = {}
+            for e in prof.key_averages():
+                dt = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+                if dt > 0:
+                    kernels[e.key] = kernels.get(e.key, 0.0) + dt / 1e3  # ms
+            total = sum(kernels.values())
+            attn = sum(v for k, v in kernels.items() if any(m in k for m in ATTENTION_MARKERS))
+            top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
+            phase = {"phase": name, "steps": steps, "wall_ms_per_step": 1e3 * wall / steps,
+                     "gpu_ms_per_step": total / steps, "gpu_busy": total / (1e3 * wall),
+                     "attention_ms_per_step": attn / steps, "attention_share_of_gpu": attn / total if total else None,
+                     "top_kernels_ms_per_step": [(k[:120], round(v / steps, 4)) for k, v in top]}
+            hooks = ours(llm)
+            if hooks:
+                # our hooks on the engine thread in this process, where no output thread competes for the
+                # GIL (VLLM_ENABLE_V1_MULTIPROCESSING=0); the suite's numbers come from the engine process
+                # (NOTES.md #31). Under --cpu-profile they include cProfile's overhead.
+                phase["our_hooks_ms_per_step"] = {k: round(1e3 * hooks[k + "_seconds"] / max(hooks["steps"], 1), 4)
+                                                  for k in ("prepare_attn", "map", "metadata_build")}
+            if cpu is not None:
+                phase["cpu_top_functions_ms_per_step"] = top_functions(cpu, steps)
+            report["phases"].append(phase)
+            print(json.dumps({k: v for k, v in phase.items() if not k.startswith(("top_", "cpu_top"))}), flush=True)
+            engine.abort_request(ids, internal=True)
+            for _ in range(3):
+                engine.step()
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
 
