@@ -52,3 +52,8 @@ def test_each_steps_hooks_are_reported_apart_for_admitting_steps():
     assert r["admitting_hooks_ms_p90"] >= adm and r["other_steps_hooks_ms_p90"] >= other
     assert adm > other
     assert H._p50_p90([]) == {"p50": 0.0, "p90": 0.0} and H._p50_p90([3.0, 1.0, 2.0]) == {"p50": 2.0, "p90": 3.0}
+    # and by part, per kind of admitting step (as the step trace's hook_parts_ms, NOTES #93/#94): 1,024-token
+    # prompts with no shared block are all prefill admissions; an admission plans its row in "admit"
+    parts = r["admitting_parts_ms_p50"]
+    assert list(parts) == ["new, >= 256 tokens"] and list(parts["new, >= 256 tokens"]) == list(H.PHASES)
+    assert parts["new, >= 256 tokens"]["admit"] > 0 and parts["new, >= 256 tokens"]["remove"] >= 0
