@@ -124,6 +124,7 @@ HOOK_PARTS = ("remove", "admit", "extend", "rows", "extents", "publish", "stream
 # A traced step that admits requests keeps its hooks part by part (the trace's hook_parts_ms): these,
 # then the metadata build.
 TRACE_PARTS = HOOK_PARTS + ("build",)
+PREPARE_PARTS = ("rows", "extents", "publish", "stream_wait", "stage")  # timed inside prepare_attn
 
 
 class StepTrace:
@@ -481,7 +482,7 @@ class VattnModelRunner(V2ModelRunner):
         trace = self.step_trace
         if trace is not None:
             st, flags = self.vattn.mapper.stats, self.flag_timer
-            before = (st.block_maps, st.drains, flags.issued if flags else 0, self._hooks_so_far(), self._hook_parts())
+            before = (st.block_maps, st.drains, flags.issued if flags else 0, self.prepare_seconds, self._hook_parts())
         out = super().execute_model(scheduler_output, *args, **kwargs)
         if self._pending_reads:
             t_fence = time.perf_counter()
@@ -500,18 +501,14 @@ class VattnModelRunner(V2ModelRunner):
         self.steps += 1
         if trace is not None:
             issued = flags.issued if flags else 0
+            parts = [a - b for a, b in zip(self._hook_parts(), before[4])]
+            # the step's hooks in all: prepare_attn (its parts rows ... stage, and the moments between
+            # them), then the parts outside it (the request hooks, the fence, warm(), the metadata build)
+            hooks = self.prepare_seconds - before[3] + sum(p for k, p in zip(TRACE_PARTS, parts)
+                                                           if k not in PREPARE_PARTS)
             _trace_step(trace, t, end, scheduler_output, st.block_maps - before[0], st.drains - before[1],
-                        issued - 1 if issued > before[2] else -1, self._hooks_so_far() - before[3],
-                        [a - b for a, b in zip(self._hook_parts(), before[4])])
+                        issued - 1 if issued > before[2] else -1, hooks, parts)
         return out
-
-    def _hooks_so_far(self) -> float:
-        """Seconds in our hooks on the engine thread since the last reset (for the step trace):
-        prepare_attn (its parts rows ... stage), the request hooks, the fence, warm() and the
-        metadata build."""
-        hs = self.hook_seconds or {}
-        return (self.prepare_seconds + sum(hs.get(k, 0.0) for k in ("remove", "admit", "extend", "fence", "warm"))
-                + sum(b.build_seconds for b in self._vattn_builders()))
 
     def _hook_parts(self) -> list[float]:
         """Seconds in each of our hooks' parts since the last reset, in TRACE_PARTS order."""
