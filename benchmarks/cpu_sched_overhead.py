@@ -305,14 +305,15 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             if spares or lent or mgr.guard_ahead:
                 mgr.warm()
             c8 = time.perf_counter()
-            for k, dt in zip(PHASES, (c1 - c0, c2 - c1, c3 - c2, c5 - c4, c6 - c5, c7 - c6, c8 - c7)):
+            dts = (c1 - c0, c2 - c1, c3 - c2, c5 - c4, c6 - c5, c7 - c6, c8 - c7)  # in PHASES order
+            for k, dt in zip(PHASES, dts):
                 t[k] += dt
             # this step's hooks in all (the step trace's hooks_ms, without the driver's and the GPU's
             # calls): admitting steps apart, since a prefix hit's admission step is CPU-bound (NOTES #85)
             step_ms[bool(out.scheduled_new_reqs)].append(1e3 * (c8 - c0))
             if out.scheduled_new_reqs:
                 kind = serve_hits.step_kind(len(out.scheduled_new_reqs), out.total_num_scheduled_tokens)
-                admit_parts.setdefault(kind, []).append((c1 - c0, c2 - c1, c3 - c2, c5 - c4, c6 - c5, c7 - c6, c8 - c7))
+                admit_parts.setdefault(kind, []).append(dts)
             sampled = [[100] if live[r].num_computed_tokens >= live[r].num_tokens else [] for r in ids]
             sched.update_from_output(out, ModelRunnerOutput(req_ids=ids, req_id_to_index={r: k for k, r in enumerate(ids)},
                                                             sampled_token_ids=sampled))
