@@ -71,7 +71,6 @@ def main(argv=None) -> None:
 
     check_fits(args.phases, args.steps, args.max_model_len)
     import torch
-    from torch.profiler import ProfilerActivity, profile
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -89,7 +88,6 @@ def main(argv=None) -> None:
         # warm passes: the phase run unmeasured first, so that first-use costs (kernels loaded lazily
         # or compiled from the JIT cache, new allocation sizes) fall outside the measured pass
         for pass_ in range(args.warm_passes + 1):
-            measure = pass_ == args.warm_passes
             first: list[list[int]] = []
 
             def add(tag, count, length, params=sp):
@@ -110,50 +108,57 @@ def main(argv=None) -> None:
             torch.cuda.synchronize()
             # a prefill phase: its first steps; a mixed one: the ~4 steps that carry the late prompts' chunks
             steps = 4 if more else (args.steps if warm else 6)
-            if not measure:
+            if pass_ == args.warm_passes:  # the measured pass
+                report["phases"].append(measure_steps(llm, name, steps, args.cpu_profile))
+            else:
                 for _ in range(steps):
                     engine.step()
-                engine.abort_request(ids, internal=True)
-                for _ in range(3):
-                    engine.step()
-                continue
-            cpu = cProfile.Profile() if args.cpu_profile else None
-            hooks = ours(llm, reset=True)
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                t = time.perf_counter()
-                with (cpu if cpu is not None else contextlib.nullcontext()):
-                    for _ in range(steps):
-                        engine.step()
-                torch.cuda.synchronize()
-                wall = time.perf_counter() - t
-            kernels = {}
-            for e in prof.key_averages():
-                dt = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
-                if dt > 0:
-                    kernels[e.key] = kernels.get(e.key, 0.0) + dt / 1e3  # ms
-            total = sum(kernels.values())
-            attn = sum(v for k, v in kernels.items() if any(m in k for m in ATTENTION_MARKERS))
-            top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
-            phase = {"phase": name, "steps": steps, "wall_ms_per_step": 1e3 * wall / steps,
-                     "gpu_ms_per_step": total / steps, "gpu_busy": total / (1e3 * wall),
-                     "attention_ms_per_step": attn / steps, "attention_share_of_gpu": attn / total if total else None,
-                     "top_kernels_ms_per_step": [(k[:120], round(v / steps, 4)) for k, v in top]}
-            hooks = ours(llm)
-            if hooks:
-                # our hooks on the engine thread in this process, where no output thread competes for the
-                # GIL (VLLM_ENABLE_V1_MULTIPROCESSING=0); the suite's numbers come from the engine process
-                # (NOTES.md #31). Under --cpu-profile they include cProfile's overhead.
-                phase["our_hooks_ms_per_step"] = {k: round(1e3 * hooks[k + "_seconds"] / max(hooks["steps"], 1), 4)
-                                                  for k in ("prepare_attn", "map", "metadata_build")}
-            if cpu is not None:
-                phase["cpu_top_functions_ms_per_step"] = top_functions(cpu, steps)
-            report["phases"].append(phase)
-            print(json.dumps({k: v for k, v in phase.items() if not k.startswith(("top_", "cpu_top"))}), flush=True)
             engine.abort_request(ids, internal=True)
             for _ in range(3):
                 engine.step()
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
+
+
+def measure_steps(llm, name: str, steps: int, cpu_profile: bool) -> dict:
+    """The next `steps` engine steps of phase `name` under torch.profiler (CUDA kernels) and, with
+    `cpu_profile`, cProfile: wall and kernel time per step, attention's share, the top kernels, our
+    hooks' time (vAttention only) and the engine thread's top functions."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    engine = llm.llm_engine
+    cpu = cProfile.Profile() if cpu_profile else None
+    ours(llm, reset=True)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        with (cpu if cpu is not None else contextlib.nullcontext()):
+            for _ in range(steps):
+                engine.step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    kernels = {}
+    for e in prof.key_averages():
+        dt = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+        if dt > 0:
+            kernels[e.key] = kernels.get(e.key, 0.0) + dt / 1e3  # ms
+    total = sum(kernels.values())
+    attn = sum(v for k, v in kernels.items() if any(m in k for m in ATTENTION_MARKERS))
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
+    phase = {"phase": name, "steps": steps, "wall_ms_per_step": 1e3 * wall / steps,
+             "gpu_ms_per_step": total / steps, "gpu_busy": total / (1e3 * wall),
+             "attention_ms_per_step": attn / steps, "attention_share_of_gpu": attn / total if total else None,
+             "top_kernels_ms_per_step": [(k[:120], round(v / steps, 4)) for k, v in top]}
+    hooks = ours(llm)
+    if hooks:
+        # our hooks on the engine thread in this process, where no output thread competes for the
+        # GIL (VLLM_ENABLE_V1_MULTIPROCESSING=0); the suite's numbers come from the engine process
+        # (NOTES.md #31). Under --cpu-profile they include cProfile's overhead.
+        phase["our_hooks_ms_per_step"] = {k: round(1e3 * hooks[k + "_seconds"] / max(hooks["steps"], 1), 4)
+                                          for k in ("prepare_attn", "map", "metadata_build")}
+    if cpu is not None:
+        phase["cpu_top_functions_ms_per_step"] = top_functions(cpu, steps)
+    print(json.dumps({k: v for k, v in phase.items() if not k.startswith(("top_", "cpu_top"))}), flush=True)
+    return phase
 
 
 def make_prompts(rng: random.Random, count: int, length: int, first: list[list[int]]) -> list[list[int]]:
