@@ -69,7 +69,7 @@ for s in $steps; do
           > "$OUT/prefix.log" 2>&1; echo "rc=$?"; grep -E "passed|failed|Error" "$OUT/prefix.log" | tail -3;;
     mix_check) # VATTN_DECODE_KERNEL=fa2-graphs and VATTN_FA3_SCHEDULE=1 end to end against stock: logprobs
         # within the FA2/FA3 spread, prefills chunked beside decodes (NOTES #89, #91); on a fresh
-        # machine FA2's JIT and FlashInfer's autotune take ~3 min of it
+        # machine FA2's JIT compile (in the first FA2 engine's warm-up) takes ~3 min of it
         timeout 560 python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/gpu/test_e2e_gpu.py -k mixed_steps \
           > "$OUT/mix.log" 2>&1; echo "rc=$?"; grep -E "passed|failed|Error|absdiff" "$OUT/mix.log" | tail -5;;
     lend_check) # VATTN_LEND_BLOCKS end to end against stock under a tight budget (every lent block handed

@@ -151,7 +151,7 @@ def first_start_note(cfg: VattnConfig, capability: tuple[int, int]) -> str | Non
     engine start 92-122 s instead of 6-20 s, once per machine; ~26 MB land in the driver's JIT cache."""
     if not cfg.decode_kernel.startswith("fa2") or capability[0] < 9:
         return None
-    return (f"decode=fa2 on a compute capability {capability[0]}.{capability[1]} GPU: vLLM's FA2 kernels ship as "
+    return (f"decode={cfg.decode_kernel} on a compute capability {capability[0]}.{capability[1]} GPU: vLLM's FA2 kernels ship as "
             "sm_80 code and PTX, so the CUDA driver compiles the ones used at the first start on this "
             "machine (about 1.5-2 minutes on an H200), then reuses them from its JIT cache (~/.nv/ComputeCache, "
             "or $CUDA_CACHE_PATH; keep it across container restarts). VATTN_DECODE_KERNEL=fa3 avoids it.")
