@@ -128,7 +128,9 @@ for s in $steps; do
             VLLM_ENABLE_V1_MULTIPROCESSING=0 timeout ${PROF_TIMEOUT:-180} python3 -m vllm_vattention.bench.profile \
             --out "$OUT/prof-$sys$t.json" ${PROF_ARGS:-} > "$OUT/prof-$sys$t.log" 2>&1; echo "$sys rc=$?"
           reports="$reports $OUT/prof-$sys$t.json"; done
-        python3 -m vllm_vattention.bench.profile --report $reports --out "$OUT/profile$t.md";;
+        python3 -m vllm_vattention.bench.profile --report $reports --out "$OUT/profile$t.md"
+        # at most 8 files come back from $OUT: pack each system's JSON and log (2 per system) into one archive
+        ( cd "$OUT" && tar czf "prof$t.tgz" prof-*$t.json prof-*$t.log && rm -f prof-*$t.json prof-*$t.log );;
     kbench) # decode attention at serving geometry: paged FA3 vs FA2 over our rows, FA2's split count swept
         timeout ${KB_TIMEOUT:-540} python3 -m vllm_vattention.bench.kbench --out "$OUT" ${KB_ARGS:-} > "$OUT/kbench.log" 2>&1
         echo "rc=$?"; grep "^|" "$OUT"/*-kbench.md | head -14;;
