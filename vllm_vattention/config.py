@@ -6,7 +6,7 @@
 | VATTN_LAYOUT | interleaved, per_layer | interleaved | how a token's KV is laid out in a row |
 | VATTN_RECLAIM | deferred, eager | deferred | keep a released row's pages mapped, or unmap them |
 | VATTN_DECODE_KERNEL | fa2, fa3, fa2-graphs | fa2 | fa2: FA2 for every one-token query, FA3 for the rest (two launches per layer in a mixed batch); fa3: FA3 for everything (every row guarded); fa2-graphs: FA2 in decode-only batches (the CUDA-graph steps), FA3 for the whole of a mixed batch (one launch per layer; decode rows then need FA3's guard, so guards are kept while requests run, VATTN_KEEP_GUARDS defaulting to 1, and extended in the background as rows grow). benchmarks/NOTES.md #89, #90 (checked against stock on an H200; not the default: prefill steps lost 5.8% at 16 req/s) |
-| VATTN_FA3_SCHEDULE | 0, 1 | 0 | 1: FA3's scheduler metadata computed once per mixed step and handed to every layer (as stock vLLM does), not by each layer's FA3 call; benchmarks/NOTES.md #91, not yet run on a GPU |
+| VATTN_FA3_SCHEDULE | 0, 1 | 0 | 1: FA3's scheduler metadata computed once per mixed step and handed to every layer (as stock vLLM does), not by each layer's FA3 call; benchmarks/NOTES.md #91; measured on an H200 with no gain (#96), so off |
 | VATTN_FA2_SPLITS | integer 0-128 | 0 | FA2 decode: the parts each sequence's keys are split into (0: FA2's own heuristic, from the batch, the heads and the row length); `vattn-kbench` sweeps it |
 | VATTN_BACKGROUND_MAP | 0, 1, stream | stream | 0: driver calls on the engine thread before the step launches; 1: on a native thread (no GIL), joined before the step launches; stream: on that thread, and the GPU stream waits for them (cuStreamWaitValue32 on a host flag), the CPU never joins |
 | VATTN_EXTRA_ROWS | integer >= 0 | max_num_seqs | rows beyond max_num_seqs, so a new request rarely waits for a row still read by a step in flight |
@@ -113,8 +113,8 @@ class VattnConfig:
     extra_rows: int | None = None
     guard_tokens: int = 256
     fa3_guard: str = "clipped"
-    # FA3's scheduler metadata once per step for every layer (ops.fa3_schedule); off until measured on
-    # a GPU (benchmarks/NOTES.md #91)
+    # FA3's scheduler metadata once per step for every layer (ops.fa3_schedule); off: no gain measured
+    # on an H200 (benchmarks/NOTES.md #91, #96)
     fa3_schedule: bool = False
     # a count or "auto" (resolved by spare_blocks_for() once the step size and the KV budget are known);
     # None: not given, which means auto in stream mode and 0 otherwise (benchmarks/NOTES.md #29)
