@@ -11,6 +11,7 @@ from hypothesis.stateful import initialize, invariant, precondition, rule
 
 from helpers import PAGE, SMALL, BlockingFence, FakeStream, ManagerMachineBase, machine_settings, make_manager
 from vllm_vattention.memory import ZERO, FakeDriver, KVMemoryManager, make_layout
+from vllm_vattention.errors import MappingError
 from vllm_vattention.memory.pool import PagePool
 
 
@@ -1009,3 +1010,43 @@ def test_guard_ahead_extends_a_growing_rows_guard_in_the_background(driver, spar
     mgr.mapper.check_invariants()
     mgr.close()
     assert driver.leaks() == []
+
+
+def test_cold_spares_are_exactly_the_spares_mapped_nowhere_as_they_change_hands(driver):
+    """mapper.cold_spares() keeps a set of candidates instead of scanning every spare per call: it
+    must still yield every spare mapped nowhere, and only those, after swaps (a fresh block's former
+    frame becomes a spare, mapped or not), unmaps of aliases, warming and lending."""
+    mgr = make_manager(driver, rows=6, num_blocks=8, spare_blocks=3)
+    mgr.WARM_ROWS = 2
+
+    def cold_now():
+        return {f for f in mgr.pool.spare_frames if f not in mgr.mapper.where}
+
+    assert list(mgr.mapper.cold_spares()) == sorted(cold_now()) == [8, 9, 10]
+    r = mgr.acquire_row()
+    mgr.set_blocks(r, [0, 1], fresh_from=0)  # fresh blocks move into mapped spares or take cold ones
+    assert set(mgr.mapper.cold_spares()) == cold_now()
+    mgr.release_row(r)
+    mgr.warm()
+    mgr.sync()
+    assert set(mgr.mapper.cold_spares()) == cold_now()
+    r1 = mgr.acquire_row()
+    mgr.set_blocks(r1, [0, 1], fresh_from=0)  # handed out fresh again: their frames become spares
+    assert set(mgr.mapper.cold_spares()) == cold_now()
+    mgr.warm()  # unmaps aliases in the idle row: those frames become cold, then warm the next row
+    mgr.sync()
+    assert set(mgr.mapper.cold_spares()) == cold_now()
+    assert mgr.lend_unused(2) == 2  # never-handed-out blocks' frames become spares mapped nowhere
+    lent = cold_now()
+    assert len(lent) >= 2 and set(mgr.mapper.cold_spares()) == lent
+    mgr.mapper.check_invariants()
+    mgr.close()
+
+
+def test_a_spare_mapped_nowhere_that_the_mapper_lost_track_of_fails_the_invariants(driver):
+    mgr = make_manager(driver, rows=4, num_blocks=8, spare_blocks=2)
+    mgr.mapper.check_invariants()
+    mgr.mapper._cold.discard(9)  # as if an unmap or a new spare had not been recorded
+    with pytest.raises(MappingError, match=r"not tracked as cold: \[9\]"):
+        mgr.mapper.check_invariants()
+    mgr.close()

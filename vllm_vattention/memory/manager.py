@@ -531,8 +531,7 @@ class KVMemoryManager:
 
     def _cold_spares(self):
         """Spare frames mapped nowhere (warm() and guard slots take these)."""
-        where = self.mapper.where
-        return (f for f in self.pool.spare_frames if f not in where)
+        return self.mapper.cold_spares()
 
     def ensure_readable(self, row: int, num_tokens: int) -> None:
         """Tokens [0, num_tokens) of `row` will be readable: where nothing is mapped, a spare frame

@@ -76,6 +76,10 @@ class RowMapper:
         self.base_va = base_va
         self.slots: list[list[int | None]] = [[None] * layout.blocks_per_row for _ in range(layout.rows)]
         self.where: dict[int, set[tuple[int, int]]] = {}  # block id -> {(row, slot)} that map it
+        # every spare frame mapped nowhere is in here (and some that no longer are: cold_spares()
+        # drops those as it meets them): the spares at the start, then each spare whose last mapping
+        # was unmapped, and each frame that became a spare (pool.take_new_spares)
+        self._cold: set[int] = set(pool.spare_frames)
         self._inflight: deque[tuple[Fence, dict[int, int]]] = deque()
         self._readable = [0] * layout.rows  # slots [0, _readable[row]) are known to be mapped
         self.stats = MapperStats()
@@ -150,6 +154,8 @@ class RowMapper:
             users.discard((row, slot))
             if not users:
                 del self.where[old]
+                if old in self.pool.spare_frames:
+                    self._cold.add(old)
 
     def _map_slots(self, row: int, items: list[tuple[int, int]], counter: str = "block_maps") -> None:
         """Map (slot, target) pairs of one row: every cuMemMap first, then one cuMemSetAccess per
@@ -249,6 +255,19 @@ class RowMapper:
             self._map_slots(row, changes)
         self._flush()
         return len(changes)
+
+    def cold_spares(self) -> Iterator[int]:
+        """Spare frames mapped nowhere, each checked as it is reached (the caller may map the ones
+        it took before asking for the next). Costs what the cold spares and the frames that changed
+        since the last call number, not what all spares do: warm(), growth and guard slots call it
+        every step, and most spares are mapped (warm rows) in steady state."""
+        cold, spare, where = self._cold, self.pool.spare_frames, self.where
+        cold |= self.pool.take_new_spares()
+        for f in sorted(cold):  # (lowest first: the order does not matter, but a fixed one helps tests)
+            if f in spare and f not in where:
+                yield f
+            else:
+                cold.discard(f)  # (mapped or no longer a spare: an unmap or take_new_spares adds it back)
 
     def _spares_for_lent(self, live_rows: Container[int] | None) -> Iterator[int]:
         """Spare frames for lent blocks handed out where no spare is mapped: those mapped nowhere
@@ -510,6 +529,9 @@ class RowMapper:
                     seen.setdefault(t, set()).add((r, s))
         if seen != self.where:
             raise MappingError(f"reverse index out of sync: {seen} != {self.where}")
+        lost = {f for f in self.pool.spare_frames if f not in seen} - self._cold - self.pool.new_spares
+        if lost:
+            raise MappingError(f"spare frames mapped nowhere but not tracked as cold: {sorted(lost)}")
         for r, row in enumerate(self.slots):
             if any(t is None for t in row[:self._readable[r]]):
                 raise MappingError(f"row {r}: a slot below the readable mark {self._readable[r]} is unmapped")

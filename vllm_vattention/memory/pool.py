@@ -68,6 +68,7 @@ class PagePool:
         self._frame_of: list[int | None] = list(range(num_blocks))  # block -> frame (None: lent)
         self.spare_frames: set[int] = set(range(num_blocks, self.num_frames))  # owned by no block
         self.respared: list[int] = []  # frames that became spares (swap, lend) since a reader cleared it
+        self.new_spares: set[int] = set()  # the same, since the mapper last took them (take_new_spares)
         self.lent = 0  # blocks whose frame is lent out as a spare (lend()), not handed out since
         self.max_seen = -1  # the highest block id frames() was asked for: ids above were never handed out
 
@@ -114,6 +115,7 @@ class PagePool:
         else:
             self.spare_frames.add(old)
             self.respared.append(old)
+            self.new_spares.add(old)
         return old
 
     def lend(self, blocks) -> int:
@@ -128,9 +130,15 @@ class PagePool:
         for b in blocks:
             self.spare_frames.add(fo[b])
             self.respared.append(fo[b])
+            self.new_spares.add(fo[b])
             fo[b] = None
         self.lent += len(blocks)
         return len(blocks)
+
+    def take_new_spares(self) -> set[int]:
+        """The frames that became spares since the last call (each at most once), and forget them."""
+        new, self.new_spares = self.new_spares, set()
+        return new
 
     def _check(self, block: int) -> None:
         if not 0 <= block < self.num_blocks:
