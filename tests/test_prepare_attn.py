@@ -180,7 +180,7 @@ def test_step_trace_records_each_steps_new_requests_tokens_and_maps(runner, monk
     from vllm_vattention.worker import TRACE_PARTS
     parts = dict(zip(TRACE_PARTS, steps[0][8]))
     assert parts["admit"] == pytest.approx(0.5, abs=0.05) and sum(parts.values()) == pytest.approx(0.5, abs=0.05)
-    assert steps[1][8] is None
+    assert steps[1][8] == [0.0] * len(TRACE_PARTS)  # a decode step keeps its parts too (here: none spent)
     runner.step_trace.write(None)
     assert json.load(open(tmp_path / "steps.json"))["steps"][0][2:7] == [1, 40, 3, 0, -1]
 

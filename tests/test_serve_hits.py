@@ -164,10 +164,10 @@ def test_step_kinds_split_each_traced_run_by_what_its_steps_scheduled():
     assert r0["max_admitted"] == 4 and r0["steps_admitting_3"] == 1
 
 
-def test_step_kinds_show_an_admitting_steps_hooks_part_by_part():
-    """A trace with each admitting step's hooks split by part (worker.TRACE_PARTS, NOTES #93): the
-    median of each part per step kind, in a table of its own; steps without parts (decode steps,
-    stock's trace) add none, and a trace without the field gives no table."""
+def test_step_kinds_show_each_kinds_hooks_part_by_part():
+    """A trace with each step's hooks split by part (worker.TRACE_PARTS, NOTES #93, #98): the median
+    of each part per step kind, in a table of its own; steps without parts (decode steps in traces
+    before #98, stock's trace) add none, and a trace without the field gives no table."""
     from vllm_vattention.worker import TRACE_PARTS
     per = {"t0": 1000.0, "start_s": [0.0, 0.01], "ttft_ms": [20.0, 20.0], "tpot_ms": [0.04, 0.04],
            "input_len": [1024, 1024]}
@@ -185,5 +185,12 @@ def test_step_kinds_show_an_admitting_steps_hooks_part_by_part():
     assert list(rows["new, >= 256 tokens"]["hook_parts_ms_p50"]) == list(TRACE_PARTS)
     md = H.step_kinds_markdown(list(rows.values()))
     assert "part by part" in md and "| serve-rate-4 | vattn-fa2 | 0 | new, < 256 tokens | 0.000 |" in md
+    assert "| no new request |" not in md.split("part by part")[1]
+    # a trace with decode steps' parts too (#98): their kind gets a row of its own
+    now = {**trace, "steps": [st[:8] + [p(0.05, 0.02) if st[8] is None else st[8]] for st in trace["steps"]]}
+    rows = {r["kind"]: r for r in H.step_kinds(res, lambda name: now)}
+    assert rows["no new request"]["hook_parts_ms_p50"]["warm"] == pytest.approx(0.05)
+    assert "| serve-rate-4 | vattn-fa2 | 0 | no new request | 0.000 | 0.000 | 0.000 | 0.000 | 0.020 |" in \
+        H.step_kinds_markdown(list(rows.values())).split("part by part")[1]
     old = {**trace, "fields": fields[:-1], "steps": [st[:-1] for st in trace["steps"]]}
     assert "part by part" not in H.step_kinds_markdown(H.step_kinds(res, lambda name: old))

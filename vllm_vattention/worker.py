@@ -121,8 +121,7 @@ class StreamWaitTimer:
 # wait (with its timing events), the rows/slots sent to the GPU; after the launch, the step's
 # fence (an event and the reads it guards) and warming spare frames.
 HOOK_PARTS = ("remove", "admit", "extend", "rows", "extents", "publish", "stream_wait", "stage", "fence", "warm")
-# A traced step that admits requests keeps its hooks part by part (the trace's hook_parts_ms): these,
-# then the metadata build.
+# A traced step keeps its hooks part by part (the trace's hook_parts_ms): these, then the metadata build.
 TRACE_PARTS = HOOK_PARTS + ("build",)
 PREPARE_PARTS = ("rows", "extents", "publish", "stream_wait", "stage")  # timed inside prepare_attn
 
@@ -135,9 +134,9 @@ class StepTrace:
     `t0`), execute_model's duration with our hooks (ms), new requests, scheduled tokens, block maps
     and DRAINs planned on the step's path, the index of the GPU's wait at the mapping flag it
     enqueued (-1: none; `flag_waits_ms` gives each wait's length), and how much of the step's time
-    went to our hooks (prepare_attn, the metadata build, the fence and warm(); 0 for stock), and for a
-    step that admits requests the same split by part (ms in TRACE_PARTS order; null otherwise and
-    for stock)."""
+    went to our hooks (prepare_attn, the metadata build, the fence and warm(); 0 for stock), and the
+    same split by part (ms in TRACE_PARTS order; null for stock). Traces before NOTES #98 kept the
+    parts only for steps that admit requests."""
 
     FIELDS = ("start_s", "ms", "new_reqs", "tokens", "block_maps", "drains", "flag_wait", "hooks_ms",
               "hook_parts_ms")
@@ -188,7 +187,7 @@ def _trace_step(trace: StepTrace, start: float, end: float, scheduler_output, bl
     so = scheduler_output  # (read defensively: a trace must never stop a step)
     new_reqs = len(getattr(so, "scheduled_new_reqs", ()) or ())
     trace.add(start, end, new_reqs, getattr(so, "total_num_scheduled_tokens", 0), block_maps, drains, flag_wait,
-              hooks_s, parts_s if new_reqs else None)
+              hooks_s, parts_s)
 
 
 def _write_trace(trace: StepTrace, flag_waits_ms: list[float] | None) -> None:

@@ -241,7 +241,8 @@ def step_kinds(results: list[dict], load_trace: Callable[[str], dict | None]) ->
         fields = list(trace["fields"])
         i_start, i_ms, i_new, i_tok = (fields.index(k) for k in ("start_s", "ms", "new_reqs", "tokens"))
         i_hooks = fields.index("hooks_ms") if "hooks_ms" in fields else None  # (traces before NOTES #88 have none)
-        # an admitting step's hooks part by part (traces before NOTES #93 have none; stock's are null)
+        # each step's hooks part by part (traces before NOTES #93 have none, those before #98 only for
+        # admitting steps; stock's are null)
         i_parts = fields.index("hook_parts_ms") if "hook_parts_ms" in fields else None
         steps = [st for st in trace["steps"] if lo <= trace["t0"] + st[i_start] <= hi]
         by: dict[str, list[tuple]] = {k: [] for k in STEP_KINDS}
@@ -283,9 +284,9 @@ def step_kinds_markdown(rows: list[dict]) -> str:
         lines += [f"| {w} | {sy} | {rep} | {r['max_admitted']} | {r['steps_admitting_3']} |"
                   for (w, sy, rep), r in runs.items()]
     parted = [r for r in rows if r.get("hook_parts_ms_p50")]
-    if parted:  # which of our hooks the admitting steps' share is (the parts' medians need not add up to it)
+    if parted:  # which of our hooks each kind of step's share is (the parts' medians need not add up to it)
         names = list(parted[0]["hook_parts_ms_p50"])
-        lines += ["", "Our hooks in the steps that admit requests, part by part (ms, median over the kind's steps):",
+        lines += ["", "Our hooks part by part, by step kind (ms, median over the kind's steps):",
                   "", "| workload | system | rep | step | " + " | ".join(names) + " |",
                   "|---|---|---|---|" + "---|" * len(names)]
         lines += [f"| {r['workload']} | {r['system']} | {r['rep']} | {r['kind']} | "
