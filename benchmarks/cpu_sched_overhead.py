@@ -215,6 +215,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
     step_ms: dict[bool, list[float]] = {False: [], True: []}  # each step's hooks in all, by whether it admits
     # an admitting step's hooks part by part, by serve_hits.step_kind (as the step trace's hook_parts_ms)
     admit_parts: dict[str, list[tuple]] = {}
+    other_parts: list[tuple] = []  # the other steps' (decode steps'), as the trace keeps them since NOTES #98
 
     def zero_counts() -> None:
         mgr.reset_stats()
@@ -314,6 +315,8 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             if out.scheduled_new_reqs:
                 kind = serve_hits.step_kind(len(out.scheduled_new_reqs), out.total_num_scheduled_tokens)
                 admit_parts.setdefault(kind, []).append(dts)
+            else:
+                other_parts.append(dts)
             sampled = [[100] if live[r].num_computed_tokens >= live[r].num_tokens else [] for r in ids]
             sched.update_from_output(out, ModelRunnerOutput(req_ids=ids, req_id_to_index={r: k for k, r in enumerate(ids)},
                                                             sampled_token_ids=sampled))
@@ -356,6 +359,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
         step_ms[False].clear()
         step_ms[True].clear()
         admit_parts.clear()
+        other_parts.clear()
         steps = drive(prompts, outs, arrivals=arrivals)
         s = mgr.stats()
         per_step = {k: round(1e3 * v / steps, 4) for k, v in t.items()}
@@ -380,6 +384,8 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
                for name, v in _p50_p90(xs).items()},
             "admitting_parts_ms_p50": {kind: {k: round(1e3 * float(np.median(c)), 4) for k, c in zip(PHASES, zip(*xs))}
                                        for kind, xs in sorted(admit_parts.items())},
+            "other_steps_parts_ms_p50": ({k: round(1e3 * float(np.median(c)), 4) for k, c in zip(PHASES, zip(*other_parts))}
+                                         if other_parts else None),
             **({"flag_model": flag_model(timeline)} if timed else {})})
     return results if chain else results[0]
 

@@ -57,3 +57,7 @@ def test_each_steps_hooks_are_reported_apart_for_admitting_steps():
     parts = r["admitting_parts_ms_p50"]
     assert list(parts) == ["new, >= 256 tokens"] and list(parts["new, >= 256 tokens"]) == list(H.PHASES)
     assert parts["new, >= 256 tokens"]["admit"] > 0 and parts["new, >= 256 tokens"]["remove"] >= 0
+    # the other steps by part too: decode steps admit nothing, and extend rows as requests grow
+    other = r["other_steps_parts_ms_p50"]
+    assert list(other) == list(H.PHASES) and other["admit"] < parts["new, >= 256 tokens"]["admit"]
+    assert other["read_extents"] > 0
