@@ -1043,10 +1043,32 @@ def test_cold_spares_are_exactly_the_spares_mapped_nowhere_as_they_change_hands(
     mgr.close()
 
 
-def test_a_spare_mapped_nowhere_that_the_mapper_lost_track_of_fails_the_invariants(driver):
+def test_a_spare_mapped_nowhere_that_the_mapperlost_track_of_fails_the_invariants(driver):
     mgr = make_manager(driver, rows=4, num_blocks=8, spare_blocks=2)
     mgr.mapper.check_invariants()
     mgr.mapper._cold.discard(9)  # as if an unmap or a new spare had not been recorded
     with pytest.raises(MappingError, match=r"not tracked as cold: \[9\]"):
         mgr.mapper.check_invariants()
+    mgr.close()
+
+
+def test_cold_candidates_do_not_pile_up_when_callers_stop_early(driver):
+    """Frames keep becoming spares while still mapped in some row (deferred reclamation: a block
+    handed out fresh moves into a spare, its former frame stays mapped where it was used), and
+    callers that find a cold spare early stop there, leaving the candidates after it unchecked.
+    mapper.cold_spares() must keep its candidates within a constant of the spares mapped nowhere."""
+    mgr = make_manager(driver, rows=10, max_tokens=32 * 16, num_blocks=400, spare_blocks=8)
+    pool, mapper = mgr.pool, mgr.mapper
+    assert mgr.layout.blocks_per_row >= 30
+    for row in range(10):  # blocks 100..399 mapped, 30 to a row (mapper level: no requests)
+        mapper.set_blocks(row, list(range(100 + 30 * row, 130 + 30 * row)))
+    pool.swap(0, 400)  # block 0 (mapped nowhere) moves into a spare: frame 0, the lowest, is cold
+    taken = 401
+    for i in range(300):
+        pool.swap(100 + i, taken)  # frame 100 + i becomes a spare, still mapped in its row
+        taken = 100 + i
+        assert next(mapper.cold_spares()) == 0  # a caller that needs one finds frame 0, and stops
+        assert len(mapper._cold) <= 2 * 8 + 64 + 1, (i, len(mapper._cold))
+    cold = {f for f in pool.spare_frames if f not in mapper.where}
+    assert cold == {0, *range(402, 408)} and set(mapper.cold_spares()) == cold
     mgr.close()

@@ -80,6 +80,7 @@ class RowMapper:
         # drops those as it meets them): the spares at the start, then each spare whose last mapping
         # was unmapped, and each frame that became a spare (pool.take_new_spares)
         self._cold: set[int] = set(pool.spare_frames)
+        self._cold_prune_at = 2 * len(self._cold) + 64  # cold_spares() drops stale candidates past this size
         self._inflight: deque[tuple[Fence, dict[int, int]]] = deque()
         self._readable = [0] * layout.rows  # slots [0, _readable[row]) are known to be mapped
         self.stats = MapperStats()
@@ -263,13 +264,17 @@ class RowMapper:
         every step, and most spares are mapped (warm rows) in steady state."""
         cold, spare, where = self._cold, self.pool.spare_frames, self.where
         cold |= self.pool.take_new_spares()
+        if len(cold) > self._cold_prune_at:
+            # callers that stop early leave candidates unchecked, and frames keep becoming spares (a
+            # swap per fresh block): drop all stale ones once the set doubled since the last time, so
+            # it stays within a constant of the cold spares (pruning every call measured slower)
+            self._cold = cold = {f for f in cold if f in spare and f not in where}
+            self._cold_prune_at = 2 * len(cold) + 64
         for f in sorted(cold):  # (lowest first: the order does not matter, but a fixed one helps tests)
             if f in spare and f not in where:
                 yield f
             else:  # (mapped or no longer a spare: an unmap or take_new_spares adds it back)
-                cold.discard(f)  # only those reached: a caller that stops early leaves the rest for later
-                # calls (pruning all each call measured slower in the CPU harness; the set stays a set
-                # of frame ids, so at worst this sorts the spares, as the scan it replaced walked them)
+                cold.discard(f)
 
     def _spares_for_lent(self, live_rows: Container[int] | None) -> Iterator[int]:
         """Spare frames for lent blocks handed out where no spare is mapped: those mapped nowhere
