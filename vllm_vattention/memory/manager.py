@@ -80,8 +80,10 @@ class KVMemoryManager:
     # window changed; the others look at the spares that can have become free since: frames that
     # became spares (swaps, lends), spares in rows acquired, released or whose guard was let go,
     # and those a step in flight kept last time (each scan was ~1-2 ms of the engine thread with
-    # 2,048 spares, most of warm(), and found what these hold: NOTES #78)
-    ALIAS_FULL_EVERY = 8
+    # 2,048 spares, most of warm(), and found what these hold: NOTES #78). The periodic full scan is
+    # a safety net: at 8 it freed nothing the others missed in any of ten CPU-harness workloads
+    # (every count the same at 8, 64 and never) and was most of the admitting steps' p90 (NOTES #99)
+    ALIAS_FULL_EVERY = 64
     # after growth slots last ran short of spares, warm() keeps only GROWTH_WARM_ROWS free rows warm for
     # this many calls (two blocks of decode steps: the next wave of growth) unless a new request takes
     # a row, so that spares do not move back and forth between free rows and growth slots at every wave
