@@ -150,11 +150,13 @@ def test_step_kinds_split_each_traced_run_by_what_its_steps_scheduled():
     assert none["steps"] == 2 and none["to_next_ms_p50"] == pytest.approx(3.0)  # 5 and 1 ms
     assert none["to_next_s_sum"] == pytest.approx(0.006)
     md = H.step_kinds_markdown(rows)
-    assert "| serve-rate-4 | stock-fa3 | 0 | new, >= 256 tokens | 1 | 20.00 | - | 22.00 | 0.02 |" in md
+    assert "| serve-rate-4 | stock-fa3 | 0 | new, >= 256 tokens | 1 | 20.00 | - | - | 22.00 | 0.02 |" in md
     # a trace with our hooks' time per step (NOTES #88) gets that column filled
     hooked = {**trace, "fields": fields + ["hooks_ms"], "steps": [st + [0.75] for st in trace["steps"]]}
     (row,) = [r for r in H.step_kinds(res[1:], lambda name: hooked) if r["kind"] == "new, < 256 tokens"]
-    assert row["hooks_ms_p50"] == 0.75 and "| 3.00 | 0.75 | 6.00 |" in H.step_kinds_markdown([row])
+    assert row["hooks_ms_p50"] == 0.75 and "| 3.00 | 0.75 | 0.75 | 6.00 |" in H.step_kinds_markdown([row])
+    # and its tail: the 90th percentile by nearest rank (one slow step in ten does not show, two do; NOTES #99)
+    assert H._p90([1.0] * 9 + [5.0]) == 1.0 and H._p90([1.0] * 8 + [5.0, 6.0]) == 5.0 and H._p90([2.0]) == 2.0
     assert H.step_kind(0, 5000) == "no new request" and H.step_kind(2, 255) == "new, < 256 tokens"
     # the backlog signs per run: at most one request was admitted per step here
     assert all(r["max_admitted"] == 1 and r["steps_admitting_3"] == 0 for r in rows)
