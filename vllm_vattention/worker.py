@@ -140,7 +140,7 @@ class StepTrace:
 
     FIELDS = ("start_s", "ms", "new_reqs", "tokens", "block_maps", "drains", "flag_wait", "hooks_ms",
               "hook_parts_ms")
-    MAX_STEPS = 500_000  # ~50 MB at most; later steps are counted, not kept
+    MAX_STEPS = 500_000  # ~65 MB at most (~130 bytes a step with its parts); later steps are counted, not kept
 
     def __init__(self, path: str, clock=time.perf_counter):
         self.path = path
