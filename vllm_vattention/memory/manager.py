@@ -405,7 +405,7 @@ class KVMemoryManager:
             guard[row] = want
         self._ahead_rows = later
         if spans:
-            mapper.guard_ahead(spans, itertools.islice(self._cold_spares(), self.pad_reserve, None))
+            mapper.guard_ahead(spans, self._spares_past_reserve())
 
     def _warm_growth(self) -> int:
         """growth_ahead: a spare mapped nowhere (past the pad reserve), in the background, in the
@@ -427,7 +427,7 @@ class KVMemoryManager:
             elif cur is None or mapper.read_bound(row) <= s:
                 todo.append((row, s))  # (else a step in flight reads the slot: next time)
         if todo:
-            done = self.mapper.map_ahead(todo, itertools.islice(self._cold_spares(), self.pad_reserve, None))
+            done = self.mapper.map_ahead(todo, self._spares_past_reserve())
             for row, _ in todo[:done]:
                 del self._grow[row]
             # out of spares mapped nowhere: none to be had until spares change hands (a swap, a
@@ -439,7 +439,7 @@ class KVMemoryManager:
         """Warm `rows` in order, `depth` slots each, with spares mapped nowhere (past the pad
         reserve); returns the row it stopped at (out of spares, or still read in flight), None if
         all are warm."""
-        spares = itertools.islice(self._cold_spares(), self.pad_reserve, None)
+        spares = self._spares_past_reserve()
         for row in rows:
             got[row] = self.mapper.warm(row, depth, spares, row in in_flight)
             if got[row] < depth:
@@ -534,6 +534,11 @@ class KVMemoryManager:
     def _cold_spares(self):
         """Spare frames mapped nowhere (warm() and guard slots take these)."""
         return self.mapper.cold_spares()
+
+    def _spares_past_reserve(self):
+        """The cold spares that work planned in the background may take: all but the first
+        pad_reserve, which stay for the guard slots a step maps while it waits (ensure_readable)."""
+        return itertools.islice(self._cold_spares(), self.pad_reserve, None)
 
     def ensure_readable(self, row: int, num_tokens: int) -> None:
         """Tokens [0, num_tokens) of `row` will be readable: where nothing is mapped, a spare frame
