@@ -283,9 +283,9 @@ class RowMapper:
         a block's frame, as a released row's stale slot does: warm() and set_blocks() treat it so
         (replaced, after the steps that read it), and reads of it are masked (an idle row, or past a
         running row's end: a guard slot, whose row then pays a remap when it grows there)."""
-        where, spare = self.where, self.pool.spare_frames
+        yield from self.cold_spares()
+        spare = self.pool.spare_frames
         snapshot = list(spare)  # (checked again as each is taken: the caller's swaps take spares too)
-        yield from (f for f in snapshot if f not in where and f in spare)
         if live_rows is not None:
             yield from (f for f in snapshot if f in spare and not self._mapped_live(f, live_rows))
         yield from (f for f in snapshot if f in spare)
