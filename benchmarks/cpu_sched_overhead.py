@@ -394,8 +394,7 @@ def _p50_p90(xs: list[float]) -> dict[str, float]:
     """Median and 90th percentile (nearest rank) of a step's hooks in ms; zeros for no steps."""
     if not xs:
         return {"p50": 0.0, "p90": 0.0}
-    ys = sorted(xs)
-    return {"p50": ys[len(ys) // 2], "p90": ys[min(len(ys) - 1, int(0.9 * len(ys)))]}
+    return {"p50": sorted(xs)[len(xs) // 2], "p90": serve_hits.p90(xs)}
 
 
 def main() -> None:

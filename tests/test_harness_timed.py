@@ -52,6 +52,7 @@ def test_each_steps_hooks_are_reported_apart_for_admitting_steps():
     assert r["admitting_hooks_ms_p90"] >= adm and r["other_steps_hooks_ms_p90"] >= other
     assert adm > other
     assert H._p50_p90([]) == {"p50": 0.0, "p90": 0.0} and H._p50_p90([3.0, 1.0, 2.0]) == {"p50": 2.0, "p90": 3.0}
+    assert H._p50_p90([1.0] * 8 + [5.0, 6.0])["p90"] == 5.0  # nearest rank, as serve_hits' p90 for the server
     # and by part, per kind of admitting step (as the step trace's hook_parts_ms, NOTES #93/#94): 1,024-token
     # prompts with no shared block are all prefill admissions; an admission plans its row in "admit"
     parts = r["admitting_parts_ms_p50"]

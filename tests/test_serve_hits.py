@@ -156,7 +156,7 @@ def test_step_kinds_split_each_traced_run_by_what_its_steps_scheduled():
     (row,) = [r for r in H.step_kinds(res[1:], lambda name: hooked) if r["kind"] == "new, < 256 tokens"]
     assert row["hooks_ms_p50"] == 0.75 and "| 3.00 | 0.75 | 0.75 | 6.00 |" in H.step_kinds_markdown([row])
     # and its tail: the 90th percentile by nearest rank (one slow step in ten does not show, two do; NOTES #99)
-    assert H._p90([1.0] * 9 + [5.0]) == 1.0 and H._p90([1.0] * 8 + [5.0, 6.0]) == 5.0 and H._p90([2.0]) == 2.0
+    assert H.p90([1.0] * 9 + [5.0]) == 1.0 and H.p90([1.0] * 8 + [5.0, 6.0]) == 5.0 and H.p90([2.0]) == 2.0
     assert H.step_kind(0, 5000) == "no new request" and H.step_kind(2, 255) == "new, < 256 tokens"
     # the backlog signs per run: at most one request was admitted per step here
     assert all(r["max_admitted"] == 1 and r["steps_admitting_3"] == 0 for r in rows)

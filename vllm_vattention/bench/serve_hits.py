@@ -259,7 +259,7 @@ def step_kinds(results: list[dict], load_trace: Callable[[str], dict | None]) ->
                             **backlog,
                             "steps": len(xs), "execute_ms_p50": statistics.median(x[0] for x in xs),
                             "hooks_ms_p50": statistics.median(x[2] for x in xs) if i_hooks is not None else None,
-                            "hooks_ms_p90": _p90([x[2] for x in xs]) if i_hooks is not None else None,
+                            "hooks_ms_p90": p90([x[2] for x in xs]) if i_hooks is not None else None,
                             "hook_parts_ms_p50": dict(zip(trace.get("hook_parts", ()),
                                                           (statistics.median(c) for c in zip(*parts))))
                             if parts else None,
@@ -268,8 +268,9 @@ def step_kinds(results: list[dict], load_trace: Callable[[str], dict | None]) ->
     return out
 
 
-def _p90(xs: list[float]) -> float:
-    """The 90th percentile by nearest rank (the tail a step kind's hooks have: NOTES #99)."""
+def p90(xs: list[float]) -> float:
+    """The 90th percentile by nearest rank (the tail a step kind's hooks have: NOTES #99; the CPU
+    harness's too)."""
     return sorted(xs)[max(0, -(-9 * len(xs) // 10) - 1)]
 
 
