@@ -30,6 +30,7 @@ from vllm_vattention.config import VattnConfig
 from vllm_vattention.memory import KVMemoryManager, RequestRows, make_layout
 from vllm_vattention.memory.executor import ACCESS_RO, ACCESS_RW, DRAIN, MAP, UNMAP
 from vllm_vattention.memory.native import NativeExecutor, null_table
+from vllm_vattention.worker import has_prefill
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKLOADS = {"1024-in-128-out": (1024, 128, 300), "8192-in-256-out": (8192, 256, 64),
@@ -166,7 +167,8 @@ def flag_model(timeline: list[tuple]) -> dict:
 def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 1024, warmup: bool = True,
         native: bool = False, chain: list[str] | None = None, lend: int | str = 0, block_size: int = 16,
         growth: bool = False, keep_guards: bool = False, decode_kernel: str = "fa2",
-        serve_prompts: str = "bench", prefix_rows: bool = True, timed: bool = False) -> dict | list[dict]:
+        serve_prompts: str = "bench", prefix_rows: bool = True, timed: bool = False,
+        warm_defer: bool = True) -> dict | list[dict]:
     """One workload in a fresh scheduler and manager; or, with `chain`, the suite's sequence in one
     engine (offline.py): an untimed warm-up of 16 x 64-token prompts (16 out), then each workload of
     `chain` in turn, the counters reset before each (a list of results, one per workload). lend: the
@@ -175,7 +177,8 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
     (VATTN_GROWTH_AHEAD). decode_kernel: VATTN_DECODE_KERNEL (fa3: decode rows get FA3's over-read
     guard too, as the worker gives them). serve_prompts: the serving workloads' prompts, "bench" (what
     `vllm bench serve` sends: prefix hits) or "distinct" (no two share a block). prefix_rows: the
-    manager's (VATTN_PREFIX_ROWS). timed: the native thread in simulated time (_TimedExecutor): when
+    manager's (VATTN_PREFIX_ROWS). warm_defer: VATTN_WARM_DEFER (warm() in a step with prefill chunks
+    defers, as the worker asks it to: worker.has_prefill). timed: the native thread in simulated time (_TimedExecutor): when
     each step's mappings were done (`flag_model`)."""
     from vllm.sampling_params import SamplingParams
     from vllm.v1.outputs import ModelRunnerOutput
@@ -304,7 +307,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             mgr.record_read_slots(_LaggingFence(), reads)
             c7 = time.perf_counter()
             if spares or lent or mgr.guard_ahead:
-                mgr.warm()
+                mgr.warm(defer=warm_defer and has_prefill(out))
             c8 = time.perf_counter()
             dts = (c1 - c0, c2 - c1, c3 - c2, c5 - c4, c6 - c5, c7 - c6, c8 - c7)  # in PHASES order
             for k, dt in zip(PHASES, dts):
@@ -422,12 +425,15 @@ def main() -> None:
                     help="serving workloads: the prompts vllm bench serve sends (prefix hits), or distinct ones")
     ap.add_argument("--timed", action="store_true",
                     help="the native thread in simulated time at the H200's driver costs: the GPU's wait at the flag (flag_model)")
+    ap.add_argument("--warm-now", action="store_true",
+                    help="VATTN_WARM_DEFER=0: warm() plans after every step, prefill chunks or not")
     ap.add_argument("--fifo-rows", action="store_true",
                     help="VATTN_PREFIX_ROWS=0: rows in FIFO order only (prefix hits mapped into warm rows)")
     args = ap.parse_args()
     kw = dict(warmup=not args.no_warmup, native=args.native, lend=args.lend, block_size=args.block_size,
               growth=args.growth, decode_kernel=args.decode_kernel, keep_guards=args.keep_guards,
-              serve_prompts=args.serve_prompts, prefix_rows=not args.fifo_rows, timed=args.timed)
+              serve_prompts=args.serve_prompts, prefix_rows=not args.fifo_rows, timed=args.timed,
+              warm_defer=not args.warm_now)
     if args.profile:
         prof = cProfile.Profile()
         r = prof.runcall(run, args.workload, args.num_blocks, args.spares, **kw)

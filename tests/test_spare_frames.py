@@ -234,6 +234,72 @@ def test_a_block_hit_in_the_step_it_is_fresh_for_another_request_keeps_its_frame
     assert driver.leaks() == []
 
 
+def _admit_then_warm(driver, ready_rows: int, defer: bool):
+    """Two admissions (fresh blocks into warm rows), warm() after each; the second asked to defer."""
+    mgr = make_manager(driver, rows=7, num_blocks=16, spare_blocks=8)
+    mgr.DEFER_READY_ROWS = ready_rows
+    r = mgr.acquire_row()
+    mgr.set_blocks(r, [0, 1], fresh_from=0)
+    assert mgr.warm() == 8  # the next four rows, two deep
+    r2 = mgr.acquire_row()
+    mgr.set_blocks(r2, [2, 3], fresh_from=0)  # into r2's spares: their former frames are spares now
+    calls = mgr.mapper.executor.background_submitted
+    return mgr, mgr.warm(defer=defer), calls
+
+
+def test_warm_defers_while_the_next_rows_are_warm_and_plans_at_the_next_call(driver):
+    """VATTN_WARM_DEFER: in a step with prefill chunks warm(defer=True) plans nothing while the next
+    DEFER_READY_ROWS rows are warm to the depth; the next call without defer plans what the
+    deferred one would have (same slots, same spares)."""
+    now, got_now, _ = _admit_then_warm(FakeDriver(granularity=PAGE), 3, defer=False)
+    assert got_now == 8  # the three rows still warm, and the next one with the two freed spares
+    mgr, got, calls = _admit_then_warm(driver, 3, defer=True)
+    assert got == 0 and mgr.stats()["warm_deferred"] == 1
+    assert mgr.mapper.executor.background_submitted == calls  # nothing planned
+    assert mgr.warm(defer=True) == 0 and mgr.stats()["warm_deferred"] == 2  # still ready: deferred again
+    assert mgr.warm() == got_now and mgr.mapper.executor.background_submitted > calls
+    assert mgr.mapper.slots == now.mapper.slots and mgr.pool.spare_frames == now.pool.spare_frames
+    assert mgr.warm(defer=True) == 0 and mgr.stats()["warm_deferred"] == 2  # nothing changed: not a deferral
+    for m in (mgr, now):
+        m.mapper.check_invariants()
+        m.close()
+    assert driver.leaks() == []
+
+
+def test_warm_plans_despite_defer_when_fewer_rows_than_ready_rows_are_warm(driver):
+    """Only three rows are warm after the second admission; with DEFER_READY_ROWS 4 a burst could
+    find a cold row, so warm(defer=True) plans as warm() does."""
+    mgr, got, calls = _admit_then_warm(driver, 4, defer=True)
+    assert got == 8 and mgr.stats()["warm_deferred"] == 0 and mgr.mapper.executor.background_submitted > calls
+    mgr.mapper.check_invariants()
+    mgr.close()
+    assert driver.leaks() == []
+
+
+def test_warm_defer_config_and_the_steps_that_defer():
+    """VATTN_WARM_DEFER (default on; 0 for A/B runs, suite system vattn-warm-now), and which steps
+    ask to defer: those that schedule prompt tokens (worker.has_prefill), not decode-only steps,
+    speculative tokens included."""
+    from types import SimpleNamespace
+
+    from vllm_vattention.config import ConfigError, VattnConfig
+    from vllm_vattention.worker import has_prefill
+
+    assert VattnConfig.from_env({}).warm_defer is True
+    assert VattnConfig.from_env({"VATTN_WARM_DEFER": "0"}).warm_defer is False
+    with pytest.raises(ConfigError, match="VATTN_WARM_DEFER"):
+        VattnConfig.from_env({"VATTN_WARM_DEFER": "later"})
+
+    def step(tokens, spec=None):
+        return SimpleNamespace(num_scheduled_tokens=tokens, total_num_scheduled_tokens=sum(tokens.values()),
+                               scheduled_spec_decode_tokens=spec or {})
+
+    assert not has_prefill(step({"a": 1, "b": 1}))
+    assert has_prefill(step({"a": 1, "b": 1024}))
+    assert not has_prefill(step({"a": 3, "b": 1}, {"a": [7, 8]}))  # two speculative tokens: a decode
+    assert has_prefill(step({"a": 4, "b": 1}, {"a": [7, 8]}))
+
+
 def test_warm_does_nothing_when_nothing_changed(driver):
     """A decode step acquires, releases and swaps nothing: warm() must not rescan the warm rows."""
     mgr = make_manager(driver, rows=6, num_blocks=16, spare_blocks=4)
@@ -499,13 +565,14 @@ class SpareMachine(ManagerMachineBase):
         for f in self.mgr.pool.spare_frames:  # a spare still mapped is mapped in a held row too
             assert not where.get(f) or any(r in self.active for r, _ in where[f]), f
 
-    @rule()
-    def step_and_warm(self):
+    @rule(defer=st.booleans())
+    def step_and_warm(self, defer):
         reads = {r: len(b) * self.bs for r, b in self.active.items() if b}
         if reads:
             self.launch(reads)
         waits = self.mgr.mapper.stats.hazard_waits
-        self.mgr.warm()
+        self.mgr.DEFER_READY_ROWS = 2  # (the machine's few rows; a deferred call plans nothing)
+        self.mgr.warm(defer=defer)
         assert self.mgr.mapper.stats.hazard_waits == waits  # warm() unmaps only what no step in flight reads
 
     @rule(count=st.integers(1, 4))

@@ -17,6 +17,7 @@
 | VATTN_GROWTH_AHEAD | 0, 1 | 0 | stream mode: warm() keeps the slot past each running request's blocks mapped with a spare frame (in the background), so that its next block (decode growth, one every block_size tokens) moves in without a driver call while its step waits; short of spares, only a few free rows stay warm for new requests (memory/manager.py _warm_growth). Off until measured on a GPU (CPU harness: benchmarks/NOTES.md #61) |
 | VATTN_KEEP_GUARDS | 0, 1 | 1 with VATTN_DECODE_KERNEL=fa2-graphs (0 refused there), else 0 | 1: keep FA3's over-read guard past a running request's blocks (and the spare frames in it) for the request's life, the rule before benchmarks/NOTES.md #62; 0: let it go once the request decodes (FA2 reads no further than its tokens), so its spares warm rows for new requests. For A/B runs (suite system vattn-keep-guards) |
 | VATTN_PREFIX_ROWS | 0, 1 | 1 | 1: a new request whose first blocks are prefix-cache hits gets the free row that still maps them at the same slots (deferred reclamation kept the mappings of the request that computed them), when that maps fewer blocks than a warm row, which must map every hit while the step waits (benchmarks/NOTES.md #71); 0: rows in FIFO order only. For A/B runs (suite system vattn-fifo-rows) |
+| VATTN_WARM_DEFER | 0, 1 | 1 | 1: in a step that carries prefill chunks (its engine thread is on the critical path) warm() plans nothing while the next rows new requests get are warm already; the planning and its driver calls move to the next decode-only step, whose CPU time hides behind the GPU (benchmarks/NOTES.md #100); 0: warm() plans after every step. For A/B runs (suite system vattn-warm-now) |
 | VATTN_STEP_TRACE | a file path in an existing folder | unset | each serving step's timing, our hooks' share (and by part), written as JSON at shutdown (worker.StepTrace); on a stock run vLLM's own runner with only this trace |
 | VATTN_PREFIX_EVICTION | lru, discard-lru, second-chance, adaptive | lru | prefix-cache eviction order in vLLM's scheduler (prefix_eviction.py); works with any attention backend |
 | VATTN_PREFIX_MIN_USERS | integer >= 2 | 2 | the one bit: a cached block used by at least this many requests is "keep" (discard-lru: not evicted before the others; second-chance: one more pass through the free queue; adaptive: in the list evicted second, by a share learned from misses) |
@@ -123,6 +124,7 @@ class VattnConfig:
     growth_ahead: bool = False
     keep_guards: bool | None = None  # None: not given, which means on for decode_kernel fa2-graphs only
     prefix_rows: bool = True
+    warm_defer: bool = True
     prefix_eviction: str = "lru"
     prefix_min_users: int = DEFAULT_MIN_USERS
     step_trace: str = ""  # VATTN_STEP_TRACE: a JSON file each serving step's timing is written to at shutdown
@@ -148,6 +150,7 @@ class VattnConfig:
             growth_ahead=_flag(env, "VATTN_GROWTH_AHEAD", False),
             keep_guards=_flag(env, "VATTN_KEEP_GUARDS", None),
             prefix_rows=_flag(env, "VATTN_PREFIX_ROWS", True),
+            warm_defer=_flag(env, "VATTN_WARM_DEFER", True),
             prefix_eviction=_choice(env, "VATTN_PREFIX_EVICTION", PREFIX_EVICTION_MODES, "lru"),
             prefix_min_users=_int(env, "VATTN_PREFIX_MIN_USERS", DEFAULT_MIN_USERS, minimum=2),
             step_trace=env.get("VATTN_STEP_TRACE", "").strip(),

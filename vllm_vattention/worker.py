@@ -190,6 +190,13 @@ def _trace_step(trace: StepTrace, start: float, end: float, scheduler_output, bl
               hooks_s, parts_s)
 
 
+def has_prefill(scheduler_output) -> bool:
+    """The step schedules prompt tokens: more than one token per request beyond its speculative ones."""
+    so = scheduler_output
+    spec = sum(len(t) for t in so.scheduled_spec_decode_tokens.values())
+    return so.total_num_scheduled_tokens > len(so.num_scheduled_tokens) + spec
+
+
 def _write_trace(trace: StepTrace, flag_waits_ms: list[float] | None) -> None:
     try:
         trace.write(flag_waits_ms)
@@ -492,8 +499,10 @@ class VattnModelRunner(V2ModelRunner):
             if self.vattn.pool.spare_frames or self.vattn.guard_ahead:
                 # the step is launched, so the GPU is busy: plan the rows the next new requests get
                 # and the guards running rows outgrew (the native thread maps them while no step
-                # waits for it)
-                self.vattn.warm()
+                # waits for it). A step with prefill chunks keeps the engine thread on the critical
+                # path to its end (its execute_model lasts about as long as its GPU work, NOTES #100):
+                # there warm() may leave the planning to the next decode-only step
+                self.vattn.warm(defer=self.vattn_cfg.warm_defer and has_prefill(scheduler_output))
                 self._account("warm", t_warm)
         end = time.perf_counter()
         self.execute_seconds += end - t

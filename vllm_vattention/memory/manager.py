@@ -48,7 +48,8 @@ from .pool import PagePool
 RECLAIM_POLICIES = ("deferred", "eager")
 # warm()'s outcomes, counted (stats()): calls that planned, that found nothing changed, that stopped at
 # a row a step in flight still reads or at the end of the spares mapped nowhere; the last depth
-_WARM_COUNTS = ("warm_calls", "warm_unchanged", "warm_stopped_in_flight", "warm_stopped_no_spare", "warm_depth")
+_WARM_COUNTS = ("warm_calls", "warm_unchanged", "warm_deferred", "warm_stopped_in_flight", "warm_stopped_no_spare",
+                "warm_depth")
 # new requests' blocks (set_blocks from slot 0): admissions, blocks moved into spares, mapped, unmapped first;
 # and the admissions that took the free row still mapping their prefix hits (acquire_row)
 _ADMIT_COUNTS = ("admissions", "admit_swaps", "admit_maps", "admit_unmaps", "prefix_rows_taken")
@@ -88,6 +89,11 @@ class KVMemoryManager:
     # this many calls (two blocks of decode steps: the next wave of growth) unless a new request takes
     # a row, so that spares do not move back and forth between free rows and growth slots at every wave
     GROWTH_HOLD = 32
+    # warm(defer=True) (a step whose engine thread is on the critical path: one carrying prefill
+    # chunks) leaves its planning to a later call while the next this many rows acquire_row() hands
+    # out are warm to the depth (a burst of new requests still finds warm rows: at most 5-6 were
+    # admitted in one step at 16 requests/s, NOTES #100)
+    DEFER_READY_ROWS = 8
 
     def __init__(self, driver: Driver, layout: Layout, num_blocks: int, reclaim: str = "deferred",
                  background: bool | str = False, spare_blocks: int = 0, growth_ahead: bool = False,
@@ -290,12 +296,14 @@ class KVMemoryManager:
             if not (self.growth_ahead and start > 0):
                 self._warm_stale = True
 
-    def warm(self) -> int:
+    def warm(self, defer: bool = False) -> int:
         """Map spare frames, in the background, into the rows acquire_row() hands out next, each as
         deep as the most fresh blocks a recent new request had, until no spare is left unmapped.
         Call once per step, after the step's mappings were published. Returns slots now warm.
         With growth_ahead, running requests' growth slots are served first (_warm_growth); with
-        guard_ahead, running rows' guards are extended first (_extend_guards, spares or not)."""
+        guard_ahead, running rows' guards are extended first (_extend_guards, spares or not).
+        defer: the caller's thread is short of time now; while the next DEFER_READY_ROWS rows are
+        warm, the planning waits for a call without it (the guards' bookkeeping runs either way)."""
         if self._ahead_rows:
             self._extend_guards()
         if not self.pool.spare_frames:
@@ -325,6 +333,9 @@ class KVMemoryManager:
         depth = max(self._recent_fresh)
         counts["warm_depth"] = depth
         if depth == 0:
+            return 0
+        if defer and not growth_short and self._rows_ready(depth):
+            counts["warm_deferred"] += 1  # (still stale: the next call without defer plans)
             return 0
         counts["warm_calls"] += 1
         bounds = self.mapper.read_bounds()
@@ -364,6 +375,13 @@ class KVMemoryManager:
         warm = sum(got.values())
         self._trace_warm(depth, warm, len(got), len(in_flight), freed)
         return warm
+
+    def _rows_ready(self, depth: int) -> bool:
+        """The next DEFER_READY_ROWS rows acquire_row() hands out hold spares in their first `depth`
+        slots (planned: a row's next change waits for its background ops)."""
+        rows = list(itertools.islice(self._free_rows, self.DEFER_READY_ROWS))
+        spare, slots = self.pool.spare_frames, self.mapper.slots
+        return len(rows) == self.DEFER_READY_ROWS and all(spare.issuperset(slots[r][:depth]) for r in rows)
 
     def _drop_stale_guards(self) -> None:
         """A running request's guard (FA3's over-read slots past its blocks, often holding spares:
