@@ -102,6 +102,15 @@ def test_cli_reads_the_result_and_its_traces_from_the_results_folder(tmp_path, m
     out = capsys.readouterr().out
     assert "| serve-rate-4 | whole prompt | 1 | vattn-fa2 | 25.00 | 1.000x |" in out  # the test request cached it
     assert "| serve-rate-4 | whole prompt | vattn-fa2 | 1 | 25.00 | 1.00 | 5.00 | 1.50 | 2.00 | 0.00 | 10.00 |" in out
+    # a committed trace is kept compressed (steps-v.json.gz): read in place of the missing .json
+    import gzip
+    with gzip.open(tmp_path / "steps-v.json.gz", "wt") as f:
+        f.write(json.dumps(trace))
+    (tmp_path / "steps-v.json").unlink()
+    H.main([str(tmp_path / "r.json")])
+    assert "| serve-rate-4 | whole prompt | vattn-fa2 | 1 | 25.00 | 1.00 | 5.00 | 1.50 | 2.00 | 0.00 | 10.00 |" in \
+        capsys.readouterr().out
+    (tmp_path / "steps-v.json.gz").unlink()
     # a trace cut off mid-write (an engine killed at shutdown): the classes are still reported,
     # without the step windows, and stderr says which file it could not read
     (tmp_path / "steps-v.json").write_text(json.dumps(trace)[:40])

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import functools
+import gzip
 import os
 import statistics
 import sys
@@ -317,10 +318,13 @@ def main(argv=None) -> None:
     @functools.lru_cache(maxsize=None)  # one server's trace serves its workloads and both tables: read once
     def load_trace(name: str) -> dict | None:
         path = os.path.join(folder, name)
+        if not os.path.exists(path) and os.path.exists(path + ".gz"):
+            path += ".gz"  # (committed traces are kept compressed: ~1 MB each with hooks part by part)
         if not os.path.exists(path):
             return None
         try:
-            return json.load(open(path))
+            with (gzip.open if path.endswith(".gz") else open)(path, "rt") as f:
+                return json.load(f)
         except ValueError as e:  # cut off: an engine killed while writing it (before the suite's
             # --shutdown-timeout); the per-class table is still right without it
             print(f"{path}: not a whole trace ({e}); its server's requests are reported without step windows",
