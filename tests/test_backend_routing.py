@@ -109,3 +109,47 @@ def test_forward_hands_every_layer_the_steps_schedule(monkeypatch):
         impl.forward(None, torch.zeros(n, 32 * 128), None, None, kv, md, torch.zeros(n, 32 * 128))
     assert calls["fa2"] == 3 and len(calls["fa3"]) == 3
     assert all(s is md.fa3_schedule for s in calls["fa3"])
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.stride() == b.stride() and a.data_ptr() == b.data_ptr()
+
+
+def test_forward_hands_the_kernels_the_views_slicing_gives_and_makes_the_kv_views_once(monkeypatch):
+    """What reaches the three kernels (ops._KERNELS, stood in for) is what slicing each call gave
+    before NOTES #103: FA2 the decodes' queries and outputs as [nd, 1, heads, head_size] and K/V
+    rows cut to kv_len; FA3 the rest and rows cut to fa3_kv_len. The K/V views are made once per
+    layer and length: the same objects at the next call, new ones when the length or the layer's
+    cache tensor changes."""
+    from vllm_vattention.attention import backend, ops
+    got = []
+    monkeypatch.setattr(ops, "_KERNELS", (lambda *a: got.append(("fa2", a)), lambda *a: got.append(("fa3", a)) or [a[6]],
+                                          lambda *a: got.append(("write", a))))
+    h, kvh, d = 4, 2, 8
+    md = builder("fa2")._build(batch(*MIXED))  # two decodes, a 64-token chunk
+    n, nd = md.num_actual_tokens, md.num_decodes
+    impl = backend.VattnImpl(h, d, 0.1, num_kv_heads=kvh)
+    kv = torch.zeros(2, 16, ROW_LEN, kvh, d)
+    q, out = torch.randn(n + 6, h * d), torch.zeros(n + 6, h * d)  # padded past n, as a graph size may be
+    key = torch.randn(n + 6, kvh, d)
+    impl.forward(None, q, key, key, kv, md, out)
+    (w, wa), (f2, a2), (f3, a3) = got
+    assert (w, f2, f3) == ("write", "fa2", "fa3")
+    assert _same_view(wa[0], key[:n]) and _same_view(wa[2], kv[0]) and _same_view(wa[3], kv[1])
+    assert _same_view(a2[0], q[:nd].view(nd, 1, h, d)) and _same_view(a2[12], out[:nd].view(nd, 1, h, d))
+    assert _same_view(a2[1], kv[0][:, :md.kv_len]) and _same_view(a2[2], kv[1][:, :md.kv_len])
+    assert _same_view(a3[0], q[nd:n].view(n - nd, h, d)) and _same_view(a3[6], out[nd:n].view(n - nd, h, d))
+    assert _same_view(a3[1], kv[0][:, :md.fa3_kv_len]) and _same_view(a3[2], kv[1][:, :md.fa3_kv_len])
+    assert md.kv_len != md.fa3_kv_len  # (two different views)
+    got.clear()
+    impl.forward(None, q, key, key, kv, md, out)  # the next layer call: the same K/V view objects
+    assert got[1][1][1] is a2[1] and got[2][1][2] is a3[2]
+    longer = builder("fa2")._build(batch([1, 1, 64], [1000, 2400, 1900]))  # kv_len moves on
+    got.clear()
+    impl.forward(None, q, key, key, kv, longer, out)
+    assert longer.kv_len > md.kv_len and _same_view(got[1][1][1], kv[0][:, :longer.kv_len])
+    assert _same_view(got[2][1][1], kv[0][:, :longer.fa3_kv_len])
+    kv2 = torch.zeros_like(kv)  # another cache tensor: views over it
+    got.clear()
+    impl.forward(None, q, key, key, kv2, longer, out)
+    assert _same_view(got[1][1][1], kv2[0][:, :longer.kv_len]) and _same_view(got[0][1][2], kv2[0])

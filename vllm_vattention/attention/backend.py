@@ -194,6 +194,7 @@ class VattnImpl(AttentionImpl[VattnMetadata]):
         if attn_type != AttentionType.DECODER:
             raise ConfigError(f"vAttention serves decoder attention only, not {attn_type}")
         self.fa2_splits = VattnConfig.from_env().fa2_splits  # FA2 decode's split count (0: its heuristic)
+        self._kv_rows: list | None = None  # _rows()
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: VattnMetadata, output: torch.Tensor,
@@ -203,19 +204,45 @@ class VattnImpl(AttentionImpl[VattnMetadata]):
         if attn_metadata is None:  # memory profiling run: no KV exists yet
             return output.fill_(0)
         md = attn_metadata
-        n = md.num_actual_tokens
-        k_rows, v_rows = kv_cache[0], kv_cache[1]
+        n, nd = md.num_actual_tokens, md.num_decodes
+        rows = self._rows(kv_cache)
         if key is not None and value is not None:
-            ops.write_kv(key[:n], value[:n], k_rows, v_rows, md.slots_used,
+            if key.shape[0] != n:  # (padded to a CUDA graph's size)
+                key, value = key[:n], value[:n]
+            ops.write_kv(key, value, rows[1], rows[2], md.slots_used,
                          getattr(layer, "_k_scale", None), getattr(layer, "_v_scale", None))
         h, d = self.num_heads, self.head_size
-        nd = md.num_decodes
         if nd:  # one query token each: tokens [0, nd)
-            ops.fa2_decode(query[:nd].view(nd, h, d), k_rows[:, :md.kv_len], v_rows[:, :md.kv_len],
-                           output[:nd].view(nd, h, d), md.decode_seq_lens, md.decode_rows, self.scale,
-                           self.fa2_splits)
+            k, v = self._view(rows, 3, md.kv_len)
+            q, o = query.view(-1, 1, h, d), output.view(-1, 1, h, d)
+            if nd != q.shape[0]:
+                q, o = q[:nd], o[:nd]
+            ops.fa2_decode(q, k, v, o, md.decode_seq_lens, md.decode_rows, self.scale, self.fa2_splits)
         if md.prefill_query_start_loc is not None:  # the rest, tokens [nd, n)
-            ops.fa3_varlen(query[nd:n].view(n - nd, h, d), k_rows[:, :md.fa3_kv_len], v_rows[:, :md.fa3_kv_len],
-                           output[nd:n].view(n - nd, h, d), md.prefill_query_start_loc, md.prefill_seq_lens,
+            k, v = self._view(rows, 4, md.fa3_kv_len)
+            q, o = query.view(-1, h, d), output.view(-1, h, d)
+            if nd or n != q.shape[0]:
+                q, o = q[nd:n], o[nd:n]
+            ops.fa3_varlen(q, k, v, o, md.prefill_query_start_loc, md.prefill_seq_lens,
                            md.prefill_rows, md.max_query_len, self.scale, schedule=md.fa3_schedule)
         return output
+
+    def _rows(self, kv_cache: torch.Tensor) -> list:
+        """[kv_cache, K rows, V rows, FA2's view, FA3's view] of this layer: its cache is the same
+        tensor at every step, so the K/V views and the views sliced to a length (kv_len changes
+        every 256 tokens) are made once, not in each call (NOTES #103: tensor views were most of
+        our forward's own CPU time in an eager step, 32 layers each)."""
+        rows = self._kv_rows
+        if rows is None or rows[0] is not kv_cache:
+            k, v = kv_cache.unbind(0)
+            rows = self._kv_rows = [kv_cache, k, v, None, None]
+        return rows
+
+    @staticmethod
+    def _view(rows: list, i: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """rows[i]: the K and V rows sliced to `length` tokens, made again when the length changes."""
+        view = rows[i]
+        if view is None or view[0] != length:
+            k, v = rows[1], rows[2]
+            view = rows[i] = (length, k, v) if length == k.shape[1] else (length, k[:, :length], v[:, :length])
+        return view[1], view[2]

@@ -20,9 +20,20 @@ import torch
 FA3_MAX_OVERREAD = 192  # tokens; FA3's largest key tile for head sizes <= 256
 
 
-def _ops():
-    import vllm.vllm_flash_attn  # noqa: F401  (loads _vllm_fa2_C and _vllm_fa3_C)
-    return torch.ops._vllm_fa2_C, torch.ops._vllm_fa3_C
+_KERNELS: tuple | None = None
+
+
+def _kernels() -> tuple:
+    """(FA2 fwd_kvcache, FA3 fwd, reshape_and_cache_flash): the wheel's ops, looked up once. Every
+    layer of every eager step calls them, and the per-call imports and op-namespace lookups were a
+    part of our forward's CPU time (benchmarks/NOTES.md #103)."""
+    global _KERNELS
+    if _KERNELS is None:
+        import vllm._custom_ops  # noqa: F401  (loads _C_cache_ops)
+        import vllm.vllm_flash_attn  # noqa: F401  (loads _vllm_fa2_C and _vllm_fa3_C)
+        _KERNELS = (torch.ops._vllm_fa2_C.fwd_kvcache, torch.ops._vllm_fa3_C.fwd,
+                    torch.ops._C_cache_ops.reshape_and_cache_flash)
+    return _KERNELS
 
 
 def fa3_mask(query_lens: np.ndarray, decode_kernel: str) -> np.ndarray:
@@ -95,10 +106,9 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, k_rows: torch.Tensor, v_row
     own (`layer._k_scale`), so no tensor is made per layer and step (a fill kernel each, also inside
     decode CUDA graphs); without them (tests) ones are made here.
     """
-    from vllm import _custom_ops
     if k_scale is None or v_scale is None:
         k_scale = v_scale = torch.ones((), dtype=torch.float32, device=key.device)
-    _custom_ops.reshape_and_cache_flash(key, value, k_rows, v_rows, slot_mapping, "auto", k_scale, v_scale)
+    _kernels()[2](key, value, k_rows, v_rows, slot_mapping, "auto", k_scale, v_scale)
 
 
 def fa3_schedule(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, max_query_len: int, kv_len: int,
@@ -123,8 +133,7 @@ def fa3_varlen(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, out:
                schedule: torch.Tensor | None = None) -> torch.Tensor:
     """Mixed prefill + decode in one launch. k_rows.shape[1] is FA3's max_seqlen_k. `schedule`:
     `fa3_schedule` of the same batch (None: FA3 computes it in this call)."""
-    _, fa3 = _ops()
-    return fa3.fwd(
+    return _kernels()[1](
         q, k_rows, v_rows, None, None, None, out,
         cu_seqlens_q, None, None, None, seq_lens,
         max_query_len, k_rows.shape[1], None, rows, None,
@@ -134,13 +143,13 @@ def fa3_varlen(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, out:
 
 def fa2_decode(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, out: torch.Tensor,
                seq_lens: torch.Tensor, rows: torch.Tensor, scale: float, num_splits: int = 0) -> torch.Tensor:
-    """One query token per request ([num_reqs, num_heads, head_size]). num_splits: how many parts
-    each sequence's keys are split into (0: FA2's heuristic, from the batch, heads and
-    k_rows.shape[1]; VATTN_FA2_SPLITS)."""
-    fa2, _ = _ops()
-    b, h, d = q.shape
-    fa2.fwd_kvcache(q.view(b, 1, h, d), k_rows, v_rows, None, None, seq_lens, None, None, rows,
-                    None, None, None, out.view(b, 1, h, d), scale, True, -1, -1, 0.0, True, num_splits)
+    """One query token per request: q and out [num_reqs, num_heads, head_size], or [num_reqs, 1,
+    num_heads, head_size] as the kernel takes them (the backend's views: no reshape per call).
+    num_splits: how many parts each sequence's keys are split into (0: FA2's heuristic, from the
+    batch, heads and k_rows.shape[1]; VATTN_FA2_SPLITS)."""
+    q4, out4 = (q, out) if q.dim() == 4 else (q.unsqueeze(1), out.unsqueeze(1))
+    _kernels()[0](q4, k_rows, v_rows, None, None, seq_lens, None, None, rows,
+                  None, None, None, out4, scale, True, -1, -1, 0.0, True, num_splits)
     return out
 
 
