@@ -91,8 +91,8 @@ class KVMemoryManager:
     GROWTH_HOLD = 32
     # warm(defer=True) (a step whose engine thread is on the critical path: one carrying prefill
     # chunks) leaves its planning to a later call while the next this many rows acquire_row() hands
-    # out are warm to the depth (a burst of new requests still finds warm rows: at most 5-6 were
-    # admitted in one step at 16 requests/s, NOTES #100)
+    # out are warm to the depth (a burst of new requests still finds warm rows: at most 5-8 were
+    # admitted in one step at 16 requests/s, NOTES #100, #101)
     DEFER_READY_ROWS = 8
 
     def __init__(self, driver: Driver, layout: Layout, num_blocks: int, reclaim: str = "deferred",
