@@ -465,6 +465,7 @@ class SpareMachine(ManagerMachineBase):
                                    guard_ahead=guard_ahead)
         self.mgr.GROWTH_WARM_ROWS = 1  # (of 4 rows) so that growth slots also take warm rows' spares
         self.mgr.pad_reserve = 1  # (0 at 4 spares) so that guards also take spares while warm() runs
+        self.mgr.DEFER_READY_ROWS = 1  # (with 4 rows and 3 usable spares, so that warm(defer=True) defers)
         self.zero_row = self.mgr.reserve_zero_row() if zero_row else None  # the worker's dummy row
         self.bs = lay.block_size
         self.active: dict[int, list[int]] = {}
@@ -571,7 +572,6 @@ class SpareMachine(ManagerMachineBase):
         if reads:
             self.launch(reads)
         waits = self.mgr.mapper.stats.hazard_waits
-        self.mgr.DEFER_READY_ROWS = 2  # (the machine's few rows; a deferred call plans nothing)
         self.mgr.warm(defer=defer)
         assert self.mgr.mapper.stats.hazard_waits == waits  # warm() unmaps only what no step in flight reads
 
