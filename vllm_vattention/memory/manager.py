@@ -380,8 +380,7 @@ class KVMemoryManager:
         """The next DEFER_READY_ROWS rows acquire_row() hands out hold spares in their first `depth`
         slots (planned: a row's next change waits for its background ops)."""
         rows = list(itertools.islice(self._free_rows, self.DEFER_READY_ROWS))
-        spare, slots = self.pool.spare_frames, self.mapper.slots
-        return len(rows) == self.DEFER_READY_ROWS and all(spare.issuperset(slots[r][:depth]) for r in rows)
+        return len(rows) == self.DEFER_READY_ROWS and all(self.mapper.holds_spares(r, depth) for r in rows)
 
     def _drop_stale_guards(self) -> None:
         """A running request's guard (FA3's over-read slots past its blocks, often holding spares:

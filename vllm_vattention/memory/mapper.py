@@ -371,6 +371,11 @@ class RowMapper:
         return done
 
     # -- spare frames, mapped ahead of time ------------------------------------------------
+    def holds_spares(self, row: int, num_slots: int) -> bool:
+        """Every one of `row`'s first `num_slots` slots maps (or is planned to map) a spare frame:
+        the row is warm that deep (one set operation instead of a lookup per slot in Python)."""
+        return self.pool.spare_frames.issuperset(self.slots[row][:num_slots])
+
     def warm(self, row: int, num_slots: int, cold: Iterator[int], read: bool) -> int:
         """Plan, as background ops, spare frames from `cold` (spares mapped nowhere) for slots
         [0, num_slots) of `row`, a row no request holds. A slot that holds a spare already is kept;
@@ -381,10 +386,10 @@ class RowMapper:
         self.flush()  # nothing planned for a step may end up in the background queue
         # (no retire() here: the caller decided `read` from read_bounds(), which retired; one
         # event query per warmed row was most of warm()'s driver calls)
+        if self.holds_spares(row, num_slots):  # a warm row's usual case
+            return num_slots
         current = self.slots[row]
         spare = self.pool.spare_frames
-        if spare.issuperset(current[:num_slots]):  # a warm row's usual case: every slot holds a spare
-            return num_slots  # (one set operation instead of a lookup per slot in Python)
         items, ready = [], 0
         for s in range(num_slots):
             cur = current[s]
