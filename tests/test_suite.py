@@ -609,9 +609,22 @@ import http.server, json, sys, urllib.request
 args = sys.argv[1:]
 port = int(args[args.index("--port") + 1])
 if args[0] == "serve":
+    scrapes = [0]
     class H(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             self.send_response(200); self.end_headers()
+            if self.path == "/metrics":  # each scrape: 3 more requests, 20 ms TTFT, 5 ms queued, 10 ms prefill
+                scrapes[0] += 1; k = scrapes[0]
+                text = ["# HELP vllm:time_to_first_token_seconds TTFT", "# TYPE vllm:time_to_first_token_seconds histogram"]
+                for name, ms in (("time_to_first_token", 20), ("request_queue_time", 5), ("request_prefill_time", 10),
+                                 ("inter_token_latency", 2)):
+                    for engine, share in (("0", 2), ("1", 1)):  # two label sets: summed
+                        lab = '{engine="%s",model_name="m"}' % engine
+                        text += [f'vllm:{name}_seconds_bucket{{engine="{engine}",le="0.5"}} {share * k}',
+                                 f"vllm:{name}_seconds_count{lab} {share * k}.0",
+                                 f"vllm:{name}_seconds_sum{lab} {share * k * ms / 1000}"]
+                text.append("vllm:num_requests_running 3.0")
+                self.wfile.write("\\n".join(text).encode())
         def log_message(self, *a): pass
     print("GPU KV cache size: 1,600 tokens", flush=True)
     import os
@@ -631,7 +644,7 @@ else:  # bench serve: the server it was given must answer
     detail = {}
     if "--save-detailed" in args:  # two requests, listed out of their start order
         detail = {"start_times": [100.5, 100.0], "ttfts": [0.030, 0.020], "itls": [[0.005, 0.007], [0.004]],
-                  "input_lens": [8, 9]}
+                  "input_lens": [8, 9], "output_lens": [5, 2]}  # the first streamed 5 tokens in 3 chunks
     json.dump({"request_throughput": rate / 2, "output_throughput": 1.0, "total_token_throughput": 2.0,
                "median_ttft_ms": 10.0 * rate, "p99_ttft_ms": 20.0, "median_tpot_ms": 5.0, "p99_tpot_ms": 6.0,
                **detail}, open(args[args.index("--result-filename") + 1], "w"))
@@ -661,16 +674,28 @@ def test_serving_jobs_side_by_side_each_get_a_port_of_their_own(tmp_path):
             busy.shutdown()
     assert [(r["workload"], r["requests_per_s"], r["ttft_p50_ms"]) for r in rows] == [("rate-4", 2.0, 40.0), ("rate-16", 8.0, 160.0)]
     assert rows[0]["max_concurrent_requests"] == 1600 // 16 // 1  # 8+8 tokens: one 16-token block each
+    # the server's own histograms over each run (scraped before and after it; NOTES #107)
+    assert rows[0]["server"] == {"ttft_ms_mean": pytest.approx(20.0), "queue_ms_mean": pytest.approx(5.0),
+                                 "prefill_ms_mean": pytest.approx(10.0), "itl_ms_mean": pytest.approx(2.0), "requests": 3}
+    assert rows[1]["server"]["requests"] == 3
+    (split,) = [m for m in S.server_rows([{**r, "system": "stock-fa3", "ttft_mean_ms": 26.0} for r in rows[:1]])]
+    assert (split["client"], split["outside"]) == (26.0, pytest.approx(6.0)) and split["frontend"] == pytest.approx(5.0)
+    md = S.markdown({"results": [{**rows[0], "system": "stock-fa3", "rep": 0, "call": 1, "error": None, "ttft_mean_ms": 26.0}]})
+    assert "## Where TTFT went" in md and "| rate-4 | stock-fa3 | 1 | 26.0 | 20.0 | 5.0 | 10.0 | 6.0 | 5.0 | 2.0 |" in md
     # each request's TTFT and TPOT, in the order they were sent (NOTES #73)
+    # TPOT is vLLM's: (latency - TTFT) / (tokens - 1), not the mean gap between chunks (NOTES #106)
     assert rows[0]["per_request"] == {"t0": 100.0, "start_s": [0.0, 0.5], "ttft_ms": [20.0, 30.0],
-                                      "tpot_ms": [4.0, 6.0], "input_len": [9, 8]}
+                                      "tpot_ms": [4.0, 3.0], "chunks": [2, 3], "input_len": [9, 8]}
     # stock's server is traced too (worker.TracedWorker), in a file of its own beside the run's
     assert rows[0]["step_trace"].startswith("steps-stock-fa3-") and (tmp_path / rows[0]["step_trace"]).exists()
 
 
 def test_per_request_needs_every_list_and_equal_lengths():
-    d = {"start_times": [1.0, 2.0], "ttfts": [0.01, 0.02], "itls": [[], [0.002]], "input_lens": [4, 4]}
+    d = {"start_times": [1.0, 2.0], "ttfts": [0.01, 0.02], "itls": [[], [0.002]], "input_lens": [4, 4],
+         "output_lens": [1, 2]}
     assert S.per_request(d)["tpot_ms"] == [None, 2.0]  # a one-token output has no TPOT
+    assert S.per_request({**d, "output_lens": [1, 5]})["tpot_ms"] == [None, 0.5]  # 4 tokens after the first, 1 chunk
+    assert S.per_request({**d, "output_lens": [1]}) is None
     assert S.per_request({**d, "ttfts": [0.01]}) is None
     assert S.per_request({k: v for k, v in d.items() if k != "itls"}) is None
 

@@ -358,17 +358,28 @@ def distinct_prompts(model: str, w: Workload, path: str) -> str:
 def per_request(d: dict) -> dict | None:
     """Each request's TTFT and TPOT (ms) from `vllm bench serve --save-detailed`'s result, in the
     order the client sent them (by start time, which is the dataset's order at a fixed rate), with
-    its start (s after the first) and prompt length; None without the per-request lists. Lets a later
-    analysis split TTFT by what each request was (e.g. its prefix hits: NOTES #73)."""
+    its start (s after the first), prompt length and how many chunks its tokens were streamed in;
+    None without the per-request lists. Lets a later analysis split TTFT by what each request was
+    (e.g. its prefix hits: NOTES #73).
+
+    TPOT is vLLM's own definition, (latency - TTFT) / (output tokens - 1), with the output length
+    from `output_lens`. Until NOTES #106 it was the mean of the request's inter-chunk latencies,
+    which is a different number once the server streams several tokens in one chunk (a busy API
+    server does: at 16 req/s the two differed by up to 5x for the same run)."""
     starts, ttfts, itls, lens = (d.get(k) for k in ("start_times", "ttfts", "itls", "input_lens"))
     if not (starts and ttfts and itls and lens) or not len(starts) == len(ttfts) == len(itls) == len(lens):
+        return None
+    outs = d.get("output_lens")
+    if not outs or len(outs) != len(starts):
         return None
     t0 = min(starts)
     order = sorted(range(len(starts)), key=starts.__getitem__)
     return {"t0": t0,  # time.perf_counter of the first request: the server's step trace uses the same clock
             "start_s": [round(starts[i] - t0, 4) for i in order],
             "ttft_ms": [round(ttfts[i] * 1e3, 3) for i in order],
-            "tpot_ms": [round(sum(itls[i]) / len(itls[i]) * 1e3, 3) if itls[i] else None for i in order],
+            "tpot_ms": [round(sum(itls[i]) / (outs[i] - 1) * 1e3, 3) if outs[i] > 1 and itls[i] else None
+                        for i in order],
+            "chunks": [len(itls[i]) + 1 for i in order],  # fewer than the tokens: the server coalesced
             "input_len": [lens[i] for i in order]}
 
 
@@ -382,6 +393,58 @@ def _dataset_args(model: str, w: Workload, raw: str) -> list[str]:
 
 
 SERVER_SHUTDOWN_S = 30  # seconds a stopping server gives its engine to shut down (it needs ~1)
+
+
+# The server's own latency histograms (vLLM's /metrics), whose means split a request's TTFT into
+# where it went (NOTES #107): the API server's TTFT runs from the request's arrival there to its
+# first token's output there; the engine's queue time from the engine queueing it to first
+# scheduling it; its prefill time from then to the first token.
+SERVER_HISTOGRAMS = {"ttft": "vllm:time_to_first_token_seconds", "queue": "vllm:request_queue_time_seconds",
+                     "prefill": "vllm:request_prefill_time_seconds", "itl": "vllm:inter_token_latency_seconds"}
+
+
+_PROM_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})?\s+(\S+)", re.M)
+
+
+def parse_histograms(text: str) -> dict[str, tuple[float, float]]:
+    """Prometheus text: each of SERVER_HISTOGRAMS' (sum, count), summed over its label sets."""
+    out = {k: [0.0, 0.0] for k in SERVER_HISTOGRAMS}
+    names = {v: k for k, v in SERVER_HISTOGRAMS.items()}
+    for m in _PROM_SAMPLE.finditer(text):
+        name, value = m.group(1), m.group(2)
+        for suffix, i in (("_sum", 0), ("_count", 1)):
+            key = names.get(name[: -len(suffix)]) if name.endswith(suffix) else None
+            if key:
+                out[key][i] += float(value)
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def scrape_histograms(port: int) -> dict[str, tuple[float, float]] | None:
+    """The running server's histograms now; None when /metrics does not answer (then the row has no
+    split: a failed scrape must not cost the run)."""
+    import http.client
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        c.request("GET", "/metrics")
+        resp = c.getresponse()
+        text = resp.read().decode()
+        c.close()
+    except OSError:
+        return None
+    return parse_histograms(text) if resp.status == 200 else None
+
+
+def histogram_means(before: dict | None, after: dict | None) -> dict | None:
+    """Mean ms of each histogram over what one workload's run added (its requests, and the one test
+    request `vllm bench serve` sends first), with how many requests the server saw finish."""
+    if not before or not after:
+        return None
+    out: dict = {}
+    for k in SERVER_HISTOGRAMS:
+        total, n = after[k][0] - before[k][0], after[k][1] - before[k][1]
+        out[f"{k}_ms_mean"] = round(total / n * 1e3, 3) if n > 0 else None
+    out["requests"] = int(after["queue"][1] - before["queue"][1])
+    return out
 
 
 def _run_serve(cli, model: str, workloads: list[Workload], system: str, env, raw, timeout, tp: int = 1,
@@ -401,6 +464,7 @@ def _run_serve(cli, model: str, workloads: list[Workload], system: str, env, raw
     server = RunningServer(cmd, env, port, timeout / 2, os.path.join(os.path.dirname(raw), f"log-serve-{system}.txt"))
     with server:
         for w in workloads:
+            before = scrape_histograms(port)
             client = cli + ["bench", "serve", "--model", model, "--port", str(port), *_dataset_args(model, w, raw),
                             "--num-prompts", str(w.num_prompts), "--request-rate", str(w.request_rate),
                             "--ignore-eos", "--save-result", "--save-detailed", "--result-filename", raw]
@@ -417,6 +481,8 @@ def _run_serve(cli, model: str, workloads: list[Workload], system: str, env, raw
                             "total_tokens_per_s": d.get("total_token_throughput"),
                             "ttft_p50_ms": d.get("median_ttft_ms"), "ttft_p99_ms": d.get("p99_ttft_ms"),
                             "tpot_p50_ms": d.get("median_tpot_ms"), "tpot_p99_ms": d.get("p99_tpot_ms"),
+                            "ttft_mean_ms": d.get("mean_ttft_ms"),
+                            "server": histogram_means(before, scrape_histograms(port)),
                             "per_request": per_request(d)})
             if on_row:
                 on_row(dict(results[-1]))
@@ -748,6 +814,39 @@ def hook_rows(results: list[dict]) -> list[dict]:
             for (wl, s), ps in by.items()]
 
 
+def server_rows(res: list[dict]) -> list[dict]:
+    """Per workload and system with the server's histograms: the client's mean TTFT beside the API
+    server's and the engine's parts (medians over repetitions). 'client minus API server' is the
+    HTTP hop and the client's own loop; 'API server minus engine' what the API server and the hop
+    to the engine add to queue + prefill (tokenizing, IPC, output processing)."""
+    out = []
+    groups: dict = {}
+    for r in res:
+        if r.get("server") and not r.get("error"):
+            groups.setdefault((r["workload"], r["system"]), []).append(r)
+    for (w, sy), rs in groups.items():
+        def med(f):
+            xs = [f(r) for r in rs]
+            xs = [x for x in xs if x is not None]
+            return statistics.median(xs) if xs else None
+        sv = lambda k: (lambda r: r["server"].get(k))  # noqa: E731
+        row = {"workload": w, "system": sy, "n": len(rs), "client": med(lambda r: r.get("ttft_mean_ms")),
+               "ttft": med(sv("ttft_ms_mean")), "queue": med(sv("queue_ms_mean")),
+               "prefill": med(sv("prefill_ms_mean")), "itl": med(sv("itl_ms_mean"))}
+        row["outside"] = med(lambda r: None if r.get("ttft_mean_ms") is None or r["server"].get("ttft_ms_mean") is None
+                             else r["ttft_mean_ms"] - r["server"]["ttft_ms_mean"])
+        row["frontend"] = med(lambda r: None if None in (r["server"].get(k) for k in ("ttft_ms_mean", "queue_ms_mean",
+                                                                                        "prefill_ms_mean"))
+                              else r["server"]["ttft_ms_mean"] - r["server"]["queue_ms_mean"]
+                              - r["server"]["prefill_ms_mean"])
+        out.append(row)
+    return out
+
+
+def _ms(x) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
 def _section(title: str, columns: list[str], rows: list[list]) -> list[str]:
     """A markdown section: heading, then a table of `rows` (cells already formatted)."""
     return (["", f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -776,6 +875,15 @@ def markdown(doc: dict) -> str:
     if cap:
         lines += ["", "## Capacity: requests that fit in the KV budget at once (higher is better)", ""]
         lines += _table(cap, "requests", "{:.0f}")
+    split = server_rows(res)
+    if split:
+        lines += _section("Where TTFT went: the server's own histograms (means in ms, medians over repetitions; "
+                          "NOTES #107)",
+                          ["workload", "system", "runs", "client TTFT", "API server TTFT", "engine queue",
+                           "engine prefill", "client minus API server", "API server minus engine",
+                           "inter-token (server)"],
+                          [[m["workload"], m["system"], m["n"]] + [_ms(m[k]) for k in
+                           ("client", "ttft", "queue", "prefill", "outside", "frontend", "itl")] for m in split])
     maps = mapping_rows(res)
     if maps:
         lines += _section("Page mapping on the engine thread (medians over repetitions)",
