@@ -205,3 +205,34 @@ def test_step_kinds_show_each_kinds_hooks_part_by_part():
         H.step_kinds_markdown(list(rows.values())).split("part by part")[1]
     old = {**trace, "fields": fields[:-1], "steps": [st[:-1] for st in trace["steps"]]}
     assert "part by part" not in H.step_kinds_markdown(H.step_kinds(res, lambda name: old))
+
+
+def test_admission_tells_requests_held_before_the_engine_from_those_it_queued():
+    """Each request's send to the step that admitted it, and how many steps before that had room
+    for it: a request admitted after steps with room was not in the engine's queue yet (NOTES #107).
+    The k-th admitted request is the k-th sent; a step too full for the prompt is not room."""
+    per = {"t0": 1000.0, "start_s": [0.0, 0.1, 0.2], "ttft_ms": [30.0] * 3, "tpot_ms": [5.0] * 3,
+           "input_len": [1024, 1024, 1024], "chunks": [128, 65, 2]}
+    fields = ["start_s", "ms", "new_reqs", "tokens"]
+    steps = [[-0.3, 20.0, 1, 1024]]  # the test prompt before the run: left out
+    for i in range(1, 61):  # a step every 5 ms
+        t = round(0.005 * i, 3)
+        new = 1 if t in (0.005, 0.105, 0.3) else 0
+        steps.append([t, 2.0, new, 1024 + new if new else (7500 if t == 0.25 else 2)])
+    trace = {"t0": 1000.0, "fields": fields, "steps": steps}
+    res = [{"workload": "serve-rate-4", "system": "vattn-fa2", "rep": 0, "per_request": per, "step_trace": "s.json"},
+           {"workload": "serve-rate-4", "system": "stock-fa3", "rep": 0, "per_request": per}]  # no trace: no row
+    (row,) = H.admission(res, lambda name: trace)
+    assert row["requests"] == 3 and row["wait_ms_p50"] == pytest.approx(5.0) and row["wait_ms_p90"] == pytest.approx(100.0)
+    # request 2 (sent at 0.2): steps from 0.215 to 0.295 had room, but for the 7,500-token one
+    assert row["room_steps_p90"] == 16 and row["room_steps_p50"] == 0
+    assert row["held_upstream"] == pytest.approx(1 / 3)
+    assert row["chunks_per_token"] == pytest.approx(65 / 128)  # serve-rate-4 streams 128 tokens
+    # a smaller token budget leaves no room anywhere: nothing held
+    (tight,) = H.admission(res, lambda name: trace, batch_tokens=1000)
+    assert tight["held_upstream"] == 0
+    md = H.admission_markdown([row])
+    assert "| serve-rate-4 | vattn-fa2 | 0 | 3 | 5.0 | 100.0 | 0 | 16 | 33% | 0.51 |" in md
+    # a suite before NOTES #106 kept no chunk counts
+    (old,) = H.admission([{**res[0], "per_request": {k: v for k, v in per.items() if k != "chunks"}}], lambda n: trace)
+    assert old["chunks_per_token"] is None and "| 33% | - |" in H.admission_markdown([old])

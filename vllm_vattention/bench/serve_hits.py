@@ -269,6 +269,66 @@ def step_kinds(results: list[dict], load_trace: Callable[[str], dict | None]) ->
     return out
 
 
+BATCH_TOKENS = 8192  # vLLM 0.25's max_num_batched_tokens for `vllm serve` on these GPUs (its start-up log says)
+FRONTEND_S = 0.010  # allowance for the API server and the hop to the engine before a step can admit a request
+
+
+def admission(results: list[dict], load_trace: Callable[[str], dict | None],
+              batch_tokens: int = BATCH_TOKENS) -> list[dict]:
+    """Per traced serving run: how long each request waited from the client's send to the start of
+    the step that admitted it, and how many steps before that had room for it (started more than
+    FRONTEND_S after the send and scheduled few enough tokens to take its prompt too: vLLM admits
+    waiting requests in arrival order while the step's token budget lasts). A request admitted
+    after such steps had not reached the engine's queue yet: it was held upstream (the client, the
+    API server, the hop to the engine), where no KV-cache manager acts (NOTES #107).
+
+    The k-th request admitted in the run's window is taken to be the k-th sent (vLLM's scheduler is
+    first come, first served): an estimate, exact when requests reach the engine in the order sent.
+    Also the streaming: chunks per request against its tokens (from suites since NOTES #106)."""
+    out = []
+    for r in results:
+        per, name = r.get("per_request"), r.get("step_trace")
+        trace = load_trace(name) if per and name and "t0" in per else None
+        if not trace:
+            continue
+        fields = list(trace["fields"])
+        i_start, i_new, i_tok = (fields.index(k) for k in ("start_s", "new_reqs", "tokens"))
+        base = per["t0"] - trace["t0"]  # the run's first send on the trace's clock
+        last = base + max(per["start_s"]) + 5.0
+        steps = [st for st in trace["steps"] if base - 0.002 <= st[i_start] <= last]
+        admitted = [i for i, st in enumerate(steps) for _ in range(st[i_new])]
+        waits, room = [], []
+        for k, i in enumerate(admitted[:len(per["start_s"])]):
+            sent = base + per["start_s"][k]
+            waits.append((steps[i][i_start] - sent) * 1e3)
+            need = per["input_len"][k]
+            room.append(sum(1 for st in steps[:i] if st[i_start] > sent + FRONTEND_S
+                            and st[i_tok] + need <= batch_tokens))
+        if not waits:
+            continue
+        w = next((x for x in WORKLOADS if x.name == r["workload"]), None)
+        chunks = per.get("chunks")
+        out.append({"workload": r["workload"], "system": r["system"], "rep": r.get("rep"), "requests": len(waits),
+                    "wait_ms_p50": statistics.median(waits), "wait_ms_p90": p90(waits),
+                    "room_steps_p50": statistics.median(room), "room_steps_p90": p90(room),
+                    "held_upstream": sum(x >= 2 for x in room) / len(room),
+                    "chunks_per_token": (statistics.median(c / w.output_len for c in chunks)
+                                         if chunks and w else None)})
+    return out
+
+
+def admission_markdown(rows: list[dict]) -> str:
+    lines = ["| workload | system | rep | requests | send to admitting step ms p50 | p90 | "
+             "steps with room before it p50 | p90 | held upstream (>= 2 such steps) | streamed chunks per token p50 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ch = "-" if r["chunks_per_token"] is None else f"{r['chunks_per_token']:.2f}"
+        lines.append(f"| {r['workload']} | {r['system']} | {r['rep']} | {r['requests']} | {r['wait_ms_p50']:.1f} | "
+                     f"{r['wait_ms_p90']:.1f} | {r['room_steps_p50']:g} | {r['room_steps_p90']:g} | "
+                     f"{100 * r['held_upstream']:.0f}% | {ch} |")
+    return "\n".join(lines) + "\n"
+
+
 def p90(xs: list[float]) -> float:
     """The 90th percentile by nearest rank (the tail a step kind's hooks have: NOTES #99; the CPU
     harness's too)."""
@@ -311,6 +371,8 @@ def main(argv=None) -> None:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--traces", default=None, help="folder of the servers' step traces (default: the result's)")
     ap.add_argument("--parts", type=int, default=4, help="slices of each run for the by-time table")
+    ap.add_argument("--batch-tokens", type=int, default=BATCH_TOKENS,
+                    help="the server's max_num_batched_tokens (its start-up log says)")
     args = ap.parse_args(argv)
     res = json.load(open(args.result))
     folder = args.traces or os.path.dirname(os.path.abspath(args.result))
@@ -334,6 +396,11 @@ def main(argv=None) -> None:
                     load_trace)
     if not any(r.get("per_request") for r in res["results"]):
         raise SystemExit(f"{args.result}: no serving result with per-request times (suites before NOTES #73 kept none)")
+    if any(r.get("per_request") and "chunks" not in r["per_request"] for r in res["results"]):
+        print("Note: this suite predates NOTES #106: its per-request TPOT is the mean gap between streamed "
+              "chunks, not vLLM's TPOT; the two part once the server streams several tokens per chunk "
+              "(at 16 req/s). The result's own tpot_p50_ms is vLLM's. The step-kind windows below end by "
+              "that TPOT, so their 'share of the run' can be low.\n")
     if rows:  # (random prompts only: the -distinct workloads have no hit classes)
         print(markdown(rows))
     print(f"By time: each run's requests in {args.parts} slices, in the order sent:\n")
@@ -341,6 +408,11 @@ def main(argv=None) -> None:
     if any(r["window"] for r in rows):
         print("What the server's steps did between each request's arrival and its first token (means):\n")
         print(window_markdown(rows))
+    adm = admission(res["results"], load_trace, args.batch_tokens)
+    if adm:
+        print("From each request's send to the step that admitted it (NOTES #107; the k-th admitted is taken "
+              "as the k-th sent):\n")
+        print(admission_markdown(adm))
     kinds = step_kinds(res["results"], load_trace)
     if kinds:
         print("Each traced server's steps during each run, by what they scheduled:\n")
