@@ -805,3 +805,19 @@ def test_profile_runs_each_phase_unmeasured_first(tmp_path, monkeypatch):
     assert [rid.split("-")[2] for rid in added] == ["p0"] * 5 + ["p1"] * 5 + ["p2"] * 5  # 4 requests + 1 late each
     assert [a[0].split("-")[2] for a in aborted] == ["p0", "p1", "p2"]
     assert steps[0] == 3 * (20 + 4 + 3)  # per pass: the warm steps, the phase's 4 steps, 3 after the abort
+
+
+def test_the_scrape_after_a_run_waits_for_its_last_requests(monkeypatch):
+    """vLLM records queue and prefill times when a request finishes, which can trail the client's
+    last token: the scrape after a run polls until the run's requests are all counted (or gives
+    up after its wait and returns what it has)."""
+    seen = iter([5, 8, 10, 10])
+    monkeypatch.setattr(S, "scrape_histograms", lambda port: {k: (0.01 * c, c) for c in [next(seen)] for k in S.SERVER_HISTOGRAMS})
+    monkeypatch.setattr(S.time, "sleep", lambda s: None)
+    before = {k: (0.0, 0) for k in S.SERVER_HISTOGRAMS}
+    assert S._scrape_after(1, before, 10)["queue"][1] == 10  # the third scrape had them all
+    monkeypatch.setattr(S, "scrape_histograms", lambda port: {k: (0.0, 2) for k in S.SERVER_HISTOGRAMS})
+    assert S._scrape_after(1, before, 10, wait_s=0.0)["queue"][1] == 2  # gave up: what it had
+    assert S.histogram_means(before, None) is None and S.histogram_means(None, before) is None
+    # no request in a histogram: no mean, not a division by zero
+    assert S.histogram_means(before, before)["ttft_ms_mean"] is None

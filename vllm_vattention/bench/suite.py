@@ -434,6 +434,19 @@ def scrape_histograms(port: int) -> dict[str, tuple[float, float]] | None:
     return parse_histograms(text) if resp.status == 200 else None
 
 
+def _scrape_after(port: int, before: dict | None, requests: int, wait_s: float = 3.0) -> dict | None:
+    """The histograms once the run's requests are all in them: vLLM records the queue and prefill
+    times when a request finishes, in the API server's output loop, which can trail the client's
+    last token by a step or two; polled for up to `wait_s`."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        after = scrape_histograms(port)
+        if (after is None or before is None or after["queue"][1] - before["queue"][1] >= requests
+                or time.monotonic() > deadline):
+            return after
+        time.sleep(0.1)
+
+
 def histogram_means(before: dict | None, after: dict | None) -> dict | None:
     """Mean ms of each histogram over what one workload's run added (its requests, and the one test
     request `vllm bench serve` sends first), with how many requests the server saw finish."""
@@ -482,7 +495,7 @@ def _run_serve(cli, model: str, workloads: list[Workload], system: str, env, raw
                             "ttft_p50_ms": d.get("median_ttft_ms"), "ttft_p99_ms": d.get("p99_ttft_ms"),
                             "tpot_p50_ms": d.get("median_tpot_ms"), "tpot_p99_ms": d.get("p99_tpot_ms"),
                             "ttft_mean_ms": d.get("mean_ttft_ms"),
-                            "server": histogram_means(before, scrape_histograms(port)),
+                            "server": histogram_means(before, _scrape_after(port, before, w.num_prompts)),
                             "per_request": per_request(d)})
             if on_row:
                 on_row(dict(results[-1]))
@@ -816,29 +829,26 @@ def hook_rows(results: list[dict]) -> list[dict]:
 
 def server_rows(res: list[dict]) -> list[dict]:
     """Per workload and system with the server's histograms: the client's mean TTFT beside the API
-    server's and the engine's parts (medians over repetitions). 'client minus API server' is the
-    HTTP hop and the client's own loop; 'API server minus engine' what the API server and the hop
-    to the engine add to queue + prefill (tokenizing, IPC, output processing)."""
-    out = []
+    server's and the engine's parts (medians over repetitions). 'outside' (client minus API server)
+    is the HTTP hop and the client's own loop; 'frontend' (API server minus the engine's queue +
+    prefill) what the API server and the hop to the engine add (tokenizing, IPC, output processing)."""
+    def parts(r: dict) -> dict:
+        sv, client = r["server"], r.get("ttft_mean_ms")
+        ttft, queue, prefill = sv.get("ttft_ms_mean"), sv.get("queue_ms_mean"), sv.get("prefill_ms_mean")
+        return {"client": client, "ttft": ttft, "queue": queue, "prefill": prefill, "itl": sv.get("itl_ms_mean"),
+                "outside": None if None in (client, ttft) else client - ttft,
+                "frontend": None if None in (ttft, queue, prefill) else ttft - queue - prefill}
+
     groups: dict = {}
     for r in res:
         if r.get("server") and not r.get("error"):
-            groups.setdefault((r["workload"], r["system"]), []).append(r)
-    for (w, sy), rs in groups.items():
-        def med(f):
-            xs = [f(r) for r in rs]
-            xs = [x for x in xs if x is not None]
-            return statistics.median(xs) if xs else None
-        sv = lambda k: (lambda r: r["server"].get(k))  # noqa: E731
-        row = {"workload": w, "system": sy, "n": len(rs), "client": med(lambda r: r.get("ttft_mean_ms")),
-               "ttft": med(sv("ttft_ms_mean")), "queue": med(sv("queue_ms_mean")),
-               "prefill": med(sv("prefill_ms_mean")), "itl": med(sv("itl_ms_mean"))}
-        row["outside"] = med(lambda r: None if r.get("ttft_mean_ms") is None or r["server"].get("ttft_ms_mean") is None
-                             else r["ttft_mean_ms"] - r["server"]["ttft_ms_mean"])
-        row["frontend"] = med(lambda r: None if None in (r["server"].get(k) for k in ("ttft_ms_mean", "queue_ms_mean",
-                                                                                        "prefill_ms_mean"))
-                              else r["server"]["ttft_ms_mean"] - r["server"]["queue_ms_mean"]
-                              - r["server"]["prefill_ms_mean"])
+            groups.setdefault((r["workload"], r["system"]), []).append(parts(r))
+    out = []
+    for (w, sy), ps in groups.items():
+        row = {"workload": w, "system": sy, "n": len(ps)}
+        for k in ps[0]:
+            xs = [p[k] for p in ps if p[k] is not None]
+            row[k] = statistics.median(xs) if xs else None
         out.append(row)
     return out
 
