@@ -224,16 +224,22 @@ def step_kind(new_reqs: int, tokens: int) -> str:
     return STEP_KINDS[0] if not new_reqs else STEP_KINDS[1] if tokens < 256 else STEP_KINDS[2]
 
 
+def traced_runs(results: list[dict], load_trace: Callable[[str], dict | None]):
+    """Each serving result with per-request times on the trace's clock and a step trace that loads:
+    (result, its per_request, its trace)."""
+    for r in results:
+        per, name = r.get("per_request"), r.get("step_trace")
+        trace = load_trace(name) if per and name and "t0" in per else None
+        if trace:
+            yield r, per, trace
+
+
 def step_kinds(results: list[dict], load_trace: Callable[[str], dict | None]) -> list[dict]:
     """Per serving run with a step trace (every system's, NOTES #85): its steps during the run (from
     the first request's arrival to the last one's last token), by step_kind: how many, execute_model
     ms (median), and the time to the next step's start (median, and the sum: where the run's time went)."""
     out = []
-    for r in results:
-        per, name = r.get("per_request"), r.get("step_trace")
-        trace = load_trace(name) if per and name and "t0" in per else None
-        if not trace:
-            continue
+    for r, per, trace in traced_runs(results, load_trace):
         w = next((x for x in WORKLOADS if x.name == r["workload"]), None)
         out_len = w.output_len if w else 1
         ends = [s + (t + (p or 0) * (out_len - 1)) / 1e3
@@ -286,11 +292,7 @@ def admission(results: list[dict], load_trace: Callable[[str], dict | None],
     first come, first served): an estimate, exact when requests reach the engine in the order sent.
     Also the streaming: chunks per request against its tokens (from suites since NOTES #106)."""
     out = []
-    for r in results:
-        per, name = r.get("per_request"), r.get("step_trace")
-        trace = load_trace(name) if per and name and "t0" in per else None
-        if not trace:
-            continue
+    for r, per, trace in traced_runs(results, load_trace):
         fields = list(trace["fields"])
         i_start, i_new, i_tok = (fields.index(k) for k in ("start_s", "new_reqs", "tokens"))
         base = per["t0"] - trace["t0"]  # the run's first send on the trace's clock
