@@ -66,8 +66,12 @@ def test_resumes_across_calls_and_writes_the_schema(tmp_path):
     suite = S.Suite("m", w, ["stock-fa3", "vattn-fa2"], reps=3)
     clock = FakeClock()
     per_job = S.job_seconds(w)
-    left = S.run(suite, path, max_seconds=4.5 * per_job, job=fake_job(clock), env=ENV, clock=clock, log=quiet)
+    said = []
+    left = S.run(suite, path, max_seconds=4.5 * per_job, job=fake_job(clock), env=ENV, clock=clock, log=said.append)
     assert left == 6 - 4  # two rounds of two jobs fit
+    # the stop says why: the next round's estimate against the time left
+    assert said[-1] == (f"[suite] stopping: 2 job(s) left for the next call (the next round, 2 job(s), is estimated "
+                        f"at {2 * per_job:.0f} s; {0.5 * per_job:.0f} s left)")
     resumed = S.Suite("m", w, ["stock-fa3", "vattn-fa2"], reps=3)
     resumed.results = json.load(open(path))["results"]
     clock2 = FakeClock()

@@ -520,7 +520,10 @@ def run(suite: Suite, path: str, max_seconds: float, job: Callable = run_job, en
         est = sum(planned_seconds(suite.results, suite.group_workloads(g), s, first=i == 0) for g, s, _ in rnd)
         if clock() - start + est > max_seconds:
             left = sum(len(r) for r in todo[i:])
-            log(f"[suite] stopping: {left} job(s) left for the next call")
+            # (say why: a round's systems run in one call, so a round estimated past a whole call's
+            # time never starts; fewer systems per round is then the way, NOTES #105)
+            log(f"[suite] stopping: {left} job(s) left for the next call (the next round, {len(rnd)} job(s), "
+                f"is estimated at {est:.0f} s; {max(0.0, max_seconds - (clock() - start)):.0f} s left)")
             return left
         for group, system, rep in rnd:
             log(f"[suite] round {i + 1}/{len(todo)}: {group} / {system} / rep {rep} ...")
