@@ -72,6 +72,10 @@ def test_resumes_across_calls_and_writes_the_schema(tmp_path):
     # the stop says why: the next round's estimate against the time left
     assert said[-1] == (f"[suite] stopping: 2 job(s) left for the next call (the next round, 2 job(s), is estimated "
                         f"at {2 * per_job:.0f} s; {0.5 * per_job:.0f} s left)")
+    said.clear()  # a round that no call of this length can hold is told apart
+    assert S.run(S.Suite("m", w, ["stock-fa3", "vattn-fa2"], reps=1), str(tmp_path / "x.json"), max_seconds=per_job,
+                 job=fake_job(FakeClock()), env=ENV, clock=FakeClock(), log=said.append) == 2
+    assert said[-1] == f"[suite] that round is longer than a whole call of {per_job:.0f} s: run fewer systems at once"
     resumed = S.Suite("m", w, ["stock-fa3", "vattn-fa2"], reps=3)
     resumed.results = json.load(open(path))["results"]
     clock2 = FakeClock()

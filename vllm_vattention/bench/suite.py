@@ -524,6 +524,9 @@ def run(suite: Suite, path: str, max_seconds: float, job: Callable = run_job, en
             # time never starts; fewer systems per round is then the way, NOTES #105)
             log(f"[suite] stopping: {left} job(s) left for the next call (the next round, {len(rnd)} job(s), "
                 f"is estimated at {est:.0f} s; {max(0.0, max_seconds - (clock() - start)):.0f} s left)")
+            if est > max_seconds:
+                log(f"[suite] that round is longer than a whole call of {max_seconds:.0f} s: "
+                    "run fewer systems at once")
             return left
         for group, system, rep in rnd:
             log(f"[suite] round {i + 1}/{len(todo)}: {group} / {system} / rep {rep} ...")
