@@ -1058,6 +1058,11 @@ def test_guard_ahead_extends_a_growing_rows_guard_in_the_background(driver, spar
     mgr.set_blocks(r, [2], start=2, fresh_from=0)  # decode growth into slot 2
     mgr.publish()
     assert mgr.stats()["guard_ahead_maps"] == 0
+    guard_end = mgr._guard_end[r]
+    # a step with prefill chunks (warm(defer=True), NOTES #108.5): the extension waits for the next
+    # call without defer, the row still listed (free rows may still be warmed: their own rule)
+    mgr.warm(defer=True)
+    assert mgr.stats()["guard_ahead_maps"] == 0 and mgr._guard_end[r] == guard_end and r in mgr._ahead_rows
     mgr.warm()  # after the step's launch: slot 4 (held end 3 + 2 = 5) in the background
     mgr.sync()
     s = mgr.stats()

@@ -303,8 +303,9 @@ class KVMemoryManager:
         With growth_ahead, running requests' growth slots are served first (_warm_growth); with
         guard_ahead, running rows' guards are extended first (_extend_guards, spares or not).
         defer: the caller's thread is short of time now; while the next DEFER_READY_ROWS rows are
-        warm, the planning waits for a call without it (the guards' bookkeeping runs either way)."""
-        if self._ahead_rows:
+        warm, the planning waits for a call without it, and so do guard_ahead's extensions (the next
+        step that reads past a guard maps it itself, ensure_readable; NOTES #108.5)."""
+        if self._ahead_rows and not defer:
             self._extend_guards()
         if not self.pool.spare_frames:
             return 0
