@@ -1059,7 +1059,7 @@ def test_guard_ahead_extends_a_growing_rows_guard_in_the_background(driver, spar
     mgr.publish()
     assert mgr.stats()["guard_ahead_maps"] == 0
     guard_end = mgr._guard_end[r]
-    # a step with prefill chunks (warm(defer=True), NOTES #108.5): the extension waits for the next
+    # a step with prefill chunks (warm(defer=True), NOTES #109): the extension waits for the next
     # call without defer, the row still listed (free rows may still be warmed: their own rule)
     mgr.warm(defer=True)
     assert mgr.stats()["guard_ahead_maps"] == 0 and mgr._guard_end[r] == guard_end and r in mgr._ahead_rows

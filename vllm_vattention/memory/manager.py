@@ -304,7 +304,7 @@ class KVMemoryManager:
         guard_ahead, running rows' guards are extended first (_extend_guards, spares or not).
         defer: the caller's thread is short of time now; while the next DEFER_READY_ROWS rows are
         warm, the planning waits for a call without it, and so do guard_ahead's extensions (the next
-        step that reads past a guard maps it itself, ensure_readable; NOTES #108.5)."""
+        step that reads past a guard maps it itself, ensure_readable; NOTES #109)."""
         if self._ahead_rows and not defer:
             self._extend_guards()
         if not self.pool.spare_frames:
