@@ -155,6 +155,7 @@ class KVMemoryManager:
         # mixed steps); with keep_guards, since a guard extended ahead must not be let go again
         self.guard_ahead = guard_ahead
         self._ahead_rows: dict[int, None] = {}  # running rows whose blocks grew since their guard was extended
+        self._guards_deferred = False  # the last call with rows in _ahead_rows left them to the next (warm(defer))
         self._closed = False
         self._recent_fresh: deque[int] = deque(maxlen=self.WARM_HISTORY)  # fresh blocks of new requests
         self.prefer_prefix_rows = prefix_rows and reclaim == "deferred"  # (VATTN_PREFIX_ROWS; eager keeps no mappings)
@@ -303,10 +304,15 @@ class KVMemoryManager:
         With growth_ahead, running requests' growth slots are served first (_warm_growth); with
         guard_ahead, running rows' guards are extended first (_extend_guards, spares or not).
         defer: the caller's thread is short of time now; while the next DEFER_READY_ROWS rows are
-        warm, the planning waits for a call without it, and so do guard_ahead's extensions (the next
-        step that reads past a guard maps it itself, ensure_readable; NOTES #109)."""
-        if self._ahead_rows and not defer:
-            self._extend_guards()
+        warm, the planning waits for a call without it. guard_ahead's extensions wait one call, not
+        two in a row (offline, nearly every step carries prefill chunks, and a guard not extended
+        is mapped by the next step that reads past it, on its path: ensure_readable; NOTES #109)."""
+        if self._ahead_rows:
+            if defer and not self._guards_deferred:
+                self._guards_deferred = True
+            else:
+                self._guards_deferred = False
+                self._extend_guards()
         if not self.pool.spare_frames:
             return 0
         self._calls += 1
