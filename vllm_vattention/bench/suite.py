@@ -270,16 +270,25 @@ def run_job(model: str, group: str, workloads: list[Workload], system: str, out_
     return rows
 
 
-def wait_healthy(port: int, server: subprocess.Popen, timeout: float) -> None:
+def http_get(port: int, path: str, timeout: float) -> tuple[int, str]:
+    """GET `path` from the server on this machine's `port`: (status, body). OSError when it does not answer."""
     import http.client
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        c.request("GET", path)
+        resp = c.getresponse()
+        return resp.status, resp.read().decode()
+    finally:
+        c.close()
+
+
+def wait_healthy(port: int, server: subprocess.Popen, timeout: float) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if server.poll() is not None:
             raise RuntimeError("the server exited during start-up")
         try:
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            c.request("GET", "/health")
-            if c.getresponse().status == 200:
+            if http_get(port, "/health", timeout=2)[0] == 200:
                 return
         except OSError:
             time.sleep(2)
@@ -422,16 +431,11 @@ def parse_histograms(text: str) -> dict[str, tuple[float, float]]:
 def scrape_histograms(port: int) -> dict[str, tuple[float, float]] | None:
     """The running server's histograms now; None when /metrics does not answer (then the row has no
     split: a failed scrape must not cost the run)."""
-    import http.client
     try:
-        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        c.request("GET", "/metrics")
-        resp = c.getresponse()
-        text = resp.read().decode()
-        c.close()
+        status, text = http_get(port, "/metrics", timeout=10)
     except OSError:
         return None
-    return parse_histograms(text) if resp.status == 200 else None
+    return parse_histograms(text) if status == 200 else None
 
 
 def _scrape_after(port: int, before: dict | None, requests: int, wait_s: float = 3.0) -> dict | None:
