@@ -219,6 +219,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
     # an admitting step's hooks part by part, by serve_hits.step_kind (as the step trace's hook_parts_ms)
     admit_parts: dict[str, list[tuple]] = {}
     other_parts: list[tuple] = []  # the other steps' (decode steps'), as the trace keeps them since NOTES #98
+    mixed_rules: dict[str, int] = {}  # fa2-graphs' mixed steps by the rule they ran (ops.plan_reads, NOTES #110)
 
     def zero_counts() -> None:
         mgr.reset_stats()
@@ -226,6 +227,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
         t.update(dict.fromkeys(PHASES, 0.0))
         admitting.update(dict.fromkeys(admitting, 0))
         others.update(dict.fromkeys(others, 0))
+        mixed_rules.clear()
     step_reads = ops.StepReads(lay.block_size)  # as the worker builds each step's reads
 
     def drive(prompts: list[list[int]], max_tokens: int | list[int], clip: bool = True,
@@ -291,7 +293,10 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             seq = np.array([live[r].num_computed_tokens for r in ids], dtype=np.int64)
             q = np.array([out.num_scheduled_tokens[r] for r in ids], dtype=np.int64)
             c4 = time.perf_counter()
-            fa3, ext = ops.read_extents(seq, q, decode_kernel, 256, lay.row_tokens, clip_to_view=clip)
+            rule, fa3, ext = ops.plan_reads(seq, q, decode_kernel, 256, lay.row_tokens,
+                                            lambda d, e: mgr.guards_ready(row_of[d], e[d]), clip_to_view=clip)
+            if decode_kernel == "fa2-graphs" and fa3.any() and (q == 1).any():
+                mixed_rules[rule] = mixed_rules.get(rule, 0) + 1
             for row, e in zip(row_of[fa3].tolist(), ext[fa3].tolist()):
                 mgr.ensure_readable(row, e)
             reads = step_reads(row_of, ext)
@@ -382,6 +387,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             **{f"first_step_{k}": v for k, v in first_step.items()},
             **{f"admitting_{k}": v for k, v in admitting.items()},
             "growth_maps": s["growth_maps"], **{f"other_steps_{k}": v for k, v in others.items()},
+            **({"mixed_steps_by_rule": dict(mixed_rules)} if decode_kernel == "fa2-graphs" else {}),
             **{f"{kind}_hooks_ms_{name}": round(v, 4) for kind, xs in (("admitting", step_ms[True]),
                                                                       ("other_steps", step_ms[False]))
                for name, v in _p50_p90(xs).items()},

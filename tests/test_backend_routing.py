@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from vllm_vattention.attention import ops
 from vllm_vattention.attention.backend import VattnMetadataBuilder
 from vllm_vattention.config import VattnConfig
 
@@ -16,10 +17,12 @@ ROW_LEN = 4096
 SHAPE = (32, 8, 128, torch.bfloat16)  # query heads, KV heads, head size, dtype
 
 
-def builder(decode_kernel: str, **cfg) -> VattnMetadataBuilder:
+def builder(decode_kernel: str, mixed: str | None = None, **cfg) -> VattnMetadataBuilder:
+    """mixed: the rule the model runner set for the step (ops.plan_reads), else the builder's own."""
     b = object.__new__(VattnMetadataBuilder)  # (its __init__ needs vLLM's config objects)
     cfg.setdefault("fa3_schedule", True)
     b.cfg, b.row_len, b.build_seconds = VattnConfig(decode_kernel=decode_kernel, **cfg), ROW_LEN, 0.0
+    b.mixed_kernel = mixed or ops.mixed_rule(decode_kernel)
     b.fa3_shape, b.schedules = SHAPE, []
 
     def scheduler(*args):  # ops.fa3_schedule's arguments, recorded; a tensor the forward can be told apart by
@@ -42,19 +45,21 @@ def batch(query_lens: list[int], seq_lens: list[int]) -> SimpleNamespace:
 MIXED = ([1, 1, 64], [1000, 2000, 600])  # two decodes (vLLM puts them first), then a 64-token prefill chunk
 
 
-@pytest.mark.parametrize("kernel, decodes, fa3_qsl", [
-    ("fa2", 2, [0, 64]),  # FA2 for the decodes, FA3 for the prefill (its offsets from 0)
-    ("fa3", 0, [0, 1, 2, 66]),  # everything in FA3
-    ("fa2-graphs", 0, [0, 1, 2, 66]),  # one FA3 launch for the whole mixed batch
+@pytest.mark.parametrize("kernel, mixed, decodes, fa3_qsl", [
+    ("fa2", None, 2, [0, 64]),  # FA2 for the decodes, FA3 for the prefill (its offsets from 0)
+    ("fa3", None, 0, [0, 1, 2, 66]),  # everything in FA3
+    # one FA3 launch for the whole mixed batch, when the model runner found every decode row guarded
+    ("fa2-graphs", "fa2-graphs", 0, [0, 1, 2, 66]),
+    ("fa2-graphs", None, 2, [0, 64]),  # else (and unless told) as fa2: decode rows need no guard
 ])
-def test_a_mixed_batch(kernel, decodes, fa3_qsl):
+def test_a_mixed_batch(kernel, mixed, decodes, fa3_qsl):
     m = batch(*MIXED)
-    md = builder(kernel)._build(m)
+    md = builder(kernel, mixed)._build(m)
     assert md.num_decodes == decodes and md.prefill_query_start_loc.tolist() == fa3_qsl
     assert md.rows.tolist() == [10, 11, 12]
     assert md.kv_len == 2304  # the longest sequence + the guard (256), to 256: rows sliced (eager)
     # the clipped FA3 view: its longest sequence (a decode's, when decodes run in FA3)
-    assert md.fa3_kv_len == (600 if kernel == "fa2" else 2000)
+    assert md.fa3_kv_len == (600 if decodes else 2000)
     # FA3's offsets: the batch's own tensor when FA3's part starts at the batch's start (no kernel to
     # subtract an offset), a new one otherwise
     assert (md.prefill_query_start_loc.data_ptr() == m.query_start_loc.data_ptr()) == (decodes == 0)

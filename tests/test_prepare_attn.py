@@ -74,6 +74,43 @@ def test_rows_slots_and_fa3_extents(runner):
     assert sum(parts.values()) <= runner.prepare_seconds + 1e-4
 
 
+def test_fa2_graphs_mixed_step_runs_one_launch_only_over_guarded_decode_rows(runner):
+    """VATTN_DECODE_KERNEL=fa2-graphs (NOTES #110): prepare_attn tells every metadata builder the
+    rule of the step (ops.plan_reads) and maps for that rule only. Unguarded decode rows: fa2's rule,
+    nothing mapped past a decode row's blocks, its reads its tokens; once their guards are readable:
+    one FA3 launch, the decode rows read up to their FA3 extent."""
+    mgr, bs = runner.vattn, runner.vattn.layout.block_size
+    runner.vattn_cfg = VattnConfig(background_map=False, decode_kernel="fa2-graphs")
+    b = SimpleNamespace(mixed_kernel="unset", build_seconds=0.0)
+    runner.attn_groups = [[SimpleNamespace(get_metadata_builder=lambda i: b)]]
+    rows = [mgr.acquire_row() for _ in range(3)]
+    seq = [2 * bs + 3, bs + 5, 7]  # states 0 and 1 decode, 2 prefills 7 tokens
+    for i, (row, n) in enumerate(zip(rows, seq)):
+        mgr.set_blocks(row, list(range(10 * i, 10 * i + -(-n // bs))))
+        runner._row_np[i] = row
+    q = np.array([1, 1, 7])
+    positions = np.concatenate([np.arange(s - k, s) for s, k in zip(seq, q)])
+    batch = SimpleNamespace(num_reqs=3, num_reqs_after_padding=3, num_tokens=9, num_tokens_after_padding=9,
+                            idx_mapping_np=np.arange(3), num_scheduled_tokens=q,
+                            seq_lens_cpu_upper_bound=torch.tensor(seq), positions=torch.from_numpy(positions))
+    guard = runner.vattn_cfg.guard_tokens
+    row_len = mgr.layout.row_tokens
+    fa3_ext = [min(s + guard, row_len, max(seq)) for s in seq]  # (clipped to the longest FA3 sequence)
+    runner.prepare_attn(batch)
+    assert b.mixed_kernel == "fa2"
+    assert [mgr.mapper.readable_slots(r) for r in rows[:2]] == [0, 0]  # no guard mapped for the decodes
+    assert runner._pending_reads[rows[0]] == -(-seq[0] // bs) and runner._pending_reads[rows[1]] == -(-seq[1] // bs)
+    # the decode rows' guards in place (as guard_ahead leaves them): the step runs as one launch
+    for row, ext in zip(rows[:2], fa3_ext[:2]):
+        mgr.ensure_readable(row, ext)
+    mgr.sync()
+    runner.prepare_attn(batch)
+    assert b.mixed_kernel == "fa2-graphs"
+    assert runner._pending_reads == {r: -(-e // bs) for r, e in zip(rows, fa3_ext)}
+    assert runner.vattn_report()["mixed_steps_one_launch"] == 1 and runner.vattn_report()["mixed_steps_two_launches"] == 1
+    mgr.mapper.check_invariants()
+
+
 def test_unpadded_batch_leaves_the_slots_beyond_it_alone(runner):
     mgr = runner.vattn
     row = mgr.acquire_row()

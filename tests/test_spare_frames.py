@@ -5,6 +5,7 @@ reads, however often blocks moved between frames; a fresh block put in a warmed 
 call; and the background queue never lets a step see a slot before its mapping ran.
 """
 
+import numpy as np
 import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import initialize, invariant, precondition, rule
@@ -1039,15 +1040,15 @@ def test_an_alias_scan_looks_at_every_spare_every_so_often_and_when_depth_or_win
     mgr.close()
 
 
-@pytest.mark.parametrize("spares", [0, 8])
-def test_guard_ahead_extends_a_growing_rows_guard_in_the_background(driver, spares):
+def test_guard_ahead_extends_a_growing_rows_guard_in_the_background(driver):
     """guard_ahead (VATTN_DECODE_KERNEL=fa2-graphs): after a running row's blocks grow, warm() maps
-    the slots up to guard_ahead past them in the background (spares first, else the zero page), so
-    the next step that over-reads every row finds its guard in place: its ensure_readable plans no
+    the slots up to guard_ahead past them in the background, with spares, so that the next step
+    that over-reads every row finds its guard in place (guards_ready): its ensure_readable plans no
     driver call for the step. Without keep_guards it is refused (the guard would be let go at once)."""
     with pytest.raises(ValueError, match="guard_ahead needs keep_guards"):
         make_manager(driver, guard_ahead=2)
-    mgr = make_manager(driver, rows=4, num_blocks=16, spare_blocks=spares, background="stream",
+    # (16 spares: the free rows' warming leaves enough cold ones for the guard, which is spares or nothing)
+    mgr = make_manager(driver, rows=4, num_blocks=16, spare_blocks=16, background="stream",
                        keep_guards=True, guard_ahead=2)
     bs = mgr.layout.block_size
     r = mgr.acquire_row()
@@ -1058,29 +1059,73 @@ def test_guard_ahead_extends_a_growing_rows_guard_in_the_background(driver, spar
     mgr.set_blocks(r, [2], start=2, fresh_from=0)  # decode growth into slot 2
     mgr.publish()
     assert mgr.stats()["guard_ahead_maps"] == 0
+    assert mgr.guards_ready([r], [4 * bs]) and not mgr.guards_ready([r], [4 * bs + 1])
     guard_end = mgr._guard_end[r]
     # a step with prefill chunks (warm(defer=True), NOTES #109): the extension waits for the next
     # call, the row still listed (free rows may still be warmed: their own rule) ...
     mgr.warm(defer=True)
     assert mgr.stats()["guard_ahead_maps"] == 0 and mgr._guard_end[r] == guard_end and r in mgr._ahead_rows
     # ... but not two calls in a row (offline, nearly every step carries prefill chunks): the next
-    # extends, deferred or not. After the step's launch: slot 4 (held end 3 + 2 = 5) in the background
+    # extends, deferred or not. After the step's launch, in the background: slots 4 and 5 (held end
+    # 3 + 2, and one more for the block the row gets in the step that reads past it)
     mgr.warm(defer=True)
     mgr.sync()
     s = mgr.stats()
-    assert s["guard_ahead_maps"] == 1 and mgr._guard_end[r] == 5
-    target = mgr.mapper.slots[r][4]
-    assert (target in mgr.pool.spare_frames) if spares else target == ZERO
+    assert s["guard_ahead_maps"] == 2 and mgr._guard_end[r] == 6
+    assert {mgr.mapper.slots[r][4], mgr.mapper.slots[r][5]} <= mgr.pool.spare_frames  # growth moves into them
+    assert mgr.guards_ready(np.array([r]), np.array([6 * bs])) and not mgr.guards_ready([r], [6 * bs + 1])
     calls = _driver_calls(driver)
-    mgr.ensure_readable(r, 5 * bs)  # the next mixed step reads up to slot 4: already readable
+    mgr.set_blocks(r, [3], start=3, fresh_from=0)  # the row's next block (into the spare at slot 3) ...
+    mgr.ensure_readable(r, 6 * bs)  # ... and a mixed step reads its guard up to slot 5: readable already
     mgr.publish()
     mgr.sync()
     assert _driver_calls(driver) == calls
-    assert driver.read(mgr.address(r, 4 * bs + 1, 0, 0), 8) == bytes(8)
-    mgr.warm()  # nothing grew since: nothing more
-    assert mgr.stats()["guard_ahead_maps"] == 1
     mgr.release_row(r)
     assert r not in mgr._ahead_rows
+    mgr.mapper.check_invariants()
+    mgr.close()
+    assert driver.leaks() == []
+
+
+def test_guard_ahead_takes_spares_only_and_within_its_share(driver):
+    """NOTES #110: a guard extended ahead is spares or nothing (the zero page there would make the
+    row's growth an unmap that waits for the steps over-reading it), a row short of spares keeps
+    its guard and waits for a later call, and no guard is extended while the running rows' guards
+    could not all be spares within GUARD_SPARE_SHARE of the spares (offline: hundreds of rows, whose
+    spares then warm new requests' rows instead)."""
+    mgr = make_manager(driver, rows=6, num_blocks=24, spare_blocks=6, background="stream",
+                       keep_guards=True, guard_ahead=2)
+    mgr.GUARD_SPARE_SHARE = 2.0  # (6 spares: two rows' guards of 2 + 1; within the share, three rows)
+    mgr.pad_reserve = 0
+    a, b = mgr.acquire_row(), mgr.acquire_row()
+    mgr.set_blocks(a, [0, 1], fresh_from=2)
+    mgr.set_blocks(b, [2, 3], fresh_from=2)
+    mgr.publish()
+    held_cold = list(mgr.mapper.cold_spares())
+    assert len(held_cold) == 6
+    mgr._extend_guards()
+    mgr.sync()
+    # both rows: slots 2, 3 and 4 hold spares
+    assert all(mgr.mapper.slots[r][s] in mgr.pool.spare_frames for r in (a, b) for s in (2, 3, 4))
+    assert mgr._ahead_rows == {} and mgr.stats()["zero_maps"] == 0
+    # a third row finds no spare left: nothing mapped for it (no zero page), still listed
+    c = mgr.acquire_row()
+    mgr.set_blocks(c, [4, 5], fresh_from=2)
+    mgr.publish()
+    maps = mgr.stats()["guard_ahead_maps"]
+    mgr._extend_guards()
+    mgr.sync()
+    assert mgr.mapper.slots[c][2] is None and c in mgr._ahead_rows
+    assert mgr.stats()["guard_ahead_maps"] == maps and mgr.stats()["zero_maps"] == 0
+    assert not mgr.guards_ready([c], [3 * mgr.layout.block_size])
+    # over the share: 2 rows x 3 slots > 0.5 x 6 spares: the call extends nothing and says so
+    mgr.GUARD_SPARE_SHARE = 0.5
+    mgr.release_row(a)
+    mgr.warm()  # (spares of a's guard become cold again: warm() may take them for free rows)
+    before = mgr.stats()["warm_guards_over_budget"]
+    mgr._extend_guards()
+    assert mgr.stats()["warm_guards_over_budget"] == before + 1 and c in mgr._ahead_rows
+    mgr.sync()
     mgr.mapper.check_invariants()
     mgr.close()
     assert driver.leaks() == []

@@ -353,6 +353,7 @@ class VattnModelRunner(V2ModelRunner):
         self.prepare_seconds = 0.0
         self.execute_seconds = 0.0
         self.steps = 0
+        self.mixed_rules = {"fa2-graphs": 0, "fa2": 0}  # ops.plan_reads' rule in fa2-graphs' mixed steps
         self.hook_seconds = dict.fromkeys(HOOK_PARTS, 0.0)
         for builder in self._vattn_builders():
             builder.build_seconds = 0.0
@@ -376,6 +377,7 @@ class VattnModelRunner(V2ModelRunner):
                  prepare_attn_seconds=round(self.prepare_seconds, 4), metadata_build_seconds=round(build, 4),
                  execute_seconds=round(self.execute_seconds, 4),
                  map_share=round(self.map_seconds / self.execute_seconds, 5) if self.execute_seconds else None,
+                 mixed_steps_one_launch=self.mixed_rules["fa2-graphs"], mixed_steps_two_launches=self.mixed_rules["fa2"],
                  hook_seconds={k: round(v, 6) for k, v in (self.hook_seconds or {}).items()})
         if self.flag_timer is not None:
             self.flag_timer.collect(wait=True)
@@ -435,10 +437,16 @@ class VattnModelRunner(V2ModelRunner):
         row_starts = np.repeat(rows[:n].astype(np.int64) * row_len, input_batch.num_scheduled_tokens)
         seq_lens = input_batch.seq_lens_cpu_upper_bound[:n].numpy()
         t = time.perf_counter()
-        fa3, extents = ops.read_extents(seq_lens, input_batch.num_scheduled_tokens,
-                                        self.vattn_cfg.decode_kernel, self.vattn_cfg.guard_tokens, row_len,
-                                        clip_to_view=self.vattn_cfg.fa3_guard == "clipped")
-        for row, extent in zip(rows[:n][fa3].tolist(), extents[fa3].tolist()):
+        cfg, live = self.vattn_cfg, rows[:n]
+        rule, fa3, extents = ops.plan_reads(
+            seq_lens, input_batch.num_scheduled_tokens, cfg.decode_kernel, cfg.guard_tokens, row_len,
+            lambda decodes, ext: self.vattn.guards_ready(live[decodes], ext[decodes]),
+            clip_to_view=cfg.fa3_guard == "clipped")
+        if cfg.decode_kernel == "fa2-graphs" and fa3.any() and (input_batch.num_scheduled_tokens[:n] == 1).any():
+            self.mixed_rules[rule] += 1  # fa2-graphs' mixed steps: one FA3 launch ("fa2-graphs") or two ("fa2")
+        for builder in self._vattn_builders():
+            builder.mixed_kernel = rule  # the metadata is built under the rule whose reads were mapped
+        for row, extent in zip(live[fa3].tolist(), extents[fa3].tolist()):
             self.vattn.ensure_readable(row, extent)  # FA3 over-reads: a guard behind the end
         self._pending_reads = self._step_reads(rows[:n], extents)
         hooks = self.hook_seconds
@@ -479,6 +487,8 @@ class VattnModelRunner(V2ModelRunner):
     def prepare_dummy_attn(self, input_batch):
         bt = self.block_tables.input_block_tables[0]
         bt.view(-1)[:bt.shape[0]].fill_(DUMMY_ROW)
+        for builder in self._vattn_builders():  # (the dummy row is readable throughout: any rule would do)
+            builder.mixed_kernel = ops.mixed_rule(self.vattn_cfg.decode_kernel)
         self._staged.pop("rows", None)  # the buffer holds the dummy row now
         return super().prepare_dummy_attn(input_batch)
 

@@ -115,6 +115,9 @@ class VattnMetadataBuilder(AttentionMetadataBuilder[VattnMetadata]):
                           kv_cache_spec.num_kv_heads, kv_cache_spec.head_size, kv_cache_spec.dtype)
         self.fa3_scheduler = ops.fa3_schedule
         self.build_seconds = 0.0  # engine-thread time in build(), read and reset by the model runner
+        # the rule the next mixed batch runs under (ops.plan_reads): set by the model runner's
+        # prepare_attn each step; fa2-graphs runs one FA3 launch only when every decode row is guarded
+        self.mixed_kernel = ops.mixed_rule(self.cfg.decode_kernel)
         self._init_reorder_batch_threshold(1)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
@@ -140,11 +143,12 @@ class VattnMetadataBuilder(AttentionMetadataBuilder[VattnMetadata]):
         else:
             # Mixed batches run eagerly: rows sliced to the longest sequence plus FA3's over-read.
             # vLLM orders a batch decodes first; with decode_kernel fa2 those run FA2 and need no
-            # guard, with fa2-graphs the whole batch runs FA3 (ops.fa3_mask).
+            # guard, with fa2-graphs the whole batch runs FA3 (ops.fa3_mask) if the model runner
+            # found every decode row guarded this step (mixed_kernel, ops.plan_reads), else as fa2.
             kv_len = min(row_len, -(-(m.max_seq_len + self.cfg.guard_tokens) // 256) * 256)
             qsl = m.query_start_loc_cpu[:m.num_reqs + 1].numpy()
             query_lens = qsl[1:] - qsl[:-1]
-            fa3 = ops.fa3_mask(query_lens, self.cfg.decode_kernel)
+            fa3 = ops.fa3_mask(query_lens, self.mixed_kernel)
             num_decodes = int(np.argmax(fa3)) if fa3.any() else m.num_reqs
             if fa3[num_decodes:].sum() != m.num_reqs - num_decodes:
                 raise AssertionError("vLLM's batch is not ordered decodes first")

@@ -75,6 +75,32 @@ def read_extents(seq_lens: np.ndarray, query_lens: np.ndarray, decode_kernel: st
     return fa3, ext
 
 
+def plan_reads(seq_lens: np.ndarray, query_lens: np.ndarray, decode_kernel: str, guard_tokens: int,
+               row_len: int, guards_ready, clip_to_view: bool = False) -> tuple[str, np.ndarray, np.ndarray]:
+    """(the kernel rule the step runs under, its FA3 mask, each row's read extent): read_extents,
+    except that fa2-graphs runs a mixed batch as one FA3 launch only where `guards_ready(decodes,
+    extents)` says that every decode row (the mask `decodes`) is readable up to its extent already
+    (its guard extended in the background: the memory manager's guard_ahead). Otherwise the step
+    runs under fa2's rule (FA2 for the decodes, whose rows then need no guard), so that no decode
+    row's guard is mapped on the step's path, the zero page least of all: a row that grows into a
+    zero-page slot a step in flight over-reads must wait for that step before the unmap (NOTES #110).
+    The metadata builder must build the step under the same rule (worker.prepare_attn tells it)."""
+    fa3, ext = read_extents(seq_lens, query_lens, decode_kernel, guard_tokens, row_len, clip_to_view)
+    if decode_kernel != "fa2-graphs" or not fa3.any():
+        return decode_kernel, fa3, ext
+    decodes = query_lens == 1
+    if not decodes.any() or guards_ready(decodes, ext):
+        return decode_kernel, fa3, ext
+    fa3, ext = read_extents(seq_lens, query_lens, "fa2", guard_tokens, row_len, clip_to_view)
+    return "fa2", fa3, ext
+
+
+def mixed_rule(decode_kernel: str) -> str:
+    """The rule a mixed batch is built under when no step said otherwise (plan_reads): fa2-graphs'
+    one launch needs every decode row guarded, which only plan_reads checks; fa2's needs nothing."""
+    return "fa2" if decode_kernel == "fa2-graphs" else decode_kernel
+
+
 class StepReads:
     """Each step's {row: block slots it may read} (for its fence: memory.KVMemoryManager.record_read_slots)
     from the rows and read extents in tokens. Most decode steps read the same slots as the step

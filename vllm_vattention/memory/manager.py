@@ -49,7 +49,7 @@ RECLAIM_POLICIES = ("deferred", "eager")
 # warm()'s outcomes, counted (stats()): calls that planned, that found nothing changed, that stopped at
 # a row a step in flight still reads or at the end of the spares mapped nowhere; the last depth
 _WARM_COUNTS = ("warm_calls", "warm_unchanged", "warm_deferred", "warm_stopped_in_flight", "warm_stopped_no_spare",
-                "warm_depth")
+                "warm_depth", "warm_guards_over_budget")
 # new requests' blocks (set_blocks from slot 0): admissions, blocks moved into spares, mapped, unmapped first;
 # and the admissions that took the free row still mapping their prefix hits (acquire_row)
 _ADMIT_COUNTS = ("admissions", "admit_swaps", "admit_maps", "admit_unmaps", "prefix_rows_taken")
@@ -94,6 +94,9 @@ class KVMemoryManager:
     # out are warm to the depth (a burst of new requests still finds warm rows: at most 5-8 were
     # admitted in one step at 16 requests/s, NOTES #100, #101)
     DEFER_READY_ROWS = 8
+    # guard_ahead: running rows' guards are extended only while all of them could be spares within
+    # this share of the spares (the rest warm new requests' rows: NOTES #110)
+    GUARD_SPARE_SHARE = 0.5
 
     def __init__(self, driver: Driver, layout: Layout, num_blocks: int, reclaim: str = "deferred",
                  background: bool | str = False, spare_blocks: int = 0, growth_ahead: bool = False,
@@ -410,26 +413,44 @@ class KVMemoryManager:
         self._warm_stale = self._scan_due = True  # spares may be free to take back
 
     def _extend_guards(self) -> None:
-        """guard_ahead: each running row whose blocks grew gets its guard extended to guard_ahead
-        slots past its blocks, in the background (spares mapped nowhere past the pad reserve, else
-        the zero page), so that the next step in which a kernel over-reads every row finds the
-        guards in place instead of mapping them while it waits. A row a step in flight reads past
-        the guard's start (none should: reads end at the guard) waits for the next call."""
+        """guard_ahead: each running row whose blocks grew gets its guard extended to guard_ahead + 1
+        slots past its blocks, in the background, with spares mapped nowhere past the pad reserve
+        (a row for which too few are left keeps its guard as it is, and waits for a later call), so
+        that a step in which a kernel would over-read every row finds the guards in place
+        (guards_ready) instead of mapping them while it waits. Only while the running rows' guards
+        could all be spares within GUARD_SPARE_SHARE of the spares: with more rows, steps would
+        seldom find all of them guarded, and the spares serve new requests' rows better (warm();
+        NOTES #110). A row a step in flight reads past the guard's start (none should: reads end
+        at the guard) waits for the next call."""
+        # one slot more than the guard: a row's next block arrives in the step that reads past it,
+        # before this call can extend the guard again (a step in 16 of each row's would find it short)
+        ahead = self.guard_ahead + 1
+        if len(self._active) * ahead > self.GUARD_SPARE_SHARE * len(self.pool.spare_frames):
+            self.warm_counts["warm_guards_over_budget"] += 1  # (the rows stay listed: a later call)
+            return
         mapper, held, guard, bpr = self.mapper, self._held_end, self._guard_end, self.layout.blocks_per_row
         mapper.retire()
         spans, later = [], {}
         for row in self._ahead_rows:
-            start, want = max(guard[row], held[row]), min(held[row] + self.guard_ahead, bpr)
+            start, want = max(guard[row], held[row]), min(held[row] + ahead, bpr)
             if start >= want:
                 continue
             if mapper.read_bound(row) > start:
                 later[row] = None
                 continue
             spans.append((row, start, want))
+        done = mapper.guard_ahead(spans, self._spares_past_reserve()) if spans else 0
+        for row, _, want in spans[:done]:
             guard[row] = want
+        later.update((row, None) for row, _, _ in spans[done:])
         self._ahead_rows = later
-        if spans:
-            mapper.guard_ahead(spans, self._spares_past_reserve())
+
+    def guards_ready(self, rows: Sequence[int], num_tokens: Sequence[int]) -> bool:
+        """Is each of `rows` readable up to its `num_tokens` (its blocks and its guard mapped, or
+        planned: ensure_readable then waits for those) without mapping anything for the step?"""
+        bs, readable = self.layout.block_size, self.mapper.readable_slots
+        as_list = lambda xs: xs.tolist() if hasattr(xs, "tolist") else xs  # (numpy arrays: plain ints)
+        return all(readable(r) >= -(-t // bs) for r, t in zip(as_list(rows), as_list(num_tokens)))
 
     def _warm_growth(self) -> int:
         """growth_ahead: a spare mapped nowhere (past the pad reserve), in the background, in the

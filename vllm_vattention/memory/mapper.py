@@ -350,25 +350,39 @@ class RowMapper:
 
     def guard_ahead(self, spans: Sequence[tuple[int, int, int]], cold: Iterator[int]) -> int:
         """Background: ensure_readable's guard, planned before a step needs it. For each (row, start,
-        end) of `spans`, every unmapped slot in [start, end) gets a spare frame from `cold` (spares
-        mapped nowhere) while it yields, else the zero page. The caller guarantees that no step in
-        flight reads these slots (read_bounds()); a step that will read them waits for these ops
-        (ensure_readable's DRAIN), as a change of the row does. Returns the slots mapped."""
+        end) of `spans` in order, every unmapped slot in [start, end) gets a spare frame from `cold`
+        (spares mapped nowhere); a span for which too few are left, and every span after it, is not
+        touched (a guard of spares or none: the zero page would make the row's growth there an
+        unmap that waits for the steps over-reading it, NOTES #110). The caller guarantees that no
+        step in flight reads these slots (read_bounds()); a step that will read them waits for
+        these ops (ensure_readable's DRAIN), as a change of the row does. Returns the spans done."""
         self.flush()  # nothing planned for a step may end up in the background queue
         rows: dict[int, int] = {}  # row -> the lowest slot mapped
-        done = 0
+        done = maps = 0
         for row, start, end in spans:
             end = min(end, self.layout.blocks_per_row)
-            holes = self._fill_holes(row, start, end, lambda: cold)
-            if not holes:
-                continue
-            rows[row] = holes[0]
-            done += len(holes)
-            if self._readable[row] >= start:  # (slots [0, _readable) known mapped: now up to end)
-                self._readable[row] = max(self._readable[row], end)
-        self.stats.guard_ahead_maps += done
+            current = self.slots[row]
+            holes = [s for s in range(start, end) if current[s] is None]
+            got = list(itertools.islice(cold, len(holes)))
+            if len(got) < len(holes):
+                break  # (the spares taken from `cold` but not mapped stay mapped nowhere: cold still)
+            if holes:
+                self._map_slots(row, list(zip(holes, got)), counter="pad_maps")
+                rows[row] = holes[0]
+                maps += len(holes)
+            lo = self._readable[row]  # (slots [0, lo) known mapped; those up to start are the row's
+            # blocks and guard, mapped unless something let them go: then the mark stays where it is)
+            if lo >= start or all(current[s] is not None for s in range(lo, start)):
+                self._readable[row] = max(lo, end)
+            done += 1
+        self.stats.guard_ahead_maps += maps
         self._flush_background(rows)
         return done
+
+    def readable_slots(self, row: int) -> int:
+        """Slots [0, n) of `row` are mapped, or planned to be (a step that reads them waits for
+        those: ensure_readable)."""
+        return self._readable[row]
 
     # -- spare frames, mapped ahead of time ------------------------------------------------
     def holds_spares(self, row: int, num_slots: int) -> bool:
