@@ -442,10 +442,11 @@ class VattnModelRunner(V2ModelRunner):
             seq_lens, input_batch.num_scheduled_tokens, cfg.decode_kernel, cfg.guard_tokens, row_len,
             lambda decodes, ext: self.vattn.guards_ready(live[decodes], ext[decodes]),
             clip_to_view=cfg.fa3_guard == "clipped")
-        if cfg.decode_kernel == "fa2-graphs" and fa3.any() and (input_batch.num_scheduled_tokens[:n] == 1).any():
-            self.mixed_rules[rule] += 1  # fa2-graphs' mixed steps: one FA3 launch ("fa2-graphs") or two ("fa2")
-        for builder in self._vattn_builders():
-            builder.mixed_kernel = rule  # the metadata is built under the rule whose reads were mapped
+        if cfg.decode_kernel == "fa2-graphs":  # (the other kernels' rule never changes: the builders have it)
+            if fa3.any() and (input_batch.num_scheduled_tokens[:n] == 1).any():
+                self.mixed_rules[rule] += 1  # its mixed steps: one FA3 launch ("fa2-graphs") or two ("fa2")
+            for builder in self._vattn_builders():
+                builder.mixed_kernel = rule  # the metadata is built under the rule whose reads were mapped
         for row, extent in zip(live[fa3].tolist(), extents[fa3].tolist()):
             self.vattn.ensure_readable(row, extent)  # FA3 over-reads: a guard behind the end
         self._pending_reads = self._step_reads(rows[:n], extents)
