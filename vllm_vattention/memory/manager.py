@@ -400,7 +400,11 @@ class KVMemoryManager:
         step in flight that reads them. With mixed prompt lengths every prefill row but the longest
         gets a guard, and those guards held most spares for their requests' lives (NOTES #62)."""
         now, self._guarded_now = self._guarded_now, set()
-        if self.keep_guards:
+        if self.keep_guards and not (self.guard_ahead and not self._guards_in_budget()):
+            # guard_ahead over its share extends nothing, so mixed steps run fa2's two launches and
+            # decode rows need no guard: the guards of prefill chunks are let go as without
+            # keep_guards (those extended ahead stay: letting them go too measured worse at
+            # 1024-in-128-out, where rows later fit the share again; NOTES #110)
             return
         stale, self._guarded = self._guarded - now, now
         if not stale:
@@ -422,12 +426,10 @@ class KVMemoryManager:
         seldom find all of them guarded, and the spares serve new requests' rows better (warm();
         NOTES #110). A row a step in flight reads past the guard's start (none should: reads end
         at the guard) waits for the next call."""
-        # one slot more than the guard: a row's next block arrives in the step that reads past it,
-        # before this call can extend the guard again (a step in 16 of each row's would find it short)
-        ahead = self.guard_ahead + 1
-        if len(self._active) * ahead > self.GUARD_SPARE_SHARE * len(self.pool.spare_frames):
+        if not self._guards_in_budget():
             self.warm_counts["warm_guards_over_budget"] += 1  # (the rows stay listed: a later call)
             return
+        ahead = self.guard_ahead + 1
         mapper, held, guard, bpr = self.mapper, self._held_end, self._guard_end, self.layout.blocks_per_row
         mapper.retire()
         spans, later = [], {}
@@ -444,6 +446,12 @@ class KVMemoryManager:
             guard[row] = want
         later.update((row, None) for row, _, _ in spans[done:])
         self._ahead_rows = later
+
+    def _guards_in_budget(self) -> bool:
+        """Could every running row's guard be spares within GUARD_SPARE_SHARE of them? A guard is
+        guard_ahead + 1 slots: a row's next block arrives in the step that reads past it, before
+        warm() can extend the guard again (else one step in 16 of each row's would find it short)."""
+        return len(self._active) * (self.guard_ahead + 1) <= self.GUARD_SPARE_SHARE * len(self.pool.spare_frames)
 
     def guards_ready(self, rows: Sequence[int], num_tokens: Sequence[int]) -> bool:
         """Is each of `rows` readable up to its `num_tokens` (its blocks and its guard mapped, or
@@ -485,6 +493,10 @@ class KVMemoryManager:
         reserve); returns the row it stopped at (out of spares, or still read in flight), None if
         all are warm."""
         spares = self._spares_past_reserve()
+        if self._ahead_rows and self._guards_in_budget():
+            # running rows' guards still to be extended keep first call on the cold spares: in serving
+            # nearly every spare sits in a warm row, and a guard is spares or nothing (NOTES #110)
+            spares = itertools.islice(spares, len(self._ahead_rows) * (self.guard_ahead + 1), None)
         for row in rows:
             got[row] = self.mapper.warm(row, depth, spares, row in in_flight)
             if got[row] < depth:
