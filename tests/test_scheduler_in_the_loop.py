@@ -246,11 +246,9 @@ def test_fa2_graphs_guards_every_row_a_mixed_step_reads(background, spares, lend
         if not lend:  # (lent blocks take spares too)
             assert r["rules"]["fa2-graphs"] > r["rules"].get("fa2", 0)
     else:
-        # no spares to guard with: no guard is extended (the zero page is no guard ahead), decode rows
-        # are guarded no more than fa2's, and the mixed steps whose decode rows outgrew their
-        # prefill's guard run as fa2
-        assert r["stats"]["guard_ahead_maps"] == 0 and r["stats"]["zero_maps"] == fa2["stats"]["zero_maps"] > 0
-        assert r["rules"]["fa2"] > 0
+        # no spares to guard with: no guard is extended (the zero page is no guard ahead), so the
+        # mixed steps whose decode rows outgrew their prefill's guard run as fa2
+        assert r["stats"]["guard_ahead_maps"] == 0 and r["rules"]["fa2"] > 0
 
 
 @pytest.mark.parametrize("num_prompts, handed_out", [(10, 8), (11, 30)])

@@ -1155,6 +1155,26 @@ def test_over_its_share_fa2_graphs_lets_prefill_guards_go(driver, share, kept):
     assert driver.leaks() == []
 
 
+def test_guards_ready_raises_a_readable_mark_an_unmap_left_low(driver):
+    """A row that grows into a guard slot holding the zero page has it unmapped, which lowers its
+    readable mark, then mapped with the block: readable again. guards_ready checks the slots up to
+    what a step needs (no mapping) rather than trusting the low mark (NOTES #110: at 16 req/s most
+    of fa2-graphs' two-launch mixed steps in the CPU harness were such rows)."""
+    mgr = make_manager(driver, rows=4, num_blocks=16)  # (no spares: the guard is the zero page)
+    bs = mgr.layout.block_size
+    r = mgr.acquire_row()
+    mgr.set_blocks(r, [0, 1])
+    mgr.ensure_readable(r, 4 * bs)
+    assert mgr.mapper.readable_slots(r) == 4 and mgr.mapper.slots[r][2] == ZERO
+    mgr.set_blocks(r, [2], start=2, fresh_from=0)  # growth into the zero page's slot: unmap, map
+    assert mgr.mapper.readable_slots(r) == 2 and mgr.mapper.slots[r][2] == 2
+    assert mgr.guards_ready([r], [4 * bs]) and mgr.mapper.readable_slots(r) == 4
+    assert not mgr.guards_ready([r], [4 * bs + 1]) and mgr.mapper.readable_slots(r) == 4  # slot 4: a hole
+    mgr.mapper.check_invariants()
+    mgr.close()
+    assert driver.leaks() == []
+
+
 def test_warm_rows_leave_the_cold_spares_a_pending_guard_needs(driver):
     """NOTES #110: a guard extended ahead is spares or nothing, and in serving nearly every spare sits
     in a warm row; so while running rows' guards wait to be extended (and fit the share), warm()

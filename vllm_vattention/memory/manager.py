@@ -456,9 +456,11 @@ class KVMemoryManager:
     def guards_ready(self, rows: Sequence[int], num_tokens: Sequence[int]) -> bool:
         """Is each of `rows` readable up to its `num_tokens` (its blocks and its guard mapped, or
         planned: ensure_readable then waits for those) without mapping anything for the step?"""
-        bs, readable = self.layout.block_size, self.mapper.readable_slots
+        bs, raise_readable = self.layout.block_size, self.mapper.raise_readable
         as_list = lambda xs: xs.tolist() if hasattr(xs, "tolist") else xs  # (numpy arrays: plain ints)
-        return all(readable(r) >= -(-t // bs) for r, t in zip(as_list(rows), as_list(num_tokens)))
+        # (raise_readable: a row's growth into a guard slot that held no spare left its mark low)
+        return all(raise_readable(r, n) >= n for r, n in ((r, -(-t // bs)) for r, t in zip(as_list(rows),
+                                                                                            as_list(num_tokens))))
 
     def _warm_growth(self) -> int:
         """growth_ahead: a spare mapped nowhere (past the pad reserve), in the background, in the

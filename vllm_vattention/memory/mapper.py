@@ -370,14 +370,21 @@ class RowMapper:
                 self._map_slots(row, list(zip(holes, got)), counter="pad_maps")
                 rows[row] = holes[0]
                 maps += len(holes)
-            lo = self._readable[row]  # (slots [0, lo) known mapped; those up to start are the row's
-            # blocks and guard, mapped unless something let them go: then the mark stays where it is)
-            if lo >= start or all(current[s] is not None for s in range(lo, start)):
-                self._readable[row] = max(lo, end)
+            self.raise_readable(row, end)
             done += 1
         self.stats.guard_ahead_maps += maps
         self._flush_background(rows)
         return done
+
+    def raise_readable(self, row: int, end: int) -> int:
+        """Move `row`'s readable mark up to `end` if every slot below it is mapped (or planned to
+        be): an unmap lowers the mark (_unmap_slot), and a slot mapped again afterwards, e.g. the
+        row's growth into a guard slot that held no spare, leaves it low although the row is
+        readable. Costs the slots between the mark and `end`. Returns the mark."""
+        lo = self._readable[row]
+        if lo < end and all(s is not None for s in self.slots[row][lo:end]):
+            self._readable[row] = lo = end
+        return lo
 
     def readable_slots(self, row: int) -> int:
         """Slots [0, n) of `row` are mapped, or planned to be (a step that reads them waits for
