@@ -1175,6 +1175,30 @@ def test_guards_ready_raises_a_readable_mark_an_unmap_left_low(driver):
     assert driver.leaks() == []
 
 
+def test_guard_ahead_puts_spares_where_a_released_rows_stale_frames_were(driver):
+    """A row's guard region may hold the frames of its last user's blocks (deferred reclamation).
+    The row grows into those slots while one-launch mixed steps over-read them, and a fresh block
+    moves only into a spare (else its slot is unmapped after a wait for those steps), so guard_ahead
+    replaces them with spares where no step in flight reads them yet (NOTES #110)."""
+    mgr = make_manager(driver, rows=1, num_blocks=16, spare_blocks=16, keep_guards=True, guard_ahead=2)
+    r = mgr.acquire_row()
+    mgr.set_blocks(r, [0, 1, 2, 3])
+    mgr.release_row(r)
+    assert mgr.acquire_row() == r  # (its slots still map blocks 0-3: nothing unmapped them)
+    mgr.set_blocks(r, [4, 5])  # the new request's two blocks; slots 2 and 3 keep stale frames
+    stale = [mgr.mapper.slots[r][s] for s in (2, 3)]
+    assert not set(stale) & mgr.pool.spare_frames
+    unmaps = mgr.stats()["block_unmaps"]
+    mgr._extend_guards()
+    assert all(mgr.mapper.slots[r][s] in mgr.pool.spare_frames for s in (2, 3, 4))
+    assert mgr.stats()["block_unmaps"] == unmaps + 2 and mgr.mapper.readable_slots(r) == 5
+    mgr.set_blocks(r, [6], start=2, fresh_from=0)  # growth: moves into the spare, no driver call
+    assert mgr.stats()["swaps"] >= 1 and mgr.mapper.slots[r][2] not in stale
+    mgr.mapper.check_invariants()
+    mgr.close()
+    assert driver.leaks() == []
+
+
 def test_warm_rows_leave_the_cold_spares_a_pending_guard_needs(driver):
     """NOTES #110: a guard extended ahead is spares or nothing, and in serving nearly every spare sits
     in a warm row; so while running rows' guards wait to be extended (and fit the share), warm()

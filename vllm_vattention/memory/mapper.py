@@ -359,17 +359,24 @@ class RowMapper:
         self.flush()  # nothing planned for a step may end up in the background queue
         rows: dict[int, int] = {}  # row -> the lowest slot mapped
         done = maps = 0
+        spare = self.pool.spare_frames
         for row, start, end in spans:
             end = min(end, self.layout.blocks_per_row)
             current = self.slots[row]
-            holes = [s for s in range(start, end) if current[s] is None]
-            got = list(itertools.islice(cold, len(holes)))
-            if len(got) < len(holes):
+            # every slot that holds no spare: unmapped, the zero page, or a stale frame (a released
+            # row's block, kept by deferred reclamation). The row grows into these slots while steps
+            # in flight over-read them, so a slot holding no spare would be unmapped then after a
+            # wait for those steps; here nothing reads them (the caller's guarantee): no wait
+            todo = [s for s in range(start, end) if current[s] not in spare]
+            got = list(itertools.islice(cold, len(todo)))
+            if len(got) < len(todo):
                 break  # (the spares taken from `cold` but not mapped stay mapped nowhere: cold still)
-            if holes:
-                self._map_slots(row, list(zip(holes, got)), counter="pad_maps")
-                rows[row] = holes[0]
-                maps += len(holes)
+            if todo:
+                for s in todo:
+                    self._unmap_slot(row, s)  # (nothing mapped: nothing to do)
+                self._map_slots(row, list(zip(todo, got)), counter="pad_maps")
+                rows[row] = todo[0]
+                maps += len(todo)
             self.raise_readable(row, end)
             done += 1
         self.stats.guard_ahead_maps += maps
