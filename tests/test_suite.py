@@ -441,6 +441,21 @@ def test_spare_frames_table_shows_how_the_spares_worked_per_workload():
     assert "| a | vattn-fa2 | 3 | 572 | 200 | 210 | 4 | 38 | 0 | 38 | 2 | 7 | 80.9 | 3/500/0/69/0 |" in S.markdown({"results": res})
 
 
+def test_mixed_steps_table_counts_fa2_graphs_one_and_two_launch_steps():
+    def run(one, two, skipped):
+        return {"workload": "a", "system": "vattn-fa2-graphs", "error": None,
+                "mapper": {"mixed_steps_one_launch": one, "mixed_steps_two_launches": two,
+                           "warm_guards_over_budget": skipped}}
+    default = {"workload": "a", "system": "vattn-fa2", "error": None,  # (the default: no mixed-step rule)
+               "mapper": {"mixed_steps_one_launch": 0, "mixed_steps_two_launches": 0}}
+    res = [run(90, 10, 0), run(80, 20, 4), run(100, 6, 2), default, {"workload": "a", "system": "stock-fa3", "error": None}]
+    (row,) = S.mixed_rule_rows(res)
+    assert (row["system"], row["n"], row["one"], row["two"], row["over_budget"]) == ("vattn-fa2-graphs", 3, 90, 10, 2)
+    assert row["share"] == pytest.approx(0.9)
+    assert "| a | vattn-fa2-graphs | 3 | 90 | 10 | 90% | 2 |" in S.markdown({"results": res})
+    assert "mixed steps" not in S.markdown({"results": [default]})
+
+
 def test_admission_table_gives_each_new_requests_swaps_and_maps_per_admission():
     def run(n, swaps, maps, unmaps, drains):
         return {"workload": "serve", "system": "vattn-fa2", "error": None,

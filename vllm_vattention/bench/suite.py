@@ -777,6 +777,25 @@ def spare_rows(results: list[dict]) -> list[dict]:
             for (w, s), ms in by.items()]
 
 
+def mixed_rule_rows(results: list[dict]) -> list[dict]:
+    """Per workload and system (fa2-graphs): its mixed steps by the rule they ran (NOTES #110), one
+    FA3 launch per layer or fa2's two (a decode row's guard not in place), and guard extensions
+    skipped over the spares' share; medians over repetitions. Runs without the counters are left out."""
+    def pick(r: dict) -> dict | None:
+        m = _mapper(r)
+        one, two = m.get("mixed_steps_one_launch"), m.get("mixed_steps_two_launches")
+        return m if one is not None and one + two > 0 else None
+    by = _grouped(results, pick)
+    rows = []
+    for (w, s), ms in by.items():
+        one = statistics.median(m["mixed_steps_one_launch"] for m in ms)
+        two = statistics.median(m["mixed_steps_two_launches"] for m in ms)
+        rows.append({"workload": w, "system": s, "n": len(ms), "one": one, "two": two,
+                     "share": one / (one + two) if one + two else None,
+                     "over_budget": statistics.median(m.get("warm_guards_over_budget", 0) for m in ms)})
+    return rows
+
+
 def admit_rows(results: list[dict]) -> list[dict]:
     """Per workload and system: how new requests' blocks got into place (manager.admit_counts),
     per admission, medians over repetitions: moved into spares warmed ahead (no driver call), or
@@ -942,6 +961,14 @@ def markdown(doc: dict) -> str:
                           [[m["workload"], m["system"], m["n"], f"{m['spares']:.0f}"]
                            + [f"{m[k]:.0f}" for k in SPARE_COUNTERS]
                            + [m["inflight_max"], f"{m['longest_stall_ms']:.1f}", m["spares_at"]] for m in spares])
+    mixed = mixed_rule_rows(res)
+    if mixed:
+        lines += _section("fa2-graphs' mixed steps (medians over repetitions; NOTES #110)",
+                          ["workload", "system", "runs", "one FA3 launch", "two launches (a guard not in place)",
+                           "one-launch share", "guard extensions skipped (over the spares' share)"],
+                          [[m["workload"], m["system"], m["n"], f"{m['one']:.0f}", f"{m['two']:.0f}",
+                            "-" if m["share"] is None else f"{100 * m['share']:.0f}%", f"{m['over_budget']:.0f}"]
+                           for m in mixed])
     admits = admit_rows(res)
     if admits:
         lines += _section("New requests' blocks, per admission (medians over repetitions)",
