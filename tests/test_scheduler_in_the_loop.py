@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from vllm_vattention.attention.ops import plan_reads
+from vllm_vattention.attention.ops import is_mixed, plan_reads
 from vllm_vattention.bench import sched_replay as S
 from vllm_vattention.memory import FakeDriver, KVGeometry, KVMemoryManager, RequestRows, make_layout
 from vllm_vattention.worker import has_prefill
@@ -109,8 +109,7 @@ def drive(background, spares: int, prompts: list[list[int]], max_tokens: list[in
                                             np.array([out.num_scheduled_tokens[r] for r in ids]), kernel, guard,
                                             layout.row_tokens, lambda d, e: mgr.guards_ready(row_of[d], e[d]),
                                             clip_to_view=clipped)
-            q = np.array([out.num_scheduled_tokens[r] for r in ids])
-            if (q == 1).any() and (q > 1).any():  # a mixed step
+            if is_mixed(np.array([out.num_scheduled_tokens[r] for r in ids])):
                 rules[rule] = rules.get(rule, 0) + 1
             for r, is_fa3, ext in zip(ids, fa3.tolist(), extents.tolist()):
                 if is_fa3:

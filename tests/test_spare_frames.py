@@ -1165,11 +1165,11 @@ def test_guards_ready_raises_a_readable_mark_an_unmap_left_low(driver):
     r = mgr.acquire_row()
     mgr.set_blocks(r, [0, 1])
     mgr.ensure_readable(r, 4 * bs)
-    assert mgr.mapper.readable_slots(r) == 4 and mgr.mapper.slots[r][2] == ZERO
+    assert mgr.mapper._readable[r] == 4 and mgr.mapper.slots[r][2] == ZERO
     mgr.set_blocks(r, [2], start=2, fresh_from=0)  # growth into the zero page's slot: unmap, map
-    assert mgr.mapper.readable_slots(r) == 2 and mgr.mapper.slots[r][2] == 2
-    assert mgr.guards_ready([r], [4 * bs]) and mgr.mapper.readable_slots(r) == 4
-    assert not mgr.guards_ready([r], [4 * bs + 1]) and mgr.mapper.readable_slots(r) == 4  # slot 4: a hole
+    assert mgr.mapper._readable[r] == 2 and mgr.mapper.slots[r][2] == 2
+    assert mgr.guards_ready([r], [4 * bs]) and mgr.mapper._readable[r] == 4
+    assert not mgr.guards_ready([r], [4 * bs + 1]) and mgr.mapper._readable[r] == 4  # slot 4: a hole
     mgr.mapper.check_invariants()
     mgr.close()
     assert driver.leaks() == []
@@ -1191,7 +1191,7 @@ def test_guard_ahead_puts_spares_where_a_released_rows_stale_frames_were(driver)
     unmaps = mgr.stats()["block_unmaps"]
     mgr._extend_guards()
     assert all(mgr.mapper.slots[r][s] in mgr.pool.spare_frames for s in (2, 3, 4))
-    assert mgr.stats()["block_unmaps"] == unmaps + 2 and mgr.mapper.readable_slots(r) == 5
+    assert mgr.stats()["block_unmaps"] == unmaps + 2 and mgr.mapper._readable[r] == 5
     mgr.set_blocks(r, [6], start=2, fresh_from=0)  # growth: moves into the spare, no driver call
     assert mgr.stats()["swaps"] >= 1 and mgr.mapper.slots[r][2] not in stale
     mgr.mapper.check_invariants()

@@ -443,7 +443,7 @@ class VattnModelRunner(V2ModelRunner):
             lambda decodes, ext: self.vattn.guards_ready(live[decodes], ext[decodes]),
             clip_to_view=cfg.fa3_guard == "clipped")
         if cfg.decode_kernel == "fa2-graphs":  # (the other kernels' rule never changes: the builders have it)
-            if fa3.any() and (input_batch.num_scheduled_tokens[:n] == 1).any():
+            if ops.is_mixed(input_batch.num_scheduled_tokens):
                 self.mixed_rules[rule] += 1  # its mixed steps: one FA3 launch ("fa2-graphs") or two ("fa2")
             for builder in self._vattn_builders():
                 builder.mixed_kernel = rule  # the metadata is built under the rule whose reads were mapped

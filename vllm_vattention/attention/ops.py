@@ -95,6 +95,13 @@ def plan_reads(seq_lens: np.ndarray, query_lens: np.ndarray, decode_kernel: str,
     return "fa2", fa3, ext
 
 
+def is_mixed(query_lens: np.ndarray) -> bool:
+    """A batch of decodes (one-token queries) beside prefill chunks: the steps in which plan_reads'
+    rule matters (fa2-graphs: one FA3 launch or fa2's two)."""
+    one = query_lens == 1
+    return bool(one.any()) and not one.all()
+
+
 def mixed_rule(decode_kernel: str) -> str:
     """The rule a mixed batch is built under when no step said otherwise (plan_reads): fa2-graphs'
     one launch needs every decode row guarded, which only plan_reads checks; fa2's needs nothing."""

@@ -868,12 +868,8 @@ def server_rows(res: list[dict]) -> list[dict]:
                 "outside": None if None in (client, ttft) else client - ttft,
                 "frontend": None if None in (ttft, queue, prefill) else ttft - queue - prefill}
 
-    groups: dict = {}
-    for r in res:
-        if r.get("server") and not r.get("error"):
-            groups.setdefault((r["workload"], r["system"]), []).append(parts(r))
     out = []
-    for (w, sy), ps in groups.items():
+    for (w, sy), ps in _grouped(res, lambda r: parts(r) if r.get("server") else None).items():
         row = {"workload": w, "system": sy, "n": len(ps)}
         for k in ps[0]:
             xs = [p[k] for p in ps if p[k] is not None]

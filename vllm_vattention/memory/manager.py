@@ -157,6 +157,10 @@ class KVMemoryManager:
         # for kernels that over-read every row in some steps (VATTN_DECODE_KERNEL=fa2-graphs: FA3 in
         # mixed steps); with keep_guards, since a guard extended ahead must not be let go again
         self.guard_ahead = guard_ahead
+        # the slots a guard extended ahead spans: one more than guard_ahead, since a row's next block
+        # arrives in the step that reads past it, before warm() can extend the guard again (else one
+        # step in 16 of each row's would find it short)
+        self.guard_slots = guard_ahead + 1 if guard_ahead else 0
         self._ahead_rows: dict[int, None] = {}  # running rows whose blocks grew since their guard was extended
         self._guards_deferred = False  # the last call with rows in _ahead_rows left them to the next (warm(defer))
         self._closed = False
@@ -429,12 +433,11 @@ class KVMemoryManager:
         if not self._guards_in_budget():
             self.warm_counts["warm_guards_over_budget"] += 1  # (the rows stay listed: a later call)
             return
-        ahead = self.guard_ahead + 1
         mapper, held, guard, bpr = self.mapper, self._held_end, self._guard_end, self.layout.blocks_per_row
         mapper.retire()
         spans, later = [], {}
         for row in self._ahead_rows:
-            start, want = max(guard[row], held[row]), min(held[row] + ahead, bpr)
+            start, want = max(guard[row], held[row]), min(held[row] + self.guard_slots, bpr)
             if start >= want:
                 continue
             if mapper.read_bound(row) > start:
@@ -448,19 +451,20 @@ class KVMemoryManager:
         self._ahead_rows = later
 
     def _guards_in_budget(self) -> bool:
-        """Could every running row's guard be spares within GUARD_SPARE_SHARE of them? A guard is
-        guard_ahead + 1 slots: a row's next block arrives in the step that reads past it, before
-        warm() can extend the guard again (else one step in 16 of each row's would find it short)."""
-        return len(self._active) * (self.guard_ahead + 1) <= self.GUARD_SPARE_SHARE * len(self.pool.spare_frames)
+        """Could every running row's guard (guard_slots each) be spares within GUARD_SPARE_SHARE of them?"""
+        return len(self._active) * self.guard_slots <= self.GUARD_SPARE_SHARE * len(self.pool.spare_frames)
 
     def guards_ready(self, rows: Sequence[int], num_tokens: Sequence[int]) -> bool:
         """Is each of `rows` readable up to its `num_tokens` (its blocks and its guard mapped, or
         planned: ensure_readable then waits for those) without mapping anything for the step?"""
-        bs, raise_readable = self.layout.block_size, self.mapper.raise_readable
+        bs = self.layout.block_size
         as_list = lambda xs: xs.tolist() if hasattr(xs, "tolist") else xs  # (numpy arrays: plain ints)
-        # (raise_readable: a row's growth into a guard slot that held no spare left its mark low)
-        return all(raise_readable(r, n) >= n for r, n in ((r, -(-t // bs)) for r, t in zip(as_list(rows),
-                                                                                            as_list(num_tokens))))
+        for row, tokens in zip(as_list(rows), as_list(num_tokens)):
+            slots = -(-tokens // bs)
+            # (raise_readable: a row's growth into a guard slot that held no spare left its mark low)
+            if self.mapper.raise_readable(row, slots) < slots:
+                return False
+        return True
 
     def _warm_growth(self) -> int:
         """growth_ahead: a spare mapped nowhere (past the pad reserve), in the background, in the
@@ -498,7 +502,7 @@ class KVMemoryManager:
         if self._ahead_rows and self._guards_in_budget():
             # running rows' guards still to be extended keep first call on the cold spares: in serving
             # nearly every spare sits in a warm row, and a guard is spares or nothing (NOTES #110)
-            spares = itertools.islice(spares, len(self._ahead_rows) * (self.guard_ahead + 1), None)
+            spares = itertools.islice(spares, len(self._ahead_rows) * self.guard_slots, None)
         for row in rows:
             got[row] = self.mapper.warm(row, depth, spares, row in in_flight)
             if got[row] < depth:

@@ -393,11 +393,6 @@ class RowMapper:
             self._readable[row] = lo = end
         return lo
 
-    def readable_slots(self, row: int) -> int:
-        """Slots [0, n) of `row` are mapped, or planned to be (a step that reads them waits for
-        those: ensure_readable)."""
-        return self._readable[row]
-
     # -- spare frames, mapped ahead of time ------------------------------------------------
     def holds_spares(self, row: int, num_slots: int) -> bool:
         """Every one of `row`'s first `num_slots` slots maps (or is planned to map) a spare frame:
