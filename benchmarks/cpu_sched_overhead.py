@@ -294,7 +294,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             q = np.array([out.num_scheduled_tokens[r] for r in ids], dtype=np.int64)
             c4 = time.perf_counter()
             rule, fa3, ext = ops.plan_reads(seq, q, decode_kernel, 256, lay.row_tokens,
-                                            lambda d, e: mgr.guards_ready(row_of[d], e[d]), clip_to_view=clip)
+                                            row_of, mgr, clip_to_view=clip)
             if decode_kernel == "fa2-graphs" and ops.is_mixed(q):
                 mixed_rules[rule] = mixed_rules.get(rule, 0) + 1
             for row, e in zip(row_of[fa3].tolist(), ext[fa3].tolist()):

@@ -8,7 +8,7 @@
 #          stream_check (the stream-mode GPU tests alone, no sanitizer; then the clipped-guard tests under it)
 #          spare_check (spare frames: the libcuda test, then the e2e prefix-caching test against stock)
 #          mix_check (VATTN_DECODE_KERNEL=fa2-graphs and VATTN_FA3_SCHEDULE=1 against stock)
-#          prefix (the default's prefix-caching e2e test alone) lend_check (VATTN_LEND_BLOCKS e2e against stock, tight budget; --block-size 32 against stock)
+#          prefix (the default's prefix-caching e2e test alone) gs_e2e (the default's other e2e tests with fa2-graphs) lend_check (VATTN_LEND_BLOCKS e2e against stock, tight budget; --block-size 32 against stock)
 #          suite_round (offline rounds of stock-fa3 with the candidates: $SUITE_CANDIDATE, a comma list such as
 #          vattn-fa2,vattn-spare, else the default vattn-fa2;
 #          results kept in /root/suite across calls, copied to $OUT;
@@ -63,6 +63,13 @@ for s in $steps; do
         timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_vmm_gpu.py -k stream > "$OUT/stream.log" 2>&1
         echo "rc=$?"; tail -4 "$OUT/stream.log";
         sanitized clipped tests/gpu/test_kernels_gpu.py -k clipped;;
+    gs_e2e) # the default's e2e tests against stock, run with VATTN_DECODE_KERNEL=fa2-graphs (the tests
+        # inherit it): logprobs, preemption (flag), 32-token blocks, lent blocks (~6 min with the JIT
+        # cache; the prefix-caching test with it passed on ad2da33, NOTES #112)
+        VATTN_DECODE_KERNEL=fa2-graphs timeout 560 python3 -m pytest -m gpu -q -s -p no:cacheprovider \
+          tests/gpu/test_e2e_gpu.py -k "logprobs_match or (preemption and flag) or 32_token or lent" \
+          > "$OUT/gs_e2e.log" 2>&1; echo "rc=$?"
+        grep -oE "decode=[a-z0-9-]+" "$OUT/gs_e2e.log" | sort | uniq -c; grep -E "passed|failed|Error|greedy" "$OUT/gs_e2e.log" | tail -8;;
     prefix) # prefix caching + n=3 sampling e2e against stock: the default (lent blocks since NOTES #58) and
         # VATTN_GROWTH_AHEAD=1 (~70 s each with the JIT cache)
         timeout 300 python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/gpu/test_e2e_gpu.py -k "prefix and not spare" \

@@ -47,32 +47,44 @@ def test_fa2_graphs_runs_a_mixed_batch_all_in_fa3_and_a_decode_batch_all_in_fa2(
     assert fa3.tolist() == [False, False, False] and ext.tolist() == seq.tolist()
 
 
-def test_plan_reads_runs_fa2_graphs_mixed_batch_as_one_launch_only_when_its_decode_rows_are_guarded():
-    """ops.plan_reads (NOTES #110): fa2-graphs' one FA3 launch for a mixed batch needs every decode
-    row readable up to its FA3 extent; guards_ready is asked about exactly those rows and extents,
-    and when it says no, the step runs under fa2's rule (decode rows read only their tokens)."""
-    seq, q = np.array([1000, 2000, 600]), np.array([1, 1, 64])
+def test_plan_reads_runs_fa2_graphs_mixed_batch_as_one_launch_only_when_no_guard_needs_the_zero_page():
+    """ops.plan_reads (NOTES #110, #112): fa2-graphs' one FA3 launch for a mixed batch needs every
+    decode row readable up to its FA3 extent (guards_ready) and the prefill rows' guard slots all
+    spares (guards_fit); each is asked about exactly its rows and extents, and when either says no,
+    the step runs under fa2's rule (decode rows read only their tokens)."""
+    seq, q, rows = np.array([1000, 2000, 600]), np.array([1, 1, 64]), np.array([7, 3, 5])
     asked = []
 
-    def ready(answer):
-        def guards_ready(decodes, ext):
-            asked.append((decodes.tolist(), ext[decodes].tolist()))
-            return answer
-        return guards_ready
+    class Guards:
+        def __init__(self, ready, fit):
+            self.ready, self.fit = ready, fit
 
-    rule, fa3, ext = ops.plan_reads(seq, q, "fa2-graphs", 256, 4096, ready(True))
+        def guards_ready(self, r, ext):
+            asked.append(("ready", r.tolist(), ext.tolist()))
+            return self.ready
+
+        def guards_fit(self, r, ext):
+            asked.append(("fit", r.tolist(), ext.tolist()))
+            return self.fit
+
+    rule, fa3, ext = ops.plan_reads(seq, q, "fa2-graphs", 256, 4096, rows, Guards(True, True))
     assert rule == "fa2-graphs" and fa3.all() and ext.tolist() == [1256, 2256, 856]
-    assert asked == [([True, True, False], [1256, 2256])]
-    rule, fa3, ext = ops.plan_reads(seq, q, "fa2-graphs", 256, 4096, ready(False), clip_to_view=True)
-    assert rule == "fa2" and fa3.tolist() == [False, False, True] and ext.tolist() == [1000, 2000, 600]
-    assert (rule, fa3.tolist(), ext.tolist()) == ("fa2", *(a.tolist() for a in ops.read_extents(
-        seq, q, "fa2", 256, 4096, clip_to_view=True)))
+    assert asked == [("ready", [7, 3], [1256, 2256]), ("fit", [5], [856])]
+    two = ("fa2", *(a.tolist() for a in ops.read_extents(seq, q, "fa2", 256, 4096, clip_to_view=True)))
+    for ready, fit in ((False, True), (True, False)):
+        asked.clear()
+        rule, fa3, ext = ops.plan_reads(seq, q, "fa2-graphs", 256, 4096, rows, Guards(ready, fit), clip_to_view=True)
+        assert rule == "fa2" and fa3.tolist() == [False, False, True] and ext.tolist() == [1000, 2000, 600]
+        assert (rule, fa3.tolist(), ext.tolist()) == two
+        # clipped to the view of the one launch (the decodes' longest row: 2000), the prefill row's
+        # guard is what the decodes lengthen: 856, where under fa2's rule it reads 600 and no guard
+        assert asked[-1] == (("fit", [5], [856]) if ready else ("ready", [7, 3], [1256, 2000]))
     assert ops.mixed_rule("fa2-graphs") == "fa2" and ops.mixed_rule("fa3") == "fa3"
     # nothing to ask: decode-only (FA2, CUDA graphs) and prefill-only batches, and the other kernels
     asked.clear()
     for kernel, qs in (("fa2-graphs", np.array([1, 1, 1])), ("fa2-graphs", np.array([5, 9, 64])),
                        ("fa2", q), ("fa3", q)):
-        rule, fa3, ext = ops.plan_reads(seq, qs, kernel, 256, 4096, ready(False))
+        rule, fa3, ext = ops.plan_reads(seq, qs, kernel, 256, 4096, rows, Guards(False, False))
         want = ops.read_extents(seq, qs, kernel, 256, 4096)
         assert rule == kernel and fa3.tolist() == want[0].tolist() and ext.tolist() == want[1].tolist()
     assert asked == []

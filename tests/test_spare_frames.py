@@ -1175,6 +1175,43 @@ def test_guards_ready_raises_a_readable_mark_an_unmap_left_low(driver):
     assert driver.leaks() == []
 
 
+def test_guards_fit_counts_a_steps_guard_slots_against_the_cold_spares(driver):
+    """guards_fit (NOTES #112): could ensure_readable give these rows their slots with spares mapped
+    nowhere alone? fa2-graphs asks it of a one-launch mixed step's prefill rows, whose guards the
+    decodes lengthen (the clipped view ends at the launch's longest row). Offline at
+    512-in-1024-out every spare was warm, so those guards were the zero page, and each row then
+    grew into its guard with an unmap that waited for the step over-reading it. Asking maps nothing;
+    what it says ensure_readable then does without the zero page."""
+    mgr = make_manager(driver, rows=6, num_blocks=24, spare_blocks=3, background="stream")
+    bs = mgr.layout.block_size
+    a, b = mgr.acquire_row(), mgr.acquire_row()
+    mgr.set_blocks(a, [0, 1], fresh_from=2)
+    mgr.set_blocks(b, [2, 3], fresh_from=2)
+    mgr.publish()
+    mgr.sync()
+    assert len(list(mgr.mapper.cold_spares())) == 3
+    assert mgr.guards_fit([a, b], [2 * bs, 2 * bs])  # no slot to map: no spare needed
+    assert mgr.mapper.holes(a, 4) == 2 and mgr.mapper.holes(a, 2) == 0
+    calls = _driver_calls(driver)
+    assert mgr.guards_fit(np.array([a, b]), np.array([3 * bs, 4 * bs]))  # 1 + 2 slots: 3 spares
+    assert not mgr.guards_fit([a, b], [4 * bs, 4 * bs])  # 4 slots, 3 spares: one would be the zero page
+    mgr.sync()
+    assert _driver_calls(driver) == calls and mgr.stats()["pad_maps"] == mgr.stats()["zero_maps"] == 0
+    mgr.ensure_readable(a, 3 * bs)
+    mgr.ensure_readable(b, 4 * bs)
+    assert mgr.stats()["pad_maps"] == 3 and mgr.stats()["zero_maps"] == 0
+    assert mgr.guards_fit([a, b], [3 * bs, 4 * bs]) and not mgr.guards_fit([a], [4 * bs])  # spares all taken
+    nospare = make_manager(driver, rows=4, num_blocks=16)
+    r = nospare.acquire_row()
+    nospare.set_blocks(r, [0])
+    assert nospare.guards_fit([r], [bs]) and not nospare.guards_fit([r], [bs + 1])
+    for m in (mgr, nospare):
+        m.sync()
+        m.mapper.check_invariants()
+        m.close()
+    assert driver.leaks() == []
+
+
 def test_guard_ahead_puts_spares_where_a_released_rows_stale_frames_were(driver):
     """A row's guard region may hold the frames of its last user's blocks (deferred reclamation).
     The row grows into those slots while one-launch mixed steps over-read them, and a fresh block

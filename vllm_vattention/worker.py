@@ -440,8 +440,7 @@ class VattnModelRunner(V2ModelRunner):
         cfg, live = self.vattn_cfg, rows[:n]
         rule, fa3, extents = ops.plan_reads(
             seq_lens, input_batch.num_scheduled_tokens, cfg.decode_kernel, cfg.guard_tokens, row_len,
-            lambda decodes, ext: self.vattn.guards_ready(live[decodes], ext[decodes]),
-            clip_to_view=cfg.fa3_guard == "clipped")
+            live, self.vattn, clip_to_view=cfg.fa3_guard == "clipped")
         if cfg.decode_kernel == "fa2-graphs":  # (the other kernels' rule never changes: the builders have it)
             if ops.is_mixed(input_batch.num_scheduled_tokens):
                 self.mixed_rules[rule] += 1  # its mixed steps: one FA3 launch ("fa2-graphs") or two ("fa2")

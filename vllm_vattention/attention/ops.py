@@ -76,20 +76,23 @@ def read_extents(seq_lens: np.ndarray, query_lens: np.ndarray, decode_kernel: st
 
 
 def plan_reads(seq_lens: np.ndarray, query_lens: np.ndarray, decode_kernel: str, guard_tokens: int,
-               row_len: int, guards_ready, clip_to_view: bool = False) -> tuple[str, np.ndarray, np.ndarray]:
+               row_len: int, rows: np.ndarray, guards, clip_to_view: bool = False) -> tuple[str, np.ndarray, np.ndarray]:
     """(the kernel rule the step runs under, its FA3 mask, each row's read extent): read_extents,
-    except that fa2-graphs runs a mixed batch as one FA3 launch only where `guards_ready(decodes,
-    extents)` says that every decode row (the mask `decodes`) is readable up to its extent already
-    (its guard extended in the background: the memory manager's guard_ahead). Otherwise the step
-    runs under fa2's rule (FA2 for the decodes, whose rows then need no guard), so that no decode
-    row's guard is mapped on the step's path, the zero page least of all: a row that grows into a
-    zero-page slot a step in flight over-reads must wait for that step before the unmap (NOTES #110).
-    The metadata builder must build the step under the same rule (worker.prepare_attn tells it)."""
+    except that fa2-graphs runs a mixed batch as one FA3 launch only where no guard would be mapped
+    on the step's path but spare frames: `guards` (the memory manager) says that every decode row of
+    `rows` is readable up to its extent already (guards_ready: its guard extended in the background,
+    guard_ahead), and that the prefill rows' guard slots, which the decodes may lengthen (the clipped
+    view ends at the launch's longest row), can all be spares (guards_fit). Otherwise the step runs
+    under fa2's rule (FA2 for the decodes, whose rows then need no guard), so that no guard is the
+    zero page: a row that grows into a zero-page slot a step in flight over-reads must wait for that
+    step before the unmap (NOTES #110, #112). The metadata builder must build the step under the
+    same rule (worker.prepare_attn tells it)."""
     fa3, ext = read_extents(seq_lens, query_lens, decode_kernel, guard_tokens, row_len, clip_to_view)
     if decode_kernel != "fa2-graphs" or not fa3.any():
         return decode_kernel, fa3, ext
     decodes = query_lens == 1
-    if not decodes.any() or guards_ready(decodes, ext):
+    if not decodes.any() or (guards.guards_ready(rows[decodes], ext[decodes])
+                             and guards.guards_fit(rows[~decodes], ext[~decodes])):
         return decode_kernel, fa3, ext
     fa3, ext = read_extents(seq_lens, query_lens, "fa2", guard_tokens, row_len, clip_to_view)
     return "fa2", fa3, ext

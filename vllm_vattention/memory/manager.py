@@ -55,6 +55,11 @@ _WARM_COUNTS = ("warm_calls", "warm_unchanged", "warm_deferred", "warm_stopped_i
 _ADMIT_COUNTS = ("admissions", "admit_swaps", "admit_maps", "admit_unmaps", "prefix_rows_taken")
 
 
+def _ints(xs):
+    """A sequence of plain ints (numpy arrays' items are not: their arithmetic costs more per item)."""
+    return xs.tolist() if hasattr(xs, "tolist") else xs
+
+
 class KVMemoryManager:
     WARM_HISTORY = 64  # new requests whose fresh block counts set the warm depth
     WARM_ROWS = 64  # at most this many rows are kept warm (bounds warm()'s scan when requests are short)
@@ -458,13 +463,22 @@ class KVMemoryManager:
         """Is each of `rows` readable up to its `num_tokens` (its blocks and its guard mapped, or
         planned: ensure_readable then waits for those) without mapping anything for the step?"""
         bs = self.layout.block_size
-        as_list = lambda xs: xs.tolist() if hasattr(xs, "tolist") else xs  # (numpy arrays: plain ints)
-        for row, tokens in zip(as_list(rows), as_list(num_tokens)):
+        for row, tokens in zip(_ints(rows), _ints(num_tokens)):
             slots = -(-tokens // bs)
             # (raise_readable: a row's growth into a guard slot that held no spare left its mark low)
             if self.mapper.raise_readable(row, slots) < slots:
                 return False
         return True
+
+    def guards_fit(self, rows: Sequence[int], num_tokens: Sequence[int]) -> bool:
+        """Could ensure_readable give each of `rows` its slots up to `num_tokens` with spare frames
+        alone (every unmapped slot a spare mapped nowhere, none the zero page)? fa2-graphs asks this
+        of a one-launch mixed step's prefill rows, whose guards its decodes lengthen (ops.plan_reads,
+        NOTES #112). Costs the rows' slots past their readable marks, and at most that many spares."""
+        bs, mapper = self.layout.block_size, self.mapper
+        need = sum(mapper.holes(row, -(-tokens // bs)) for row, tokens in zip(_ints(rows), _ints(num_tokens)))
+        return need == 0 or (bool(self.pool.spare_frames)
+                             and sum(1 for _ in itertools.islice(self._cold_spares(), need)) == need)
 
     def _warm_growth(self) -> int:
         """growth_ahead: a spare mapped nowhere (past the pad reserve), in the background, in the

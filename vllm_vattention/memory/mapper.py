@@ -393,6 +393,12 @@ class RowMapper:
             self._readable[row] = lo = end
         return lo
 
+    def holes(self, row: int, end: int) -> int:
+        """How many of `row`'s slots below `end` (past its readable mark) are unmapped: what
+        ensure_readable(row, end) would map."""
+        end = min(end, self.layout.blocks_per_row)
+        return sum(s is None for s in self.slots[row][self._readable[row]:end])
+
     # -- spare frames, mapped ahead of time ------------------------------------------------
     def holds_spares(self, row: int, num_slots: int) -> bool:
         """Every one of `row`'s first `num_slots` slots maps (or is planned to map) a spare frame:
