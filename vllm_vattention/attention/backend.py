@@ -29,7 +29,28 @@ from ..config import VattnConfig
 from . import ops
 
 SUPPORTED_HEAD_SIZES = [64, 80, 96, 112, 128, 160, 192, 256]
-_FA2_VIEW, _FA3_VIEW = 3, 4  # where VattnImpl._kv_views keeps each kernel's cut of the rows
+
+
+class _LayerKV:
+    """One layer's KV cache as the kernels take it: its K and V rows, and each kernel's cut of them
+    to a row length (kv_len changes every 256 tokens). Made once per layer and length rather than in
+    each call (benchmarks/NOTES.md #103: tensor views were most of our forward's own CPU time in an
+    eager step, 32 layers each)."""
+
+    __slots__ = ("cache", "k", "v", "_cuts")
+
+    def __init__(self, cache: torch.Tensor):
+        self.cache = cache
+        self.k, self.v = cache.unbind(0)
+        self._cuts: dict[str, tuple] = {}  # kernel -> (length, K cut, V cut)
+
+    def cut(self, kernel: str, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V rows cut to `length` tokens for `kernel`'s call, made again when the length changes."""
+        c = self._cuts.get(kernel)
+        if c is None or c[0] != length:
+            k, v = self.k, self.v
+            c = self._cuts[kernel] = (length, k, v) if length == k.shape[1] else (length, k[:, :length], v[:, :length])
+        return c[1], c[2]
 
 
 class VattnBackend(AttentionBackend):
@@ -199,7 +220,7 @@ class VattnImpl(AttentionImpl[VattnMetadata]):
         if attn_type != AttentionType.DECODER:
             raise ConfigError(f"vAttention serves decoder attention only, not {attn_type}")
         self.fa2_splits = VattnConfig.from_env().fa2_splits  # FA2 decode's split count (0: its heuristic)
-        self._kv: list | None = None  # _kv_views()
+        self._kv: _LayerKV | None = None  # this layer's K/V views
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: VattnMetadata, output: torch.Tensor,
@@ -210,44 +231,26 @@ class VattnImpl(AttentionImpl[VattnMetadata]):
             return output.fill_(0)
         md = attn_metadata
         n, nd = md.num_actual_tokens, md.num_decodes
-        kv = self._kv_views(kv_cache)
+        kv = self._kv
+        if kv is None or kv.cache is not kv_cache:  # (the same tensor at every step, once allocated)
+            kv = self._kv = _LayerKV(kv_cache)
         if key is not None and value is not None:
             if key.shape[0] != n:  # (padded to a CUDA graph's size)
                 key, value = key[:n], value[:n]
-            ops.write_kv(key, value, kv[1], kv[2], md.slots_used,
+            ops.write_kv(key, value, kv.k, kv.v, md.slots_used,
                          getattr(layer, "_k_scale", None), getattr(layer, "_v_scale", None))
         h, d = self.num_heads, self.head_size
         if nd:  # one query token each: tokens [0, nd)
-            k, v = self._cut(kv, _FA2_VIEW, md.kv_len)
+            k, v = kv.cut("fa2", md.kv_len)
             q, o = query.view(-1, 1, h, d), output.view(-1, 1, h, d)
             if nd != q.shape[0]:
                 q, o = q[:nd], o[:nd]
             ops.fa2_decode(q, k, v, o, md.decode_seq_lens, md.decode_rows, self.scale, self.fa2_splits)
         if md.prefill_query_start_loc is not None:  # the rest, tokens [nd, n)
-            k, v = self._cut(kv, _FA3_VIEW, md.fa3_kv_len)
+            k, v = kv.cut("fa3", md.fa3_kv_len)
             q, o = query.view(-1, h, d), output.view(-1, h, d)
             if nd or n != q.shape[0]:
                 q, o = q[nd:n], o[nd:n]
             ops.fa3_varlen(q, k, v, o, md.prefill_query_start_loc, md.prefill_seq_lens,
                            md.prefill_rows, md.max_query_len, self.scale, schedule=md.fa3_schedule)
         return output
-
-    def _kv_views(self, kv_cache: torch.Tensor) -> list:
-        """[kv_cache, K rows, V rows, FA2's cut, FA3's cut] of this layer. Its cache is the same
-        tensor at every step, so the K/V views, and the views cut to a row length (kv_len changes
-        every 256 tokens), are made once rather than in each call (benchmarks/NOTES.md #103: tensor
-        views were most of our forward's own CPU time in an eager step, 32 layers each)."""
-        kv = self._kv
-        if kv is None or kv[0] is not kv_cache:
-            k, v = kv_cache.unbind(0)
-            kv = self._kv = [kv_cache, k, v, None, None]
-        return kv
-
-    @staticmethod
-    def _cut(kv: list, which: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """kv[which]: the K and V rows cut to `length` tokens, made again when the length changes."""
-        cut = kv[which]
-        if cut is None or cut[0] != length:
-            k, v = kv[1], kv[2]
-            cut = kv[which] = (length, k, v) if length == k.shape[1] else (length, k[:, :length], v[:, :length])
-        return cut[1], cut[2]
