@@ -14,6 +14,8 @@ those tokens readable (`read_extents`).
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 import torch
 
@@ -75,8 +77,16 @@ def read_extents(seq_lens: np.ndarray, query_lens: np.ndarray, decode_kernel: st
     return fa3, ext
 
 
+class Guards(Protocol):
+    """What plan_reads asks of the memory manager (memory.KVMemoryManager) about rows and extents."""
+
+    def guards_ready(self, rows: np.ndarray, num_tokens: np.ndarray) -> bool: ...
+
+    def guards_fit(self, rows: np.ndarray, num_tokens: np.ndarray) -> bool: ...
+
+
 def plan_reads(seq_lens: np.ndarray, query_lens: np.ndarray, decode_kernel: str, guard_tokens: int,
-               row_len: int, rows: np.ndarray, guards, clip_to_view: bool = False) -> tuple[str, np.ndarray, np.ndarray]:
+               row_len: int, rows: np.ndarray, guards: Guards, clip_to_view: bool = False) -> tuple[str, np.ndarray, np.ndarray]:
     """(the kernel rule the step runs under, its FA3 mask, each row's read extent): read_extents,
     except that fa2-graphs runs a mixed batch as one FA3 launch only where no guard would be mapped
     on the step's path but spare frames: `guards` (the memory manager) says that every decode row of
