@@ -190,12 +190,9 @@ def test_32_token_blocks_read_their_own_kv(spares, lend):
         assert r["stats"]["lent_taken"] == lend and r["stats"]["lent_blocks"] == 0
 
 
-@pytest.mark.parametrize("seed", range(int(os.environ.get("VATTN_SCHED_SEEDS", "4"))))
-def test_random_workloads_read_their_own_kv(seed):
-    """Random prompts over a few shared prefixes (prefix hits), random lengths and output lengths, a
-    KV budget from roomy to tight (preemptions), spares or none, foreground or stream mode, either
-    layout and reclaim policy: every read matches at every step.
-    VATTN_SCHED_SEEDS sets how many workloads (4 on CI)."""
+def _random_case(seed: int):
+    """A random workload (rng, prompts, max_tokens, num_blocks, max_len): prompts over a few shared
+    prefixes, random lengths and output lengths, a budget from just enough to roomy."""
     import random
 
     rng = random.Random(seed)
@@ -210,6 +207,16 @@ def test_random_workloads_read_their_own_kv(seed):
     assert longest <= max_len
     # enough blocks for the longest request (+ a block for the scheduler's lookahead), up to roomy
     num_blocks = -(-longest // BS) + 1 + rng.randrange(0, 40)
+    return rng, prompts, max_tokens, num_blocks, max_len
+
+
+@pytest.mark.parametrize("seed", range(int(os.environ.get("VATTN_SCHED_SEEDS", "4"))))
+def test_random_workloads_read_their_own_kv(seed):
+    """Random prompts over a few shared prefixes (prefix hits), random lengths and output lengths, a
+    KV budget from roomy to tight (preemptions), spares or none, foreground or stream mode, either
+    layout and reclaim policy: every read matches at every step.
+    VATTN_SCHED_SEEDS sets how many workloads (4 on CI)."""
+    rng, prompts, max_tokens, num_blocks, max_len = _random_case(seed)
     background = rng.choice((False, "stream"))
     r = drive(background, rng.choice((0, 8, 24)), prompts, max_tokens, num_blocks, max_len,
               max_num_batched_tokens=rng.choice((32, 64, 128)), max_num_seqs=rng.choice((2, 4, 6)),
@@ -218,6 +225,22 @@ def test_random_workloads_read_their_own_kv(seed):
               lend=rng.choice((0, 0, 6, 30)),  # (drawn last: the earlier seeds' workloads stay as they were)
               growth=rng.random() < 0.5)
     assert r["checked"] > 0
+
+
+@pytest.mark.parametrize("seed", range(int(os.environ.get("VATTN_SCHED_SEEDS", "4"))))
+def test_random_workloads_under_fa2_graphs_read_their_own_kv(seed):
+    """The random workloads under VATTN_DECODE_KERNEL=fa2-graphs (the candidate default, NOTES #113):
+    guards kept and extended ahead, mixed steps as one FA3 launch or two (ops.plan_reads), spares,
+    lent blocks and preemptions drawn at random; every read every kernel may make is checked
+    against the fake driver's mappings at every step."""
+    rng, prompts, max_tokens, num_blocks, max_len = _random_case(seed)
+    r = drive(rng.choice((False, "stream")), rng.choice((0, 8, 24)), prompts, max_tokens, num_blocks, max_len,
+              max_num_batched_tokens=rng.choice((32, 64, 128)), max_num_seqs=rng.choice((2, 4, 6)),
+              layout_name=rng.choice(("interleaved", "per_layer")), reclaim=rng.choice(("deferred", "eager")),
+              over_read=("fa2-graphs", 64, True), lend=rng.choice((0, 0, 6, 30)), keep_guards=True,
+              guard_ahead=64 // BS)
+    assert r["checked"] > 0 and set(r["rules"]) <= {"fa2-graphs", "fa2"}
+    assert sum(r["rules"].values()) > 0  # (mixed steps ran: in each of seeds 0-39 they did)
 
 
 @pytest.mark.parametrize("background, spares, lend", [(False, 0, 0), ("stream", 64, 0), ("stream", 48, 24),
