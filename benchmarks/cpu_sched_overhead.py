@@ -418,7 +418,11 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also the top functions by own time (cProfile)")
     ap.add_argument("--no-warmup", action="store_true", help="skip vLLM's warm-up requests (2-token prefills)")
     ap.add_argument("--chain", default="",
-                    help="comma list of workloads run one after another in one engine, as the suite does")
+                    help="comma list of workloads run one after another in one engine, as the suite does: "
+                         "offline 1024-in-128-out,8192-in-256-out,512-in-1024-out; serving "
+                         "serve-rate-4,serve-rate-16 (one server for both rates). A fresh engine per "
+                         "workload missed effects of the state an earlier one left: 512/1024's zero-page "
+                         "guards and the 16 req/s two-launch steps (NOTES #112)")
     ap.add_argument("--native", action="store_true",
                     help="hand ops to the real native thread (driver calls that do nothing) instead of a stand-in")
     ap.add_argument("--growth", action="store_true",
