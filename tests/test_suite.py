@@ -670,7 +670,7 @@ else:  # bench serve: the server it was given must answer
                   "input_lens": [8, 9], "output_lens": [5, 2]}  # the first streamed 5 tokens in 3 chunks
     json.dump({"request_throughput": rate / 2, "output_throughput": 1.0, "total_token_throughput": 2.0,
                "median_ttft_ms": 10.0 * rate, "p99_ttft_ms": 20.0, "median_tpot_ms": 5.0, "p99_tpot_ms": 6.0,
-               **detail}, open(args[args.index("--result-filename") + 1], "w"))
+               "mean_tpot_ms": 0.5 * rate, **detail}, open(args[args.index("--result-filename") + 1], "w"))
 """
 
 
@@ -696,6 +696,7 @@ def test_serving_jobs_side_by_side_each_get_a_port_of_their_own(tmp_path):
         if busy:
             busy.shutdown()
     assert [(r["workload"], r["requests_per_s"], r["ttft_p50_ms"]) for r in rows] == [("rate-4", 2.0, 40.0), ("rate-16", 8.0, 160.0)]
+    assert [r["tpot_mean_ms"] for r in rows] == [2.0, 8.0]  # vLLM's mean TPOT, kept beside its p50 (NOTES #112)
     assert rows[0]["max_concurrent_requests"] == 1600 // 16 // 1  # 8+8 tokens: one 16-token block each
     # the server's own histograms over each run (scraped before and after it; NOTES #107)
     assert rows[0]["server"] == {"ttft_ms_mean": pytest.approx(20.0), "queue_ms_mean": pytest.approx(5.0),
@@ -705,6 +706,7 @@ def test_serving_jobs_side_by_side_each_get_a_port_of_their_own(tmp_path):
     assert (split["client"], split["outside"]) == (26.0, pytest.approx(6.0)) and split["frontend"] == pytest.approx(5.0)
     md = S.markdown({"results": [{**rows[0], "system": "stock-fa3", "rep": 0, "call": 1, "error": None, "ttft_mean_ms": 26.0}]})
     assert "## Where TTFT went" in md and "| rate-4 | stock-fa3 | 1 | 26.0 | 20.0 | 5.0 | 10.0 | 6.0 | 5.0 | 2.0 |" in md
+    assert "## TPOT mean ms (lower is better)" in md and "| rate-4 | stock-fa3 | 1 | 2.00 |" in md
     # each request's TTFT and TPOT, in the order they were sent (NOTES #73)
     # TPOT is vLLM's: (latency - TTFT) / (tokens - 1), not the mean gap between chunks (NOTES #106)
     assert rows[0]["per_request"] == {"t0": 100.0, "start_s": [0.0, 0.5], "ttft_ms": [20.0, 30.0],
