@@ -448,7 +448,7 @@ class VattnModelRunner(V2ModelRunner):
                 builder.mixed_kernel = rule  # the metadata is built under the rule whose reads were mapped
         for row, extent in zip(live[fa3].tolist(), extents[fa3].tolist()):
             self.vattn.ensure_readable(row, extent)  # FA3 over-reads: a guard behind the end
-        self._pending_reads = self._step_reads(rows[:n], extents)
+        self._pending_reads = self._step_reads(live, extents)
         hooks = self.hook_seconds
         t1 = time.perf_counter()
         hooks["rows"] += t - t0

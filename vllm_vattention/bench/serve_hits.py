@@ -28,6 +28,8 @@ from typing import Callable
 
 from .suite import WORKLOADS
 
+WORKLOAD_BY_NAME = {w.name: w for w in WORKLOADS}
+
 CLASSES = ("no hit", "some hits", "whole prompt")
 
 
@@ -75,7 +77,7 @@ def classify(results: list[dict], prompts_for: Callable[[str, int, int, int], li
     the trace, or None) what the server's steps did in its TTFT window (ttft_windows). A server's
     workloads ran in the suite's order, sharing one prefix cache, so each (system, rep, call)
     replays them in that order."""
-    known = {w.name: w for w in WORKLOADS}
+    known = WORKLOAD_BY_NAME
     serve = [r for r in results if r.get("per_request") and r["workload"] in known
              and known[r["workload"]].kind == "serve" and known[r["workload"]].dataset == "random"]
     order = [w.name for w in WORKLOADS]
@@ -240,7 +242,7 @@ def step_kinds(results: list[dict], load_trace: Callable[[str], dict | None]) ->
     ms (median), and the time to the next step's start (median, and the sum: where the run's time went)."""
     out = []
     for r, per, trace in traced_runs(results, load_trace):
-        w = next((x for x in WORKLOADS if x.name == r["workload"]), None)
+        w = WORKLOAD_BY_NAME.get(r["workload"])
         out_len = w.output_len if w else 1
         ends = [s + (t + (p or 0) * (out_len - 1)) / 1e3
                 for s, t, p in zip(per["start_s"], per["ttft_ms"], per["tpot_ms"])]
@@ -308,7 +310,7 @@ def admission(results: list[dict], load_trace: Callable[[str], dict | None],
                             and st[i_tok] + need <= batch_tokens))
         if not waits:
             continue
-        w = next((x for x in WORKLOADS if x.name == r["workload"]), None)
+        w = WORKLOAD_BY_NAME.get(r["workload"])
         chunks = per.get("chunks")
         out.append({"workload": r["workload"], "system": r["system"], "rep": r.get("rep"), "requests": len(waits),
                     "wait_ms_p50": statistics.median(waits), "wait_ms_p90": p90(waits),

@@ -477,8 +477,7 @@ class KVMemoryManager:
         NOTES #112). Costs the rows' slots past their readable marks, and at most that many spares."""
         bs, mapper = self.layout.block_size, self.mapper
         need = sum(mapper.holes(row, -(-tokens // bs)) for row, tokens in zip(_ints(rows), _ints(num_tokens)))
-        return need == 0 or (bool(self.pool.spare_frames)
-                             and sum(1 for _ in itertools.islice(self._cold_spares(), need)) == need)
+        return sum(1 for _ in itertools.islice(self._cold_spares(), need)) == need  # (need 0: islice asks for none)
 
     def _warm_growth(self) -> int:
         """growth_ahead: a spare mapped nowhere (past the pad reserve), in the background, in the

@@ -340,8 +340,7 @@ class RowMapper:
         """Plan a mapping for every unmapped slot of `row` in [start, end): a spare frame from
         `spares()` (called only if there is a hole) while it yields, else the zero page. Returns
         the slots it mapped (the holes)."""
-        current = self.slots[row]
-        holes = [s for s in range(start, end) if current[s] is None]
+        holes = self._holes(row, start, end)
         if holes:
             got = list(itertools.islice(spares(), len(holes)))
             self._map_slots(row, list(zip(holes, got)), counter="pad_maps")  # the first holes
@@ -393,11 +392,15 @@ class RowMapper:
             self._readable[row] = lo = end
         return lo
 
+    def _holes(self, row: int, start: int, end: int) -> list[int]:
+        """`row`'s unmapped slots in [start, end)."""
+        current = self.slots[row]
+        return [s for s in range(start, end) if current[s] is None]
+
     def holes(self, row: int, end: int) -> int:
         """How many of `row`'s slots below `end` (past its readable mark) are unmapped: what
         ensure_readable(row, end) would map."""
-        end = min(end, self.layout.blocks_per_row)
-        return sum(s is None for s in self.slots[row][self._readable[row]:end])
+        return len(self._holes(row, self._readable[row], min(end, self.layout.blocks_per_row)))
 
     # -- spare frames, mapped ahead of time ------------------------------------------------
     def holds_spares(self, row: int, num_slots: int) -> bool:
