@@ -7,7 +7,7 @@ from vllm_vattention.errors import ConfigError
 def test_defaults():
     c = VattnConfig.from_env({})
     assert (c.requested_by_env, c.layout, c.reclaim, c.decode_kernel, c.background_map, c.fa3_guard) == \
-        (False, "interleaved", "deferred", "fa2", "stream", "clipped")
+        (False, "interleaved", "deferred", "fa2-graphs", "stream", "clipped")
     assert c.num_rows(128) == 256
 
 
@@ -151,16 +151,21 @@ def test_the_runner_creates_the_spares_the_worker_took_out():
 
 
 def test_keep_guards_setting():
-    assert VattnConfig.from_env({}).keep_guards is False
-    assert VattnConfig.from_env({"VATTN_KEEP_GUARDS": "1"}).keep_guards is True
-    # fa2-graphs: guards kept unless said otherwise (decode rows are FA3's in every mixed step)
+    # the default kernel, fa2-graphs: guards kept unless said otherwise (decode rows are FA3's in a
+    # one-launch mixed step); 0 with it is refused, naming the kernel that allows it
+    assert VattnConfig.from_env({}).keep_guards is True
     assert VattnConfig.from_env({"VATTN_DECODE_KERNEL": "fa2-graphs"}).keep_guards is True
+    with pytest.raises(ConfigError, match="use VATTN_DECODE_KERNEL=fa2"):
+        VattnConfig.from_env({"VATTN_KEEP_GUARDS": "0"})
+    assert VattnConfig.from_env({"VATTN_DECODE_KERNEL": "fa2"}).keep_guards is False
+    assert VattnConfig.from_env({"VATTN_DECODE_KERNEL": "fa2", "VATTN_KEEP_GUARDS": "1"}).keep_guards is True
     assert VattnConfig.from_env({"VATTN_DECODE_KERNEL": "fa3"}).keep_guards is False
-    assert VattnConfig(decode_kernel="fa2-graphs").keep_guards is True and VattnConfig().keep_guards is False
+    assert VattnConfig().keep_guards is True and VattnConfig(decode_kernel="fa2").keep_guards is False
     # and its guards are extended ahead, FA3's guard in block slots (256 tokens: 16 of 16, 8 of 32)
     assert VattnConfig(decode_kernel="fa2-graphs").guard_ahead_slots(16) == 16
     assert VattnConfig(decode_kernel="fa2-graphs", guard_tokens=200).guard_ahead_slots(32) == 7
-    assert VattnConfig().guard_ahead_slots(16) == 0 and VattnConfig(decode_kernel="fa3").guard_ahead_slots(16) == 0
+    assert VattnConfig(decode_kernel="fa2").guard_ahead_slots(16) == 0
+    assert VattnConfig(decode_kernel="fa3").guard_ahead_slots(16) == 0
     with pytest.raises(ConfigError, match="VATTN_KEEP_GUARDS='2' is not a boolean"):
         VattnConfig.from_env({"VATTN_KEEP_GUARDS": "2"})
 

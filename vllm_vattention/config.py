@@ -5,7 +5,7 @@
 | VLLM_ATTENTION_BACKEND | VATTENTION | unset | turn vAttention on (vLLM 0.25 dropped this variable; we honour it) |
 | VATTN_LAYOUT | interleaved, per_layer | interleaved | how a token's KV is laid out in a row |
 | VATTN_RECLAIM | deferred, eager | deferred | keep a released row's pages mapped, or unmap them |
-| VATTN_DECODE_KERNEL | fa2, fa3, fa2-graphs | fa2 | fa2: FA2 for every one-token query, FA3 for the rest (two launches per layer in a mixed batch); fa3: FA3 for everything (every row guarded); fa2-graphs: FA2 in decode-only batches (the CUDA-graph steps), FA3 for the whole of a mixed batch (one launch per layer) when every decode row's guard is in place already, else as fa2 (guards are kept while requests run, VATTN_KEEP_GUARDS defaulting to 1, and extended in the background as rows grow, with spares only, while the running rows' guards fit half the spares). benchmarks/NOTES.md #89, #90, #101, #104, #105, #110 (checked against stock on an H200; three serving pairs at each rate; offline it lost 1.6-2.9% to stock before #110, which is not yet on a GPU; not the default) |
+| VATTN_DECODE_KERNEL | fa2, fa3, fa2-graphs | fa2-graphs | fa2-graphs: FA2 in decode-only batches (the CUDA-graph steps), FA3 for the whole of a mixed batch (one launch per layer) when every decode row's guard is in place already and the prefill rows' guards can all be spare frames, else as fa2 (guards are kept while requests run, VATTN_KEEP_GUARDS defaulting to 1, and extended in the background as rows grow, with spares only, while the running rows' guards fit half the spares); fa2: FA2 for every one-token query, FA3 for the rest (two launches per layer in a mixed batch; the default before benchmarks/NOTES.md #114); fa3: FA3 for everything (every row guarded). benchmarks/NOTES.md #89, #90, #101, #104, #105, #110, #112, #114 |
 | VATTN_FA3_SCHEDULE | 0, 1 | 0 | 1: FA3's scheduler metadata computed once per mixed step and handed to every layer (as stock vLLM does), not by each layer's FA3 call; benchmarks/NOTES.md #91; measured on an H200 with no gain (#96), so off |
 | VATTN_FA2_SPLITS | integer 0-128 | 0 | FA2 decode: the parts each sequence's keys are split into (0: FA2's own heuristic, from the batch, the heads and the row length); `vattn-kbench` sweeps it |
 | VATTN_BACKGROUND_MAP | 0, 1, stream | stream | 0: driver calls on the engine thread before the step launches; 1: on a native thread (no GIL), joined before the step launches; stream: on that thread, and the GPU stream waits for them (cuStreamWaitValue32 on a host flag), the CPU never joins |
@@ -108,7 +108,7 @@ class VattnConfig:
     requested_by_env: bool = False
     layout: str = "interleaved"
     reclaim: str = "deferred"
-    decode_kernel: str = "fa2"
+    decode_kernel: str = "fa2-graphs"
     fa2_splits: int = 0
     background_map: bool | str = "stream"  # False, True (native thread) or "stream"
     extra_rows: int | None = None
@@ -137,7 +137,7 @@ class VattnConfig:
             requested_by_env=backend.upper() == BACKEND_VALUE,
             layout=_choice(env, "VATTN_LAYOUT", LAYOUTS, "interleaved"),
             reclaim=_choice(env, "VATTN_RECLAIM", RECLAIM_POLICIES, "deferred"),
-            decode_kernel=_choice(env, "VATTN_DECODE_KERNEL", DECODE_KERNELS, "fa2"),
+            decode_kernel=_choice(env, "VATTN_DECODE_KERNEL", DECODE_KERNELS, "fa2-graphs"),
             fa2_splits=_int(env, "VATTN_FA2_SPLITS", 0),
             background_map=_map_mode(env, "VATTN_BACKGROUND_MAP", "stream"),
             extra_rows=_int(env, "VATTN_EXTRA_ROWS", None),

@@ -30,17 +30,20 @@ from .env import engine_env, environment, header, pyplot, results_stem, save_fig
 SYSTEMS: dict[str, dict] = {
     "stock-fa3": {"env": {}, "args": []},
     "stock-flashinfer": {"env": {}, "args": ["--attention-backend", "FLASHINFER"]},
-    # the default configuration (FA2 decode), whatever it is at the commit a result names: since
-    # benchmarks/NOTES.md #29 with spare frames, since #58 with lent blocks too; results of earlier
-    # commits (c8909ba and before) without spares
+    # the default configuration (FA2 in decode-only steps), whatever it is at the commit a result names: since
+    # benchmarks/NOTES.md #29 with spare frames, since #58 with lent blocks too, since #114 with
+    # fa2-graphs' rule for mixed steps; results of earlier commits (c8909ba and before) without spares
     "vattn-fa2": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION"}, "args": []},
+    # the default before NOTES.md #114: FA2 for every one-token query, FA3 for the rest, so two
+    # attention ops per layer in a mixed step (decode-only steps run as with fa2-graphs)
+    "vattn-fa2-two-ops": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_DECODE_KERNEL": "fa2"}, "args": []},
     "vattn-fa3": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_DECODE_KERNEL": "fa3"}, "args": []},
     # FA2 in decode-only steps (CUDA graphs), FA3 for all of a mixed batch: one attention op per layer
     # there (NOTES #89)
     "vattn-fa2-graphs": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_DECODE_KERNEL": "fa2-graphs"},
                          "args": []},
     "vattn-per-layer": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_LAYOUT": "per_layer"}, "args": []},
-    # the default and fa2-graphs with FA3's scheduler metadata computed once per step for every layer,
+    # the default (fa2-graphs since #114) and fa2-graphs with FA3's scheduler metadata computed once per step for every layer,
     # as stock vLLM does (VATTN_FA3_SCHEDULE=1; NOTES.md #91)
     "vattn-fa2-sched": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_FA3_SCHEDULE": "1"}, "args": []},
     "vattn-fa2-graphs-sched": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_DECODE_KERNEL": "fa2-graphs",
@@ -62,7 +65,8 @@ SYSTEMS: dict[str, dict] = {
                             "VATTN_LEND_BLOCKS": "0"}, "args": []},
     # the default with spares kept in running requests' growth slots (NOTES.md #61)
     "vattn-growth": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_GROWTH_AHEAD": "1"}, "args": []},
-    # the default with FA3's guards kept for their requests' lives, as before NOTES.md #62
+    # FA3's guards kept for their requests' lives, as before NOTES.md #62 (the default's decode kernel,
+    # fa2-graphs, keeps them since #114, so this system is the default there; with fa2 it is not)
     "vattn-keep-guards": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_KEEP_GUARDS": "1"}, "args": []},
     # rows in FIFO order only: a request with prefix hits gets a warm row and maps every hit (the
     # default before benchmarks/NOTES.md #71)
