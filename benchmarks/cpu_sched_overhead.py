@@ -26,12 +26,13 @@ from cpu_step_overhead import LLAMA3_8B, PAGE, _NoZeroing, _NullExecutor  # this
 from vllm_vattention.attention import ops
 from vllm_vattention.bench import sched_replay as S
 from vllm_vattention.bench import serve_hits
-from vllm_vattention.config import VattnConfig
+from vllm_vattention.config import DECODE_KERNELS, VattnConfig
 from vllm_vattention.memory import KVMemoryManager, RequestRows, make_layout
 from vllm_vattention.memory.executor import ACCESS_RO, ACCESS_RW, DRAIN, MAP, UNMAP
 from vllm_vattention.memory.native import NativeExecutor, null_table
 from vllm_vattention.worker import has_prefill
 
+DEFAULT_KERNEL = VattnConfig().decode_kernel  # the plugin's default, fa2-graphs since NOTES #114
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKLOADS = {"1024-in-128-out": (1024, 128, 300), "8192-in-256-out": (8192, 256, 64),
              "512-in-1024-out": (512, 1024, 256), "16k-context-decode": (16384, 1024, 24),
@@ -166,7 +167,7 @@ def flag_model(timeline: list[tuple]) -> dict:
 
 def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 1024, warmup: bool = True,
         native: bool = False, chain: list[str] | None = None, lend: int | str = 0, block_size: int = 16,
-        growth: bool = False, keep_guards: bool = False, decode_kernel: str = "fa2",
+        growth: bool = False, keep_guards: bool = False, decode_kernel: str = DEFAULT_KERNEL,
         serve_prompts: str = "bench", prefix_rows: bool = True, timed: bool = False,
         warm_defer: bool = True) -> dict | list[dict]:
     """One workload in a fresh scheduler and manager; or, with `chain`, the suite's sequence in one
@@ -429,8 +430,9 @@ def main() -> None:
                     help="the manager's growth_ahead (VATTN_GROWTH_AHEAD): spares in running requests' next slots")
     ap.add_argument("--keep-guards", action="store_true",
                     help="the manager's keep_guards (VATTN_KEEP_GUARDS=1): guards kept for their requests' lives")
-    ap.add_argument("--decode-kernel", choices=("fa2", "fa3", "fa2-graphs"), default="fa2",
-                    help="VATTN_DECODE_KERNEL: fa3 gives decode rows FA3's over-read guard (suite system vattn-fa3)")
+    ap.add_argument("--decode-kernel", choices=DECODE_KERNELS, default=DEFAULT_KERNEL,
+                    help=f"VATTN_DECODE_KERNEL (default: the plugin's, {DEFAULT_KERNEL}): fa2 is the default "
+                         "before NOTES #114, fa3 gives decode rows FA3's over-read guard (suite system vattn-fa3)")
     ap.add_argument("--serve-prompts", choices=("bench", "distinct"), default="bench",
                     help="serving workloads: the prompts vllm bench serve sends (prefix hits), or distinct ones")
     ap.add_argument("--timed", action="store_true",
