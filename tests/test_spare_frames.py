@@ -277,6 +277,43 @@ def test_warm_plans_despite_defer_when_fewer_rows_than_ready_rows_are_warm(drive
     assert driver.leaks() == []
 
 
+def test_warm_defer_waits_for_as_many_warm_rows_as_a_recent_step_took(driver):
+    """A step that took more rows than DEFER_READY_ROWS (offline: 16 new requests a step) makes
+    warm(defer=True) plan unless that many next rows are warm: deferring with fewer left the rest
+    of the next burst to be mapped while its step waited (NOTES #115). The rule relaxes once
+    BURST_HISTORY calls passed without such a burst, and never asks for more than WARM_ROWS."""
+    def admit(mgr, first_block, n):
+        for i in range(n):
+            r = mgr.acquire_row()
+            mgr.set_blocks(r, [first_block + 2 * i, first_block + 2 * i + 1], fresh_from=0)
+
+    def run(ready_rows):
+        mgr = make_manager(driver, rows=12, num_blocks=24, spare_blocks=8)
+        mgr.DEFER_READY_ROWS = ready_rows
+        admit(mgr, 0, 1)
+        assert mgr.warm() == 8  # four rows, two slots deep
+        admit(mgr, 2, 3)  # a burst of three rows
+        assert mgr.warm() == 8  # the fourth row still warm, and the next three with the freed spares
+        admit(mgr, 8, 2)
+        return mgr, mgr.warm(defer=True)  # the next two rows warm, the third cold
+
+    mgr, got = run(2)
+    assert got > 0 and mgr.stats()["warm_deferred"] == 0  # three rows were taken at once: plans
+    assert all(mgr.mapper.holds_spares(r, 2) for r in list(mgr._free_rows)[:3])
+    for _ in range(mgr.BURST_HISTORY - 2):  # calls that take no row: the burst of three ages out
+        mgr.warm()
+    assert mgr._defer_rows() == 3
+    mgr.warm()
+    assert mgr._defer_rows() == 2
+    admit(mgr, 12, 2)  # as DEFER_READY_ROWS allows for: the next two rows warm, so it defers
+    assert mgr.warm(defer=True) == 0 and mgr.stats()["warm_deferred"] == 1
+    mgr._bursts.append(1000)
+    assert mgr._defer_rows() == mgr.WARM_ROWS
+    mgr.mapper.check_invariants()
+    mgr.close()
+    assert driver.leaks() == []
+
+
 def test_warm_defer_config_and_the_steps_that_defer():
     """VATTN_WARM_DEFER (default on; 0 for A/B runs, suite system vattn-warm-now), and which steps
     ask to defer: those that schedule prompt tokens (worker.has_prefill), not decode-only steps,

@@ -97,8 +97,12 @@ class KVMemoryManager:
     # warm(defer=True) (a step whose engine thread is on the critical path: one carrying prefill
     # chunks) leaves its planning to a later call while the next this many rows acquire_row() hands
     # out are warm to the depth (a burst of new requests still finds warm rows: at most 5-8 were
-    # admitted in one step at 16 requests/s, NOTES #100, #101)
+    # admitted in one step at 16 requests/s, NOTES #100, #101) - or, when more rows than that were
+    # taken between two of the last BURST_HISTORY calls, that many (at most WARM_ROWS): offline, a
+    # step admits 16 requests of 1,024 tokens, and a call that deferred with 8 rows warm left the
+    # other 8 to be mapped while the next step waited (NOTES #115)
     DEFER_READY_ROWS = 8
+    BURST_HISTORY = 8
     # guard_ahead: running rows' guards are extended only while all of them could be spares within
     # this share of the spares (the rest warm new requests' rows: NOTES #110)
     GUARD_SPARE_SHARE = 0.5
@@ -188,6 +192,8 @@ class KVMemoryManager:
         self._full_scans_in, self._alias_basis = 0, None
         # warm() calls; the last in which growth slots ran short; the last before a row was acquired
         self._calls, self._short_at, self._acquired_at = 0, -self.GROWTH_HOLD, 0
+        # rows acquire_row() handed out since the last warm() call, and in each of the last calls
+        self._taken, self._bursts = 0, deque([0], maxlen=self.BURST_HISTORY)
         self._zero_counters()
 
     # -- rows --------------------------------------------------------------------------
@@ -217,6 +223,7 @@ class KVMemoryManager:
         self._warm_stale = self._scan_due = True
         self._grow_blocked = False
         self._acquired_at = self._calls
+        self._taken += 1
         return row
 
     def _prefix_row(self, blocks: Sequence[int], cached: int) -> int | None:
@@ -315,10 +322,13 @@ class KVMemoryManager:
         Call once per step, after the step's mappings were published. Returns slots now warm.
         With growth_ahead, running requests' growth slots are served first (_warm_growth); with
         guard_ahead, running rows' guards are extended first (_extend_guards, spares or not).
-        defer: the caller's thread is short of time now; while the next DEFER_READY_ROWS rows are
-        warm, the planning waits for a call without it. guard_ahead's extensions wait one call, not
+        defer: the caller's thread is short of time now; while the next rows are warm (as many as
+        recent steps took, at least DEFER_READY_ROWS: _defer_rows), the planning waits for a call
+        without it. guard_ahead's extensions wait one call, not
         two in a row (offline, nearly every step carries prefill chunks, and a guard not extended
         is mapped by the next step that reads past it, on its path: ensure_readable; NOTES #109)."""
+        self._bursts.append(self._taken)
+        self._taken = 0
         if self._ahead_rows:
             if defer and not self._guards_deferred:
                 self._guards_deferred = True
@@ -353,7 +363,7 @@ class KVMemoryManager:
         counts["warm_depth"] = depth
         if depth == 0:
             return 0
-        if defer and not growth_short and self._rows_ready(depth):
+        if defer and not growth_short and self._rows_ready(depth, self._defer_rows()):
             counts["warm_deferred"] += 1  # (still stale: the next call without defer plans)
             return 0
         counts["warm_calls"] += 1
@@ -395,11 +405,17 @@ class KVMemoryManager:
         self._trace_warm(depth, warm, len(got), len(in_flight), freed)
         return warm
 
-    def _rows_ready(self, depth: int) -> bool:
-        """The next DEFER_READY_ROWS rows acquire_row() hands out hold spares in their first `depth`
-        slots (planned: a row's next change waits for its background ops)."""
-        rows = list(itertools.islice(self._free_rows, self.DEFER_READY_ROWS))
-        return len(rows) == self.DEFER_READY_ROWS and all(self.mapper.holds_spares(r, depth) for r in rows)
+    def _defer_rows(self) -> int:
+        """How many of the next rows must be warm for warm(defer=True) to leave its planning: the
+        most rows taken between two of the last BURST_HISTORY calls, at least DEFER_READY_ROWS and at
+        most WARM_ROWS (the most warm() keeps warm)."""
+        return min(self.WARM_ROWS, max(self.DEFER_READY_ROWS, *self._bursts))
+
+    def _rows_ready(self, depth: int, n: int) -> bool:
+        """The next `n` rows acquire_row() hands out hold spares in their first `depth` slots
+        (planned: a row's next change waits for its background ops)."""
+        rows = list(itertools.islice(self._free_rows, n))
+        return len(rows) == n and all(self.mapper.holds_spares(r, depth) for r in rows)
 
     def _drop_stale_guards(self) -> None:
         """A running request's guard (FA3's over-read slots past its blocks, often holding spares:
