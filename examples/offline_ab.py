@@ -128,8 +128,11 @@ VATTN_SYSTEMS = {
                             "VATTN_LEND_BLOCKS": "0"},
     # spares kept in running requests' growth slots (benchmarks/NOTES.md #61)
     "vattention-growth": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_GROWTH_AHEAD": "1"},
-    # FA2 in decode-only (CUDA-graph) steps, FA3 for the whole of a mixed batch (benchmarks/NOTES.md #89)
+    # FA2 in decode-only (CUDA-graph) steps, FA3 for the whole of a mixed batch (benchmarks/NOTES.md #89;
+    # the default since #114)
     "vattention-fa2-graphs": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_DECODE_KERNEL": "fa2-graphs"},
+    # the default before #114: FA2 for every one-token query, so two attention ops per layer in a mixed step
+    "vattention-fa2-two-ops": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_DECODE_KERNEL": "fa2"},
     # FA3's scheduler metadata once per step for every layer (benchmarks/NOTES.md #91), with each decode kernel
     "vattention-sched": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_FA3_SCHEDULE": "1"},
     "vattention-fa2-graphs-sched": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_DECODE_KERNEL": "fa2-graphs",

@@ -7,7 +7,7 @@
 #          mapbench (vattn-mapbench; MB_ARGS, e.g. "--sections driver_per_page,contention --tag mapbench-x")
 #          stream_check (the stream-mode GPU tests alone, no sanitizer; then the clipped-guard tests under it)
 #          spare_check (spare frames: the libcuda test, then the e2e prefix-caching test against stock)
-#          mix_check (VATTN_DECODE_KERNEL=fa2-graphs and VATTN_FA3_SCHEDULE=1 against stock)
+#          mix_check (VATTN_DECODE_KERNEL=fa2-graphs, =fa2 and VATTN_FA3_SCHEDULE=1 against stock)
 #          prefix (the default's prefix-caching e2e test alone) gs_e2e (the default's other e2e tests with fa2-graphs) lend_check (VATTN_LEND_BLOCKS e2e against stock, tight budget; --block-size 32 against stock)
 #          suite_round (offline rounds of stock-fa3 with the candidates: $SUITE_CANDIDATE, a comma list such as
 #          vattn-fa2,vattn-spare, else the default vattn-fa2;
@@ -63,9 +63,9 @@ for s in $steps; do
         timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_vmm_gpu.py -k stream > "$OUT/stream.log" 2>&1
         echo "rc=$?"; tail -4 "$OUT/stream.log";
         sanitized clipped tests/gpu/test_kernels_gpu.py -k clipped;;
-    gs_e2e) # the default's e2e tests against stock, run with VATTN_DECODE_KERNEL=fa2-graphs (the tests
-        # inherit it): logprobs, preemption (flag), 32-token blocks, lent blocks (~6 min with the JIT
-        # cache; the prefix-caching test with it passed on ad2da33, NOTES #112)
+    gs_e2e) # four of the e2e tests against stock with VATTN_DECODE_KERNEL=fa2-graphs (the tests inherit
+        # it): logprobs, preemption (flag), 32-token blocks, lent blocks (~9 min with the JIT cache;
+        # passed on 02bf416, NOTES #114; since then fa2-graphs is the default, so e2e runs them too)
         VATTN_DECODE_KERNEL=fa2-graphs timeout 560 python3 -m pytest -m gpu -q -s -p no:cacheprovider \
           tests/gpu/test_e2e_gpu.py -k "logprobs_match or (preemption and flag) or 32_token or lent" \
           > "$OUT/gs_e2e.log" 2>&1; echo "rc=$?"
@@ -74,7 +74,7 @@ for s in $steps; do
         # VATTN_GROWTH_AHEAD=1 (~70 s each with the JIT cache)
         timeout 300 python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/gpu/test_e2e_gpu.py -k "prefix and not spare" \
           > "$OUT/prefix.log" 2>&1; echo "rc=$?"; grep -E "passed|failed|Error" "$OUT/prefix.log" | tail -3;;
-    mix_check) # VATTN_DECODE_KERNEL=fa2-graphs and VATTN_FA3_SCHEDULE=1 end to end against stock: logprobs
+    mix_check) # VATTN_DECODE_KERNEL=fa2-graphs, =fa2 and VATTN_FA3_SCHEDULE=1 end to end against stock: logprobs
         # within the FA2/FA3 spread, prefills chunked beside decodes (NOTES #89, #91); on a fresh
         # machine FA2's JIT compile (in the first FA2 engine's warm-up) takes ~3 min of it
         timeout 560 python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/gpu/test_e2e_gpu.py -k mixed_steps \
