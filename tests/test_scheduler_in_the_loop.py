@@ -229,7 +229,7 @@ def test_random_workloads_read_their_own_kv(seed):
 
 @pytest.mark.parametrize("seed", range(int(os.environ.get("VATTN_SCHED_SEEDS", "4"))))
 def test_random_workloads_under_fa2_graphs_read_their_own_kv(seed):
-    """The random workloads under VATTN_DECODE_KERNEL=fa2-graphs (the candidate default, NOTES #113):
+    """The random workloads under VATTN_DECODE_KERNEL=fa2-graphs (the default since NOTES #114):
     guards kept and extended ahead, mixed steps as one FA3 launch or two (ops.plan_reads), spares,
     lent blocks and preemptions drawn at random; every read every kernel may make is checked
     against the fake driver's mappings at every step."""
