@@ -30,9 +30,9 @@ from .env import engine_env, environment, header, pyplot, results_stem, save_fig
 SYSTEMS: dict[str, dict] = {
     "stock-fa3": {"env": {}, "args": []},
     "stock-flashinfer": {"env": {}, "args": ["--attention-backend", "FLASHINFER"]},
-    # the default configuration (FA2 in decode-only steps), whatever it is at the commit a result names: since
-    # benchmarks/NOTES.md #29 with spare frames, since #58 with lent blocks too, since #114 with
-    # fa2-graphs' rule for mixed steps; results of earlier commits (c8909ba and before) without spares
+    # the default configuration, whatever it is at the commit a result names: since benchmarks/NOTES.md
+    # #29 with spare frames, since #58 with lent blocks too, since #114 with fa2-graphs' rule for mixed
+    # steps (before it fa2's); results of earlier commits (c8909ba and before) without spares
     "vattn-fa2": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION"}, "args": []},
     # the default before NOTES.md #114: FA2 for every one-token query, FA3 for the rest, so two
     # attention ops per layer in a mixed step (decode-only steps run as with fa2-graphs)
@@ -43,8 +43,8 @@ SYSTEMS: dict[str, dict] = {
     "vattn-fa2-graphs": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_DECODE_KERNEL": "fa2-graphs"},
                          "args": []},
     "vattn-per-layer": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_LAYOUT": "per_layer"}, "args": []},
-    # the default (fa2-graphs since #114) and fa2-graphs with FA3's scheduler metadata computed once per step for every layer,
-    # as stock vLLM does (VATTN_FA3_SCHEDULE=1; NOTES.md #91)
+    # the default and fa2-graphs (the same since NOTES.md #114) with FA3's scheduler metadata computed
+    # once per step for every layer, as stock vLLM does (VATTN_FA3_SCHEDULE=1; NOTES.md #91)
     "vattn-fa2-sched": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_FA3_SCHEDULE": "1"}, "args": []},
     "vattn-fa2-graphs-sched": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_DECODE_KERNEL": "fa2-graphs",
                                        "VATTN_FA3_SCHEDULE": "1"}, "args": []},
