@@ -319,14 +319,15 @@ class KVMemoryManager:
     def warm(self, defer: bool = False) -> int:
         """Map spare frames, in the background, into the rows acquire_row() hands out next, each as
         deep as the most fresh blocks a recent new request had, until no spare is left unmapped.
-        Call once per step, after the step's mappings were published. Returns slots now warm.
-        With growth_ahead, running requests' growth slots are served first (_warm_growth); with
-        guard_ahead, running rows' guards are extended first (_extend_guards, spares or not).
-        defer: the caller's thread is short of time now; while the next rows are warm (as many as
-        recent steps took, at least DEFER_READY_ROWS: _defer_rows), the planning waits for a call
-        without it. guard_ahead's extensions wait one call, not
-        two in a row (offline, nearly every step carries prefill chunks, and a guard not extended
-        is mapped by the next step that reads past it, on its path: ensure_readable; NOTES #109)."""
+        Call once per step, after the step's mappings were published (the rows taken between two
+        calls are a step's burst: _defer_rows). Returns slots now warm. With growth_ahead, running
+        requests' growth slots are served first (_warm_growth); with guard_ahead, running rows'
+        guards are extended first (_extend_guards: with spares only, while they fit
+        GUARD_SPARE_SHARE of them). defer: the caller's thread is short of time now; while the next
+        rows are warm (as many as recent steps took, at least DEFER_READY_ROWS: _defer_rows), the
+        planning waits for a call without it. guard_ahead's extensions wait one call, not two in a
+        row (offline, nearly every step carries prefill chunks, and a guard not extended is mapped
+        by the next step that reads past it, on its path: ensure_readable; NOTES #109)."""
         self._bursts.append(self._taken)
         self._taken = 0
         if self._ahead_rows:
