@@ -18,6 +18,7 @@
 | VATTN_KEEP_GUARDS | 0, 1 | 1 with VATTN_DECODE_KERNEL=fa2-graphs (0 refused there), else 0 | 1: keep FA3's over-read guard past a running request's blocks (and the spare frames in it) for the request's life, the rule before benchmarks/NOTES.md #62 (with fa2-graphs, only while the running rows' guards fit half the spares: #110); 0: let it go once the request decodes (FA2 reads no further than its tokens), so its spares warm rows for new requests. For A/B runs (suite system vattn-keep-guards) |
 | VATTN_PREFIX_ROWS | 0, 1 | 1 | 1: a new request whose first blocks are prefix-cache hits gets the free row that still maps them at the same slots (deferred reclamation kept the mappings of the request that computed them), when that maps fewer blocks than a warm row, which must map every hit while the step waits (benchmarks/NOTES.md #71); 0: rows in FIFO order only. For A/B runs (suite system vattn-fifo-rows) |
 | VATTN_WARM_DEFER | 0, 1 | 1 | 1: in a step that carries prefill chunks (its engine thread is on the critical path) warm() plans nothing while the next rows new requests get are warm already (8, or as many as one of the last 8 steps took if more: #115); the planning and its driver calls move to the next decode-only step, whose CPU time hides behind the GPU (benchmarks/NOTES.md #100), and with fa2-graphs the extension of running rows' guards waits one call, never two in a row (#109); 0: warm() plans after every step. For A/B runs (suite system vattn-warm-now) |
+| VATTN_BOUNDED_SCAN | 0, 1 | 0 | 1: when warm() runs out of spares mapped nowhere, a full alias scan frees only as many spares as the rows it stopped at need, the least needed first (past the warm depth, in the rows handed out last); 0: it frees every spare outside the rows warm() reached, which at 16 requests/s moved ~2,000 spares back and forth in single background batches that a step's DRAIN ran on its path (benchmarks/NOTES.md #117, #118). CPU-measured only; for A/B runs (suite system vattn-bounded-scan) |
 | VATTN_STEP_TRACE | a file path in an existing folder | unset | each serving step's timing, our hooks' share (and by part), written as JSON at shutdown (worker.StepTrace); on a stock run vLLM's own runner with only this trace |
 | VATTN_PREFIX_EVICTION | lru, discard-lru, second-chance, adaptive | lru | prefix-cache eviction order in vLLM's scheduler (prefix_eviction.py); works with any attention backend |
 | VATTN_PREFIX_MIN_USERS | integer >= 2 | 2 | the one bit: a cached block used by at least this many requests is "keep" (discard-lru: not evicted before the others; second-chance: one more pass through the free queue; adaptive: in the list evicted second, by a share learned from misses) |
@@ -125,6 +126,7 @@ class VattnConfig:
     keep_guards: bool | None = None  # None: not given, which means on for decode_kernel fa2-graphs only
     prefix_rows: bool = True
     warm_defer: bool = True
+    bounded_scan: bool = False
     prefix_eviction: str = "lru"
     prefix_min_users: int = DEFAULT_MIN_USERS
     step_trace: str = ""  # VATTN_STEP_TRACE: a JSON file each serving step's timing is written to at shutdown
@@ -151,6 +153,7 @@ class VattnConfig:
             keep_guards=_flag(env, "VATTN_KEEP_GUARDS", None),
             prefix_rows=_flag(env, "VATTN_PREFIX_ROWS", True),
             warm_defer=_flag(env, "VATTN_WARM_DEFER", True),
+            bounded_scan=_flag(env, "VATTN_BOUNDED_SCAN", False),
             prefix_eviction=_choice(env, "VATTN_PREFIX_EVICTION", PREFIX_EVICTION_MODES, "lru"),
             prefix_min_users=_int(env, "VATTN_PREFIX_MIN_USERS", DEFAULT_MIN_USERS, minimum=2),
             step_trace=env.get("VATTN_STEP_TRACE", "").strip(),

@@ -73,6 +73,8 @@ SYSTEMS: dict[str, dict] = {
     "vattn-fifo-rows": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_PREFIX_ROWS": "0"}, "args": []},
     # warm() plans after every step, prefill chunks or not (the default before NOTES.md #100)
     "vattn-warm-now": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_WARM_DEFER": "0"}, "args": []},
+    # a full alias scan bounded to what the rows warm() stopped at need (NOTES #118)
+    "vattn-bounded-scan": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_BOUNDED_SCAN": "1"}, "args": []},
     # the default from NOTES.md #29 to #57: spare frames, no lent blocks
     "vattn-no-lend": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_LEND_BLOCKS": "0"}, "args": []},
     # the frames of never-used blocks lent as spares (NOTES.md #47): one step's fresh blocks more, with

@@ -109,7 +109,8 @@ class KVMemoryManager:
 
     def __init__(self, driver: Driver, layout: Layout, num_blocks: int, reclaim: str = "deferred",
                  background: bool | str = False, spare_blocks: int = 0, growth_ahead: bool = False,
-                 keep_guards: bool = False, prefix_rows: bool = True, guard_ahead: int = 0):
+                 keep_guards: bool = False, prefix_rows: bool = True, guard_ahead: int = 0,
+                 bounded_scan: bool = False):
         if reclaim not in RECLAIM_POLICIES:
             raise ValueError(f"reclaim={reclaim!r}; use one of {RECLAIM_POLICIES}")
         if background not in (False, True, "stream"):
@@ -175,6 +176,7 @@ class KVMemoryManager:
         self._closed = False
         self._recent_fresh: deque[int] = deque(maxlen=self.WARM_HISTORY)  # fresh blocks of new requests
         self.prefer_prefix_rows = prefix_rows and reclaim == "deferred"  # (VATTN_PREFIX_ROWS; eager keeps no mappings)
+        self.bounded_scan = bounded_scan  # (VATTN_BOUNDED_SCAN: _free_aliases)
         self._warm_stale = True  # something warm() depends on changed since it last finished its work
         self.pad_reserve = min(self.PAD_RESERVE, spare_blocks // 32)
         # growth_ahead (stream mode with spares): warm() keeps the slot past each running request's
@@ -384,7 +386,8 @@ class KVMemoryManager:
             # where nothing reads them, and warm on with them now (their unmaps run first: the
             # background queue keeps order).
             self._scan_due, self._scan_countdown = False, self.ALIAS_SCAN_EVERY
-            freed = self._free_aliases(depth, bounds, set(got), self._alias_candidates(depth, len(window)))
+            short = None if growth_short else window[window.index(stop):]
+            freed = self._free_aliases(depth, bounds, set(got), self._alias_candidates(depth, len(window)), short)
             if freed:
                 self._grow_blocked = False
                 if stop in window:
@@ -562,13 +565,17 @@ class KVMemoryManager:
         return frames
 
     def _free_aliases(self, depth: int, bounds: dict[int, int], window: set[int],
-                      frames: list[int] | None = None) -> int:
+                      frames: list[int] | None = None, short: list[int] | None = None) -> int:
         """Unmap, in the background, the spares mapped only where nothing reads them and no request
         will before the slot is mapped again: no step in flight reads the slot, and it lies in an
         idle row, past `depth` in the rows warm() has just warmed (`window`), or in a running request's
         row past its blocks, its guard and GROWTH_KEEP slots of growth. Spares in the rows
         further down (the rows acquire_row() hands out later) move up to the rows before them.
-        Returns how many."""
+        With bounded_scan (VATTN_BOUNDED_SCAN), a full scan with `short` (the rows warm() stopped
+        at, in the order acquire_row() hands them out) frees only as many as those rows can use
+        (_alias_need), the least needed first (_donor_key): freeing every alias moved spares back
+        and forth in batches of ~2,000 background ops that a step's DRAIN then ran on its path
+        (NOTES #117, #118). Returns how many."""
         active, held, guard, keep, zero = self._active, self._held_end, self._guard_end, self.GROWTH_KEEP, self._zero_rows
         retry, slots = self._alias_retry, self.mapper.slots
 
@@ -582,8 +589,69 @@ class KVMemoryManager:
                 return s >= held[r] + keep and s >= guard[r]
             return s >= depth or r not in window
 
+        spares = self.pool.spare_frames if frames is None else frames
+        limit = None
+        if short and frames is None and self.bounded_scan:  # (a scan of some spares frees few: only a full one is bounded)
+            pos = {r: i for i, r in enumerate(itertools.islice(self._free_rows, self.WARM_ROWS))}
+            limit = self._alias_need(depth, short, pos)
+            spares = sorted(spares, key=self._donor_key(depth, pos))
         # (it skips spares mapped nowhere)
-        return self.mapper.unmap_aliases(self.pool.spare_frames if frames is None else frames, slot_ok)
+        return self.mapper.unmap_aliases(spares, slot_ok, limit)
+
+    def _alias_need(self, depth: int, short: list[int], pos: dict[int, int]) -> int:
+        """How many spares an alias scan frees for the rows `short` (in acquire order; `pos`: the
+        warm window's rows by position): they are warmed in turn, `depth` slots each, while the
+        spares that can move to them suffice - those in running rows (some of which they keep), in
+        rows further down (past the window: all of them) and past `depth` in the rows before -
+        plus the cold spares' reserves: the pad reserve, and with guard_ahead a guard's worth per
+        running row (_warm_window keeps those of the rows still to extend; keeping them for every
+        running row kept more steps at one launch in the CPU harness, NOTES #118)."""
+        n = len(pos)
+        held, past = [0] * (n + 1), [0] * (n + 1)  # by position; n: idle rows past the window
+        where, active, running = self.mapper.where, self._active, 0
+        for f in self.pool.spare_frames:
+            for r, s in where.get(f, ()):
+                if r in active:
+                    running += 1
+                    continue
+                if r in self._zero_rows:
+                    continue
+                p = pos.get(r, n)
+                held[p] += 1
+                past[p] += s >= depth
+        behind = list(itertools.accumulate(reversed(held)))[::-1] + [0]  # behind[p]: held at p and after
+        before = list(itertools.accumulate(past))  # before[p]: past depth at p and before
+        d = min(depth, self.layout.blocks_per_row)
+        need = limit = 0
+        for r in short:
+            p = pos[r]
+            need += d - (held[p] - past[p])
+            can = running + behind[p + 1] + before[p]
+            if need >= can:
+                limit = can
+                break
+            limit = need
+        reserve = self.pad_reserve
+        if self._ahead_rows and self._guards_in_budget():
+            reserve += len(self._active) * self.guard_slots
+        return limit + reserve
+
+    def _donor_key(self, depth: int, pos: dict[int, int]):
+        """Sort key for an alias scan's spares, the first to free first: those in running rows
+        (past what they keep), then slots past `depth`, then the rest; within each, the rows
+        acquire_row() hands out last first (rows past the window before any in it), the deepest
+        slot first."""
+        where, active, far = self.mapper.where, self._active, len(pos)
+
+        def key(f: int) -> tuple[int, int, int]:
+            slots = where.get(f)
+            if not slots:
+                return (3, 0, 0)  # mapped nowhere (skipped)
+            r, s = min(slots)
+            if r in active:
+                return (0, 0, -s)
+            return (1 if s >= depth else 2, -pos.get(r, far), -s)
+        return key
 
     def _trace_warm(self, *outcome: int) -> None:
         """The first WARM_TRACE planning calls since the counters were reset, for stats()."""

@@ -483,16 +483,19 @@ class RowMapper:
                     out[r] = n
         return out
 
-    def unmap_aliases(self, frames: Iterable[int], slot_ok) -> int:
+    def unmap_aliases(self, frames: Iterable[int], slot_ok, limit: int | None = None) -> int:
         """Background: for each spare frame, unmap every slot that maps it if `slot_ok(row, slot)`
         holds for all of them (the caller's: no step in flight reads the slot and none will before
         it is mapped again, so no unmap needs a wait); the frame is then mapped nowhere and can warm
-        another row. Returns how many frames were freed so."""
+        another row. Stops once `limit` frames (None: no limit) were freed. Returns how many frames
+        were freed so."""
         self.flush()
         self.retire()
         freed, rows = 0, {}  # rows: row -> the lowest slot unmapped
         spare, where = self.pool.spare_frames, self.where
         for f in frames:  # (warm() calls this with every spare each time it runs short: kept lean)
+            if limit is not None and freed >= limit:
+                break
             if f not in spare:
                 raise ValueError(f"frame {f} is not a spare")
             slots = where.get(f)
