@@ -1081,6 +1081,7 @@ def _depth_drop_unmaps(driver, monkeypatch, bounded_scan: bool) -> int:
     monkeypatch.setattr(KVMemoryManager, "WARM_HISTORY", 1)  # the depth follows the last request
     mgr = make_manager(driver, rows=8, num_blocks=16, spare_blocks=8, bounded_scan=bounded_scan)
     mgr.WARM_ROWS = 4
+    assert mgr.stats()["bounded_scan"] == int(bounded_scan)
     assert mgr.pad_reserve == 0
     r = mgr.acquire_row()
     mgr.set_blocks(r, [0, 1, 2, 3], fresh_from=0)  # 4 fresh blocks: depth 4

@@ -769,6 +769,7 @@ class KVMemoryManager:
         s.update(rows=self.layout.rows, active_rows=len(self._active), num_blocks=self.pool.num_blocks,
                  spare_frames=len(self.pool.spare_frames), lent_blocks=self.pool.lent,
                  block_size=self.layout.block_size, pages_per_block=self.layout.pages_per_block,
+                 bounded_scan=int(self.bounded_scan),  # (which scan ran: a suite JSON's mapper stats tell)
                  reserved_bytes=self.layout.total_bytes, **self.warm_counts,
                  warm_trace=[list(t) for t in self.warm_trace], spares_at=self.spares_at(),
                  **self.admit_counts, admit_trace=[list(t) for t in self.admit_trace])
