@@ -72,7 +72,9 @@ def test_mixed_steps_fa2_graphs_and_fa3_schedule_match_stock_within_the_fa2_fa3_
 
 @pytest.mark.parametrize("system", ["vattention-flag", "vattention-sync"])
 def test_preemption_under_memory_pressure_completes_every_request(cuda, tmp_path, system):
-    """A KV budget of 80 blocks (1280 tokens) for 10 requests of up to 700 + 64 tokens."""
+    """A KV budget of 80 blocks (1,280 tokens at the default layout's 16-token blocks) for 10 requests
+    of 1-257 prompt tokens + 64 (1,621 tokens in all). Under VATTN_LAYOUT=per_layer a block holds
+    1,024 tokens, so 80 blocks hold every request and nothing is preempted (NOTES #117)."""
     s = run_ab(tmp_path, "--systems", system, "--num-prompts", "10", "--max-tokens", "64",
                "--num-gpu-blocks", "80", "--max-model-len", "1024", "--enforce-eager")
     r = s[system]
