@@ -236,3 +236,36 @@ def test_admission_tells_requests_held_before_the_engine_from_those_it_queued():
     # a suite before NOTES #106 kept no chunk counts
     (old,) = H.admission([{**res[0], "per_request": {k: v for k, v in per.items() if k != "chunks"}}], lambda n: trace)
     assert old["chunks_per_token"] is None and "| 33% | - |" in H.admission_markdown([old])
+
+
+def test_flag_stalls_show_the_longest_waits_with_the_steps_before_them_once_per_server():
+    """The n longest waits at the mapping flag of each traced server (one trace serves both of its
+    workloads: reported once), each with the steps ahead of it and warm()'s part of their hooks,
+    beside the server's slowest native-thread batches (NOTES #117). Stock's trace (no waits) adds none."""
+    from vllm_vattention.worker import TRACE_PARTS
+    fields = ["start_s", "ms", "new_reqs", "tokens", "block_maps", "drains", "flag_wait", "hooks_ms", "hook_parts_ms"]
+    p = lambda warm: [0.0] * 9 + [warm, 0.0]  # noqa: E731 (TRACE_PARTS order: warm is 10th)
+    trace = {"t0": 1000.0, "fields": fields, "hook_parts": list(TRACE_PARTS), "flag_waits_ms": [0.5, 57.9, 1.0],
+             "steps": [[0.00, 2.0, 0, 8, 0, 0, 0, 0.4, p(0.1)], [0.01, 34.0, 1, 1032, 64, 1, -1, 8.7, p(7.5)],
+                       [0.05, 3.8, 0, 9, 4, 0, -1, 1.6, p(0.7)], [0.06, 23.8, 1, 1033, 1, 8, 1, 1.4, p(0.05)],
+                       [0.09, 2.0, 0, 10, 0, 0, 2, 0.5, p(0.1)]]}
+    stock = {**trace, "flag_waits_ms": None, "steps": [st[:7] + [0.0, None] for st in trace["steps"]]}
+    per = {"t0": 1000.0, "start_s": [0.0], "ttft_ms": [20.0], "tpot_ms": [5.0], "input_len": [1024]}
+    slow = [[58.0, 20.8, 37.2, 2.5, "access_rw", 20, 1032], [55.4, 0.0, 55.4, 10.6, "unmap", 128, 651]]
+    res = [{"workload": w, "system": s, "rep": 0, "per_request": per, "step_trace": f"{s}.json",
+            "mapper": {"native_slowest_batches": slow} if s == "vattn-fa2" else None}
+           for w in ("serve-rate-4", "serve-rate-16") for s in ("stock-fa3", "vattn-fa2")]
+    traces = {"vattn-fa2.json": trace, "stock-fa3.json": stock}
+    rows = H.flag_stalls(res, traces.get, n=2, before=2)
+    assert [(r["wait"], r["step"], r["own"]) for r in rows] == [(1, 1, False), (1, 2, False), (1, 3, True),
+                                                                (2, 2, False), (2, 3, False), (2, 4, True)]
+    assert {r["server"] for r in rows} == {"vattn-fa2.json"}
+    assert rows[0]["warm_ms"] == 7.5 and rows[0]["block_maps"] == 64 and rows[2]["drains"] == 8
+    md = H.flag_stalls_markdown(rows)
+    assert "| vattn-fa2.json | **57.9** | 3 | 0.060 | 23.80 | 1 | 1033 | 1 | 8 | 1.40 | 0.05 |" in md
+    assert "| vattn-fa2.json |  | 1 | 0.010 | 34.00 | 1 | 1032 | 64 | 1 | 8.70 | 7.50 |" in md
+    assert md.count("[58.0, 20.8, 37.2, 2.5, 'access_rw', 20, 1032]") == 1
+    # a trace without parts: warm() unknown, the rest the same
+    bare = {**trace, "fields": fields[:-1], "steps": [st[:-1] for st in trace["steps"]]}
+    rows = H.flag_stalls(res, {"vattn-fa2.json": bare}.get, n=1, before=0)
+    assert [(r["step"], r["warm_ms"], r["hooks_ms"]) for r in rows] == [(3, None, 1.4)]

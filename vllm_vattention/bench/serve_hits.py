@@ -277,6 +277,54 @@ def step_kinds(results: list[dict], load_trace: Callable[[str], dict | None]) ->
     return out
 
 
+def flag_stalls(results: list[dict], load_trace: Callable[[str], dict | None], n: int = 3,
+                before: int = 2) -> list[dict]:
+    """Per traced server (one trace serves its workloads: reported once), its `n` longest waits of
+    the GPU at the mapping flag, each with the step that enqueued it and the `before` steps ahead of
+    it (what they scheduled, the block maps and DRAINs on their path, our hooks and warm()'s part of
+    them: a DRAIN behind a large background batch shows as a long wait after a long warm(), NOTES
+    #117), and the server's slowest native-thread batches from its mapper stats, to read against
+    them (a batch queued behind another, or one slow driver call)."""
+    out, seen = [], set()
+    for r, _, trace in traced_runs(results, load_trace):
+        if r["step_trace"] in seen or not trace.get("flag_waits_ms"):
+            continue
+        seen.add(r["step_trace"])
+        fields, parts = list(trace["fields"]), list(trace.get("hook_parts") or ())
+        col = {k: fields.index(k) for k in ("start_s", "ms", "new_reqs", "tokens", "block_maps", "drains", "flag_wait")}
+        i_hooks = fields.index("hooks_ms") if "hooks_ms" in fields else None
+        i_parts = fields.index("hook_parts_ms") if "hook_parts_ms" in fields and "warm" in parts else None
+        steps, waits = trace["steps"], trace["flag_waits_ms"]
+        at = {st[col["flag_wait"]]: k for k, st in enumerate(steps) if st[col["flag_wait"]] >= 0}
+        longest = sorted((w for w in range(len(waits)) if w in at), key=lambda w: -waits[w])[:n]
+        for w in longest:
+            k = at[w]
+            for j in range(max(0, k - before), k + 1):
+                st = steps[j]
+                warm = st[i_parts][parts.index("warm")] if i_parts is not None and st[i_parts] else None
+                out.append({"server": r["step_trace"], "wait": w, "wait_ms": waits[w], "step": j, "own": j == k,
+                            **{key: st[c] for key, c in col.items() if key != "flag_wait"},
+                            "hooks_ms": st[i_hooks] if i_hooks is not None else None, "warm_ms": warm,
+                            "slowest": ((r.get("mapper") or {}).get("native_slowest_batches") or [])[:n]})
+    return out
+
+
+def flag_stalls_markdown(rows: list[dict]) -> str:
+    lines = ["| server | wait (ms) | step | s into the trace | execute_model ms | new requests | tokens | block maps | "
+             "DRAINs | our hooks ms | of it warm() ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+    for r in rows:
+        wait = f"**{r['wait_ms']:.1f}**" if r["own"] else ""
+        lines.append(f"| {r['server']} | {wait} | {r['step']} | {r['start_s']:.3f} | {r['ms']:.2f} | {r['new_reqs']} | "
+                     f"{r['tokens']} | {r['block_maps']} | {r['drains']} | {fmt(r['hooks_ms'])} | {fmt(r['warm_ms'])} |")
+    slow = {r["server"]: r["slowest"] for r in rows if r["slowest"]}
+    if slow:
+        lines += ["", "The native thread's slowest batches (latency, queued, running, slowest op ms, its kind, ops, "
+                      "batch index):", ""]
+        lines += [f"- {server}: " + "; ".join(str(b) for b in batches) for server, batches in slow.items()]
+    return "\n".join(lines) + "\n"
+
+
 BATCH_TOKENS = 8192  # vLLM 0.25's max_num_batched_tokens for `vllm serve` on these GPUs (its start-up log says)
 FRONTEND_S = 0.010  # allowance for the API server and the hop to the engine before a step can admit a request
 
@@ -421,6 +469,10 @@ def main(argv=None) -> None:
     if kinds:
         print("Each traced server's steps during each run, by what they scheduled:\n")
         print(step_kinds_markdown(kinds))
+    stalls = flag_stalls(res["results"], load_trace)
+    if stalls:
+        print("Each traced server's longest waits at the mapping flag, with the steps before them (NOTES #117):\n")
+        print(flag_stalls_markdown(stalls))
 
 
 if __name__ == "__main__":
