@@ -1075,6 +1075,42 @@ def test_an_alias_scan_frees_only_what_the_rows_it_stopped_at_need_the_furthest_
     assert _depth_drop_unmaps(driver, monkeypatch, bounded_scan=True) == 2
 
 
+def test_a_bounded_alias_scan_moves_up_only_what_the_first_rows_lack_when_the_depth_rises(driver):
+    """Three rows warm 4 deep hold all 12 spares; the depth rises to 5. The first two rows can take
+    their fifth slot from the third row's deepest ones (the donor behind them), which the third
+    row, the last to be handed out, does without: both scans end with rows 5, 5 and 2 deep, but the
+    old scan unmapped all 8 spares of the rows behind the first and mapped them again (the move-up
+    case of NOTES #117: 1,952 unmaps in one call on the H200's server), the bounded one 2. (The
+    last row served only in part must not stop the rows before it from being served.)"""
+    ends = {}
+    for bounded in (False, True):
+        mgr = make_manager(driver, rows=8, num_blocks=24, spare_blocks=12, bounded_scan=bounded)
+        mgr.WARM_ROWS = 3
+        for blocks in ([0, 1, 2, 3], [4, 5, 6, 7]):  # depth 4; the second leaves no spare cold
+            r = mgr.acquire_row()
+            mgr.set_blocks(r, blocks, fresh_from=0)
+            mgr.release_row(r)
+            mgr.warm()
+            mgr.sync()
+        window = list(mgr._free_rows)[:3]
+
+        def depths():
+            spare, slots = mgr.pool.spare_frames, mgr.mapper.slots
+            return [sum(1 for f in slots[row][:8] if f is not None and f in spare) for row in window]
+
+        assert depths() == [4, 4, 4] and next(iter(mgr._cold_spares()), None) is None
+        mgr._recent_fresh.append(5)  # a request with 5 fresh blocks (the row it took is beside the point)
+        mgr._warm_stale = mgr._scan_due = True
+        unmaps = mgr.stats()["block_unmaps"]
+        mgr.warm()
+        mgr.sync()
+        ends[bounded] = (depths(), mgr.stats()["block_unmaps"] - unmaps)
+        mgr.mapper.check_invariants()
+        mgr.close()
+        assert driver.leaks() == []
+    assert ends == {False: ([5, 5, 2], 8), True: ([5, 5, 2], 2)}
+
+
 def _depth_drop_unmaps(driver, monkeypatch, bounded_scan: bool) -> int:
     """Two rows warm 4 deep, then a request with one fresh block drops the depth to 1: the unmaps
     of the scan that warms the next rows 1 deep (asserting where the spares end up when bounded)."""

@@ -627,8 +627,8 @@ class KVMemoryManager:
             p = pos[r]
             need += d - (held[p] - past[p])
             can = running + behind[p + 1] + before[p]
-            if need >= can:
-                limit = can
+            if need >= can:  # the rows up to the one before this one are served; this one in part
+                limit = max(limit, can)
                 break
             limit = need
         reserve = self.pad_reserve
