@@ -62,7 +62,8 @@ def kv_of(token: int, pos: int) -> bytes:
 def drive(background, spares: int, prompts: list[list[int]], max_tokens: list[int], num_blocks: int, max_len: int,
           max_num_batched_tokens: int, max_num_seqs: int, layout_name: str = "interleaved",
           reclaim: str = "deferred", over_read: tuple[str, int, bool] | None = None, lend: int = 0,
-          block_size: int = BS, growth: bool = False, keep_guards: bool = False, guard_ahead: int = 0) -> dict:
+          block_size: int = BS, growth: bool = False, keep_guards: bool = False, guard_ahead: int = 0,
+          bounded_scan: bool = False) -> dict:
     """Serve `prompts` with vLLM's Scheduler over the memory manager until every request finished,
     checking at every step that each scheduled request reads its own tokens' KV through its row.
     over_read=(decode_kernel, guard_tokens, clipped): as the model runner does, rows FA3 reads get the
@@ -70,7 +71,7 @@ def drive(background, spares: int, prompts: list[list[int]], max_tokens: list[in
     readable. lend: lend_unused(lend) before the first step (VATTN_LEND_BLOCKS; vLLM hands the lent
     blocks out once the lower ids are taken). block_size: vLLM's (32: two pages per block here, as
     --block-size 32 gives Llama-3-8B two 2 MiB pages' worth in one block). growth: the manager's
-    growth_ahead (VATTN_GROWTH_AHEAD). Returns counts: steps, tokens checked, prefix-hit tokens,
+    growth_ahead (VATTN_GROWTH_AHEAD). bounded_scan: VATTN_BOUNDED_SCAN. Returns counts: steps, tokens checked, prefix-hit tokens,
     preemptions, the manager's stats."""
     from vllm.sampling_params import SamplingParams
     from vllm.v1.outputs import ModelRunnerOutput
@@ -83,7 +84,8 @@ def drive(background, spares: int, prompts: list[list[int]], max_tokens: list[in
     layout = make_layout(layout_name, GEOMETRIES[layout_name], PAGE, rows=2 * max_num_seqs + 1, min_row_tokens=max_len + 64,
                          block_size=block_size)
     mgr = KVMemoryManager(driver, layout, num_blocks, background=background, spare_blocks=spares, reclaim=reclaim,
-                          growth_ahead=growth, keep_guards=keep_guards, guard_ahead=guard_ahead)
+                          growth_ahead=growth, keep_guards=keep_guards, guard_ahead=guard_ahead,
+                          bounded_scan=bounded_scan)
     mgr.DEFER_READY_ROWS = 1  # (few rows here: so that steps with prefill chunks do defer warm())
     lent = mgr.lend_unused(lend)
     rows = RequestRows(mgr)
@@ -223,7 +225,7 @@ def test_random_workloads_read_their_own_kv(seed):
               layout_name=rng.choice(("interleaved", "per_layer")), reclaim=rng.choice(("deferred", "eager")),
               over_read=rng.choice((None, ("fa2", 64, False), ("fa2", 64, True), ("fa3", 64, True))),
               lend=rng.choice((0, 0, 6, 30)),  # (drawn last: the earlier seeds' workloads stay as they were)
-              growth=rng.random() < 0.5)
+              growth=rng.random() < 0.5, bounded_scan=rng.random() < 0.5)
     assert r["checked"] > 0
 
 
@@ -238,7 +240,7 @@ def test_random_workloads_under_fa2_graphs_read_their_own_kv(seed):
               max_num_batched_tokens=rng.choice((32, 64, 128)), max_num_seqs=rng.choice((2, 4, 6)),
               layout_name=rng.choice(("interleaved", "per_layer")), reclaim=rng.choice(("deferred", "eager")),
               over_read=("fa2-graphs", 64, True), lend=rng.choice((0, 0, 6, 30)), keep_guards=True,
-              guard_ahead=64 // BS)
+              guard_ahead=64 // BS, bounded_scan=rng.random() < 0.5)
     assert r["checked"] > 0 and set(r["rules"]) <= {"fa2-graphs", "fa2"}
     assert sum(r["rules"].values()) > 0  # (mixed steps ran: in each of seeds 0-39 they did)
 
