@@ -294,6 +294,7 @@ def flag_stalls(results: list[dict], load_trace: Callable[[str], dict | None], n
         col = {k: fields.index(k) for k in ("start_s", "ms", "new_reqs", "tokens", "block_maps", "drains", "flag_wait")}
         i_hooks = fields.index("hooks_ms") if "hooks_ms" in fields else None
         i_parts = fields.index("hook_parts_ms") if "hook_parts_ms" in fields and "warm" in parts else None
+        i_warm = parts.index("warm") if i_parts is not None else None
         steps, waits = trace["steps"], trace["flag_waits_ms"]
         at = {st[col["flag_wait"]]: k for k, st in enumerate(steps) if st[col["flag_wait"]] >= 0}
         longest = sorted((w for w in range(len(waits)) if w in at), key=lambda w: -waits[w])[:n]
@@ -301,7 +302,7 @@ def flag_stalls(results: list[dict], load_trace: Callable[[str], dict | None], n
             k = at[w]
             for j in range(max(0, k - before), k + 1):
                 st = steps[j]
-                warm = st[i_parts][parts.index("warm")] if i_parts is not None and st[i_parts] else None
+                warm = st[i_parts][i_warm] if i_parts is not None and st[i_parts] else None
                 out.append({"server": r["step_trace"], "wait": w, "wait_ms": waits[w], "step": j, "own": j == k,
                             **{key: st[c] for key, c in col.items() if key != "flag_wait"},
                             "hooks_ms": st[i_hooks] if i_hooks is not None else None, "warm_ms": warm,

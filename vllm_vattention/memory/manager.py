@@ -386,12 +386,13 @@ class KVMemoryManager:
             # where nothing reads them, and warm on with them now (their unmaps run first: the
             # background queue keeps order).
             self._scan_due, self._scan_countdown = False, self.ALIAS_SCAN_EVERY
-            short = None if growth_short else window[window.index(stop):]
-            freed = self._free_aliases(depth, bounds, set(got), self._alias_candidates(depth, len(window)), short)
+            rest = window[window.index(stop):] if stop in window else []  # (growth: stop may lie past it)
+            freed = self._free_aliases(depth, bounds, set(got), self._alias_candidates(depth, len(window)),
+                                       None if growth_short else window, len(window) - len(rest))
             if freed:
                 self._grow_blocked = False
-                if stop in window:
-                    stop = self._warm_window(window[window.index(stop):], depth, in_flight, got)
+                if rest:
+                    stop = self._warm_window(rest, depth, in_flight, got)
         if stop is None:
             self._warm_stale = False  # done until something changes
         else:
@@ -565,14 +566,15 @@ class KVMemoryManager:
         return frames
 
     def _free_aliases(self, depth: int, bounds: dict[int, int], window: set[int],
-                      frames: list[int] | None = None, short: list[int] | None = None) -> int:
+                      frames: list[int] | None = None, order: list[int] | None = None, stop: int = 0) -> int:
         """Unmap, in the background, the spares mapped only where nothing reads them and no request
         will before the slot is mapped again: no step in flight reads the slot, and it lies in an
         idle row, past `depth` in the rows warm() has just warmed (`window`), or in a running request's
         row past its blocks, its guard and GROWTH_KEEP slots of growth. Spares in the rows
         further down (the rows acquire_row() hands out later) move up to the rows before them.
-        With bounded_scan (VATTN_BOUNDED_SCAN), a full scan with `short` (the rows warm() stopped
-        at, in the order acquire_row() hands them out) frees only as many as those rows can use
+        With bounded_scan (VATTN_BOUNDED_SCAN), a full scan given `order` (warm()'s window of rows, in
+        the order acquire_row() hands them out; it stopped at order[stop]) frees only as many as the
+        rows from there on can use
         (_alias_need), the least needed first (_donor_key): freeing every alias moved spares back
         and forth in batches of ~2,000 background ops that a step's DRAIN then ran on its path
         (NOTES #117, #118). Returns how many."""
@@ -591,9 +593,9 @@ class KVMemoryManager:
 
         spares = self.pool.spare_frames if frames is None else frames
         limit = None
-        if short and frames is None and self.bounded_scan:  # (a scan of some spares frees few: only a full one is bounded)
-            pos = {r: i for i, r in enumerate(itertools.islice(self._free_rows, self.WARM_ROWS))}
-            limit = self._alias_need(depth, short, pos)
+        if order and frames is None and self.bounded_scan:  # (a scan of some spares frees few: only a full one is bounded)
+            pos = {r: i for i, r in enumerate(order)}
+            limit = self._alias_need(depth, order[stop:], pos)
             spares = sorted(spares, key=self._donor_key(depth, pos))
         # (it skips spares mapped nowhere)
         return self.mapper.unmap_aliases(spares, slot_ok, limit)
@@ -608,13 +610,13 @@ class KVMemoryManager:
         running row kept more steps at one launch in the CPU harness, NOTES #118)."""
         n = len(pos)
         held, past = [0] * (n + 1), [0] * (n + 1)  # by position; n: idle rows past the window
-        where, active, running = self.mapper.where, self._active, 0
+        where, active, zero, running = self.mapper.where, self._active, self._zero_rows, 0
         for f in self.pool.spare_frames:
             for r, s in where.get(f, ()):
                 if r in active:
                     running += 1
                     continue
-                if r in self._zero_rows:
+                if r in zero:
                     continue
                 p = pos.get(r, n)
                 held[p] += 1
