@@ -298,3 +298,26 @@ def test_the_gpu_lend_tests_workload_hands_every_lent_block_out(num_prompts, han
     assert r["lent"] == 30 and r["checked"] > 0
     assert r["stats"]["lent_taken"] == handed_out, r["stats"]
     assert r["stats"]["lent_taken"] + r["stats"]["lent_blocks"] == 30
+
+
+def test_the_gpu_per_layer_preemption_tests_workload_preempts():
+    """The premise of tests/gpu/test_e2e_gpu.py's per_layer preemption test, with vLLM's scheduler on
+    the CPU: offline_ab's first 10 prompts + 1,100 tokens out in three blocks of 1,024 tokens (what
+    VATTN_LAYOUT=per_layer makes a block of that model). Requests grow past a block, so vLLM preempts
+    (5 times here). The 80-block budget of the default layout's preemption test preempts nothing at
+    1,024-token blocks (the per_layer run of NOTES #117)."""
+    import importlib.util
+
+    ab_path = os.path.join(os.path.dirname(os.path.dirname(MODEL)), "examples", "offline_ab.py")
+    spec = importlib.util.spec_from_file_location("offline_ab", ab_path)
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+    tiny = os.path.join(os.path.dirname(MODEL), "tiny-llama-kv8b")
+
+    def preemptions(num_prompts, max_tokens, num_blocks, max_len):
+        sched, hasher = S.make_scheduler(tiny, num_blocks, max_len, max_num_seqs=64, block_size=1024)
+        reqs = [{"t": 0.0, "prompt": p, "max_tokens": max_tokens} for p in ab.prompts(num_prompts)]
+        return S.replay(sched, hasher, reqs, S.StepModel())["preemptions"]
+
+    assert preemptions(10, 1100, 3, 2048) >= 3
+    assert preemptions(10, 64, 80, 1024) == 0

@@ -12,10 +12,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 AB = os.path.join(ROOT, "examples", "offline_ab.py")
 
 
-def run_ab(tmp_path, *flags):
+def run_ab(tmp_path, *flags, **vattn_env):
     out = tmp_path / "ab.json"
     # collective_rpc ships randomize_weights (a function) to the engine process by pickle.
-    env = {**os.environ, "VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+    env = {**os.environ, "VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1", **vattn_env}
     env.pop("VLLM_ATTENTION_BACKEND", None)
     subprocess.run([sys.executable, AB, "--out", str(out), *flags], check=True, env=env, timeout=900)
     return json.load(open(out))
@@ -81,6 +81,26 @@ def test_preemption_under_memory_pressure_completes_every_request(cuda, tmp_path
     assert "CUSTOM" in r["attention_backend"]  # vattention-flag: selected by --attention-backend CUSTOM alone
     out = json.load(open(tmp_path / f"ab.json.{system}.json"))
     assert all(len(o["tokens"]) == 64 for o in out["outputs"])
+    assert r["num_preemptions"] and r["num_preemptions"] > 0, r
+
+
+# offline_ab's first 10 prompts (1-700 tokens) + 1,100 out in a budget of three 1,024-token blocks: vLLM's
+# scheduler preempts 5 times on the CPU (tests/test_scheduler_in_the_loop.py -k per_layer_preemption)
+PER_LAYER_PREEMPTION = ("--num-prompts", "10", "--max-tokens", "1100", "--num-gpu-blocks", "3",
+                        "--max-model-len", "2048", "--enforce-eager")
+
+
+def test_per_layer_preemption_under_memory_pressure_completes_every_request(cuda, tmp_path):
+    """VATTN_LAYOUT=per_layer (a block is one 2 MiB page per layer and K/V: 1,024 tokens for this
+    model) under a budget in its own blocks: requests grow past a block, so running ones are preempted
+    and recomputed into rows whose pages were unmapped and mapped again; every request completes."""
+    s = run_ab(tmp_path, "--systems", "vattention", *PER_LAYER_PREEMPTION, VATTN_LAYOUT="per_layer")
+    r = s["vattention"]
+    assert "CUSTOM" in r["attention_backend"]
+    m = r["mapper"]
+    assert m["block_size"] == 1024, m  # (the interleaved layout's blocks hold 16 tokens of this model)
+    out = json.load(open(tmp_path / "ab.json.vattention.json"))
+    assert [len(o["tokens"]) for o in out["outputs"]] == [1100] * 10
     assert r["num_preemptions"] and r["num_preemptions"] > 0, r
 
 
