@@ -169,7 +169,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
         native: bool = False, chain: list[str] | None = None, lend: int | str = 0, block_size: int = 16,
         growth: bool = False, keep_guards: bool = False, decode_kernel: str = DEFAULT_KERNEL,
         serve_prompts: str = "bench", prefix_rows: bool = True, timed: bool = False,
-        warm_defer: bool = True, bounded_scan: bool = False) -> dict | list[dict]:
+        warm_defer: bool = True, bounded_scan: bool = True) -> dict | list[dict]:
     """One workload in a fresh scheduler and manager; or, with `chain`, the suite's sequence in one
     engine (offline.py): an untimed warm-up of 16 x 64-token prompts (16 out), then each workload of
     `chain` in turn, the counters reset before each (a list of results, one per workload). lend: the
@@ -442,13 +442,14 @@ def main() -> None:
                     help="VATTN_WARM_DEFER=0: warm() plans after every step, prefill chunks or not")
     ap.add_argument("--fifo-rows", action="store_true",
                     help="VATTN_PREFIX_ROWS=0: rows in FIFO order only (prefix hits mapped into warm rows)")
-    ap.add_argument("--bounded-scan", action="store_true",
-                    help="VATTN_BOUNDED_SCAN=1: a full alias scan frees only what the rows warm() stopped at need")
+    ap.add_argument("--full-scan", action="store_true",
+                    help="VATTN_BOUNDED_SCAN=0: a full alias scan frees every spare outside the rows warm() reached "
+                         "(the default before NOTES #120)")
     args = ap.parse_args()
     kw = dict(warmup=not args.no_warmup, native=args.native, lend=args.lend, block_size=args.block_size,
               growth=args.growth, decode_kernel=args.decode_kernel, keep_guards=args.keep_guards,
               serve_prompts=args.serve_prompts, prefix_rows=not args.fifo_rows, timed=args.timed,
-              warm_defer=not args.warm_now, bounded_scan=args.bounded_scan)
+              warm_defer=not args.warm_now, bounded_scan=not args.full_scan)
     if args.profile:
         prof = cProfile.Profile()
         r = prof.runcall(run, args.workload, args.num_blocks, args.spares, **kw)

@@ -63,7 +63,7 @@ def drive(background, spares: int, prompts: list[list[int]], max_tokens: list[in
           max_num_batched_tokens: int, max_num_seqs: int, layout_name: str = "interleaved",
           reclaim: str = "deferred", over_read: tuple[str, int, bool] | None = None, lend: int = 0,
           block_size: int = BS, growth: bool = False, keep_guards: bool = False, guard_ahead: int = 0,
-          bounded_scan: bool = False) -> dict:
+          bounded_scan: bool = True) -> dict:
     """Serve `prompts` with vLLM's Scheduler over the memory manager until every request finished,
     checking at every step that each scheduled request reads its own tokens' KV through its row.
     over_read=(decode_kernel, guard_tokens, clipped): as the model runner does, rows FA3 reads get the

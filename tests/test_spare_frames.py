@@ -1067,10 +1067,10 @@ def test_an_alias_scan_frees_only_what_the_rows_it_stopped_at_need_the_furthest_
     background batches a step's DRAIN ran on its path (NOTES #117). It now frees as many as the rows
     it stopped at need, past the depth in the rows acquired last first: here 2 unmaps, not 6, and
     the next row keeps its 4 warm slots for the next request with 4 fresh blocks. With
-    VATTN_BOUNDED_SCAN=1 (bounded_scan; off by default until a GPU run settles it: NOTES #118)."""
+    The default since an H200 serving pair (NOTES #120); VATTN_BOUNDED_SCAN=0 keeps the old scan."""
     from vllm_vattention.config import VattnConfig
-    assert VattnConfig.from_env({}).bounded_scan is False
-    assert VattnConfig.from_env({"VATTN_BOUNDED_SCAN": "1"}).bounded_scan is True
+    assert VattnConfig.from_env({}).bounded_scan is True
+    assert VattnConfig.from_env({"VATTN_BOUNDED_SCAN": "0"}).bounded_scan is False
     assert _depth_drop_unmaps(driver, monkeypatch, bounded_scan=False) == 6  # the old scan's
     assert _depth_drop_unmaps(driver, monkeypatch, bounded_scan=True) == 2
 

@@ -126,7 +126,7 @@ class VattnConfig:
     keep_guards: bool | None = None  # None: not given, which means on for decode_kernel fa2-graphs only
     prefix_rows: bool = True
     warm_defer: bool = True
-    bounded_scan: bool = False
+    bounded_scan: bool = True  # (the default since benchmarks/NOTES.md #120)
     prefix_eviction: str = "lru"
     prefix_min_users: int = DEFAULT_MIN_USERS
     step_trace: str = ""  # VATTN_STEP_TRACE: a JSON file each serving step's timing is written to at shutdown
@@ -153,7 +153,7 @@ class VattnConfig:
             keep_guards=_flag(env, "VATTN_KEEP_GUARDS", None),
             prefix_rows=_flag(env, "VATTN_PREFIX_ROWS", True),
             warm_defer=_flag(env, "VATTN_WARM_DEFER", True),
-            bounded_scan=_flag(env, "VATTN_BOUNDED_SCAN", False),
+            bounded_scan=_flag(env, "VATTN_BOUNDED_SCAN", True),
             prefix_eviction=_choice(env, "VATTN_PREFIX_EVICTION", PREFIX_EVICTION_MODES, "lru"),
             prefix_min_users=_int(env, "VATTN_PREFIX_MIN_USERS", DEFAULT_MIN_USERS, minimum=2),
             step_trace=env.get("VATTN_STEP_TRACE", "").strip(),

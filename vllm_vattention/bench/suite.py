@@ -75,6 +75,8 @@ SYSTEMS: dict[str, dict] = {
     "vattn-warm-now": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_WARM_DEFER": "0"}, "args": []},
     # a full alias scan bounded to what the rows warm() stopped at need (NOTES #118)
     "vattn-bounded-scan": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_BOUNDED_SCAN": "1"}, "args": []},
+    # the alias scan before NOTES #120 made the bounded one the default: every spare outside the rows warm() reached
+    "vattn-full-scan": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_BOUNDED_SCAN": "0"}, "args": []},
     # the default from NOTES.md #29 to #57: spare frames, no lent blocks
     "vattn-no-lend": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_LEND_BLOCKS": "0"}, "args": []},
     # the frames of never-used blocks lent as spares (NOTES.md #47): one step's fresh blocks more, with

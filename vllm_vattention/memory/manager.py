@@ -110,7 +110,7 @@ class KVMemoryManager:
     def __init__(self, driver: Driver, layout: Layout, num_blocks: int, reclaim: str = "deferred",
                  background: bool | str = False, spare_blocks: int = 0, growth_ahead: bool = False,
                  keep_guards: bool = False, prefix_rows: bool = True, guard_ahead: int = 0,
-                 bounded_scan: bool = False):
+                 bounded_scan: bool = True):
         if reclaim not in RECLAIM_POLICIES:
             raise ValueError(f"reclaim={reclaim!r}; use one of {RECLAIM_POLICIES}")
         if background not in (False, True, "stream"):
