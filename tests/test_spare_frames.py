@@ -1066,8 +1066,8 @@ def test_an_alias_scan_frees_only_what_the_rows_it_stopped_at_need_the_furthest_
     slot 1 to give a few rows one slot each, then re-warmed them when the depth came back, in
     background batches a step's DRAIN ran on its path (NOTES #117). It now frees as many as the rows
     it stopped at need, past the depth in the rows acquired last first: here 2 unmaps, not 6, and
-    the next row keeps its 4 warm slots for the next request with 4 fresh blocks. With
-    The default since an H200 serving pair (NOTES #120); VATTN_BOUNDED_SCAN=0 keeps the old scan."""
+    the next row keeps its 4 warm slots for the next request with 4 fresh blocks. The
+    default since an H200 serving pair (NOTES #120); VATTN_BOUNDED_SCAN=0 keeps the old scan."""
     from vllm_vattention.config import VattnConfig
     assert VattnConfig.from_env({}).bounded_scan is True
     assert VattnConfig.from_env({"VATTN_BOUNDED_SCAN": "0"}).bounded_scan is False

@@ -73,7 +73,8 @@ SYSTEMS: dict[str, dict] = {
     "vattn-fifo-rows": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_PREFIX_ROWS": "0"}, "args": []},
     # warm() plans after every step, prefill chunks or not (the default before NOTES.md #100)
     "vattn-warm-now": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_WARM_DEFER": "0"}, "args": []},
-    # a full alias scan bounded to what the rows warm() stopped at need (NOTES #118)
+    # a full alias scan bounded to what the rows warm() stopped at need (NOTES #118; the default since #120,
+    # named for the runs before it)
     "vattn-bounded-scan": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_BOUNDED_SCAN": "1"}, "args": []},
     # the alias scan before NOTES #120 made the bounded one the default: every spare outside the rows warm() reached
     "vattn-full-scan": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_BOUNDED_SCAN": "0"}, "args": []},

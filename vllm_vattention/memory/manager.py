@@ -572,7 +572,7 @@ class KVMemoryManager:
         idle row, past `depth` in the rows warm() has just warmed (`window`), or in a running request's
         row past its blocks, its guard and GROWTH_KEEP slots of growth. Spares in the rows
         further down (the rows acquire_row() hands out later) move up to the rows before them.
-        With bounded_scan (VATTN_BOUNDED_SCAN), a full scan given `order` (warm()'s window of rows, in
+        With bounded_scan (VATTN_BOUNDED_SCAN, the default since NOTES #120), a full scan given `order` (warm()'s window of rows, in
         the order acquire_row() hands them out; it stopped at order[stop]) frees only as many as the
         rows from there on can use
         (_alias_need), the least needed first (_donor_key): freeing every alias moved spares back
