@@ -280,19 +280,24 @@ def test_fa2_graphs_guards_every_row_a_mixed_step_reads(background, spares, lend
         assert r["stats"]["guard_ahead_maps"] == 0 and r["rules"]["fa2"] > 0
 
 
-@pytest.mark.parametrize("num_prompts, handed_out", [(10, 8), (11, 30)])
-def test_the_gpu_lend_tests_workload_hands_every_lent_block_out(num_prompts, handed_out):
-    """The premise of tests/gpu/test_e2e_gpu.py's lent-block test, with vLLM's scheduler on the CPU:
-    offline_ab's prompts with 64 tokens out, a 120-block budget, 4 sequences at once and 30 blocks
-    lent (auto's quarter). 11 prompts need more blocks than the budget has, so vLLM reaches every lent
-    id; the first 10 (106 blocks) did not: 8 of 30 handed out, here as on an H100 (commit 88c55db)."""
+def offline_ab_prompts(n: int) -> list[list[int]]:
+    """The prompts examples/offline_ab.py (the GPU e2e tests' driver) sends, for their premises here."""
     import importlib.util
 
     path = os.path.join(os.path.dirname(os.path.dirname(MODEL)), "examples", "offline_ab.py")
     spec = importlib.util.spec_from_file_location("offline_ab", path)
     ab = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ab)
-    prompts = ab.prompts(num_prompts)
+    return ab.prompts(n)
+
+
+@pytest.mark.parametrize("num_prompts, handed_out", [(10, 8), (11, 30)])
+def test_the_gpu_lend_tests_workload_hands_every_lent_block_out(num_prompts, handed_out):
+    """The premise of tests/gpu/test_e2e_gpu.py's lent-block test, with vLLM's scheduler on the CPU:
+    offline_ab's prompts with 64 tokens out, a 120-block budget, 4 sequences at once and 30 blocks
+    lent (auto's quarter). 11 prompts need more blocks than the budget has, so vLLM reaches every lent
+    id; the first 10 (106 blocks) did not: 8 of 30 handed out, here as on an H100 (commit 88c55db)."""
+    prompts = offline_ab_prompts(num_prompts)
     r = drive("stream", 8, prompts, [64] * num_prompts, num_blocks=120, max_len=1024,
               max_num_batched_tokens=2048, max_num_seqs=4, lend=30)
     assert r["lent"] == 30 and r["checked"] > 0
@@ -306,17 +311,11 @@ def test_the_gpu_per_layer_preemption_tests_workload_preempts():
     VATTN_LAYOUT=per_layer makes a block of that model). Requests grow past a block, so vLLM preempts
     (5 times here). The 80-block budget of the default layout's preemption test preempts nothing at
     1,024-token blocks (the per_layer run of NOTES #117)."""
-    import importlib.util
-
-    ab_path = os.path.join(os.path.dirname(os.path.dirname(MODEL)), "examples", "offline_ab.py")
-    spec = importlib.util.spec_from_file_location("offline_ab", ab_path)
-    ab = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ab)
     tiny = os.path.join(os.path.dirname(MODEL), "tiny-llama-kv8b")
 
     def preemptions(num_prompts, max_tokens, num_blocks, max_len):
         sched, hasher = S.make_scheduler(tiny, num_blocks, max_len, max_num_seqs=64, block_size=1024)
-        reqs = [{"t": 0.0, "prompt": p, "max_tokens": max_tokens} for p in ab.prompts(num_prompts)]
+        reqs = [{"t": 0.0, "prompt": p, "max_tokens": max_tokens} for p in offline_ab_prompts(num_prompts)]
         return S.replay(sched, hasher, reqs, S.StepModel())["preemptions"]
 
     assert preemptions(10, 1100, 3, 2048) >= 3

@@ -572,12 +572,12 @@ class KVMemoryManager:
         idle row, past `depth` in the rows warm() has just warmed (`window`), or in a running request's
         row past its blocks, its guard and GROWTH_KEEP slots of growth. Spares in the rows
         further down (the rows acquire_row() hands out later) move up to the rows before them.
-        With bounded_scan (VATTN_BOUNDED_SCAN, the default since NOTES #120), a full scan given `order` (warm()'s window of rows, in
-        the order acquire_row() hands them out; it stopped at order[stop]) frees only as many as the
-        rows from there on can use
-        (_alias_need), the least needed first (_donor_key): freeing every alias moved spares back
-        and forth in batches of ~2,000 background ops that a step's DRAIN then ran on its path
-        (NOTES #117, #118). Returns how many."""
+        With bounded_scan (VATTN_BOUNDED_SCAN, the default since NOTES #120), a full scan given
+        `order` (warm()'s window of rows, in the order acquire_row() hands them out; it stopped at
+        order[stop]) frees only as many as the rows from there on can use (_alias_need), the least
+        needed first (_donor_key): freeing every alias moved spares back and forth in batches of
+        ~2,000 background ops that a step's DRAIN then ran on its path (NOTES #117, #118). Returns
+        how many."""
         active, held, guard, keep, zero = self._active, self._held_end, self._guard_end, self.GROWTH_KEEP, self._zero_rows
         retry, slots = self._alias_retry, self.mapper.slots
 
