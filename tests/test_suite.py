@@ -761,6 +761,19 @@ def test_profile_refuses_phases_that_do_not_fit_max_model_len():
         P.check_fits("decode-4x1k,nope", 30, 1216)
 
 
+def test_profile_runs_the_64x8k_decode_phase_only_when_named():
+    """decode-64x8k (8192-in-256-out's decode steps) needs ~75 GB of KV: a plain run leaves it out,
+    --phases picks it, and it fits the suite's 8192/256 engine (max_model_len 8,512 + 256)."""
+    from vllm_vattention.bench import profile as P
+    default = [p[0] for p in P.chosen_phases("")]
+    assert "decode-64x8k" not in default and "decode-24x16k" in default and len(default) == len(P.PHASES) - 1
+    # named phases run in PHASES' order, whatever order --phases gives them in
+    assert [p[0] for p in P.chosen_phases("decode-4x1k,decode-64x8k")] == ["decode-64x8k", "decode-4x1k"]
+    P.check_fits("decode-64x8k", 30, 8768)
+    with pytest.raises(SystemExit, match="decode-64x8k needs 8300 tokens.*--max-model-len 8192"):
+        P.check_fits("decode-64x8k", 30, 8192)
+
+
 def test_profile_hit_phase_sends_copies_of_its_first_prompts():
     """mixed-16x1k+hit: the late prompt repeats the phase's first prompt token for token (a whole
     prefix-cache hit for vLLM); other phases' prompts are random and distinct."""

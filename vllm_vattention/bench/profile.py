@@ -30,6 +30,9 @@ HIT = -1  # a late prompt's input_len meaning "a copy of an earlier prompt" (a w
 PHASES = [  # name, prompts, input_len, steps before profiling, then prompts added, their input_len
     ("decode-256x512", 256, 512, 40, 0, 0),
     ("decode-24x16k", 24, 16384, 30, 0, 0),
+    # 8192-in-256-out's decode steps, where FA2 decode lost 4-10% per step to paged FA3 on H200s and
+    # FA3 over rows 2% (NOTES #122); opt-in: 64 x 8.8K tokens need ~75 GB of KV (--max-model-len 8768)
+    ("decode-64x8k", 64, 8192, 70, 0, 0),
     ("prefill-8x8k", 8, 8192, 0, 0, 0),
     # decodes with prefill chunks in the same steps (most steps of the 1024-in-128-out workload)
     ("mixed-128x1k+chunks", 128, 1024, 20, 16, 2048),
@@ -42,7 +45,14 @@ PHASES = [  # name, prompts, input_len, steps before profiling, then prompts add
     # only the tokens vLLM recomputes: the step kind that costs vAttention +2.1 ms on the engine thread
     ("mixed-16x1k+hit", 16, 1024, 20, 1, HIT),
 ]
+OPT_IN = {"decode-64x8k"}  # phases run only when --phases names them
 ATTENTION_MARKERS = ("flash", "fmha", "attn", "Flash")
+
+
+def chosen_phases(phases: str) -> list[tuple]:
+    """The PHASES a --phases value picks: those it names, or (empty) every one but the OPT_IN ones."""
+    names = phases.split(",") if phases else []
+    return [p for p in PHASES if p[0] in names] if names else [p for p in PHASES if p[0] not in OPT_IN]
 
 
 def main(argv=None) -> None:
@@ -50,7 +60,8 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="models/llama-3.1-8b")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--phases", default="", help="comma-separated subset of the phases (default: all)")
+    ap.add_argument("--phases", default="", help="comma-separated subset of the phases (default: all but "
+                                                   f"{sorted(OPT_IN)})")
     ap.add_argument("--max-model-len", type=int, default=16384 + 1024 + 64,
                     help="the engine's max_model_len: vAttention's rows are this long, and its decode CUDA "
                          "graphs run FA2 over whole rows (serving in the suite: 1216; `vllm serve`'s "
@@ -79,9 +90,7 @@ def main(argv=None) -> None:
     backend = str(engine.vllm_config.attention_config.backend)
     rng = random.Random(0)
     report = {"attention_backend": backend, "max_model_len": args.max_model_len, "phases": []}
-    for name, n, in_len, warm, more, more_len in PHASES:
-        if args.phases and name not in args.phases.split(","):
-            continue
+    for name, n, in_len, warm, more, more_len in chosen_phases(args.phases):
         sp = SamplingParams(max_tokens=min(1024, args.max_model_len - max(in_len, more_len)), ignore_eos=True,
                             temperature=1.0)
 
@@ -173,7 +182,7 @@ def make_prompts(rng: random.Random, count: int, length: int, first: list[list[i
 
 def check_fits(phases: str, steps: int, max_model_len: int) -> None:
     """Every chosen phase's prompts and steps fit max_model_len (else its requests would stop early)."""
-    chosen = [p for p in PHASES if not phases or p[0] in phases.split(",")]
+    chosen = chosen_phases(phases)
     unknown = set(phases.split(",")) - {p[0] for p in PHASES} if phases else set()
     if unknown:
         raise SystemExit(f"unknown --phases {sorted(unknown)}; choose from {[p[0] for p in PHASES]}")
