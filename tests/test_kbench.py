@@ -1,5 +1,7 @@
 """vattn-kbench's CPU side: shapes, row lengths, bytes read, and the report (the timing runs on a GPU)."""
 
+import time
+
 import pytest
 
 from vllm_vattention.bench import kbench as K
@@ -162,13 +164,13 @@ def test_vmm_layout_goes_through_its_own_rows_and_closes_them():
 
     used_rows, closed = [], []
 
-    def fake_vmm(batch, context, row_tokens, k_src, v_src, dev):
-        assert row_tokens == 96
+    def fake_vmm(batch, context, row_tokens, k_src, v_src, dev, churn=False):
+        assert row_tokens == 96 and not churn
         store = torch.zeros(2, batch + 2, row_tokens, K.HKV, K.D, dtype=torch.bfloat16)
         rows = torch.arange(batch, dtype=torch.int32) + 2  # rows 2.. (row 0, 1 unused)
         store[0, rows.long(), :context] = k_src
         store[1, rows.long(), :context] = v_src
-        return store[0], store[1], rows, lambda: closed.append(True)
+        return store[0], store[1], rows, lambda: closed.append(True), None
 
     def fa2(q, k_rows, v_rows, out, seq_lens, rows, scale, num_splits=0):
         used_rows.append(rows.tolist())
@@ -186,3 +188,125 @@ def test_vmm_layout_goes_through_its_own_rows_and_closes_them():
         ("paged", "paged-fa3"), ("vmm (96-token rows)", "fa2"), ("vmm (96-token rows)", "fa3-rows")]
     assert used_rows and all(u == [2, 3, 4] for u in used_rows) and closed == [True]
     assert all(r["max_abs_diff_vs_paged_fa3"] <= 1e-2 for r in res)
+
+
+def test_map_churn_maps_and_unmaps_a_frame_on_the_native_thread_until_the_block_ends():
+    """MapChurn over the fake driver through the real native thread: while the block runs, triples
+    of map / set access / unmap at one VA keep coming (the fake driver would raise on a map over a
+    mapped VA or an unmap of an unmapped one); after it, the VA is unmapped and the rate is known."""
+    from helpers import PAGE
+    from vllm_vattention.memory import FakeDriver
+    from vllm_vattention.memory.native import NativeExecutor
+    driver = FakeDriver(PAGE, capacity=1 << 24)
+    va, handle = driver.reserve(4 * PAGE), driver.create(PAGE)
+    ex = NativeExecutor(*driver.native_table())
+    churn = K.MapChurn(ex, va + PAGE, PAGE, handle, triples=4)
+    try:
+        with churn:
+            deadline = time.perf_counter() + 5
+            while churn.calls < 3 * 12 and time.perf_counter() < deadline:
+                time.sleep(0.005)
+        assert churn.calls >= 36 and churn.calls % 12 == 0 and churn.calls_per_ms > 0
+        assert driver.mapping_at(va + PAGE) is None and not driver.native_errors
+        with churn:  # a second block: the slot is free again at its start, and again at its end
+            time.sleep(0.01)
+        assert churn.calls % 12 == 0 and driver.mapping_at(va + PAGE) is None and not driver.native_errors
+    finally:
+        churn.close()
+
+
+def test_map_churn_raises_the_native_threads_error_on_the_timing_thread():
+    """A churn that cannot map (here: its VA is mapped already) stops, and the block raises."""
+    from helpers import PAGE
+    from vllm_vattention.errors import DriverError
+    from vllm_vattention.memory import FakeDriver
+    from vllm_vattention.memory.native import NativeExecutor
+    driver = FakeDriver(PAGE, capacity=1 << 24)
+    va, handle = driver.reserve(2 * PAGE), driver.create(PAGE)
+    driver.map(va, PAGE, handle)
+    churn = K.MapChurn(NativeExecutor(*driver.native_table()), va, PAGE, handle, triples=1)
+    try:
+        with pytest.raises(DriverError, match="native mapping thread"):
+            with churn:
+                time.sleep(0.05)
+    finally:
+        churn.close()
+
+
+def test_churn_takes_a_row_no_sequence_uses_and_a_sequences_frame():
+    import torch
+
+    from helpers import PAGE, SMALL
+    from vllm_vattention.memory import FakeDriver, KVMemoryManager, make_layout
+    from vllm_vattention.memory.executor import ACCESS_RW, MAP, UNMAP
+    driver = FakeDriver(PAGE, capacity=1 << 28)
+    lay = make_layout("interleaved", SMALL, PAGE, rows=3, min_row_tokens=8 * 16)
+    m = KVMemoryManager(driver, lay, num_blocks=2 * 3)
+    try:
+        rows = K.plan_vmm_rows(m, 2, 3 * lay.block_size, guard=16, gen=torch.Generator().manual_seed(0))
+        churn = K.churn_at_free_row(m, executor=None, rows=rows)
+        (free,) = set(range(3)) - set(rows)
+        (off,) = lay.chunks(free, 0)
+        frame = m.mapper.slots[rows[0]][0]
+        assert churn.ops[:3] == [(MAP, m.base_va + off, lay.chunk_bytes(), m.pool.handles(frame)[0]),
+                                 (ACCESS_RW, m.base_va + off, lay.chunk_bytes(), 0),
+                                 (UNMAP, m.base_va + off, lay.chunk_bytes(), 0)]
+        with pytest.raises(ValueError, match="no free row for the map churn: the layout has 3 rows"):
+            K.churn_at_free_row(m, None, [0, 1, 2])
+    finally:
+        m.close()
+
+
+def test_map_churn_times_fa2_and_fa3_again_and_reports_them_beside_the_quiet_rows():
+    """run_shape with map_churn: vmm rows' FA2 (first split count) and FA3 are timed once more
+    inside the churn block, labelled '+ map churn' with the rate; the report compares them with the
+    same kernels' quiet times."""
+    import torch
+
+    from vllm_vattention.attention import ops
+
+    def paged(q, k_cache, v_cache, max_q, cu_q, max_k, seqused_k, softmax_scale, causal, block_table, out, fa_version):
+        k_rows = k_cache[block_table.long()].flatten(1, 2)
+        v_rows = v_cache[block_table.long()].flatten(1, 2)
+        out.copy_(ops.reference_attention(q, k_rows, v_rows, cu_q, seqused_k, torch.arange(q.shape[0]), softmax_scale))
+
+    class Churn:
+        inside = False
+        calls_per_ms = 12.5
+
+        def __enter__(self):
+            Churn.inside = True
+            return self
+
+        def __exit__(self, *exc):
+            Churn.inside = False
+
+    def fake_vmm(batch, context, row_tokens, k_src, v_src, dev, churn=False):
+        assert churn
+        store = torch.zeros(2, batch, row_tokens, K.HKV, K.D, dtype=torch.bfloat16)
+        store[0, :, :context] = k_src
+        store[1, :, :context] = v_src
+        return store[0], store[1], torch.arange(batch, dtype=torch.int32), lambda: None, Churn()
+
+    def fa2(q, k_rows, v_rows, out, seq_lens, rows, scale, num_splits=0):
+        out.copy_(ops.reference_attention(q, k_rows, v_rows, torch.arange(q.shape[0] + 1, dtype=torch.int32),
+                                          seq_lens, rows, scale))
+
+    def fa3(q, k_rows, v_rows, out, cu_seqlens_q, seq_lens, rows, max_query_len, scale):
+        out.copy_(ops.reference_attention(q, k_rows, v_rows, cu_seqlens_q, seq_lens, rows, scale))
+
+    res = K.run_shape(2, 40, 64, [0, 2], ["vmm"], device="cpu", timer=lambda fn: (fn(), 0.6 if Churn.inside else 0.5)[1],
+                      paged_kernel=paged, fa2_kernel=fa2, fa3_kernel=fa3, vmm_rows_fn=fake_vmm, map_churn=True)
+    churned = [r for r in res if r["layout"] == "vmm (64-token rows) + map churn"]
+    assert [(r["system"], r["num_splits"], r["ms"], r["note"]) for r in churned] == [
+        ("fa2", 0, 0.6, "12.5 driver calls/ms"), ("fa3-rows", None, 0.6, "12.5 driver calls/ms")]
+    assert all(r["max_abs_diff_vs_paged_fa3"] <= 1e-2 for r in churned)
+    md = K.markdown({"gpu": "G", "driver": "d", "torch": "t", "vllm": "v", "commit": "c", "date": "x",
+                     "splits": [0, 2], "results": res})
+    assert "| 2 x 40 | vmm (64-token rows) | FA2 (splits 0) | 0.5000 | 0.6000 | 1.200x | 12.5 |" in md
+    assert "| 2 x 40 | vmm (64-token rows) | FA3 over rows | 0.5000 | 0.6000 | 1.200x | 12.5 |" in md
+
+
+def test_map_churn_needs_the_vmm_layout():
+    with pytest.raises(SystemExit, match="--map-churn needs the vmm layout"):
+        K.main(["--layouts", "interleaved", "--map-churn", "--out", "/tmp/unused-kbench"])

@@ -23,6 +23,12 @@ engine's own arrangement instead: the interleaved layout over a VMM reservation,
 created on its own, each row mapping only its sequence's blocks (in shuffled order) and FA3's guard,
 rows as long as `--vmm-row-tokens` (the engine's: max_model_len + 256, rounded up to 16). It needs
 batch x context x 128 KiB of frames (48 GiB at 256 x 1536), not whole rows.
+
+`--map-churn` (vmm rows only) times FA2 and FA3 once more while the native mapping thread maps,
+sets access to and unmaps one frame at a spare row of the same reservation, back to back: page-table
+changes during the kernels, as the engine makes them while a step runs (8192-in-256-out's decode
+steps: ~7 driver calls per step). In the engine FA2 lost more per decode step than this benchmark
+gives it, FA3 did not (NOTES #122); if FA2 slows under churn and FA3 less, that is why.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ import argparse
 import json
 import os
 import statistics
+import threading
+import time
 
 from ..errors import VattnError
 from .env import environment, header, results_stem, write_markdown
@@ -99,34 +107,98 @@ def plan_vmm_rows(manager, batch: int, context: int, guard: int, gen) -> list[in
     return rows
 
 
-def vmm_rows(batch: int, context: int, row_tokens: int, k_src, v_src, device):
+class MapChurn:
+    """Page-table changes while a kernel is timed: inside `with churn:`, a Python thread keeps the
+    native mapping thread busy with (map `handle` at `va`, set read-write access, unmap) triples,
+    `triples` per batch, one batch after another, until the block ends (the slot is unmapped then).
+    `calls_per_ms` is the driver calls' rate over the last block."""
+
+    def __init__(self, executor, va: int, size: int, handle: int, triples: int = 16):
+        from ..memory.executor import ACCESS_RW, MAP, UNMAP
+        self.executor = executor
+        self.ops = [(MAP, va, size, handle), (ACCESS_RW, va, size, 0), (UNMAP, va, size, 0)] * triples
+        self.calls = 0
+        self.calls_per_ms = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self.executor.run(self.ops)
+                self.executor.wait()  # (releases the GIL while the native thread runs them)
+                self.calls += len(self.ops)
+        except BaseException as e:  # noqa: BLE001 - raised again on the timing thread by __exit__
+            self._error = e
+
+    def __enter__(self) -> "MapChurn":
+        self.calls, self._start = 0, time.perf_counter()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="kbench-map-churn", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.calls_per_ms = self.calls / max(1e-9, 1e3 * (time.perf_counter() - self._start))
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        self.executor.close()
+
+
+def vmm_rows(batch: int, context: int, row_tokens: int, k_src, v_src, device, churn: bool = False):
     """K and V rows of layer 0 as the engine has them (interleaved layout over a VMM reservation,
     2 MiB frames created one by one, plan_vmm_rows), filled with k_src/v_src. Returns (k_rows,
-    v_rows, rows tensor, close)."""
+    v_rows, rows tensor, close, churn): with `churn`, a MapChurn over one more row of the same
+    reservation, mapping the first sequence's first frame there (else None)."""
     import torch
 
     from ..memory import PAGE_SIZE, CudaDriver, KVMemoryManager, make_layout
+    from ..memory.native import NativeExecutor
     from ..memory.views import layer_views
-    lay = make_layout("interleaved", LLAMA3_8B, PAGE_SIZE, rows=batch, min_row_tokens=row_tokens)
+    lay = make_layout("interleaved", LLAMA3_8B, PAGE_SIZE, rows=batch + churn, min_row_tokens=row_tokens)
     driver = CudaDriver(device.index if device.index is not None else torch.cuda.current_device())
     m = KVMemoryManager(driver, lay, batch * -(-context // lay.block_size))
+    mc = None
     try:
         rows = plan_vmm_rows(m, batch, context, 256, torch.Generator().manual_seed(1))
+        if churn:
+            mc = churn_at_free_row(m, NativeExecutor(*driver.native_table()), rows)
         k_rows, v_rows = layer_views(m.base_va, lay, torch.bfloat16, device)[0]
         rows_t = torch.tensor(rows, dtype=torch.int32, device=device)
         k_rows[rows_t.long(), :context] = k_src
         v_rows[rows_t.long(), :context] = v_src
         torch.cuda.synchronize()
     except BaseException:
+        if mc is not None:
+            mc.close()
         m.close()
         driver.close()
         raise
 
     def close():
         torch.cuda.synchronize()
+        if mc is not None:
+            mc.close()
         m.close()
         driver.close()
-    return k_rows, v_rows, rows_t, close
+    return k_rows, v_rows, rows_t, close, mc
+
+
+def churn_at_free_row(manager, executor, rows: list[int]) -> MapChurn:
+    """A MapChurn at slot 0 of a row of `manager`'s reservation that no sequence uses (the layout
+    needs one row more than `rows`), mapping the frame of the first row's first slot there."""
+    lay = manager.layout
+    free = sorted(set(range(lay.rows)) - set(rows))
+    if not free:
+        raise ValueError(f"no free row for the map churn: the layout has {lay.rows} rows, all used")
+    frame = manager.mapper.slots[rows[0]][0]
+    (off,) = lay.chunks(free[0], 0)  # (interleaved: one chunk per slot)
+    return MapChurn(executor, manager.base_va + off, lay.chunk_bytes(), manager.pool.handles(frame)[0])
 
 
 def layout_label(layout: str, pad: int) -> str:
@@ -137,13 +209,14 @@ def layout_label(layout: str, pad: int) -> str:
 def run_shape(batch: int, context: int, row_tokens: int, splits: list[int], layouts: list[str], seed: int = 0,
               device: str = "cuda", timer=None, paged_kernel=None, fa2_kernel=None, fa3_kernel=None,
               paged_orders: tuple[str, ...] = ("shuffled",), row_pads: tuple[int, ...] = (0,),
-              vmm_row_tokens: int = 0, vmm_rows_fn=None) -> list[dict]:
+              vmm_row_tokens: int = 0, vmm_rows_fn=None, map_churn: bool = False) -> list[dict]:
     """Every kernel on one shape. `device`, `timer` (ms per call of a function) and the kernels
     (vLLM's flash_attn_varlen_func, ops.fa2_decode, ops.fa3_varlen) are replaceable for the CPU
     test of this plumbing. `paged_orders`: 'shuffled' (stock's baseline, always timed first) and/or
     'sequential' (each sequence's blocks in order); `row_pads`: extra tokens of row stride (not for
     'vmm'). Layout 'vmm' (the engine's own rows, vmm_rows; `vmm_rows_fn` replaces it on a CPU) has
-    rows of `vmm_row_tokens` (default row_tokens) tokens."""
+    rows of `vmm_row_tokens` (default row_tokens) tokens; with `map_churn`, its FA2 (first split
+    count given) and FA3 are timed again under a MapChurn, as layout '<label> + map churn'."""
     import torch
 
     if paged_kernel is None:
@@ -210,7 +283,7 @@ def run_shape(batch: int, context: int, row_tokens: int, splits: list[int], layo
     variants = [(x, p) for x in layouts if x != "vmm" for p in row_pads] + [(x, 0) for x in layouts if x == "vmm"]
     for layout, pad in variants:
         label, stride, used = layout_label(layout, pad), row_tokens + pad, rows
-        close = None
+        close = churn = None
         try:
             if layout == "interleaved":  # [rows, row_tokens, layers, K/V, HKV, D]; layer 0 is read
                 store = torch.empty(batch, stride, LAYERS, 2, HKV, D, dtype=torch.bfloat16, device=dev)
@@ -220,8 +293,8 @@ def run_shape(batch: int, context: int, row_tokens: int, splits: list[int], layo
                 k_rows, v_rows = store[0, :, :row_tokens], store[1, :, :row_tokens]
             else:  # vmm: the engine's rows (only the sequences' frames and FA3's guard mapped), filled there
                 label = f"vmm ({vmm_row_tokens or row_tokens}-token rows)"
-                k_rows, v_rows, used, close = (vmm_rows_fn or vmm_rows)(batch, context, vmm_row_tokens or row_tokens,
-                                                                       k_src, v_src, dev)
+                k_rows, v_rows, used, close, churn = (vmm_rows_fn or vmm_rows)(
+                    batch, context, vmm_row_tokens or row_tokens, k_src, v_src, dev, churn=map_churn)
         except torch.OutOfMemoryError:
             record(label, "fa2", None, None, None, f"out of memory ({batch * stride * LAYERS * 4 * HKV * D / 2**30:.0f} GiB)")
             continue
@@ -251,6 +324,15 @@ def run_shape(batch: int, context: int, row_tokens: int, splits: list[int], layo
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             record(label, "fa3-rows", None, ms, (o.float() - ref).abs().max().item())
+            if churn is not None:  # the same kernels while the native thread changes page tables
+                for system, fn in (("fa2", lambda: fa2(splits[0])), ("fa3-rows", fa3)):
+                    with churn:
+                        ms = timer(fn)
+                    fn()
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize()
+                    record(f"{label} + map churn", system, splits[0] if system == "fa2" else None, ms,
+                           (o.float() - ref).abs().max().item(), f"{churn.calls_per_ms:.1f} driver calls/ms")
         finally:
             del k_rows, v_rows
             if close is not None:
@@ -302,6 +384,20 @@ def markdown(res: dict) -> str:
             if r and paged:
                 lines.append(f"| {b} x {n} | {paged:.4f} | {r['ms']:.4f} | {r['ms'] / paged:.3f}x "
                              f"| {r['max_abs_diff_vs_paged_fa3']:.4f} |")
+    churned = [r for r in rows if r["layout"].endswith(" + map churn") and r["ms"]]
+    if churned:  # the same kernels over the same rows, timed again while page tables changed
+        lines += ["", "Under map churn (the native thread mapping, setting access to and unmapping a frame in the "
+                  "same reservation, back to back), ms per call:", "",
+                  "| batch x context | rows | kernel | quiet ms | under churn ms | churn vs quiet | driver calls/ms |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in churned:
+            base = r["layout"][:-len(" + map churn")]
+            quiet = next((x["ms"] for x in rows if (x["batch"], x["context"], x["layout"], x["system"], x["num_splits"])
+                          == (r["batch"], r["context"], base, r["system"], r["num_splits"]) and x["ms"]), None)
+            kernel = f"FA2 (splits {r['num_splits']})" if r["system"] == "fa2" else "FA3 over rows"
+            ratio = f"{r['ms'] / quiet:.3f}x" if quiet else "-"
+            lines.append(f"| {r['batch']} x {r['context']} | {base} | {kernel} | "
+                         f"{quiet if quiet is None else f'{quiet:.4f}'} | {r['ms']:.4f} | {ratio} | {r['note'].split()[0]} |")
     lines += ["", "Every split count (ms):", "",
               "| batch x context | layout | " + " | ".join(f"s={s}" for s in res["splits"]) + " |",
               "|---|---|" + "---|" * len(res["splits"])]
@@ -328,6 +424,9 @@ def main(argv=None) -> None:
     ap.add_argument("--paged-orders", default="shuffled",
                     help="shuffled (stock's baseline) and/or sequential (blocks in order: a control)")
     ap.add_argument("--row-pads", default="0", help="extra tokens of row stride, each a layout variant (e.g. 0,16)")
+    ap.add_argument("--map-churn", action="store_true",
+                    help="vmm rows: also time FA2 and FA3 while the native thread maps and unmaps a frame "
+                         "in the same reservation, back to back (page-table changes during the kernels)")
     ap.add_argument("--tag", default="kbench")
     args = ap.parse_args(argv)
     shapes = parse_shapes(args.shapes)
@@ -337,6 +436,8 @@ def main(argv=None) -> None:
     layouts = [x for x in args.layouts.split(",") if x]
     if set(layouts) - {"interleaved", "per_layer", "vmm"}:
         raise SystemExit(f"--layouts {args.layouts}: use interleaved, per_layer and/or vmm")
+    if args.map_churn and "vmm" not in layouts:
+        raise SystemExit(f"--map-churn needs the vmm layout (the engine's rows); --layouts is {args.layouts}")
     orders = tuple(x for x in args.paged_orders.split(",") if x)
     if not orders or set(orders) - {"shuffled", "sequential"}:
         raise SystemExit(f"--paged-orders {args.paged_orders}: use shuffled and/or sequential")
@@ -352,7 +453,8 @@ def main(argv=None) -> None:
     stem = results_stem(args.out, env, f"-{args.tag}")
     for b, n in shapes:
         res["results"] += run_shape(b, n, args.row_tokens or row_tokens_for(n), splits, layouts,
-                                    paged_orders=orders, row_pads=pads, vmm_row_tokens=args.vmm_row_tokens)
+                                    paged_orders=orders, row_pads=pads, vmm_row_tokens=args.vmm_row_tokens,
+                                    map_churn=args.map_churn)
         with open(stem + ".json", "w") as f:  # after each shape: a run cut short keeps what it measured
             json.dump(res, f, indent=1)
         print(f"[kbench] {b} x {n} done", flush=True)
