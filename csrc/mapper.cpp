@@ -10,7 +10,10 @@
 // Op kinds: MAP, UNMAP, ACCESS_RW/RO (driver calls), WAIT_EVENT (cuEventSynchronize on `handle`:
 // a step that still reads memory the next UNMAP removes), SIGNAL (store `handle` into the 32-bit
 // host word at `va` with release ordering, after every earlier op of the queue has run), DRAIN
-// (run background ops until `handle` of them have run).
+// (run background ops until `handle` of them have run), WAIT_VALUE (the same wait as WAIT_EVENT
+// without a driver call: poll the 32-bit host word at `va`, which the GPU writes after each step
+// (cuStreamWriteValue32), until it has reached `handle`, wrap-around aware; benchmarks/NOTES.md
+// #124). WAIT_VALUE's time and calls are counted with WAIT_EVENT's.
 //
 // Background ops (vattn_mapper_submit_background) run one at a time only while no batch is
 // queued, so they never delay a step's mappings by more than the one driver call in progress; a
@@ -62,9 +65,12 @@ enum {
   VATTN_OP_ACCESS_RO = 3,
   VATTN_OP_SIGNAL = 4,
   VATTN_OP_WAIT_EVENT = 5,
-  VATTN_OP_DRAIN = 6
+  VATTN_OP_DRAIN = 6,
+  VATTN_OP_WAIT_VALUE = 7
 };
-#define VATTN_NUM_KINDS 7
+#define VATTN_NUM_KINDS 7  // the kinds with their own time and calls (WAIT_VALUE counts as WAIT_EVENT)
+#define VATTN_WAIT_VALUE_TIMEOUT_NS (120ull * 1000000000ull)  // a step never takes this long
+#define VATTN_ERR_WAIT_TIMEOUT (-4)
 
 struct vattn_op {
   int32_t kind;
@@ -95,6 +101,26 @@ constexpr int kSlowest = 8;
 uint64_t now_ns() {
   return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
                                    std::chrono::steady_clock::now().time_since_epoch()).count());
+}
+
+// WAIT_VALUE: until the host word at `addr` has reached `target` (32-bit sequence numbers: reached
+// when word - target, taken as signed, is >= 0). Spins briefly (a step in flight usually ends within
+// microseconds of the wait's start or after milliseconds), then sleeps 20 us between looks. No
+// driver call, so no driver lock: a cuEventSynchronize here once returned ~34 ms after its event
+// had completed while the engine thread waited on the GPU (NOTES #124). Gives up after
+// VATTN_WAIT_VALUE_TIMEOUT_NS (a GPU that never writes the word) with VATTN_ERR_WAIT_TIMEOUT.
+int wait_value(uint64_t addr, uint32_t target) {
+  const uint32_t* word = reinterpret_cast<const uint32_t*>(addr);
+  auto reached = [&] { return static_cast<int32_t>(__atomic_load_n(word, __ATOMIC_ACQUIRE) - target) >= 0; };
+  for (int i = 0; i < 2000; ++i) {
+    if (reached()) return 0;
+  }
+  uint64_t t0 = now_ns();
+  while (!reached()) {
+    if (now_ns() - t0 > VATTN_WAIT_VALUE_TIMEOUT_NS) return VATTN_ERR_WAIT_TIMEOUT;
+    std::this_thread::sleep_for(std::chrono::microseconds(20));
+  }
+  return 0;
 }
 
 struct Mapper {
@@ -165,6 +191,7 @@ struct Mapper {
       case VATTN_OP_SIGNAL:
         __atomic_store_n(reinterpret_cast<uint32_t*>(op.va), static_cast<uint32_t>(op.handle), __ATOMIC_RELEASE);
         return 0;
+      case VATTN_OP_WAIT_VALUE: return wait_value(op.va, static_cast<uint32_t>(op.handle));
       default: return -1;
     }
   }
@@ -181,9 +208,10 @@ struct Mapper {
     int rc = execute(op);
     uint64_t ns = static_cast<uint64_t>(
         std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
-    if (op.kind >= 0 && op.kind < VATTN_NUM_KINDS) {
-      acc.ns[op.kind] += ns;
-      acc.calls[op.kind] += 1;
+    int counted = op.kind == VATTN_OP_WAIT_VALUE ? static_cast<int>(VATTN_OP_WAIT_EVENT) : op.kind;
+    if (counted >= 0 && counted < VATTN_NUM_KINDS) {
+      acc.ns[counted] += ns;
+      acc.calls[counted] += 1;
     }
     if (ns > acc.slowest_ns) {
       acc.slowest_ns = ns;

@@ -180,6 +180,17 @@ def test_growth_ahead_setting():
         VattnConfig.from_env({"VATTN_GROWTH_AHEAD": "maybe"})
 
 
+def test_fence_setting():
+    """VATTN_FENCE: event by default, value (host words the GPU writes, NOTES #124) in stream mode
+    only; a bad value names itself and the choices."""
+    assert VattnConfig.from_env({}).fence == "event" == VattnConfig().fence
+    assert VattnConfig.from_env({"VATTN_FENCE": "value"}).fence == "value"
+    with pytest.raises(ConfigError, match="VATTN_FENCE=value needs VATTN_BACKGROUND_MAP=stream"):
+        VattnConfig.from_env({"VATTN_FENCE": "value", "VATTN_BACKGROUND_MAP": "1"})
+    with pytest.raises(ConfigError, match="VATTN_FENCE.*'word'.*event.*value"):
+        VattnConfig.from_env({"VATTN_FENCE": "word"})
+
+
 def test_lend_blocks_setting_and_the_runner_lends_after_start_up(driver):
     """VATTN_LEND_BLOCKS: auto by default in stream mode (off in the other modes, where no spares are
     used), a number or auto (one step's blocks, at most a quarter of vLLM's), only in stream mode

@@ -554,3 +554,93 @@ def test_start_mappings_hands_a_steps_ops_over_before_its_signal(driver):
     assert not mgr.mapper.pending_step_ops()
     mgr.close()
     assert driver.leaks() == []
+
+
+def test_value_fences_move_hazard_waits_to_a_host_word_with_no_driver_call(driver):
+    """VATTN_FENCE=value: a step's fence is a number its stream writes into a host word once the
+    step is done (held here, as a step still running would). An unmap that a step in flight must
+    finish reading first waits on the native thread for that word, not in cuEventSynchronize: the
+    step's signal comes only after the word is written, and no event is synchronized."""
+    import time
+    driver.hold_writes = True
+    mgr = make_manager(driver, background="stream", value_fences=True)
+    row = mgr.acquire_row()
+    mgr.set_blocks(row, [1])
+    assert mgr.publish() == 1
+    mgr.sync()
+    driver.write(mgr.address(row, 0, 0, 0), b"old!")
+    fence = mgr.step_fence(stream=77)  # the step that reads slot 0 is launched on stream 77
+    assert driver.writes == [(77, mgr._done_device, 1)] and not fence.done()
+    mgr.record_reads(fence, {row: mgr.layout.block_size})
+    mgr.set_blocks(row, [2])  # slot 0 changes: the native thread must wait for the step
+    seq = mgr.publish()
+    time.sleep(0.05)
+    assert seq == 2 and mgr.flag_value() == 1  # still waiting: the step has not written its number
+    assert driver.read(mgr.address(row, 0, 0, 0), 4) == b"old!"
+    driver.release_writes()
+    mgr.sync()
+    assert fence.done() and mgr.flag_value() == 2
+    assert driver.read(mgr.address(row, 0, 0, 0), 4) == bytes(4)  # block 2, fresh
+    assert driver.stats.calls.get("event_sync", 0) == 0 and mgr.stats()["hazard_waits"] == 1
+    assert mgr.stats()["native_event_waits"] == 1 and mgr.stats()["native_event_wait_seconds"] >= 0.04
+    second = mgr.step_fence(stream=77)  # numbers go up
+    assert second.value == 2 and not second.done()
+    driver.release_writes()
+    assert second.done()
+    mgr.close()
+    assert driver.leaks() == []
+
+
+def test_host_word_fences_count_across_the_32_bit_wrap():
+    """A fence is done once the word has reached its number: sequence numbers, so 0 comes after
+    0xFFFFFFFF. The native thread's WAIT_VALUE reads the word the same way."""
+    import ctypes
+    import time
+
+    from vllm_vattention.memory.executor import SIGNAL, WAIT_VALUE
+    from vllm_vattention.memory.mapper import HostWordFence
+    from vllm_vattention.memory.native import NativeExecutor, null_table
+    word, flag = (ctypes.c_uint32 * 16)(), (ctypes.c_uint32 * 16)()
+    addr, flag_addr = ctypes.addressof(word), ctypes.addressof(flag)
+    word[0] = 0xFFFFFFFE
+    last, wrapped = HostWordFence(addr, 0xFFFFFFFF), HostWordFence(addr, 0x1_0000_0001)  # (kept to 32 bits)
+    assert wrapped.value == 1 and not last.done() and not wrapped.done()
+    word[0] = 0xFFFFFFFF
+    assert last.done() and not wrapped.done()
+    word[0] = 0  # wrapped
+    assert last.done() and not wrapped.done()
+    ex = NativeExecutor(*null_table())
+    try:
+        ex.run([wrapped.native_wait_op(), (SIGNAL, flag_addr, 0, 5)])
+        assert wrapped.native_wait_op() == (WAIT_VALUE, addr, 0, 1)
+        time.sleep(0.05)
+        assert flag[0] == 0  # the native thread is still waiting for the word to reach 1
+        word[0] = 3  # past it
+        ex.wait()
+        assert flag[0] == 5 and wrapped.done()
+        assert ex.stats()["native_event_waits"] == 1
+    finally:
+        ex.close()
+
+
+def test_a_host_word_fence_that_never_completes_raises_naming_the_step(monkeypatch):
+    import ctypes
+
+    from vllm_vattention.memory.mapper import HostWordFence
+    word = (ctypes.c_uint32 * 16)()
+    fence = HostWordFence(ctypes.addressof(word), 9)
+    monkeypatch.setattr(HostWordFence, "TIMEOUT_S", 0.05)
+    with pytest.raises(MappingError, match="did not report step 9 within .* is 0"):
+        fence.wait()
+    word[0] = 9
+    fence.wait()  # done: returns at once
+
+
+def test_value_fences_need_stream_mode(driver):
+    with pytest.raises(ValueError, match="value_fences needs background='stream'"):
+        make_manager(driver, background=True, value_fences=True)
+    mgr = make_manager(driver, background="stream")
+    with pytest.raises(MappingError, match="VATTN_FENCE=value"):
+        mgr.step_fence(stream=1)
+    mgr.close()
+    assert driver.leaks() == []

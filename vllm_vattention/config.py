@@ -19,6 +19,7 @@
 | VATTN_PREFIX_ROWS | 0, 1 | 1 | 1: a new request whose first blocks are prefix-cache hits gets the free row that still maps them at the same slots (deferred reclamation kept the mappings of the request that computed them), when that maps fewer blocks than a warm row, which must map every hit while the step waits (benchmarks/NOTES.md #71); 0: rows in FIFO order only. For A/B runs (suite system vattn-fifo-rows) |
 | VATTN_WARM_DEFER | 0, 1 | 1 | 1: in a step that carries prefill chunks (its engine thread is on the critical path) warm() plans nothing while the next rows new requests get are warm already (8, or as many as one of the last 8 steps took if more: #115); the planning and its driver calls move to the next decode-only step, whose CPU time hides behind the GPU (benchmarks/NOTES.md #100), and with fa2-graphs the extension of running rows' guards waits one call, never two in a row (#109); 0: warm() plans after every step. For A/B runs (suite system vattn-warm-now) |
 | VATTN_BOUNDED_SCAN | 0, 1 | 1 | 1: when warm() runs out of spares mapped nowhere, a full alias scan frees only as many spares as the rows it stopped at need, the least needed first (past the warm depth, in the rows handed out last); 0: it frees every spare outside the rows warm() reached, which at 16 requests/s moved ~2,000 spares back and forth in single background batches that a step's DRAIN ran on its path (benchmarks/NOTES.md #117, #118). The default since an H200 serving pair: the longest waits at the mapping flag 24 ms against 62 ms, TPOT held (#120); 0 for A/B runs (suite system vattn-full-scan) |
+| VATTN_FENCE | event, value | event | stream mode: how a step in flight reports that it is done, for an unmap that must wait for it (a hazard wait, on the native thread). event: a CUDA event, which the native thread waits on with cuEventSynchronize; value: the step's stream writes its number into a host word (cuStreamWriteValue32), which the native thread polls with no driver call (mapper.HostWordFence). On an H200 one cuEventSynchronize returned ~34 ms after its event completed while the GPU waited at the mapping flag behind it (benchmarks/NOTES.md #124). CPU-tested, not yet measured on a GPU; suite system vattn-value-fence |
 | VATTN_STEP_TRACE | a file path in an existing folder | unset | each serving step's timing, our hooks' share (and by part), written as JSON at shutdown (worker.StepTrace); on a stock run vLLM's own runner with only this trace |
 | VATTN_PREFIX_EVICTION | lru, discard-lru, second-chance, adaptive | lru | prefix-cache eviction order in vLLM's scheduler (prefix_eviction.py); works with any attention backend |
 | VATTN_PREFIX_MIN_USERS | integer >= 2 | 2 | the one bit: a cached block used by at least this many requests is "keep" (discard-lru: not evicted before the others; second-chance: one more pass through the free queue; adaptive: in the list evicted second, by a share learned from misses) |
@@ -43,6 +44,7 @@ AUTO_SPARE_SHARE = 0.02
 # VATTN_LEND_BLOCKS=auto lends at most this share of vLLM's blocks (the highest ids: the last it hands out)
 AUTO_LEND_SHARE = 0.25
 DECODE_KERNELS = ("fa2", "fa3", "fa2-graphs")
+FENCES = ("event", "value")  # VATTN_FENCE
 
 
 def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
@@ -127,6 +129,7 @@ class VattnConfig:
     prefix_rows: bool = True
     warm_defer: bool = True
     bounded_scan: bool = True  # (the default since benchmarks/NOTES.md #120)
+    fence: str = "event"  # VATTN_FENCE: event (CUDA events) or value (host words: NOTES #124)
     prefix_eviction: str = "lru"
     prefix_min_users: int = DEFAULT_MIN_USERS
     step_trace: str = ""  # VATTN_STEP_TRACE: a JSON file each serving step's timing is written to at shutdown
@@ -154,6 +157,7 @@ class VattnConfig:
             prefix_rows=_flag(env, "VATTN_PREFIX_ROWS", True),
             warm_defer=_flag(env, "VATTN_WARM_DEFER", True),
             bounded_scan=_flag(env, "VATTN_BOUNDED_SCAN", True),
+            fence=_choice(env, "VATTN_FENCE", FENCES, "event"),
             prefix_eviction=_choice(env, "VATTN_PREFIX_EVICTION", PREFIX_EVICTION_MODES, "lru"),
             prefix_min_users=_int(env, "VATTN_PREFIX_MIN_USERS", DEFAULT_MIN_USERS, minimum=2),
             step_trace=env.get("VATTN_STEP_TRACE", "").strip(),
@@ -172,6 +176,9 @@ class VattnConfig:
             raise ConfigError(f"VATTN_SPARE_BLOCKS={self.spare_blocks} needs VATTN_BACKGROUND_MAP=stream (the "
                               "spares are mapped by the native thread while no step waits); set it, or "
                               "VATTN_SPARE_BLOCKS=0")
+        if self.fence == "value" and self.background_map != "stream":
+            raise ConfigError("VATTN_FENCE=value needs VATTN_BACKGROUND_MAP=stream (only the native thread waits "
+                              "on a step's host word); set it, or VATTN_FENCE=event")
         if self.growth_ahead and self.background_map != "stream":
             raise ConfigError("VATTN_GROWTH_AHEAD=1 needs VATTN_BACKGROUND_MAP=stream (growth slots are mapped "
                               "ahead by the native thread); set it, or VATTN_GROWTH_AHEAD=0")

@@ -274,7 +274,7 @@ class VattnModelRunner(V2ModelRunner):
         self.vattn = KVMemoryManager(driver, layout, kv_cache_config.num_blocks, reclaim=cfg.reclaim,
                                      background=cfg.background_map, growth_ahead=cfg.growth_ahead,
                                      keep_guards=cfg.keep_guards, prefix_rows=cfg.prefix_rows,
-                                     bounded_scan=cfg.bounded_scan,
+                                     bounded_scan=cfg.bounded_scan, value_fences=cfg.fence == "value",
                                      guard_ahead=cfg.guard_ahead_slots(layout.block_size),
                                      spare_blocks=self._resolved_spares(cfg, vllm_config, kv_cache_config.num_blocks))
         dummy = self.vattn.reserve_zero_row()
@@ -503,7 +503,9 @@ class VattnModelRunner(V2ModelRunner):
         out = super().execute_model(scheduler_output, *args, **kwargs)
         if self._pending_reads:
             t_fence = time.perf_counter()
-            self.vattn.record_read_slots(EventFence(), self._pending_reads)
+            fence = (self.vattn.step_fence(torch.cuda.current_stream().cuda_stream) if self.vattn.value_fences
+                     else EventFence())
+            self.vattn.record_read_slots(fence, self._pending_reads)
             self._pending_reads = None
             t_warm = time.perf_counter()
             self.hook_seconds["fence"] += t_warm - t_fence

@@ -172,6 +172,39 @@ def test_stream_mode_gpu_waits_for_mappings_made_after_its_kernels_were_enqueued
     assert torch.count_nonzero(k[:bs]).item() == 0  # block 5 is fresh
 
 
+def test_value_fence_gpu_writes_the_steps_number_after_its_work_and_the_native_thread_waits_for_it(
+        manager_factory, driver, cuda):
+    """VATTN_FENCE=value on libcuda: cuStreamWriteValue32 stores the step's number into the host
+    word only once the stream's earlier work is done (a ~25-50 ms sleep kernel here), and the
+    native thread's WAIT_VALUE holds the unmap of a slot that step reads until then; the slot is
+    remapped after it, and no cuEventSynchronize ran."""
+    import time
+
+    m = manager_factory(background="stream", value_fences=True)
+    views = layer_views(m.base_va, m.layout, torch.bfloat16, cuda)
+    bs = m.layout.block_size
+    row = m.acquire_row()
+    m.set_blocks(row, [3])
+    m.sync()
+    k = views[4][0][row]
+    k[:bs].fill_(1.0)
+    stream = torch.cuda.current_stream()
+    torch.cuda._sleep(50_000_000)  # the step still running
+    fence = m.step_fence(stream.cuda_stream)
+    assert not fence.done()  # the sleep kernel is still running
+    m.record_reads(fence, {row: bs})
+    m.set_blocks(row, [5], start=0)  # slot 0 changes: the native thread waits for the word
+    t0 = time.perf_counter()
+    seq = m.publish()
+    m.sync()
+    waited = time.perf_counter() - t0
+    assert fence.done() and m.flag_value() == seq and m.stats()["hazard_waits"] == 1
+    assert m.stats()["native_event_waits"] == 1 and m.stats()["native_event_wait_seconds"] > 0
+    torch.cuda.synchronize()
+    assert torch.count_nonzero(k[:bs]).item() == 0  # block 5 is fresh: the unmap ran after the step
+    assert waited < 5, f"the native thread waited {waited:.1f} s for a ~50 ms step"
+
+
 def test_stream_mode_gpu_replaces_a_guard_page_while_the_stream_waits(manager_factory, driver, cuda):
     """The engine's common stream-mode case: slot 1 holds the shared zero page (the guard behind a
     sequence end) when the step that grows into it is enqueued; the native thread unmaps the zero

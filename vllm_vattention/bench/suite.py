@@ -78,6 +78,8 @@ SYSTEMS: dict[str, dict] = {
     "vattn-bounded-scan": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_BOUNDED_SCAN": "1"}, "args": []},
     # the alias scan before NOTES #120 made the bounded one the default: every spare outside the rows warm() reached
     "vattn-full-scan": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_BOUNDED_SCAN": "0"}, "args": []},
+    # the default with hazard waits on host words the GPU writes, not CUDA events (NOTES #124)
+    "vattn-value-fence": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_FENCE": "value"}, "args": []},
     # the default from NOTES.md #29 to #57: spare frames, no lent blocks
     "vattn-no-lend": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_LEND_BLOCKS": "0"}, "args": []},
     # the frames of never-used blocks lent as spares (NOTES.md #47): one step's fresh blocks more, with

@@ -28,6 +28,15 @@ class Driver(Protocol):
     def set_access(self, va: int, size: int, writable: bool = True) -> None: ...
     def unmap(self, va: int, size: int) -> None: ...
     def memset_zero(self, va: int, size: int) -> None: ...
+    def stream_write(self, stream: int, device_addr: int, value: int) -> None:
+        """Once the work enqueued on `stream` so far is done, the stream stores `value` into the
+        32-bit word at device_addr (a host_flag's: the CPU sees it in pinned memory), after a
+        system-wide memory barrier (cuStreamWriteValue32's default)."""
+        self._ensure_context()
+        self._check("cuStreamWriteValue32", self._cu_keep_gil.cuStreamWriteValue32_v2(
+            ctypes.c_void_p(stream), ctypes.c_uint64(device_addr), ctypes.c_uint32(value & 0xFFFFFFFF),
+            ctypes.c_uint(0)))  # CU_STREAM_WRITE_VALUE_DEFAULT
+
     def mem_info(self) -> tuple[int, int]: ...
     def native_table(self): ...  # (DriverTable, keepalive) for the native mapping thread
     # stream mode (VATTN_BACKGROUND_MAP=stream): the GPU waits on a host flag the native thread sets
@@ -35,6 +44,8 @@ class Driver(Protocol):
     def host_flag(self) -> tuple[int, int]: ...  # (host address, device address) of a zeroed uint32
     def free_host_flag(self, host_addr: int) -> None: ...
     def stream_wait(self, stream: int, device_addr: int, value: int) -> None: ...
+    # VATTN_FENCE=value: the stream writes `value` into a host word once its earlier work is done
+    def stream_write(self, stream: int, device_addr: int, value: int) -> None: ...
 
 
 # CUresult values we treat specially.

@@ -7,9 +7,11 @@ while planning, in Python) and hands it to an executor:
   `wait()` joins before the step that needs the mappings is launched, or, in stream mode, a SIGNAL
   op at the end of a step's work sets a host flag that the GPU stream waits on (the CPU never joins).
 
-Three op kinds are not driver calls: WAIT_EVENT (block until a fence completes: a step in flight
-still reads what the next UNMAP removes), SIGNAL (store a sequence number into a 32-bit host
-word once every earlier op has run) and DRAIN (run the first `handle` background ops first).
+Four op kinds are not driver calls: WAIT_EVENT (block until a fence completes: a step in flight
+still reads what the next UNMAP removes), WAIT_VALUE (the same for a fence the GPU reports in a
+host word, polled without a driver call: manager.HostWordFence), SIGNAL (store a sequence number
+into a 32-bit host word once every earlier op has run) and DRAIN (run the first `handle`
+background ops first).
 
 Background ops (`run_background`, e.g. warming rows no request holds yet) run on the native thread
 only while no step's ops are queued; `run_background` returns how many have been submitted in all,
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-MAP, UNMAP, ACCESS_RW, ACCESS_RO, SIGNAL, WAIT_EVENT, DRAIN = 0, 1, 2, 3, 4, 5, 6  # the kinds in csrc/mapper.cpp
+MAP, UNMAP, ACCESS_RW, ACCESS_RO, SIGNAL, WAIT_EVENT, DRAIN, WAIT_VALUE = 0, 1, 2, 3, 4, 5, 6, 7  # csrc/mapper.cpp's kinds
 
 Op = tuple[int, int, int, int]  # (kind, va, size, handle)
 

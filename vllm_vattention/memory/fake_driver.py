@@ -64,6 +64,9 @@ class FakeDriver:
         self._events: dict[int, object] = {}  # event handle -> fence (stream mode)
         self._flags: dict[int, object] = {}  # host flag address -> buffer
         self.waits: list[tuple[int, int, int]] = []  # (stream, flag address, value) the GPU would wait for
+        self.writes: list[tuple[int, int, int]] = []  # (stream, word address, value) the GPU would write
+        self.hold_writes = False  # True: stream writes wait for release_writes() (steps still running)
+        self._held_writes: list[tuple[int, int]] = []
 
     # -- helpers -------------------------------------------------------------------------
     def _aligned(self, *values: int) -> None:
@@ -207,6 +210,26 @@ class FakeDriver:
     def stream_wait(self, stream: int, device_addr: int, value: int) -> None:
         """Records what the GPU would wait for; `waits` lets tests check it."""
         self.waits.append((stream, device_addr, value))
+
+    def stream_write(self, stream: int, device_addr: int, value: int) -> None:
+        """Records the write in `writes`, and stores it at once (a GPU with no work in flight), unless
+        `hold_writes` is set: then it waits until release_writes(), as a step still running would."""
+        import ctypes
+        if device_addr not in self._flags:
+            raise FakeDriverError(f"stream_write to {device_addr:#x}, which is not a host_flag's word")
+        self.writes.append((stream, device_addr, value))
+        if self.hold_writes:
+            self._held_writes.append((device_addr, value))
+        else:
+            ctypes.c_uint32.from_address(device_addr).value = value & 0xFFFFFFFF
+
+    def release_writes(self, count: int | None = None) -> None:
+        """Store the first `count` held stream writes (all by default), in order: those steps end."""
+        import ctypes
+        count = len(self._held_writes) if count is None else count
+        for addr, value in self._held_writes[:count]:
+            ctypes.c_uint32.from_address(addr).value = value & 0xFFFFFFFF
+        del self._held_writes[:count]
 
     def native_table(self):
         """Callbacks into this fake for the native mapping thread; misuse is kept in native_errors."""

@@ -14,6 +14,11 @@ With `background="stream"`, the launching thread does not wait for the mappings 
     seq = mgr.publish()                      # after the step's set_blocks / ensure_readable
     driver.stream_wait(stream, mgr.flag_device_address, seq)   # the GPU waits, not the CPU
 
+and with `value_fences=True` a step's fence is a word the stream writes after the step, which the
+native thread polls when an unmap must wait for that step (mapper.HostWordFence):
+
+    mgr.record_reads(mgr.step_fence(stream), {row: read_tokens})
+
 `reclaim="deferred"` (default) leaves a released row's slots mapped: a later request in that row
 whose blocks are the same pays nothing, and stale slots are only ever read past a sequence's end
 (masked). `reclaim="eager"` unmaps them once no step in flight reads them.
@@ -42,7 +47,7 @@ from ..errors import MappingError, OutOfAddressSpaceError
 from .driver import Driver
 from .executor import SIGNAL, SyncExecutor
 from .layout import Layout
-from .mapper import Fence, RowMapper
+from .mapper import Fence, HostWordFence, RowMapper
 from .pool import PagePool
 
 RECLAIM_POLICIES = ("deferred", "eager")
@@ -110,13 +115,15 @@ class KVMemoryManager:
     def __init__(self, driver: Driver, layout: Layout, num_blocks: int, reclaim: str = "deferred",
                  background: bool | str = False, spare_blocks: int = 0, growth_ahead: bool = False,
                  keep_guards: bool = False, prefix_rows: bool = True, guard_ahead: int = 0,
-                 bounded_scan: bool = True):
+                 bounded_scan: bool = True, value_fences: bool = False):
         if reclaim not in RECLAIM_POLICIES:
             raise ValueError(f"reclaim={reclaim!r}; use one of {RECLAIM_POLICIES}")
         if background not in (False, True, "stream"):
             raise ValueError(f"background={background!r}; use False, True or 'stream'")
         if guard_ahead and not keep_guards:
             raise ValueError("guard_ahead needs keep_guards (a guard mapped ahead would be let go at once)")
+        if value_fences and background != "stream":
+            raise ValueError("value_fences needs background='stream' (only the native thread waits on them)")
         if layout.page_size % driver.granularity:
             raise ValueError(f"page size {layout.page_size} is not a multiple of the driver's "
                              f"granularity {driver.granularity}")
@@ -149,6 +156,11 @@ class KVMemoryManager:
             executor = SyncExecutor(driver)
         if self.stream_mode:
             self._flag_host, self.flag_device_address = driver.host_flag()
+        # value_fences: the word each step's stream writes its number into when the step is done
+        self.value_fences = value_fences
+        self._done_host = self._done_device = self._done_seq = 0
+        if value_fences:
+            self._done_host, self._done_device = driver.host_flag()
         self.mapper = RowMapper(layout, self.pool, self.base_va, executor, defer_waits=self.stream_mode)
         self._free_rows: deque[int] = deque(range(layout.rows))
         self._active: set[int] = set()
@@ -762,6 +774,16 @@ class KVMemoryManager:
     def flag_value(self) -> int:
         return ctypes.c_uint32.from_address(self._flag_host).value if self._flag_host else 0
 
+    def step_fence(self, stream: int) -> HostWordFence:
+        """value_fences: a fence for the work enqueued on `stream` so far (call it right after a
+        step's launch): the stream writes the next number into the done word once that work is
+        done (driver.stream_write), and the fence is done when the word has reached it."""
+        if not self.value_fences:
+            raise MappingError("step_fence() needs value_fences=True (VATTN_FENCE=value)")
+        self._done_seq = (self._done_seq + 1) & 0xFFFFFFFF
+        self.driver.stream_write(stream, self._done_device, self._done_seq)
+        return HostWordFence(self._done_host, self._done_seq)
+
     # -- inspection and shutdown --------------------------------------------------------
     def address(self, row: int, token: int, layer: int, kv: int, head: int = 0) -> int:
         return self.base_va + self.layout.element_offset(row, token, layer, kv, head)
@@ -830,8 +852,9 @@ class KVMemoryManager:
         finally:
             self.mapper.executor.close()
         self._handed_over.clear()
-        if self._flag_host:
-            self.driver.free_host_flag(self._flag_host)
-            self._flag_host = 0
+        for name in ("_flag_host", "_done_host"):
+            if getattr(self, name):
+                self.driver.free_host_flag(getattr(self, name))
+                setattr(self, name, 0)
         self.pool.close()
         self.driver.free_reservation(self.base_va, self.layout.total_bytes)

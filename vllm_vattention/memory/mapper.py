@@ -22,6 +22,7 @@ thread wait, and the engine thread goes on.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import time
 from collections import deque
@@ -29,7 +30,7 @@ from dataclasses import dataclass, fields
 from typing import Callable, Container, Iterable, Iterator, Protocol, Sequence
 
 from ..errors import MappingError
-from .executor import ACCESS_RO, ACCESS_RW, DRAIN, MAP, UNMAP, WAIT_EVENT, Op
+from .executor import ACCESS_RO, ACCESS_RW, DRAIN, MAP, UNMAP, WAIT_EVENT, WAIT_VALUE, Op
 from .layout import Layout
 from .pool import PagePool
 
@@ -37,12 +38,42 @@ ZERO = -1  # slot state: the shared zero page
 
 
 class Fence(Protocol):
-    """Completion of a step on the device (a CUDA event in production)."""
+    """Completion of a step on the device (a CUDA event in production, or a HostWordFence)."""
 
     def done(self) -> bool: ...
     def wait(self) -> None: ...
-    # stream mode only: the handle the native thread synchronizes on (a CUevent)
+    # stream mode only: the handle the native thread synchronizes on (a CUevent); a fence that has a
+    # native_wait_op() gives the native thread that op instead
     native_handle: int
+
+
+class HostWordFence:
+    """A step's completion as its stream reports it: after the step's work the stream writes
+    `value` into a 32-bit word of pinned host memory (cuStreamWriteValue32: manager.step_fence).
+    Done once the word has reached `value` (sequence numbers: wrap-around aware). The native thread
+    waits for it by polling that word (WAIT_VALUE), with no driver call and so no driver lock
+    (benchmarks/NOTES.md #124); done() is a memory read, not an event query."""
+
+    native_handle = 0
+    TIMEOUT_S = 120.0  # wait(): no step takes this long; a GPU that never writes the word raises
+
+    def __init__(self, host_addr: int, value: int):
+        self.host_addr, self.value = host_addr, value & 0xFFFFFFFF
+        self._word = ctypes.c_uint32.from_address(host_addr)
+
+    def done(self) -> bool:
+        return (self._word.value - self.value) & 0xFFFFFFFF < 0x80000000
+
+    def wait(self) -> None:
+        deadline = time.perf_counter() + self.TIMEOUT_S
+        while not self.done():
+            if time.perf_counter() > deadline:
+                raise MappingError(f"the GPU did not report step {self.value} within {self.TIMEOUT_S:.0f} s "
+                                   f"(host word at {self.host_addr:#x} is {self._word.value})")
+            time.sleep(20e-6)
+
+    def native_wait_op(self) -> Op:
+        return (WAIT_VALUE, self.host_addr, 0, self.value)
 
 
 @dataclass
@@ -126,7 +157,8 @@ class RowMapper:
             # Fences complete in launch order: waiting on the last reader covers the earlier ones.
             fence = self._inflight[last][0]
             if self.defer_waits:
-                self._ops.append((WAIT_EVENT, 0, 0, fence.native_handle))
+                native_op = getattr(fence, "native_wait_op", None)
+                self._ops.append(native_op() if native_op else (WAIT_EVENT, 0, 0, fence.native_handle))
                 self.handed_over.append(fence)
             else:
                 fence.wait()

@@ -14,10 +14,10 @@ import sys
 from typing import Sequence
 
 from ..errors import DriverError
-from .executor import ACCESS_RO, ACCESS_RW, DRAIN, MAP, SIGNAL, UNMAP, WAIT_EVENT, Op
+from .executor import ACCESS_RO, ACCESS_RW, DRAIN, MAP, SIGNAL, UNMAP, WAIT_EVENT, WAIT_VALUE, Op
 
 KIND_NAMES = {MAP: "map", UNMAP: "unmap", ACCESS_RW: "access_rw", ACCESS_RO: "access_ro", SIGNAL: "signal",
-              WAIT_EVENT: "wait_event", DRAIN: "drain"}
+              WAIT_EVENT: "wait_event", DRAIN: "drain", WAIT_VALUE: "wait_value"}
 MAP_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_uint64,
                           ctypes.c_uint64)
 UNMAP_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint64, ctypes.c_size_t)
