@@ -95,6 +95,7 @@ struct Acc {
 struct SlowBatch {
   uint64_t latency_ns, queued_ns, run_ns, slowest_ns, n_ops, index;
   int slowest_kind;
+  uint64_t submitted_ns;  // now_ns() at submission: steady_clock, i.e. CLOCK_MONOTONIC on Linux
 };
 constexpr int kSlowest = 8;
 
@@ -288,7 +289,7 @@ struct Mapper {
         std::lock_guard<std::mutex> g(mu);
         if (!batch.empty())
           keep_if_slow({end_ns - submitted_ns, start_ns - submitted_ns, end_ns - start_ns, acc.slowest_ns,
-                        batch.size(), batches++, acc.slowest_kind});
+                        batch.size(), batches++, acc.slowest_kind, submitted_ns});
         fold(acc);
         ops_done += batch.size();
         busy = false;
@@ -394,9 +395,9 @@ int vattn_mapper_stats(void* handle, uint64_t* ns, uint64_t* calls, int reset) {
   return 0;
 }
 
-// The batches that took longest from submission to done, longest first: up to `max` rows of 7
+// The batches that took longest from submission to done, longest first: up to `max` rows of 8
 // values (latency, queued, running and slowest-op milliseconds, the slowest op's kind, the batch's
-// ops, its index among the batches run). Returns the rows written, -1 on bad arguments; `reset`
+// ops, its index among the batches run, its submission in seconds of CLOCK_MONOTONIC). Returns the rows written, -1 on bad arguments; `reset`
 // forgets them (and restarts the index).
 int vattn_mapper_slowest(void* handle, double* out, int max, int reset) {
   auto* m = static_cast<Mapper*>(handle);
@@ -405,7 +406,7 @@ int vattn_mapper_slowest(void* handle, double* out, int max, int reset) {
   int n = 0;
   for (const SlowBatch& b : m->slowest) {
     if (n >= max) break;
-    double* row = out + 7 * n++;
+    double* row = out + 8 * n++;
     row[0] = b.latency_ns / 1e6;
     row[1] = b.queued_ns / 1e6;
     row[2] = b.run_ns / 1e6;
@@ -413,6 +414,7 @@ int vattn_mapper_slowest(void* handle, double* out, int max, int reset) {
     row[4] = b.slowest_kind;
     row[5] = static_cast<double>(b.n_ops);
     row[6] = static_cast<double>(b.index);
+    row[7] = b.submitted_ns / 1e9;  // seconds of CLOCK_MONOTONIC: Python's time.perf_counter on Linux
   }
   if (reset) {
     m->slowest.clear();

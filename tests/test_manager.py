@@ -492,7 +492,9 @@ def test_the_slowest_batches_tell_a_slow_driver_call_from_a_batch_queued_behind_
     driver.set_access = set_access
     r, q = mgr.acquire_row(), mgr.acquire_row()
     mgr.set_blocks(r, [1, 2])
+    t0 = time.perf_counter()
     mgr.publish()  # batch 0: its set_access takes 60 ms
+    t1 = time.perf_counter()
     mgr.set_blocks(q, [3])
     mgr.publish()  # batch 1: queued behind it
     mgr.sync()
@@ -500,6 +502,8 @@ def test_the_slowest_batches_tell_a_slow_driver_call_from_a_batch_queued_behind_
     first, second = sorted(rows, key=lambda b: b[6])[:2]
     assert first[4] == "access_rw" and first[3] >= 50 and first[2] >= 50 and first[6] == 0
     assert second[1] >= 40 and second[2] < 40 and second[6] == 1  # it waited, then ran fast
+    # each batch's submission, on time.perf_counter's clock (a step trace's): during its publish()
+    assert t0 - 1e-5 <= first[7] <= t1 + 1e-5 and t1 - 1e-5 <= second[7] <= time.perf_counter()
     assert rows[0][0] == max(b[0] for b in rows)  # longest first
     mgr.reset_stats()
     assert mgr.stats()["native_slowest_batches"] == []

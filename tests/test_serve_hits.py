@@ -269,3 +269,26 @@ def test_flag_stalls_show_the_longest_waits_with_the_steps_before_them_once_per_
     bare = {**trace, "fields": fields[:-1], "steps": [st[:-1] for st in trace["steps"]]}
     rows = H.flag_stalls(res, {"vattn-fa2.json": bare}.get, n=1, before=0)
     assert [(r["step"], r["warm_ms"], r["hooks_ms"]) for r in rows] == [(3, None, 1.4)]
+
+
+def test_the_slowest_batches_are_placed_in_the_trace_by_their_submission_time():
+    """A native batch's 8th value is its submission on CLOCK_MONOTONIC (the trace's clock): the
+    report places it in the step then running and gives that step's wait at the mapping flag, so a
+    long hazard wait can be read against the GPU's stall (NOTES #124). Entries from before have 7
+    values and are printed as they were."""
+    fields = ["start_s", "ms", "new_reqs", "tokens", "block_maps", "drains", "flag_wait", "hooks_ms"]
+    trace = {"t0": 1000.0, "fields": fields, "flag_waits_ms": [0.5, 57.9, 1.0],
+             "steps": [[0.00, 2.0, 0, 8, 0, 0, 0, 0.4], [0.01, 34.0, 1, 1032, 64, 1, -1, 8.7],
+                       [0.05, 3.8, 0, 9, 4, 0, -1, 1.6], [0.06, 23.8, 1, 1033, 1, 8, 1, 1.4],
+                       [0.09, 2.0, 0, 10, 0, 0, 2, 0.5]]}
+    slow = [[45.1, 0.1, 45.0, 44.3, "wait_value", 16, 1454, 1000.0612], [12.0, 0.0, 12.0, 11.9, "unmap", 4, 9, 1000.02],
+            [3.0, 0.0, 3.0, 2.9, "unmap", 4, 2, 999.5], [2.0, 0.0, 2.0, 1.9, "map", 2, 1]]
+    per = {"t0": 1000.0, "start_s": [0.0], "ttft_ms": [20.0], "tpot_ms": [5.0], "input_len": [1024]}
+    res = [{"workload": "serve-rate-4", "system": "vattn-fa2", "rep": 0, "per_request": per, "step_trace": "v.json",
+            "mapper": {"native_slowest_batches": slow}}]
+    rows = H.flag_stalls(res, {"v.json": trace}.get, n=4, before=0)
+    assert rows[0]["slowest_at"] == [(0.0612, 3, 57.9), (0.02, 1, None), (-0.5, None, None), None]
+    md = H.flag_stalls_markdown(rows)
+    assert ("[45.1, 0.1, 45.0, 44.3, 'wait_value', 16, 1454] at 0.061 s, step 3 (flag wait 57.9 ms); "
+            "[12.0, 0.0, 12.0, 11.9, 'unmap', 4, 9] at 0.020 s, step 1; "
+            "[3.0, 0.0, 3.0, 2.9, 'unmap', 4, 2] at -0.500 s, before the first step; [2.0, 0.0, 2.0, 1.9, 'map', 2, 1]") in md

@@ -298,6 +298,10 @@ def flag_stalls(results: list[dict], load_trace: Callable[[str], dict | None], n
         steps, waits = trace["steps"], trace["flag_waits_ms"]
         at = {st[col["flag_wait"]]: k for k, st in enumerate(steps) if st[col["flag_wait"]] >= 0}
         longest = sorted((w for w in range(len(waits)) if w in at), key=lambda w: -waits[w])[:n]
+        slowest = ((r.get("mapper") or {}).get("native_slowest_batches") or [])[:n]
+        starts = [st[col["start_s"]] for st in steps]
+        placed = [place_batch(b, trace.get("t0"), starts, [st[col["flag_wait"]] for st in steps], waits)
+                  for b in slowest]
         for w in longest:
             k = at[w]
             for j in range(max(0, k - before), k + 1):
@@ -306,8 +310,22 @@ def flag_stalls(results: list[dict], load_trace: Callable[[str], dict | None], n
                 out.append({"server": r["step_trace"], "wait": w, "wait_ms": waits[w], "step": j, "own": j == k,
                             **{key: st[c] for key, c in col.items() if key != "flag_wait"},
                             "hooks_ms": st[i_hooks] if i_hooks is not None else None, "warm_ms": warm,
-                            "slowest": ((r.get("mapper") or {}).get("native_slowest_batches") or [])[:n]})
+                            "slowest": slowest, "slowest_at": placed})
     return out
+
+
+def place_batch(batch: list, t0: float | None, starts: list[float], flag_at: list[int],
+                waits: list[float]) -> tuple | None:
+    """Where a native batch (native_slowest_batches' entry) was submitted in a step trace: (seconds
+    into the trace, the step then running, that step's wait at the mapping flag in ms or None). The
+    8th value is the submission on CLOCK_MONOTONIC, the trace's clock; older entries have 7: None."""
+    if len(batch) < 8 or t0 is None:
+        return None
+    t = batch[7] - t0
+    k = bisect.bisect_right(starts, t) - 1
+    if k < 0:
+        return (round(t, 4), None, None)
+    return (round(t, 4), k, waits[flag_at[k]] if flag_at[k] >= 0 else None)
 
 
 def flag_stalls_markdown(rows: list[dict]) -> str:
@@ -318,12 +336,24 @@ def flag_stalls_markdown(rows: list[dict]) -> str:
         wait = f"**{r['wait_ms']:.1f}**" if r["own"] else ""
         lines.append(f"| {r['server']} | {wait} | {r['step']} | {r['start_s']:.3f} | {r['ms']:.2f} | {r['new_reqs']} | "
                      f"{r['tokens']} | {r['block_maps']} | {r['drains']} | {fmt(r['hooks_ms'])} | {fmt(r['warm_ms'])} |")
-    slow = {r["server"]: r["slowest"] for r in rows if r["slowest"]}
+    slow = {r["server"]: list(zip(r["slowest"], r.get("slowest_at") or [None] * len(r["slowest"])))
+            for r in rows if r["slowest"]}
     if slow:
         lines += ["", "The native thread's slowest batches (latency, queued, running, slowest op ms, its kind, ops, "
-                      "batch index):", ""]
-        lines += [f"- {server}: " + "; ".join(str(b) for b in batches) for server, batches in slow.items()]
+                      "batch index), and where each was submitted: s into the trace, the step then running and "
+                      "its wait at the mapping flag:", ""]
+        lines += [f"- {server}: " + "; ".join(str(b[:7]) + _placed(p) for b, p in batches)
+                  for server, batches in slow.items()]
     return "\n".join(lines) + "\n"
+
+
+def _placed(p: tuple | None) -> str:
+    if p is None:
+        return ""
+    t, step, wait = p
+    if step is None:
+        return f" at {t:.3f} s, before the first step"
+    return f" at {t:.3f} s, step {step}" + (f" (flag wait {wait:.1f} ms)" if wait is not None else "")
 
 
 BATCH_TOKENS = 8192  # vLLM 0.25's max_num_batched_tokens for `vllm serve` on these GPUs (its start-up log says)

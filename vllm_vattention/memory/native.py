@@ -136,14 +136,18 @@ class NativeExecutor:
         """What the native thread itself spent: seconds in driver calls (map, unmap, set access) and
         in WAIT_EVENT (a step in flight still reading a slot to unmap), with call counts; and the
         batches that took longest from submission to done (`native_slowest_batches`: latency,
-        queued and running ms, the slowest op's ms and kind, the batch's ops, its index)."""
+        queued and running ms, the slowest op's ms and kind, the batch's ops, its index, and its
+        submission in seconds of CLOCK_MONOTONIC, the clock of time.perf_counter and of the step
+        trace on Linux)."""
         ns, calls = (ctypes.c_uint64 * 7)(), (ctypes.c_uint64 * 7)()
         if self._fast.vattn_mapper_stats(self._handle, ns, calls, int(reset)):
             raise RuntimeError("vattn_mapper_stats: the native mapping thread is closed")
-        rows = (ctypes.c_double * (7 * self.SLOWEST))()
+        w = 8  # values per batch (csrc/mapper.cpp vattn_mapper_slowest)
+        rows = (ctypes.c_double * (w * self.SLOWEST))()
         n = self._fast.vattn_mapper_slowest(self._handle, rows, self.SLOWEST, int(reset))
-        slowest = [[round(rows[7 * i + j], 3) for j in range(4)] + [KIND_NAMES.get(int(rows[7 * i + 4]), "-")]
-                   + [int(rows[7 * i + 5]), int(rows[7 * i + 6])] for i in range(max(n, 0))]
+        slowest = [[round(rows[w * i + j], 3) for j in range(4)] + [KIND_NAMES.get(int(rows[w * i + 4]), "-")]
+                   + [int(rows[w * i + 5]), int(rows[w * i + 6]), round(rows[w * i + 7], 6)]
+                   for i in range(max(n, 0))]
         s = lambda *kinds: round(sum(ns[k] for k in kinds) / 1e9, 6)  # noqa: E731
         return {"native_map_seconds": s(MAP), "native_unmap_seconds": s(UNMAP),
                 "native_access_seconds": s(ACCESS_RW, ACCESS_RO),
