@@ -169,7 +169,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
         native: bool = False, chain: list[str] | None = None, lend: int | str = 0, block_size: int = 16,
         growth: bool = False, keep_guards: bool = False, decode_kernel: str = DEFAULT_KERNEL,
         serve_prompts: str = "bench", prefix_rows: bool = True, timed: bool = False,
-        warm_defer: bool = True, bounded_scan: bool = True) -> dict | list[dict]:
+        warm_defer: bool = True, bounded_scan: bool = True, stale_guards: bool = True) -> dict | list[dict]:
     """One workload in a fresh scheduler and manager; or, with `chain`, the suite's sequence in one
     engine (offline.py): an untimed warm-up of 16 x 64-token prompts (16 out), then each workload of
     `chain` in turn, the counters reset before each (a list of results, one per workload). lend: the
@@ -179,7 +179,8 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
     guard too, as the worker gives them). serve_prompts: the serving workloads' prompts, "bench" (what
     `vllm bench serve` sends: prefix hits) or "distinct" (no two share a block). prefix_rows: the
     manager's (VATTN_PREFIX_ROWS). warm_defer: VATTN_WARM_DEFER (warm() in a step with prefill chunks
-    defers, as the worker asks it to: worker.has_prefill). bounded_scan: VATTN_BOUNDED_SCAN. timed: the native thread in simulated time (_TimedExecutor): when
+    defers, as the worker asks it to: worker.has_prefill). bounded_scan: VATTN_BOUNDED_SCAN. stale_guards:
+    VATTN_STALE_GUARDS. timed: the native thread in simulated time (_TimedExecutor): when
     each step's mappings were done (`flag_model`)."""
     from vllm.sampling_params import SamplingParams
     from vllm.v1.outputs import ModelRunnerOutput
@@ -201,7 +202,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
     mgr = KVMemoryManager(_NoZeroing(PAGE, capacity=1 << 50), lay, num_blocks - spares, background="stream",
                           spare_blocks=spares, growth_ahead=growth, keep_guards=cfg.keep_guards,
                           guard_ahead=cfg.guard_ahead_slots(block_size), prefix_rows=prefix_rows,
-                          bounded_scan=bounded_scan)
+                          bounded_scan=bounded_scan, stale_guards=stale_guards)
     mgr.mapper.executor.close()
     # native: the real native thread and hand-over, with driver calls that do nothing (null_table)
     clock = [0.0, 0.0]  # timed: [the step's planning time, the time the current drive() started at] (s)
@@ -445,11 +446,14 @@ def main() -> None:
     ap.add_argument("--full-scan", action="store_true",
                     help="VATTN_BOUNDED_SCAN=0: a full alias scan frees every spare outside the rows warm() reached "
                          "(the default before NOTES #120)")
+    ap.add_argument("--keep-stale-guards", action="store_true",
+                    help="VATTN_STALE_GUARDS=0: a prefix row's stale frames stay in its request's guard "
+                         "(the default before NOTES #126)")
     args = ap.parse_args()
     kw = dict(warmup=not args.no_warmup, native=args.native, lend=args.lend, block_size=args.block_size,
               growth=args.growth, decode_kernel=args.decode_kernel, keep_guards=args.keep_guards,
               serve_prompts=args.serve_prompts, prefix_rows=not args.fifo_rows, timed=args.timed,
-              warm_defer=not args.warm_now, bounded_scan=not args.full_scan)
+              warm_defer=not args.warm_now, bounded_scan=not args.full_scan, stale_guards=not args.keep_stale_guards)
     if args.profile:
         prof = cProfile.Profile()
         r = prof.runcall(run, args.workload, args.num_blocks, args.spares, **kw)

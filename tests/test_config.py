@@ -180,6 +180,14 @@ def test_growth_ahead_setting():
         VattnConfig.from_env({"VATTN_GROWTH_AHEAD": "maybe"})
 
 
+def test_stale_guards_setting():
+    """VATTN_STALE_GUARDS: on by default (NOTES #126), 0 keeps a prefix row's stale frames in its guard."""
+    assert VattnConfig.from_env({}).stale_guards is True and VattnConfig().stale_guards is True
+    assert VattnConfig.from_env({"VATTN_STALE_GUARDS": "0"}).stale_guards is False
+    with pytest.raises(ConfigError, match="VATTN_STALE_GUARDS='sometimes' is not a boolean"):
+        VattnConfig.from_env({"VATTN_STALE_GUARDS": "sometimes"})
+
+
 def test_fence_setting():
     """VATTN_FENCE: event by default, value (host words the GPU writes, NOTES #124) in stream mode
     only; a bad value names itself and the choices."""

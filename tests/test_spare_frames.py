@@ -493,14 +493,14 @@ class SpareMachine(ManagerMachineBase):
 
     @initialize(layout=st.sampled_from(["interleaved", "per_layer"]), background=st.sampled_from([False, "stream"]),
                 zero_row=st.booleans(), growth=st.booleans(), keep_guards=st.booleans(),
-                guard_ahead=st.sampled_from([0, 0, 1, 2]))
-    def setup(self, layout, background, zero_row, growth, keep_guards, guard_ahead):
+                guard_ahead=st.sampled_from([0, 0, 1, 2]), stale_guards=st.booleans())
+    def setup(self, layout, background, zero_row, growth, keep_guards, guard_ahead, stale_guards):
         self.driver = FakeDriver(PAGE)
         lay = make_layout(layout, SMALL, PAGE, rows=ROWS + zero_row, min_row_tokens=24)
         # guard_ahead (fa2-graphs' background guard extension) comes with keep_guards, as in the engine
         self.mgr = KVMemoryManager(self.driver, lay, NUM_BLOCKS, background=background, spare_blocks=SPARES,
                                    growth_ahead=growth, keep_guards=keep_guards or bool(guard_ahead),
-                                   guard_ahead=guard_ahead)
+                                   guard_ahead=guard_ahead, stale_guards=stale_guards)
         self.mgr.GROWTH_WARM_ROWS = 1  # (of 4 rows) so that growth slots also take warm rows' spares
         self.mgr.pad_reserve = 1  # (0 at 4 spares) so that guards also take spares while warm() runs
         self.mgr.DEFER_READY_ROWS = 1  # (with 4 rows and 3 usable spares, so that warm(defer=True) defers)
@@ -1448,3 +1448,116 @@ def test_cold_candidates_do_not_pile_up_when_callers_stop_early(driver):
     cold = {f for f in pool.spare_frames if f not in mapper.where}
     assert cold == {0, *range(402, 408)} and set(mapper.cold_spares()) == cold
     mgr.close()
+
+
+def _prefix_row_with_a_stale_tail(driver, spares=6, stale_guards=True):
+    """A stream-mode manager with fa2-graphs' guards (guard_ahead 2: guards of 3 slots) and a row
+    whose last user held blocks 0-4; the new request hits blocks 0-1 and gets that row, whose slots
+    2-4 still map the last user's blocks 2-4 (deferred reclamation)."""
+    mgr = make_manager(driver, rows=4, num_blocks=16, spare_blocks=spares, background="stream",
+                       keep_guards=True, guard_ahead=2, stale_guards=stale_guards)
+    mgr.GUARD_SPARE_SHARE = 2.0
+    old = mgr.acquire_row()
+    mgr.set_blocks(old, [0, 1, 2, 3, 4], fresh_from=0)
+    mgr.publish()
+    mgr.sync()
+    mgr.release_row(old)
+    row = mgr.acquire_row([0, 1], cached=2)
+    assert row == old and mgr.stats()["prefix_rows_taken"] == 1
+    return mgr, row
+
+
+def test_a_prefix_rows_first_growth_slot_gets_a_spare_at_admission(driver):
+    """NOTES #124: a row taken for its prefix hits maps its last user's next block in the new
+    request's first growth slot. Admission puts a spare there in the step's own ops, so that the
+    request's first new block moves into it (no driver call) instead of unmapping a frame that the
+    admitting step, still in flight, over-read (a hazard wait)."""
+    mgr, row = _prefix_row_with_a_stale_tail(driver)
+    mgr.set_blocks(row, [0, 1], fresh_from=2)  # both hits: nothing to map
+    assert mgr.mapper.pending_step_ops()  # the replacement is the step's, not the background's
+    mgr.publish()
+    mgr.sync()
+    slots = mgr.mapper.slots[row]
+    assert slots[2] in mgr.pool.spare_frames and slots[3] == mgr.pool.frame(3)  # only the first slot
+    assert mgr.stats()["admit_stale_replaced"] == 1
+    step = BlockingFence(driver)  # the admitting step, still running, over-read slots 2-4
+    mgr.record_reads(step, {row: 5 * mgr.layout.block_size})
+    before = mgr.stats()
+    mgr.set_blocks(row, [9], start=2, fresh_from=0)  # the request's first new block
+    assert mgr.stats()["swaps"] == before["swaps"] + 1 and mgr.stats()["hazard_waits"] == 0
+    mgr.publish()
+    mgr.sync()  # (nothing waits for the step)
+    step.release()
+    mgr.mapper.check_invariants()
+    mgr.close()
+    assert driver.leaks() == []
+
+
+def test_a_prefix_rows_first_growth_slot_keeps_its_frame_without_a_spare(driver):
+    """No spare mapped nowhere: the stale frame stays (the growth will unmap it, as before)."""
+    mgr, row = _prefix_row_with_a_stale_tail(driver, spares=0)
+    assert not list(mgr.mapper.cold_spares())
+    mgr.set_blocks(row, [0, 1], fresh_from=2)
+    mgr.publish()
+    mgr.sync()
+    assert mgr.mapper.slots[row][2] == mgr.pool.frame(2) and mgr.stats()["admit_stale_replaced"] == 0
+    mgr.mapper.check_invariants()
+    mgr.close()
+    assert driver.leaks() == []
+
+
+def test_guard_extension_replaces_stale_frames_no_step_in_flight_reads(driver):
+    """NOTES #124: the rest of a prefix row's stale tail inside the request's guard counts as
+    readable, so the guard looked extended already and the row's growth into those slots unmapped
+    them while steps over-read them. warm()'s guard extension now maps spares there, in the
+    background, once no step in flight reads them (until then the row waits for a later call)."""
+    mgr, row = _prefix_row_with_a_stale_tail(driver)
+    bs = mgr.layout.block_size
+    mgr.set_blocks(row, [0, 1], fresh_from=2)
+    mgr.ensure_readable(row, 5 * bs)  # the admitting step's guard: slots 2-4, 3-4 still stale
+    mgr.publish()
+    mgr.sync()
+    step = BlockingFence(driver)
+    mgr.record_reads(step, {row: 5 * bs})
+    mgr._extend_guards()
+    slots = mgr.mapper.slots[row]
+    assert slots[3:5] == [mgr.pool.frame(3), mgr.pool.frame(4)] and row in mgr._ahead_rows  # read: later
+    assert mgr.stats()["warm_stale_guards"] == 0
+    step.release()
+    mgr._extend_guards()
+    mgr.sync()
+    assert all(slots[s] in mgr.pool.spare_frames for s in (2, 3, 4)) and row not in mgr._ahead_rows
+    assert mgr.stats()["warm_stale_guards"] == 1 and mgr.stats()["hazard_waits"] == 0
+    for s, b in ((2, 9), (3, 10), (4, 11)):  # the request grows through its guard: moves, no unmap
+        mgr.set_blocks(row, [b], start=s, fresh_from=0)
+    assert mgr.stats()["hazard_waits"] == 0 and mgr.stats()["swaps"] >= 3
+    mgr.publish()
+    mgr.sync()
+    mgr.mapper.check_invariants()
+    mgr.close()
+    assert driver.leaks() == []
+
+
+def test_stale_guards_off_leaves_a_prefix_rows_stale_tail_as_it_was(driver):
+    """VATTN_STALE_GUARDS=0 (the behaviour before NOTES #126): neither admission nor guard
+    extension touches the stale frames, and the growth into one waits for the step over-reading it."""
+    mgr, row = _prefix_row_with_a_stale_tail(driver, stale_guards=False)
+    bs = mgr.layout.block_size
+    mgr.set_blocks(row, [0, 1], fresh_from=2)
+    mgr.ensure_readable(row, 5 * bs)
+    mgr.publish()
+    mgr.sync()
+    mgr._extend_guards()
+    mgr.sync()
+    assert mgr.mapper.slots[row][2:5] == [mgr.pool.frame(b) for b in (2, 3, 4)]
+    assert mgr.stats()["admit_stale_replaced"] == 0 and mgr.stats()["warm_stale_guards"] == 0
+    step = BlockingFence(driver)
+    mgr.record_reads(step, {row: 5 * bs})
+    mgr.set_blocks(row, [9], start=2, fresh_from=0)
+    assert mgr.stats()["hazard_waits"] == 1
+    mgr.publish()
+    step.release()
+    mgr.sync()
+    mgr.mapper.check_invariants()
+    mgr.close()
+    assert driver.leaks() == []

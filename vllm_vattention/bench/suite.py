@@ -78,6 +78,9 @@ SYSTEMS: dict[str, dict] = {
     "vattn-bounded-scan": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_BOUNDED_SCAN": "1"}, "args": []},
     # the alias scan before NOTES #120 made the bounded one the default: every spare outside the rows warm() reached
     "vattn-full-scan": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_BOUNDED_SCAN": "0"}, "args": []},
+    # the stale frames in a prefix row's guard left in place (the default before NOTES #126)
+    "vattn-stale-guards-kept": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_STALE_GUARDS": "0"},
+                                "args": []},
     # the default with hazard waits on host words the GPU writes, not CUDA events (NOTES #124)
     "vattn-value-fence": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_FENCE": "value"}, "args": []},
     # the default from NOTES.md #29 to #57: spare frames, no lent blocks

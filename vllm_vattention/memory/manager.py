@@ -54,10 +54,10 @@ RECLAIM_POLICIES = ("deferred", "eager")
 # warm()'s outcomes, counted (stats()): calls that planned, that found nothing changed, that stopped at
 # a row a step in flight still reads or at the end of the spares mapped nowhere; the last depth
 _WARM_COUNTS = ("warm_calls", "warm_unchanged", "warm_deferred", "warm_stopped_in_flight", "warm_stopped_no_spare",
-                "warm_depth", "warm_guards_over_budget")
+                "warm_depth", "warm_guards_over_budget", "warm_stale_guards")
 # new requests' blocks (set_blocks from slot 0): admissions, blocks moved into spares, mapped, unmapped first;
 # and the admissions that took the free row still mapping their prefix hits (acquire_row)
-_ADMIT_COUNTS = ("admissions", "admit_swaps", "admit_maps", "admit_unmaps", "prefix_rows_taken")
+_ADMIT_COUNTS = ("admissions", "admit_swaps", "admit_maps", "admit_unmaps", "prefix_rows_taken", "admit_stale_replaced")
 
 
 def _ints(xs):
@@ -115,7 +115,7 @@ class KVMemoryManager:
     def __init__(self, driver: Driver, layout: Layout, num_blocks: int, reclaim: str = "deferred",
                  background: bool | str = False, spare_blocks: int = 0, growth_ahead: bool = False,
                  keep_guards: bool = False, prefix_rows: bool = True, guard_ahead: int = 0,
-                 bounded_scan: bool = True, value_fences: bool = False):
+                 bounded_scan: bool = True, value_fences: bool = False, stale_guards: bool = True):
         if reclaim not in RECLAIM_POLICIES:
             raise ValueError(f"reclaim={reclaim!r}; use one of {RECLAIM_POLICIES}")
         if background not in (False, True, "stream"):
@@ -158,6 +158,8 @@ class KVMemoryManager:
             self._flag_host, self.flag_device_address = driver.host_flag()
         # value_fences: the word each step's stream writes its number into when the step is done
         self.value_fences = value_fences
+        # stale_guards (with guard_ahead): spares in place of the stale frames a prefix row's guard holds
+        self.stale_guards = stale_guards
         self._done_host = self._done_device = self._done_seq = 0
         if value_fences:
             self._done_host, self._done_device = driver.host_flag()
@@ -312,6 +314,14 @@ class KVMemoryManager:
         warm_before = (sum(1 for f in self.mapper.slots[row][:len(blocks)] if f in self.pool.spare_frames)
                        if admission and len(self.admit_trace) < self.ADMIT_TRACE else None)
         self.mapper.set_blocks(row, list(blocks), start, fresh_from, live_rows=self._active)
+        if (admission and self.guard_ahead and self.stale_guards
+                and self.mapper.replace_stale(row, len(blocks), self._cold_spares())):
+            # a row taken for its prefix hits maps its last user's next block in the new request's first
+            # growth slot; left there, this step over-reads it as FA3's guard, and a prompt ending on a
+            # block boundary grows into it in the next step: an unmap that waits for this one (49 of the
+            # CPU harness's 103 hazard waits in serving, NOTES #124). A spare there now, in this step's
+            # ops (the ones the step waits for anyway), and the growth moves into it
+            self.admit_counts["admit_stale_replaced"] += 1
         if admission:
             # how new requests' blocks got into place: moved into spares (no driver call) or mapped while
             # their step waits, and what was unmapped first (a stale slot of the row's last user)
@@ -467,26 +477,42 @@ class KVMemoryManager:
         could all be spares within GUARD_SPARE_SHARE of the spares: with more rows, steps would
         seldom find all of them guarded, and the spares serve new requests' rows better (warm();
         NOTES #110). A row a step in flight reads past the guard's start (none should: reads end
-        at the guard) waits for the next call."""
+        at the guard) waits for the next call.
+
+        A guard that reaches far enough may still hold stale frames: a row taken for its prefix hits
+        (acquire_row) still maps its last user's later blocks past the new request's, and those
+        count as readable. The row's growth into such a slot is an unmap that waits for every step
+        in flight that over-read it (a hazard wait; all of them in the CPU harness's serving runs,
+        NOTES #124). Those that no step in flight reads become spares here, like any guard slot;
+        the rest wait for a later call (warm_stale_guards counts the rows done)."""
         if not self._guards_in_budget():
             self.warm_counts["warm_guards_over_budget"] += 1  # (the rows stay listed: a later call)
             return
         mapper, held, guard, bpr = self.mapper, self._held_end, self._guard_end, self.layout.blocks_per_row
         mapper.retire()
-        spans, later = [], {}
+        spans, later, stale = [], {}, set()  # stale: rows whose guard so far holds stale frames
         for row in self._ahead_rows:
-            start, want = max(guard[row], held[row]), min(held[row] + self.guard_slots, bpr)
+            h, want = held[row], min(held[row] + self.guard_slots, bpr)
+            start = max(guard[row], h)
+            if self.stale_guards and h < start and mapper.holds_stale(row, h, min(start, want)):
+                start = h
+                stale.add(row)
             if start >= want:
                 continue
-            if mapper.read_bound(row) > start:
+            bound = mapper.read_bound(row)
+            if bound > start:
                 later[row] = None
-                continue
+                if row not in stale or bound >= want:
+                    continue
+                start = bound  # the stale slots no step in flight reads now; the others in a later call
             spans.append((row, start, want))
         done = mapper.guard_ahead(spans, self._spares_past_reserve()) if spans else 0
         for row, _, want in spans[:done]:
-            guard[row] = want
+            guard[row] = max(guard[row], want)
         later.update((row, None) for row, _, _ in spans[done:])
         self._ahead_rows = later
+        if stale:
+            self.warm_counts["warm_stale_guards"] += sum(1 for row, _, _ in spans[:done] if row in stale)
 
     def _guards_in_budget(self) -> bool:
         """Could every running row's guard (guard_slots each) be spares within GUARD_SPARE_SHARE of them?"""

@@ -414,6 +414,29 @@ class RowMapper:
         self._flush_background(rows)
         return done
 
+    def replace_stale(self, row: int, slot: int, cold: Iterator[int]) -> bool:
+        """If `slot` of `row` maps something other than a spare (the zero page, or a frame some block
+        owns), map the next spare of `cold` (spares mapped nowhere) there instead, as a step's ops:
+        the row's next fresh block then moves into it. With no spare left it stays. Returns whether
+        it was replaced."""
+        if slot >= self.layout.blocks_per_row or not self.holds_stale(row, slot, slot + 1):
+            return False
+        f = next(cold, None)
+        if f is None:
+            return False
+        self.retire()
+        self._unmap_slot(row, slot)
+        self._map_slots(row, [(slot, f)], counter="pad_maps")
+        self.raise_readable(row, slot + 1)
+        self._flush()
+        return True
+
+    def holds_stale(self, row: int, start: int, end: int) -> bool:
+        """Does a slot of `row` in [start, end) map something other than a spare (the zero page, or
+        a frame some block owns)? The row's growth into it would unmap it first."""
+        spare = self.pool.spare_frames
+        return any(f is not None and f not in spare for f in self.slots[row][start:end])
+
     def raise_readable(self, row: int, end: int) -> int:
         """Move `row`'s readable mark up to `end` if every slot below it is mapped (or planned to
         be): an unmap lowers the mark (_unmap_slot), and a slot mapped again afterwards, e.g. the
