@@ -424,6 +424,7 @@ class RowMapper:
         f = next(cold, None)
         if f is None:
             return False
+        self._drain_warming(row, slot + 1)  # (background ops planned for the slot run first)
         self.retire()
         self._unmap_slot(row, slot)
         self._map_slots(row, [(slot, f)], counter="pad_maps")
