@@ -12,8 +12,9 @@
 // host word at `va` with release ordering, after every earlier op of the queue has run), DRAIN
 // (run background ops until `handle` of them have run), WAIT_VALUE (the same wait as WAIT_EVENT
 // without a driver call: poll the 32-bit host word at `va`, which the GPU writes after each step
-// (cuStreamWriteValue32), until it has reached `handle`, wrap-around aware; benchmarks/NOTES.md
-// #124). WAIT_VALUE's time and calls are counted with WAIT_EVENT's.
+// (cuStreamWriteValue32), until it has reached `handle`, wrap-around aware, for at most `size`
+// milliseconds (0: VATTN_WAIT_VALUE_TIMEOUT_NS); benchmarks/NOTES.md #124). WAIT_VALUE's time and
+// calls are counted with WAIT_EVENT's.
 //
 // Background ops (vattn_mapper_submit_background) run one at a time only while no batch is
 // queued, so they never delay a step's mappings by more than the one driver call in progress; a
@@ -109,8 +110,12 @@ uint64_t now_ns() {
 // microseconds of the wait's start or after milliseconds), then sleeps 20 us between looks. No
 // driver call, so no driver lock: a cuEventSynchronize here once returned ~34 ms after its event
 // had completed while the engine thread waited on the GPU (NOTES #124). Gives up after
-// VATTN_WAIT_VALUE_TIMEOUT_NS (a GPU that never writes the word) with VATTN_ERR_WAIT_TIMEOUT.
-int wait_value(uint64_t addr, uint32_t target) {
+// `timeout_ns` (a GPU that never writes the word) with VATTN_ERR_WAIT_TIMEOUT.
+uint64_t timeout_ns(const vattn_op& op) {  // WAIT_VALUE's limit: `size` ms, or the default
+  return op.size ? op.size * 1000000ull : VATTN_WAIT_VALUE_TIMEOUT_NS;
+}
+
+int wait_value(uint64_t addr, uint32_t target, uint64_t timeout_ns) {
   const uint32_t* word = reinterpret_cast<const uint32_t*>(addr);
   auto reached = [&] { return static_cast<int32_t>(__atomic_load_n(word, __ATOMIC_ACQUIRE) - target) >= 0; };
   for (int i = 0; i < 2000; ++i) {
@@ -118,7 +123,7 @@ int wait_value(uint64_t addr, uint32_t target) {
   }
   uint64_t t0 = now_ns();
   while (!reached()) {
-    if (now_ns() - t0 > VATTN_WAIT_VALUE_TIMEOUT_NS) return VATTN_ERR_WAIT_TIMEOUT;
+    if (now_ns() - t0 > timeout_ns) return VATTN_ERR_WAIT_TIMEOUT;
     std::this_thread::sleep_for(std::chrono::microseconds(20));
   }
   return 0;
@@ -192,7 +197,8 @@ struct Mapper {
       case VATTN_OP_SIGNAL:
         __atomic_store_n(reinterpret_cast<uint32_t*>(op.va), static_cast<uint32_t>(op.handle), __ATOMIC_RELEASE);
         return 0;
-      case VATTN_OP_WAIT_VALUE: return wait_value(op.va, static_cast<uint32_t>(op.handle));
+      case VATTN_OP_WAIT_VALUE:
+        return wait_value(op.va, static_cast<uint32_t>(op.handle), timeout_ns(op));
       default: return -1;
     }
   }
@@ -222,8 +228,16 @@ struct Mapper {
       std::lock_guard<std::mutex> g(mu);
       if (error == 0) {
         record_error_locked(rc);
-        std::snprintf(error_text, sizeof(error_text), "op kind %d at va=0x%llx size=%llu returned %d",
-                      op.kind, (unsigned long long)op.va, (unsigned long long)op.size, rc);
+        if (op.kind == VATTN_OP_WAIT_VALUE && rc == VATTN_ERR_WAIT_TIMEOUT)
+          std::snprintf(error_text, sizeof(error_text),
+                        "WAIT_VALUE: the GPU did not write step %llu into the host word at 0x%llx within %llu ms "
+                        "(it holds %u); a step that never finished, or a failed stream",
+                        (unsigned long long)op.handle, (unsigned long long)op.va,
+                        (unsigned long long)(timeout_ns(op) / 1000000ull),
+                        __atomic_load_n(reinterpret_cast<const uint32_t*>(op.va), __ATOMIC_ACQUIRE));
+        else
+          std::snprintf(error_text, sizeof(error_text), "op kind %d at va=0x%llx size=%llu returned %d",
+                        op.kind, (unsigned long long)op.va, (unsigned long long)op.size, rc);
       }
     }
   }

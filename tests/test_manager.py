@@ -648,3 +648,24 @@ def test_value_fences_need_stream_mode(driver):
         mgr.step_fence(stream=1)
     mgr.close()
     assert driver.leaks() == []
+
+
+def test_the_native_threads_wait_for_a_host_word_gives_up_with_an_error_naming_the_step():
+    """WAIT_VALUE's limit (its size field in ms; 0: two minutes): a word the GPU never writes (a
+    step that never finished) becomes an error Python raises, not a native thread stuck for good."""
+    import ctypes
+
+    from vllm_vattention.errors import DriverError
+    from vllm_vattention.memory.executor import WAIT_VALUE
+    from vllm_vattention.memory.native import NativeExecutor, null_table
+    word = (ctypes.c_uint32 * 16)()
+    ex = NativeExecutor(*null_table())
+    try:
+        ex.run([(WAIT_VALUE, ctypes.addressof(word), 20, 5)])
+        with pytest.raises(DriverError, match=r"did not write step 5 into the host word .* within 20 ms \(it holds 0\)"):
+            ex.wait()
+        word[0] = 5
+        ex.run([(WAIT_VALUE, ctypes.addressof(word), 20, 5)])
+        ex.wait()  # reached: no error (the earlier one was seen and cleared)
+    finally:
+        ex.close()

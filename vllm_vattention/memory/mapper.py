@@ -55,7 +55,7 @@ class HostWordFence:
     (benchmarks/NOTES.md #124); done() is a memory read, not an event query."""
 
     native_handle = 0
-    TIMEOUT_S = 120.0  # wait(): no step takes this long; a GPU that never writes the word raises
+    TIMEOUT_S = 120.0  # wait(), as the native thread's WAIT_VALUE: no step takes this long; a word never written raises
 
     def __init__(self, host_addr: int, value: int):
         self.host_addr, self.value = host_addr, value & 0xFFFFFFFF
