@@ -28,7 +28,9 @@ batch x context x 128 KiB of frames (48 GiB at 256 x 1536), not whole rows.
 sets access to and unmaps one frame at a spare row of the same reservation, back to back: page-table
 changes during the kernels, as the engine makes them while a step runs (8192-in-256-out's decode
 steps: ~7 driver calls per step). In the engine FA2 lost more per decode step than this benchmark
-gives it, FA3 did not (NOTES #122); if FA2 slows under churn and FA3 less, that is why.
+gives it, FA3 did not (NOTES #122); if FA2 slows under churn and FA3 less, that is why. Driver
+calls may also hold up the timing thread's launches (the GPU then idles between kernels); that
+would slow both kernels alike, so the difference between them is the reading, not either alone.
 """
 
 from __future__ import annotations
