@@ -108,7 +108,7 @@ uint64_t now_ns() {
 // WAIT_VALUE: until the host word at `addr` has reached `target` (32-bit sequence numbers: reached
 // when word - target, taken as signed, is >= 0). Spins briefly (a step in flight usually ends within
 // microseconds of the wait's start or after milliseconds), then sleeps 20 us between looks. No
-// driver call, so no driver lock: a cuEventSynchronize here once returned ~34 ms after its event
+// driver call, so no driver lock: a cuEventSynchronize here once returned >= 33 ms after its event
 // had completed while the engine thread waited on the GPU (NOTES #124). Gives up after
 // `timeout_ns` (a GPU that never writes the word) with VATTN_ERR_WAIT_TIMEOUT.
 uint64_t timeout_ns(const vattn_op& op) {  // WAIT_VALUE's limit: `size` ms, or the default
