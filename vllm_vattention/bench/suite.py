@@ -827,6 +827,21 @@ def admit_rows(results: list[dict]) -> list[dict]:
             for (w, s), ms in by.items()]
 
 
+def hazard_rows(results: list[dict]) -> list[dict]:
+    """Per workload and system: unmaps that waited for a step in flight (hazard waits), the native
+    thread's time in those waits, and the stale guard frames replaced by spares (VATTN_STALE_GUARDS,
+    NOTES #126: first growth slots at admission, rows by guard extension); medians over repetitions.
+    Runs without the stale-guard counters (stock, runs before #126) are left out."""
+    def pick(r: dict) -> dict | None:
+        m = _mapper(r)
+        return m if "admit_stale_replaced" in m else None
+    by = _grouped(results, pick)
+    return [{"workload": w, "system": s, "n": len(ms),
+             **{k: statistics.median(m.get(k, 0) for m in ms)
+                for k in ("hazard_waits", "native_event_wait_seconds", "admit_stale_replaced", "warm_stale_guards")}}
+            for (w, s), ms in by.items()]
+
+
 def _longest_stall(ms: list[dict]) -> list:
     """The longest flag stall over the runs' mapper reports: [ms, index of its wait]; [0, None] if none."""
     return max(((m.get("flag_longest_ms") or [[0, None]])[0] for m in ms), key=lambda x: x[0] or 0)
@@ -990,6 +1005,15 @@ def markdown(doc: dict) -> str:
                           [[m["workload"], m["system"], m["n"], f"{m['admissions']:.0f}", f"{m['swaps']:.1f}",
                             f"{m['maps']:.1f}", f"{m['unmaps']:.1f}", "-" if m["drains"] is None else f"{m['drains']:.0f}",
                             "-" if m["drains_skipped"] is None else f"{m['drains_skipped']:.0f}"] for m in admits])
+    hazards = hazard_rows(res)
+    if hazards:
+        lines += _section("Unmaps that waited for a step in flight, and stale guard frames replaced (medians over "
+                          "repetitions; NOTES #124, #126)",
+                          ["workload", "system", "runs", "hazard waits", "native thread in them s",
+                           "first growth slots replaced at admission", "rows' stale guards replaced in the background"],
+                          [[m["workload"], m["system"], m["n"], f"{m['hazard_waits']:.0f}",
+                            f"{m['native_event_wait_seconds']:.3f}", f"{m['admit_stale_replaced']:.0f}",
+                            f"{m['warm_stale_guards']:.0f}"] for m in hazards])
     slow = slow_batch_rows(res)
     if slow:
         lines += _section("The native thread's slowest batch (submission to done; the most over repetitions)",
