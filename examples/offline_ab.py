@@ -139,6 +139,10 @@ VATTN_SYSTEMS = {
                                     "VATTN_FA3_SCHEDULE": "1"},
     # never-used blocks' frames lent as spares (benchmarks/NOTES.md #47); a tight budget hands them out
     "vattention-lend": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_LEND_BLOCKS": "auto"},
+    # hazard waits on a host word each step's stream writes, not CUDA events (benchmarks/NOTES.md #124)
+    "vattention-value-fence": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_FENCE": "value"},
+    # a prefix row's stale guard frames left in place (the default before benchmarks/NOTES.md #126)
+    "vattention-stale-guards-kept": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_STALE_GUARDS": "0"},
 }
 
 

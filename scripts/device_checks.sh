@@ -70,9 +70,11 @@ for s in $steps; do
           tests/gpu/test_e2e_gpu.py -k "logprobs_match or (preemption and flag) or 32_token or lent" \
           > "$OUT/gs_e2e.log" 2>&1; echo "rc=$?"
         grep -oE "decode=[a-z0-9-]+" "$OUT/gs_e2e.log" | sort | uniq -c; grep -E "passed|failed|Error|greedy" "$OUT/gs_e2e.log" | tail -8;;
-    prefix) # prefix caching + n=3 sampling e2e against stock: the default (lent blocks since NOTES #58) and
-        # VATTN_GROWTH_AHEAD=1 (~70 s each with the JIT cache)
-        timeout 300 python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/gpu/test_e2e_gpu.py -k "prefix and not spare" \
+    prefix) # prefix caching + n=3 sampling e2e against stock: the default (lent blocks since NOTES #58, stale
+        # guard frames replaced since #126), VATTN_FENCE=value (#124) and VATTN_STALE_GUARDS=0 (~70 s each
+        # with the JIT cache; VATTN_GROWTH_AHEAD=1's case: -k growth)
+        timeout 400 python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/gpu/test_e2e_gpu.py \
+          -k "prefix and not spare and not growth" \
           > "$OUT/prefix.log" 2>&1; echo "rc=$?"; grep -E "passed|failed|Error" "$OUT/prefix.log" | tail -3;;
     mix_check) # VATTN_DECODE_KERNEL=fa2-graphs, =fa2 and VATTN_FA3_SCHEDULE=1 end to end against stock: logprobs
         # within the FA2/FA3 spread, prefills chunked beside decodes (NOTES #89, #91); on a fresh
