@@ -384,7 +384,9 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             # step changes that waited for a row's background ops (DRAIN), and those below every op pending
             "drains": s["drains"], "drains_skipped": s["drains_skipped"], "prefix_rows_taken": s["prefix_rows_taken"],
             # new requests' blocks: admissions, and how many of their blocks moved into spares or were mapped
-            **{k: s[k] for k in ("admissions", "admit_swaps", "admit_maps", "admit_unmaps")},
+            **{k: s[k] for k in ("admissions", "admit_swaps", "admit_maps", "admit_unmaps", "admit_stale_replaced")},
+            # running requests' growth: moved into spares, mapped, and unmapped first (NOTES #126)
+            **{k: s[k] for k in ("grow_swaps", "grow_maps", "grow_unmaps")},
             **{k: s[k] for k in s if k.startswith("warm_") and k != "warm_maps"},
             "event_queries_per_step": round(_LaggingFence.queries / steps, 2),
             **{f"first_step_{k}": v for k, v in first_step.items()},

@@ -445,13 +445,14 @@ def test_hazard_table_shows_waits_and_stale_guards_replaced():
     def run(waits, secs, admitted, extended):
         return {"workload": "serve", "system": "vattn-fa2", "error": None,
                 "mapper": {"hazard_waits": waits, "native_event_wait_seconds": secs,
-                           "admit_stale_replaced": admitted, "warm_stale_guards": extended}}
+                           "admit_stale_replaced": admitted, "warm_stale_guards": extended,
+                           "grow_swaps": 1400 + waits, "grow_maps": 450, "grow_unmaps": 420}}
     res = [run(20, 0.05, 60, 140), run(30, 0.2, 50, 100), run(10, 0.1, 70, 120),
            {"workload": "serve", "system": "vattn-fa2", "error": None, "mapper": {"hazard_waits": 90}},  # before #126
            {"workload": "serve", "system": "stock-fa3", "error": None}]
     (row,) = S.hazard_rows(res)
     assert (row["n"], row["hazard_waits"], row["admit_stale_replaced"], row["warm_stale_guards"]) == (3, 20, 60, 120)
-    assert "| serve | vattn-fa2 | 3 | 20 | 0.100 | 60 | 120 |" in S.markdown({"results": res})
+    assert "| serve | vattn-fa2 | 3 | 20 | 0.100 | 60 | 120 | 1420 / 450 / 420 |" in S.markdown({"results": res})
 
 
 def test_mixed_steps_table_counts_fa2_graphs_one_and_two_launch_steps():

@@ -829,8 +829,9 @@ def admit_rows(results: list[dict]) -> list[dict]:
 
 def hazard_rows(results: list[dict]) -> list[dict]:
     """Per workload and system: unmaps that waited for a step in flight (hazard waits), the native
-    thread's time in those waits, and the stale guard frames replaced by spares (VATTN_STALE_GUARDS,
-    NOTES #126: first growth slots at admission, rows by guard extension); medians over repetitions.
+    thread's time in those waits, the stale guard frames replaced by spares (VATTN_STALE_GUARDS,
+    NOTES #126: first growth slots at admission, rows by guard extension), and how running requests'
+    new blocks got into place (moved into spares, mapped, unmapped first); medians over repetitions.
     Runs without the stale-guard counters (stock, runs before #126) are left out."""
     def pick(r: dict) -> dict | None:
         m = _mapper(r)
@@ -838,7 +839,8 @@ def hazard_rows(results: list[dict]) -> list[dict]:
     by = _grouped(results, pick)
     return [{"workload": w, "system": s, "n": len(ms),
              **{k: statistics.median(m.get(k, 0) for m in ms)
-                for k in ("hazard_waits", "native_event_wait_seconds", "admit_stale_replaced", "warm_stale_guards")}}
+                for k in ("hazard_waits", "native_event_wait_seconds", "admit_stale_replaced", "warm_stale_guards",
+                          "grow_swaps", "grow_maps", "grow_unmaps")}}
             for (w, s), ms in by.items()]
 
 
@@ -1010,10 +1012,12 @@ def markdown(doc: dict) -> str:
         lines += _section("Unmaps that waited for a step in flight, and stale guard frames replaced (medians over "
                           "repetitions; NOTES #124, #126)",
                           ["workload", "system", "runs", "hazard waits", "native thread in them s",
-                           "first growth slots replaced at admission", "rows' stale guards replaced in the background"],
+                           "first growth slots replaced at admission", "rows' stale guards replaced in the background",
+                           "growth: moved into a spare / mapped / unmapped first"],
                           [[m["workload"], m["system"], m["n"], f"{m['hazard_waits']:.0f}",
                             f"{m['native_event_wait_seconds']:.3f}", f"{m['admit_stale_replaced']:.0f}",
-                            f"{m['warm_stale_guards']:.0f}"] for m in hazards])
+                            f"{m['warm_stale_guards']:.0f}",
+                            f"{m['grow_swaps']:.0f} / {m['grow_maps']:.0f} / {m['grow_unmaps']:.0f}"] for m in hazards])
     slow = slow_batch_rows(res)
     if slow:
         lines += _section("The native thread's slowest batch (submission to done; the most over repetitions)",

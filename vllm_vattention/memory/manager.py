@@ -58,6 +58,9 @@ _WARM_COUNTS = ("warm_calls", "warm_unchanged", "warm_deferred", "warm_stopped_i
 # new requests' blocks (set_blocks from slot 0): admissions, blocks moved into spares, mapped, unmapped first;
 # and the admissions that took the free row still mapping their prefix hits (acquire_row)
 _ADMIT_COUNTS = ("admissions", "admit_swaps", "admit_maps", "admit_unmaps", "prefix_rows_taken", "admit_stale_replaced")
+# running requests' growth (set_blocks past slot 0): blocks moved into spares, mapped (while the step waits),
+# and what was unmapped first (a stale frame or the zero page: after a wait for any step over-reading it)
+_GROW_COUNTS = ("grow_swaps", "grow_maps", "grow_unmaps")
 
 
 def _ints(xs):
@@ -314,14 +317,11 @@ class KVMemoryManager:
         warm_before = (sum(1 for f in self.mapper.slots[row][:len(blocks)] if f in self.pool.spare_frames)
                        if admission and len(self.admit_trace) < self.ADMIT_TRACE else None)
         self.mapper.set_blocks(row, list(blocks), start, fresh_from, live_rows=self._active)
-        if (admission and self.guard_ahead and self.stale_guards
-                and self.mapper.replace_stale(row, len(blocks), self._cold_spares())):
-            # a row taken for its prefix hits maps its last user's next block in the new request's first
-            # growth slot; left there, this step over-reads it as FA3's guard, and a prompt ending on a
-            # block boundary grows into it in the next step: an unmap that waits for this one (49 of the
-            # CPU harness's 103 hazard waits in serving, NOTES #124). A spare there now, in this step's
-            # ops (the ones the step waits for anyway), and the growth moves into it
-            self.admit_counts["admit_stale_replaced"] += 1
+        if start > 0:
+            g = self.grow_counts
+            g["grow_swaps"] += st.swaps - swaps
+            g["grow_maps"] += st.block_maps - maps
+            g["grow_unmaps"] += st.block_unmaps - unmaps
         if admission:
             # how new requests' blocks got into place: moved into spares (no driver call) or mapped while
             # their step waits, and what was unmapped first (a stale slot of the row's last user)
@@ -333,6 +333,14 @@ class KVMemoryManager:
             c["admit_unmaps"] += got[2]
             if warm_before is not None:  # (row, blocks, fresh, slots holding a spare before, swaps, maps, unmaps)
                 self.admit_trace.append((row, len(blocks), len(blocks) - fresh_from, warm_before, *got))
+        if (admission and self.guard_ahead and self.stale_guards
+                and self.mapper.replace_stale(row, len(blocks), self._cold_spares())):
+            # a row taken for its prefix hits maps its last user's next block in the new request's first
+            # growth slot; left there, this step over-reads it as FA3's guard, and a prompt ending on a
+            # block boundary grows into it in the next step: an unmap that waits for this one (49 of the
+            # CPU harness's 103 hazard waits in serving, NOTES #124). A spare there now, in this step's
+            # ops (the ones the step waits for anyway), and the growth moves into it
+            self.admit_counts["admit_stale_replaced"] += 1
         if self.mapper.stats.swaps != swaps:  # spares changed hands
             self._grow_blocked = False
             # (with growth_ahead a running request's growth swaps almost every step; the spare it frees
@@ -822,7 +830,7 @@ class KVMemoryManager:
                  bounded_scan=int(self.bounded_scan),  # (which scan ran: a suite JSON's mapper stats tell)
                  reserved_bytes=self.layout.total_bytes, **self.warm_counts,
                  warm_trace=[list(t) for t in self.warm_trace], spares_at=self.spares_at(),
-                 **self.admit_counts, admit_trace=[list(t) for t in self.admit_trace])
+                 **self.admit_counts, admit_trace=[list(t) for t in self.admit_trace], **self.grow_counts)
         native = getattr(self.mapper.executor, "stats", None)
         if native is not None:  # the native thread's own time (background modes)
             s.update(native())
@@ -864,6 +872,7 @@ class KVMemoryManager:
         self.warm_counts = dict.fromkeys(_WARM_COUNTS, 0)
         self.warm_trace: list[tuple[int, ...]] = []
         self.admit_counts = dict.fromkeys(_ADMIT_COUNTS, 0)
+        self.grow_counts = dict.fromkeys(_GROW_COUNTS, 0)
         self.admit_trace: list[tuple[int, ...]] = []  # the first ADMIT_TRACE admissions
 
     def close(self) -> None:
