@@ -158,3 +158,17 @@ def test_forward_hands_the_kernels_the_views_slicing_gives_and_makes_the_kv_view
     got.clear()
     impl.forward(None, q, key, key, kv2, longer, out)
     assert _same_view(got[1][1][1], kv2[0][:, :longer.kv_len]) and _same_view(got[0][1][2], kv2[0])
+
+
+def test_a_long_decode_step_outside_a_full_graph_runs_fa3_over_whole_rows():
+    """VATTN_FA3_DECODE_TOKENS (NOTES #128): when the model runner found a decode-only step long
+    enough and every row's guard in place (decode_fa3), the builder routes the whole batch to FA3,
+    as decode_kernel fa3 does; the next step is FA2 again unless told."""
+    b = builder("fa2-graphs")
+    b.decode_fa3 = True
+    m = batch([1, 1, 1], [1000, 2000, 600])
+    md = b._build(m)
+    assert md.num_decodes == 0 and md.prefill_query_start_loc is m.query_start_loc
+    assert md.kv_len == ROW_LEN and md.fa3_kv_len == ROW_LEN and md.fa3_schedule is None
+    b.decode_fa3 = False
+    assert builder("fa2-graphs")._build(m).num_decodes == 3 and b._build(m).num_decodes == 3

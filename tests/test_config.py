@@ -263,3 +263,14 @@ def test_fa3_schedule_setting():
     assert VattnConfig.from_env({"VATTN_FA3_SCHEDULE": "1"}).fa3_schedule is True
     with pytest.raises(ConfigError, match="VATTN_FA3_SCHEDULE='yes please' is not a boolean"):
         VattnConfig.from_env({"VATTN_FA3_SCHEDULE": "yes please"})
+
+
+def test_fa3_decode_tokens_setting():
+    """VATTN_FA3_DECODE_TOKENS: 0 (off) by default; a threshold with the default decode kernel; with
+    another kernel it would choose nothing, so it is refused, naming both variables."""
+    assert VattnConfig.from_env({}).fa3_decode_tokens == 0
+    assert VattnConfig.from_env({"VATTN_FA3_DECODE_TOKENS": "450000"}).fa3_decode_tokens == 450_000
+    with pytest.raises(ConfigError, match="VATTN_FA3_DECODE_TOKENS=5 .*VATTN_DECODE_KERNEL=fa2"):
+        VattnConfig.from_env({"VATTN_FA3_DECODE_TOKENS": "5", "VATTN_DECODE_KERNEL": "fa2"})
+    with pytest.raises(ConfigError, match="VATTN_FA3_DECODE_TOKENS=-1 is below 0"):
+        VattnConfig.from_env({"VATTN_FA3_DECODE_TOKENS": "-1"})

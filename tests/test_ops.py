@@ -88,3 +88,14 @@ def test_plan_reads_runs_fa2_graphs_mixed_batch_as_one_launch_only_when_no_guard
         want = ops.read_extents(seq, qs, kernel, 256, 4096)
         assert rule == kernel and fa3.tolist() == want[0].tolist() and ext.tolist() == want[1].tolist()
     assert asked == []
+
+
+def test_long_decode_counts_the_contexts_of_a_decode_only_step():
+    """VATTN_FA3_DECODE_TOKENS: a step is a long decode when every request has one new token and
+    their contexts (computed tokens + the new one) add up to the threshold; 0 turns it off."""
+    from vllm_vattention.attention.ops import long_decode
+    assert long_decode([1] * 64, [8300] * 64, 450_000)  # 8192-in-256-out's decode steps: 531K tokens
+    assert not long_decode([1] * 24, [16400] * 24, 450_000)  # 16K decode: 394K
+    assert not long_decode([1, 1, 7], [300_000, 300_000, 10], 450_000)  # a prefill chunk in the step
+    assert long_decode([1, 1], [99, 100], 201) and not long_decode([1, 1], [99, 99], 201)
+    assert not long_decode([], [], 1) and not long_decode([1] * 64, [8300] * 64, 0)

@@ -272,3 +272,79 @@ def test_stock_runner_traces_steps_in_the_same_format(monkeypatch, tmp_path):
     end = trace["steps"][1][0] + trace["steps"][1][1] / 1e3
     win = ttft_windows({"t0": t0, "start_s": [-1e-6], "ttft_ms": [(end + 1e-3) * 1e3]}, trace)[0]
     assert win["steps"] == 2 and win["block_maps"] == 0 and win["flag_ms"] == 0
+
+
+def test_a_long_decode_step_runs_fa3_only_over_rows_whose_guards_are_in_place(runner):
+    """VATTN_FA3_DECODE_TOKENS (NOTES #128): a decode step execute_model found long (_fa3_decode)
+    runs FA3 over every row when each row's FA3 guard is readable already: the builders are told
+    (decode_fa3) and the step reads up to the guards. With a guard missing it stays FA2 and maps
+    nothing past the rows' blocks (no guard on the step's path)."""
+    mgr, bs = runner.vattn, runner.vattn.layout.block_size
+    runner.vattn_cfg = VattnConfig(background_map=False, decode_kernel="fa2-graphs", fa3_decode_tokens=1)
+    runner.reset_timers()
+    b = SimpleNamespace(mixed_kernel="unset", decode_fa3="unset", build_seconds=0.0)
+    runner.attn_groups = [[SimpleNamespace(get_metadata_builder=lambda i: b)]]
+    rows = [mgr.acquire_row() for _ in range(2)]
+    seq = [2 * bs + 3, bs + 5]
+    for i, (row, n) in enumerate(zip(rows, seq)):
+        mgr.set_blocks(row, list(range(10 * i, 10 * i + -(-n // bs))))
+        runner._row_np[i] = row
+    batch = SimpleNamespace(num_reqs=2, num_reqs_after_padding=2, num_tokens=2, num_tokens_after_padding=2,
+                            idx_mapping_np=np.arange(2), num_scheduled_tokens=np.array([1, 1]),
+                            seq_lens_cpu_upper_bound=torch.tensor(seq),
+                            positions=torch.tensor([s - 1 for s in seq]))
+    runner._fa3_decode = True
+    runner.prepare_attn(batch)
+    assert b.decode_fa3 is False and runner.vattn_report()["long_decode_steps_fa2"] == 1
+    assert all(x is None for r, n in zip(rows, seq) for x in mgr.mapper.slots[r][-(-n // bs):])
+    assert runner._pending_reads == {r: -(-n // bs) for r, n in zip(rows, seq)}
+    ext = [min(n + runner.vattn_cfg.guard_tokens, mgr.layout.row_tokens) for n in seq]
+    for row, e in zip(rows, ext):  # the guards in place, as guard extension leaves them
+        mgr.ensure_readable(row, e)
+    mgr.sync()
+    runner.prepare_attn(batch)
+    assert b.decode_fa3 is True and b.mixed_kernel == "fa3"
+    assert runner._pending_reads == {r: -(-e // bs) for r, e in zip(rows, ext)}
+    report = runner.vattn_report()
+    assert (report["long_decode_steps_fa3"], report["long_decode_steps_fa2"]) == (1, 1)
+    runner._fa3_decode = False  # a step that is not long: FA2 as ever
+    runner.prepare_attn(batch)
+    assert b.decode_fa3 is False and b.mixed_kernel == "fa2-graphs"
+    mgr.mapper.check_invariants()
+
+
+def test_long_decode_steps_take_the_piecewise_graph_and_others_are_dispatched_as_before():
+    """The runner's CUDA-graph dispatch, wrapped once (idempotent): a long decode step is dispatched
+    as a batch of mixed lengths (no full decode graph matches it: vLLM takes the piecewise one);
+    every other step reaches vLLM's dispatch unchanged."""
+    from vllm_vattention.worker import _dispatch_long_decodes_piecewise
+    seen = []
+    manager = SimpleNamespace(dispatch=lambda *a, **k: seen.append((a, k)) or "desc")
+    runner = SimpleNamespace(cudagraph_manager=manager, _fa3_decode=False)
+    _dispatch_long_decodes_piecewise(runner)
+    wrapped = manager.dispatch
+    _dispatch_long_decodes_piecewise(runner)
+    assert manager.dispatch is wrapped
+    assert manager.dispatch(64, 64, 1, 0) == "desc" and seen[-1] == ((64, 64, 1, 0), {})
+    runner._fa3_decode = True
+    assert manager.dispatch(64, 64, 1, num_active_loras=0) == "desc"
+    assert seen[-1] == ((64, 64, None), {"num_active_loras": 0})
+
+
+def test_execute_model_finds_long_decode_steps_from_the_scheduler_output():
+    """_is_long_decode: only with VATTN_FA3_DECODE_TOKENS, only decode-only steps with no new request,
+    contexts from the scheduler's computed tokens (+1 each); off before the KV cache exists."""
+    r = object.__new__(VattnModelRunner)
+    assert r._is_long_decode(SimpleNamespace(scheduled_new_reqs=[])) is False  # (profiling run: no config)
+
+    def out(computed, new=(), sched=None):
+        ids = [f"r{i}" for i in range(len(computed))]
+        return SimpleNamespace(scheduled_new_reqs=list(new),
+                               scheduled_cached_reqs=SimpleNamespace(req_ids=ids, num_computed_tokens=list(computed)),
+                               num_scheduled_tokens=sched or dict.fromkeys(ids, 1))
+    r.vattn_cfg = VattnConfig(decode_kernel="fa2-graphs", fa3_decode_tokens=100)
+    assert r._is_long_decode(out([60, 38])) and not r._is_long_decode(out([60, 37]))  # 61 + 39 = 100; 99
+    assert not r._is_long_decode(out([60, 39], new=["n"]))  # a new request's prefill in the step
+    assert not r._is_long_decode(out([60, 39], sched={"r0": 1, "r1": 4}))  # a chunk: not decode-only
+    r.vattn_cfg = VattnConfig(decode_kernel="fa2-graphs")
+    assert not r._is_long_decode(out([10_000, 10_000]))  # off

@@ -6,6 +6,7 @@
 | VATTN_LAYOUT | interleaved, per_layer | interleaved | how a token's KV is laid out in a row |
 | VATTN_RECLAIM | deferred, eager | deferred | keep a released row's pages mapped, or unmap them |
 | VATTN_DECODE_KERNEL | fa2, fa3, fa2-graphs | fa2-graphs | fa2-graphs: FA2 in decode-only batches (the CUDA-graph steps), FA3 for the whole of a mixed batch (one launch per layer) when every decode row's guard is in place already and the prefill rows' guards can all be spare frames, else as fa2 (guards are kept while requests run, VATTN_KEEP_GUARDS defaulting to 1, and extended in the background as rows grow, with spares only, while the running rows' guards fit half the spares); fa2: FA2 for every one-token query, FA3 for the rest (two launches per layer in a mixed batch; the default before benchmarks/NOTES.md #114); fa3: FA3 for everything (every row guarded). benchmarks/NOTES.md #89, #90, #101, #104, #105, #110, #112, #114 |
+| VATTN_FA3_DECODE_TOKENS | integer >= 0 | 0 | with VATTN_DECODE_KERNEL=fa2-graphs: a decode-only step whose requests' contexts add up to at least this many tokens runs FA3 over the rows (one launch per layer, outside a full CUDA graph: vLLM's piecewise graphs) instead of FA2 in a full graph, when every row's FA3 guard is in place already (else FA2, eager). 0: never. For the long-context decode steps where FA2 over rows lost 4-10% per step to paged FA3 and FA3 decode 2% (8192-in-256-out on H200s, benchmarks/NOTES.md #122, #128); the suite system vattn-fa3-long-decode uses 450,000. Not yet measured on a GPU |
 | VATTN_FA3_SCHEDULE | 0, 1 | 0 | 1: FA3's scheduler metadata computed once per mixed step and handed to every layer (as stock vLLM does), not by each layer's FA3 call; benchmarks/NOTES.md #91; measured on an H200 with no gain (#96), so off |
 | VATTN_FA2_SPLITS | integer 0-128 | 0 | FA2 decode: the parts each sequence's keys are split into (0: FA2's own heuristic, from the batch, the heads and the row length); `vattn-kbench` sweeps it |
 | VATTN_BACKGROUND_MAP | 0, 1, stream | stream | 0: driver calls on the engine thread before the step launches; 1: on a native thread (no GIL), joined before the step launches; stream: on that thread, and the GPU stream waits for them (cuStreamWaitValue32 on a host flag), the CPU never joins |
@@ -114,6 +115,7 @@ class VattnConfig:
     reclaim: str = "deferred"
     decode_kernel: str = "fa2-graphs"
     fa2_splits: int = 0
+    fa3_decode_tokens: int = 0  # VATTN_FA3_DECODE_TOKENS: decode steps with this much context run FA3 (0: never)
     background_map: bool | str = "stream"  # False, True (native thread) or "stream"
     extra_rows: int | None = None
     guard_tokens: int = 256
@@ -146,6 +148,7 @@ class VattnConfig:
             reclaim=_choice(env, "VATTN_RECLAIM", RECLAIM_POLICIES, "deferred"),
             decode_kernel=_choice(env, "VATTN_DECODE_KERNEL", DECODE_KERNELS, "fa2-graphs"),
             fa2_splits=_int(env, "VATTN_FA2_SPLITS", 0),
+            fa3_decode_tokens=_int(env, "VATTN_FA3_DECODE_TOKENS", 0),
             background_map=_map_mode(env, "VATTN_BACKGROUND_MAP", "stream"),
             extra_rows=_int(env, "VATTN_EXTRA_ROWS", None),
             # FA3 reads up to one key tile (<= 192 tokens, ops.FA3_MAX_OVERREAD) past a sequence's end.
@@ -188,6 +191,9 @@ class VattnConfig:
         if self.step_trace and not os.path.isdir(os.path.dirname(os.path.abspath(self.step_trace))):
             raise ConfigError(f"VATTN_STEP_TRACE={self.step_trace!r}: its folder does not exist; create it or "
                               "name a file in an existing folder")
+        if self.fa3_decode_tokens and self.decode_kernel != "fa2-graphs":
+            raise ConfigError(f"VATTN_FA3_DECODE_TOKENS={self.fa3_decode_tokens} chooses between fa2-graphs' two "
+                              f"decode paths, but VATTN_DECODE_KERNEL={self.decode_kernel}; unset one of them")
         if self.fa2_splits > 128:
             raise ConfigError(f"VATTN_FA2_SPLITS={self.fa2_splits} is above FA2's limit of 128; use 0 (FA2's "
                               "heuristic) to 128")

@@ -197,6 +197,26 @@ def has_prefill(scheduler_output) -> bool:
     return so.total_num_scheduled_tokens > len(so.num_scheduled_tokens) + spec
 
 
+def _dispatch_long_decodes_piecewise(runner) -> None:
+    """VATTN_FA3_DECODE_TOKENS: the runner's CUDA-graph dispatch treats a long-context decode step
+    (runner._fa3_decode, set in execute_model) as a batch of mixed lengths, so vLLM picks its
+    piecewise graph, whose attention runs eagerly: the metadata builder then gives it FA3 (decode
+    steps' full graphs were captured with FA2). Other steps are dispatched as before. Wraps the
+    runner's cudagraph_manager.dispatch once (idempotent); vLLM 0.25's V2 runner calls it with
+    (num_reqs, num_tokens, uniform_token_count, num_active_loras)."""
+    manager = runner.cudagraph_manager
+    if getattr(manager.dispatch, "_vattn_long_decodes", False):
+        return
+    dispatch = manager.dispatch
+
+    def dispatch_long_decodes_piecewise(num_reqs, num_tokens, uniform_token_count, *args, **kwargs):
+        if runner._fa3_decode:
+            uniform_token_count = None  # (a full decode graph matches only uniform batches)
+        return dispatch(num_reqs, num_tokens, uniform_token_count, *args, **kwargs)
+    dispatch_long_decodes_piecewise._vattn_long_decodes = True
+    manager.dispatch = dispatch_long_decodes_piecewise
+
+
 def _write_trace(trace: StepTrace, flag_waits_ms: list[float] | None) -> None:
     try:
         trace.write(flag_waits_ms)
@@ -243,6 +263,7 @@ class VattnModelRunner(V2ModelRunner):
     flag_timer: StreamWaitTimer | None = None
     step_trace: StepTrace | None = None  # VATTN_STEP_TRACE
     vattn_spare_blocks: int | None = None  # resolved by VattnWorker.determine_available_memory
+    _fa3_decode = False  # VATTN_FA3_DECODE_TOKENS: this step is a long-context decode step (execute_model)
 
     # -- KV allocation ---------------------------------------------------------------------
     def initialize_kv_cache(self, kv_cache_config) -> None:
@@ -295,6 +316,8 @@ class VattnModelRunner(V2ModelRunner):
         self._init_step_staging(device)
         self.vattn_rows = RequestRows(self.vattn)  # request id -> row, blocks mapped
         self._pending_reads: dict[int, int] | None = None  # {row: block slots} the launched step may read
+        if self.vattn_cfg.fa3_decode_tokens:
+            _dispatch_long_decodes_piecewise(self)
         self.reset_timers()
         logger.info("vAttention KV: %d blocks of %d tokens (%d MiB), %d rows x %d tokens, %.1f GiB reserved",
                     kv_cache_config.num_blocks, layout.block_size, layout.block_bytes >> 20, rows,
@@ -356,6 +379,8 @@ class VattnModelRunner(V2ModelRunner):
         self.execute_seconds = 0.0
         self.steps = 0
         self.mixed_rules = {"fa2-graphs": 0, "fa2": 0}  # ops.plan_reads' rule in fa2-graphs' mixed steps
+        # VATTN_FA3_DECODE_TOKENS' decode steps: run FA3, or FA2 (eager) for want of a guard in place
+        self.fa3_decodes = {"fa3": 0, "fa2": 0}
         self.hook_seconds = dict.fromkeys(HOOK_PARTS, 0.0)
         for builder in self._vattn_builders():
             builder.build_seconds = 0.0
@@ -380,6 +405,7 @@ class VattnModelRunner(V2ModelRunner):
                  execute_seconds=round(self.execute_seconds, 4),
                  map_share=round(self.map_seconds / self.execute_seconds, 5) if self.execute_seconds else None,
                  mixed_steps_one_launch=self.mixed_rules["fa2-graphs"], mixed_steps_two_launches=self.mixed_rules["fa2"],
+                 long_decode_steps_fa3=self.fa3_decodes["fa3"], long_decode_steps_fa2=self.fa3_decodes["fa2"],
                  hook_seconds={k: round(v, 6) for k, v in (self.hook_seconds or {}).items()})
         if self.flag_timer is not None:
             self.flag_timer.collect(wait=True)
@@ -440,14 +466,26 @@ class VattnModelRunner(V2ModelRunner):
         seq_lens = input_batch.seq_lens_cpu_upper_bound[:n].numpy()
         t = time.perf_counter()
         cfg, live = self.vattn_cfg, rows[:n]
-        rule, fa3, extents = ops.plan_reads(
-            seq_lens, input_batch.num_scheduled_tokens, cfg.decode_kernel, cfg.guard_tokens, row_len,
-            live, self.vattn, clip_to_view=cfg.fa3_guard == "clipped")
+        decode_fa3 = False
+        if self._fa3_decode:
+            # a long-context decode step outside a full CUDA graph (execute_model): FA3 over every row,
+            # if each row's FA3 guard is in place already (nothing mapped on the step's path), else FA2
+            fa3, extents = ops.read_extents(seq_lens, input_batch.num_scheduled_tokens, "fa3", cfg.guard_tokens,
+                                            row_len, clip_to_view=cfg.fa3_guard == "clipped")
+            decode_fa3 = self.vattn.guards_ready(live, extents)
+            self.fa3_decodes["fa3" if decode_fa3 else "fa2"] += 1
+        if decode_fa3:
+            rule = "fa3"
+        else:
+            rule, fa3, extents = ops.plan_reads(
+                seq_lens, input_batch.num_scheduled_tokens, cfg.decode_kernel, cfg.guard_tokens, row_len,
+                live, self.vattn, clip_to_view=cfg.fa3_guard == "clipped")
         if cfg.decode_kernel == "fa2-graphs":  # (the other kernels' rule never changes: the builders have it)
             if ops.is_mixed(input_batch.num_scheduled_tokens):
                 self.mixed_rules[rule] += 1  # its mixed steps: one FA3 launch ("fa2-graphs") or two ("fa2")
             for builder in self._vattn_builders():
                 builder.mixed_kernel = rule  # the metadata is built under the rule whose reads were mapped
+                builder.decode_fa3 = decode_fa3
         for row, extent in zip(live[fa3].tolist(), extents[fa3].tolist()):
             self.vattn.ensure_readable(row, extent)  # FA3 over-reads: a guard behind the end
         self._pending_reads = self._step_reads(live, extents)
@@ -491,12 +529,24 @@ class VattnModelRunner(V2ModelRunner):
         bt.view(-1)[:bt.shape[0]].fill_(DUMMY_ROW)
         for builder in self._vattn_builders():  # (the dummy row is readable throughout: any rule would do)
             builder.mixed_kernel = ops.mixed_rule(self.vattn_cfg.decode_kernel)
+            builder.decode_fa3 = False  # (a capture replays FA2 in decode graphs)
         self._staged.pop("rows", None)  # the buffer holds the dummy row now
         return super().prepare_dummy_attn(input_batch)
+
+    def _is_long_decode(self, scheduler_output) -> bool:
+        """VATTN_FA3_DECODE_TOKENS: is this step decode-only, with its requests' contexts adding up
+        to the threshold (ops.long_decode)? Its CUDA-graph dispatch then takes the piecewise graph
+        (_dispatch_long_decodes_piecewise) and prepare_attn runs it in FA3 if the guards allow."""
+        cfg = getattr(self, "vattn_cfg", None)  # (None in vLLM's profiling run, before the KV cache)
+        if cfg is None or not cfg.fa3_decode_tokens or scheduler_output.scheduled_new_reqs:
+            return False
+        c, sched = scheduler_output.scheduled_cached_reqs, scheduler_output.num_scheduled_tokens
+        return ops.long_decode((sched.get(r, 0) for r in c.req_ids), c.num_computed_tokens, cfg.fa3_decode_tokens)
 
     def execute_model(self, scheduler_output, *args, **kwargs):
         t = time.perf_counter()
         self._pending_reads = None
+        self._fa3_decode = self._is_long_decode(scheduler_output)
         trace = self.step_trace
         if trace is not None:
             st, flags = self.vattn.mapper.stats, self.flag_timer

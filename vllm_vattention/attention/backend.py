@@ -126,6 +126,9 @@ class VattnMetadata:
 class VattnMetadataBuilder(AttentionMetadataBuilder[VattnMetadata]):
     # Decode batches run the same kernels with the same full-row views at capture and at replay.
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    # VATTN_FA3_DECODE_TOKENS: this decode-only step runs FA3 over the rows (eager: its guards are in
+    # place), set by the model runner's prepare_attn each step, like mixed_kernel
+    decode_fa3: bool = False
 
     def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config: VllmConfig, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -157,9 +160,9 @@ class VattnMetadataBuilder(AttentionMetadataBuilder[VattnMetadata]):
             # Decode batches may be replayed from a CUDA graph: fixed shapes (whole rows), and every
             # (padded) request in one kernel.
             kv_len = row_len
-            if self.cfg.decode_kernel in ("fa2", "fa2-graphs"):
+            if self.cfg.decode_kernel in ("fa2", "fa2-graphs") and not self.decode_fa3:
                 num_decodes = m.num_reqs
-            else:
+            else:  # (decode_fa3: a long-context decode step outside a full graph, VATTN_FA3_DECODE_TOKENS)
                 num_decodes, prefill_qsl = 0, m.query_start_loc
         else:
             # Mixed batches run eagerly: rows sliced to the longest sequence plus FA3's over-read.

@@ -14,7 +14,7 @@ those tokens readable (`read_extents`).
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Iterable, Protocol
 
 import numpy as np
 import torch
@@ -106,6 +106,21 @@ def plan_reads(seq_lens: np.ndarray, query_lens: np.ndarray, decode_kernel: str,
         return decode_kernel, fa3, ext
     fa3, ext = read_extents(seq_lens, query_lens, "fa2", guard_tokens, row_len, clip_to_view)
     return "fa2", fa3, ext
+
+
+def long_decode(num_scheduled: Iterable[int], num_computed: Iterable[int], min_tokens: int) -> bool:
+    """VATTN_FA3_DECODE_TOKENS: is this step decode-only (one new token per request) with contexts
+    adding up to at least `min_tokens` (0: never)? Such a step runs FA3 over the rows outside a full
+    CUDA graph (worker.VattnModelRunner), where FA2's graph replay would read them slower (NOTES #122)."""
+    if not min_tokens:
+        return False
+    total = n = 0
+    for q, c in zip(num_scheduled, num_computed):
+        if q != 1:
+            return False
+        total += c + 1
+        n += 1
+    return n > 0 and total >= min_tokens
 
 
 def is_mixed(query_lens: np.ndarray) -> bool:
