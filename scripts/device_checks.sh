@@ -129,8 +129,9 @@ for s in $steps; do
     tp) timeout 580 python3 -m pytest -m gpu2 tests/gpu_multi -q -s -p no:cacheprovider > "$OUT/tp.log" 2>&1; echo "rc=$?"; grep -E "greedy|absdiff_max|passed|failed" "$OUT/tp.log" | tail -12;;
     multiturn) timeout 580 python3 -m vllm_vattention.bench.multiturn --trace .gpu/trace/mooncake_conversation_trace.jsonl --out "$OUT" ${MT_ARGS:-} > "$OUT/multiturn.log" 2>&1; echo "rc=$?"; tail -8 "$OUT/multiturn.log";;
     profile) # kernel time per step (torch.profiler): stock, vAttention's default, the former default (mapping
-        # on the engine thread); PROF_SYSTEMS picks some of "stock vattn sync graphs fa3" (graphs:
-        # VATTN_DECODE_KERNEL=fa2-graphs, fa3: =fa3), a name ending -sched (vattn-sched): VATTN_FA3_SCHEDULE=1
+        # on the engine thread); PROF_SYSTEMS picks some of "stock vattn sync graphs fa3 fa3long" (graphs:
+        # VATTN_DECODE_KERNEL=fa2-graphs, fa3: =fa3, fa3long: VATTN_FA3_DECODE_TOKENS=450000), a name ending
+        # -sched (vattn-sched): VATTN_FA3_SCHEDULE=1
         # PROF_TAG names the files (prof-SYS-TAG.json, profile-TAG.md), PROF_TIMEOUT bounds each engine
         reports=""; t=${PROF_TAG:+-$PROF_TAG}; for sys in ${PROF_SYSTEMS:-stock vattn sync}; do
           env -u VLLM_ATTENTION_BACKEND -u VATTN_BACKGROUND_MAP -u VATTN_FA3_GUARD -u VATTN_SPARE_BLOCKS -u VATTN_DECODE_KERNEL -u VATTN_FA3_SCHEDULE \
@@ -138,6 +139,7 @@ for s in $steps; do
             $( [ $sys = sync ] && echo VATTN_BACKGROUND_MAP=0 VATTN_FA3_GUARD=always ) \
             $( [ ${sys%-sched} = graphs ] && echo VATTN_DECODE_KERNEL=fa2-graphs ) \
             $( [ $sys = fa3 ] && echo VATTN_DECODE_KERNEL=fa3 ) \
+            $( [ $sys = fa3long ] && echo VATTN_FA3_DECODE_TOKENS=450000 ) \
             $( [ ${sys%-sched} != $sys ] && echo VATTN_FA3_SCHEDULE=1 ) \
             VLLM_ENABLE_V1_MULTIPROCESSING=0 timeout ${PROF_TIMEOUT:-180} python3 -m vllm_vattention.bench.profile \
             --out "$OUT/prof-$sys$t.json" ${PROF_ARGS:-} > "$OUT/prof-$sys$t.log" 2>&1; echo "$sys rc=$?"
