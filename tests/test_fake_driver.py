@@ -56,3 +56,18 @@ def test_capacity_and_va_limits_raise_typed_errors():
         d.create(G)
     with pytest.raises(OutOfAddressSpaceError):
         d.reserve(16 * G)
+
+
+def test_the_fake_and_the_cuda_driver_both_have_every_method_of_the_driver_interface():
+    """memory.driver.Driver is what the manager calls: the fake must offer it for the CPU tests to
+    mean anything, and libcuda's driver for the GPU (VATTN_FENCE=value's stream_write was once
+    written into the Protocol instead of CudaDriver: it would have failed only on a GPU)."""
+    import inspect
+
+    from vllm_vattention.memory.driver import CudaDriver, Driver
+    from vllm_vattention.memory.fake_driver import FakeDriver
+    wanted = {n for n, v in vars(Driver).items() if inspect.isfunction(v) and not n.startswith("_")}
+    assert {"map", "unmap", "stream_wait", "stream_write", "host_flag"} <= wanted
+    for cls in (CudaDriver, FakeDriver):
+        missing = {n for n in wanted if not inspect.isfunction(getattr(cls, n, None))}
+        assert not missing, (cls.__name__, missing)

@@ -28,15 +28,6 @@ class Driver(Protocol):
     def set_access(self, va: int, size: int, writable: bool = True) -> None: ...
     def unmap(self, va: int, size: int) -> None: ...
     def memset_zero(self, va: int, size: int) -> None: ...
-    def stream_write(self, stream: int, device_addr: int, value: int) -> None:
-        """Once the work enqueued on `stream` so far is done, the stream stores `value` into the
-        32-bit word at device_addr (a host_flag's: the CPU sees it in pinned memory), after a
-        system-wide memory barrier (cuStreamWriteValue32's default)."""
-        self._ensure_context()
-        self._check("cuStreamWriteValue32", self._cu_keep_gil.cuStreamWriteValue32_v2(
-            ctypes.c_void_p(stream), ctypes.c_uint64(device_addr), ctypes.c_uint32(value & 0xFFFFFFFF),
-            ctypes.c_uint(0)))  # CU_STREAM_WRITE_VALUE_DEFAULT
-
     def mem_info(self) -> tuple[int, int]: ...
     def native_table(self): ...  # (DriverTable, keepalive) for the native mapping thread
     # stream mode (VATTN_BACKGROUND_MAP=stream): the GPU waits on a host flag the native thread sets
@@ -228,6 +219,15 @@ class CudaDriver:
         self._check("cuStreamWaitValue32", self._cu_keep_gil.cuStreamWaitValue32_v2(
             ctypes.c_void_p(stream), ctypes.c_uint64(device_addr), ctypes.c_uint32(value & 0xFFFFFFFF),
             ctypes.c_uint(0)))  # CU_STREAM_WAIT_VALUE_GEQ
+
+    def stream_write(self, stream: int, device_addr: int, value: int) -> None:
+        """Once the work enqueued on `stream` so far is done, the stream stores `value` into the
+        32-bit word at device_addr (a host_flag's: the CPU sees it in pinned memory), after a
+        system-wide memory barrier (cuStreamWriteValue32's default)."""
+        self._ensure_context()
+        self._check("cuStreamWriteValue32", self._cu_keep_gil.cuStreamWriteValue32_v2(
+            ctypes.c_void_p(stream), ctypes.c_uint64(device_addr), ctypes.c_uint32(value & 0xFFFFFFFF),
+            ctypes.c_uint(0)))  # CU_STREAM_WRITE_VALUE_DEFAULT
 
     def mem_info(self) -> tuple[int, int]:
         """(free, total) bytes of device memory."""
