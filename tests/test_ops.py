@@ -99,3 +99,35 @@ def test_long_decode_counts_the_contexts_of_a_decode_only_step():
     assert not long_decode([1, 1, 7], [300_000, 300_000, 10], 450_000)  # a prefill chunk in the step
     assert long_decode([1, 1], [99, 100], 201) and not long_decode([1, 1], [99, 99], 201)
     assert not long_decode([], [], 1) and not long_decode([1] * 64, [8300] * 64, 0)
+
+
+def test_plan_reads_runs_a_long_decode_step_in_fa3_only_over_guarded_rows():
+    """long_decode (VATTN_FA3_DECODE_TOKENS, NOTES #128): a decode-only step runs FA3 over every row
+    ("fa3") when guards_ready says each row is readable to its FA3 extent (its seq + the guard, no
+    clipping: no prefill); otherwise, and for a batch with a prefill chunk, as without it."""
+    seq, rows = np.array([1000, 2000]), np.array([7, 3])
+    asked = []
+
+    class Guards:
+        def __init__(self, ready):
+            self.ready = ready
+
+        def guards_ready(self, r, ext):
+            asked.append((r.tolist(), ext.tolist()))
+            return self.ready
+
+        def guards_fit(self, r, ext):
+            return True
+
+    q = np.array([1, 1])
+    rule, fa3, ext = ops.plan_reads(seq, q, "fa2-graphs", 256, 4096, rows, Guards(True), clip_to_view=True,
+                                    long_decode=True)
+    assert (rule, fa3.tolist(), ext.tolist()) == ("fa3", [True, True], [1256, 2256])
+    assert asked == [([7, 3], [1256, 2256])]
+    rule, fa3, ext = ops.plan_reads(seq, q, "fa2-graphs", 256, 4096, rows, Guards(False), long_decode=True)
+    assert (rule, fa3.tolist(), ext.tolist()) == ("fa2-graphs", [False, False], [1000, 2000])
+    rule, _, _ = ops.plan_reads(seq, q, "fa2-graphs", 256, 4096, rows, Guards(True))  # not asked: FA2
+    assert rule == "fa2-graphs"
+    rule, _, _ = ops.plan_reads(seq, np.array([1, 9]), "fa2-graphs", 256, 4096, rows, Guards(True),
+                                long_decode=True)  # a chunk in the step: the mixed-batch rule
+    assert rule == "fa2-graphs"

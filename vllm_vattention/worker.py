@@ -203,7 +203,8 @@ def _dispatch_long_decodes_piecewise(runner) -> None:
     piecewise graph, whose attention runs eagerly: the metadata builder then gives it FA3 (decode
     steps' full graphs were captured with FA2). Other steps are dispatched as before. Wraps the
     runner's cudagraph_manager.dispatch once (idempotent); vLLM 0.25's V2 runner calls it with
-    (num_reqs, num_tokens, uniform_token_count, num_active_loras)."""
+    (num_reqs, num_tokens, uniform_token_count, num_active_loras). It can go once vLLM lets an
+    attention backend decline a full graph for a given batch."""
     manager = runner.cudagraph_manager
     if getattr(manager.dispatch, "_vattn_long_decodes", False):
         return
@@ -466,20 +467,13 @@ class VattnModelRunner(V2ModelRunner):
         seq_lens = input_batch.seq_lens_cpu_upper_bound[:n].numpy()
         t = time.perf_counter()
         cfg, live = self.vattn_cfg, rows[:n]
-        decode_fa3 = False
+        # (_fa3_decode: a long-context decode step outside a full CUDA graph, execute_model)
+        rule, fa3, extents = ops.plan_reads(
+            seq_lens, input_batch.num_scheduled_tokens, cfg.decode_kernel, cfg.guard_tokens, row_len,
+            live, self.vattn, clip_to_view=cfg.fa3_guard == "clipped", long_decode=self._fa3_decode)
+        decode_fa3 = rule == "fa3" and self._fa3_decode
         if self._fa3_decode:
-            # a long-context decode step outside a full CUDA graph (execute_model): FA3 over every row,
-            # if each row's FA3 guard is in place already (nothing mapped on the step's path), else FA2
-            fa3, extents = ops.read_extents(seq_lens, input_batch.num_scheduled_tokens, "fa3", cfg.guard_tokens,
-                                            row_len, clip_to_view=cfg.fa3_guard == "clipped")
-            decode_fa3 = self.vattn.guards_ready(live, extents)
             self.fa3_decodes["fa3" if decode_fa3 else "fa2"] += 1
-        if decode_fa3:
-            rule = "fa3"
-        else:
-            rule, fa3, extents = ops.plan_reads(
-                seq_lens, input_batch.num_scheduled_tokens, cfg.decode_kernel, cfg.guard_tokens, row_len,
-                live, self.vattn, clip_to_view=cfg.fa3_guard == "clipped")
         if cfg.decode_kernel == "fa2-graphs":  # (the other kernels' rule never changes: the builders have it)
             if ops.is_mixed(input_batch.num_scheduled_tokens):
                 self.mixed_rules[rule] += 1  # its mixed steps: one FA3 launch ("fa2-graphs") or two ("fa2")

@@ -86,7 +86,8 @@ class Guards(Protocol):
 
 
 def plan_reads(seq_lens: np.ndarray, query_lens: np.ndarray, decode_kernel: str, guard_tokens: int,
-               row_len: int, rows: np.ndarray, guards: Guards, clip_to_view: bool = False) -> tuple[str, np.ndarray, np.ndarray]:
+               row_len: int, rows: np.ndarray, guards: Guards, clip_to_view: bool = False,
+               long_decode: bool = False) -> tuple[str, np.ndarray, np.ndarray]:
     """(the kernel rule the step runs under, its FA3 mask, each row's read extent): read_extents,
     except that fa2-graphs runs a mixed batch as one FA3 launch only where no guard would be mapped
     on the step's path but spare frames: `guards` (the memory manager) says that every decode row of
@@ -96,7 +97,15 @@ def plan_reads(seq_lens: np.ndarray, query_lens: np.ndarray, decode_kernel: str,
     under fa2's rule (FA2 for the decodes, whose rows then need no guard), so that no guard is the
     zero page: a row that grows into a zero-page slot a step in flight over-reads must wait for that
     step before the unmap (NOTES #110, #112). The metadata builder must build the step under the
-    same rule (worker.prepare_attn tells it)."""
+    same rule (worker.prepare_attn tells it).
+
+    long_decode (VATTN_FA3_DECODE_TOKENS: a decode-only step outside a full CUDA graph, NOTES #128):
+    the rule is "fa3", FA3 over every row, if every row is readable up to FA3's extent already;
+    otherwise the step is planned as any other."""
+    if long_decode and (query_lens == 1).all():
+        fa3, ext = read_extents(seq_lens, query_lens, "fa3", guard_tokens, row_len, clip_to_view)
+        if guards.guards_ready(rows, ext):
+            return "fa3", fa3, ext
     fa3, ext = read_extents(seq_lens, query_lens, decode_kernel, guard_tokens, row_len, clip_to_view)
     if decode_kernel != "fa2-graphs" or not fa3.any():
         return decode_kernel, fa3, ext
