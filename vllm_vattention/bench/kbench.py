@@ -243,10 +243,12 @@ def run_shape(batch: int, context: int, row_tokens: int, splits: list[int], layo
     gbytes = kv_bytes(batch, context) / 1e9
     out: list[dict] = []
 
-    def record(layout: str, system: str, num_splits, ms: float | None, diff: float | None, note: str = "") -> None:
+    def record(layout: str, system: str, num_splits, ms: float | None, diff: float | None, note: str = "",
+               **extra) -> None:
         out.append({"batch": batch, "context": context, "row_tokens": row_tokens, "layout": layout,
                     "system": system, "num_splits": num_splits, "ms": ms,
-                    "tb_per_s": gbytes / ms if ms else None, "max_abs_diff_vs_paged_fa3": diff, "note": note})
+                    "tb_per_s": gbytes / ms if ms else None, "max_abs_diff_vs_paged_fa3": diff, "note": note,
+                    **extra})
 
     # stock's decode: FA3 over 16-token blocks in shuffled order (and, as a control, in order)
     nblk = -(-row_tokens // BLOCK)
@@ -334,7 +336,8 @@ def run_shape(batch: int, context: int, row_tokens: int, splits: list[int], layo
                     if dev.type == "cuda":
                         torch.cuda.synchronize()
                     record(f"{label} + map churn", system, splits[0] if system == "fa2" else None, ms,
-                           (o.float() - ref).abs().max().item(), f"{churn.calls_per_ms:.1f} driver calls/ms")
+                           (o.float() - ref).abs().max().item(), f"{churn.calls_per_ms:.1f} driver calls/ms",
+                           calls_per_ms=round(churn.calls_per_ms, 1))
         finally:
             del k_rows, v_rows
             if close is not None:
@@ -399,7 +402,7 @@ def markdown(res: dict) -> str:
             kernel = f"FA2 (splits {r['num_splits']})" if r["system"] == "fa2" else "FA3 over rows"
             ratio = f"{r['ms'] / quiet:.3f}x" if quiet else "-"
             lines.append(f"| {r['batch']} x {r['context']} | {base} | {kernel} | "
-                         f"{quiet if quiet is None else f'{quiet:.4f}'} | {r['ms']:.4f} | {ratio} | {r['note'].split()[0]} |")
+                         f"{quiet if quiet is None else f'{quiet:.4f}'} | {r['ms']:.4f} | {ratio} | {r['calls_per_ms']:.1f} |")
     lines += ["", "Every split count (ms):", "",
               "| batch x context | layout | " + " | ".join(f"s={s}" for s in res["splits"]) + " |",
               "|---|---|" + "---|" * len(res["splits"])]
