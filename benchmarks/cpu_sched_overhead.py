@@ -169,7 +169,8 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
         native: bool = False, chain: list[str] | None = None, lend: int | str = 0, block_size: int = 16,
         growth: bool = False, keep_guards: bool = False, decode_kernel: str = DEFAULT_KERNEL,
         serve_prompts: str = "bench", prefix_rows: bool = True, timed: bool = False,
-        warm_defer: bool = True, bounded_scan: bool = True, stale_guards: bool = True) -> dict | list[dict]:
+        warm_defer: bool = True, bounded_scan: bool = True, stale_guards: bool = True,
+        fa3_decode_tokens: int = 0) -> dict | list[dict]:
     """One workload in a fresh scheduler and manager; or, with `chain`, the suite's sequence in one
     engine (offline.py): an untimed warm-up of 16 x 64-token prompts (16 out), then each workload of
     `chain` in turn, the counters reset before each (a list of results, one per workload). lend: the
@@ -180,7 +181,8 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
     `vllm bench serve` sends: prefix hits) or "distinct" (no two share a block). prefix_rows: the
     manager's (VATTN_PREFIX_ROWS). warm_defer: VATTN_WARM_DEFER (warm() in a step with prefill chunks
     defers, as the worker asks it to: worker.has_prefill). bounded_scan: VATTN_BOUNDED_SCAN. stale_guards:
-    VATTN_STALE_GUARDS. timed: the native thread in simulated time (_TimedExecutor): when
+    VATTN_STALE_GUARDS. fa3_decode_tokens: VATTN_FA3_DECODE_TOKENS (long decode-only steps in FA3 where
+    the guards allow: ops.plan_reads; long_decode_steps counts them by the rule they ran). timed: the native thread in simulated time (_TimedExecutor): when
     each step's mappings were done (`flag_model`)."""
     from vllm.sampling_params import SamplingParams
     from vllm.v1.outputs import ModelRunnerOutput
@@ -223,6 +225,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
     admit_parts: dict[str, list[tuple]] = {}
     other_parts: list[tuple] = []  # the other steps' (decode steps'), as the trace keeps them since NOTES #98
     mixed_rules: dict[str, int] = {}  # fa2-graphs' mixed steps by the rule they ran (ops.plan_reads, NOTES #110)
+    long_rules: dict[str, int] = {}  # fa3_decode_tokens' long decode steps by the rule they ran (NOTES #128)
 
     def zero_counts() -> None:
         mgr.reset_stats()
@@ -231,6 +234,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
         admitting.update(dict.fromkeys(admitting, 0))
         others.update(dict.fromkeys(others, 0))
         mixed_rules.clear()
+        long_rules.clear()
     step_reads = ops.StepReads(lay.block_size)  # as the worker builds each step's reads
 
     def drive(prompts: list[list[int]], max_tokens: int | list[int], clip: bool = True,
@@ -296,8 +300,11 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             seq = np.array([live[r].num_computed_tokens for r in ids], dtype=np.int64)
             q = np.array([out.num_scheduled_tokens[r] for r in ids], dtype=np.int64)
             c4 = time.perf_counter()
+            long = ops.long_decode(q.tolist(), seq.tolist(), fa3_decode_tokens)
             rule, fa3, ext = ops.plan_reads(seq, q, decode_kernel, 256, lay.row_tokens,
-                                            row_of, mgr, clip_to_view=clip)
+                                            row_of, mgr, clip_to_view=clip, long_decode=long)
+            if long:
+                long_rules[rule] = long_rules.get(rule, 0) + 1
             if decode_kernel == "fa2-graphs" and ops.is_mixed(q):
                 mixed_rules[rule] = mixed_rules.get(rule, 0) + 1
             for row, e in zip(row_of[fa3].tolist(), ext[fa3].tolist()):
@@ -393,6 +400,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             **{f"admitting_{k}": v for k, v in admitting.items()},
             "growth_maps": s["growth_maps"], **{f"other_steps_{k}": v for k, v in others.items()},
             **({"mixed_steps_by_rule": dict(mixed_rules)} if decode_kernel == "fa2-graphs" else {}),
+            **({"long_decode_steps_by_rule": dict(long_rules)} if fa3_decode_tokens else {}),
             **{f"{kind}_hooks_ms_{name}": round(v, 4) for kind, xs in (("admitting", step_ms[True]),
                                                                       ("other_steps", step_ms[False]))
                for name, v in _p50_p90(xs).items()},
@@ -451,8 +459,11 @@ def main() -> None:
     ap.add_argument("--keep-stale-guards", action="store_true",
                     help="VATTN_STALE_GUARDS=0: a prefix row's stale frames stay in its request's guard "
                          "(the default before NOTES #126)")
+    ap.add_argument("--fa3-decode-tokens", type=int, default=0,
+                    help="VATTN_FA3_DECODE_TOKENS: decode-only steps with at least this many context tokens run "
+                         "FA3 where the guards allow (the suite's vattn-fa3-long-decode: 450000; NOTES #128)")
     args = ap.parse_args()
-    kw = dict(warmup=not args.no_warmup, native=args.native, lend=args.lend, block_size=args.block_size,
+    kw = dict(fa3_decode_tokens=args.fa3_decode_tokens, warmup=not args.no_warmup, native=args.native, lend=args.lend, block_size=args.block_size,
               growth=args.growth, decode_kernel=args.decode_kernel, keep_guards=args.keep_guards,
               serve_prompts=args.serve_prompts, prefix_rows=not args.fifo_rows, timed=args.timed,
               warm_defer=not args.warm_now, bounded_scan=not args.full_scan, stale_guards=not args.keep_stale_guards)

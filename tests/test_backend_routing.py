@@ -4,6 +4,7 @@ VATTN_DECODE_KERNEL, on a decode batch (CUDA-graph replay: whole rows) and a mix
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -160,15 +161,24 @@ def test_forward_hands_the_kernels_the_views_slicing_gives_and_makes_the_kv_view
     assert _same_view(got[1][1][1], kv2[0][:, :longer.kv_len]) and _same_view(got[0][1][2], kv2[0])
 
 
-def test_a_long_decode_step_outside_a_full_graph_runs_fa3_over_whole_rows():
-    """VATTN_FA3_DECODE_TOKENS (NOTES #128): when the model runner found a decode-only step long
-    enough and every row's guard in place (decode_fa3), the builder routes the whole batch to FA3,
-    as decode_kernel fa3 does; the next step is FA2 again unless told."""
+def test_a_long_decode_step_outside_a_full_graph_runs_fa3_with_its_view_clipped_to_the_longest_row():
+    """VATTN_FA3_DECODE_TOKENS (NOTES #128, #129): when the model runner found a decode-only step long
+    enough (decode_fa3), the builder routes the whole batch to FA3, as decode_kernel fa3 does. The
+    step runs eagerly, so with VATTN_FA3_GUARD=clipped FA3's view ends at the longest row (the
+    extents ops.plan_reads gave the memory manager); with =always it spans whole rows. The next step
+    is FA2 again unless told."""
     b = builder("fa2-graphs")
     b.decode_fa3 = True
     m = batch([1, 1, 1], [1000, 2000, 600])
     md = b._build(m)
     assert md.num_decodes == 0 and md.prefill_query_start_loc is m.query_start_loc
-    assert md.kv_len == ROW_LEN and md.fa3_kv_len == ROW_LEN and md.fa3_schedule is None
+    assert md.kv_len == ROW_LEN and md.fa3_kv_len == 2000 and md.fa3_schedule is None
+    seq, q = np.array([1000, 2000, 600]), np.ones(3, dtype=np.int64)
+    _, _, ext = ops.plan_reads(seq, q, "fa2-graphs", 256, ROW_LEN, np.arange(3), None, clip_to_view=True,
+                               long_decode=True)
+    assert ext.max() == md.fa3_kv_len  # (no row is read past what the manager was asked to map)
+    always = builder("fa2-graphs", fa3_guard="always")
+    always.decode_fa3 = True
+    assert always._build(m).fa3_kv_len == ROW_LEN
     b.decode_fa3 = False
     assert builder("fa2-graphs")._build(m).num_decodes == 3 and b._build(m).num_decodes == 3

@@ -101,33 +101,35 @@ def test_long_decode_counts_the_contexts_of_a_decode_only_step():
     assert not long_decode([], [], 1) and not long_decode([1] * 64, [8300] * 64, 0)
 
 
-def test_plan_reads_runs_a_long_decode_step_in_fa3_only_over_guarded_rows():
-    """long_decode (VATTN_FA3_DECODE_TOKENS, NOTES #128): a decode-only step runs FA3 over every row
-    ("fa3") when guards_ready says each row is readable to its FA3 extent (its seq + the guard, no
-    clipping: no prefill); otherwise, and for a batch with a prefill chunk, as without it."""
+def test_plan_reads_runs_a_long_decode_step_in_fa3_with_its_view_clipped():
+    """long_decode (VATTN_FA3_DECODE_TOKENS, NOTES #128, #129): a decode-only step runs FA3 over every
+    row ("fa3"), guards in place or not (the caller maps what is missing), each row read up to its
+    seq + the guard, clipped to the longest row with clip_to_view (the step runs eagerly), whole
+    guards without; a batch with a prefill chunk is planned as without long_decode."""
     seq, rows = np.array([1000, 2000]), np.array([7, 3])
-    asked = []
 
     class Guards:
         def __init__(self, ready):
             self.ready = ready
 
         def guards_ready(self, r, ext):
-            asked.append((r.tolist(), ext.tolist()))
             return self.ready
 
         def guards_fit(self, r, ext):
             return True
 
     q = np.array([1, 1])
-    rule, fa3, ext = ops.plan_reads(seq, q, "fa2-graphs", 256, 4096, rows, Guards(True), clip_to_view=True,
-                                    long_decode=True)
-    assert (rule, fa3.tolist(), ext.tolist()) == ("fa3", [True, True], [1256, 2256])
-    assert asked == [([7, 3], [1256, 2256])]
+    for ready in (True, False):
+        rule, fa3, ext = ops.plan_reads(seq, q, "fa2-graphs", 256, 4096, rows, Guards(ready), clip_to_view=True,
+                                        long_decode=True)
+        assert (rule, fa3.tolist(), ext.tolist()) == ("fa3", [True, True], [1256, 2000])
     rule, fa3, ext = ops.plan_reads(seq, q, "fa2-graphs", 256, 4096, rows, Guards(False), long_decode=True)
-    assert (rule, fa3.tolist(), ext.tolist()) == ("fa2-graphs", [False, False], [1000, 2000])
-    rule, _, _ = ops.plan_reads(seq, q, "fa2-graphs", 256, 4096, rows, Guards(True))  # not asked: FA2
-    assert rule == "fa2-graphs"
+    assert (rule, fa3.tolist(), ext.tolist()) == ("fa3", [True, True], [1256, 2256])
+    rule, _, ext = ops.plan_reads(seq, q, "fa2-graphs", 256, 4096, rows, Guards(True), clip_to_view=True)
+    assert rule == "fa2-graphs" and ext.tolist() == [1000, 2000]  # not long: FA2, no guard
     rule, _, _ = ops.plan_reads(seq, np.array([1, 9]), "fa2-graphs", 256, 4096, rows, Guards(True),
                                 long_decode=True)  # a chunk in the step: the mixed-batch rule
     assert rule == "fa2-graphs"
+    # the view is narrowed only for a decode-only batch known to run eagerly
+    assert ops.fa3_view_len(seq, q, np.array([True, True])) is None
+    assert ops.fa3_view_len(seq, q, np.array([True, True]), eager=True) == 2000

@@ -274,18 +274,19 @@ def test_stock_runner_traces_steps_in_the_same_format(monkeypatch, tmp_path):
     assert win["steps"] == 2 and win["block_maps"] == 0 and win["flag_ms"] == 0
 
 
-def test_a_long_decode_step_runs_fa3_only_over_rows_whose_guards_are_in_place(runner):
-    """VATTN_FA3_DECODE_TOKENS (NOTES #128): a decode step execute_model found long (_fa3_decode)
-    runs FA3 over every row when each row's FA3 guard is readable already: the builders are told
-    (decode_fa3) and the step reads up to the guards. With a guard missing it stays FA2 and maps
-    nothing past the rows' blocks (no guard on the step's path)."""
+def test_a_long_decode_step_runs_fa3_and_maps_the_guards_it_lacks_up_to_the_longest_row(runner):
+    """VATTN_FA3_DECODE_TOKENS (NOTES #128, #129): a decode step execute_model found long (_fa3_decode)
+    runs FA3 over every row: the builders are told (decode_fa3). With VATTN_FA3_GUARD=clipped (the
+    default) its view ends at the longest row, so a shorter row reads up to that row's end and no
+    further; the slots it lacks there are mapped on the step's path (long_decode_steps_mapped), and
+    a later step finds them in place."""
     mgr, bs = runner.vattn, runner.vattn.layout.block_size
     runner.vattn_cfg = VattnConfig(background_map=False, decode_kernel="fa2-graphs", fa3_decode_tokens=1)
     runner.reset_timers()
     b = SimpleNamespace(mixed_kernel="unset", decode_fa3="unset", build_seconds=0.0)
     runner.attn_groups = [[SimpleNamespace(get_metadata_builder=lambda i: b)]]
     rows = [mgr.acquire_row() for _ in range(2)]
-    seq = [2 * bs + 3, bs + 5]
+    seq = [3 * bs + 3, bs + 1]  # 4 blocks and 2
     for i, (row, n) in enumerate(zip(rows, seq)):
         mgr.set_blocks(row, list(range(10 * i, 10 * i + -(-n // bs))))
         runner._row_np[i] = row
@@ -295,21 +296,22 @@ def test_a_long_decode_step_runs_fa3_only_over_rows_whose_guards_are_in_place(ru
                             positions=torch.tensor([s - 1 for s in seq]))
     runner._fa3_decode = True
     runner.prepare_attn(batch)
-    assert b.decode_fa3 is False and runner.vattn_report()["long_decode_steps_fa2"] == 1
-    assert all(x is None for r, n in zip(rows, seq) for x in mgr.mapper.slots[r][-(-n // bs):])
-    assert runner._pending_reads == {r: -(-n // bs) for r, n in zip(rows, seq)}
-    ext = [min(n + runner.vattn_cfg.guard_tokens, mgr.layout.row_tokens) for n in seq]
-    for row, e in zip(rows, ext):  # the guards in place, as guard extension leaves them
-        mgr.ensure_readable(row, e)
-    mgr.sync()
-    runner.prepare_attn(batch)
     assert b.decode_fa3 is True and b.mixed_kernel == "fa3"
-    assert runner._pending_reads == {r: -(-e // bs) for r, e in zip(rows, ext)}
+    view_slots = -(-max(seq) // bs)  # 4: the shorter row's third and fourth slots are its guard
+    assert runner._pending_reads == dict.fromkeys(rows, view_slots)
+    assert None not in mgr.mapper.slots[rows[1]][2:4]  # mapped for the step (no spare here: the zero page)
+    assert all(x is None for r in rows for x in mgr.mapper.slots[r][view_slots:])  # nothing past the view
     report = runner.vattn_report()
-    assert (report["long_decode_steps_fa3"], report["long_decode_steps_fa2"]) == (1, 1)
-    runner._fa3_decode = False  # a step that is not long: FA2 as ever
+    assert (report["long_decode_steps_fa3"], report["long_decode_steps_fa2"], report["long_decode_steps_mapped"]) \
+        == (1, 0, 1)
+    mgr.sync()
+    runner.prepare_attn(batch)  # the guard in place now: nothing mapped on the step's path
+    report = runner.vattn_report()
+    assert (report["long_decode_steps_fa3"], report["long_decode_steps_mapped"]) == (2, 1)
+    runner._fa3_decode = False  # a step that is not long: FA2 as ever, reading no guard
     runner.prepare_attn(batch)
     assert b.decode_fa3 is False and b.mixed_kernel == "fa2-graphs"
+    assert runner._pending_reads == {r: -(-n // bs) for r, n in zip(rows, seq)}
     mgr.mapper.check_invariants()
 
 

@@ -380,8 +380,9 @@ class VattnModelRunner(V2ModelRunner):
         self.execute_seconds = 0.0
         self.steps = 0
         self.mixed_rules = {"fa2-graphs": 0, "fa2": 0}  # ops.plan_reads' rule in fa2-graphs' mixed steps
-        # VATTN_FA3_DECODE_TOKENS' decode steps: run FA3, or FA2 (eager) for want of a guard in place
-        self.fa3_decodes = {"fa3": 0, "fa2": 0}
+        # VATTN_FA3_DECODE_TOKENS' decode steps: run FA3 (fa2: planned otherwise, which a decode-only
+        # batch never is), and those of them that mapped guard slots on their path (NOTES #129)
+        self.fa3_decodes = {"fa3": 0, "fa2": 0, "mapped": 0}
         self.hook_seconds = dict.fromkeys(HOOK_PARTS, 0.0)
         for builder in self._vattn_builders():
             builder.build_seconds = 0.0
@@ -407,6 +408,7 @@ class VattnModelRunner(V2ModelRunner):
                  map_share=round(self.map_seconds / self.execute_seconds, 5) if self.execute_seconds else None,
                  mixed_steps_one_launch=self.mixed_rules["fa2-graphs"], mixed_steps_two_launches=self.mixed_rules["fa2"],
                  long_decode_steps_fa3=self.fa3_decodes["fa3"], long_decode_steps_fa2=self.fa3_decodes["fa2"],
+                 long_decode_steps_mapped=self.fa3_decodes["mapped"],
                  hook_seconds={k: round(v, 6) for k, v in (self.hook_seconds or {}).items()})
         if self.flag_timer is not None:
             self.flag_timer.collect(wait=True)
@@ -480,8 +482,11 @@ class VattnModelRunner(V2ModelRunner):
             for builder in self._vattn_builders():
                 builder.mixed_kernel = rule  # the metadata is built under the rule whose reads were mapped
                 builder.decode_fa3 = decode_fa3
+        mapped = 0  # guard slots mapped on this step's path
         for row, extent in zip(live[fa3].tolist(), extents[fa3].tolist()):
-            self.vattn.ensure_readable(row, extent)  # FA3 over-reads: a guard behind the end
+            mapped += self.vattn.ensure_readable(row, extent)  # FA3 over-reads: a guard behind the end
+        if self._fa3_decode and mapped:
+            self.fa3_decodes["mapped"] += 1
         self._pending_reads = self._step_reads(live, extents)
         hooks = self.hook_seconds
         t1 = time.perf_counter()

@@ -164,6 +164,11 @@ class VattnMetadataBuilder(AttentionMetadataBuilder[VattnMetadata]):
                 num_decodes = m.num_reqs
             else:  # (decode_fa3: a long-context decode step outside a full graph, VATTN_FA3_DECODE_TOKENS)
                 num_decodes, prefill_qsl = 0, m.query_start_loc
+                if self.decode_fa3 and self.cfg.fa3_guard == "clipped":
+                    # it runs eagerly: the view ends at the longest row, as the extents the model
+                    # runner gave the memory manager (ops.plan_reads, long_decode)
+                    q = np.ones(m.num_reqs, dtype=np.int64)
+                    fa3_kv_len = min(kv_len, ops.fa3_view_len(_cpu_seq_lens(m), q, q == 1, eager=True))
         else:
             # Mixed batches run eagerly: rows sliced to the longest sequence plus FA3's over-read.
             # vLLM orders a batch decodes first; with decode_kernel fa2 those run FA2 and need no
@@ -182,9 +187,7 @@ class VattnMetadataBuilder(AttentionMetadataBuilder[VattnMetadata]):
                     prefill_qsl = prefill_qsl - num_decodes
             if self.cfg.fa3_guard == "clipped":
                 # the same numbers the model runner gave the memory manager (worker.prepare_attn)
-                if m.seq_lens_cpu_upper_bound is None:
-                    raise AssertionError("VATTN_FA3_GUARD=clipped needs vLLM's seq_lens_cpu_upper_bound")
-                view = ops.fa3_view_len(m.seq_lens_cpu_upper_bound[:m.num_reqs].numpy(), query_lens, fa3)
+                view = ops.fa3_view_len(_cpu_seq_lens(m), query_lens, fa3)
                 if view is not None:
                     fa3_kv_len = min(kv_len, view)
         fa3_kv_len = kv_len if fa3_kv_len is None else fa3_kv_len
@@ -201,6 +204,14 @@ class VattnMetadataBuilder(AttentionMetadataBuilder[VattnMetadata]):
             rows=m.block_table_tensor.reshape(-1)[:m.num_reqs], slot_mapping=m.slot_mapping,
             num_decodes=num_decodes, num_reqs=m.num_reqs, prefill_query_start_loc=prefill_qsl, kv_len=kv_len,
             fa3_kv_len=fa3_kv_len, fa3_schedule=schedule)
+
+
+def _cpu_seq_lens(m: CommonAttentionMetadata) -> np.ndarray:
+    """The batch's sequence lengths on the CPU as vLLM's model runner gave them to ours
+    (worker.prepare_attn reads the same upper bounds), for VATTN_FA3_GUARD=clipped's view."""
+    if m.seq_lens_cpu_upper_bound is None:
+        raise AssertionError("VATTN_FA3_GUARD=clipped needs vLLM's seq_lens_cpu_upper_bound")
+    return m.seq_lens_cpu_upper_bound[:m.num_reqs].numpy()
 
 
 class VattnImpl(AttentionImpl[VattnMetadata]):

@@ -51,27 +51,30 @@ def fa3_mask(query_lens: np.ndarray, decode_kernel: str) -> np.ndarray:
     return np.ones(len(query_lens), dtype=bool)
 
 
-def fa3_view_len(seq_lens: np.ndarray, query_lens: np.ndarray, fa3: np.ndarray) -> int | None:
+def fa3_view_len(seq_lens: np.ndarray, query_lens: np.ndarray, fa3: np.ndarray,
+                 eager: bool = False) -> int | None:
     """With VATTN_FA3_GUARD=clipped: the row length of the FA3 view of a batch that has a prefill
     (the longest FA3 sequence), or None where the view cannot be narrowed (no prefill: decode-only
-    batches replay CUDA graphs over whole rows). `fa3`: the batch's `fa3_mask`."""
-    if not fa3.any() or not (query_lens > 1).any():
+    batches replay CUDA graphs over whole rows). `fa3`: the batch's `fa3_mask`. eager: a decode-only
+    batch known to run outside a full CUDA graph (VATTN_FA3_DECODE_TOKENS' long decode steps), whose
+    view is narrowed as a prefill's."""
+    if not fa3.any() or not (eager or (query_lens > 1).any()):
         return None
     return int(seq_lens[fa3].max())
 
 
 def read_extents(seq_lens: np.ndarray, query_lens: np.ndarray, decode_kernel: str, guard_tokens: int,
-                 row_len: int, clip_to_view: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                 row_len: int, clip_to_view: bool = False, eager: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(FA3 mask, tokens of each row the step may read: the sequence, plus FA3's over-read).
 
     clip_to_view (VATTN_FA3_GUARD=clipped): FA3 loads K/V tiles with TMA against the view's shape,
     so nothing past the view's row length (`fa3_view_len`) is read: the longest FA3 row needs no
     guard, the others only up to that length. Checked on an H200 under compute-sanitizer
-    (tests/gpu/test_kernels_gpu.py -k clipped: no read past the view).
+    (tests/gpu/test_kernels_gpu.py -k clipped: no read past the view). eager: as fa3_view_len's.
     """
     fa3 = fa3_mask(query_lens, decode_kernel)
     ext = np.minimum(seq_lens + np.where(fa3, guard_tokens, 0), row_len)
-    view = fa3_view_len(seq_lens, query_lens, fa3) if clip_to_view else None
+    view = fa3_view_len(seq_lens, query_lens, fa3, eager) if clip_to_view else None
     if view is not None:
         ext = np.where(fa3, np.minimum(ext, view), ext)
     return fa3, ext
@@ -99,13 +102,16 @@ def plan_reads(seq_lens: np.ndarray, query_lens: np.ndarray, decode_kernel: str,
     step before the unmap (NOTES #110, #112). The metadata builder must build the step under the
     same rule (worker.prepare_attn tells it).
 
-    long_decode (VATTN_FA3_DECODE_TOKENS: a decode-only step outside a full CUDA graph, NOTES #128):
-    the rule is "fa3", FA3 over every row, if every row is readable up to FA3's extent already;
-    otherwise the step is planned as any other."""
+    long_decode (VATTN_FA3_DECODE_TOKENS: a decode-only step outside a full CUDA graph, NOTES #128,
+    #129): the rule is "fa3", FA3 over every row, its view narrowed to the longest row with
+    clip_to_view (the step runs eagerly), so that a row needs a guard only up to the longest row's
+    end. The guard slots not readable already are mapped on the step's path (spares, else the zero
+    page), as with decode kernel fa3: #128 ran FA2 instead whenever a guard was missing, and on an
+    H200 that was every step of 8192-in-256-out (guard extension is over its share of the spares
+    with 64 rows)."""
     if long_decode and (query_lens == 1).all():
-        fa3, ext = read_extents(seq_lens, query_lens, "fa3", guard_tokens, row_len, clip_to_view)
-        if guards.guards_ready(rows, ext):
-            return "fa3", fa3, ext
+        fa3, ext = read_extents(seq_lens, query_lens, "fa3", guard_tokens, row_len, clip_to_view, eager=True)
+        return "fa3", fa3, ext
     fa3, ext = read_extents(seq_lens, query_lens, decode_kernel, guard_tokens, row_len, clip_to_view)
     if decode_kernel != "fa2-graphs" or not fa3.any():
         return decode_kernel, fa3, ext

@@ -749,16 +749,17 @@ class KVMemoryManager:
         pad_reserve, which stay for the guard slots a step maps while it waits (ensure_readable)."""
         return itertools.islice(self._cold_spares(), self.pad_reserve, None)
 
-    def ensure_readable(self, row: int, num_tokens: int) -> None:
+    def ensure_readable(self, row: int, num_tokens: int) -> int:
         """Tokens [0, num_tokens) of `row` will be readable: where nothing is mapped, a spare frame
-        mapped nowhere (the row's next fresh block moves into it: mapper.py), else the zero page."""
+        mapped nowhere (the row's next fresh block moves into it: mapper.py), else the zero page.
+        Returns how many slots that maps (0: all readable already)."""
         self._require_active(row)
         pad = self._cold_spares if self.pool.spare_frames else None
         slots = -(-num_tokens // self.layout.block_size)
         self._guard_end[row] = max(self._guard_end[row], slots)
         if slots > self._held_end[row]:  # a guard past its blocks (FA3 over-reads this step)
             self._guarded_now.add(row)
-        self.mapper.ensure_readable(row, slots, pad)
+        return self.mapper.ensure_readable(row, slots, pad)
 
     def record_reads(self, fence: Fence, reads: dict[int, int]) -> None:
         """A launched step may read tokens [0, reads[row]) of each row until `fence` completes."""
