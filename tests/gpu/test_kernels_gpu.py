@@ -144,16 +144,21 @@ def test_fa3_with_the_guard_reads_only_mapped_memory(manager_factory, cuda, seq_
     assert (out.float() - ref).abs().max().item() <= _bf16_tolerance(ref)
 
 
-@pytest.mark.parametrize("seq_lens, q_lens", [([17], [17]), ([1025], [300]), ([2000, 1025, 48], [500, 25, 16])])
+@pytest.mark.parametrize("seq_lens, q_lens", [([17], [17]), ([1025], [300]), ([2000, 1025, 48], [500, 25, 16]),
+                                              ([2000, 1025, 48], [1, 1, 1]), ([1030, 1025, 1000], [1, 1, 1])])
 def test_fa3_view_clipped_to_the_longest_sequence_needs_no_guard_there(manager_factory, cuda, seq_lens, q_lens):
     """VATTN_FA3_GUARD=clipped: the FA3 view ends at the longest FA3 sequence; that row has only its
-    own blocks mapped, the others readable up to the view's end (ops.read_extents). Run under
+    own blocks mapped, the others readable up to the view's end (ops.read_extents). Decode-only
+    batches are VATTN_FA3_DECODE_TOKENS' long decode steps (eager, all FA3: NOTES #130). Run under
     compute-sanitizer: an over-read past the view would be an illegal address."""
     import numpy as np
     m = manager_factory(rows=4, max_tokens=4096, num_blocks=256)  # 2000 + 1025 + 48 tokens: 193 blocks
     seq, ql = np.array(seq_lens), np.array(q_lens)
-    _, ext = ops.read_extents(seq, ql, "fa2", ops.FA3_MAX_OVERREAD, m.layout.row_tokens, clip_to_view=True)
-    view = ops.fa3_view_len(seq, ql, ops.fa3_mask(ql, "fa2"))
+    eager = bool((ql == 1).all())
+    kernel = "fa3" if eager else "fa2"
+    _, ext = ops.read_extents(seq, ql, kernel, ops.FA3_MAX_OVERREAD, m.layout.row_tokens, clip_to_view=True,
+                              eager=eager)
+    view = ops.fa3_view_len(seq, ql, ops.fa3_mask(ql, kernel), eager=eager)
     bs = m.layout.block_size
     views = layer_views(m.base_va, m.layout, torch.bfloat16, cuda)
     k_rows, v_rows = views[3]
