@@ -62,3 +62,16 @@ def test_each_steps_hooks_are_reported_apart_for_admitting_steps():
     other = r["other_steps_parts_ms_p50"]
     assert list(other) == list(H.PHASES) and other["admit"] < parts["new, >= 256 tokens"]["admit"]
     assert other["read_extents"] > 0
+
+
+def test_long_decode_steps_run_fa3_in_the_harness_and_only_with_the_setting():
+    """--fa3-decode-tokens (VATTN_FA3_DECODE_TOKENS, NOTES #130): the harness plans each long decode step
+    as the worker does (ops.long_decode, plan_reads(long_decode=True)); every one runs FA3, its guard
+    slots mapped on its path where they were not in place; without the setting no step is long."""
+    kw = dict(warmup=False, keep_guards=True)
+    r = H.run("8192-in-256-out", 57174, None, fa3_decode_tokens=450_000, **kw)
+    long = r["long_decode_steps_by_rule"]
+    assert list(long) == ["fa3"] and 200 <= long["fa3"] < r["steps"]  # 64 x ~8.3K decode steps: ~531K tokens
+    assert r["pad_maps"] + r["zero_maps"] > 0  # (their guards, up to the longest row)
+    r0 = H.run("8192-in-256-out", 57174, None, **kw)
+    assert "long_decode_steps_by_rule" not in r0 and r0["zero_maps"] == 0
