@@ -181,9 +181,10 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
     `vllm bench serve` sends: prefix hits) or "distinct" (no two share a block). prefix_rows: the
     manager's (VATTN_PREFIX_ROWS). warm_defer: VATTN_WARM_DEFER (warm() in a step with prefill chunks
     defers, as the worker asks it to: worker.has_prefill). bounded_scan: VATTN_BOUNDED_SCAN. stale_guards:
-    VATTN_STALE_GUARDS. fa3_decode_tokens: VATTN_FA3_DECODE_TOKENS (long decode-only steps in FA3 where
-    the guards allow: ops.plan_reads; long_decode_steps counts them by the rule they ran). timed: the native thread in simulated time (_TimedExecutor): when
-    each step's mappings were done (`flag_model`)."""
+    VATTN_STALE_GUARDS. fa3_decode_tokens: VATTN_FA3_DECODE_TOKENS (long decode-only steps planned by
+    ops.plan_reads(long_decode=True), as the worker does; long_decode_steps_by_rule counts them by the
+    rule they ran). timed: the native thread in simulated time (_TimedExecutor): when each step's
+    mappings were done (`flag_model`)."""
     from vllm.sampling_params import SamplingParams
     from vllm.v1.outputs import ModelRunnerOutput
     from vllm.v1.request import Request
@@ -225,7 +226,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
     admit_parts: dict[str, list[tuple]] = {}
     other_parts: list[tuple] = []  # the other steps' (decode steps'), as the trace keeps them since NOTES #98
     mixed_rules: dict[str, int] = {}  # fa2-graphs' mixed steps by the rule they ran (ops.plan_reads, NOTES #110)
-    long_rules: dict[str, int] = {}  # fa3_decode_tokens' long decode steps by the rule they ran (NOTES #128)
+    long_rules: dict[str, int] = {}  # fa3_decode_tokens' long decode steps by the rule they ran (NOTES #130)
 
     def zero_counts() -> None:
         mgr.reset_stats()
@@ -461,10 +462,10 @@ def main() -> None:
                          "(the default before NOTES #126)")
     ap.add_argument("--fa3-decode-tokens", type=int, default=0,
                     help="VATTN_FA3_DECODE_TOKENS: decode-only steps with at least this many context tokens run "
-                         "FA3 where the guards allow (the suite's vattn-fa3-long-decode: 450000; NOTES #128)")
+                         "FA3 (the suite's vattn-fa3-long-decode: 450000; NOTES #128, #130)")
     args = ap.parse_args()
-    kw = dict(fa3_decode_tokens=args.fa3_decode_tokens, warmup=not args.no_warmup, native=args.native, lend=args.lend, block_size=args.block_size,
-              growth=args.growth, decode_kernel=args.decode_kernel, keep_guards=args.keep_guards,
+    kw = dict(warmup=not args.no_warmup, native=args.native, lend=args.lend, block_size=args.block_size,
+              fa3_decode_tokens=args.fa3_decode_tokens, growth=args.growth, decode_kernel=args.decode_kernel, keep_guards=args.keep_guards,
               serve_prompts=args.serve_prompts, prefix_rows=not args.fifo_rows, timed=args.timed,
               warm_defer=not args.warm_now, bounded_scan=not args.full_scan, stale_guards=not args.keep_stale_guards)
     if args.profile:

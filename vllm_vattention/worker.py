@@ -381,7 +381,7 @@ class VattnModelRunner(V2ModelRunner):
         self.steps = 0
         self.mixed_rules = {"fa2-graphs": 0, "fa2": 0}  # ops.plan_reads' rule in fa2-graphs' mixed steps
         # VATTN_FA3_DECODE_TOKENS' decode steps: run FA3 (fa2: planned otherwise, which a decode-only
-        # batch never is), and those of them that mapped guard slots on their path (NOTES #129)
+        # batch never is), and those of them that mapped guard slots on their path (NOTES #130)
         self.fa3_decodes = {"fa3": 0, "fa2": 0, "mapped": 0}
         self.hook_seconds = dict.fromkeys(HOOK_PARTS, 0.0)
         for builder in self._vattn_builders():
