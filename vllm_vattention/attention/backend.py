@@ -126,8 +126,9 @@ class VattnMetadata:
 class VattnMetadataBuilder(AttentionMetadataBuilder[VattnMetadata]):
     # Decode batches run the same kernels with the same full-row views at capture and at replay.
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
-    # VATTN_FA3_DECODE_TOKENS: this decode-only step runs FA3 over the rows (eager: its guards are in
-    # place), set by the model runner's prepare_attn each step, like mixed_kernel
+    # VATTN_FA3_DECODE_TOKENS: this decode-only step runs FA3 over the rows (eagerly, outside a full
+    # graph; the model runner mapped its guards), set by the model runner's prepare_attn each step,
+    # like mixed_kernel
     decode_fa3: bool = False
 
     def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config: VllmConfig, device: torch.device):

@@ -103,7 +103,7 @@ def plan_reads(seq_lens: np.ndarray, query_lens: np.ndarray, decode_kernel: str,
     same rule (worker.prepare_attn tells it).
 
     long_decode (VATTN_FA3_DECODE_TOKENS: a decode-only step outside a full CUDA graph, NOTES #128,
-    #129): the rule is "fa3", FA3 over every row, its view narrowed to the longest row with
+    #130): the rule is "fa3", FA3 over every row, its view narrowed to the longest row with
     clip_to_view (the step runs eagerly), so that a row needs a guard only up to the longest row's
     end. The guard slots not readable already are mapped on the step's path (spares, else the zero
     page), as with decode kernel fa3: #128 ran FA2 instead whenever a guard was missing, and on an

@@ -164,7 +164,7 @@ def measure_steps(llm, name: str, steps: int, cpu_profile: bool) -> dict:
         # (NOTES.md #31). Under --cpu-profile they include cProfile's overhead.
         phase["our_hooks_ms_per_step"] = {k: round(1e3 * hooks[k + "_seconds"] / max(hooks["steps"], 1), 4)
                                           for k in ("prepare_attn", "map", "metadata_build")}
-        # VATTN_FA3_DECODE_TOKENS (NOTES #128, #129): the measured decode steps that ran FA3 (fa2: any that
+        # VATTN_FA3_DECODE_TOKENS (NOTES #128, #130): the measured decode steps that ran FA3 (fa2: any that
         # did not), and those of them that mapped guard slots on their path
         phase["long_decode_steps"] = {k: hooks.get(f"long_decode_steps_{k}", 0) for k in ("fa3", "fa2", "mapped")}
     if cpu is not None:

@@ -317,15 +317,15 @@ class KVMemoryManager:
         warm_before = (sum(1 for f in self.mapper.slots[row][:len(blocks)] if f in self.pool.spare_frames)
                        if admission and len(self.admit_trace) < self.ADMIT_TRACE else None)
         self.mapper.set_blocks(row, list(blocks), start, fresh_from, live_rows=self._active)
-        if start > 0:
+        # how the blocks got into place: moved into spares (no driver call) or mapped while their step
+        # waits, and what was unmapped first (a stale slot of the row's last user)
+        got = (st.swaps - swaps, st.block_maps - maps, st.block_unmaps - unmaps)
+        if start > 0:  # a running request's growth
             g = self.grow_counts
-            g["grow_swaps"] += st.swaps - swaps
-            g["grow_maps"] += st.block_maps - maps
-            g["grow_unmaps"] += st.block_unmaps - unmaps
+            g["grow_swaps"] += got[0]
+            g["grow_maps"] += got[1]
+            g["grow_unmaps"] += got[2]
         if admission:
-            # how new requests' blocks got into place: moved into spares (no driver call) or mapped while
-            # their step waits, and what was unmapped first (a stale slot of the row's last user)
-            got = (st.swaps - swaps, st.block_maps - maps, st.block_unmaps - unmaps)
             c = self.admit_counts
             c["admissions"] += 1
             c["admit_swaps"] += got[0]
