@@ -170,7 +170,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
         growth: bool = False, keep_guards: bool = False, decode_kernel: str = DEFAULT_KERNEL,
         serve_prompts: str = "bench", prefix_rows: bool = True, timed: bool = False,
         warm_defer: bool = True, bounded_scan: bool = True, stale_guards: bool = True,
-        fa3_decode_tokens: int = 0) -> dict | list[dict]:
+        fa3_decode_tokens: int | None = None, fa3_decode_row_tokens: int | None = None) -> dict | list[dict]:
     """One workload in a fresh scheduler and manager; or, with `chain`, the suite's sequence in one
     engine (offline.py): an untimed warm-up of 16 x 64-token prompts (16 out), then each workload of
     `chain` in turn, the counters reset before each (a list of results, one per workload). lend: the
@@ -181,7 +181,8 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
     `vllm bench serve` sends: prefix hits) or "distinct" (no two share a block). prefix_rows: the
     manager's (VATTN_PREFIX_ROWS). warm_defer: VATTN_WARM_DEFER (warm() in a step with prefill chunks
     defers, as the worker asks it to: worker.has_prefill). bounded_scan: VATTN_BOUNDED_SCAN. stale_guards:
-    VATTN_STALE_GUARDS. fa3_decode_tokens: VATTN_FA3_DECODE_TOKENS (long decode-only steps planned by
+    VATTN_STALE_GUARDS. fa3_decode_tokens, fa3_decode_row_tokens: VATTN_FA3_DECODE_TOKENS and _ROW_TOKENS (None: the
+    plugin's defaults for decode_kernel; long decode-only steps planned by
     ops.plan_reads(long_decode=True), as the worker does; long_decode_steps_by_rule counts them by the
     rule they ran). timed: the native thread in simulated time (_TimedExecutor): when each step's
     mappings were done (`flag_model`)."""
@@ -202,6 +203,10 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
     # the engine's guard rules (config.VattnConfig): fa2-graphs keeps guards unless told otherwise, and
     # extends them ahead
     cfg = VattnConfig(decode_kernel=decode_kernel, keep_guards=keep_guards or None)
+    if fa3_decode_tokens is None:
+        fa3_decode_tokens = cfg.fa3_decode_tokens
+    if fa3_decode_row_tokens is None:
+        fa3_decode_row_tokens = cfg.fa3_decode_row_tokens
     mgr = KVMemoryManager(_NoZeroing(PAGE, capacity=1 << 50), lay, num_blocks - spares, background="stream",
                           spare_blocks=spares, growth_ahead=growth, keep_guards=cfg.keep_guards,
                           guard_ahead=cfg.guard_ahead_slots(block_size), prefix_rows=prefix_rows,
@@ -301,7 +306,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             seq = np.array([live[r].num_computed_tokens for r in ids], dtype=np.int64)
             q = np.array([out.num_scheduled_tokens[r] for r in ids], dtype=np.int64)
             c4 = time.perf_counter()
-            long = ops.long_decode(q.tolist(), seq.tolist(), fa3_decode_tokens)
+            long = ops.long_decode(q.tolist(), seq.tolist(), fa3_decode_tokens, fa3_decode_row_tokens)
             rule, fa3, ext = ops.plan_reads(seq, q, decode_kernel, 256, lay.row_tokens,
                                             row_of, mgr, clip_to_view=clip, long_decode=long)
             if long:
@@ -460,12 +465,15 @@ def main() -> None:
     ap.add_argument("--keep-stale-guards", action="store_true",
                     help="VATTN_STALE_GUARDS=0: a prefix row's stale frames stay in its request's guard "
                          "(the default before NOTES #126)")
-    ap.add_argument("--fa3-decode-tokens", type=int, default=0,
+    ap.add_argument("--fa3-decode-tokens", type=int, default=None,
                     help="VATTN_FA3_DECODE_TOKENS: decode-only steps with at least this many context tokens run "
-                         "FA3 (the suite's vattn-fa3-long-decode: 450000; NOTES #128, #130)")
+                         "FA3 (default: the plugin's, 450000 with fa2-graphs since NOTES #133; 0: never)")
+    ap.add_argument("--fa3-decode-row-tokens", type=int, default=None,
+                    help="VATTN_FA3_DECODE_ROW_TOKENS: ... and average at least this many per request (default: "
+                         "the plugin's, 6144 with fa2-graphs, NOTES #134; 0: no such condition)")
     args = ap.parse_args()
     kw = dict(warmup=not args.no_warmup, native=args.native, lend=args.lend, block_size=args.block_size,
-              fa3_decode_tokens=args.fa3_decode_tokens, growth=args.growth, decode_kernel=args.decode_kernel, keep_guards=args.keep_guards,
+              fa3_decode_tokens=args.fa3_decode_tokens, fa3_decode_row_tokens=args.fa3_decode_row_tokens, growth=args.growth, decode_kernel=args.decode_kernel, keep_guards=args.keep_guards,
               serve_prompts=args.serve_prompts, prefix_rows=not args.fifo_rows, timed=args.timed,
               warm_defer=not args.warm_now, bounded_scan=not args.full_scan, stale_guards=not args.keep_stale_guards)
     if args.profile:

@@ -144,8 +144,9 @@ VATTN_SYSTEMS = {
     # a prefix row's stale guard frames left in place (the default before benchmarks/NOTES.md #126)
     "vattention-stale-guards-kept": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_STALE_GUARDS": "0"},
     # every decode-only step runs FA3 over the rows outside a full CUDA graph, its missing guard slots
-    # mapped on its path (VATTN_FA3_DECODE_TOKENS at 1 token: the path under test; benchmarks/NOTES.md #128, #130)
-    "vattention-fa3-decode": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_FA3_DECODE_TOKENS": "1"},
+    # mapped on its path (VATTN_FA3_DECODE_TOKENS at 1 token, no average: the path under test; benchmarks/NOTES.md #128, #130)
+    "vattention-fa3-decode": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_FA3_DECODE_TOKENS": "1",
+                              "VATTN_FA3_DECODE_ROW_TOKENS": "0"},
 }
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from vllm_vattention.config import VattnConfig
+from vllm_vattention.config import DEFAULT_FA3_DECODE_ROW_TOKENS, DEFAULT_FA3_DECODE_TOKENS, VattnConfig
 from vllm_vattention.errors import ConfigError
 
 
@@ -266,10 +266,23 @@ def test_fa3_schedule_setting():
 
 
 def test_fa3_decode_tokens_setting():
-    """VATTN_FA3_DECODE_TOKENS: 0 (off) by default; a threshold with the default decode kernel; with
-    another kernel it would choose nothing, so it is refused, naming both variables."""
-    assert VattnConfig.from_env({}).fa3_decode_tokens == 0
-    assert VattnConfig.from_env({"VATTN_FA3_DECODE_TOKENS": "450000"}).fa3_decode_tokens == 450_000
+    """VATTN_FA3_DECODE_TOKENS: 450K tokens by default with the default decode kernel (NOTES #133), 0 (off)
+    with another kernel unless given; 0 turns it off; given with another kernel it would choose nothing,
+    so it is refused, naming both variables."""
+    assert VattnConfig.from_env({}).fa3_decode_tokens == 450_000 == DEFAULT_FA3_DECODE_TOKENS
+    assert VattnConfig.from_env({"VATTN_FA3_DECODE_TOKENS": "0"}).fa3_decode_tokens == 0
+    assert VattnConfig.from_env({"VATTN_FA3_DECODE_TOKENS": "100000"}).fa3_decode_tokens == 100_000
+    for kernel in ("fa2", "fa3"):
+        assert VattnConfig.from_env({"VATTN_DECODE_KERNEL": kernel}).fa3_decode_tokens == 0
+        assert VattnConfig(decode_kernel=kernel).fa3_decode_tokens == 0
+        assert VattnConfig(decode_kernel=kernel).fa3_decode_row_tokens == 0
+    # VATTN_FA3_DECODE_ROW_TOKENS (NOTES #134): the average per request, 6144 by default with fa2-graphs
+    assert VattnConfig.from_env({}).fa3_decode_row_tokens == 6144 == DEFAULT_FA3_DECODE_ROW_TOKENS
+    assert VattnConfig.from_env({"VATTN_FA3_DECODE_ROW_TOKENS": "0"}).fa3_decode_row_tokens == 0
+    with pytest.raises(ConfigError, match="VATTN_FA3_DECODE_ROW_TOKENS=8 .*VATTN_DECODE_KERNEL=fa3"):
+        VattnConfig.from_env({"VATTN_FA3_DECODE_ROW_TOKENS": "8", "VATTN_DECODE_KERNEL": "fa3"})
+    with pytest.raises(ConfigError, match="VATTN_FA3_DECODE_ROW_TOKENS='many' is not an integer"):
+        VattnConfig.from_env({"VATTN_FA3_DECODE_ROW_TOKENS": "many"})
     with pytest.raises(ConfigError, match="VATTN_FA3_DECODE_TOKENS=5 .*VATTN_DECODE_KERNEL=fa2"):
         VattnConfig.from_env({"VATTN_FA3_DECODE_TOKENS": "5", "VATTN_DECODE_KERNEL": "fa2"})
     with pytest.raises(ConfigError, match="VATTN_FA3_DECODE_TOKENS=-1 is below 0"):

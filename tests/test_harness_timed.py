@@ -64,14 +64,31 @@ def test_each_steps_hooks_are_reported_apart_for_admitting_steps():
     assert other["read_extents"] > 0
 
 
-def test_long_decode_steps_run_fa3_in_the_harness_and_only_with_the_setting():
-    """--fa3-decode-tokens (VATTN_FA3_DECODE_TOKENS, NOTES #130): the harness plans each long decode step
-    as the worker does (ops.long_decode, plan_reads(long_decode=True)); every one runs FA3, its guard
-    slots mapped on its path where they were not in place; without the setting no step is long."""
+def test_long_decode_steps_run_fa3_in_the_harness_by_default_and_not_with_0():
+    """--fa3-decode-tokens (VATTN_FA3_DECODE_TOKENS, NOTES #130, the default's 450K since #133): the harness
+    plans each long decode step as the worker does (ops.long_decode, plan_reads(long_decode=True)); every
+    one runs FA3, its guard slots mapped on its path where they were not in place; with 0 no step is long."""
     kw = dict(warmup=False, keep_guards=True)
-    r = H.run("8192-in-256-out", 57174, None, fa3_decode_tokens=450_000, **kw)
+    r = H.run("8192-in-256-out", 57174, None, **kw)
     long = r["long_decode_steps_by_rule"]
     assert list(long) == ["fa3"] and 200 <= long["fa3"] < r["steps"]  # 64 x ~8.3K decode steps: ~531K tokens
     assert r["pad_maps"] + r["zero_maps"] > 0  # (their guards, up to the longest row)
-    r0 = H.run("8192-in-256-out", 57174, None, **kw)
+    r0 = H.run("8192-in-256-out", 57174, None, fa3_decode_tokens=0, **kw)
     assert "long_decode_steps_by_rule" not in r0 and r0["zero_maps"] == 0
+    # fa2 has no such path: the harness takes the plugin's default for the kernel (0)
+    r2 = H.run("8192-in-256-out", 57174, None, decode_kernel="fa2", warmup=False)
+    assert "long_decode_steps_by_rule" not in r2
+
+
+def test_mixed_lengths_stay_on_fa2_by_the_average_per_request():
+    """VATTN_FA3_DECODE_ROW_TOKENS (NOTES #134): mixed-64-4096-in's decode-only steps reach 450K tokens of
+    context, but over ~2K-token rows. Without the average they would run FA3, every row shorter than the
+    longest taking its whole guard on the step's path, mostly the zero page (out of spares), and each
+    growth into it an unmap that waits for the step in flight; with the default average none is long."""
+    kw = dict(warmup=False, keep_guards=True)
+    r = H.run("mixed-64-4096-in", 57174, None, **kw)
+    assert r.get("long_decode_steps_by_rule", {}) == {}
+    r0 = H.run("mixed-64-4096-in", 57174, None, fa3_decode_row_tokens=0, **kw)
+    assert r0["long_decode_steps_by_rule"]["fa3"] > 100
+    # (15 zero-page slots and 1 hazard wait without the long steps, from mixed steps; 6,484 and 223 with them)
+    assert r0["zero_maps"] > 100 * max(r["zero_maps"], 1) and r0["hazard_waits"] > 100 * max(r["hazard_waits"], 1)

@@ -99,6 +99,11 @@ def test_long_decode_counts_the_contexts_of_a_decode_only_step():
     assert not long_decode([1, 1, 7], [300_000, 300_000, 10], 450_000)  # a prefill chunk in the step
     assert long_decode([1, 1], [99, 100], 201) and not long_decode([1, 1], [99, 99], 201)
     assert not long_decode([], [], 1) and not long_decode([1] * 64, [8300] * 64, 0)
+    # VATTN_FA3_DECODE_ROW_TOKENS (NOTES #134): the contexts must also average this many per request
+    assert long_decode([1] * 64, [8300] * 64, 450_000, 6144)
+    assert not long_decode([1] * 256, [2200] * 256, 450_000, 6144)  # 563K tokens of ~2.2K rows: FA2's
+    assert long_decode([1] * 256, [2200] * 256, 450_000)  # (without the average it would be long)
+    assert long_decode([1, 1], [6142, 6144], 1, 6144) and not long_decode([1, 1], [6141, 6144], 1, 6144)
 
 
 def test_plan_reads_runs_a_long_decode_step_in_fa3_with_its_view_clipped():

@@ -335,7 +335,8 @@ def test_long_decode_steps_take_the_piecewise_graph_and_others_are_dispatched_as
 
 def test_execute_model_finds_long_decode_steps_from_the_scheduler_output():
     """_is_long_decode: only with VATTN_FA3_DECODE_TOKENS, only decode-only steps with no new request,
-    contexts from the scheduler's computed tokens (+1 each); off before the KV cache exists."""
+    contexts from the scheduler's computed tokens (+1 each), averaging VATTN_FA3_DECODE_ROW_TOKENS;
+    off before the KV cache exists and with VATTN_FA3_DECODE_TOKENS=0."""
     r = object.__new__(VattnModelRunner)
     assert r._is_long_decode(SimpleNamespace(scheduled_new_reqs=[])) is False  # (profiling run: no config)
 
@@ -344,9 +345,13 @@ def test_execute_model_finds_long_decode_steps_from_the_scheduler_output():
         return SimpleNamespace(scheduled_new_reqs=list(new),
                                scheduled_cached_reqs=SimpleNamespace(req_ids=ids, num_computed_tokens=list(computed)),
                                num_scheduled_tokens=sched or dict.fromkeys(ids, 1))
-    r.vattn_cfg = VattnConfig(decode_kernel="fa2-graphs", fa3_decode_tokens=100)
+    r.vattn_cfg = VattnConfig(decode_kernel="fa2-graphs", fa3_decode_tokens=100, fa3_decode_row_tokens=0)
     assert r._is_long_decode(out([60, 38])) and not r._is_long_decode(out([60, 37]))  # 61 + 39 = 100; 99
     assert not r._is_long_decode(out([60, 39], new=["n"]))  # a new request's prefill in the step
     assert not r._is_long_decode(out([60, 39], sched={"r0": 1, "r1": 4}))  # a chunk: not decode-only
-    r.vattn_cfg = VattnConfig(decode_kernel="fa2-graphs")
-    assert not r._is_long_decode(out([10_000, 10_000]))  # off
+    r.vattn_cfg = VattnConfig(decode_kernel="fa2-graphs", fa3_decode_tokens=100, fa3_decode_row_tokens=50)
+    assert r._is_long_decode(out([60, 39])) and not r._is_long_decode(out([60, 37]))  # averages 50.5; 49.5
+    r.vattn_cfg = VattnConfig(decode_kernel="fa2-graphs")  # the defaults: 450K tokens, 6,144 a request
+    assert r._is_long_decode(out([8300] * 64)) and not r._is_long_decode(out([2200] * 256))
+    r.vattn_cfg = VattnConfig(decode_kernel="fa2-graphs", fa3_decode_tokens=0)
+    assert not r._is_long_decode(out([10_000] * 64))  # off

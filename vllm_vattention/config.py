@@ -6,7 +6,8 @@
 | VATTN_LAYOUT | interleaved, per_layer | interleaved | how a token's KV is laid out in a row |
 | VATTN_RECLAIM | deferred, eager | deferred | keep a released row's pages mapped, or unmap them |
 | VATTN_DECODE_KERNEL | fa2, fa3, fa2-graphs | fa2-graphs | fa2-graphs: FA2 in decode-only batches (the CUDA-graph steps), FA3 for the whole of a mixed batch (one launch per layer) when every decode row's guard is in place already and the prefill rows' guards can all be spare frames, else as fa2 (guards are kept while requests run, VATTN_KEEP_GUARDS defaulting to 1, and extended in the background as rows grow, with spares only, while the running rows' guards fit half the spares); fa2: FA2 for every one-token query, FA3 for the rest (two launches per layer in a mixed batch; the default before benchmarks/NOTES.md #114); fa3: FA3 for everything (every row guarded). benchmarks/NOTES.md #89, #90, #101, #104, #105, #110, #112, #114 |
-| VATTN_FA3_DECODE_TOKENS | integer >= 0 | 0 | with VATTN_DECODE_KERNEL=fa2-graphs: a decode-only step whose requests' contexts add up to at least this many tokens runs FA3 over the rows (one launch per layer, outside a full CUDA graph: vLLM's piecewise graphs) instead of FA2 in a full graph, FA3's view ending at the longest row (guard slots a row lacks up to there are mapped on the step's path). 0: never. For the long-context decode steps where FA2 over rows lost 4-10% per step to paged FA3 and FA3 decode 2% (8192-in-256-out on H200s, benchmarks/NOTES.md #122, #128); the suite system vattn-fa3-long-decode uses 450,000. This version's reads passed compute-sanitizer on an H200; not yet measured end to end (NOTES #129, #130) |
+| VATTN_FA3_DECODE_TOKENS | integer >= 0 | 450000 with VATTN_DECODE_KERNEL=fa2-graphs, else 0 | with VATTN_DECODE_KERNEL=fa2-graphs: a decode-only step whose requests' contexts add up to at least this many tokens runs FA3 over the rows (one launch per layer, outside a full CUDA graph: vLLM's piecewise graphs) instead of FA2 in a full graph, FA3's view ending at the longest row (guard slots a row lacks up to there are mapped on the step's path). 0: never. The default since benchmarks/NOTES.md #133: on an H200, 8192-in-256-out (64 x ~8.3K decode) went from 0.989x of stock (FA2, same call) to 0.998x, 0.999x and 1.000x (three pairs), output checked against stock (#132). 450K tokens keeps 16K decode (24 x ~16.4K, where FA2 over rows beat FA3 over rows by 10%: #122) and every other suite workload on FA2; where FA3 decode is at least FA2's equal in the measured kernel tables (#133). Measured for Llama-3.1-8B's 8 KV heads of 128 on one GPU; set it for other shapes from vattn-kbench |
+| VATTN_FA3_DECODE_ROW_TOKENS | integer >= 0 | 6144 with VATTN_DECODE_KERNEL=fa2-graphs, else 0 | VATTN_FA3_DECODE_TOKENS' decode steps must also average this many tokens of context per request: batches of many short rows stay on FA2, the faster kernel there, and need no guard slots mapped on the step's path (benchmarks/NOTES.md #134). 0: no such condition |
 | VATTN_FA3_SCHEDULE | 0, 1 | 0 | 1: FA3's scheduler metadata computed once per mixed step and handed to every layer (as stock vLLM does), not by each layer's FA3 call; benchmarks/NOTES.md #91; measured on an H200 with no gain (#96), so off |
 | VATTN_FA2_SPLITS | integer 0-128 | 0 | FA2 decode: the parts each sequence's keys are split into (0: FA2's own heuristic, from the batch, the heads and the row length); `vattn-kbench` sweeps it |
 | VATTN_BACKGROUND_MAP | 0, 1, stream | stream | 0: driver calls on the engine thread before the step launches; 1: on a native thread (no GIL), joined before the step launches; stream: on that thread, and the GPU stream waits for them (cuStreamWaitValue32 on a host flag), the CPU never joins |
@@ -47,6 +48,16 @@ AUTO_SPARE_SHARE = 0.02
 AUTO_LEND_SHARE = 0.25
 DECODE_KERNELS = ("fa2", "fa3", "fa2-graphs")
 FENCES = ("event", "value")  # VATTN_FENCE
+# VATTN_FA3_DECODE_TOKENS with fa2-graphs: decode-only steps with this much context (summed over the batch) run FA3
+# over the rows. Kernel tables on H200s: FA3 read 64 x 8.3K (532K tokens) 1.2% faster than FA2 over the engine's
+# rows and 64 x 16K 4.6% faster; FA2 was faster at 24 x 16K (393K, by 10%) and 16 x 16K, and at 128 x 4K (512K) by
+# 1-2% without map churn, which costs FA2 2.3% and FA3 nothing (DESIGN.md, benchmarks/NOTES.md #122, #129, #133)
+DEFAULT_FA3_DECODE_TOKENS = 450_000
+# VATTN_FA3_DECODE_ROW_TOKENS with fa2-graphs: such a step's contexts must also average this many tokens per request.
+# FA2 was the faster kernel in every batch of rows up to 4K (32/128 x 1K, 32/128 x 4K: DESIGN.md), FA3 at 64 x 8.3K
+# and 64 x 16K; and each row shorter than the batch's longest needs its guard mapped on the step's path
+# (benchmarks/NOTES.md #134: the CPU harness's mixed 64-4,096-token workload, 222 long steps, 7,054 zero-page slots)
+DEFAULT_FA3_DECODE_ROW_TOKENS = 6144
 
 
 def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
@@ -115,7 +126,10 @@ class VattnConfig:
     reclaim: str = "deferred"
     decode_kernel: str = "fa2-graphs"
     fa2_splits: int = 0
-    fa3_decode_tokens: int = 0  # VATTN_FA3_DECODE_TOKENS: decode steps with this much context run FA3 (0: never)
+    # VATTN_FA3_DECODE_TOKENS: decode steps with this much context run FA3 (0: never); None: not given, which means
+    # DEFAULT_FA3_DECODE_TOKENS with decode_kernel fa2-graphs and 0 otherwise (benchmarks/NOTES.md #133)
+    fa3_decode_tokens: int | None = None
+    fa3_decode_row_tokens: int | None = None  # VATTN_FA3_DECODE_ROW_TOKENS (as fa3_decode_tokens: NOTES #134)
     background_map: bool | str = "stream"  # False, True (native thread) or "stream"
     extra_rows: int | None = None
     guard_tokens: int = 256
@@ -148,7 +162,8 @@ class VattnConfig:
             reclaim=_choice(env, "VATTN_RECLAIM", RECLAIM_POLICIES, "deferred"),
             decode_kernel=_choice(env, "VATTN_DECODE_KERNEL", DECODE_KERNELS, "fa2-graphs"),
             fa2_splits=_int(env, "VATTN_FA2_SPLITS", 0),
-            fa3_decode_tokens=_int(env, "VATTN_FA3_DECODE_TOKENS", 0),
+            fa3_decode_tokens=_int(env, "VATTN_FA3_DECODE_TOKENS", None),
+            fa3_decode_row_tokens=_int(env, "VATTN_FA3_DECODE_ROW_TOKENS", None),
             background_map=_map_mode(env, "VATTN_BACKGROUND_MAP", "stream"),
             extra_rows=_int(env, "VATTN_EXTRA_ROWS", None),
             # FA3 reads up to one key tile (<= 192 tokens, ops.FA3_MAX_OVERREAD) past a sequence's end.
@@ -191,9 +206,16 @@ class VattnConfig:
         if self.step_trace and not os.path.isdir(os.path.dirname(os.path.abspath(self.step_trace))):
             raise ConfigError(f"VATTN_STEP_TRACE={self.step_trace!r}: its folder does not exist; create it or "
                               "name a file in an existing folder")
-        if self.fa3_decode_tokens and self.decode_kernel != "fa2-graphs":
-            raise ConfigError(f"VATTN_FA3_DECODE_TOKENS={self.fa3_decode_tokens} chooses between fa2-graphs' two "
-                              f"decode paths, but VATTN_DECODE_KERNEL={self.decode_kernel}; unset one of them")
+        graphs = self.decode_kernel == "fa2-graphs"
+        for name, attr, default in (("VATTN_FA3_DECODE_TOKENS", "fa3_decode_tokens", DEFAULT_FA3_DECODE_TOKENS),
+                                    ("VATTN_FA3_DECODE_ROW_TOKENS", "fa3_decode_row_tokens",
+                                     DEFAULT_FA3_DECODE_ROW_TOKENS)):
+            value = getattr(self, attr)
+            if value is None:
+                object.__setattr__(self, attr, default if graphs else 0)
+            elif value and not graphs:
+                raise ConfigError(f"{name}={value} chooses between fa2-graphs' two decode paths, but "
+                                  f"VATTN_DECODE_KERNEL={self.decode_kernel}; unset one of them")
         if self.fa2_splits > 128:
             raise ConfigError(f"VATTN_FA2_SPLITS={self.fa2_splits} is above FA2's limit of 128; use 0 (FA2's "
                               "heuristic) to 128")

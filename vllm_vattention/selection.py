@@ -127,8 +127,9 @@ def validate_and_apply(vllm_config, cfg: VattnConfig) -> None:
             f"tokens x {geometry.token_bytes} bytes), over the {MAX_RESERVATION_BYTES / 2**40:.0f} TiB "
             "we allow per GPU; lower --max-model-len or --max-num-seqs, or set VATTN_EXTRA_ROWS=0")
     pc.worker_cls = WORKER_PATH
-    logger.info("vAttention selected: layout=%s block_size=%d rows=%d reclaim=%s decode=%s fa3_schedule=%s",
-                cfg.layout, cc.block_size, rows, cfg.reclaim, cfg.decode_kernel, int(cfg.fa3_schedule))
+    logger.info("vAttention selected: layout=%s block_size=%d rows=%d reclaim=%s decode=%s fa3_decode_tokens=%d "
+                "fa3_schedule=%s", cfg.layout, cc.block_size, rows, cfg.reclaim, cfg.decode_kernel,
+                cfg.fa3_decode_tokens, int(cfg.fa3_schedule))
 
 
 def trace_stock(vllm_config, cfg: VattnConfig) -> None:

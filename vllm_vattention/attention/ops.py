@@ -123,10 +123,14 @@ def plan_reads(seq_lens: np.ndarray, query_lens: np.ndarray, decode_kernel: str,
     return "fa2", fa3, ext
 
 
-def long_decode(num_scheduled: Iterable[int], num_computed: Iterable[int], min_tokens: int) -> bool:
+def long_decode(num_scheduled: Iterable[int], num_computed: Iterable[int], min_tokens: int,
+                min_row_tokens: int = 0) -> bool:
     """VATTN_FA3_DECODE_TOKENS: is this step decode-only (one new token per request) with contexts
-    adding up to at least `min_tokens` (0: never)? Such a step runs FA3 over the rows outside a full
-    CUDA graph (worker.VattnModelRunner), where FA2's graph replay would read them slower (NOTES #122)."""
+    adding up to at least `min_tokens` (0: never) and averaging at least `min_row_tokens` per request
+    (VATTN_FA3_DECODE_ROW_TOKENS)? Such a step runs FA3 over the rows outside a full CUDA graph
+    (worker.VattnModelRunner), where FA2's graph replay would read them slower (NOTES #122, #133).
+    The average keeps out batches of many short rows: FA2 reads those faster, and each row shorter
+    than the longest needs its whole guard mapped on the step's path, mostly the zero page (#134)."""
     if not min_tokens:
         return False
     total = n = 0
@@ -135,7 +139,7 @@ def long_decode(num_scheduled: Iterable[int], num_computed: Iterable[int], min_t
             return False
         total += c + 1
         n += 1
-    return n > 0 and total >= min_tokens
+    return n > 0 and total >= min_tokens and total >= n * min_row_tokens
 
 
 def is_mixed(query_lens: np.ndarray) -> bool:

@@ -82,8 +82,12 @@ SYSTEMS: dict[str, dict] = {
     "vattn-stale-guards-kept": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_STALE_GUARDS": "0"},
                                 "args": []},
     # decode-only steps with 450K tokens of context or more run FA3 over the rows outside a full CUDA graph
-    # (NOTES #128: 8192-in-256-out's decode steps, 64 x ~8.3K; not 16K decode's 24 x ~16.4K, where FA2 is faster)
+    # (NOTES #128: 8192-in-256-out's decode steps, 64 x ~8.3K; not 16K decode's 24 x ~16.4K, where FA2 is faster);
+    # the default since NOTES #133, named for the runs before it
     "vattn-fa3-long-decode": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_FA3_DECODE_TOKENS": "450000"},
+                              "args": []},
+    # every decode-only step in FA2 (full CUDA graphs), long or not: the default before NOTES #133
+    "vattn-fa2-long-decode": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_FA3_DECODE_TOKENS": "0"},
                               "args": []},
     # the default with hazard waits on host words the GPU writes, not CUDA events (NOTES #124)
     "vattn-value-fence": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_FENCE": "value"}, "args": []},
