@@ -170,7 +170,8 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
         growth: bool = False, keep_guards: bool = False, decode_kernel: str = DEFAULT_KERNEL,
         serve_prompts: str = "bench", prefix_rows: bool = True, timed: bool = False,
         warm_defer: bool = True, bounded_scan: bool = True, stale_guards: bool = True,
-        fa3_decode_tokens: int | None = None, fa3_decode_row_tokens: int | None = None) -> dict | list[dict]:
+        fa3_decode_tokens: int | None = None, fa3_decode_row_tokens: int | None = None,
+        clip_guards: bool = True) -> dict | list[dict]:
     """One workload in a fresh scheduler and manager; or, with `chain`, the suite's sequence in one
     engine (offline.py): an untimed warm-up of 16 x 64-token prompts (16 out), then each workload of
     `chain` in turn, the counters reset before each (a list of results, one per workload). lend: the
@@ -184,7 +185,8 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
     VATTN_STALE_GUARDS. fa3_decode_tokens, fa3_decode_row_tokens: VATTN_FA3_DECODE_TOKENS and _ROW_TOKENS (None: the
     plugin's defaults for decode_kernel; long decode-only steps planned by
     ops.plan_reads(long_decode=True), as the worker does; long_decode_steps_by_rule counts them by the
-    rule they ran). timed: the native thread in simulated time (_TimedExecutor): when each step's
+    rule they ran). clip_guards: after a long decode step, warm(clip_guards=True) as the worker calls it
+    (False: as before NOTES #135). timed: the native thread in simulated time (_TimedExecutor): when each step's
     mappings were done (`flag_model`)."""
     from vllm.sampling_params import SamplingParams
     from vllm.v1.outputs import ModelRunnerOutput
@@ -328,7 +330,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             mgr.record_read_slots(_LaggingFence(), reads)
             c7 = time.perf_counter()
             if spares or lent or mgr.guard_ahead:
-                mgr.warm(defer=warm_defer and has_prefill(out))
+                mgr.warm(defer=warm_defer and has_prefill(out), clip_guards=long and clip_guards)
             c8 = time.perf_counter()
             dts = (c1 - c0, c2 - c1, c3 - c2, c5 - c4, c6 - c5, c7 - c6, c8 - c7)  # in PHASES order
             for k, dt in zip(PHASES, dts):
@@ -392,7 +394,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             "ms_per_step": per_step,
             "total_ms_per_step": round(sum(per_step.values()), 4),
             "block_maps": s["block_maps"], "swaps": s["swaps"], "warm_maps": s["warm_maps"],
-            "block_unmaps": s["block_unmaps"], "zero_maps": s["zero_maps"], "pad_maps": s["pad_maps"],
+            "block_unmaps": s["block_unmaps"], "zero_maps": s["zero_maps"], "pad_maps": s["pad_maps"], "guard_ahead_maps": s["guard_ahead_maps"],
             "hazard_waits": s["hazard_waits"], "spares_at": s["spares_at"],
             # step changes that waited for a row's background ops (DRAIN), and those below every op pending
             "drains": s["drains"], "drains_skipped": s["drains_skipped"], "prefix_rows_taken": s["prefix_rows_taken"],
@@ -468,12 +470,15 @@ def main() -> None:
     ap.add_argument("--fa3-decode-tokens", type=int, default=None,
                     help="VATTN_FA3_DECODE_TOKENS: decode-only steps with at least this many context tokens run "
                          "FA3 (default: the plugin's, 450000 with fa2-graphs since NOTES #133; 0: never)")
+    ap.add_argument("--no-clip-guards", action="store_true",
+                    help="warm() after a long decode step without clip_guards (before NOTES #135)")
     ap.add_argument("--fa3-decode-row-tokens", type=int, default=None,
                     help="VATTN_FA3_DECODE_ROW_TOKENS: ... and average at least this many per request (default: "
                          "the plugin's, 6144 with fa2-graphs, NOTES #134; 0: no such condition)")
     args = ap.parse_args()
     kw = dict(warmup=not args.no_warmup, native=args.native, lend=args.lend, block_size=args.block_size,
-              fa3_decode_tokens=args.fa3_decode_tokens, fa3_decode_row_tokens=args.fa3_decode_row_tokens, growth=args.growth, decode_kernel=args.decode_kernel, keep_guards=args.keep_guards,
+              fa3_decode_tokens=args.fa3_decode_tokens, fa3_decode_row_tokens=args.fa3_decode_row_tokens,
+              clip_guards=not args.no_clip_guards, growth=args.growth, decode_kernel=args.decode_kernel, keep_guards=args.keep_guards,
               serve_prompts=args.serve_prompts, prefix_rows=not args.fifo_rows, timed=args.timed,
               warm_defer=not args.warm_now, bounded_scan=not args.full_scan, stale_guards=not args.keep_stale_guards)
     if args.profile:

@@ -223,6 +223,36 @@ def test_step_trace_records_each_steps_new_requests_tokens_and_maps(runner, monk
     assert json.load(open(tmp_path / "steps.json"))["steps"][0][2:7] == [1, 40, 3, 0, -1]
 
 
+def test_execute_model_asks_warm_for_clipped_guards_after_a_long_decode_step_only(runner, monkeypatch):
+    """After a long decode step (VATTN_FA3_DECODE_TOKENS), whose FA3 view ends at its longest row, warm()
+    is told so (clip_guards: guards up to that row where whole ones are over their share, NOTES #135);
+    after any other step it is not."""
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+    runner.vattn_cfg = VattnConfig(background_map=False, decode_kernel="fa2-graphs", fa3_decode_tokens=100,
+                                   fa3_decode_row_tokens=0)
+    calls = []
+    monkeypatch.setattr(runner.vattn, "warm", lambda defer=False, clip_guards=False: calls.append(clip_guards))
+    monkeypatch.setattr(runner.vattn, "guard_ahead", 2)  # (fa2-graphs keeps guards ahead: warm() runs)
+    from vllm_vattention import worker
+    monkeypatch.setattr(worker, "EventFence", lambda: "fence")  # (a CUDA event: no GPU here)
+    monkeypatch.setattr(runner.vattn, "record_read_slots", lambda fence, reads: None)
+
+    def fake_step(self, so):  # stands in for vLLM's step: prepare_attn left the step's reads
+        self._pending_reads = {1: 2}
+        return "out"
+    monkeypatch.setattr(GPUModelRunner, "execute_model", fake_step)
+
+    def out(computed, sched=1):
+        ids = [f"r{i}" for i in range(len(computed))]
+        return SimpleNamespace(scheduled_new_reqs=[], total_num_scheduled_tokens=sched * len(ids),
+                               scheduled_cached_reqs=SimpleNamespace(req_ids=ids, num_computed_tokens=list(computed)),
+                               num_scheduled_tokens=dict.fromkeys(ids, sched), scheduled_spec_decode_tokens={})
+    runner.execute_model(out([60, 60]))  # long: 122 tokens of context
+    runner.execute_model(out([10, 10]))  # decode-only, short
+    runner.execute_model(out([60, 60], sched=4))  # prefill chunks: not decode-only
+    assert calls == [True, False, False]
+
+
 def test_step_trace_warns_when_the_server_may_kill_the_engine_before_it_is_written(runner, monkeypatch):
     """The trace is written at engine shutdown: with vLLM's --shutdown-timeout 0 the server kills
     the engine at once, so asking for a trace then logs how to keep it."""

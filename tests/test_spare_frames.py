@@ -1561,3 +1561,60 @@ def test_stale_guards_off_leaves_a_prefix_rows_stale_tail_as_it_was(driver):
     mgr.mapper.check_invariants()
     mgr.close()
     assert driver.leaks() == []
+
+
+def test_clipped_guards_reach_the_longest_row_with_spares_where_whole_ones_are_over_their_share(driver):
+    """warm(clip_guards=True) (NOTES #135): after a long decode step, whose FA3 view ends at the longest
+    row, the next steps read each running row only up to there. Whole guards over GUARD_SPARE_SHARE are
+    not extended, but guards up to one past the longest row's blocks fit: spares, in the background, so
+    the step maps none on its path (guards_ready) and a row's growth moves into a spare (no driver call,
+    no unmap that waits for a step in flight: the zero page there did, 63 times at 8192/256 on an
+    H200). The dummy row (reserve_zero_row) takes none."""
+    mgr = make_manager(driver, rows=8, max_tokens=256, num_blocks=40, spare_blocks=8, background="stream",
+                       keep_guards=True, guard_ahead=2)
+    mgr.pad_reserve = 0
+    mgr.GUARD_SPARE_SHARE = 1.0  # (8 spares)
+    bs = mgr.layout.block_size
+    zero = mgr.reserve_zero_row()
+    rows = [mgr.acquire_row() for _ in range(3)]
+    for r, blocks in zip(rows, ([0, 1, 2, 3], [4, 5, 6, 7, 8], [9, 10, 11, 12, 13])):
+        mgr.set_blocks(r, blocks, fresh_from=len(blocks))  # (prefilled: their content counts)
+    mgr.publish()
+    mgr.sync()
+    z0 = mgr.stats()["zero_maps"]  # (the dummy row's)
+    # whole guards: 3 rows (and the dummy) x 3 slots > 8 spares; clipped to slot 6 (5 blocks + 1): 2 + 1 + 1 fit
+    a, b, c = rows
+    mgr.warm(clip_guards=False)
+    s = mgr.stats()
+    assert s["warm_guards_over_budget"] == 1 and s["warm_guards_clipped"] == 0 and s["guard_ahead_maps"] == 0
+    assert not mgr.guards_ready(rows, [6 * bs] * 3)
+    mgr.reclaim_spares()  # (warm() put the spares in free rows for new requests: give them back)
+    mgr.warm(clip_guards=True)
+    mgr.sync()
+    s = mgr.stats()
+    assert s["warm_guards_clipped"] == 1 and s["guard_ahead_maps"] == 4 and s["zero_maps"] == z0
+    spare, slots = mgr.pool.spare_frames, mgr.mapper.slots
+    assert [mgr._guard_end[r] for r in rows] == [6, 6, 6]
+    assert all(slots[r][k] in spare for r in rows for k in range(mgr._held_end[r], 6))
+    assert all(slots[r][6] is None for r in rows)  # no further: the step reads no further
+    assert all(f == ZERO for f in slots[zero])  # the dummy row keeps the zero page
+    # the long decode step: every row read up to the longest's 6 slots, nothing to map on its path
+    assert mgr.guards_ready(rows, [6 * bs] * 3)
+    calls = _driver_calls(driver)
+    assert sum(mgr.ensure_readable(r, 6 * bs) for r in rows) == 0
+    mgr.set_blocks(a, [14], start=4, fresh_from=0)  # a's growth moves into the spare at slot 4
+    mgr.publish()
+    mgr.sync()
+    assert _driver_calls(driver) == calls and mgr.stats()["hazard_waits"] == 0
+    # the longest row grows into its guard slot (5): the cap moves to 7 (2 + 1 + 2 slots past the blocks
+    # fit), each guard follows it, with the frames the two growths gave up and cold spares
+    mgr.set_blocks(b, [15], start=5, fresh_from=0)
+    mgr.publish()
+    mgr.warm(clip_guards=True)
+    mgr.sync()
+    assert [mgr._guard_end[r] for r in rows] == [7, 7, 7]
+    assert all(slots[r][k] in spare for r in rows for k in range(mgr._held_end[r], 7))
+    assert mgr.stats()["zero_maps"] == z0
+    mgr.mapper.check_invariants()
+    mgr.close()
+    assert driver.leaks() == []

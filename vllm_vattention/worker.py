@@ -566,8 +566,11 @@ class VattnModelRunner(V2ModelRunner):
                 # and the guards running rows outgrew (the native thread maps them while no step
                 # waits for it). A step with prefill chunks keeps the engine thread on the critical
                 # path to its end (its execute_model lasts about as long as its GPU work, NOTES #100):
-                # there warm() may leave the planning to the next decode-only step
-                self.vattn.warm(defer=self.vattn_cfg.warm_defer and has_prefill(scheduler_output))
+                # there warm() may leave the planning to the next decode-only step. After a long decode
+                # step the next ones read each row only up to the longest (FA3's clipped view): guards
+                # may reach that far where whole ones are over their share (NOTES #135)
+                self.vattn.warm(defer=self.vattn_cfg.warm_defer and has_prefill(scheduler_output),
+                                clip_guards=self._fa3_decode)
                 self._account("warm", t_warm)
         end = time.perf_counter()
         self.execute_seconds += end - t

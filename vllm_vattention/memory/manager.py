@@ -54,7 +54,8 @@ RECLAIM_POLICIES = ("deferred", "eager")
 # warm()'s outcomes, counted (stats()): calls that planned, that found nothing changed, that stopped at
 # a row a step in flight still reads or at the end of the spares mapped nowhere; the last depth
 _WARM_COUNTS = ("warm_calls", "warm_unchanged", "warm_deferred", "warm_stopped_in_flight", "warm_stopped_no_spare",
-                "warm_depth", "warm_guards_over_budget", "warm_stale_guards")
+                "warm_depth", "warm_guards_over_budget", "warm_stale_guards",
+                "warm_guards_clipped")
 # new requests' blocks (set_blocks from slot 0): admissions, blocks moved into spares, mapped, unmapped first;
 # and the admissions that took the free row still mapping their prefix hits (acquire_row)
 _ADMIT_COUNTS = ("admissions", "admit_swaps", "admit_maps", "admit_unmaps", "prefix_rows_taken", "admit_stale_replaced")
@@ -189,6 +190,9 @@ class KVMemoryManager:
         # step in 16 of each row's would find it short)
         self.guard_slots = guard_ahead + 1 if guard_ahead else 0
         self._ahead_rows: dict[int, None] = {}  # running rows whose blocks grew since their guard was extended
+        # warm(clip_guards=True): the next steps read every running row only up to the longest one's end
+        # (a long decode step's clipped FA3 view), so guards over their share may still fit up to there
+        self._clip_guards = False
         self._guards_deferred = False  # the last call with rows in _ahead_rows left them to the next (warm(defer))
         self._closed = False
         self._recent_fresh: deque[int] = deque(maxlen=self.WARM_HISTORY)  # fresh blocks of new requests
@@ -348,7 +352,7 @@ class KVMemoryManager:
             if not (self.growth_ahead and start > 0):
                 self._warm_stale = True
 
-    def warm(self, defer: bool = False) -> int:
+    def warm(self, defer: bool = False, clip_guards: bool = False) -> int:
         """Map spare frames, in the background, into the rows acquire_row() hands out next, each as
         deep as the most fresh blocks a recent new request had, until no spare is left unmapped.
         Call once per step, after the step's mappings were published (the rows taken between two
@@ -359,10 +363,15 @@ class KVMemoryManager:
         rows are warm (as many as recent steps took, at least DEFER_READY_ROWS: _defer_rows), the
         planning waits for a call without it. guard_ahead's extensions wait one call, not two in a
         row (offline, nearly every step carries prefill chunks, and a guard not extended is mapped
-        by the next step that reads past it, on its path: ensure_readable; NOTES #109)."""
+        by the next step that reads past it, on its path: ensure_readable; NOTES #109). clip_guards:
+        the coming steps read each running row only up to the longest running row's end (the
+        caller's long decode steps: FA3's view clipped there); where whole guards are over their
+        share of the spares, guards then reach that far (_clipped_guards), and the alias scan frees
+        spares from warm rows for them (NOTES #135)."""
         self._bursts.append(self._taken)
         self._taken = 0
-        if self._ahead_rows:
+        self._clip_guards = clip_guards
+        if self._ahead_rows or (clip_guards and len(self._active) > len(self._zero_rows)):
             if defer and not self._guards_deferred:
                 self._guards_deferred = True
             else:
@@ -493,14 +502,19 @@ class KVMemoryManager:
         in flight that over-read it (a hazard wait; all of them in the CPU harness's serving runs,
         NOTES #124). Those that no step in flight reads become spares here, like any guard slot;
         the rest wait for a later call (warm_stale_guards counts the rows done)."""
+        cap, rows = None, self._ahead_rows
         if not self._guards_in_budget():
-            self.warm_counts["warm_guards_over_budget"] += 1  # (the rows stay listed: a later call)
-            return
+            cap = self._clipped_guards()
+            if cap is None:
+                self.warm_counts["warm_guards_over_budget"] += 1  # (the rows stay listed: a later call)
+                return
+            rows = self._running_rows()  # (a row's guard reaches further when the longest row grows)
+            self.warm_counts["warm_guards_clipped"] += 1
         mapper, held, guard, bpr = self.mapper, self._held_end, self._guard_end, self.layout.blocks_per_row
         mapper.retire()
         spans, later, stale = [], {}, set()  # stale: rows whose guard so far holds stale frames
-        for row in self._ahead_rows:
-            h, want = held[row], min(held[row] + self.guard_slots, bpr)
+        for row in rows:
+            h, want = held[row], min(held[row] + self.guard_slots, bpr, cap or bpr)
             start = max(guard[row], h)
             if self.stale_guards and h < start and mapper.holds_stale(row, h, min(start, want)):
                 start = h
@@ -525,6 +539,41 @@ class KVMemoryManager:
     def _guards_in_budget(self) -> bool:
         """Could every running row's guard (guard_slots each) be spares within GUARD_SPARE_SHARE of them?"""
         return len(self._active) * self.guard_slots <= self.GUARD_SPARE_SHARE * len(self.pool.spare_frames)
+
+    def _clipped_guards(self) -> int | None:
+        """warm(clip_guards=True) with whole guards over their share: the slot every running row's
+        guard ends at instead, one past the longest running row's blocks (its next block arrives in
+        the step that reads it), if those guards fit GUARD_SPARE_SHARE of the spares; else None.
+        A long decode step's FA3 view ends at its longest row (ops.plan_reads), so the others read
+        no further; a slot it reads that holds no spare is mapped on its path, mostly the zero page
+        out of spares, and the row's growth there is an unmap that waits for the steps reading it
+        (NOTES #132, #135)."""
+        rows = self._running_rows() if self._clip_guards and self.guard_slots else ()
+        if not rows:
+            return None
+        held, gs = self._held_end, self.guard_slots
+        cap = min(max(held[r] for r in rows) + 1, self.layout.blocks_per_row)
+        need = sum(max(0, min(held[r] + gs, cap) - held[r]) for r in rows)
+        return cap if need <= self.GUARD_SPARE_SHARE * len(self.pool.spare_frames) else None
+
+    def _running_rows(self) -> list[int]:
+        """The rows requests hold (the active ones but reserve_zero_row's, which never take a spare)."""
+        zero = self._zero_rows
+        return [r for r in self._active if r not in zero]
+
+    def _guard_reserve(self, whole: int) -> int:
+        """The cold spares warm rows leave for running rows' guards: `whole` while whole guards fit
+        their share (the caller's count), with clipped guards (_clipped_guards) the slots still to
+        map up to the cap, else none."""
+        if not self.guard_slots or not self._active:
+            return 0
+        if self._guards_in_budget():
+            return whole
+        cap = self._clipped_guards()
+        if cap is None:
+            return 0
+        held, guard, gs = self._held_end, self._guard_end, self.guard_slots
+        return sum(max(0, min(held[r] + gs, cap) - max(held[r], guard[r])) for r in self._running_rows())
 
     def guards_ready(self, rows: Sequence[int], num_tokens: Sequence[int]) -> bool:
         """Is each of `rows` readable up to its `num_tokens` (its blocks and its guard mapped, or
@@ -579,10 +628,11 @@ class KVMemoryManager:
         reserve); returns the row it stopped at (out of spares, or still read in flight), None if
         all are warm."""
         spares = self._spares_past_reserve()
-        if self._ahead_rows and self._guards_in_budget():
-            # running rows' guards still to be extended keep first call on the cold spares: in serving
-            # nearly every spare sits in a warm row, and a guard is spares or nothing (NOTES #110)
-            spares = itertools.islice(spares, len(self._ahead_rows) * self.guard_slots, None)
+        # running rows' guards still to be extended keep first call on the cold spares: in serving
+        # nearly every spare sits in a warm row, and a guard is spares or nothing (NOTES #110)
+        reserve = self._guard_reserve(len(self._ahead_rows) * self.guard_slots)
+        if reserve:
+            spares = itertools.islice(spares, reserve, None)
         for row in rows:
             got[row] = self.mapper.warm(row, depth, spares, row in in_flight)
             if got[row] < depth:
@@ -680,8 +730,7 @@ class KVMemoryManager:
                 break
             limit = need
         reserve = self.pad_reserve
-        if self._ahead_rows and self._guards_in_budget():
-            reserve += len(self._active) * self.guard_slots
+        reserve += self._guard_reserve(len(self._active) * self.guard_slots if self._ahead_rows else 0)
         return limit + reserve
 
     def _donor_key(self, depth: int, pos: dict[int, int]):
