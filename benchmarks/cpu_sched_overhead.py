@@ -394,7 +394,8 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
             "ms_per_step": per_step,
             "total_ms_per_step": round(sum(per_step.values()), 4),
             "block_maps": s["block_maps"], "swaps": s["swaps"], "warm_maps": s["warm_maps"],
-            "block_unmaps": s["block_unmaps"], "zero_maps": s["zero_maps"], "pad_maps": s["pad_maps"], "guard_ahead_maps": s["guard_ahead_maps"],
+            "block_unmaps": s["block_unmaps"], "zero_maps": s["zero_maps"], "pad_maps": s["pad_maps"],
+            "guard_ahead_maps": s["guard_ahead_maps"],
             "hazard_waits": s["hazard_waits"], "spares_at": s["spares_at"],
             # step changes that waited for a row's background ops (DRAIN), and those below every op pending
             "drains": s["drains"], "drains_skipped": s["drains_skipped"], "prefix_rows_taken": s["prefix_rows_taken"],

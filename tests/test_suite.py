@@ -873,3 +873,21 @@ def test_the_scrape_after_a_run_waits_for_its_last_requests(monkeypatch):
     assert S.histogram_means(before, None) is None and S.histogram_means(None, before) is None
     # no request in a histogram: no mean, not a division by zero
     assert S.histogram_means(before, before)["ttft_ms_mean"] is None
+
+
+def test_long_decode_table_shows_the_steps_kernels_and_their_guards_cost():
+    """NOTES #130-#135: the long decode steps by kernel, beside their guards' cost; runs without any
+    long decode step (other workloads, stock, runs from before the counters) are left out."""
+    def run(fa3, zero, clipped, waits):
+        return {"workload": "8192-in-256-out", "system": "vattn-fa2", "error": None,
+                "mapper": {"long_decode_steps_fa3": fa3, "long_decode_steps_fa2": 0, "long_decode_steps_mapped": 14,
+                           "zero_maps": zero, "guard_ahead_maps": 1800, "warm_guards_clipped": clipped,
+                           "hazard_waits": waits, "gpu_flag_wait_seconds": 0.05}}
+    none = {"workload": "1024-in-128-out", "system": "vattn-fa2", "error": None,
+            "mapper": {"long_decode_steps_fa3": 0, "long_decode_steps_fa2": 0, "zero_maps": 3}}
+    res = [run(228, 0, 225, 0), run(228, 4, 226, 2), run(227, 2, 224, 1), none,
+           {"workload": "8192-in-256-out", "system": "stock-fa3", "error": None}]
+    (row,) = S.long_decode_rows(res)
+    assert (row["workload"], row["n"], row["long_decode_steps_fa3"], row["zero_maps"], row["hazard_waits"]) == \
+        ("8192-in-256-out", 3, 228, 2, 1)
+    assert "| 8192-in-256-out | vattn-fa2 | 3 | 228 / 0 | 14 | 2 | 1800 | 225 | 1 | 0.050 |" in S.markdown({"results": res})

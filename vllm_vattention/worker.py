@@ -534,9 +534,9 @@ class VattnModelRunner(V2ModelRunner):
 
     def _is_long_decode(self, scheduler_output) -> bool:
         """VATTN_FA3_DECODE_TOKENS: is this step decode-only, with its requests' contexts adding up
-        to the threshold and averaging VATTN_FA3_DECODE_ROW_TOKENS (ops.long_decode)? Its CUDA-graph dispatch then takes the piecewise graph
-        (_dispatch_long_decodes_piecewise) and prepare_attn runs it in FA3, mapping the guard slots
-        not in place (ops.plan_reads)."""
+        to the threshold and averaging VATTN_FA3_DECODE_ROW_TOKENS (ops.long_decode)? Its CUDA-graph
+        dispatch then takes the piecewise graph (_dispatch_long_decodes_piecewise) and prepare_attn
+        runs it in FA3, mapping the guard slots not in place (ops.plan_reads)."""
         cfg = getattr(self, "vattn_cfg", None)  # (None in vLLM's profiling run, before the KV cache)
         if cfg is None or not cfg.fa3_decode_tokens or scheduler_output.scheduled_new_reqs:
             return False

@@ -852,6 +852,24 @@ def hazard_rows(results: list[dict]) -> list[dict]:
             for (w, s), ms in by.items()]
 
 
+LONG_DECODE_COUNTERS = ("long_decode_steps_fa3", "long_decode_steps_fa2", "long_decode_steps_mapped", "zero_maps",
+                        "guard_ahead_maps", "warm_guards_clipped", "hazard_waits", "gpu_flag_wait_seconds")
+
+
+def long_decode_rows(results: list[dict]) -> list[dict]:
+    """Per workload and system: its long decode steps (VATTN_FA3_DECODE_TOKENS, NOTES #130-#135) by the
+    kernel they ran and those that mapped guard slots on their path, beside what the guards cost: zero-page
+    slots, guard slots mapped in the background, warm() calls that clipped the guards, hazard waits and
+    the GPU's wait at the flag; medians over repetitions. Runs with no long decode step are left out."""
+    def pick(r: dict) -> dict | None:
+        m = _mapper(r)
+        return m if m.get("long_decode_steps_fa3", 0) + m.get("long_decode_steps_fa2", 0) > 0 else None
+    by = _grouped(results, pick)
+    return [{"workload": w, "system": s, "n": len(ms),
+             **{k: statistics.median(m.get(k, 0) for m in ms) for k in LONG_DECODE_COUNTERS}}
+            for (w, s), ms in by.items()]
+
+
 def _longest_stall(ms: list[dict]) -> list:
     """The longest flag stall over the runs' mapper reports: [ms, index of its wait]; [0, None] if none."""
     return max(((m.get("flag_longest_ms") or [[0, None]])[0] for m in ms), key=lambda x: x[0] or 0)
@@ -1026,6 +1044,17 @@ def markdown(doc: dict) -> str:
                             f"{m['native_event_wait_seconds']:.3f}", f"{m['admit_stale_replaced']:.0f}",
                             f"{m['warm_stale_guards']:.0f}",
                             f"{m['grow_swaps']:.0f} / {m['grow_maps']:.0f} / {m['grow_unmaps']:.0f}"] for m in hazards])
+    longs = long_decode_rows(res)
+    if longs:
+        lines += _section("Long decode steps in FA3 and their guards (medians over repetitions; NOTES #130-#135)",
+                          ["workload", "system", "runs", "long steps: FA3 / FA2", "that mapped guard slots on their path",
+                           "zero-page slots", "guard slots mapped in the background", "warm() calls with clipped guards",
+                           "hazard waits", "GPU at the flag s"],
+                          [[m["workload"], m["system"], m["n"],
+                            f"{m['long_decode_steps_fa3']:.0f} / {m['long_decode_steps_fa2']:.0f}",
+                            f"{m['long_decode_steps_mapped']:.0f}", f"{m['zero_maps']:.0f}", f"{m['guard_ahead_maps']:.0f}",
+                            f"{m['warm_guards_clipped']:.0f}", f"{m['hazard_waits']:.0f}",
+                            f"{m['gpu_flag_wait_seconds']:.3f}"] for m in longs])
     slow = slow_batch_rows(res)
     if slow:
         lines += _section("The native thread's slowest batch (submission to done; the most over repetitions)",
