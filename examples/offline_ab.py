@@ -43,6 +43,14 @@ def randomize_weights(worker) -> int:
     return n
 
 
+def close_prompts(n: int, length: int, seed: int = 2) -> list[list[int]]:
+    """n prompts of `length` to `length` + 7 tokens: a batch of close lengths, as an offline run of one
+    prompt length has (long decode steps' guards then reach only a few slots past each row)."""
+    import random
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 500) for _ in range(length + i % 8)] for i in range(n)]
+
+
 def shared_prefix_prompts(n: int, prefix_len: int = 300, seed: int = 1) -> list[list[int]]:
     import random
     rng = random.Random(seed)
@@ -72,7 +80,8 @@ def run_one(args) -> None:
     start = time.time() - t
     llm.collective_rpc(randomize_weights)
     sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, logprobs=0, ignore_eos=True, n=1)
-    ps = shared_prefix_prompts(args.num_prompts) if args.shared_prefix else prompts(args.num_prompts)
+    ps = (shared_prefix_prompts(args.num_prompts) if args.shared_prefix
+          else close_prompts(args.num_prompts, args.close_prompts) if args.close_prompts else prompts(args.num_prompts))
     t = time.time()
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in ps], sp)
     gen = time.time() - t
@@ -147,6 +156,12 @@ VATTN_SYSTEMS = {
     # mapped on its path (VATTN_FA3_DECODE_TOKENS at 1 token, no average: the path under test; benchmarks/NOTES.md #128, #130)
     "vattention-fa3-decode": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_FA3_DECODE_TOKENS": "1",
                               "VATTN_FA3_DECODE_ROW_TOKENS": "0"},
+    # the same with 128 spare frames and none lent: 26 rows' whole guards (17 slots each) are over half the
+    # spares, their clipped guards (with --close-prompts, one or two slots each) are not, so warm() clips
+    # them after each long decode step (benchmarks/NOTES.md #135)
+    "vattention-fa3-decode-clipped": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_FA3_DECODE_TOKENS": "1",
+                                      "VATTN_FA3_DECODE_ROW_TOKENS": "0", "VATTN_SPARE_BLOCKS": "128",
+                                      "VATTN_LEND_BLOCKS": "0"},
 }
 
 
@@ -170,6 +185,8 @@ def main() -> None:
                     help="vLLM's token budget per step (0: its default); small: prefills chunked beside decodes")
     ap.add_argument("--block-size", type=int, default=0, help="vLLM's block size for every system (0: its default)")
     ap.add_argument("--shared-prefix", action="store_true", help="prompts share a 300-token prefix")
+    ap.add_argument("--close-prompts", type=int, default=0,
+                    help="prompts of this many tokens to 7 more (0: the default mix of lengths 1 to 2,000)")
     ap.add_argument("--no-prefix-caching", action="store_true")
     ap.add_argument("--parallel-n", type=int, default=1)
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
@@ -197,6 +214,7 @@ def main() -> None:
             if getattr(args, flag):
                 cmd.append("--" + flag.replace("_", "-"))
         cmd += ["--num-gpu-blocks", str(args.num_gpu_blocks), "--block-size", str(args.block_size),
+                "--close-prompts", str(args.close_prompts),
                 "--max-num-batched-tokens", str(args.max_num_batched_tokens),
                 "--parallel-n", str(args.parallel_n), "--tensor-parallel-size", str(args.tensor_parallel_size)]
         print("running", system, flush=True)

@@ -8,7 +8,7 @@
 #          stream_check (the stream-mode GPU tests alone, no sanitizer; then the clipped-guard tests under it)
 #          spare_check (spare frames: the libcuda test, then the e2e prefix-caching test against stock)
 #          mix_check (VATTN_DECODE_KERNEL=fa2-graphs, =fa2 and VATTN_FA3_SCHEDULE=1 against stock)
-#          fa3_decode (VATTN_FA3_DECODE_TOKENS=1 against stock: decode steps in FA3 outside full graphs)
+#          fa3_decode (VATTN_FA3_DECODE_TOKENS=1 against stock: decode steps in FA3 outside full graphs; FA3_K=clipped)
 #          prefix (the default's prefix-caching e2e test alone) gs_e2e (the default's other e2e tests with fa2-graphs) lend_check (VATTN_LEND_BLOCKS e2e against stock, tight budget; --block-size 32 against stock)
 #          suite_round (offline rounds of stock-fa3 with the candidates: $SUITE_CANDIDATE, a comma list such as
 #          vattn-fa2,vattn-spare, else the default vattn-fa2;
@@ -77,8 +77,10 @@ for s in $steps; do
         timeout 400 python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/gpu/test_e2e_gpu.py \
           -k "prefix and not spare and not growth" \
           > "$OUT/prefix.log" 2>&1; echo "rc=$?"; grep -E "passed|failed|Error" "$OUT/prefix.log" | tail -3;;
-    fa3_decode) # VATTN_FA3_DECODE_TOKENS=1 end to end against stock (NOTES #128): decode steps in FA3 outside full graphs
-        timeout 400 python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/gpu/test_e2e_gpu.py -k long_decode_steps \
+    fa3_decode) # VATTN_FA3_DECODE_TOKENS=1 end to end against stock (NOTES #128): decode steps in FA3 outside full graphs;
+        # FA3_K=clipped: only the test with clipped guards (NOTES #135; each test ~265 s)
+        timeout ${FA3_TIMEOUT:-560} python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/gpu/test_e2e_gpu.py \
+          -k "long_decode_steps and ${FA3_K:-long_decode_steps}" \
           > "$OUT/fa3_decode.log" 2>&1; echo "rc=$?"; grep -E "passed|failed|Error|absdiff" "$OUT/fa3_decode.log" | tail -5;;
     mix_check) # VATTN_DECODE_KERNEL=fa2-graphs, =fa2 and VATTN_FA3_SCHEDULE=1 end to end against stock: logprobs
         # within the FA2/FA3 spread, prefills chunked beside decodes (NOTES #89, #91); on a fresh

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from vllm_vattention.attention.ops import is_mixed, plan_reads
+from vllm_vattention.attention.ops import is_mixed, long_decode, plan_reads
 from vllm_vattention.bench import sched_replay as S
 from vllm_vattention.memory import FakeDriver, KVGeometry, KVMemoryManager, RequestRows, make_layout
 from vllm_vattention.worker import has_prefill
@@ -63,7 +63,7 @@ def drive(background, spares: int, prompts: list[list[int]], max_tokens: list[in
           max_num_batched_tokens: int, max_num_seqs: int, layout_name: str = "interleaved",
           reclaim: str = "deferred", over_read: tuple[str, int, bool] | None = None, lend: int = 0,
           block_size: int = BS, growth: bool = False, keep_guards: bool = False, guard_ahead: int = 0,
-          bounded_scan: bool = True) -> dict:
+          bounded_scan: bool = True, long_decodes: tuple[int, int] | None = None) -> dict:
     """Serve `prompts` with vLLM's Scheduler over the memory manager until every request finished,
     checking at every step that each scheduled request reads its own tokens' KV through its row.
     over_read=(decode_kernel, guard_tokens, clipped): as the model runner does, rows FA3 reads get the
@@ -71,8 +71,11 @@ def drive(background, spares: int, prompts: list[list[int]], max_tokens: list[in
     readable. lend: lend_unused(lend) before the first step (VATTN_LEND_BLOCKS; vLLM hands the lent
     blocks out once the lower ids are taken). block_size: vLLM's (32: two pages per block here, as
     --block-size 32 gives Llama-3-8B two 2 MiB pages' worth in one block). growth: the manager's
-    growth_ahead (VATTN_GROWTH_AHEAD). bounded_scan: VATTN_BOUNDED_SCAN. Returns counts: steps, tokens checked, prefix-hit tokens,
-    preemptions, the manager's stats."""
+    growth_ahead (VATTN_GROWTH_AHEAD). bounded_scan: VATTN_BOUNDED_SCAN. long_decodes: (VATTN_FA3_DECODE_TOKENS,
+    VATTN_FA3_DECODE_ROW_TOKENS) with over_read: decode-only steps that reach them are planned as the
+    worker plans them (FA3 over every row, the view clipped: plan_reads(long_decode=True)) and warm()
+    after them clips guards (NOTES #135). Returns counts: steps, tokens checked, prefix-hit tokens,
+    preemptions, the manager's stats, the long decode steps."""
     from vllm.sampling_params import SamplingParams
     from vllm.v1.outputs import ModelRunnerOutput
     from vllm.v1.request import Request
@@ -95,7 +98,7 @@ def drive(background, spares: int, prompts: list[list[int]], max_tokens: list[in
                       arrival_time=float(i), block_hasher=hasher)
         live[req.request_id] = req
         sched.add_request(req)
-    checked, hits, steps = 0, 0, 0
+    checked, hits, steps, longs = 0, 0, 0, 0
     rules: dict[str, int] = {}  # steps by the rule ops.plan_reads chose (fa2-graphs: one FA3 launch or fa2's two)
     while sched.has_requests():
         steps += 1
@@ -104,13 +107,18 @@ def drive(background, spares: int, prompts: list[list[int]], max_tokens: list[in
         apply(rows, out)
         ids = list(out.num_scheduled_tokens)
         reads = {rows.row(r): live[r].num_computed_tokens for r in ids}
+        long = False
         if over_read and ids:
             kernel, guard, clipped = over_read
             row_of = np.array([rows.row(r) for r in ids])
+            q = [out.num_scheduled_tokens[r] for r in ids]
+            # (the worker asks before the step, from the computed tokens; schedule() has added the new ones)
+            long = bool(long_decodes) and not out.scheduled_new_reqs and long_decode(
+                q, [live[r].num_computed_tokens - n for r, n in zip(ids, q)], *long_decodes)
+            longs += long
             rule, fa3, extents = plan_reads(np.array([live[r].num_computed_tokens for r in ids]),
-                                            np.array([out.num_scheduled_tokens[r] for r in ids]), kernel, guard,
-                                            layout.row_tokens, row_of, mgr,
-                                            clip_to_view=clipped)
+                                            np.array(q), kernel, guard, layout.row_tokens, row_of, mgr,
+                                            clip_to_view=clipped, long_decode=long)
             if is_mixed(np.array([out.num_scheduled_tokens[r] for r in ids])):
                 rules[rule] = rules.get(rule, 0) + 1
             for r, is_fa3, ext in zip(ids, fa3.tolist(), extents.tolist()):
@@ -142,7 +150,7 @@ def drive(background, spares: int, prompts: list[list[int]], max_tokens: list[in
             for pos in list(range(0, ext, block_size)) + ([ext - 1] if ext else []):
                 driver.read(mgr.address(row, pos, 0, 0), 8)
         mgr.record_reads(DoneFence(), reads)
-        mgr.warm(defer=has_prefill(out))  # as the worker asks (VATTN_WARM_DEFER)
+        mgr.warm(defer=has_prefill(out), clip_guards=long)  # as the worker asks (VATTN_WARM_DEFER)
         sched.update_from_output(out, ModelRunnerOutput(req_ids=ids, req_id_to_index={r: k for k, r in enumerate(ids)},
                                                         sampled_token_ids=sampled))
     assert len(rows) == 0  # every request finished and gave its row back
@@ -152,7 +160,7 @@ def drive(background, spares: int, prompts: list[list[int]], max_tokens: list[in
     mgr.close()
     assert driver.leaks() == []
     return {"steps": steps, "checked": checked, "hits": hits, "stats": stats, "lent": lent, "rules": rules,
-            "preemptions": sum(r.num_preemptions for r in live.values())}
+            "preemptions": sum(r.num_preemptions for r in live.values()), "long_decodes": longs}
 
 
 @pytest.mark.parametrize("background, spares, lend, growth",
@@ -320,3 +328,42 @@ def test_the_gpu_per_layer_preemption_tests_workload_preempts():
 
     assert preemptions(10, 1100, 3, 2048) >= 3
     assert preemptions(10, 64, 80, 1024) == 0
+
+
+def offline_ab_close_prompts(n: int, length: int) -> list[list[int]]:
+    """examples/offline_ab.py's --close-prompts (the clipped-guard GPU test's prompts)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(MODEL)), "examples", "offline_ab.py")
+    spec = importlib.util.spec_from_file_location("offline_ab", path)
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+    return ab.close_prompts(n, length)
+
+
+@pytest.mark.parametrize("background", [False, "stream"])
+def test_long_decode_steps_with_clipped_guards_read_their_own_kv(background):
+    """VATTN_FA3_DECODE_TOKENS' long decode steps (FA3 over every row, the view clipped to the longest)
+    and warm(clip_guards=True) after them (NOTES #135), under vLLM's scheduler with prefix hits and
+    preemption: every step reads its requests' own KV, every slot up to each row's extent is mapped,
+    and the guards were clipped (whole ones, 4 slots per row, are over half of the 12 spares)."""
+    shared = toks(3, 48)
+    prompts = [shared + toks(400 + i, 40 + i % 3) for i in range(8)] + [toks(500 + i, 88) for i in range(4)]
+    r = drive(background, 12, prompts, [40] * len(prompts), num_blocks=64, max_len=256,
+              max_num_batched_tokens=256, max_num_seqs=8, over_read=("fa2-graphs", 48, True), keep_guards=True,
+              guard_ahead=3, long_decodes=(1, 0))
+    assert r["checked"] > 0 and r["hits"] > 0 and r["long_decodes"] > 20
+    assert r["stats"]["warm_guards_clipped"] > 0 and r["stats"]["guard_ahead_maps"] > 0, r["stats"]
+
+
+def test_the_gpu_clipped_guard_tests_workload_clips_guards():
+    """The premise of tests/gpu/test_e2e_gpu.py's clipped-guard test, with vLLM's scheduler on the CPU:
+    26 of offline_ab's --close-prompts 704 (704-711 tokens), 32 tokens out, 128 spares and none lent,
+    FA3's 256-token guard (16 slots ahead): whole guards (26 x 17 slots) are over half the spares, so
+    after the long decode steps warm() clips them to the longest row, and they are spares."""
+    r = drive("stream", 128, offline_ab_close_prompts(26, 704), [32] * 26, num_blocks=2048, max_len=4096,
+              max_num_batched_tokens=16384, max_num_seqs=64, over_read=("fa2-graphs", 256, True), keep_guards=True,
+              guard_ahead=16, long_decodes=(1, 0))
+    s = r["stats"]
+    assert r["long_decodes"] >= 30 and s["warm_guards_clipped"] >= 25 and s["guard_ahead_maps"] >= 26, s
+    print({k: s[k] for k in ("warm_guards_clipped", "guard_ahead_maps", "zero_maps", "hazard_waits", "pad_maps")})

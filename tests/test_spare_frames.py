@@ -1618,3 +1618,39 @@ def test_clipped_guards_reach_the_longest_row_with_spares_where_whole_ones_are_o
     mgr.mapper.check_invariants()
     mgr.close()
     assert driver.leaks() == []
+
+
+def test_clipped_guards_take_spares_from_the_free_rows_handed_out_last(driver):
+    """Offline, warm rows hold nearly every spare (NOTES #132: 2,032 of 2,048), so clipped guards would
+    find none and a long decode step would map the zero page on its path. warm(clip_guards=True) first
+    unmaps (in the background) as many spares as the guards need from the free rows acquire_row() hands
+    out last, deepest slot first; the rows handed out next keep theirs."""
+    mgr = make_manager(driver, rows=8, max_tokens=256, num_blocks=40, spare_blocks=12, background="stream",
+                       keep_guards=True, guard_ahead=2)
+    mgr.pad_reserve = 0
+    mgr.GUARD_SPARE_SHARE = 0.5  # (12 spares: 6 guard slots; whole guards, 3 rows x 3, are over it)
+    bs = mgr.layout.block_size
+    rows = [mgr.acquire_row() for _ in range(3)]
+    for r, first in zip(rows, (0, 4, 8)):
+        mgr.set_blocks(r, list(range(first, first + 4)), fresh_from=0)  # new requests: 4 fresh blocks each
+    mgr.publish()
+    mgr.warm()  # free rows warmed 4 deep with every spare: 3 rows of 4
+    mgr.sync()
+    spare, slots = mgr.pool.spare_frames, mgr.mapper.slots
+    warm_rows = [r for r in mgr._free_rows if any(f in spare for f in slots[r])]
+    assert len(warm_rows) == 3 and list(mgr.mapper.cold_spares()) == []
+    assert not mgr.guards_ready(rows, [5 * bs] * 3)
+    mgr.set_blocks(rows[0], [12], start=4, fresh_from=0)  # the longest row (5 blocks): the cap is slot 6
+    mgr.publish()
+    mgr.warm(clip_guards=True)
+    mgr.sync()
+    s = mgr.stats()
+    # clipped guards: 1 + 2 + 2 slots; 5 spares freed from the last warm row (4) and the one before (1)
+    assert s["warm_guards_clipped"] == 1 and s["warm_guard_spares_freed"] == 5 and s["guard_ahead_maps"] == 5
+    assert all(slots[r][k] in spare for r in rows for k in range(mgr._held_end[r], 6))
+    first, second, last = warm_rows
+    assert all(slots[first][k] in spare for k in range(4))  # the next row a request gets keeps its spares
+    assert all(f not in spare for f in slots[last][:4])
+    mgr.mapper.check_invariants()
+    mgr.close()
+    assert driver.leaks() == []

@@ -56,6 +56,26 @@ def test_long_decode_steps_in_fa3_outside_full_graphs_match_stock(cuda, tmp_path
     assert m["long_decode_steps_fa3"] > 0 and m["long_decode_steps_fa2"] == 0, m
 
 
+def test_long_decode_steps_with_clipped_guards_match_stock(cuda, tmp_path):
+    """VATTN_FA3_DECODE_TOKENS at 1 token with 128 spares and prompts of close lengths (NOTES #135): whole
+    guards are over their share of the spares, so after each long decode step warm() extends every
+    row's guard only up to the longest row's end, with spares in the background. The steps all ran FA3,
+    warm() clipped the guards, and the output is stock's within the FA2/FA3 spread."""
+    s = run_ab(tmp_path, "--systems", "stock,stock-fa2,vattention-fa3-decode-clipped", "--num-prompts", "26",
+               "--max-tokens", "32", "--close-prompts", "704")
+    spread, ours = s["stock_vs_stock-fa2"], s["stock_vs_vattention-fa3-decode-clipped"]
+    m = s["vattention-fa3-decode-clipped"]["mapper"]
+    print(json.dumps({"fa2_vs_fa3_spread": spread, "stock_vs_ours": ours,
+                      "mapper": {k: m.get(k) for k in ("long_decode_steps_fa3", "long_decode_steps_fa2",
+                                                       "warm_guards_clipped", "guard_ahead_maps", "hazard_waits")}},
+                     indent=1))
+    assert ours["tokens_compared"] >= 26
+    assert ours["logprob_absdiff_max"] <= max(2 * spread["logprob_absdiff_max"], 1e-2), (ours, spread)
+    assert ours["greedy_prefix_agreement"] >= min(spread["greedy_prefix_agreement"], 0.9)
+    assert m["long_decode_steps_fa3"] > 0 and m["long_decode_steps_fa2"] == 0, m
+    assert m["warm_guards_clipped"] > 0 and m["guard_ahead_maps"] > 0, m
+
+
 # fa2-graphs (the default since NOTES.md #114), the former default's two ops per layer (VATTN_DECODE_KERNEL=fa2),
 # and the default with VATTN_FA3_SCHEDULE=1
 MIXED_SYSTEMS = ("vattention-fa2-graphs", "vattention-fa2-two-ops", "vattention-sched")

@@ -55,7 +55,7 @@ RECLAIM_POLICIES = ("deferred", "eager")
 # a row a step in flight still reads or at the end of the spares mapped nowhere; the last depth
 _WARM_COUNTS = ("warm_calls", "warm_unchanged", "warm_deferred", "warm_stopped_in_flight", "warm_stopped_no_spare",
                 "warm_depth", "warm_guards_over_budget", "warm_stale_guards",
-                "warm_guards_clipped")
+                "warm_guards_clipped", "warm_guard_spares_freed")
 # new requests' blocks (set_blocks from slot 0): admissions, blocks moved into spares, mapped, unmapped first;
 # and the admissions that took the free row still mapping their prefix hits (acquire_row)
 _ADMIT_COUNTS = ("admissions", "admit_swaps", "admit_maps", "admit_unmaps", "prefix_rows_taken", "admit_stale_replaced")
@@ -512,6 +512,8 @@ class KVMemoryManager:
             self.warm_counts["warm_guards_clipped"] += 1
         mapper, held, guard, bpr = self.mapper, self._held_end, self._guard_end, self.layout.blocks_per_row
         mapper.retire()
+        if cap is not None:
+            self._free_spares_for_guards(self._guard_reserve(0))
         spans, later, stale = [], {}, set()  # stale: rows whose guard so far holds stale frames
         for row in rows:
             h, want = held[row], min(held[row] + self.guard_slots, bpr, cap or bpr)
@@ -555,6 +557,32 @@ class KVMemoryManager:
         cap = min(max(held[r] for r in rows) + 1, self.layout.blocks_per_row)
         need = sum(max(0, min(held[r] + gs, cap) - held[r]) for r in rows)
         return cap if need <= self.GUARD_SPARE_SHARE * len(self.pool.spare_frames) else None
+
+    def _free_spares_for_guards(self, need: int) -> int:
+        """Clipped guards (_clipped_guards) are spares or nothing, and in an offline run warm rows hold
+        nearly every spare (2,032 of 2,048 at 8192-in-256-out, NOTES #132): unmap, in the background,
+        spares from the free rows acquire_row() hands out last, deepest slot first, until `need` cold
+        spares past the pad reserve exist. Slots a step in flight reads are left alone (no wait). Returns
+        how many were freed."""
+        short = need - sum(1 for _ in itertools.islice(self._spares_past_reserve(), need))
+        if short <= 0:
+            return 0
+        where = self.mapper.where
+        order = {r: i for i, r in enumerate(self._free_rows)}
+        bounds = self.mapper.read_bounds()
+        donors = []  # (row's place in the free list, slot, frame): in free rows only, not read in flight
+        for f in self.pool.spare_frames:
+            slots = where.get(f)
+            if slots and all(r in order and s >= bounds.get(r, 0) for r, s in slots):
+                r, s = max(slots, key=lambda x: (order[x[0]], x[1]))
+                donors.append((order[r], s, f))
+        donors.sort(reverse=True)
+        free_rows = set(order)
+        freed = self.mapper.unmap_aliases([f for _, _, f in donors], lambda r, s: r in free_rows, short)
+        if freed:
+            self.warm_counts["warm_guard_spares_freed"] += freed
+            self._warm_stale = True  # (the rows they came from are short now)
+        return freed
 
     def _running_rows(self) -> list[int]:
         """The rows requests hold (the active ones but reserve_zero_row's, which never take a spare)."""
