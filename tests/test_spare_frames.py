@@ -604,13 +604,15 @@ class SpareMachine(ManagerMachineBase):
         for f in self.mgr.pool.spare_frames:  # a spare still mapped is mapped in a held row too
             assert not where.get(f) or any(r in self.active for r, _ in where[f]), f
 
-    @rule(defer=st.booleans())
-    def step_and_warm(self, defer):
+    @rule(defer=st.booleans(), clip=st.booleans())
+    def step_and_warm(self, defer, clip):
+        """A step, then warm() (clip: after a long decode step, guards clipped to the longest row and
+        spares freed for them from free rows: NOTES #135)."""
         reads = {r: len(b) * self.bs for r, b in self.active.items() if b}
         if reads:
             self.launch(reads)
         waits = self.mgr.mapper.stats.hazard_waits
-        self.mgr.warm(defer=defer)
+        self.mgr.warm(defer=defer, clip_guards=clip)
         assert self.mgr.mapper.stats.hazard_waits == waits  # warm() unmaps only what no step in flight reads
 
     @rule(count=st.integers(1, 4))
