@@ -315,6 +315,8 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
                 long_rules[rule] = long_rules.get(rule, 0) + 1
             if decode_kernel == "fa2-graphs" and ops.is_mixed(q):
                 mixed_rules[rule] = mixed_rules.get(rule, 0) + 1
+            if long and rule == "fa3" and clip_guards:  # as the worker does (NOTES #135)
+                mgr.spare_guards(row_of[fa3], ext[fa3])
             for row, e in zip(row_of[fa3].tolist(), ext[fa3].tolist()):
                 mgr.ensure_readable(row, e)
             reads = step_reads(row_of, ext)

@@ -325,7 +325,11 @@ def test_a_long_decode_step_runs_fa3_and_maps_the_guards_it_lacks_up_to_the_long
                             seq_lens_cpu_upper_bound=torch.tensor(seq),
                             positions=torch.tensor([s - 1 for s in seq]))
     runner._fa3_decode = True
+    asked = []  # spare_guards: spares freed from free rows for the slots it lacks first (NOTES #135)
+    spare_guards = mgr.spare_guards
+    mgr.spare_guards = lambda r, n: asked.append((list(r), list(n))) or spare_guards(r, n)
     runner.prepare_attn(batch)
+    assert asked == [(rows, [max(seq)] * 2)]  # (no spares here: it frees none)
     assert b.decode_fa3 is True and b.mixed_kernel == "fa3"
     view_slots = -(-max(seq) // bs)  # 4: the shorter row's third and fourth slots are its guard
     assert runner._pending_reads == dict.fromkeys(rows, view_slots)

@@ -121,6 +121,8 @@ def drive(background, spares: int, prompts: list[list[int]], max_tokens: list[in
                                             clip_to_view=clipped, long_decode=long)
             if is_mixed(np.array([out.num_scheduled_tokens[r] for r in ids])):
                 rules[rule] = rules.get(rule, 0) + 1
+            if long:  # as the worker does: spares for the guard slots the step lacks (NOTES #135)
+                mgr.spare_guards(row_of[fa3], extents[fa3])
             for r, is_fa3, ext in zip(ids, fa3.tolist(), extents.tolist()):
                 if is_fa3:
                     mgr.ensure_readable(rows.row(r), ext)

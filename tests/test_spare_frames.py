@@ -1656,3 +1656,46 @@ def test_clipped_guards_take_spares_from_the_free_rows_handed_out_last(driver):
     mgr.mapper.check_invariants()
     mgr.close()
     assert driver.leaks() == []
+
+
+@pytest.mark.parametrize("background", [False, "stream"])
+def test_spare_guards_frees_spares_for_the_guard_slots_a_long_decode_step_maps(driver, background):
+    """The first long decode step after the prefills finds its guards short (no warm() has clipped them
+    yet) and the spares in warm rows: spare_guards() frees as many as the slots it will map, from the
+    free rows handed out last, so ensure_readable maps spares there, not the zero page (whose unmap,
+    when the row grows in, waits for the steps reading it; NOTES #135)."""
+    mgr = make_manager(driver, rows=8, max_tokens=256, num_blocks=40, spare_blocks=12, background=background,
+                       keep_guards=True, guard_ahead=2)
+    mgr.pad_reserve = 0
+    bs = mgr.layout.block_size
+    rows = [mgr.acquire_row() for _ in range(3)]
+    for r, first in zip(rows, (0, 4, 8)):
+        mgr.set_blocks(r, list(range(first, first + 4)), fresh_from=0)
+    if mgr.stream_mode:
+        mgr.publish()
+    mgr.warm()
+    mgr.sync()
+    assert list(mgr.mapper.cold_spares()) == []  # all 12 in warm rows
+    zero = mgr.stats()["zero_maps"]
+    extents = [6 * bs, 6 * bs, 5 * bs]  # the step reads 2, 2 and 1 slots past the rows' blocks
+    assert mgr.spare_guards(rows, extents) == 5
+    assert mgr.spare_guards(rows, extents) == 0  # (as many cold now as the slots need)
+    for r, n in zip(rows, extents):
+        mgr.ensure_readable(r, n)
+    if mgr.stream_mode:
+        mgr.publish()
+    mgr.sync()
+    spare, slots = mgr.pool.spare_frames, mgr.mapper.slots
+    assert mgr.stats()["zero_maps"] == zero
+    assert all(slots[r][k] in spare for r, n in zip(rows, extents) for k in range(4, n // bs))
+    for r, n in zip(rows, extents):  # readable, and a row's growth moves into its spare: no driver call
+        driver.read(mgr.address(r, n - 1, 0, 0), 1)
+    calls = _driver_calls(driver)
+    mgr.set_blocks(rows[0], [12], start=4, fresh_from=0)
+    if mgr.stream_mode:
+        mgr.publish()
+    mgr.sync()
+    assert _driver_calls(driver) == calls
+    mgr.mapper.check_invariants()
+    mgr.close()
+    assert driver.leaks() == []

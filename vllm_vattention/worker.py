@@ -483,6 +483,8 @@ class VattnModelRunner(V2ModelRunner):
                 builder.mixed_kernel = rule  # the metadata is built under the rule whose reads were mapped
                 builder.decode_fa3 = decode_fa3
         mapped = 0  # guard slots mapped on this step's path
+        if decode_fa3:  # (spares for the guard slots it lacks, from free rows: not the zero page, NOTES #135)
+            self.vattn.spare_guards(live[fa3], extents[fa3])
         for row, extent in zip(live[fa3].tolist(), extents[fa3].tolist()):
             mapped += self.vattn.ensure_readable(row, extent)  # FA3 over-reads: a guard behind the end
         if self._fa3_decode and mapped:

@@ -41,7 +41,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 from collections import deque
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 from ..errors import MappingError, OutOfAddressSpaceError
 from .driver import Driver
@@ -513,7 +513,7 @@ class KVMemoryManager:
         mapper, held, guard, bpr = self.mapper, self._held_end, self._guard_end, self.layout.blocks_per_row
         mapper.retire()
         if cap is not None:
-            self._free_spares_for_guards(self._guard_reserve(0))
+            self._free_spares_for_guards(self._guard_reserve(0), self._spares_past_reserve)
         spans, later, stale = [], {}, set()  # stale: rows whose guard so far holds stale frames
         for row in rows:
             h, want = held[row], min(held[row] + self.guard_slots, bpr, cap or bpr)
@@ -558,13 +558,25 @@ class KVMemoryManager:
         need = sum(max(0, min(held[r] + gs, cap) - held[r]) for r in rows)
         return cap if need <= self.GUARD_SPARE_SHARE * len(self.pool.spare_frames) else None
 
-    def _free_spares_for_guards(self, need: int) -> int:
+    def spare_guards(self, rows: Sequence[int], num_tokens: Sequence[int]) -> int:
+        """Before a step that reads `rows` up to `num_tokens` and maps the guard slots missing on its
+        path (ensure_readable): free as many spares as those slots from the free rows handed out last
+        (_free_spares_for_guards), so that they are spares, not the zero page. For a long decode step
+        (VATTN_FA3_DECODE_TOKENS) that finds its guards short: the first one after the prefills, before
+        any warm() call clipped the guards (NOTES #135). Returns how many were freed."""
+        bs, mapper = self.layout.block_size, self.mapper
+        need = sum(mapper.holes(row, -(-tokens // bs)) for row, tokens in zip(_ints(rows), _ints(num_tokens)))
+        return self._free_spares_for_guards(need, self._cold_spares) if need else 0
+
+    def _free_spares_for_guards(self, need: int, cold: Callable[[], Iterator[int]]) -> int:
         """Clipped guards (_clipped_guards) are spares or nothing, and in an offline run warm rows hold
         nearly every spare (2,032 of 2,048 at 8192-in-256-out, NOTES #132): unmap, in the background,
-        spares from the free rows acquire_row() hands out last, deepest slot first, until `need` cold
-        spares past the pad reserve exist. Slots a step in flight reads are left alone (no wait). Returns
-        how many were freed."""
-        short = need - sum(1 for _ in itertools.islice(self._spares_past_reserve(), need))
+        spares from the free rows acquire_row() hands out last, deepest slot first, until `cold()` (the
+        cold spares the caller's guards take) yields `need`. Slots a step in flight reads are left alone
+        (no wait). A spare freed here may be mapped into a guard slot before its unmap has run: two
+        mappings of one frame for a moment, and the free row's slot is read by nothing. Returns how many
+        were freed."""
+        short = need - sum(1 for _ in itertools.islice(cold(), need))
         if short <= 0:
             return 0
         where = self.mapper.where
