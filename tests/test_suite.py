@@ -882,6 +882,7 @@ def test_long_decode_table_shows_the_steps_kernels_and_their_guards_cost():
         return {"workload": "8192-in-256-out", "system": "vattn-fa2", "error": None,
                 "mapper": {"long_decode_steps_fa3": fa3, "long_decode_steps_fa2": 0, "long_decode_steps_mapped": 14,
                            "zero_maps": zero, "guard_ahead_maps": 1800, "warm_guards_clipped": clipped,
+                           "warm_guard_spares_freed": 40,
                            "hazard_waits": waits, "gpu_flag_wait_seconds": 0.05}}
     none = {"workload": "1024-in-128-out", "system": "vattn-fa2", "error": None,
             "mapper": {"long_decode_steps_fa3": 0, "long_decode_steps_fa2": 0, "zero_maps": 3}}
@@ -890,4 +891,4 @@ def test_long_decode_table_shows_the_steps_kernels_and_their_guards_cost():
     (row,) = S.long_decode_rows(res)
     assert (row["workload"], row["n"], row["long_decode_steps_fa3"], row["zero_maps"], row["hazard_waits"]) == \
         ("8192-in-256-out", 3, 228, 2, 1)
-    assert "| 8192-in-256-out | vattn-fa2 | 3 | 228 / 0 | 14 | 2 | 1800 | 225 | 1 | 0.050 |" in S.markdown({"results": res})
+    assert "| 8192-in-256-out | vattn-fa2 | 3 | 228 / 0 | 14 | 2 | 1800 | 225 | 40 | 1 | 0.050 |" in S.markdown({"results": res})

@@ -853,7 +853,8 @@ def hazard_rows(results: list[dict]) -> list[dict]:
 
 
 LONG_DECODE_COUNTERS = ("long_decode_steps_fa3", "long_decode_steps_fa2", "long_decode_steps_mapped", "zero_maps",
-                        "guard_ahead_maps", "warm_guards_clipped", "hazard_waits", "gpu_flag_wait_seconds")
+                        "guard_ahead_maps", "warm_guards_clipped", "warm_guard_spares_freed", "hazard_waits",
+                        "gpu_flag_wait_seconds")
 
 
 def long_decode_rows(results: list[dict]) -> list[dict]:
@@ -1049,11 +1050,12 @@ def markdown(doc: dict) -> str:
         lines += _section("Long decode steps in FA3 and their guards (medians over repetitions; NOTES #130-#135)",
                           ["workload", "system", "runs", "long steps: FA3 / FA2", "that mapped guard slots on their path",
                            "zero-page slots", "guard slots mapped in the background", "warm() calls with clipped guards",
-                           "hazard waits", "GPU at the flag s"],
+                           "spares freed from free rows for them", "hazard waits", "GPU at the flag s"],
                           [[m["workload"], m["system"], m["n"],
                             f"{m['long_decode_steps_fa3']:.0f} / {m['long_decode_steps_fa2']:.0f}",
                             f"{m['long_decode_steps_mapped']:.0f}", f"{m['zero_maps']:.0f}", f"{m['guard_ahead_maps']:.0f}",
-                            f"{m['warm_guards_clipped']:.0f}", f"{m['hazard_waits']:.0f}",
+                            f"{m['warm_guards_clipped']:.0f}", f"{m['warm_guard_spares_freed']:.0f}",
+                            f"{m['hazard_waits']:.0f}",
                             f"{m['gpu_flag_wait_seconds']:.3f}"] for m in longs])
     slow = slow_batch_rows(res)
     if slow:
