@@ -366,8 +366,8 @@ class KVMemoryManager:
         by the next step that reads past it, on its path: ensure_readable; NOTES #109). clip_guards:
         the coming steps read each running row only up to the longest running row's end (the
         caller's long decode steps: FA3's view clipped there); where whole guards are over their
-        share of the spares, guards then reach that far (_clipped_guards), and the alias scan frees
-        spares from warm rows for them (NOTES #135)."""
+        share of the spares, guards then reach that far (_clipped_guards), with spares freed for
+        them from the free rows handed out last (_free_spares_for_guards; NOTES #135)."""
         self._bursts.append(self._taken)
         self._taken = 0
         self._clip_guards = clip_guards
@@ -513,7 +513,7 @@ class KVMemoryManager:
         mapper, held, guard, bpr = self.mapper, self._held_end, self._guard_end, self.layout.blocks_per_row
         mapper.retire()
         if cap is not None:
-            self._free_spares_for_guards(self._guard_reserve(0), self._spares_past_reserve)
+            self._free_spares_for_guards(self._clipped_need(cap), self._spares_past_reserve)
         spans, later, stale = [], {}, set()  # stale: rows whose guard so far holds stale frames
         for row in rows:
             h, want = held[row], min(held[row] + self.guard_slots, bpr, cap or bpr)
@@ -564,9 +564,13 @@ class KVMemoryManager:
         (_free_spares_for_guards), so that they are spares, not the zero page. For a long decode step
         (VATTN_FA3_DECODE_TOKENS) that finds its guards short: the first one after the prefills, before
         any warm() call clipped the guards (NOTES #135). Returns how many were freed."""
-        bs, mapper = self.layout.block_size, self.mapper
-        need = sum(mapper.holes(row, -(-tokens // bs)) for row, tokens in zip(_ints(rows), _ints(num_tokens)))
+        need = self._guard_holes(rows, num_tokens)
         return self._free_spares_for_guards(need, self._cold_spares) if need else 0
+
+    def _guard_holes(self, rows: Sequence[int], num_tokens: Sequence[int]) -> int:
+        """The slots ensure_readable would map to make each of `rows` readable up to its `num_tokens`."""
+        bs, mapper = self.layout.block_size, self.mapper
+        return sum(mapper.holes(row, -(-tokens // bs)) for row, tokens in zip(_ints(rows), _ints(num_tokens)))
 
     def _free_spares_for_guards(self, need: int, cold: Callable[[], Iterator[int]]) -> int:
         """Clipped guards (_clipped_guards) are spares or nothing, and in an offline run warm rows hold
@@ -610,8 +614,10 @@ class KVMemoryManager:
         if self._guards_in_budget():
             return whole
         cap = self._clipped_guards()
-        if cap is None:
-            return 0
+        return 0 if cap is None else self._clipped_need(cap)
+
+    def _clipped_need(self, cap: int) -> int:
+        """The guard slots still to map for every running row's guard to end at `cap` (_clipped_guards)."""
         held, guard, gs = self._held_end, self._guard_end, self.guard_slots
         return sum(max(0, min(held[r] + gs, cap) - max(held[r], guard[r])) for r in self._running_rows())
 
@@ -631,8 +637,7 @@ class KVMemoryManager:
         alone (every unmapped slot a spare mapped nowhere, none the zero page)? fa2-graphs asks this
         of a one-launch mixed step's prefill rows, whose guards its decodes lengthen (ops.plan_reads,
         NOTES #112). Costs the rows' slots past their readable marks, and at most that many spares."""
-        bs, mapper = self.layout.block_size, self.mapper
-        need = sum(mapper.holes(row, -(-tokens // bs)) for row, tokens in zip(_ints(rows), _ints(num_tokens)))
+        need = self._guard_holes(rows, num_tokens)
         return sum(1 for _ in itertools.islice(self._cold_spares(), need)) == need  # (need 0: islice asks for none)
 
     def _warm_growth(self) -> int:
