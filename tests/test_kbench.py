@@ -310,3 +310,50 @@ def test_map_churn_times_fa2_and_fa3_again_and_reports_them_beside_the_quiet_row
 def test_map_churn_needs_the_vmm_layout():
     with pytest.raises(SystemExit, match="--map-churn needs the vmm layout"):
         K.main(["--layouts", "interleaved", "--map-churn", "--out", "/tmp/unused-kbench"])
+
+
+def test_spread_draws_contexts_from_the_whole_range_and_every_kernel_reads_each_own_length():
+    """--spread (mixed-64-4096-in's decode batches: 64 to 4,600 tokens per sequence): the kernels get
+    lengths from context - spread + 1 to context, all of them the same lengths, and still agree with
+    paged FA3; the row and the table name the range and the mean."""
+    import torch
+
+    from vllm_vattention.attention import ops
+
+    seen = {}
+
+    def paged(q, k_cache, v_cache, max_q, cu_q, max_k, seqused_k, softmax_scale, causal, block_table, out, fa_version):
+        seen["paged"] = seqused_k.clone()
+        k_rows = k_cache[block_table.long()].flatten(1, 2)
+        v_rows = v_cache[block_table.long()].flatten(1, 2)
+        rows = torch.arange(q.shape[0], dtype=torch.int32)
+        out.copy_(ops.reference_attention(q, k_rows, v_rows, cu_q, seqused_k, rows, softmax_scale))
+
+    def fa2(q, k_rows, v_rows, out, seq_lens, rows, scale, num_splits=0):
+        seen["fa2"] = seq_lens.clone()
+        cu = torch.arange(q.shape[0] + 1, dtype=torch.int32)
+        out.copy_(ops.reference_attention(q, k_rows, v_rows, cu, seq_lens, rows, scale))
+
+    def fa3(q, k_rows, v_rows, out, cu_seqlens_q, seq_lens, rows, max_query_len, scale):
+        seen["fa3"] = seq_lens.clone()
+        out.copy_(ops.reference_attention(q, k_rows, v_rows, cu_seqlens_q, seq_lens, rows, scale))
+
+    res = K.run_shape(16, 48, 64, [0], ["per_layer"], device="cpu", timer=lambda fn: (fn(), 0.5)[1],
+                      paged_kernel=paged, fa2_kernel=fa2, fa3_kernel=fa3, spread=40)
+    lens = seen["paged"]
+    assert torch.equal(lens, seen["fa2"]) and torch.equal(lens, seen["fa3"])
+    assert 9 <= int(lens.min()) and int(lens.max()) <= 48 and int(lens.max()) - int(lens.min()) > 20
+    assert all(r["spread"] == 40 and r["mean_context"] == round(lens.float().mean().item()) for r in res)
+    assert all(r["max_abs_diff_vs_paged_fa3"] <= 1e-2 for r in res)
+    md = K.markdown({"gpu": "G", "driver": "d", "torch": "t", "vllm": "v", "commit": "c", "date": "x",
+                     "splits": [0], "results": res})
+    assert f"| 16 x 48 (9-48, mean {res[0]['mean_context']}) | 64 | per_layer |" in md
+    # the default stays a decode batch's last tokens; a spread past the context is clipped to it
+    K.run_shape(4, 48, 64, [0], ["per_layer"], device="cpu", timer=lambda fn: (fn(), 0.5)[1],
+                paged_kernel=paged, fa2_kernel=fa2, fa3_kernel=fa3)
+    assert int(seen["paged"].min()) > 48 - 12
+    res = K.run_shape(4, 48, 64, [0], ["per_layer"], device="cpu", timer=lambda fn: (fn(), 0.5)[1],
+                      paged_kernel=paged, fa2_kernel=fa2, fa3_kernel=fa3, spread=500)
+    assert res[0]["spread"] == 47 and int(seen["paged"].min()) >= 1
+    with pytest.raises(ValueError, match="spread -1"):
+        K.run_shape(4, 48, 64, [0], ["per_layer"], device="cpu", paged_kernel=paged, spread=-1)

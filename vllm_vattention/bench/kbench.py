@@ -51,6 +51,11 @@ DEFAULT_SHAPES = "24x16384,16x16384,8x32768,64x4096,128x1024"  # (interleaved ro
 DEFAULT_SPLITS = "0,1,2,3,4,6,8,12,16"
 
 
+def _default_spread(context: int) -> int:
+    """Contexts spread over a decode batch's last 1024 tokens (a quarter of short ones)."""
+    return max(1, min(1024, context // 4, context - 1))
+
+
 def parse_shapes(text: str) -> list[tuple[int, int]]:
     """'24x16384,256x1024' -> [(24, 16384), (256, 1024)] (batch, context)."""
     out = []
@@ -211,14 +216,18 @@ def layout_label(layout: str, pad: int) -> str:
 def run_shape(batch: int, context: int, row_tokens: int, splits: list[int], layouts: list[str], seed: int = 0,
               device: str = "cuda", timer=None, paged_kernel=None, fa2_kernel=None, fa3_kernel=None,
               paged_orders: tuple[str, ...] = ("shuffled",), row_pads: tuple[int, ...] = (0,),
-              vmm_row_tokens: int = 0, vmm_rows_fn=None, map_churn: bool = False) -> list[dict]:
+              vmm_row_tokens: int = 0, vmm_rows_fn=None, map_churn: bool = False,
+              spread: int | None = None) -> list[dict]:
     """Every kernel on one shape. `device`, `timer` (ms per call of a function) and the kernels
     (vLLM's flash_attn_varlen_func, ops.fa2_decode, ops.fa3_varlen) are replaceable for the CPU
     test of this plumbing. `paged_orders`: 'shuffled' (stock's baseline, always timed first) and/or
     'sequential' (each sequence's blocks in order); `row_pads`: extra tokens of row stride (not for
     'vmm'). Layout 'vmm' (the engine's own rows, vmm_rows; `vmm_rows_fn` replaces it on a CPU) has
     rows of `vmm_row_tokens` (default row_tokens) tokens; with `map_churn`, its FA2 (first split
-    count given) and FA3 are timed again under a MapChurn, as layout '<label> + map churn'."""
+    count given) and FA3 are timed again under a MapChurn, as layout '<label> + map churn'.
+    `spread`: sequence b's context is `context` minus a uniform draw from [0, spread) (default
+    min(1024, context // 4), a decode batch's last 1024 tokens; context - 1 at most, so a spread of
+    context - 64 gives lengths of 64 to context tokens, as mixed-64-4096-in's batches have)."""
     import torch
 
     if paged_kernel is None:
@@ -232,20 +241,25 @@ def run_shape(batch: int, context: int, row_tokens: int, splits: list[int], layo
     dev = torch.device(device)
     gen = torch.Generator(device=dev).manual_seed(seed)
     scale = D ** -0.5
-    # contexts spread over the last 1024 tokens (a quarter of short ones), as a decode batch's are
-    spread = max(1, min(1024, context // 4))
+    if spread is None:
+        spread = _default_spread(context)
+    if spread < 0:
+        raise ValueError(f"spread {spread}: the tokens a context falls short of {context} must be >= 0")
+    spread = max(1, min(spread, context - 1))
     lens = (context - torch.randint(0, spread, (batch,), generator=gen, device=dev)).to(torch.int32)
     rows = torch.arange(batch, dtype=torch.int32, device=dev)
     q = torch.randn(batch, HQ, D, dtype=torch.bfloat16, device=dev, generator=gen)
     # the keys and values every kernel reads: one layer's, [batch, context, HKV, D]
     k_src = torch.randn(batch, context, HKV, D, dtype=torch.bfloat16, device=dev, generator=gen)
     v_src = torch.randn(batch, context, HKV, D, dtype=torch.bfloat16, device=dev, generator=gen)
-    gbytes = kv_bytes(batch, context) / 1e9
+    mean_len = round(lens.float().mean().item())
+    gbytes = kv_bytes(batch, context) / 1e9  # (the shape's, as in earlier results; mean_context is recorded)
     out: list[dict] = []
 
     def record(layout: str, system: str, num_splits, ms: float | None, diff: float | None, note: str = "",
                **extra) -> None:
-        out.append({"batch": batch, "context": context, "row_tokens": row_tokens, "layout": layout,
+        out.append({"batch": batch, "context": context, "spread": spread, "mean_context": mean_len,
+                    "row_tokens": row_tokens, "layout": layout,
                     "system": system, "num_splits": num_splits, "ms": ms,
                     "tb_per_s": gbytes / ms if ms else None, "max_abs_diff_vs_paged_fa3": diff, "note": note,
                     **extra})
@@ -357,25 +371,28 @@ def markdown(res: dict) -> str:
              "FA2 over vAttention's rows with FA2's own split heuristic (0) and each split count given; "
              "FA3 over the same rows (no block table); paged FA3 is stock vLLM's decode. ms per call "
              "(median); TB/s of K and V read.", "",
-             "| batch x context | row tokens | layout | paged FA3 ms | FA2 (heuristic) ms | best splits | its ms | "
+             "| batch x context (contexts, mean) | row tokens | layout | paged FA3 ms | FA2 (heuristic) ms | best splits | its ms | "
              "best vs paged FA3 | heuristic vs paged FA3 | FA3 over rows ms | vs paged FA3 | max abs diff vs paged |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     shapes = sorted({(r["batch"], r["context"], r["row_tokens"]) for r in rows}, key=lambda x: (x[1], x[0]))
     for b, n, rt in shapes:
         mine = [r for r in rows if (r["batch"], r["context"]) == (b, n)]
         paged = next((r["ms"] for r in mine if r["system"] == "paged-fa3"), None)
+        shape = f"{b} x {n}"
+        if mine[0].get("spread", _default_spread(n)) != _default_spread(n):  # (--spread given)
+            shape += f" ({n - mine[0]['spread'] + 1}-{n}, mean {mine[0]['mean_context']})"
         for layout in sorted({r["layout"] for r in mine} - {"paged"}):
             fa2 = [r for r in mine if r["layout"] == layout and r["system"] == "fa2"]
             timed = [r for r in fa2 if r["ms"]]
             if not timed:
-                lines.append(f"| {b} x {n} | {rt} | {layout} | {paged:.4f} | - | - | - | - | - | - | - | {fa2[0]['note']} |")
+                lines.append(f"| {shape} | {rt} | {layout} | {paged:.4f} | - | - | - | - | - | - | - | {fa2[0]['note']} |")
                 continue
             fa3 = next((r for r in mine if r["layout"] == layout and r["system"] == "fa3-rows" and r["ms"]), None)
             heur = next((r for r in timed if r["num_splits"] == 0), None)
             best = min(timed, key=lambda r: r["ms"])
             diff = max(r["max_abs_diff_vs_paged_fa3"] for r in timed + ([fa3] if fa3 else []))
             fa3_cells = f"{fa3['ms']:.4f} | {paged / fa3['ms']:.3f}x" if fa3 else "- | -"
-            lines.append(f"| {b} x {n} | {rt} | {layout} | {paged:.4f} | {heur['ms'] if heur else float('nan'):.4f} | "
+            lines.append(f"| {shape} | {rt} | {layout} | {paged:.4f} | {heur['ms'] if heur else float('nan'):.4f} | "
                          f"{best['num_splits']} | {best['ms']:.4f} | {paged / best['ms']:.3f}x | "
                          f"{(paged / heur['ms']) if heur else float('nan'):.3f}x | {fa3_cells} | {diff:.4f} |")
     seq = {(r["batch"], r["context"]): r for r in rows if r["system"] == "paged-fa3-seq" and r["ms"]}
@@ -432,8 +449,13 @@ def main(argv=None) -> None:
     ap.add_argument("--map-churn", action="store_true",
                     help="vmm rows: also time FA2 and FA3 while the native thread maps and unmaps a frame "
                          "in the same reservation, back to back (page-table changes during the kernels)")
+    ap.add_argument("--spread", type=int, default=None,
+                    help="sequences' contexts fall short of the shape's by a uniform draw from [0, SPREAD) "
+                         "tokens (default min(1024, context / 4); context - 64: 64 to context tokens)")
     ap.add_argument("--tag", default="kbench")
     args = ap.parse_args(argv)
+    if args.spread is not None and args.spread < 0:
+        raise SystemExit(f"--spread {args.spread}: a token count >= 0")
     shapes = parse_shapes(args.shapes)
     splits = [int(s) for s in args.splits.split(",")]
     if any(not 0 <= s <= 128 for s in splits):
@@ -459,7 +481,7 @@ def main(argv=None) -> None:
     for b, n in shapes:
         res["results"] += run_shape(b, n, args.row_tokens or row_tokens_for(n), splits, layouts,
                                     paged_orders=orders, row_pads=pads, vmm_row_tokens=args.vmm_row_tokens,
-                                    map_churn=args.map_churn)
+                                    map_churn=args.map_churn, spread=args.spread)
         with open(stem + ".json", "w") as f:  # after each shape: a run cut short keeps what it measured
             json.dump(res, f, indent=1)
         print(f"[kbench] {b} x {n} done", flush=True)

@@ -89,6 +89,10 @@ SYSTEMS: dict[str, dict] = {
     # every decode-only step in FA2 (full CUDA graphs), long or not: the default before NOTES #133
     "vattn-fa2-long-decode": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_FA3_DECODE_TOKENS": "0"},
                               "args": []},
+    # the default without its per-request condition on long decode steps (VATTN_FA3_DECODE_ROW_TOKENS=0,
+    # NOTES #134): mixed-64-4096-in's 450K-token decode batches of 64-4,600-token rows run FA3 too (NOTES #137)
+    "vattn-fa3-mixed-decode": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_FA3_DECODE_ROW_TOKENS": "0"},
+                               "args": []},
     # the default with hazard waits on host words the GPU writes, not CUDA events (NOTES #124)
     "vattn-value-fence": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_FENCE": "value"}, "args": []},
     # the default from NOTES.md #29 to #57: spare frames, no lent blocks
