@@ -357,3 +357,45 @@ def test_spread_draws_contexts_from_the_whole_range_and_every_kernel_reads_each_
     assert res[0]["spread"] == 47 and int(seen["paged"].min()) >= 1
     with pytest.raises(ValueError, match="spread -1"):
         K.run_shape(4, 48, 64, [0], ["per_layer"], device="cpu", paged_kernel=paged, spread=-1)
+
+
+def test_longest_first_runs_fa2_over_the_sorted_batch_and_scatters_its_output_back():
+    """--longest-first: FA2 gets the batch sorted by length, longest first (rows and lengths in that
+    order, the query gathered), and the output lands back in each sequence's own place, so it still
+    agrees with paged FA3's; the kernel alone is timed too, and the table shows the variant as a layout."""
+    import torch
+
+    from vllm_vattention.attention import ops
+
+    calls = []
+
+    def paged(q, k_cache, v_cache, max_q, cu_q, max_k, seqused_k, softmax_scale, causal, block_table, out, fa_version):
+        k_rows = k_cache[block_table.long()].flatten(1, 2)
+        v_rows = v_cache[block_table.long()].flatten(1, 2)
+        rows = torch.arange(q.shape[0], dtype=torch.int32)
+        out.copy_(ops.reference_attention(q, k_rows, v_rows, cu_q, seqused_k, rows, softmax_scale))
+
+    def fa2(q, k_rows, v_rows, out, seq_lens, rows, scale, num_splits=0):
+        calls.append((seq_lens.clone(), rows.clone()))
+        cu = torch.arange(q.shape[0] + 1, dtype=torch.int32)
+        out.copy_(ops.reference_attention(q, k_rows, v_rows, cu, seq_lens, rows, scale))
+
+    def fa3(q, k_rows, v_rows, out, cu_seqlens_q, seq_lens, rows, max_query_len, scale):
+        out.copy_(ops.reference_attention(q, k_rows, v_rows, cu_seqlens_q, seq_lens, rows, scale))
+
+    res = K.run_shape(12, 48, 64, [0, 2], ["per_layer"], device="cpu", timer=lambda fn: (fn(), 0.5)[1],
+                      paged_kernel=paged, fa2_kernel=fa2, fa3_kernel=fa3, spread=40, longest_first=True)
+    assert [(r["layout"], r["system"], r["num_splits"]) for r in res] == [
+        ("paged", "paged-fa3", None), ("per_layer", "fa2", 0), ("per_layer", "fa2", 2),
+        ("per_layer, longest first", "fa2", 0), ("per_layer, longest first", "fa2", 2), ("per_layer", "fa3-rows", None)]
+    as_drawn_lens, as_drawn_rows = calls[0]
+    sorted_lens, sorted_rows = calls[-1]
+    assert not torch.equal(as_drawn_lens, sorted_lens)  # (12 draws from 40 lengths: not already sorted)
+    assert sorted_lens.tolist() == sorted(as_drawn_lens.tolist(), reverse=True)
+    # each sequence keeps its own row: the pairs are the same, in another order
+    assert sorted(zip(sorted_lens.tolist(), sorted_rows.tolist())) == sorted(zip(as_drawn_lens.tolist(), as_drawn_rows.tolist()))
+    assert all(r["max_abs_diff_vs_paged_fa3"] <= 1e-2 for r in res)
+    assert [r.get("kernel_ms") for r in res if "longest" in r["layout"]] == [0.5, 0.5]
+    md = K.markdown({"gpu": "G", "driver": "d", "torch": "t", "vllm": "v", "commit": "c", "date": "x",
+                     "splits": [0, 2], "results": res})
+    assert "| per_layer, longest first | 0.5000 | 0.5000 | 0 | 0.5000 | 1.000x | 1.000x | - | - |" in md

@@ -217,7 +217,7 @@ def run_shape(batch: int, context: int, row_tokens: int, splits: list[int], layo
               device: str = "cuda", timer=None, paged_kernel=None, fa2_kernel=None, fa3_kernel=None,
               paged_orders: tuple[str, ...] = ("shuffled",), row_pads: tuple[int, ...] = (0,),
               vmm_row_tokens: int = 0, vmm_rows_fn=None, map_churn: bool = False,
-              spread: int | None = None) -> list[dict]:
+              spread: int | None = None, longest_first: bool = False) -> list[dict]:
     """Every kernel on one shape. `device`, `timer` (ms per call of a function) and the kernels
     (vLLM's flash_attn_varlen_func, ops.fa2_decode, ops.fa3_varlen) are replaceable for the CPU
     test of this plumbing. `paged_orders`: 'shuffled' (stock's baseline, always timed first) and/or
@@ -227,7 +227,13 @@ def run_shape(batch: int, context: int, row_tokens: int, splits: list[int], layo
     count given) and FA3 are timed again under a MapChurn, as layout '<label> + map churn'.
     `spread`: sequence b's context is `context` minus a uniform draw from [0, spread) (default
     min(1024, context // 4), a decode batch's last 1024 tokens; context - 1 at most, so a spread of
-    context - 64 gives lengths of 64 to context tokens, as mixed-64-4096-in's batches have)."""
+    context - 64 gives lengths of 64 to context tokens, as mixed-64-4096-in's batches have).
+    `longest_first`: FA2 also over the batch sorted by length, longest first (the batch as drawn has
+    its lengths in no order): its query gathered into that order and its output scattered back inside
+    the timed call, as an engine would have to; recorded as layout '<label>, longest first', with the
+    kernel alone as `kernel_ms`. FA2's grid runs a
+    sequence's blocks head by head, each head over the whole batch (one split) or a sequence's heads
+    and splits together (several splits): the order decides which long sequences start last (NOTES #138)."""
     import torch
 
     if paged_kernel is None:
@@ -334,6 +340,27 @@ def run_shape(batch: int, context: int, row_tokens: int, splits: list[int], layo
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 record(label, "fa2", s, ms, (o.float() - ref).abs().max().item())
+            if longest_first:  # the batch sorted once (per step, in an engine); per call the
+                # query gathered into that order and the output scattered back (per layer, in an engine)
+                perm = torch.argsort(lens, descending=True, stable=True)
+                lens_p, used_p = lens[perm].contiguous(), used[perm.to(used.device)].contiguous()
+                q_p, o_p = q[perm].contiguous(), torch.empty_like(q)
+                for s in splits:
+                    def kernel(s=s):
+                        fa2_kernel(q_p, k_rows, v_rows, o_p, lens_p, used_p, scale, num_splits=s)
+
+                    def fa2_sorted(s=s):
+                        torch.index_select(q, 0, perm, out=q_p)
+                        kernel(s)
+                        o.index_copy_(0, perm, o_p)
+                    kernel_ms = timer(kernel)
+                    ms = timer(fa2_sorted)
+                    o.zero_()
+                    fa2_sorted()
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize()
+                    record(f"{label}, longest first", "fa2", s, ms, (o.float() - ref).abs().max().item(),
+                           kernel_ms=kernel_ms)
 
             def fa3():  # past each sequence: zeros, or the zero page (vmm), for FA3's last key tile
                 fa3_kernel(q, k_rows, v_rows, o, cu_q, lens, used, 1, scale)
@@ -452,6 +479,9 @@ def main(argv=None) -> None:
     ap.add_argument("--spread", type=int, default=None,
                     help="sequences' contexts fall short of the shape's by a uniform draw from [0, SPREAD) "
                          "tokens (default min(1024, context / 4); context - 64: 64 to context tokens)")
+    ap.add_argument("--longest-first", action="store_true",
+                    help="also FA2 over the batch sorted by length, longest first (the query gathered and the "
+                         "output scattered back in the timed call; NOTES #138)")
     ap.add_argument("--tag", default="kbench")
     args = ap.parse_args(argv)
     if args.spread is not None and args.spread < 0:
@@ -481,7 +511,7 @@ def main(argv=None) -> None:
     for b, n in shapes:
         res["results"] += run_shape(b, n, args.row_tokens or row_tokens_for(n), splits, layouts,
                                     paged_orders=orders, row_pads=pads, vmm_row_tokens=args.vmm_row_tokens,
-                                    map_churn=args.map_churn, spread=args.spread)
+                                    map_churn=args.map_churn, spread=args.spread, longest_first=args.longest_first)
         with open(stem + ".json", "w") as f:  # after each shape: a run cut short keeps what it measured
             json.dump(res, f, indent=1)
         print(f"[kbench] {b} x {n} done", flush=True)
