@@ -162,6 +162,8 @@ VATTN_SYSTEMS = {
     "vattention-fa3-decode-clipped": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_FA3_DECODE_TOKENS": "1",
                                       "VATTN_FA3_DECODE_ROW_TOKENS": "0", "VATTN_SPARE_BLOCKS": "128",
                                       "VATTN_LEND_BLOCKS": "0"},
+    # FA2 decode over the batch sorted longest first (benchmarks/NOTES.md #138)
+    "vattention-fa2-longest-first": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_FA2_ORDER": "longest-first"},
 }
 
 

@@ -9,6 +9,7 @@
 #          spare_check (spare frames: the libcuda test, then the e2e prefix-caching test against stock)
 #          mix_check (VATTN_DECODE_KERNEL=fa2-graphs, =fa2 and VATTN_FA3_SCHEDULE=1 against stock)
 #          fa3_decode (VATTN_FA3_DECODE_TOKENS=1 against stock: decode steps in FA3 outside full graphs; FA3_K=clipped)
+#          fa2_order (VATTN_FA2_ORDER=longest-first: kbench at spread and even lengths, then e2e against stock)
 #          prefix (the default's prefix-caching e2e test alone) gs_e2e (the default's other e2e tests with fa2-graphs) lend_check (VATTN_LEND_BLOCKS e2e against stock, tight budget; --block-size 32 against stock)
 #          suite_round (offline rounds of stock-fa3 with the candidates: $SUITE_CANDIDATE, a comma list such as
 #          vattn-fa2,vattn-spare, else the default vattn-fa2;
@@ -82,6 +83,16 @@ for s in $steps; do
         timeout ${FA3_TIMEOUT:-560} python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/gpu/test_e2e_gpu.py \
           -k "long_decode_steps and ${FA3_K:-long_decode_steps}" \
           > "$OUT/fa3_decode.log" 2>&1; echo "rc=$?"; grep -E "passed|failed|Error|absdiff" "$OUT/fa3_decode.log" | tail -5;;
+    fa2_order) # VATTN_FA2_ORDER=longest-first (NOTES #138): kbench over the engine's rows, FA2 as drawn and longest
+        # first with splits 0-4, at mixed-64-4096-in's spread lengths and at even ones; then the e2e test against
+        # stock and kbench's GPU test (the sorted variant reads what paged FA3 reads)
+        for kb in "mixed:128x4608:--spread 4544" "even:256x1536:"; do IFS=: read -r t sh sp <<< "$kb"
+          timeout ${KB_TIMEOUT:-90} python3 -m vllm_vattention.bench.kbench --out "$OUT" --shapes $sh $sp --splits 0,1,2,4 \
+            --layouts vmm --longest-first --tag kb-order-$t > "$OUT/kb-order-$t.log" 2>&1; echo "kbench $t rc=$?"
+          grep "^| $(echo $sh | sed 's/x/ x /')" "$OUT"/*-kb-order-$t.md | head -3; done
+        timeout ${ORDER_TIMEOUT:-330} python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/gpu/test_e2e_gpu.py \
+          tests/gpu/test_kernels_gpu.py -k "longest_first or kbench_over" > "$OUT/fa2_order.log" 2>&1
+        echo "rc=$?"; grep -E "passed|failed|Error|absdiff" "$OUT/fa2_order.log" | tail -5;;
     mix_check) # VATTN_DECODE_KERNEL=fa2-graphs, =fa2 and VATTN_FA3_SCHEDULE=1 end to end against stock: logprobs
         # within the FA2/FA3 spread, prefills chunked beside decodes (NOTES #89, #91); on a fresh
         # machine FA2's JIT compile (in the first FA2 engine's warm-up) takes ~3 min of it

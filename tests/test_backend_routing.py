@@ -182,3 +182,51 @@ def test_a_long_decode_step_outside_a_full_graph_runs_fa3_with_its_view_clipped_
     assert always._build(m).fa3_kv_len == ROW_LEN
     b.decode_fa3 = False
     assert builder("fa2-graphs")._build(m).num_decodes == 3 and b._build(m).num_decodes == 3
+
+
+def test_longest_first_sorts_the_fa2_part_into_the_same_buffers_at_every_step():
+    """VATTN_FA2_ORDER=longest-first (NOTES #138): the FA2 part's order is the sequences longest first
+    (ties in vLLM's order), with each sequence's own row beside its length; two steps of one batch size
+    get the same tensors (a full CUDA graph captured over the first reads the second's), and the
+    default leaves FA2 the batch as vLLM ordered it."""
+    b = builder("fa2-graphs", fa2_order="longest-first")
+    md = b._build(batch([1, 1, 1, 1], [1000, 2000, 600, 2000]))
+    assert md.num_decodes == 4
+    assert md.decode_perm.tolist() == [1, 3, 0, 2]
+    assert md.decode_seq_lens.tolist() == [2000, 2000, 1000, 600] and md.decode_rows.tolist() == [11, 13, 10, 12]
+    first = [t.data_ptr() for t in (md.decode_perm, md.decode_seq_lens, md.decode_rows)]
+    md2 = b._build(batch([1, 1, 1, 1], [5, 7, 900, 6]))
+    assert md2.decode_perm.tolist() == [2, 1, 3, 0] and md2.decode_rows.tolist() == [12, 11, 13, 10]
+    assert [t.data_ptr() for t in (md2.decode_perm, md2.decode_seq_lens, md2.decode_rows)] == first
+    # a mixed batch run as fa2 (decodes in FA2): only its FA2 part is ordered
+    mixed = builder("fa2", fa2_order="longest-first")._build(batch(*MIXED))
+    assert mixed.num_decodes == 2 and mixed.decode_perm.tolist() == [1, 0] and mixed.decode_rows.tolist() == [11, 10]
+    assert mixed.prefill_rows.tolist() == [12]
+    plain = builder("fa2-graphs")._build(batch([1, 1, 1], [1000, 2000, 600]))
+    assert plain.decode_perm is None and plain.decode_rows.tolist() == [10, 11, 12]
+
+
+def test_longest_first_gives_every_sequence_its_own_attention_output(monkeypatch):
+    """The forward gathers the queries into the step's order, runs FA2 there and scatters the output
+    back: each sequence's output is what the batch as vLLM ordered it gives (float32 reference kernel
+    standing in for FA2, over rows of different lengths)."""
+    from vllm_vattention.attention import backend, ops
+    monkeypatch.setattr(ops, "write_kv", lambda *a, **k: None)
+
+    def fa2(q, k_rows, v_rows, out, seq_lens, rows, scale, num_splits=0):
+        cu = torch.arange(q.shape[0] + 1, dtype=torch.int32)
+        out.copy_(ops.reference_attention(q.squeeze(1), k_rows, v_rows, cu, seq_lens, rows, scale).unsqueeze(1))
+    monkeypatch.setattr(ops, "fa2_decode", fa2)
+    h, kvh, d, n = 4, 2, 8, 5
+    g = torch.Generator().manual_seed(0)
+    kv = torch.randn(2, 16, ROW_LEN, kvh, d, generator=g)
+    q = torch.randn(n, h * d, generator=g)
+    lens = [30, 700, 5, 700, 64]
+    outs = {}
+    for order in ("as-is", "longest-first"):
+        md = builder("fa2-graphs", fa2_order=order)._build(batch([1] * n, lens))
+        out = torch.zeros(n, h * d)
+        backend.VattnImpl(h, d, 0.3, num_kv_heads=kvh).forward(None, q, None, None, kv, md, out)
+        outs[order] = out
+    assert outs["as-is"].abs().sum() > 0
+    torch.testing.assert_close(outs["longest-first"], outs["as-is"])

@@ -287,3 +287,12 @@ def test_fa3_decode_tokens_setting():
         VattnConfig.from_env({"VATTN_FA3_DECODE_TOKENS": "5", "VATTN_DECODE_KERNEL": "fa2"})
     with pytest.raises(ConfigError, match="VATTN_FA3_DECODE_TOKENS=-1 is below 0"):
         VattnConfig.from_env({"VATTN_FA3_DECODE_TOKENS": "-1"})
+
+
+def test_fa2_order_is_checked_and_refused_where_no_fa2_decode_runs():
+    assert VattnConfig.from_env({}).fa2_order == "as-is"
+    assert VattnConfig.from_env({"VATTN_FA2_ORDER": "Longest-First"}).fa2_order == "longest-first"
+    with pytest.raises(ConfigError, match="VATTN_FA2_ORDER='shortest'.*as-is, longest-first"):
+        VattnConfig.from_env({"VATTN_FA2_ORDER": "shortest"})
+    with pytest.raises(ConfigError, match="VATTN_FA2_ORDER=longest-first.*VATTN_DECODE_KERNEL=fa3"):
+        VattnConfig.from_env({"VATTN_FA2_ORDER": "longest-first", "VATTN_DECODE_KERNEL": "fa3"})

@@ -10,6 +10,7 @@
 | VATTN_FA3_DECODE_ROW_TOKENS | integer >= 0 | 6144 with VATTN_DECODE_KERNEL=fa2-graphs, else 0 | VATTN_FA3_DECODE_TOKENS' decode steps must also average this many tokens of context per request: batches of many short rows stay on FA2, the faster kernel there, and need no guard slots mapped on the step's path (benchmarks/NOTES.md #134). 0: no such condition |
 | VATTN_FA3_SCHEDULE | 0, 1 | 0 | 1: FA3's scheduler metadata computed once per mixed step and handed to every layer (as stock vLLM does), not by each layer's FA3 call; benchmarks/NOTES.md #91; measured on an H200 with no gain (#96), so off |
 | VATTN_FA2_SPLITS | integer 0-128 | 0 | FA2 decode: the parts each sequence's keys are split into (0: FA2's own heuristic, from the batch, the heads and the row length); `vattn-kbench` sweeps it |
+| VATTN_FA2_ORDER | as-is, longest-first | as-is | FA2 decode: longest-first hands FA2 the batch sorted by context length, longest first (sorted once per step on the GPU; each layer gathers its queries into that order and scatters its output back: two small copies per layer), so that FA2's blocks for the longest sequences start first and short ones fill the end. Batches of very different lengths (mixed-64-4096-in: 65-4,608 tokens) ran FA2 at 0.870x of paged FA3's speed against 0.968x at even lengths (benchmarks/NOTES.md #137, #138). Not yet measured on a GPU, so off |
 | VATTN_BACKGROUND_MAP | 0, 1, stream | stream | 0: driver calls on the engine thread before the step launches; 1: on a native thread (no GIL), joined before the step launches; stream: on that thread, and the GPU stream waits for them (cuStreamWaitValue32 on a host flag), the CPU never joins |
 | VATTN_EXTRA_ROWS | integer >= 0 | max_num_seqs | rows beyond max_num_seqs, so a new request rarely waits for a row still read by a step in flight |
 | VATTN_GUARD_TOKENS | integer >= 192 | 256 | readable tokens kept past each sequence end for kernels that over-read (FA3) |
@@ -47,6 +48,7 @@ AUTO_SPARE_SHARE = 0.02
 # VATTN_LEND_BLOCKS=auto lends at most this share of vLLM's blocks (the highest ids: the last it hands out)
 AUTO_LEND_SHARE = 0.25
 DECODE_KERNELS = ("fa2", "fa3", "fa2-graphs")
+FA2_ORDERS = ("as-is", "longest-first")  # VATTN_FA2_ORDER
 FENCES = ("event", "value")  # VATTN_FENCE
 # VATTN_FA3_DECODE_TOKENS with fa2-graphs: decode-only steps with this much context (summed over the batch) run FA3
 # over the rows. Kernel tables on H200s: FA3 read 64 x 8.3K (532K tokens) 1.2% faster than FA2 over the engine's
@@ -126,6 +128,7 @@ class VattnConfig:
     reclaim: str = "deferred"
     decode_kernel: str = "fa2-graphs"
     fa2_splits: int = 0
+    fa2_order: str = "as-is"  # VATTN_FA2_ORDER: FA2 decode over the batch as vLLM orders it, or longest first (#138)
     # VATTN_FA3_DECODE_TOKENS: decode steps with this much context run FA3 (0: never); None: not given, which means
     # DEFAULT_FA3_DECODE_TOKENS with decode_kernel fa2-graphs and 0 otherwise (benchmarks/NOTES.md #133)
     fa3_decode_tokens: int | None = None
@@ -162,6 +165,7 @@ class VattnConfig:
             reclaim=_choice(env, "VATTN_RECLAIM", RECLAIM_POLICIES, "deferred"),
             decode_kernel=_choice(env, "VATTN_DECODE_KERNEL", DECODE_KERNELS, "fa2-graphs"),
             fa2_splits=_int(env, "VATTN_FA2_SPLITS", 0),
+            fa2_order=_choice(env, "VATTN_FA2_ORDER", FA2_ORDERS, "as-is"),
             fa3_decode_tokens=_int(env, "VATTN_FA3_DECODE_TOKENS", None),
             fa3_decode_row_tokens=_int(env, "VATTN_FA3_DECODE_ROW_TOKENS", None),
             background_map=_map_mode(env, "VATTN_BACKGROUND_MAP", "stream"),
@@ -216,6 +220,9 @@ class VattnConfig:
             elif value and not graphs:
                 raise ConfigError(f"{name}={value} chooses between fa2-graphs' two decode paths, but "
                                   f"VATTN_DECODE_KERNEL={self.decode_kernel}; unset one of them")
+        if self.fa2_order != "as-is" and self.decode_kernel == "fa3":
+            raise ConfigError(f"VATTN_FA2_ORDER={self.fa2_order} orders FA2's decode batches, but "
+                              "VATTN_DECODE_KERNEL=fa3 runs none; unset one of them")
         if self.fa2_splits > 128:
             raise ConfigError(f"VATTN_FA2_SPLITS={self.fa2_splits} is above FA2's limit of 128; use 0 (FA2's "
                               "heuristic) to 128")

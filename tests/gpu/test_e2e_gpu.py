@@ -76,6 +76,21 @@ def test_long_decode_steps_with_clipped_guards_match_stock(cuda, tmp_path):
     assert m["warm_guards_clipped"] > 0 and m["guard_ahead_maps"] > 0, m
 
 
+def test_fa2_longest_first_matches_stock(cuda, tmp_path):
+    """VATTN_FA2_ORDER=longest-first (NOTES #138): decode-only steps replay full CUDA graphs that gather
+    each layer's queries into the step's order (sorted by length before the replay, into the buffers the
+    graph was captured over) and scatter FA2's output back; prompts of different lengths, so the order
+    is not vLLM's. The output is stock's within the FA2/FA3 spread."""
+    s = run_ab(tmp_path, "--systems", "stock,stock-fa2,vattention-fa2-longest-first", "--num-prompts", "26",
+               "--max-tokens", "32")
+    spread, ours = s["stock_vs_stock-fa2"], s["stock_vs_vattention-fa2-longest-first"]
+    print(json.dumps({"fa2_vs_fa3_spread": spread, "stock_vs_ours": ours}, indent=1))
+    assert "CUSTOM" in s["vattention-fa2-longest-first"]["attention_backend"]
+    assert ours["tokens_compared"] >= 26
+    assert ours["logprob_absdiff_max"] <= max(2 * spread["logprob_absdiff_max"], 1e-2), (ours, spread)
+    assert ours["greedy_prefix_agreement"] >= min(spread["greedy_prefix_agreement"], 0.9)
+
+
 # fa2-graphs (the default since NOTES.md #114), the former default's two ops per layer (VATTN_DECODE_KERNEL=fa2),
 # and the default with VATTN_FA3_SCHEDULE=1
 MIXED_SYSTEMS = ("vattention-fa2-graphs", "vattention-fa2-two-ops", "vattention-sched")

@@ -114,12 +114,18 @@ class VattnMetadata:
     kv_len: int  # row length the kernels see (rows sliced to it when not under a CUDA graph)
     fa3_kv_len: int  # row length of FA3's view (kv_len, or the longest FA3 sequence with VATTN_FA3_GUARD=clipped)
     fa3_schedule: torch.Tensor | None = None  # FA3's scheduler metadata for this step (eager FA3 parts only)
+    # VATTN_FA2_ORDER=longest-first: the FA2 part's order, longest sequence first (int64 [num_decodes]),
+    # and its lengths and rows in that order; None: FA2 runs the batch as vLLM ordered it
+    decode_order: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         # the same for every layer: sliced once per step here, not in each layer's forward
         nd, n = self.num_decodes, self.num_actual_tokens
         self.slots_used = self.slot_mapping[:n]
         self.decode_seq_lens, self.decode_rows = self.seq_lens[:nd], self.rows[:nd]
+        self.decode_perm = None
+        if self.decode_order is not None:
+            self.decode_perm, self.decode_seq_lens, self.decode_rows = self.decode_order
         self.prefill_seq_lens, self.prefill_rows = self.seq_lens[nd:self.num_reqs], self.rows[nd:self.num_reqs]
 
 
@@ -144,6 +150,13 @@ class VattnMetadataBuilder(AttentionMetadataBuilder[VattnMetadata]):
         # prepare_attn each step; fa2-graphs runs one FA3 launch only when every decode row is guarded
         self.mixed_kernel = ops.mixed_rule(self.cfg.decode_kernel)
         self._init_reorder_batch_threshold(1)
+        # VATTN_FA2_ORDER=longest-first: the FA2 part's order and its lengths and rows in it, in buffers made
+        # once for the largest batch, so that a full CUDA graph captured over them reads each step's
+        cap = vllm_config.compilation_config.max_cudagraph_capture_size or 0
+        self._order_capacity = max(vllm_config.scheduler_config.max_num_seqs, cap)
+        self._order_bufs = None
+        if self.cfg.fa2_order == "longest-first":
+            self._order_bufs = _order_buffers(self._order_capacity, device)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> VattnMetadata:
@@ -192,6 +205,10 @@ class VattnMetadataBuilder(AttentionMetadataBuilder[VattnMetadata]):
                 if view is not None:
                     fa3_kv_len = min(kv_len, view)
         fa3_kv_len = kv_len if fa3_kv_len is None else fa3_kv_len
+        rows = m.block_table_tensor.reshape(-1)[:m.num_reqs]
+        order = None
+        if num_decodes and self.cfg.fa2_order == "longest-first":
+            order = self._longest_first(m.seq_lens[:num_decodes], rows[:num_decodes])
         schedule = None
         if m.max_query_len > 1 and prefill_qsl is not None and self.cfg.fa3_schedule:
             # Eager FA3 (mixed batches): its scheduling once here rather than in each layer's call, as
@@ -202,9 +219,31 @@ class VattnMetadataBuilder(AttentionMetadataBuilder[VattnMetadata]):
         return VattnMetadata(
             num_actual_tokens=m.num_actual_tokens, max_query_len=m.max_query_len,
             max_seq_len=m.max_seq_len, query_start_loc=m.query_start_loc, seq_lens=m.seq_lens,
-            rows=m.block_table_tensor.reshape(-1)[:m.num_reqs], slot_mapping=m.slot_mapping,
+            rows=rows, slot_mapping=m.slot_mapping, decode_order=order,
             num_decodes=num_decodes, num_reqs=m.num_reqs, prefill_query_start_loc=prefill_qsl, kv_len=kv_len,
             fa3_kv_len=fa3_kv_len, fa3_schedule=schedule)
+
+
+    def _longest_first(self, seq_lens: torch.Tensor, rows: torch.Tensor):
+        """The FA2 part sorted by length, longest first, on the GPU (no wait for the host): its order,
+        and its lengths and rows in that order, in this builder's buffers (the same tensors at each
+        step of a batch size, as a CUDA graph captured over them needs). FA2 starts a sequence's
+        blocks in the batch's order (NOTES #138): longest first, the short ones fill the end."""
+        n = seq_lens.shape[0]
+        bufs = getattr(self, "_order_bufs", None)
+        if bufs is None or bufs[0].shape[0] < n:  # (only where __init__ did not run: tests)
+            bufs = self._order_bufs = _order_buffers(max(n, getattr(self, "_order_capacity", 0)), seq_lens.device)
+        perm, lens, rws = (b[:n] for b in bufs)
+        perm.copy_(torch.argsort(seq_lens, descending=True, stable=True))
+        torch.index_select(seq_lens, 0, perm, out=lens)
+        torch.index_select(rows, 0, perm, out=rws)
+        return perm, lens, rws
+
+
+def _order_buffers(n: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """VATTN_FA2_ORDER's buffers for up to n requests: the order (int64), lengths and rows (int32)."""
+    return (torch.zeros(n, dtype=torch.int64, device=device), torch.zeros(n, dtype=torch.int32, device=device),
+            torch.zeros(n, dtype=torch.int32, device=device))
 
 
 def _cpu_seq_lens(m: CommonAttentionMetadata) -> np.ndarray:
@@ -260,7 +299,14 @@ class VattnImpl(AttentionImpl[VattnMetadata]):
             q, o = query.view(-1, 1, h, d), output.view(-1, 1, h, d)
             if nd != q.shape[0]:
                 q, o = q[:nd], o[:nd]
-            ops.fa2_decode(q, k, v, o, md.decode_seq_lens, md.decode_rows, self.scale, self.fa2_splits)
+            if md.decode_perm is None:
+                ops.fa2_decode(q, k, v, o, md.decode_seq_lens, md.decode_rows, self.scale, self.fa2_splits)
+            else:  # VATTN_FA2_ORDER=longest-first: queries into the step's order, the output back from it
+                q_sorted = q.index_select(0, md.decode_perm)
+                o_sorted = torch.empty_like(q_sorted)
+                ops.fa2_decode(q_sorted, k, v, o_sorted, md.decode_seq_lens, md.decode_rows, self.scale,
+                               self.fa2_splits)
+                o.index_copy_(0, md.decode_perm, o_sorted)
         if md.prefill_query_start_loc is not None:  # the rest, tokens [nd, n)
             k, v = kv.cut("fa3", md.fa3_kv_len)
             q, o = query.view(-1, h, d), output.view(-1, h, d)

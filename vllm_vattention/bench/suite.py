@@ -93,6 +93,9 @@ SYSTEMS: dict[str, dict] = {
     # NOTES #134): mixed-64-4096-in's 450K-token decode batches of 64-4,600-token rows run FA3 too (NOTES #137)
     "vattn-fa3-mixed-decode": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_FA3_DECODE_ROW_TOKENS": "0"},
                                "args": []},
+    # FA2 decode over the batch sorted longest first (VATTN_FA2_ORDER=longest-first; NOTES #138)
+    "vattn-fa2-longest-first": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_FA2_ORDER": "longest-first"},
+                                "args": []},
     # the default with hazard waits on host words the GPU writes, not CUDA events (NOTES #124)
     "vattn-value-fence": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_FENCE": "value"}, "args": []},
     # the default from NOTES.md #29 to #57: spare frames, no lent blocks
