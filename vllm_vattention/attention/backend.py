@@ -151,7 +151,7 @@ class VattnMetadataBuilder(AttentionMetadataBuilder[VattnMetadata]):
         self.mixed_kernel = ops.mixed_rule(self.cfg.decode_kernel)
         self._init_reorder_batch_threshold(1)
         # VATTN_FA2_ORDER=longest-first: the FA2 part's order and its lengths and rows in it, in buffers made
-        # once for the largest batch, so that a full CUDA graph captured over them reads each step's
+        # once for the largest batch, so that a full CUDA graph captured over them reads each step's order
         cap = vllm_config.compilation_config.max_cudagraph_capture_size or 0
         self._order_capacity = max(vllm_config.scheduler_config.max_num_seqs, cap)
         self._order_bufs = None
@@ -222,7 +222,6 @@ class VattnMetadataBuilder(AttentionMetadataBuilder[VattnMetadata]):
             rows=rows, slot_mapping=m.slot_mapping, decode_order=order,
             num_decodes=num_decodes, num_reqs=m.num_reqs, prefill_query_start_loc=prefill_qsl, kv_len=kv_len,
             fa3_kv_len=fa3_kv_len, fa3_schedule=schedule)
-
 
     def _longest_first(self, seq_lens: torch.Tensor, rows: torch.Tensor):
         """The FA2 part sorted by length, longest first, on the GPU (no wait for the host): its order,

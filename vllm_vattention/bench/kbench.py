@@ -231,9 +231,9 @@ def run_shape(batch: int, context: int, row_tokens: int, splits: list[int], layo
     `longest_first`: FA2 also over the batch sorted by length, longest first (the batch as drawn has
     its lengths in no order): its query gathered into that order and its output scattered back inside
     the timed call, as an engine would have to; recorded as layout '<label>, longest first', with the
-    kernel alone as `kernel_ms`. FA2's grid runs a
-    sequence's blocks head by head, each head over the whole batch (one split) or a sequence's heads
-    and splits together (several splits): the order decides which long sequences start last (NOTES #138)."""
+    kernel alone as `kernel_ms`. FA2's grid runs each head over the whole batch, head after head (one
+    split), or a sequence's heads and splits together (several): the order decides which long
+    sequences start last (NOTES #138)."""
     import torch
 
     if paged_kernel is None:
