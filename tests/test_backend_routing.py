@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_vattention.attention import ops
+from vllm_vattention.attention import backend, ops
 from vllm_vattention.attention.backend import VattnMetadataBuilder
 from vllm_vattention.config import VattnConfig
 
@@ -25,6 +25,8 @@ def builder(decode_kernel: str, mixed: str | None = None, **cfg) -> VattnMetadat
     b.cfg, b.row_len, b.build_seconds = VattnConfig(decode_kernel=decode_kernel, **cfg), ROW_LEN, 0.0
     b.mixed_kernel = mixed or ops.mixed_rule(decode_kernel)
     b.fa3_shape, b.schedules = SHAPE, []
+    # (VATTN_FA2_ORDER=longest-first's buffers, as __init__ makes them for max_num_seqs requests)
+    b._order_bufs = backend._order_buffers(16, "cpu") if b.cfg.fa2_order == "longest-first" else None
 
     def scheduler(*args):  # ops.fa3_schedule's arguments, recorded; a tensor the forward can be told apart by
         b.schedules.append(args)
@@ -204,6 +206,9 @@ def test_longest_first_sorts_the_fa2_part_into_the_same_buffers_at_every_step():
     assert mixed.prefill_rows.tolist() == [12]
     plain = builder("fa2-graphs")._build(batch([1, 1, 1], [1000, 2000, 600]))
     assert plain.decode_perm is None and plain.decode_rows.tolist() == [10, 11, 12]
+    # a batch larger than the buffers (made for max_num_seqs or the largest graph) is an error, not new buffers
+    with pytest.raises(AssertionError, match="a batch of 17 requests, over the 16"):
+        b._build(batch([1] * 17, list(range(100, 117))))
 
 
 def test_longest_first_gives_every_sequence_its_own_attention_output(monkeypatch):

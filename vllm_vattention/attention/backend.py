@@ -229,10 +229,10 @@ class VattnMetadataBuilder(AttentionMetadataBuilder[VattnMetadata]):
         step of a batch size, as a CUDA graph captured over them needs). FA2 starts a sequence's
         blocks in the batch's order (NOTES #138): longest first, the short ones fill the end."""
         n = seq_lens.shape[0]
-        bufs = getattr(self, "_order_bufs", None)
-        if bufs is None or bufs[0].shape[0] < n:  # (only where __init__ did not run: tests)
-            bufs = self._order_bufs = _order_buffers(max(n, getattr(self, "_order_capacity", 0)), seq_lens.device)
-        perm, lens, rws = (b[:n] for b in bufs)
+        if n > self._order_bufs[0].shape[0]:  # (max_num_seqs or the largest graph: no batch is larger)
+            raise AssertionError(f"VATTN_FA2_ORDER: a batch of {n} requests, over the {self._order_bufs[0].shape[0]} "
+                                 "the order buffers were made for")
+        perm, lens, rws = (b[:n] for b in self._order_bufs)
         perm.copy_(torch.argsort(seq_lens, descending=True, stable=True))
         torch.index_select(seq_lens, 0, perm, out=lens)
         torch.index_select(rows, 0, perm, out=rws)
