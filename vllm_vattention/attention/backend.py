@@ -152,11 +152,10 @@ class VattnMetadataBuilder(AttentionMetadataBuilder[VattnMetadata]):
         self._init_reorder_batch_threshold(1)
         # VATTN_FA2_ORDER=longest-first: the FA2 part's order and its lengths and rows in it, in buffers made
         # once for the largest batch, so that a full CUDA graph captured over them reads each step's order
-        cap = vllm_config.compilation_config.max_cudagraph_capture_size or 0
-        self._order_capacity = max(vllm_config.scheduler_config.max_num_seqs, cap)
         self._order_bufs = None
         if self.cfg.fa2_order == "longest-first":
-            self._order_bufs = _order_buffers(self._order_capacity, device)
+            cap = vllm_config.compilation_config.max_cudagraph_capture_size or 0
+            self._order_bufs = _order_buffers(max(vllm_config.scheduler_config.max_num_seqs, cap), device)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> VattnMetadata:
