@@ -231,3 +231,23 @@ def test_metadata_builder_reads_fa3s_shape_from_vllms_config(vllm_config_factory
     assert b.fa3_shape == (hf["num_attention_heads"], hf["num_key_value_heads"],
                            hf["head_dim"], torch.bfloat16)
     assert b.fa3_scheduler is ops.fa3_schedule and b.cfg.fa3_schedule is False
+
+
+def test_metadata_builder_makes_the_fa2_order_buffers_for_the_largest_batch(vllm_config_factory, v2_runner,
+                                                                             monkeypatch):
+    """VATTN_FA2_ORDER=longest-first: the builder's own __init__ makes the order buffers once, for
+    max_num_seqs requests or vLLM's largest CUDA-graph size, whichever is more; the default makes none."""
+    import torch
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from vllm_vattention.attention.backend import VattnMetadataBuilder
+    cfg = vllm_config_factory(max_model_len=2048)
+    mc = cfg.model_config
+    spec = FullAttentionSpec(block_size=16, num_kv_heads=mc.get_num_kv_heads(cfg.parallel_config),
+                             head_size=mc.get_head_size(), dtype=torch.bfloat16)
+    assert VattnMetadataBuilder(spec, ["model.layers.0.self_attn.attn"], cfg, torch.device("cpu"))._order_bufs is None
+    monkeypatch.setenv("VATTN_FA2_ORDER", "longest-first")
+    b = VattnMetadataBuilder(spec, ["model.layers.0.self_attn.attn"], cfg, torch.device("cpu"))
+    want = max(cfg.scheduler_config.max_num_seqs, cfg.compilation_config.max_cudagraph_capture_size or 0)
+    assert [(t.shape[0], t.dtype) for t in b._order_bufs] == [(want, torch.int64), (want, torch.int32),
+                                                              (want, torch.int32)]
