@@ -73,3 +73,40 @@ def test_an_unknown_section_is_refused_before_any_gpu_work(capsys):
     with pytest.raises(SystemExit):
         mapbench.main(["--sections", "driver_per_page,tlb"])
     assert "unknown ['tlb']" in capsys.readouterr().err
+
+
+def test_under_load_times_every_call_and_finds_the_calls_that_waited_for_the_load():
+    """A driver whose set_access waits for a 'GPU' that is busy until a deadline (what the engine's
+    21-38 ms cuMemSetAccess calls may be, NOTES #139): under_load must put those waits in the loaded
+    phase's set_access row, as the first call of each round, and none in the idle phase."""
+    import time
+
+    from vllm_vattention.bench.mapbench import under_load
+    from vllm_vattention.memory import PAGE_SIZE
+
+    busy_until = [0.0]
+
+    class WaitsForTheGpu(FakeDriver):
+        def set_access(self, va, size, writable=True):
+            left = busy_until[0] - time.perf_counter()
+            if left > 0:
+                time.sleep(left)
+            super().set_access(va, size, writable)
+
+    def load():  # 'GPU work' of 5 ms from now; its waiter reports it
+        busy_until[0] = time.perf_counter() + 0.005
+        return lambda: 5.0
+
+    d = WaitsForTheGpu(PAGE_SIZE, capacity=8 * PAGE_SIZE)
+    rows = under_load(d, {"idle": None, "busy": load}, pages=4, rounds=3)
+    by = {(r["phase"], r["call"]): r for r in rows}
+    assert set(by) == {(p, c) for p in ("idle", "busy") for c in ("map", "set_access", "unmap")}
+    assert all(r["calls"] == 3 * 4 for r in rows)
+    assert d.stats.calls["map"] == 2 * 3 * 4 and d.stats.calls["unmap"] == 2 * 3 * 4
+    busy = by[("busy", "set_access")]
+    assert busy["over_slow_ms"] == 3  # the first set_access of each round waited; the rest did not
+    assert busy["max_us"] >= 1000 and busy["first_call_max_us"] == busy["max_us"]
+    assert busy["p50_us"] < 1000 and busy["load_gpu_ms"] == 5.0
+    # maps happen before set_access in a round (the load's deadline may catch only the first)
+    assert by[("idle", "set_access")]["over_slow_ms"] == 0 and by[("idle", "set_access")]["load_gpu_ms"] is None
+    assert d.leaks() == []

@@ -373,3 +373,27 @@ def test_stream_mode_spare_frames_same_step_hit_on_libcuda(manager_factory, driv
     assert m.stats()["swaps"] == swaps  # block 3 kept its frame
     assert torch.equal(k[hit][: 3 * bs], first)
     assert torch.equal(k[hit][3 * bs: 4 * bs], fourth)
+
+
+def test_mapbench_under_load_runs_each_gpu_load_for_its_time_and_frees_what_it_used(driver, cuda):
+    """mapbench's under_load phases on libcuda (NOTES #140): the spin kernel and the GEMMs take about
+    the time asked, the stream blocked at the host flag is released by its timer (no hang), every call
+    kind is timed in every phase, and the pages and flag are given back."""
+    from vllm_vattention.bench.mapbench import gpu_loads, under_load
+    torch.cuda.empty_cache()
+    free_before = driver.mem_info()[0]
+    loads, free_flag = gpu_loads(driver, ms=20.0)
+    try:
+        rows = under_load(driver, loads, pages=8, rounds=2)
+    finally:
+        free_flag()
+    torch.cuda.synchronize()
+    assert len(rows) == 4 * 3 and all(r["calls"] == 2 * 8 for r in rows)
+    by_phase = {r["phase"]: r["load_gpu_ms"] for r in rows}
+    assert by_phase.pop("idle") is None
+    spin, flag, gemms = by_phase.values()
+    assert 15.0 < spin < 40.0 and 15.0 < gemms < 60.0
+    assert flag >= 15.0  # the GPU waited at the flag until the timer set it
+    del loads
+    torch.cuda.empty_cache()  # the GEMMs' operands and outputs, cached by torch
+    assert abs(driver.mem_info()[0] - free_before) < 16 << 20

@@ -17,7 +17,7 @@ import torch
 from ..memory import PAGE_SIZE, CudaDriver, KVGeometry, KVMemoryManager, make_layout
 from .env import environment, header, results_stem, write_markdown
 
-SECTIONS = ("driver_per_page", "manager", "step_loop", "contention", "parallel", "alloc_sizes")
+SECTIONS = ("driver_per_page", "manager", "step_loop", "contention", "parallel", "alloc_sizes", "under_load")
 LLAMA3_8B = KVGeometry(num_layers=32, num_kv_heads=8, head_size=128, dtype_bytes=2)
 
 
@@ -296,6 +296,121 @@ def contention(d, pages: int = 256, rounds: int = 16, launches: int = 3000, gemm
     return out
 
 
+def under_load(d, loads: dict, pages: int = 64, rounds: int = 8, slow_ms: float = 1.0) -> list[dict]:
+    """Do VMM calls wait for the GPU's work? In the engine a single cuMemSetAccess has taken 21-38 ms
+    now and then, and the GPU waited at the mapping flag behind it (benchmarks/NOTES.md #139); a
+    step's kernels run 20-40 ms. `loads` maps a phase name to None (GPU idle) or to a function that
+    queues GPU work and returns a function that waits for it and returns the work's GPU ms. For each
+    phase, `rounds` times: start the load, then map, set access on and unmap `pages` pages one call
+    at a time, each call timed on the host, then wait for the load. Per phase and call kind: the
+    median, p99 and slowest call in us, the slowest first call of a round (a call that waited for
+    the GPU would be the first), and how many calls took longer than `slow_ms`."""
+    va = d.reserve(pages * PAGE_SIZE)
+    hs = [d.create(PAGE_SIZE) for _ in range(pages)]
+    addrs = [va + i * PAGE_SIZE for i in range(pages)]
+    out = []
+    try:
+        for phase, load in loads.items():
+            us: dict[str, list[float]] = {"map": [], "set_access": [], "unmap": []}
+            first: dict[str, float] = {k: 0.0 for k in us}
+            load_ms = []
+            for _ in range(rounds):
+                done = load() if load is not None else None
+                for kind, calls in (("map", [lambda a=a, h=h: d.map(a, PAGE_SIZE, h) for a, h in zip(addrs, hs)]),
+                                    ("set_access", [lambda a=a: d.set_access(a, PAGE_SIZE) for a in addrs]),
+                                    ("unmap", [lambda a=a: d.unmap(a, PAGE_SIZE) for a in addrs])):
+                    for i, call in enumerate(calls):
+                        t = time.perf_counter()
+                        call()
+                        dt = (time.perf_counter() - t) * 1e6
+                        us[kind].append(dt)
+                        if i == 0:
+                            first[kind] = max(first[kind], dt)
+                if done is not None:
+                    load_ms.append(done())
+            for kind, xs in us.items():
+                xs.sort()
+                out.append({"phase": phase, "call": kind, "calls": len(xs), "p50_us": xs[len(xs) // 2],
+                            "p99_us": xs[min(len(xs) - 1, int(0.99 * len(xs)))], "max_us": xs[-1],
+                            "first_call_max_us": first[kind], "over_slow_ms": sum(x > slow_ms * 1e3 for x in xs),
+                            "load_gpu_ms": statistics.median(load_ms) if load_ms else None})
+    finally:
+        for h in hs:
+            d.release(h)
+        d.free_reservation(va, pages * PAGE_SIZE)
+    return out
+
+
+def gpu_loads(d, ms: float = 30.0):
+    """under_load's phases on the GPU, and a function that frees what they use: idle; one spin kernel
+    of `ms` (a step's kernels running); the stream blocked at a host flag that a timer sets `ms`
+    after the start (a step queued behind the mapping flag, as in the engine; the timer also bounds
+    the wait if the calls needed the GPU idle); 4096^2 bf16 GEMMs back to back for about `ms`
+    (kernels that move memory). Each load's GPU ms is timed by events around it."""
+    import ctypes
+    import threading
+
+    stream = torch.cuda.current_stream()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(10_000_000)
+    end.record()
+    end.synchronize()
+    cycles = int(10_000_000 * ms / start.elapsed_time(end))
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    start.record()
+    for _ in range(10):
+        a @ a
+    end.record()
+    end.synchronize()
+    gemms = max(1, int(ms / (start.elapsed_time(end) / 10)))
+    host, dev = d.host_flag()
+    word = ctypes.c_uint32.from_address(host)
+    timers: list = []
+
+    def timed(work, after=None):
+        def go():
+            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0.record()
+            work()
+            t1.record()
+
+            def wait() -> float:
+                t1.synchronize()
+                if after is not None:
+                    after()
+                return t0.elapsed_time(t1)
+            return wait
+        return go
+
+    def blocked_at_flag():
+        v = word.value + 1
+        timer = threading.Timer(ms / 1e3, lambda: setattr(word, "value", v))
+        d.stream_wait(stream.cuda_stream, dev, v)
+        torch.cuda._sleep(1000)
+        timer.start()
+        timers.append(timer)
+
+    loads = {"idle": None,
+             f"a spin kernel of {ms:.0f} ms": timed(lambda: torch.cuda._sleep(cycles)),
+             f"blocked at a host flag set after {ms:.0f} ms": timed(blocked_at_flag, after=lambda: timers.pop().join()),
+             f"{gemms} bf16 GEMMs of 4096^2": timed(lambda: [a @ a for _ in range(gemms)])}
+    def free():  # a flag still waited on (a round that raised) is set by its timer before it goes
+        while timers:
+            timers.pop().join()
+        torch.cuda.synchronize()
+        d.free_host_flag(host)
+    return loads, free
+
+
+def _under_load_on_gpu(d) -> list[dict]:
+    loads, free = gpu_loads(d)
+    try:
+        return under_load(d, loads)
+    finally:
+        free()
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="benchmarks/results")
@@ -315,7 +430,7 @@ def main(argv=None) -> None:
             "manager": lambda: manager_costs(d, rows=32, blocks_per_row=64),
             "step_loop": lambda: [step_loop(d, bg, steps=60, batch=32, cpu_work_s=0.004) for bg in (False, True)],
             "contention": lambda: contention(d), "parallel": lambda: parallel_driver(d, args.pages),
-            "alloc_sizes": lambda: alloc_size_costs(d)}
+            "alloc_sizes": lambda: alloc_size_costs(d), "under_load": lambda: _under_load_on_gpu(d)}
     res = {**env, **{name: runs[name]() for name in SECTIONS if name in wanted}}
     os.makedirs(args.out, exist_ok=True)
     stem = results_stem(args.out, env, f"-{args.tag}")
@@ -355,6 +470,12 @@ def main(argv=None) -> None:
                   "|---|---|---|---|"]
         lines += [f"| {r['alloc_mib']} MiB x {r['allocations']} | {r['map_us_per_2mib']:.1f} | "
                   f"{r['set_access_us_per_2mib']:.1f} | {r['unmap_us_per_2mib']:.1f} |" for r in res["alloc_sizes"]]
+    if "under_load" in res:
+        lines += ["", "| GPU meanwhile (2 MiB pages, one call each) | call | calls | p50 us | p99 us | slowest us | "
+                  "slowest first call us | over 1 ms | the load's GPU ms |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['phase']} | {r['call']} | {r['calls']} | {r['p50_us']:.1f} | {r['p99_us']:.1f} | {r['max_us']:.1f} | "
+                  f"{r['first_call_max_us']:.1f} | {r['over_slow_ms']} | "
+                  f"{'-' if r['load_gpu_ms'] is None else format(r['load_gpu_ms'], '.1f')} |" for r in res["under_load"]]
     write_markdown(stem, "\n".join(lines) + "\n")
 
 
