@@ -352,6 +352,7 @@ def gpu_loads(d, ms: float = 30.0):
 
     stream = torch.cuda.current_stream()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(1000)  # loaded once, outside the calibration
     start.record()
     torch.cuda._sleep(10_000_000)
     end.record()
