@@ -397,6 +397,7 @@ def gpu_loads(d, ms: float = 30.0):
              f"a spin kernel of {ms:.0f} ms": timed(lambda: torch.cuda._sleep(cycles)),
              f"blocked at a host flag set after {ms:.0f} ms": timed(blocked_at_flag, after=lambda: timers.pop().join()),
              f"{gemms} bf16 GEMMs of 4096^2": timed(lambda: [a @ a for _ in range(gemms)])}
+
     def free():  # a flag still waited on (a round that raised) is set by its timer before it goes
         while timers:
             timers.pop().join()
