@@ -4,7 +4,7 @@
 # Usage: bash scripts/device_checks.sh [steps...]
 #   steps: install gpu_tests (all of tests/gpu) unit (VMM + kernels) e2e server sanitizer mapbench ab
 #          kbench (vattn-kbench: paged FA3 vs FA2 over our rows, FA2's split count swept; KB_ARGS)
-#          under_load (do VMM calls wait for a running kernel or a stream blocked at a host flag? GPU test + mapbench)
+#          under_load (do VMM calls wait for a running kernel, a stream blocked at a host flag, or another thread's launches? GPU test + mapbench)
 #          mapbench (vattn-mapbench; MB_ARGS, e.g. "--sections driver_per_page,contention --tag mapbench-x")
 #          stream_check (the stream-mode GPU tests alone, no sanitizer; then the clipped-guard tests under it)
 #          spare_check (spare frames: the libcuda test, then the e2e prefix-caching test against stock)
@@ -168,7 +168,7 @@ for s in $steps; do
         timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_vmm_gpu.py -k under_load > "$OUT/under_load.log" 2>&1
         echo "test rc=$?"; tail -1 "$OUT/under_load.log"
         timeout 120 python3 -m vllm_vattention.bench.mapbench --out "$OUT" --sections under_load,driver_per_page --tag mapbench-load \
-          >> "$OUT/under_load.log" 2>&1; echo "mapbench rc=$?"; grep -A14 "GPU meanwhile" "$OUT"/*-mapbench-load.md;;
+          >> "$OUT/under_load.log" 2>&1; echo "mapbench rc=$?"; grep -A23 "GPU meanwhile" "$OUT"/*-mapbench-load.md;;
     mapbench) timeout 200 python3 -m vllm_vattention.bench.mapbench --out "$OUT" ${MB_ARGS:-} > "$OUT/mapbench.log" 2>&1; echo "rc=$?"; tail -30 "$OUT/mapbench.log";;
     ab) timeout 420 python3 examples/offline_ab.py --out "$OUT/ab.json" ${AB_ARGS:-} > "$OUT/ab.log" 2>&1; echo "rc=$?"; tail -40 "$OUT/ab.log";;
     *) echo "unknown step $s";;

@@ -110,3 +110,37 @@ def test_under_load_times_every_call_and_finds_the_calls_that_waited_for_the_loa
     # maps happen before set_access in a round (the load's deadline may catch only the first)
     assert by[("idle", "set_access")]["over_slow_ms"] == 0 and by[("idle", "set_access")]["load_gpu_ms"] is None
     assert d.leaks() == []
+
+
+def test_native_under_load_reports_each_rounds_slowest_call_as_the_native_thread_timed_it():
+    """The same waiting set_access, called by the native mapping thread: each loaded round's slowest
+    call is a set_access of >= the wait, the idle rounds have none, and the means are per call."""
+    import time
+
+    from vllm_vattention.bench.mapbench import native_under_load
+    from vllm_vattention.memory import PAGE_SIZE
+
+    busy_until = [0.0]
+
+    class WaitsForTheGpu(FakeDriver):
+        def set_access(self, va, size, writable=True):
+            left = busy_until[0] - time.perf_counter()
+            if left > 0:
+                time.sleep(left)
+            super().set_access(va, size, writable)
+
+    def load():
+        busy_until[0] = time.perf_counter() + 0.005
+        return lambda: None
+
+    d = WaitsForTheGpu(PAGE_SIZE, capacity=8 * PAGE_SIZE)
+    idle, busy = native_under_load(d, {"idle": None, "busy": load}, pages=4, rounds=3)
+    assert d.native_errors == [] and d.leaks() == []
+    assert (idle["phase"], busy["phase"], busy["calls"]) == ("idle", "busy", 3 * 3 * 4)
+    assert len(busy["rounds_slowest_ms"]) == 3
+    assert all(ms >= 4.0 and kind == "access_rw" for ms, kind in busy["rounds_slowest_ms"])
+    assert all(ms < 4.0 for ms, _ in idle["rounds_slowest_ms"])
+    # the wait falls on one set_access of 12 per phase: the mean is at least 5 ms / 4 pages
+    assert busy["set_access_us"] >= 1000 and idle["set_access_us"] < busy["set_access_us"] / 4
+    with pytest.raises(ValueError, match="at most 8 rounds"):
+        native_under_load(d, {"idle": None}, pages=1, rounds=9)

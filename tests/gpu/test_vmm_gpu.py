@@ -378,15 +378,19 @@ def test_stream_mode_spare_frames_same_step_hit_on_libcuda(manager_factory, driv
 def test_mapbench_under_load_runs_each_gpu_load_for_its_time_and_frees_what_it_used(driver, cuda):
     """mapbench's under_load phases on libcuda (NOTES #140): the spin kernel and the GEMMs take about
     the time asked, the stream blocked at the host flag is released by its timer (no hang), every call
-    kind is timed in every phase, and the pages and flag are given back."""
-    from vllm_vattention.bench.mapbench import gpu_loads, under_load
+    kind is timed in every phase, the native thread's version runs the same loads and another thread's
+    launches, and the pages and flag are given back."""
+    from vllm_vattention.bench.mapbench import gpu_loads, host_launches, native_under_load, under_load
     torch.cuda.empty_cache()
     free_before = driver.mem_info()[0]
     loads, free_flag = gpu_loads(driver, ms=20.0)
     try:
         rows = under_load(driver, loads, pages=8, rounds=2)
+        native = native_under_load(driver, {**loads, "launches": host_launches}, pages=8, rounds=2)
     finally:
         free_flag()
+    assert [r["phase"] for r in native] == list(loads) + ["launches"]
+    assert all(len(r["rounds_slowest_ms"]) == 2 and r["set_access_us"] > 0 for r in native)
     torch.cuda.synchronize()
     assert len(rows) == 4 * 3 and all(r["calls"] == 2 * 8 for r in rows)
     by_phase = {r["phase"]: r["load_gpu_ms"] for r in rows}

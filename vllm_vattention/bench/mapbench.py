@@ -327,7 +327,9 @@ def under_load(d, loads: dict, pages: int = 64, rounds: int = 8, slow_ms: float 
                         if i == 0:
                             first[kind] = max(first[kind], dt)
                 if done is not None:
-                    load_ms.append(done())
+                    ms = done()
+                    if ms is not None:
+                        load_ms.append(ms)
             for kind, xs in us.items():
                 xs.sort()
                 out.append({"phase": phase, "call": kind, "calls": len(xs), "p50_us": xs[len(xs) // 2],
@@ -339,6 +341,69 @@ def under_load(d, loads: dict, pages: int = 64, rounds: int = 8, slow_ms: float 
             d.release(h)
         d.free_reservation(va, pages * PAGE_SIZE)
     return out
+
+
+def native_under_load(d, loads: dict, pages: int = 64, rounds: int = 8) -> list[dict]:
+    """under_load's question with the calls made by the native mapping thread, as in the engine, and
+    timed there: no GIL in the measurement, so a load may be another Python thread (the engine
+    thread's launches: does a thread making CUDA calls slow the native thread's VMM calls?). Each
+    round is one batch of `pages` maps, set-accesses and unmaps (map_cycle_ops). Per phase: the
+    mean us per call of each kind (the thread's own timing) and each round's slowest call, in ms,
+    with its kind."""
+    from ..memory.native import NativeExecutor
+
+    if rounds > NativeExecutor.SLOWEST:
+        raise ValueError(f"rounds={rounds}: the native thread keeps its {NativeExecutor.SLOWEST} slowest batches, "
+                         f"so at most {NativeExecutor.SLOWEST} rounds")
+    va = d.reserve(pages * PAGE_SIZE)
+    hs = [d.create(PAGE_SIZE) for _ in range(pages)]
+    ops = map_cycle_ops(va, hs, PAGE_SIZE)
+    ex = NativeExecutor(*d.native_table())
+    out = []
+    try:
+        for phase, load in loads.items():
+            ex.stats(reset=True)
+            for _ in range(rounds):
+                done = load() if load is not None else None
+                ex.run(ops)
+                ex.wait()
+                if done is not None:
+                    done()
+            st = ex.stats(reset=True)
+            n = pages * rounds
+            slowest = sorted(st["native_slowest_batches"], key=lambda b: -b[3])
+            out.append({"phase": phase, "calls": 3 * n,
+                        "map_us": st["native_map_seconds"] / n * 1e6, "set_access_us": st["native_access_seconds"] / n * 1e6,
+                        "unmap_us": st["native_unmap_seconds"] / n * 1e6,
+                        "rounds_slowest_ms": [[b[3], b[4]] for b in slowest]})
+    finally:
+        ex.wait()
+        ex.close()
+        for h in hs:
+            d.release(h)
+        d.free_reservation(va, pages * PAGE_SIZE)
+    return out
+
+
+def host_launches():
+    """A load for native_under_load: another thread launching tiny kernels back to back (as the engine
+    thread does in an eager or piecewise-graph step) until the round ends; its wait returns None."""
+    import threading
+
+    x = torch.zeros(16, device="cuda")
+    stop = threading.Event()
+
+    def loop():
+        while not stop.is_set():
+            x.add_(1.0)
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+
+    def wait():
+        stop.set()
+        t.join()
+        torch.cuda.synchronize()
+    return wait
 
 
 def gpu_loads(d, ms: float = 30.0):
@@ -406,10 +471,13 @@ def gpu_loads(d, ms: float = 30.0):
     return loads, free
 
 
-def _under_load_on_gpu(d) -> list[dict]:
+def _under_load_on_gpu(d) -> dict:
+    """The calls timed on this thread under the GPU's loads, and by the native thread under those
+    and under another thread's launches (which would confound this thread's timing with the GIL)."""
     loads, free = gpu_loads(d)
     try:
-        return under_load(d, loads)
+        return {"host_timed": under_load(d, loads),
+                "native": native_under_load(d, {**loads, "another thread launching tiny kernels": host_launches})}
     finally:
         free()
 
@@ -478,7 +546,12 @@ def main(argv=None) -> None:
                   "slowest first call us | over 1 ms | the load's GPU ms |", "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['phase']} | {r['call']} | {r['calls']} | {r['p50_us']:.1f} | {r['p99_us']:.1f} | {r['max_us']:.1f} | "
                   f"{r['first_call_max_us']:.1f} | {r['over_slow_ms']} | "
-                  f"{'-' if r['load_gpu_ms'] is None else format(r['load_gpu_ms'], '.1f')} |" for r in res["under_load"]]
+                  f"{'-' if r['load_gpu_ms'] is None else format(r['load_gpu_ms'], '.1f')} |"
+                  for r in res["under_load"]["host_timed"]]
+        lines += ["", "| the native thread's calls (one batch of map, set_access, unmap per round), meanwhile | map us | "
+                  "set_access us | unmap us | each round's slowest call, ms |", "|---|---|---|---|---|"]
+        lines += [f"| {r['phase']} | {r['map_us']:.1f} | {r['set_access_us']:.1f} | {r['unmap_us']:.1f} | "
+                  f"{', '.join(f'{ms:.2f} ({kind})' for ms, kind in r['rounds_slowest_ms'])} |" for r in res["under_load"]["native"]]
     write_markdown(stem, "\n".join(lines) + "\n")
 
 
