@@ -75,13 +75,12 @@ def test_an_unknown_section_is_refused_before_any_gpu_work(capsys):
     assert "unknown ['tlb']" in capsys.readouterr().err
 
 
-def test_under_load_times_every_call_and_finds_the_calls_that_waited_for_the_load():
-    """A driver whose set_access waits for a 'GPU' that is busy until a deadline (what the engine's
-    21-38 ms cuMemSetAccess calls may be, NOTES #139): under_load must put those waits in the loaded
-    phase's set_access row, as the first call of each round, and none in the idle phase."""
+def _driver_waiting_for_a_busy_gpu(gpu_ms):
+    """A fake driver whose set_access waits for a 'GPU' busy until a deadline (what the engine's 21-38
+    ms cuMemSetAccess calls may be, NOTES #139), and a load that makes it busy for 5 ms from now; the
+    load's wait returns gpu_ms (None: a load with no GPU time, as host_launches)."""
     import time
 
-    from vllm_vattention.bench.mapbench import under_load
     from vllm_vattention.memory import PAGE_SIZE
 
     busy_until = [0.0]
@@ -93,11 +92,19 @@ def test_under_load_times_every_call_and_finds_the_calls_that_waited_for_the_loa
                 time.sleep(left)
             super().set_access(va, size, writable)
 
-    def load():  # 'GPU work' of 5 ms from now; its waiter reports it
+    def load():
         busy_until[0] = time.perf_counter() + 0.005
-        return lambda: 5.0
+        return lambda: gpu_ms
 
-    d = WaitsForTheGpu(PAGE_SIZE, capacity=8 * PAGE_SIZE)
+    return WaitsForTheGpu(PAGE_SIZE, capacity=8 * PAGE_SIZE), load
+
+
+def test_under_load_times_every_call_and_finds_the_calls_that_waited_for_the_load():
+    """With set_access waiting for a busy 'GPU', under_load must put those waits in the loaded
+    phase's set_access row, as the first call of each round, and none in the idle phase."""
+    from vllm_vattention.bench.mapbench import under_load
+
+    d, load = _driver_waiting_for_a_busy_gpu(5.0)
     rows = under_load(d, {"idle": None, "busy": load}, pages=4, rounds=3)
     by = {(r["phase"], r["call"]): r for r in rows}
     assert set(by) == {(p, c) for p in ("idle", "busy") for c in ("map", "set_access", "unmap")}
@@ -115,32 +122,16 @@ def test_under_load_times_every_call_and_finds_the_calls_that_waited_for_the_loa
 def test_native_under_load_reports_each_rounds_slowest_call_as_the_native_thread_timed_it():
     """The same waiting set_access, called by the native mapping thread: each loaded round's slowest
     call is a set_access of >= the wait, the idle rounds have none, and the means are per call."""
-    import time
-
     from vllm_vattention.bench.mapbench import native_under_load
-    from vllm_vattention.memory import PAGE_SIZE
 
-    busy_until = [0.0]
-
-    class WaitsForTheGpu(FakeDriver):
-        def set_access(self, va, size, writable=True):
-            left = busy_until[0] - time.perf_counter()
-            if left > 0:
-                time.sleep(left)
-            super().set_access(va, size, writable)
-
-    def load():
-        busy_until[0] = time.perf_counter() + 0.005
-        return lambda: None
-
-    d = WaitsForTheGpu(PAGE_SIZE, capacity=8 * PAGE_SIZE)
+    d, load = _driver_waiting_for_a_busy_gpu(None)
     idle, busy = native_under_load(d, {"idle": None, "busy": load}, pages=4, rounds=3)
     assert d.native_errors == [] and d.leaks() == []
     assert (idle["phase"], busy["phase"], busy["calls"]) == ("idle", "busy", 3 * 3 * 4)
     assert len(busy["rounds_slowest_ms"]) == 3
     assert all(ms >= 4.0 and kind == "access_rw" for ms, kind in busy["rounds_slowest_ms"])
     assert all(ms < 4.0 for ms, _ in idle["rounds_slowest_ms"])
-    # the wait falls on one set_access of 12 per phase: the mean is at least 5 ms / 4 pages
+    # the wait falls on one set_access of the 4 in each round: their mean is about 5 ms / 4
     assert busy["set_access_us"] >= 1000 and idle["set_access_us"] < busy["set_access_us"] / 4
     with pytest.raises(ValueError, match="at most 8 rounds"):
         native_under_load(d, {"idle": None}, pages=1, rounds=9)
