@@ -50,6 +50,18 @@ def driver_costs(d: CudaDriver, pages: int) -> dict:
     return out
 
 
+def _take_pages(d, pages: int) -> tuple[int, list[int]]:
+    """A reservation of `pages` 2 MiB pages and as many 2 MiB allocations, nothing mapped: (va, handles)."""
+    return d.reserve(pages * PAGE_SIZE), [d.create(PAGE_SIZE) for _ in range(pages)]
+
+
+def _give_back_pages(d, va: int, hs: list[int]) -> None:
+    """_take_pages' allocations and reservation given back (every page unmapped already)."""
+    for h in hs:
+        d.release(h)
+    d.free_reservation(va, len(hs) * PAGE_SIZE)
+
+
 def parallel_driver(d, pages: int = 1024, threads: tuple[int, ...] = (1, 2, 4, 8)) -> list[dict]:
     """Do the driver's VMM calls scale over threads? A step that admits requests maps up to one
     step's blocks (1024 at 1024-in/128-out) while the GPU waits (NOTES #40), one mapping thread,
@@ -57,10 +69,8 @@ def parallel_driver(d, pages: int = 1024, threads: tuple[int, ...] = (1, 2, 4, 8
     beforehand) and of cuMemMap + cuMemSetAccess, each thread one page per call on its own slice
     (ctypes releases the GIL around driver calls, so Python threads stand in for native ones)."""
     import threading
-    va = d.reserve(pages * PAGE_SIZE)
-    addrs = [va + i * PAGE_SIZE for i in range(pages)]
-    hs = [d.create(PAGE_SIZE) for _ in range(pages)]
-    pairs = list(zip(addrs, hs))
+    va, hs = _take_pages(d, pages)
+    pairs = [(va + i * PAGE_SIZE, h) for i, h in enumerate(hs)]
 
     def timed(n: int, work) -> float:
         """Seconds for n threads to run work(slice) over their slices of `pairs`, started together."""
@@ -107,9 +117,7 @@ def parallel_driver(d, pages: int = 1024, threads: tuple[int, ...] = (1, 2, 4, 8
             out.append({"threads": n, "set_access_us_per_page": t_access / pages * 1e6,
                         "map_and_access_us_per_page": t_both / pages * 1e6})
     finally:
-        for h in hs:
-            d.release(h)
-        d.free_reservation(va, pages * PAGE_SIZE)
+        _give_back_pages(d, va, hs)
     base = out[0]
     for r in out:
         r["speedup_map_and_access"] = base["map_and_access_us_per_page"] / r["map_and_access_us_per_page"]
@@ -230,8 +238,7 @@ def contention(d, pages: int = 256, rounds: int = 16, launches: int = 3000, gemm
     make them wait for the native thread's VMM calls (a lock they share)?"""
     from ..memory.native import NativeExecutor
 
-    va = d.reserve(pages * PAGE_SIZE)
-    hs = [d.create(PAGE_SIZE) for _ in range(pages)]
+    va, hs = _take_pages(d, pages)
     ex = NativeExecutor(*d.native_table())
     ops = map_cycle_ops(va, hs, PAGE_SIZE)
     x = torch.zeros(16, device="cuda")
@@ -290,9 +297,7 @@ def contention(d, pages: int = 256, rounds: int = 16, launches: int = 3000, gemm
         ex.wait()
         ex.close()
         d.free_host_flag(host_flag)
-        for h in hs:
-            d.release(h)
-        d.free_reservation(va, pages * PAGE_SIZE)
+        _give_back_pages(d, va, hs)
     return out
 
 
@@ -305,8 +310,7 @@ def under_load(d, loads: dict, pages: int = 64, rounds: int = 8, slow_ms: float 
     at a time, each call timed on the host, then wait for the load. Per phase and call kind: the
     median, p99 and slowest call in us, the slowest first call of a round (a call that waited for
     the GPU would be the first), and how many calls took longer than `slow_ms`."""
-    va = d.reserve(pages * PAGE_SIZE)
-    hs = [d.create(PAGE_SIZE) for _ in range(pages)]
+    va, hs = _take_pages(d, pages)
     addrs = [va + i * PAGE_SIZE for i in range(pages)]
     out = []
     try:
@@ -337,9 +341,7 @@ def under_load(d, loads: dict, pages: int = 64, rounds: int = 8, slow_ms: float 
                             "first_call_max_us": first[kind], "over_slow_ms": sum(x > slow_ms * 1e3 for x in xs),
                             "load_gpu_ms": statistics.median(load_ms) if load_ms else None})
     finally:
-        for h in hs:
-            d.release(h)
-        d.free_reservation(va, pages * PAGE_SIZE)
+        _give_back_pages(d, va, hs)
     return out
 
 
@@ -355,8 +357,7 @@ def native_under_load(d, loads: dict, pages: int = 64, rounds: int = 8) -> list[
     if rounds > NativeExecutor.SLOWEST:
         raise ValueError(f"rounds={rounds}: the native thread keeps its {NativeExecutor.SLOWEST} slowest batches, "
                          f"so at most {NativeExecutor.SLOWEST} rounds")
-    va = d.reserve(pages * PAGE_SIZE)
-    hs = [d.create(PAGE_SIZE) for _ in range(pages)]
+    va, hs = _take_pages(d, pages)
     ops = map_cycle_ops(va, hs, PAGE_SIZE)
     ex = NativeExecutor(*d.native_table())
     out = []
@@ -379,9 +380,7 @@ def native_under_load(d, loads: dict, pages: int = 64, rounds: int = 8) -> list[
     finally:
         ex.wait()
         ex.close()
-        for h in hs:
-            d.release(h)
-        d.free_reservation(va, pages * PAGE_SIZE)
+        _give_back_pages(d, va, hs)
     return out
 
 
