@@ -28,7 +28,12 @@
 // in WAIT_EVENT, so that a benchmark can compare the mapping work the GPU may wait for (stream
 // mode) with what the engine thread sees; and it keeps the batches that took longest from
 // submission to done (vattn_mapper_slowest: queued and running time, the slowest op), which tells a
-// slow driver call from a batch that waited behind another.
+// slow driver call from a batch that waited behind another. For each kept batch it also says where
+// the running time went (benchmarks/NOTES.md #141): the thread's own CPU time, its time waiting for
+// a CPU on the run queue (/proc/thread-self/schedstat; -1 where the kernel does not provide it), and
+// its voluntary and involuntary context switches (getrusage RUSAGE_THREAD). A driver call that spins
+// shows as CPU time; one that sleeps in the kernel (a lock, an ioctl waiting for the GPU) as
+// voluntary switches with little CPU; a thread starved of a core as run-queue time.
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -39,6 +44,11 @@
 #include <mutex>
 #include <thread>
 #include <vector>
+
+#include <fcntl.h>
+#include <sys/resource.h>
+#include <time.h>
+#include <unistd.h>
 
 extern "C" {
 
@@ -92,13 +102,47 @@ struct Acc {
   int slowest_kind = -1;
 };
 
+// Where a thread's time went, read at the start and end of a batch (see the top).
+struct ThreadTimes {
+  uint64_t cpu_ns = 0;  // CLOCK_THREAD_CPUTIME_ID
+  int64_t runq_ns = -1;  // schedstat's second field: time runnable but waiting for a CPU; -1 unknown
+  int64_t voluntary = 0, involuntary = 0;  // context switches
+
+  // `schedstat`: an fd on the calling thread's /proc/thread-self/schedstat, or -1.
+  static ThreadTimes now(int schedstat) {
+    ThreadTimes t;
+    timespec ts;
+    if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) == 0)
+      t.cpu_ns = static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
+    rusage ru;
+    if (getrusage(RUSAGE_THREAD, &ru) == 0) {
+      t.voluntary = ru.ru_nvcsw;
+      t.involuntary = ru.ru_nivcsw;
+    }
+    if (schedstat >= 0) {
+      char buf[96];
+      ssize_t n = pread(schedstat, buf, sizeof(buf) - 1, 0);
+      unsigned long long on_cpu, waiting;
+      if (n > 0) {
+        buf[n] = 0;
+        if (std::sscanf(buf, "%llu %llu", &on_cpu, &waiting) == 2) t.runq_ns = static_cast<int64_t>(waiting);
+      }
+    }
+    return t;
+  }
+};
+
 // One of the batches that took longest from submission to done.
 struct SlowBatch {
   uint64_t latency_ns, queued_ns, run_ns, slowest_ns, n_ops, index;
   int slowest_kind;
   uint64_t submitted_ns;  // now_ns() at submission: steady_clock, i.e. CLOCK_MONOTONIC on Linux
+  // while it ran: the thread's CPU time, run-queue wait (-1: unknown), voluntary and involuntary switches
+  uint64_t cpu_ns;
+  int64_t runq_ns, voluntary, involuntary;
 };
 constexpr int kSlowest = 8;
+constexpr int kSlowRow = 12;  // values per batch in vattn_mapper_slowest's rows
 
 uint64_t now_ns() {
   return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -270,6 +314,13 @@ struct Mapper {
 
   void run() {
     set_context_or_fail("mapping thread");
+    int schedstat = open("/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC);  // -1: runq_ns unknown
+    struct CloseFd {
+      int fd;
+      ~CloseFd() {
+        if (fd >= 0) close(fd);
+      }
+    } closer{schedstat};
     for (;;) {
       std::vector<vattn_op> batch;
       Acc acc;
@@ -291,6 +342,8 @@ struct Mapper {
           queued_at.pop_front();
         }
       }
+      ThreadTimes before;
+      if (!batch.empty()) before = ThreadTimes::now(schedstat);
       uint64_t start_ns = now_ns();
       if (batch.empty()) {
         run_one_background(acc);  // nothing urgent: one background op, then look again
@@ -298,12 +351,16 @@ struct Mapper {
         for (const vattn_op& op : batch) run_op(op, acc);
       }
       uint64_t end_ns = now_ns();
+      ThreadTimes after;
+      if (!batch.empty()) after = ThreadTimes::now(schedstat);
       bool notify;
       {
         std::lock_guard<std::mutex> g(mu);
         if (!batch.empty())
           keep_if_slow({end_ns - submitted_ns, start_ns - submitted_ns, end_ns - start_ns, acc.slowest_ns,
-                        batch.size(), batches++, acc.slowest_kind, submitted_ns});
+                        batch.size(), batches++, acc.slowest_kind, submitted_ns, after.cpu_ns - before.cpu_ns,
+                        (before.runq_ns < 0 || after.runq_ns < 0) ? -1 : after.runq_ns - before.runq_ns,
+                        after.voluntary - before.voluntary, after.involuntary - before.involuntary});
         fold(acc);
         ops_done += batch.size();
         busy = false;
@@ -409,10 +466,11 @@ int vattn_mapper_stats(void* handle, uint64_t* ns, uint64_t* calls, int reset) {
   return 0;
 }
 
-// The batches that took longest from submission to done, longest first: up to `max` rows of 8
+// The batches that took longest from submission to done, longest first: up to `max` rows of 12
 // values (latency, queued, running and slowest-op milliseconds, the slowest op's kind, the batch's
-// ops, its index among the batches run, its submission in seconds of CLOCK_MONOTONIC). Returns the rows written, -1 on bad arguments; `reset`
-// forgets them (and restarts the index).
+// ops, its index among the batches run, its submission in seconds of CLOCK_MONOTONIC; while it ran:
+// the thread's CPU ms, its ms waiting for a CPU (-1: unknown), its voluntary and involuntary context
+// switches). Returns the rows written, -1 on bad arguments; `reset` forgets them (and restarts the index).
 int vattn_mapper_slowest(void* handle, double* out, int max, int reset) {
   auto* m = static_cast<Mapper*>(handle);
   if (!m || (!out && max > 0) || max < 0) return -1;
@@ -420,7 +478,7 @@ int vattn_mapper_slowest(void* handle, double* out, int max, int reset) {
   int n = 0;
   for (const SlowBatch& b : m->slowest) {
     if (n >= max) break;
-    double* row = out + 8 * n++;
+    double* row = out + kSlowRow * n++;
     row[0] = b.latency_ns / 1e6;
     row[1] = b.queued_ns / 1e6;
     row[2] = b.run_ns / 1e6;
@@ -429,6 +487,10 @@ int vattn_mapper_slowest(void* handle, double* out, int max, int reset) {
     row[5] = static_cast<double>(b.n_ops);
     row[6] = static_cast<double>(b.index);
     row[7] = b.submitted_ns / 1e9;  // seconds of CLOCK_MONOTONIC: Python's time.perf_counter on Linux
+    row[8] = b.cpu_ns / 1e6;
+    row[9] = b.runq_ns < 0 ? -1.0 : b.runq_ns / 1e6;
+    row[10] = static_cast<double>(b.voluntary);
+    row[11] = static_cast<double>(b.involuntary);
   }
   if (reset) {
     m->slowest.clear();

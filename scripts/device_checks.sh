@@ -5,6 +5,7 @@
 #   steps: install gpu_tests (all of tests/gpu) unit (VMM + kernels) e2e server sanitizer mapbench ab
 #          kbench (vattn-kbench: paged FA3 vs FA2 over our rows, FA2's split count swept; KB_ARGS)
 #          under_load (do VMM calls wait for a running kernel, a stream blocked at a host flag, or another thread's launches? GPU test + mapbench)
+#          host_ops (the native thread's calls beside another thread's allocs, pinned allocs, syncs, D2H copies, graph replays; and with 16K-48K pages mapped)
 #          mapbench (vattn-mapbench; MB_ARGS, e.g. "--sections driver_per_page,contention --tag mapbench-x")
 #          stream_check (the stream-mode GPU tests alone, no sanitizer; then the clipped-guard tests under it)
 #          spare_check (spare frames: the libcuda test, then the e2e prefix-caching test against stock)
@@ -169,6 +170,12 @@ for s in $steps; do
         echo "test rc=$?"; tail -1 "$OUT/under_load.log"
         timeout 120 python3 -m vllm_vattention.bench.mapbench --out "$OUT" --sections under_load,driver_per_page --tag mapbench-load \
           >> "$OUT/under_load.log" 2>&1; echo "mapbench rc=$?"; grep -A23 "GPU meanwhile" "$OUT"/*-mapbench-load.md;;
+    host_ops) # NOTES #141: the native thread's calls beside the engine process's other CUDA calls, and with
+        # tens of thousands of pages mapped (the engine's 21-38 ms cuMemSetAccess calls wait for neither the GPU nor launches)
+        timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_vmm_gpu.py -k host_ops > "$OUT/host_ops.log" 2>&1
+        echo "test rc=$?"; tail -1 "$OUT/host_ops.log"
+        timeout 200 python3 -m vllm_vattention.bench.mapbench --out "$OUT" --sections host_ops,at_scale --tag mapbench-host \
+          >> "$OUT/host_ops.log" 2>&1; echo "mapbench rc=$?"; tail -18 "$OUT"/*-mapbench-host.md;;
     mapbench) timeout 200 python3 -m vllm_vattention.bench.mapbench --out "$OUT" ${MB_ARGS:-} > "$OUT/mapbench.log" 2>&1; echo "rc=$?"; tail -30 "$OUT/mapbench.log";;
     ab) timeout 420 python3 examples/offline_ab.py --out "$OUT/ab.json" ${AB_ARGS:-} > "$OUT/ab.log" 2>&1; echo "rc=$?"; tail -40 "$OUT/ab.log";;
     *) echo "unknown step $s";;

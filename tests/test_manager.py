@@ -511,6 +511,51 @@ def test_the_slowest_batches_tell_a_slow_driver_call_from_a_batch_queued_behind_
     assert driver.leaks() == []
 
 
+def test_a_slow_batch_says_whether_its_driver_call_spun_on_the_cpu_or_slept(driver):
+    """NOTES #141: the engine's 21-38 ms cuMemSetAccess calls wait neither for the GPU's work nor for
+    another thread's launches (mapbench under_load on an H200). Each kept batch now carries the
+    native thread's CPU time, its run-queue wait and its context switches while it ran: a call that
+    spins is CPU time; one that sleeps (a lock, an ioctl) is voluntary switches with little CPU."""
+    import sys
+    import time
+    mgr = make_manager(driver, rows=4, num_blocks=16, background="stream")
+    mgr.sync()
+    mgr.reset_stats()
+    real = driver.set_access
+    how = {"mode": None}
+
+    def set_access(*a, **k):
+        mode, how["mode"] = how["mode"], None
+        if mode == "spin":
+            t = time.perf_counter()
+            while time.perf_counter() - t < 0.05:
+                pass
+        elif mode == "sleep":
+            time.sleep(0.05)
+        return real(*a, **k)
+
+    driver.set_access = set_access
+    r, q = mgr.acquire_row(), mgr.acquire_row()
+    how["mode"] = "spin"
+    mgr.set_blocks(r, [1, 2])
+    mgr.publish()  # batch 0: one call spins 50 ms
+    mgr.sync()
+    how["mode"] = "sleep"
+    mgr.set_blocks(q, [3])
+    mgr.publish()  # batch 1: one call sleeps 50 ms
+    mgr.sync()
+    spun, slept = sorted(mgr.stats()["native_slowest_batches"], key=lambda b: b[6])[:2]
+    assert len(spun) == 12 and spun[2] >= 45 and slept[2] >= 45
+    cpu, runq, voluntary = 8, 9, 10
+    assert spun[cpu] >= 40 and spun[cpu] <= spun[2] + 1
+    assert slept[cpu] < 20 and slept[voluntary] >= 1
+    assert all(isinstance(b[11], int) and b[11] >= 0 for b in (spun, slept))
+    if sys.platform.startswith("linux"):  # schedstat: the run-queue wait is known, and at most the running time
+        assert all(b[runq] is not None and 0 <= b[runq] <= b[2] + 1 for b in (spun, slept))
+    mgr.close()
+    assert driver.leaks() == []
+
+
 def test_a_steps_remaps_over_many_rows_run_in_order_before_its_signal(driver):
     """On the native thread each row's unmaps, maps and set_access stay in order (the fake rejects a
     map over a mapping, an unmap or set_access of nothing), and a step's signal comes after all of

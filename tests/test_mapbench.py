@@ -135,3 +135,50 @@ def test_native_under_load_reports_each_rounds_slowest_call_as_the_native_thread
     assert busy["set_access_us"] >= 1000 and idle["set_access_us"] < busy["set_access_us"] / 4
     with pytest.raises(ValueError, match="at most 8 rounds"):
         native_under_load(d, {"idle": None}, pages=1, rounds=9)
+
+
+def test_a_load_in_another_thread_runs_until_its_round_ends_and_raises_what_went_wrong():
+    """host_loads' loads (NOTES #141) run the engine's other CUDA calls in another Python thread
+    while the native thread maps: the body runs again and again until the round's wait, its setup
+    once per round on the caller's thread, and an error in the body reaches the caller."""
+    import threading
+
+    from vllm_vattention.bench.mapbench import in_a_thread, native_under_load
+    from vllm_vattention.memory import PAGE_SIZE
+
+    seen = {"calls": 0, "threads": set(), "setups": 0, "synced": 0}
+
+    def setup():
+        seen["setups"] += 1
+        return seen
+
+    def body(arg):
+        arg["calls"] += 1
+        arg["threads"].add(threading.get_ident())
+
+    d = FakeDriver(PAGE_SIZE, capacity=8 * PAGE_SIZE)
+    load = in_a_thread(body, setup, sync=lambda: seen.__setitem__("synced", seen["synced"] + 1))
+    (row,) = native_under_load(d, {"busy": load}, pages=4, rounds=3)
+    assert row["calls"] == 3 * 3 * 4 and d.leaks() == []
+    assert seen["setups"] == 3 and seen["synced"] == 3 and seen["calls"] >= 3
+    assert threading.get_ident() not in seen["threads"]
+
+    def fails():
+        raise RuntimeError("cudaMalloc failed")
+    with pytest.raises(RuntimeError, match="cudaMalloc failed"):
+        in_a_thread(fails, sync=lambda: None)()()
+
+
+def test_at_scale_maps_each_count_first_caps_it_to_free_memory_and_gives_everything_back():
+    """at_scale (NOTES #141): with that many pages mapped in one reservation, the native thread's
+    batches on fresh pages; a count more than 90% of free memory holds is cut to fit."""
+    from vllm_vattention.bench.mapbench import at_scale
+    from vllm_vattention.memory import PAGE_SIZE
+
+    d = FakeDriver(PAGE_SIZE, capacity=64 * PAGE_SIZE)
+    rows = at_scale(d, mapped=(0, 16, 1000), pages=4, rounds=2)
+    assert [r["mapped_pages"] for r in rows] == [0, 16, int(0.9 * 64) - 4]
+    assert [r["phase"] for r in rows] == ["0 pages mapped", "16 pages mapped", "53 pages mapped"]
+    assert all(r["calls"] == 3 * 2 * 4 and len(r["rounds_slowest_ms"]) == 2 for r in rows)
+    assert d.stats.calls["map"] == 16 + 53 + 3 * 2 * 4
+    assert d.native_errors == [] and d.leaks() == []

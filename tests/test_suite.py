@@ -489,13 +489,18 @@ def test_slowest_batch_table_puts_the_native_threads_worst_batch_beside_the_long
         return {"workload": "a", "system": "vattn-fa2", "error": None,
                 "mapper": {"native_slowest_batches": batches, "flag_longest_ms": [stall]}}
     res = [run([[12.0, 10.0, 2.0, 1.5, "access_rw", 65, 300]], [30.0, 305]),
-           run([[80.0, 1.0, 79.0, 75.0, "map", 65, 616], [5.0, 0.0, 5.0, 1.0, "map", 3, 2]], [79.6, 616]),
+           run([[80.0, 1.0, 79.0, 75.0, "map", 65, 616, 12.5, 3.25, 0.0, 4, 31], [5.0, 0.0, 5.0, 1.0, "map", 3, 2]],
+               [79.6, 616]),
            run([], [1.0, 3]),  # no batch kept: left out
            {"workload": "a", "system": "stock-fa3", "error": None}]
     (row,) = S.slow_batch_rows(res)
     assert row["n"] == 2 and row["batch"][0] == 80.0 and row["stall"] == [79.6, 616]
-    assert ("| a | vattn-fa2 | 2 | 80.0 | 1.0 | 79.0 | map 75.0 ms | 65 | 616 | 79.6 (616) |"
+    # CPU ms, run-queue ms and switches where the native thread measured them (NOTES #141)
+    assert ("| a | vattn-fa2 | 2 | 80.0 | 1.0 | 79.0 | map 75.0 ms | 65 | 616 | 3.2 | 0.0 | 4 / 31 | 79.6 (616) |"
             in S.markdown({"results": res}))
+    older = [run([[12.0, 10.0, 2.0, 1.5, "access_rw", 65, 300]], [30.0, 305])]  # 7 values: from before
+    assert "| a | vattn-fa2 | 1 | 12.0 | 10.0 | 2.0 | access_rw 1.5 ms | 65 | 300 | - | - | - | 30.0 (305) |" in S.markdown(
+        {"results": older})
 
 
 def test_a_serving_job_cut_off_keeps_its_rates_and_runs_again(tmp_path):

@@ -17,7 +17,8 @@ import torch
 from ..memory import PAGE_SIZE, CudaDriver, KVGeometry, KVMemoryManager, make_layout
 from .env import environment, header, results_stem, write_markdown
 
-SECTIONS = ("driver_per_page", "manager", "step_loop", "contention", "parallel", "alloc_sizes", "under_load")
+SECTIONS = ("driver_per_page", "manager", "step_loop", "contention", "parallel", "alloc_sizes", "under_load", "host_ops",
+            "at_scale")
 LLAMA3_8B = KVGeometry(num_layers=32, num_kv_heads=8, head_size=128, dtype_bytes=2)
 
 
@@ -384,25 +385,122 @@ def native_under_load(d, loads: dict, pages: int = 64, rounds: int = 8) -> list[
     return out
 
 
-def host_launches():
-    """A load for native_under_load: another thread launching tiny kernels back to back (as the engine
-    thread does in an eager or piecewise-graph step) until the round ends; its wait returns None."""
+def in_a_thread(body, setup=None, sync=None):
+    """A load for native_under_load: another Python thread running `body()` back to back until the
+    round ends (what the engine's threads do beside the native thread); `setup()`, if given, runs on
+    this thread first and its result is passed to body. The load's wait stops and joins the thread,
+    raises what body raised, then calls `sync` (default: synchronize the device), and returns None
+    (no GPU ms)."""
     import threading
 
-    x = torch.zeros(16, device="cuda")
-    stop = threading.Event()
+    def load():
+        arg = setup() if setup is not None else None
+        stop = threading.Event()
+        errors: list[BaseException] = []
 
-    def loop():
-        while not stop.is_set():
-            x.add_(1.0)
-    t = threading.Thread(target=loop, daemon=True)
-    t.start()
+        def loop():
+            try:
+                while not stop.is_set():
+                    body(arg) if setup is not None else body()
+            except BaseException as e:  # noqa: BLE001 - raised by wait() on the caller's thread
+                errors.append(e)
+        t = threading.Thread(target=loop, daemon=True)
+        t.start()
 
-    def wait():
-        stop.set()
-        t.join()
-        torch.cuda.synchronize()
-    return wait
+        def wait():
+            stop.set()
+            t.join()
+            if errors:
+                raise errors[0]
+            (sync or torch.cuda.synchronize)()
+        return wait
+    return load
+
+
+def _tiny():
+    return torch.zeros(16, device="cuda")
+
+
+host_launches = in_a_thread(lambda x: x.add_(1.0), _tiny)  # tiny kernel launches (an eager or piecewise step)
+
+
+def host_loads(d, ms: float = 5.0) -> dict:
+    """native_under_load's loads of the engine process's other CUDA calls (NOTES #141: the engine's
+    21-38 ms cuMemSetAccess calls wait neither for the GPU's work nor for another thread's
+    launches): another thread, back to back, doing one of: torch's allocator taking and giving back
+    256 MiB (cudaMalloc + cudaFree, which synchronizes the device); pinned host memory allocated and
+    freed (cuMemHostAlloc / cuMemFreeHost, as vLLM's pinned buffers); a kernel of `ms` then a wait for
+    it (the engine thread in sample_tokens); a 4-byte device-to-host copy after a tiny kernel
+    (.item()); replays of a CUDA graph of 500 tiny kernels (a full-graph decode step)."""
+    spin = _spin_cycles(ms)
+
+    def alloc_free():
+        torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+        torch.cuda.empty_cache()
+
+    def pinned():
+        host, _ = d.host_flag()
+        d.free_host_flag(host)
+
+    def graph():
+        x = _tiny()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            x.add_(1.0)  # warm-up outside the capture
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(500):
+                x.add_(1.0)
+        return g
+
+    return {"another thread: cudaMalloc + cudaFree of 256 MiB": in_a_thread(alloc_free),
+            "another thread: pinned host alloc + free": in_a_thread(pinned),
+            f"another thread: a {ms:.0f} ms kernel, then synchronize": in_a_thread(
+                lambda: (torch.cuda._sleep(spin), torch.cuda.synchronize())),
+            "another thread: .item() after a tiny kernel": in_a_thread(lambda x: x.add_(1.0).sum().item(), _tiny),
+            "another thread: replaying a CUDA graph of 500 kernels": in_a_thread(lambda g: g.replay(), graph)}
+
+
+def _spin_cycles(ms: float) -> int:
+    """torch.cuda._sleep's cycles for a kernel of about `ms` (its first call outside the calibration)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(1000)
+    start.record()
+    torch.cuda._sleep(10_000_000)
+    end.record()
+    end.synchronize()
+    return int(10_000_000 * ms / start.elapsed_time(end))
+
+
+def at_scale(d, mapped: tuple[int, ...] = (0, 16384, 49152), pages: int = 64, rounds: int = 8) -> list[dict]:
+    """Do VMM calls get slower with many pages mapped? The engine maps tens of thousands of 2 MiB
+    pages (its whole KV budget); mapbench's other sections map at most a few thousand. For each
+    count in `mapped` (cut to what fits in 90% of free memory): that many pages created, mapped and
+    given access in one reservation, then native_under_load's idle batches on fresh pages; then
+    they are given back. Per count: the mean us per call by kind, each round's slowest call, and
+    the seconds it took to map the count."""
+    out = []
+    free = d.mem_info()[0]
+    for n in mapped:
+        n = min(n, int(0.9 * free / PAGE_SIZE) - pages)
+        va, hs = _take_pages(d, n) if n > 0 else (None, [])
+        t = time.perf_counter()
+        try:
+            for i, h in enumerate(hs):
+                d.map(va + i * PAGE_SIZE, PAGE_SIZE, h)
+            if hs:
+                d.set_access(va, n * PAGE_SIZE)
+            setup_s = time.perf_counter() - t
+            (row,) = native_under_load(d, {"idle": None}, pages=pages, rounds=rounds)
+            out.append({**row, "phase": f"{n} pages mapped", "mapped_pages": n, "setup_s": setup_s})
+        finally:
+            for i in range(len(hs)):
+                d.unmap(va + i * PAGE_SIZE, PAGE_SIZE)
+            if hs:
+                _give_back_pages(d, va, hs)
+    return out
 
 
 def gpu_loads(d, ms: float = 30.0):
@@ -416,12 +514,7 @@ def gpu_loads(d, ms: float = 30.0):
 
     stream = torch.cuda.current_stream()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(1000)  # loaded once, outside the calibration
-    start.record()
-    torch.cuda._sleep(10_000_000)
-    end.record()
-    end.synchronize()
-    cycles = int(10_000_000 * ms / start.elapsed_time(end))
+    cycles = _spin_cycles(ms)
     a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
     a @ a  # cuBLAS's first call sets itself up: not part of the calibration
     start.record()
@@ -481,6 +574,13 @@ def _under_load_on_gpu(d) -> dict:
         free()
 
 
+def _native_table(rows: list[dict], title: str) -> list[str]:
+    """native_under_load's rows as a markdown table."""
+    return ["", f"| {title} | map us | set_access us | unmap us | each round's slowest call, ms |", "|---|---|---|---|---|"] + [
+        f"| {r['phase']} | {r['map_us']:.1f} | {r['set_access_us']:.1f} | {r['unmap_us']:.1f} | "
+        f"{', '.join(f'{ms:.2f} ({kind})' for ms, kind in r['rounds_slowest_ms'])} |" for r in rows]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="benchmarks/results")
@@ -500,7 +600,8 @@ def main(argv=None) -> None:
             "manager": lambda: manager_costs(d, rows=32, blocks_per_row=64),
             "step_loop": lambda: [step_loop(d, bg, steps=60, batch=32, cpu_work_s=0.004) for bg in (False, True)],
             "contention": lambda: contention(d), "parallel": lambda: parallel_driver(d, args.pages),
-            "alloc_sizes": lambda: alloc_size_costs(d), "under_load": lambda: _under_load_on_gpu(d)}
+            "alloc_sizes": lambda: alloc_size_costs(d), "under_load": lambda: _under_load_on_gpu(d),
+            "host_ops": lambda: native_under_load(d, host_loads(d)), "at_scale": lambda: at_scale(d)}
     res = {**env, **{name: runs[name]() for name in SECTIONS if name in wanted}}
     os.makedirs(args.out, exist_ok=True)
     stem = results_stem(args.out, env, f"-{args.tag}")
@@ -547,10 +648,14 @@ def main(argv=None) -> None:
                   f"{r['first_call_max_us']:.1f} | {r['over_slow_ms']} | "
                   f"{'-' if r['load_gpu_ms'] is None else format(r['load_gpu_ms'], '.1f')} |"
                   for r in res["under_load"]["host_timed"]]
-        lines += ["", "| the native thread's calls (one batch of map, set_access, unmap per round), meanwhile | map us | "
-                  "set_access us | unmap us | each round's slowest call, ms |", "|---|---|---|---|---|"]
-        lines += [f"| {r['phase']} | {r['map_us']:.1f} | {r['set_access_us']:.1f} | {r['unmap_us']:.1f} | "
-                  f"{', '.join(f'{ms:.2f} ({kind})' for ms, kind in r['rounds_slowest_ms'])} |" for r in res["under_load"]["native"]]
+        lines += _native_table(res["under_load"]["native"],
+                               "the native thread's calls (one batch of map, set_access, unmap per round), meanwhile")
+    if "host_ops" in res:
+        lines += _native_table(res["host_ops"], "the native thread's calls (one batch per round), meanwhile")
+    if "at_scale" in res:
+        lines += _native_table(res["at_scale"], "the native thread's calls on fresh pages (one batch per round), with")
+        lines += ["", "Mapping the pages beforehand took: " + ", ".join(
+            f"{r['mapped_pages']} pages {r['setup_s']:.2f} s" for r in res["at_scale"])]
     write_markdown(stem, "\n".join(lines) + "\n")
 
 

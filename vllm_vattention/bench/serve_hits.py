@@ -341,10 +341,18 @@ def flag_stalls_markdown(rows: list[dict]) -> str:
     if slow:
         lines += ["", "The native thread's slowest batches (latency, queued, running, slowest op ms, its kind, ops, "
                       "batch index), and where each was submitted: s into the trace, the step then running and "
-                      "its wait at the mapping flag:", ""]
-        lines += [f"- {server}: " + "; ".join(str(b[:7]) + _placed(p) for b, p in batches)
+                      "its wait at the mapping flag; where measured, the thread's CPU ms, ms waiting for a CPU and "
+                      "voluntary / involuntary context switches while it ran (NOTES #141):", ""]
+        lines += [f"- {server}: " + "; ".join(str(b[:7]) + _placed(p) + _went(b) for b, p in batches)
                   for server, batches in slow.items()]
     return "\n".join(lines) + "\n"
+
+
+def _went(b: list) -> str:
+    if len(b) < 12:
+        return ""
+    runq = "?" if b[9] is None else f"{b[9]:.1f}"
+    return f" [CPU {b[8]:.1f} ms, waiting for a CPU {runq} ms, switches {b[10]} / {b[11]}]"
 
 
 def _placed(p: tuple | None) -> str:

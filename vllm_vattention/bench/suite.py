@@ -910,6 +910,15 @@ def slow_batch_rows(results: list[dict]) -> list[dict]:
     return rows
 
 
+def _where_time_went(batch: list) -> list[str]:
+    """A kept batch's CPU ms, run-queue ms and context switches (its values 8-11, NOTES #141) as
+    table cells; "-" for batches from before the native thread measured them (8 values)."""
+    if len(batch) < 12:
+        return ["-", "-", "-"]
+    cpu, runq, vol, invol = batch[8:12]
+    return [f"{cpu:.1f}", "-" if runq is None else f"{runq:.1f}", f"{vol} / {invol}"]
+
+
 def hook_rows(results: list[dict]) -> list[dict]:
     """Per workload and system: median ms per step of each part of our hooks (the worker's
     hook_seconds; runs without it, stock's or older ones, are left out)."""
@@ -1068,10 +1077,12 @@ def markdown(doc: dict) -> str:
     if slow:
         lines += _section("The native thread's slowest batch (submission to done; the most over repetitions)",
                           ["workload", "system", "runs", "latency ms", "queued ms", "running ms", "slowest op",
-                           "ops", "batch index", "longest flag stall ms (step)"],
+                           "ops", "batch index", "its CPU ms", "waiting for a CPU ms", "switches: voluntary / involuntary",
+                           "longest flag stall ms (step)"],
                           [[m["workload"], m["system"], m["n"], f"{m['batch'][0]:.1f}", f"{m['batch'][1]:.1f}",
                             f"{m['batch'][2]:.1f}", f"{m['batch'][4]} {m['batch'][3]:.1f} ms", m["batch"][5],
-                            m["batch"][6], f"{m['stall'][0]:.1f} ({m['stall'][1]})"] for m in slow])
+                            m["batch"][6], *_where_time_went(m["batch"]), f"{m['stall'][0]:.1f} ({m['stall'][1]})"]
+                           for m in slow])
     parts = hook_rows(res)
     if parts:
         names = list(parts[0]["ms"])

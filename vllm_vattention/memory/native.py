@@ -138,16 +138,21 @@ class NativeExecutor:
         batches that took longest from submission to done (`native_slowest_batches`: latency,
         queued and running ms, the slowest op's ms and kind, the batch's ops, its index, and its
         submission in seconds of CLOCK_MONOTONIC, the clock of time.perf_counter and of the step
-        trace on Linux)."""
+        trace on Linux; then, while it ran: the thread's CPU ms, its ms waiting for a CPU on the run
+        queue (None where the kernel has no schedstat), its voluntary and involuntary context
+        switches: a spinning driver call is CPU time, a sleeping one voluntary switches, a starved
+        thread run-queue time; NOTES #141)."""
         ns, calls = (ctypes.c_uint64 * 7)(), (ctypes.c_uint64 * 7)()
         if self._fast.vattn_mapper_stats(self._handle, ns, calls, int(reset)):
             raise RuntimeError("vattn_mapper_stats: the native mapping thread is closed")
-        w = 8  # values per batch (csrc/mapper.cpp vattn_mapper_slowest)
+        w = 12  # values per batch (csrc/mapper.cpp kSlowRow)
         rows = (ctypes.c_double * (w * self.SLOWEST))()
         n = self._fast.vattn_mapper_slowest(self._handle, rows, self.SLOWEST, int(reset))
-        slowest = [[round(rows[w * i + j], 3) for j in range(4)] + [KIND_NAMES.get(int(rows[w * i + 4]), "-")]
-                   + [int(rows[w * i + 5]), int(rows[w * i + 6]), round(rows[w * i + 7], 6)]
-                   for i in range(max(n, 0))]
+
+        def batch(r: list) -> list:
+            return ([round(x, 3) for x in r[:4]] + [KIND_NAMES.get(int(r[4]), "-"), int(r[5]), int(r[6]), round(r[7], 6),
+                     round(r[8], 3), None if r[9] < 0 else round(r[9], 3), int(r[10]), int(r[11])])
+        slowest = [batch(rows[w * i:w * (i + 1)]) for i in range(max(n, 0))]
         s = lambda *kinds: round(sum(ns[k] for k in kinds) / 1e9, 6)  # noqa: E731
         return {"native_map_seconds": s(MAP), "native_unmap_seconds": s(UNMAP),
                 "native_access_seconds": s(ACCESS_RW, ACCESS_RO),
