@@ -170,15 +170,26 @@ def test_a_load_in_another_thread_runs_until_its_round_ends_and_raises_what_went
 
 
 def test_at_scale_maps_each_count_first_caps_it_to_free_memory_and_gives_everything_back():
-    """at_scale (NOTES #141): with that many pages mapped in one reservation, the native thread's
-    batches on fresh pages; a count more than 90% of free memory holds is cut to fit."""
+    """at_scale (NOTES #141): with that many pages mapped, the native thread's batches on fresh pages
+    of the same reservation, idle and under each load that loads_for builds over the mapped pages; a
+    count more than 90% of free memory holds is cut to fit."""
     from vllm_vattention.bench.mapbench import at_scale
     from vllm_vattention.memory import PAGE_SIZE
 
     d = FakeDriver(PAGE_SIZE, capacity=64 * PAGE_SIZE)
-    rows = at_scale(d, mapped=(0, 16, 1000), pages=4, rounds=2)
-    assert [r["mapped_pages"] for r in rows] == [0, 16, int(0.9 * 64) - 4]
-    assert [r["phase"] for r in rows] == ["0 pages mapped", "16 pages mapped", "53 pages mapped"]
+    asked = []
+
+    def loads_for(va, n):
+        d.read(va + (n - 1) * PAGE_SIZE, 1)  # every one of the n pages is mapped (the fake raises otherwise)
+        asked.append(n)
+        return {"reading": lambda: (lambda: 1.0)}
+
+    rows = at_scale(d, mapped=(0, 16, 1000), pages=4, rounds=2, loads_for=loads_for)
+    assert asked == [16, 53]  # no load over nothing mapped
+    assert [(r["mapped_pages"], r["phase"]) for r in rows] == [
+        (0, "0 pages mapped, idle"), (16, "16 pages mapped, idle"), (16, "16 pages mapped, reading"),
+        (53, "53 pages mapped, idle"), (53, "53 pages mapped, reading")]
     assert all(r["calls"] == 3 * 2 * 4 and len(r["rounds_slowest_ms"]) == 2 for r in rows)
-    assert d.stats.calls["map"] == 16 + 53 + 3 * 2 * 4
+    assert all(r["cpu_of_running"] is None or 0 <= r["cpu_of_running"] <= 1.5 for r in rows)
+    assert d.stats.calls["map"] == 16 + 53 + 5 * 3 * 2 * 4 // 3
     assert d.native_errors == [] and d.leaks() == []

@@ -346,19 +346,21 @@ def under_load(d, loads: dict, pages: int = 64, rounds: int = 8, slow_ms: float 
     return out
 
 
-def native_under_load(d, loads: dict, pages: int = 64, rounds: int = 8) -> list[dict]:
+def native_under_load(d, loads: dict, pages: int = 64, rounds: int = 8, where: tuple | None = None) -> list[dict]:
     """under_load's question with the calls made by the native mapping thread, as in the engine, and
     timed there: no GIL in the measurement, so a load may be another Python thread (the engine
     thread's launches: does a thread making CUDA calls slow the native thread's VMM calls?). Each
     round is one batch of `pages` maps, set-accesses and unmaps (map_cycle_ops). Per phase: the
-    mean us per call of each kind (the thread's own timing) and each round's slowest call, in ms,
-    with its kind."""
+    mean us per call of each kind (the thread's own timing), each round's slowest call, in ms, with
+    its kind, and the share of the batches' running time the thread spent on a CPU (a slow call
+    that spins in the driver, against one that sleeps). `where`: (va, handles) of the pages to use,
+    unmapped, kept by the caller; default: `pages` pages of their own."""
     from ..memory.native import NativeExecutor
 
     if rounds > NativeExecutor.SLOWEST:
         raise ValueError(f"rounds={rounds}: the native thread keeps its {NativeExecutor.SLOWEST} slowest batches, "
                          f"so at most {NativeExecutor.SLOWEST} rounds")
-    va, hs = _take_pages(d, pages)
+    va, hs = where if where is not None else _take_pages(d, pages)
     ops = map_cycle_ops(va, hs, PAGE_SIZE)
     ex = NativeExecutor(*d.native_table())
     out = []
@@ -372,16 +374,19 @@ def native_under_load(d, loads: dict, pages: int = 64, rounds: int = 8) -> list[
                 if done is not None:
                     done()
             st = ex.stats(reset=True)
-            n = pages * rounds
+            n = len(hs) * rounds
             slowest = sorted(st["native_slowest_batches"], key=lambda b: -b[3])
+            running = sum(b[2] for b in slowest)
             out.append({"phase": phase, "calls": 3 * n,
                         "map_us": st["native_map_seconds"] / n * 1e6, "set_access_us": st["native_access_seconds"] / n * 1e6,
                         "unmap_us": st["native_unmap_seconds"] / n * 1e6,
-                        "rounds_slowest_ms": [[b[3], b[4]] for b in slowest]})
+                        "rounds_slowest_ms": [[b[3], b[4]] for b in slowest],
+                        "cpu_of_running": sum(b[8] for b in slowest) / running if running > 0 else None})
     finally:
         ex.wait()
         ex.close()
-        _give_back_pages(d, va, hs)
+        if where is None:
+            _give_back_pages(d, va, hs)
     return out
 
 
@@ -474,93 +479,77 @@ def _spin_cycles(ms: float) -> int:
     return int(10_000_000 * ms / start.elapsed_time(end))
 
 
-def at_scale(d, mapped: tuple[int, ...] = (0, 16384, 49152), pages: int = 64, rounds: int = 8) -> list[dict]:
-    """Do VMM calls get slower with many pages mapped? The engine maps tens of thousands of 2 MiB
-    pages (its whole KV budget); mapbench's other sections map at most a few thousand. For each
-    count in `mapped` (cut to what fits in 90% of free memory): that many pages created, mapped and
-    given access in one reservation, then native_under_load's idle batches on fresh pages; then
-    they are given back. Per count: the mean us per call by kind, each round's slowest call, and
-    the seconds it took to map the count."""
+def at_scale(d, mapped: tuple[int, ...] = (0, 16384, 49152), pages: int = 64, rounds: int = 8,
+             loads_for=None) -> list[dict]:
+    """Do VMM calls get slower with many pages mapped, or while kernels read them? The engine maps
+    tens of thousands of 2 MiB pages (its whole KV budget) in one reservation and its attention
+    kernels read them while the native thread maps more; mapbench's other sections map at most a
+    few thousand, and their GPU loads touch none. For each count in `mapped` (cut to what fits in
+    90% of free memory): one reservation of count + `pages` pages, the first `count` mapped and
+    given access, then native_under_load's batches on the last `pages` (fresh pages in the same
+    reservation, as the engine's), idle and under each load of `loads_for(va, count)` (a dict as
+    gpu_loads'; None: idle only); then everything is given back. Per count and load: the
+    native_under_load row, with the count and the seconds mapping it took."""
     out = []
     free = d.mem_info()[0]
     for n in mapped:
-        n = min(n, int(0.9 * free / PAGE_SIZE) - pages)
-        va, hs = _take_pages(d, n) if n > 0 else (None, [])
+        n = max(0, min(n, int(0.9 * free / PAGE_SIZE) - pages))
+        va, hs = _take_pages(d, n + pages)
         t = time.perf_counter()
         try:
-            for i, h in enumerate(hs):
-                d.map(va + i * PAGE_SIZE, PAGE_SIZE, h)
-            if hs:
+            for i in range(n):
+                d.map(va + i * PAGE_SIZE, PAGE_SIZE, hs[i])
+            if n:
                 d.set_access(va, n * PAGE_SIZE)
             setup_s = time.perf_counter() - t
-            (row,) = native_under_load(d, {"idle": None}, pages=pages, rounds=rounds)
-            out.append({**row, "phase": f"{n} pages mapped", "mapped_pages": n, "setup_s": setup_s})
+            loads = {"idle": None, **(loads_for(va, n) if loads_for is not None and n else {})}
+            rows = native_under_load(d, loads, rounds=rounds, where=(va + n * PAGE_SIZE, hs[n:]))
+            out += [{**row, "phase": f"{n} pages mapped, {row['phase']}", "mapped_pages": n, "setup_s": setup_s}
+                    for row in rows]
         finally:
-            for i in range(len(hs)):
+            for i in range(n):
                 d.unmap(va + i * PAGE_SIZE, PAGE_SIZE)
-            if hs:
-                _give_back_pages(d, va, hs)
+            _give_back_pages(d, va, hs)
     return out
 
 
-def gpu_loads(d, ms: float = 30.0):
-    """under_load's phases on the GPU, and a function that frees what they use: idle; one spin kernel
-    of `ms` (a step's kernels running); the stream blocked at a host flag that a timer sets `ms`
-    after the start (a step queued behind the mapping flag, as in the engine; the timer also bounds
-    the wait if the calls needed the GPU idle); 4096^2 bf16 GEMMs back to back for about `ms`
-    (kernels that move memory). Each load's GPU ms is timed by events around it."""
-    import ctypes
-    import threading
+def reading_loads(d, ms: float = 30.0):
+    """at_scale's loads on the GPU: kernels reading the `n` pages mapped at `va` while the native
+    thread maps beside them, as the engine's attention reads its KV. Streaming: the whole range
+    summed (each page read once, in order), repeated for about `ms`. Scattered: 4 KiB of every
+    page, pages in a shuffled order (a TLB miss per read), repeated for about `ms`."""
+    from ..memory.views import flat_tensor
 
-    stream = torch.cuda.current_stream()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    cycles = _spin_cycles(ms)
-    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
-    a @ a  # cuBLAS's first call sets itself up: not part of the calibration
-    start.record()
-    for _ in range(10):
-        a @ a
-    end.record()
-    end.synchronize()
-    gemms = max(1, int(ms / (start.elapsed_time(end) / 10)))
-    host, dev = d.host_flag()
-    word = ctypes.c_uint32.from_address(host)
-    timers: list = []
+    def loads_for(va: int, n: int) -> dict:
+        dev = torch.device("cuda", torch.cuda.current_device())
+        flat = flat_tensor(va, n * PAGE_SIZE, torch.int16, dev)
+        per_page = flat.view(n, PAGE_SIZE // 2)
+        order = torch.randperm(n, device=dev)
 
-    def timed(work, after=None):
-        def go():
-            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            t0.record()
+        def timed_repeat(work):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
             work()
-            t1.record()
+            end.record()
+            end.synchronize()
+            times = max(1, int(ms / max(start.elapsed_time(end), 1e-3)))
 
-            def wait() -> float:
-                t1.synchronize()
-                if after is not None:
-                    after()
-                return t0.elapsed_time(t1)
-            return wait
-        return go
+            def go():
+                t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                t0.record()
+                for _ in range(times):
+                    work()
+                t1.record()
 
-    def blocked_at_flag():
-        v = word.value + 1
-        timer = threading.Timer(ms / 1e3, lambda: setattr(word, "value", v))
-        d.stream_wait(stream.cuda_stream, dev, v)
-        torch.cuda._sleep(1000)
-        timer.start()
-        timers.append(timer)
+                def wait() -> float:
+                    t1.synchronize()
+                    return t0.elapsed_time(t1)
+                return wait
+            return go
 
-    loads = {"idle": None,
-             f"a spin kernel of {ms:.0f} ms": timed(lambda: torch.cuda._sleep(cycles)),
-             f"blocked at a host flag set after {ms:.0f} ms": timed(blocked_at_flag, after=lambda: timers.pop().join()),
-             f"{gemms} bf16 GEMMs of 4096^2": timed(lambda: [a @ a for _ in range(gemms)])}
-
-    def free():  # a flag still waited on (a round that raised) is set by its timer before it goes
-        while timers:
-            timers.pop().join()
-        torch.cuda.synchronize()
-        d.free_host_flag(host)
-    return loads, free
+        return {"streaming reads of the mapped pages": timed_repeat(lambda: flat.sum(dtype=torch.int32)),
+                "4 KiB of every mapped page, shuffled": timed_repeat(lambda: per_page[order, :2048].sum(dtype=torch.int32))}
+    return loads_for
 
 
 def _under_load_on_gpu(d) -> dict:
@@ -576,8 +565,10 @@ def _under_load_on_gpu(d) -> dict:
 
 def _native_table(rows: list[dict], title: str) -> list[str]:
     """native_under_load's rows as a markdown table."""
-    return ["", f"| {title} | map us | set_access us | unmap us | each round's slowest call, ms |", "|---|---|---|---|---|"] + [
-        f"| {r['phase']} | {r['map_us']:.1f} | {r['set_access_us']:.1f} | {r['unmap_us']:.1f} | "
+    cpu = lambda r: "-" if r.get("cpu_of_running") is None else f"{100 * r['cpu_of_running']:.0f}%"  # noqa: E731
+    return ["", f"| {title} | map us | set_access us | unmap us | on a CPU, of the batches' time | "
+                "each round's slowest call, ms |", "|---|---|---|---|---|---|"] + [
+        f"| {r['phase']} | {r['map_us']:.1f} | {r['set_access_us']:.1f} | {r['unmap_us']:.1f} | {cpu(r)} | "
         f"{', '.join(f'{ms:.2f} ({kind})' for ms, kind in r['rounds_slowest_ms'])} |" for r in rows]
 
 
@@ -601,7 +592,7 @@ def main(argv=None) -> None:
             "step_loop": lambda: [step_loop(d, bg, steps=60, batch=32, cpu_work_s=0.004) for bg in (False, True)],
             "contention": lambda: contention(d), "parallel": lambda: parallel_driver(d, args.pages),
             "alloc_sizes": lambda: alloc_size_costs(d), "under_load": lambda: _under_load_on_gpu(d),
-            "host_ops": lambda: native_under_load(d, host_loads(d)), "at_scale": lambda: at_scale(d)}
+            "host_ops": lambda: native_under_load(d, host_loads(d)), "at_scale": lambda: at_scale(d, loads_for=reading_loads(d))}
     res = {**env, **{name: runs[name]() for name in SECTIONS if name in wanted}}
     os.makedirs(args.out, exist_ok=True)
     stem = results_stem(args.out, env, f"-{args.tag}")
