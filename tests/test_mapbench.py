@@ -176,20 +176,20 @@ def test_at_scale_maps_each_count_first_caps_it_to_free_memory_and_gives_everyth
     from vllm_vattention.bench.mapbench import at_scale
     from vllm_vattention.memory import PAGE_SIZE
 
-    d = FakeDriver(PAGE_SIZE, capacity=64 * PAGE_SIZE)
-    asked = []
+    d = FakeDriver(PAGE_SIZE, capacity=640 * PAGE_SIZE)  # 512 pages of it: the 1 GiB left for the loads
+    asked, released = [], []
 
     def loads_for(va, n):
         d.read(va + (n - 1) * PAGE_SIZE, 1)  # every one of the n pages is mapped (the fake raises otherwise)
         asked.append(n)
         return {"reading": lambda: (lambda: 1.0)}
 
-    rows = at_scale(d, mapped=(0, 16, 1000), pages=4, rounds=2, loads_for=loads_for)
-    assert asked == [16, 53]  # no load over nothing mapped
+    rows = at_scale(d, mapped=(0, 16, 1000), pages=4, rounds=2, loads_for=loads_for, release=lambda: released.append(1))
+    assert asked == [16, 60] and len(released) == 3  # no load over nothing mapped; 0.9 * 640 - 4 - 512 = 60
     assert [(r["mapped_pages"], r["phase"]) for r in rows] == [
         (0, "0 pages mapped, idle"), (16, "16 pages mapped, idle"), (16, "16 pages mapped, reading"),
-        (53, "53 pages mapped, idle"), (53, "53 pages mapped, reading")]
+        (60, "60 pages mapped, idle"), (60, "60 pages mapped, reading")]
     assert all(r["calls"] == 3 * 2 * 4 and len(r["rounds_slowest_ms"]) == 2 for r in rows)
     assert all(r["cpu_of_running"] is None or 0 <= r["cpu_of_running"] <= 1.5 for r in rows)
-    assert d.stats.calls["map"] == 16 + 53 + 5 * 3 * 2 * 4 // 3
+    assert d.stats.calls["map"] == 16 + 60 + 5 * 2 * 4
     assert d.native_errors == [] and d.leaks() == []

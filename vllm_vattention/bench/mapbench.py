@@ -480,20 +480,22 @@ def _spin_cycles(ms: float) -> int:
 
 
 def at_scale(d, mapped: tuple[int, ...] = (0, 16384, 49152), pages: int = 64, rounds: int = 8,
-             loads_for=None) -> list[dict]:
+             loads_for=None, release=None) -> list[dict]:
     """Do VMM calls get slower with many pages mapped, or while kernels read them? The engine maps
     tens of thousands of 2 MiB pages (its whole KV budget) in one reservation and its attention
     kernels read them while the native thread maps more; mapbench's other sections map at most a
     few thousand, and their GPU loads touch none. For each count in `mapped` (cut to what fits in
-    90% of free memory): one reservation of count + `pages` pages, the first `count` mapped and
+    90% of the memory free then, less 1 GiB for the loads' temporaries; `release()`, if given, runs
+    first: torch's cached blocks are not free to the driver): one reservation of count + `pages` pages, the first `count` mapped and
     given access, then native_under_load's batches on the last `pages` (fresh pages in the same
     reservation, as the engine's), idle and under each load of `loads_for(va, count)` (a dict as
     gpu_loads'; None: idle only); then everything is given back. Per count and load: the
     native_under_load row, with the count and the seconds mapping it took."""
     out = []
-    free = d.mem_info()[0]
     for n in mapped:
-        n = max(0, min(n, int(0.9 * free / PAGE_SIZE) - pages))
+        if release is not None:
+            release()
+        n = max(0, min(n, int(0.9 * d.mem_info()[0] / PAGE_SIZE) - pages - (1 << 30) // PAGE_SIZE))
         va, hs = _take_pages(d, n + pages)
         t = time.perf_counter()
         try:
@@ -506,6 +508,7 @@ def at_scale(d, mapped: tuple[int, ...] = (0, 16384, 49152), pages: int = 64, ro
             rows = native_under_load(d, loads, rounds=rounds, where=(va + n * PAGE_SIZE, hs[n:]))
             out += [{**row, "phase": f"{n} pages mapped, {row['phase']}", "mapped_pages": n, "setup_s": setup_s}
                     for row in rows]
+            del loads  # the reading loads' views and temporaries, before the next count's free memory
         finally:
             for i in range(n):
                 d.unmap(va + i * PAGE_SIZE, PAGE_SIZE)
@@ -592,7 +595,8 @@ def main(argv=None) -> None:
             "step_loop": lambda: [step_loop(d, bg, steps=60, batch=32, cpu_work_s=0.004) for bg in (False, True)],
             "contention": lambda: contention(d), "parallel": lambda: parallel_driver(d, args.pages),
             "alloc_sizes": lambda: alloc_size_costs(d), "under_load": lambda: _under_load_on_gpu(d),
-            "host_ops": lambda: native_under_load(d, host_loads(d)), "at_scale": lambda: at_scale(d, loads_for=reading_loads(d))}
+            "host_ops": lambda: native_under_load(d, host_loads(d)), "at_scale": lambda: at_scale(d, loads_for=reading_loads(d),
+                                                                         release=torch.cuda.empty_cache)}
     res = {**env, **{name: runs[name]() for name in SECTIONS if name in wanted}}
     os.makedirs(args.out, exist_ok=True)
     stem = results_stem(args.out, env, f"-{args.tag}")
