@@ -110,3 +110,30 @@ def test_per_step_spans_show_which_step_a_system_loses_time_in(tmp_path):
     md = (tmp_path / "tl.md").read_text()
     assert "| 1 | execute_context_0(0)_generation_4(4) | 0.050 | 0.050 | +0.000 | 0.0 | 0.03 |" in md
     assert json.loads((tmp_path / "tl.json").read_text())["tl-vattn:rank0"]["steps"][1]["idle_before_ms"] == 0.03
+
+
+def test_memory_calls_are_listed_by_name_and_thread_with_the_longest_placed_in_their_step():
+    """NOTES #141: another thread pinning host memory made the native thread's VMM calls take up to
+    34 ms on an H200. The report lists the trace's memory-management calls, runtime and driver, by
+    name (threads, calls, total and longest), and the longest with the step they fell in; launches
+    and other calls are left out."""
+    api = lambda name, ts, dur, tid, cat="cuda_runtime": {"ph": "X", "cat": cat, "name": name, "pid": 1,  # noqa: E731
+                                                          "tid": tid, "ts": ts, "dur": dur, "args": {}}
+    step = lambda i, ts, dur: {"ph": "X", "cat": "user_annotation", "name": f"execute_context_{i}(8)_generation_0(0)",  # noqa: E731
+                               "pid": 1, "tid": 11, "ts": ts, "dur": dur}
+    events = [{"ph": "X", "cat": "kernel", "name": "k", "pid": 0, "tid": 7, "ts": 1000, "dur": 10, "args": {}},
+              step(0, 1000, 500), step(1, 2000, 500),
+              api("cudaHostAlloc", 1100, 3000, 11), api("cudaHostAlloc", 2100, 500, 11),
+              api("cuMemSetAccess", 2150, 20000, 40, "cuda_driver"), api("cudaFreeHost", 1600, 100, 12),
+              api("cudaLaunchKernel", 1200, 5, 11), api("cudaMemcpyAsync", 1300, 50, 11)]
+    mem = T.memory_calls(events, top=3)
+    assert [(b["name"], b["calls"], b["total_ms"], b["max_ms"], b["threads"]) for b in mem["by_name"]] == [
+        ("cuMemSetAccess", 1, 20.0, 20.0, [40]), ("cudaHostAlloc", 2, 3.5, 3.0, [11]), ("cudaFreeHost", 1, 0.1, 0.1, [12])]
+    assert mem["longest"] == [{"at_ms": 1.15, "ms": 20.0, "name": "cuMemSetAccess", "tid": 40, "step": 1},
+                              {"at_ms": 0.1, "ms": 3.0, "name": "cudaHostAlloc", "tid": 11, "step": 0},
+                              {"at_ms": 1.1, "ms": 0.5, "name": "cudaHostAlloc", "tid": 11, "step": 1}]
+    md = T.markdown({"v": {"span_ms": 1.0, "busy_ms": 0.5, "busy_share": 0.5, "gaps": 0,
+                           "idle_ms": {"cpu_late": 0, "gpu_waited": 0, "unknown": 0}, "longest": [], "memory_calls": mem}})
+    assert "| cudaHostAlloc | 2 | 3.500 | 3.000 | 11 |" in md and "| 1.15 | 20.0 | cuMemSetAccess | 40 | 1 |" in md
+    free = T.memory_calls([e for e in events if e["name"] != "cuMemSetAccess"] + [api("cudaMalloc", 1700, 10, 11)])
+    assert free["longest"][-1]["step"] is None  # at 1700: between step 0's end (1500) and step 1's start

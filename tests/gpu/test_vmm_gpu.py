@@ -410,9 +410,9 @@ def test_mapbench_under_load_runs_each_gpu_load_for_its_time_and_frees_what_it_u
 
 def test_mapbench_host_ops_and_at_scale_run_on_libcuda_and_keep_nothing(driver, cuda):
     """mapbench's host_ops loads (NOTES #141: another thread allocating and freeing device and pinned
-    memory, waiting for a kernel, copying to the host, replaying a CUDA graph) each run beside the
-    native thread's batches without error, and at_scale maps its pages first, runs its reading
-    kernels over them, and gives them back. A first pass loads the kernels and graph machinery into
+    memory, waiting for a kernel, copying to the host, replaying a CUDA graph, pinning and unpinning
+    host memory) each run beside the native thread's batches without error, and at_scale maps its
+    pages first, runs its reading kernels over them, and gives them back. A first pass loads the kernels and graph machinery into
     the context (which keeps them); the second must keep nothing more."""
     from vllm_vattention.bench.mapbench import at_scale, host_loads, native_under_load, reading_loads
 
@@ -428,7 +428,7 @@ def test_mapbench_host_ops_and_at_scale_run_on_libcuda_and_keep_nothing(driver, 
     free_before = driver.mem_info()[0]
     loads, rows, scale = both()
     assert abs(driver.mem_info()[0] - free_before) < 16 << 20
-    assert [r["phase"] for r in rows] == list(loads) and len(rows) == 5
+    assert [r["phase"] for r in rows] == list(loads) and len(rows) == 8
     assert all(len(r["rounds_slowest_ms"]) == 2 and r["set_access_us"] > 0 and r["map_us"] > 0 for r in rows)
     assert all(0 < r["cpu_of_running"] <= 1.05 for r in rows)
     assert [(r["mapped_pages"], r["phase"].split(", ", 1)[1]) for r in scale] == [

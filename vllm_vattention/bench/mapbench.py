@@ -436,7 +436,12 @@ def host_loads(d, ms: float = 5.0) -> dict:
     256 MiB (cudaMalloc + cudaFree, which synchronizes the device); pinned host memory allocated and
     freed (cuMemHostAlloc / cuMemFreeHost, as vLLM's pinned buffers); a kernel of `ms` then a wait for
     it (the engine thread in sample_tokens); a 4-byte device-to-host copy after a tiny kernel
-    (.item()); replays of a CUDA graph of 500 tiny kernels (a full-graph decode step)."""
+    (.item()); replays of a CUDA graph of 500 tiny kernels (a full-graph decode step); host memory
+    of 4, 64 and 256 MiB pinned and unpinned (cudaHostRegister / cudaHostUnregister: on an H200 the
+    64 and 256 MiB loads made the native thread's calls 0.5-4 ms each, the slowest 27-34 ms, asleep
+    most of that time: NOTES #141)."""
+    import numpy as np
+
     spin = _spin_cycles(ms)
 
     def alloc_free():
@@ -465,7 +470,22 @@ def host_loads(d, ms: float = 5.0) -> dict:
             f"another thread: a {ms:.0f} ms kernel, then synchronize": in_a_thread(
                 lambda: (torch.cuda._sleep(spin), torch.cuda.synchronize())),
             "another thread: .item() after a tiny kernel": in_a_thread(lambda x: x.add_(1.0).sum().item(), _tiny),
-            "another thread: replaying a CUDA graph of 500 kernels": in_a_thread(lambda g: g.replay(), graph)}
+            "another thread: replaying a CUDA graph of 500 kernels": in_a_thread(lambda g: g.replay(), graph),
+            **{f"another thread: cudaHostRegister + unregister of {mib} MiB": in_a_thread(
+                _register_unregister, lambda mib=mib: np.ones(mib << 20, dtype=np.uint8)) for mib in (4, 64, 256)}}
+
+
+def _register_unregister(buf) -> None:
+    """Pin `buf` (a numpy array) for the GPU and unpin it: what torch's pin_memory() and vLLM's pinned
+    buffers cost the driver, without keeping the memory."""
+    rt = torch.cuda.cudart()
+    ptr = buf.ctypes.data
+    err = rt.cudaHostRegister(ptr, buf.nbytes, 0)
+    if int(err) != 0:
+        raise RuntimeError(f"cudaHostRegister of {buf.nbytes} bytes returned {err}")
+    err = rt.cudaHostUnregister(ptr)
+    if int(err) != 0:
+        raise RuntimeError(f"cudaHostUnregister returned {err}")
 
 
 def _spin_cycles(ms: float) -> int:
@@ -550,8 +570,8 @@ def reading_loads(d, ms: float = 30.0):
                 return wait
             return go
 
-        return {"streaming reads of the mapped pages": timed_repeat(lambda: flat.sum(dtype=torch.int32)),
-                "4 KiB of every mapped page, shuffled": timed_repeat(lambda: per_page[order, :2048].sum(dtype=torch.int32))}
+        return {"streaming reads of the mapped pages": timed_repeat(lambda: flat.amax()),
+                "4 KiB of every mapped page, shuffled": timed_repeat(lambda: per_page[order, :2048].amax())}
     return loads_for
 
 

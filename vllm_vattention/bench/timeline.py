@@ -18,6 +18,12 @@ For the longest gaps it also names the CPU ops the launching thread was inside w
 annotations): the GPU's span, busy time and the idle time before the step, and for the first two
 traces a step-by-step comparison (which steps a system loses time in). Nsight Systems is not usable on the device machines
 (.library/device/KINDS.md), CUPTI through torch.profiler is.
+
+It also lists the trace's memory-management API calls (device and pinned host allocations, host
+registration, VMM calls where CUPTI recorded them) by name and thread, and the longest of them with
+the step they fell in: on an H200, another thread pinning 64-256 MiB of host memory made the
+native thread's VMM calls take up to 34 ms (benchmarks/NOTES.md #141), the length of the engine's
+slow cuMemSetAccess calls.
 """
 
 from __future__ import annotations
@@ -143,6 +149,43 @@ def per_step(events: list[dict]) -> list[dict]:
     return out
 
 
+MEMORY_CALLS = ("cudaMalloc", "cudaFree", "cudaHostAlloc", "cudaHostRegister", "cudaHostUnregister", "cuMemAlloc",
+                "cuMemFree", "cuMemHost", "cuMemCreate", "cuMemMap", "cuMemUnmap", "cuMemSetAccess", "cuMemRelease",
+                "cuMemAddress")  # name prefixes (cudaFreeHost, cudaMallocHost, cuMemHostAlloc, ..._v2 included)
+
+
+def memory_calls(events: list[dict], top: int = 10) -> dict:
+    """The trace's memory-management API calls (MEMORY_CALLS): per name, calls, total and longest ms
+    and the threads that made them; and the `top` longest, with their start (ms from the trace's
+    first GPU work, or first event), thread and the engine step whose annotation they fell in (None
+    outside every step)."""
+    calls = [e for e in events if e.get("cat") in LAUNCH_CATS and e.get("name", "").startswith(MEMORY_CALLS)]
+    gpu = [e["ts"] for e in events if e.get("cat") in GPU_CATS]
+    t0 = min(gpu) if gpu else min((e["ts"] for e in events), default=0.0)
+    steps = sorted((e for e in events if e.get("cat") in CPU_CATS and e.get("name", "").startswith(STEP_PREFIX)),
+                   key=lambda e: e["ts"])
+    starts = [e["ts"] for e in steps]
+
+    def step_of(ts: float):
+        i = bisect.bisect_right(starts, ts) - 1
+        return i if i >= 0 and ts <= steps[i]["ts"] + steps[i]["dur"] else None
+
+    by_name: dict[str, dict] = {}
+    for e in calls:
+        b = by_name.setdefault(e["name"], {"name": e["name"], "calls": 0, "total_ms": 0.0, "max_ms": 0.0, "threads": set()})
+        b["calls"] += 1
+        b["total_ms"] += e["dur"] / 1e3
+        b["max_ms"] = max(b["max_ms"], e["dur"] / 1e3)
+        b["threads"].add(e.get("tid"))
+    rows = sorted(by_name.values(), key=lambda b: -b["total_ms"])
+    for b in rows:
+        b["total_ms"], b["max_ms"] = round(b["total_ms"], 3), round(b["max_ms"], 3)
+        b["threads"] = sorted(b["threads"], key=str)
+    longest = [{"at_ms": round((e["ts"] - t0) / 1e3, 3), "ms": round(e["dur"] / 1e3, 3), "name": e["name"],
+                "tid": e.get("tid"), "step": step_of(e["ts"])} for e in sorted(calls, key=lambda e: -e["dur"])[:top]]
+    return {"by_name": rows, "longest": longest}
+
+
 def label(path: str) -> str:
     """A trace's name in the report: its folder and the file name's first part (vLLM names the
     worker's traces alike in every run, so the folder tells the systems apart)."""
@@ -172,6 +215,17 @@ def markdown(reports: dict[str, dict]) -> str:
                   "|---|---|---|---|---|---|"]
         lines += [f"| {g['at_ms']} | {g['gap_ms']} | {g['cause']} | `{g['next']}` | {g['launch']} | "
                   f"{' > '.join(g['cpu_inside']) or '-'} |" for g in r["longest"]]
+    for name, r in reports.items():
+        mem = r.get("memory_calls")
+        if not mem or not mem["by_name"]:
+            continue
+        lines += ["", f"Memory-management API calls, {name}:", "", "| call | calls | total ms | longest ms | threads |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {b['name']} | {b['calls']} | {b['total_ms']:.3f} | {b['max_ms']:.3f} | "
+                  f"{', '.join(str(t) for t in b['threads'])} |" for b in mem["by_name"]]
+        lines += ["", "| at ms | ms | call | thread | step |", "|---|---|---|---|---|"]
+        lines += [f"| {c['at_ms']} | {c['ms']} | {c['name']} | {c['tid']} | {'-' if c['step'] is None else c['step']} |"
+                  for c in mem["longest"]]
     return "\n".join(lines) + "\n"
 
 
@@ -184,7 +238,8 @@ def main(argv=None) -> None:
     reports = {}
     for p in args.traces:
         events = load(p)
-        reports[label(p)] = {**analyze(events, top=args.top), "steps": per_step(events)}
+        reports[label(p)] = {**analyze(events, top=args.top), "steps": per_step(events),
+                             "memory_calls": memory_calls(events, top=args.top)}
     with open(args.out, "w") as f:
         f.write(markdown(reports))
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
