@@ -419,7 +419,7 @@ def test_mapbench_host_ops_and_at_scale_run_on_libcuda_and_keep_nothing(driver, 
     def both():
         loads = host_loads(driver, ms=2.0)
         rows = native_under_load(driver, loads, pages=8, rounds=2)
-        scale = at_scale(driver, mapped=(0, 512), pages=8, rounds=2, loads_for=reading_loads(driver, ms=2.0))
+        scale = at_scale(driver, mapped=(0, 512), pages=8, rounds=2, loads_for=reading_loads(ms=2.0))
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         return loads, rows, scale

@@ -506,10 +506,10 @@ def at_scale(d, mapped: tuple[int, ...] = (0, 16384, 49152), pages: int = 64, ro
     kernels read them while the native thread maps more; mapbench's other sections map at most a
     few thousand, and their GPU loads touch none. For each count in `mapped` (cut to what fits in
     90% of the memory free then, less 1 GiB for the loads' temporaries; `release()`, if given, runs
-    first: torch's cached blocks are not free to the driver): one reservation of count + `pages` pages, the first `count` mapped and
-    given access, then native_under_load's batches on the last `pages` (fresh pages in the same
-    reservation, as the engine's), idle and under each load of `loads_for(va, count)` (a dict as
-    gpu_loads'; None: idle only); then everything is given back. Per count and load: the
+    first: torch's cached blocks are not free to the driver): one reservation of count + `pages`
+    pages, the first `count` mapped and given access, then native_under_load's batches on the last
+    `pages` (fresh pages in the same reservation, as the engine's), idle and under each load of
+    `loads_for(va, count)` (a dict as gpu_loads'; None: idle only); then everything is given back. Per count and load: the
     native_under_load row, with the count and the seconds mapping it took."""
     out = []
     for n in mapped:
@@ -536,11 +536,12 @@ def at_scale(d, mapped: tuple[int, ...] = (0, 16384, 49152), pages: int = 64, ro
     return out
 
 
-def reading_loads(d, ms: float = 30.0):
+def reading_loads(ms: float = 30.0):
     """at_scale's loads on the GPU: kernels reading the `n` pages mapped at `va` while the native
-    thread maps beside them, as the engine's attention reads its KV. Streaming: the whole range
-    summed (each page read once, in order), repeated for about `ms`. Scattered: 4 KiB of every
-    page, pages in a shuffled order (a TLB miss per read), repeated for about `ms`."""
+    thread maps beside them, as the engine's attention reads its KV. Streaming: the maximum over the
+    whole range (each page read once, in order; amax allocates nothing the size of the range),
+    repeated for about `ms`. Scattered: 4 KiB of every page, pages in a shuffled order (a TLB miss
+    per read), repeated for about `ms`."""
     from ..memory.views import flat_tensor
 
     def loads_for(va: int, n: int) -> dict:
@@ -615,8 +616,8 @@ def main(argv=None) -> None:
             "step_loop": lambda: [step_loop(d, bg, steps=60, batch=32, cpu_work_s=0.004) for bg in (False, True)],
             "contention": lambda: contention(d), "parallel": lambda: parallel_driver(d, args.pages),
             "alloc_sizes": lambda: alloc_size_costs(d), "under_load": lambda: _under_load_on_gpu(d),
-            "host_ops": lambda: native_under_load(d, host_loads(d)), "at_scale": lambda: at_scale(d, loads_for=reading_loads(d),
-                                                                         release=torch.cuda.empty_cache)}
+            "host_ops": lambda: native_under_load(d, host_loads(d)),
+            "at_scale": lambda: at_scale(d, loads_for=reading_loads(), release=torch.cuda.empty_cache)}
     res = {**env, **{name: runs[name]() for name in SECTIONS if name in wanted}}
     os.makedirs(args.out, exist_ok=True)
     stem = results_stem(args.out, env, f"-{args.tag}")
