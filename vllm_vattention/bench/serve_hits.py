@@ -26,7 +26,7 @@ import statistics
 import sys
 from typing import Callable
 
-from .suite import WORKLOADS
+from .suite import WORKLOADS, batch_times
 
 WORKLOAD_BY_NAME = {w.name: w for w in WORKLOADS}
 
@@ -349,10 +349,11 @@ def flag_stalls_markdown(rows: list[dict]) -> str:
 
 
 def _went(b: list) -> str:
-    if len(b) < 12:
+    times = batch_times(b)
+    if times is None:
         return ""
-    runq = "?" if b[9] is None else f"{b[9]:.1f}"
-    return f" [CPU {b[8]:.1f} ms, waiting for a CPU {runq} ms, switches {b[10]} / {b[11]}]"
+    cpu, runq, vol, invol = times
+    return f" [CPU {cpu:.1f} ms, waiting for a CPU {'?' if runq is None else f'{runq:.1f}'} ms, switches {vol} / {invol}]"
 
 
 def _placed(p: tuple | None) -> str:

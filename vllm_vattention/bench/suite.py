@@ -910,12 +910,19 @@ def slow_batch_rows(results: list[dict]) -> list[dict]:
     return rows
 
 
+def batch_times(batch: list) -> tuple | None:
+    """Where a kept native batch's running time went (its values 8-11, NOTES #141): CPU ms, run-queue
+    ms (None: unknown), voluntary and involuntary context switches; None for batches from before the
+    native thread measured them (fewer values)."""
+    return tuple(batch[8:12]) if len(batch) >= 12 else None
+
+
 def _where_time_went(batch: list) -> list[str]:
-    """A kept batch's CPU ms, run-queue ms and context switches (its values 8-11, NOTES #141) as
-    table cells; "-" for batches from before the native thread measured them (8 values)."""
-    if len(batch) < 12:
+    """batch_times as table cells ("-" where not measured)."""
+    times = batch_times(batch)
+    if times is None:
         return ["-", "-", "-"]
-    cpu, runq, vol, invol = batch[8:12]
+    cpu, runq, vol, invol = times
     return [f"{cpu:.1f}", "-" if runq is None else f"{runq:.1f}", f"{vol} / {invol}"]
 
 
