@@ -114,7 +114,9 @@ for s in $steps; do
         # [TL_DELAY, +TL_STEPS) in stock and the default, then bench.timeline: the GPU's idle gaps, CPU-late
         # or GPU-waited (NOTES #44). TL_WORKLOAD=name:in:out:n (default 512-in-1024-out:512:1024:256)
         IFS=: read -r tl_name tl_in tl_out tl_n <<< "${TL_WORKLOAD:-512-in-1024-out:512:1024:256}"
-        for sys in stock vattn; do
+        # TL_SYSTEMS picks and orders them (default "stock vattn"); with TL_DELAY=0 the native thread's
+        # slowest batches are placed in the trace (bench.timeline --batches, NOTES #143)
+        for sys in ${TL_SYSTEMS:-stock vattn}; do
           rm -rf /root/tl-$sys; mkdir -p /root/tl-$sys
           ( if [ $sys = vattn ]; then export VLLM_ATTENTION_BACKEND=VATTENTION; else unset VLLM_ATTENTION_BACKEND; fi
             timeout ${TL_TIMEOUT:-280} python3 -m vllm_vattention.bench.offline --model models/llama-3.1-8b \
@@ -122,8 +124,11 @@ for s in $steps; do
               --timeline-delay ${TL_DELAY:-300} --timeline-steps ${TL_STEPS:-30} --out /root/tl-$sys.json ) \
             > "$OUT/timeline-$sys.log" 2>&1; echo "$sys rc=$? traces: $(ls /root/tl-$sys | head -3)"
         done
-        python3 -m vllm_vattention.bench.timeline /root/tl-stock/*.json* /root/tl-vattn/*.json* --out "$OUT/timeline.md" \
-          > /dev/null 2>&1; echo "timeline rc=$?"; head -4 "$OUT/timeline.md";;
+        cp /root/tl-vattn.json "$OUT/" 2>/dev/null
+        python3 -m vllm_vattention.bench.timeline $(ls /root/tl-stock/*.json* /root/tl-vattn/*.json* 2>/dev/null) \
+          --out "$OUT/timeline.md" $([ -f /root/tl-vattn.json ] && echo --batches /root/tl-vattn.json) \
+          > "$OUT/timeline-report.log" 2>&1; echo "timeline rc=$?"; head -4 "$OUT/timeline.md"
+        grep -A12 "slowest batches" "$OUT/timeline.md";;
     suite_pair) # suite_round on both GPUs at once (each repetition keeps its baseline on its GPU), merged;
         # each GPU's suites get their own vLLM cache (two engines compiling one graph at once would share
         # files) and their own server port (suite.free_port); both result folders come back packed

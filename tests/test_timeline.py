@@ -137,3 +137,58 @@ def test_memory_calls_are_listed_by_name_and_thread_with_the_longest_placed_in_t
     assert "| cudaHostAlloc | 2 | 3.500 | 3.000 | 11 |" in md and "| 1.15 | 20.0 | cuMemSetAccess | 40 | 1 |" in md
     free = T.memory_calls([e for e in events if e["name"] != "cuMemSetAccess"] + [api("cudaMalloc", 1700, 10, 11)])
     assert free["longest"][-1]["step"] is None  # at 1700: between step 0's end (1500) and step 1's start
+
+
+def test_native_batches_are_placed_in_the_trace_by_the_clock_mark_with_the_calls_made_while_they_ran(tmp_path):
+    """NOTES #143: the native thread's slowest batches carry their submission on CLOCK_MONOTONIC; the
+    offline benchmark marks that clock in the trace (an annotation named CLOCK_MARK + the instant),
+    and the report lists, per batch, the traced API calls of every thread that overlapped its
+    running span, by time inside it."""
+    from vllm_vattention.bench.offline import CLOCK_MARK
+    api = lambda name, ts, dur, tid: {"ph": "X", "cat": "cuda_runtime", "name": name, "pid": 1, "tid": tid,  # noqa: E731
+                                      "ts": ts, "dur": dur, "args": {}}
+    # the mark at trace us 5000 says CLOCK_MONOTONIC 100.0 s: trace us = 5000 + 1e6 * (monotonic - 100)
+    events = [{"ph": "X", "cat": "user_annotation", "name": f"{CLOCK_MARK}100.000000000", "pid": 1, "tid": 11,
+               "ts": 5000, "dur": 1},
+              {"ph": "X", "cat": "kernel", "name": "k", "pid": 0, "tid": 7, "ts": 5000, "dur": 10, "args": {}},
+              {"ph": "X", "cat": "user_annotation", "name": "execute_context_0(0)_generation_8(8)", "pid": 1,
+               "tid": 11, "ts": 6000, "dur": 30000},
+              api("cudaHostAlloc", 9000, 25000, 12),  # began before the batch ran (queued until 10000)
+              api("cudaHostAlloc", 34000, 3000, 12),  # ends 1000 us into... after the batch: 34000-35000 inside
+              api("cudaLaunchKernel", 20000, 10, 11), api("cudaLaunchKernel", 21000, 10, 11),
+              api("cudaEventQuery", 40000, 5, 13)]  # after the batch: not counted
+    # [latency, queued, running ms, slowest op ms, kind, ops, index, submitted s, CPU ms, run-queue ms, vol, invol]
+    batches = [[29.0, 4.0, 25.0, 25.0, "access_rw", 3, 7, 100.001, 12.5, 0.0, 6, 0],
+               [1.0, 0.0, 1.0, 1.0, "map", 1, 9, 99.0, 1.0, 0.0, 0, 0]]  # a second before the mark
+    near = T.beside_batches(events, batches, top=2)
+    b = near[0]
+    assert (b["at_ms"], b["in_trace"], b["step"], b["cpu_ms"], b["voluntary"]) == (5.0, True, 0, 12.5, 6)
+    # running from 10000 to 35000: the first alloc 24 ms inside, the second 1 ms; the launches 0.02 ms (top 2 only)
+    assert b["calls"] == [{"name": "cudaHostAlloc", "calls": 2, "inside_ms": 25.0, "threads": [12]},
+                          {"name": "cudaLaunchKernel", "calls": 2, "inside_ms": 0.02, "threads": [11]}]
+    assert near[1]["in_trace"] is False and near[1]["calls"] == []
+    assert T.beside_batches([e for e in events if not e["name"].startswith(CLOCK_MARK)], batches) is None
+    # the CLI reads the batches from the offline JSON's profiled workload
+    (tmp_path / "tl-vattn").mkdir()
+    trace = tmp_path / "tl-vattn" / "rank0.1.pt.trace.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+    run = tmp_path / "tl-vattn.json"
+    run.write_text(json.dumps({"results": [{"profiled": True, "mapper": {"native_slowest_batches": batches}}]}))
+    T.main([str(trace), "--out", str(tmp_path / "tl.md"), "--batches", str(run)])
+    md = (tmp_path / "tl.md").read_text()
+    assert "| 5.0 | 0 | 29.0 | 25.0 | 12.5 | 6 | cudaHostAlloc 25.0 (2, 12); cudaLaunchKernel 0.02 (2, 11) |" in md
+    assert "| outside the trace | - | 1.0 | 1.0 | 1.0 | 0 | none |" in md
+
+
+def test_the_clock_mark_names_the_monotonic_instant_it_was_taken_at():
+    import time
+
+    import torch
+
+    from vllm_vattention.bench.offline import CLOCK_MARK, clock_marker
+    before = time.monotonic()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        t = clock_marker(None)
+    marks = [e.name for e in prof.events() if e.name.startswith(CLOCK_MARK)]
+    assert len(marks) == 1 and float(marks[0][len(CLOCK_MARK):]) == pytest.approx(t, abs=1e-6)
+    assert before <= t <= time.monotonic()

@@ -110,6 +110,21 @@ def lengths(spec: list, seed: int) -> tuple[list[int], list[int]]:
     return [rng.randint(in_min, in_len) for _ in range(n)], [rng.randint(out_min, out_len) for _ in range(n)]
 
 
+CLOCK_MARK = "vattn_clock "  # bench.timeline finds this annotation to place CLOCK_MONOTONIC instants
+
+
+def clock_marker(worker) -> float:
+    """In the worker process (via collective_rpc) while its profiler traces: an empty annotation
+    named CLOCK_MARK + this instant of CLOCK_MONOTONIC (time.monotonic on Linux, the clock of the
+    native thread's batch times). bench.timeline reads the two clocks' offset from it, to place the
+    native thread's slowest batches among the trace's API calls (NOTES #143)."""
+    import torch
+    t = time.monotonic()
+    with torch.profiler.record_function(f"{CLOCK_MARK}{t:.9f}"):
+        pass
+    return t
+
+
 def timeline_profiler(trace_dir: str, delay: int, steps: int):
     """vLLM's worker profiler (torch.profiler: CPU ops and CUDA activity) over engine steps
     [delay, delay + steps) after start_profile(); traces go to `trace_dir` (bench.timeline)."""
@@ -180,6 +195,8 @@ def main(argv=None) -> None:
         profiled = bool(args.timeline) and k == 0
         if profiled:
             llm.start_profile()  # the worker starts tracing --timeline-delay steps later
+            if not args.timeline_delay:  # tracing already: mark the clocks (bench.timeline --batches)
+                llm.collective_rpc(clock_marker)
         llm.collective_rpc(read_step_spans)  # a reset: only this generate call's steps are counted
         t = time.monotonic()
         outs = llm.generate(ps, sp, use_tqdm=False)

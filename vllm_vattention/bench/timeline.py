@@ -34,6 +34,8 @@ import gzip
 import json
 import os
 
+from vllm_vattention.bench.offline import CLOCK_MARK  # the clock annotation (offline.clock_marker)
+
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 LAUNCH_CATS = ("cuda_runtime", "cuda_driver")
 CPU_CATS = ("cpu_op", "python_function", "user_annotation")
@@ -149,6 +151,24 @@ def per_step(events: list[dict]) -> list[dict]:
     return out
 
 
+def _origin(events: list[dict]) -> float:
+    """The trace's first GPU work (or first event): where the report's `at_ms` count from."""
+    gpu = [e["ts"] for e in events if e.get("cat") in GPU_CATS]
+    return min(gpu) if gpu else min((e["ts"] for e in events), default=0.0)
+
+
+def _step_finder(events: list[dict]):
+    """ts -> the index of the engine step (STEP_PREFIX annotation) it fell in, None outside them all."""
+    steps = sorted((e for e in events if e.get("cat") in CPU_CATS and e.get("name", "").startswith(STEP_PREFIX)),
+                   key=lambda e: e["ts"])
+    starts = [e["ts"] for e in steps]
+
+    def step_of(ts: float):
+        i = bisect.bisect_right(starts, ts) - 1
+        return i if i >= 0 and ts <= steps[i]["ts"] + steps[i]["dur"] else None
+    return step_of
+
+
 MEMORY_CALLS = ("cudaMalloc", "cudaFree", "cudaHostAlloc", "cudaHostRegister", "cudaHostUnregister", "cuMemAlloc",
                 "cuMemFree", "cuMemHost", "cuMemCreate", "cuMemMap", "cuMemUnmap", "cuMemSetAccess", "cuMemRelease",
                 "cuMemAddress")  # name prefixes (cudaFreeHost, cudaMallocHost, cuMemHostAlloc, ..._v2 included)
@@ -160,16 +180,7 @@ def memory_calls(events: list[dict], top: int = 10) -> dict:
     first GPU work, or first event), thread and the engine step whose annotation they fell in (None
     outside every step)."""
     calls = [e for e in events if e.get("cat") in LAUNCH_CATS and e.get("name", "").startswith(MEMORY_CALLS)]
-    gpu = [e["ts"] for e in events if e.get("cat") in GPU_CATS]
-    t0 = min(gpu) if gpu else min((e["ts"] for e in events), default=0.0)
-    steps = sorted((e for e in events if e.get("cat") in CPU_CATS and e.get("name", "").startswith(STEP_PREFIX)),
-                   key=lambda e: e["ts"])
-    starts = [e["ts"] for e in steps]
-
-    def step_of(ts: float):
-        i = bisect.bisect_right(starts, ts) - 1
-        return i if i >= 0 and ts <= steps[i]["ts"] + steps[i]["dur"] else None
-
+    t0, step_of = _origin(events), _step_finder(events)
     by_name: dict[str, dict] = {}
     for e in calls:
         b = by_name.setdefault(e["name"], {"name": e["name"], "calls": 0, "total_ms": 0.0, "max_ms": 0.0, "threads": set()})
@@ -184,6 +195,48 @@ def memory_calls(events: list[dict], top: int = 10) -> dict:
     longest = [{"at_ms": round((e["ts"] - t0) / 1e3, 3), "ms": round(e["dur"] / 1e3, 3), "name": e["name"],
                 "tid": e.get("tid"), "step": step_of(e["ts"])} for e in sorted(calls, key=lambda e: -e["dur"])[:top]]
     return {"by_name": rows, "longest": longest}
+
+
+def beside_batches(events: list[dict], batches: list[list], top: int = 4) -> list[dict] | None:
+    """The native thread's slowest batches (its stats' `native_slowest_batches` rows: latency,
+    queued, running ms, ..., submission in CLOCK_MONOTONIC seconds at [7], CPU ms at [8], voluntary
+    switches at [10]) placed in the trace through its CLOCK_MARK annotation, with what every
+    thread's traced API calls (CUPTI runtime and driver) were doing while each batch ran: per call
+    name, the calls, their time inside the batch's running span and their threads, the `top` by
+    that time. The native thread's own driver calls are not in it (CUPTI does not record them), so
+    what shows is who else held the driver meanwhile (NOTES #141: another thread pinning host
+    memory slows VMM calls). None without the annotation (the trace began later than the mark)."""
+    mark = next((e for e in events if e.get("name", "").startswith(CLOCK_MARK)), None)
+    if mark is None:
+        return None
+    offset = mark["ts"] - 1e6 * float(mark["name"][len(CLOCK_MARK):])  # trace us - monotonic us
+    t0, step_of = _origin(events), _step_finder(events)
+    end = max(e["ts"] + e["dur"] for e in events)
+    calls = sorted((e for e in events if e.get("cat") in LAUNCH_CATS), key=lambda e: e["ts"])
+    call_starts = [e["ts"] for e in calls]
+    longest = max((e["dur"] for e in calls), default=0.0)
+    out = []
+    for b in batches:
+        lat, queued, run, submitted = b[0], b[1], b[2], b[7]
+        s = offset + 1e6 * submitted + 1e3 * queued
+        t = s + 1e3 * run
+        row = {"latency_ms": lat, "run_ms": run, "cpu_ms": b[8] if len(b) > 8 else None,
+               "voluntary": b[10] if len(b) > 10 else None, "at_ms": round((s - t0) / 1e3, 3),
+               "in_trace": mark["ts"] <= s <= end, "step": step_of(s), "calls": []}
+        by: dict[str, dict] = {}
+        lo = bisect.bisect_left(call_starts, s - longest)
+        for e in calls[lo:bisect.bisect_right(call_starts, t)]:
+            inside = min(t, e["ts"] + e["dur"]) - max(s, e["ts"])
+            if inside <= 0:
+                continue
+            c = by.setdefault(e["name"], {"name": e["name"], "calls": 0, "inside_ms": 0.0, "threads": set()})
+            c["calls"] += 1
+            c["inside_ms"] += inside / 1e3
+            c["threads"].add(e.get("tid"))
+        for c in sorted(by.values(), key=lambda c: -c["inside_ms"])[:top]:
+            row["calls"].append({**c, "inside_ms": round(c["inside_ms"], 3), "threads": sorted(c["threads"], key=str)})
+        out.append(row)
+    return out
 
 
 def label(path: str) -> str:
@@ -226,7 +279,31 @@ def markdown(reports: dict[str, dict]) -> str:
         lines += ["", "| at ms | ms | call | thread | step |", "|---|---|---|---|---|"]
         lines += [f"| {c['at_ms']} | {c['ms']} | {c['name']} | {c['tid']} | {'-' if c['step'] is None else c['step']} |"
                   for c in mem["longest"]]
+    for name, r in reports.items():
+        near = r.get("native_batches")
+        if not near:
+            continue
+        lines += ["", f"The native thread's slowest batches and the traced API calls of every thread while each ran, {name}:",
+                  "", "| at ms | step | batch ms | running ms | CPU ms | sleeps | calls meanwhile: ms inside (calls, threads) |",
+                  "|---|---|---|---|---|---|---|"]
+        for b in near:
+            seen = "; ".join(f"{c['name']} {c['inside_ms']} ({c['calls']}, {', '.join(str(t) for t in c['threads'])})"
+                             for c in b["calls"]) or "none"
+            lines.append(f"| {b['at_ms'] if b['in_trace'] else 'outside the trace'} | "
+                         f"{'-' if b['step'] is None else b['step']} | {b['latency_ms']} | {b['run_ms']} | "
+                         f"{'-' if b['cpu_ms'] is None else b['cpu_ms']} | {'-' if b['voluntary'] is None else b['voluntary']} | {seen} |")
     return "\n".join(lines) + "\n"
+
+
+def batches_of(path: str) -> list[list]:
+    """The native thread's slowest batches from bench.offline's JSON (its profiled workload's mapper
+    report), [] where it has none (stock)."""
+    with open(path) as f:
+        doc = json.load(f)
+    for r in doc.get("results", []):
+        if r.get("profiled"):
+            return (r.get("mapper") or {}).get("native_slowest_batches") or []
+    return []
 
 
 def main(argv=None) -> None:
@@ -234,12 +311,17 @@ def main(argv=None) -> None:
     ap.add_argument("traces", nargs="+", help="torch.profiler Chrome traces (.json or .json.gz)")
     ap.add_argument("--out", required=True, help="markdown report (a .json beside it holds the numbers)")
     ap.add_argument("--top", type=int, default=10)
+    ap.add_argument("--batches", default=None, metavar="OFFLINE_JSON",
+                    help="bench.offline's JSON of the run that wrote the traces (--timeline-delay 0): place "
+                         "the native thread's slowest batches in each trace that has its clock mark")
     args = ap.parse_args(argv)
+    batches = batches_of(args.batches) if args.batches else []
     reports = {}
     for p in args.traces:
         events = load(p)
         reports[label(p)] = {**analyze(events, top=args.top), "steps": per_step(events),
-                             "memory_calls": memory_calls(events, top=args.top)}
+                             "memory_calls": memory_calls(events, top=args.top),
+                             "native_batches": beside_batches(events, batches) if batches else None}
     with open(args.out, "w") as f:
         f.write(markdown(reports))
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
