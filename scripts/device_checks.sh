@@ -125,6 +125,8 @@ for s in $steps; do
             > "$OUT/timeline-$sys.log" 2>&1; echo "$sys rc=$? traces: $(ls /root/tl-$sys | head -3)"
         done
         cp /root/tl-vattn.json "$OUT/" 2>/dev/null
+        # TL_KEEP=1: the traces themselves come back too, in one file (a few MB gzipped at 1024/128)
+        [ "${TL_KEEP:-0}" = 1 ] && tar cf "$OUT/tl-traces.tar" -C /root $(cd /root && ls -d tl-stock tl-vattn 2>/dev/null)
         python3 -m vllm_vattention.bench.timeline $(ls /root/tl-stock/*.json* /root/tl-vattn/*.json* 2>/dev/null) \
           --out "$OUT/timeline.md" $([ -f /root/tl-vattn.json ] && echo --batches /root/tl-vattn.json) \
           > "$OUT/timeline-report.log" 2>&1; echo "timeline rc=$?"; head -4 "$OUT/timeline.md"
