@@ -174,7 +174,12 @@ def test_native_batches_are_placed_in_the_trace_by_the_clock_mark_with_the_calls
     trace.write_text(json.dumps({"traceEvents": events}))
     run = tmp_path / "tl-vattn.json"
     run.write_text(json.dumps({"results": [{"profiled": True, "mapper": {"native_slowest_batches": batches}}]}))
-    T.main([str(trace), "--out", str(tmp_path / "tl.md"), "--batches", str(run)])
+    (tmp_path / "tl-stock").mkdir()  # another system's trace (its own mark): the batches are not its
+    other = tmp_path / "tl-stock" / "rank0.1.pt.trace.json"
+    other.write_text(json.dumps({"traceEvents": events}))
+    T.main([str(other), str(trace), "--out", str(tmp_path / "tl.md"), "--batches", str(run)])
+    rep = json.loads((tmp_path / "tl.json").read_text())
+    assert rep["tl-stock:rank0"]["native_batches"] is None and len(rep["tl-vattn:rank0"]["native_batches"]) == 2
     md = (tmp_path / "tl.md").read_text()
     assert "| 5.0 | 0 | 29.0 | 25.0 | 12.5 | 6 | cudaHostAlloc 25.0 (2, 12); cudaLaunchKernel 0.02 (2, 11) |" in md
     assert "| outside the trace | - | 1.0 | 1.0 | 1.0 | 0 | none |" in md

@@ -313,15 +313,18 @@ def main(argv=None) -> None:
     ap.add_argument("--top", type=int, default=10)
     ap.add_argument("--batches", default=None, metavar="OFFLINE_JSON",
                     help="bench.offline's JSON of the run that wrote the traces (--timeline-delay 0): place "
-                         "the native thread's slowest batches in each trace that has its clock mark")
+                         "the native thread's slowest batches in the traces of the folder named as the JSON "
+                         "(tl-vattn.json: tl-vattn/)")
     args = ap.parse_args(argv)
     batches = batches_of(args.batches) if args.batches else []
+    run = os.path.splitext(os.path.basename(args.batches))[0] if args.batches else None
     reports = {}
     for p in args.traces:
         events = load(p)
+        mine = batches and os.path.basename(os.path.dirname(os.path.abspath(p))) == run  # tl-vattn.json: tl-vattn/
         reports[label(p)] = {**analyze(events, top=args.top), "steps": per_step(events),
                              "memory_calls": memory_calls(events, top=args.top),
-                             "native_batches": beside_batches(events, batches) if batches else None}
+                             "native_batches": beside_batches(events, batches) if mine else None}
     with open(args.out, "w") as f:
         f.write(markdown(reports))
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
