@@ -18,7 +18,14 @@
 //
 // Background ops (vattn_mapper_submit_background) run one at a time only while no batch is
 // queued, so they never delay a step's mappings by more than the one driver call in progress; a
-// DRAIN op in a batch runs them first where that batch depends on them.
+// DRAIN op in a batch runs them first where that batch depends on them: every background op
+// submitted up to its `handle`-th, in order. DRAIN_ROW (row `size`, up to the `handle`-th) runs
+// only that row's among them, once vattn_mapper_set_rows has said which row an address lies in:
+// ops of different rows touch different addresses (a physical page may be mapped in several
+// places at once), so one row's ops need not wait for another's, and a step that admits a request
+// into a warm row no longer runs every row's warming queued before it (benchmarks/NOTES.md #143:
+// a 3-op batch ran 36.9 ms of other rows' work, and the GPU waited for it at the flag). An op of
+// no row (a WAIT_EVENT, say) among them makes it a DRAIN, as does a table of no rows.
 //
 // One thread runs the ops: splitting a batch over threads by row was tried and removed, since the
 // driver serializes VMM calls (on an H200, 2-8 threads mapping at once took 0.77-0.79x the time of
@@ -77,7 +84,8 @@ enum {
   VATTN_OP_SIGNAL = 4,
   VATTN_OP_WAIT_EVENT = 5,
   VATTN_OP_DRAIN = 6,
-  VATTN_OP_WAIT_VALUE = 7
+  VATTN_OP_WAIT_VALUE = 7,
+  VATTN_OP_DRAIN_ROW = 8
 };
 #define VATTN_NUM_KINDS 7  // the kinds with their own time and calls (WAIT_VALUE counts as WAIT_EVENT)
 #define VATTN_WAIT_VALUE_TIMEOUT_NS (120ull * 1000000000ull)  // a step never takes this long
@@ -100,6 +108,7 @@ struct Acc {
   uint64_t ns[VATTN_NUM_KINDS] = {0}, calls[VATTN_NUM_KINDS] = {0};
   uint64_t slowest_ns = 0;  // the batch's slowest op (background ops a DRAIN ran included)
   int slowest_kind = -1;
+  uint64_t drained = 0;  // background ops a DRAIN or DRAIN_ROW of the batch ran
 };
 
 // Where a thread's time went, read at the start and end of a batch (see the top).
@@ -140,9 +149,10 @@ struct SlowBatch {
   // while it ran: the thread's CPU time, run-queue wait (-1: unknown), voluntary and involuntary switches
   uint64_t cpu_ns;
   int64_t runq_ns, voluntary, involuntary;
+  uint64_t drained;  // background ops its DRAIN / DRAIN_ROW ops ran
 };
 constexpr int kSlowest = 8;
-constexpr int kSlowRow = 12;  // values per batch in vattn_mapper_slowest's rows
+constexpr int kSlowRow = 13;  // values per batch in vattn_mapper_slowest's rows
 
 uint64_t now_ns() {
   return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -181,13 +191,27 @@ struct Mapper {
   std::deque<uint64_t> queued_at;  // now_ns() at each queued batch's submission (under mu)
   std::vector<SlowBatch> slowest;  // at most kSlowest, longest latency first (under mu)
   uint64_t batches = 0;  // batches run so far (under mu; a SlowBatch's index)
-  std::deque<vattn_op> background;
-  uint64_t bg_done = 0;  // background ops run so far (under mu)
+  // A queued background op: its number among all submitted (1, 2, ...: what DRAIN's handle counts)
+  // and its row (-1: none known); `done` once a DRAIN_ROW ran it out of order (then skipped).
+  struct BgOp {
+    vattn_op op;
+    uint64_t seq;
+    int64_t row;
+    bool done;
+  };
+  std::deque<BgOp> background;  // (under mu) in submission order; done ones dropped from the front
+  uint64_t bg_submitted = 0;  // (under mu)
+  // vattn_mapper_set_rows: `regions` regions of `rows_region` bytes follow rows_base, each of num_rows
+  // rows of row_bytes; row of an address = ((va - rows_base) % rows_region) / row_bytes
+  uint64_t rows_base = 0, regions = 0, rows_region = 0, row_bytes = 0, num_rows = 0;
   bool busy = false, stop = false;
   int error = 0;
   std::atomic<int> failed{0};  // = error, read without the lock (per op, and by poll's fast path)
   char error_text[256] = {0};
   bool worker_waiting = false;  // under mu: the worker sleeps on work_cv (a submission must wake it)
+  // under mu: vattn_mapper_hold_background; background ops then run only in a DRAIN / DRAIN_ROW or
+  // while a caller waits in vattn_mapper_wait (tests: every op a step needs must come from a drain)
+  bool hold = false;
   int idle_waiters = 0;  // under mu: callers in vattn_mapper_wait
   uint64_t ops_done = 0;
   // per op kind (index = kind, VATTN_OP_WAIT_EVENT included): time spent and calls; under mu
@@ -254,6 +278,10 @@ struct Mapper {
       drain(op.handle, acc);
       return;
     }
+    if (op.kind == VATTN_OP_DRAIN_ROW) {
+      drain_row(static_cast<int64_t>(op.size), op.handle, acc);
+      return;
+    }
     if (failed.load(std::memory_order_acquire) != 0 && op.kind != VATTN_OP_SIGNAL) return;
     auto t0 = std::chrono::steady_clock::now();
     int rc = execute(op);
@@ -286,30 +314,77 @@ struct Mapper {
     }
   }
 
-  // Pops and runs the next background op; false when there is none.
-  bool run_one_background(Acc& acc) {
+  // The row `va` lies in, -1 for none (no rows set, or outside them). Under mu.
+  int64_t row_of(uint64_t va) const {
+    if (!row_bytes || va < rows_base) return -1;
+    uint64_t off = va - rows_base;
+    if (off / rows_region >= regions) return -1;
+    uint64_t row = (off % rows_region) / row_bytes;
+    return row < num_rows ? static_cast<int64_t>(row) : -1;
+  }
+
+  bool background_runnable() const {  // under mu: idle time may go to background ops
+    return !background.empty() && (!hold || idle_waiters > 0);
+  }
+
+  void drop_done_front() {  // under mu
+    while (!background.empty() && background.front().done) background.pop_front();
+  }
+
+  // Pops and runs the next background op (numbered at most `upto`); false when there is none.
+  bool run_one_background(Acc& acc, uint64_t upto = UINT64_MAX) {
     vattn_op op;
     {
       std::lock_guard<std::mutex> g(mu);
-      if (background.empty()) return false;
-      op = background.front();
+      drop_done_front();
+      if (background.empty() || background.front().seq > upto) return false;
+      op = background.front().op;
       background.pop_front();
     }
     run_op(op, acc);
-    std::lock_guard<std::mutex> g(mu);
-    ++bg_done;
     return true;
   }
 
-  // Runs background ops until `target` of them have run (or none is left).
+  // Runs background ops in order until every one numbered up to `target` has run.
   void drain(uint64_t target, Acc& acc) {
-    for (;;) {
-      {
-        std::lock_guard<std::mutex> g(mu);
-        if (bg_done >= target) return;
+    while (run_one_background(acc, target)) ++acc.drained;
+  }
+
+  // Runs `row`'s background ops numbered up to `target`, in order, and no other row's; any op of no
+  // row among those up to the last of them makes it a drain(target).
+  void drain_row(int64_t row, uint64_t target, Acc& acc) {
+    std::vector<vattn_op> mine;
+    {
+      std::lock_guard<std::mutex> g(mu);
+      drop_done_front();
+      size_t last = 0, n = 0;
+      bool barrier = false;
+      for (size_t i = 0; i < background.size() && background[i].seq <= target; ++i) {
+        const BgOp& b = background[i];
+        if (b.done) continue;
+        if (b.row < 0) barrier = true;
+        if (b.row == row) last = i + 1, ++n;
       }
-      if (!run_one_background(acc)) return;
+      if (n && !barrier) {
+        mine.reserve(n);
+        for (size_t i = 0; i < last; ++i) {
+          BgOp& b = background[i];
+          if (!b.done && b.row == row) {
+            mine.push_back(b.op);
+            b.done = true;
+          }
+        }
+        drop_done_front();
+      } else if (!n) {
+        return;  // nothing of the row's is queued: nothing to wait for
+      }
     }
+    if (mine.empty()) {  // an op of no row in the way: keep the order
+      drain(target, acc);
+      return;
+    }
+    for (const vattn_op& op : mine) run_op(op, acc);
+    acc.drained += mine.size();
   }
 
   void run() {
@@ -328,9 +403,9 @@ struct Mapper {
       {
         std::unique_lock<std::mutex> lk(mu);
         worker_waiting = true;
-        work_cv.wait(lk, [this] { return stop || !queue.empty() || !background.empty(); });
+        work_cv.wait(lk, [this] { return stop || !queue.empty() || background_runnable(); });
         worker_waiting = false;
-        if (queue.empty() && (stop || background.empty())) {
+        if (queue.empty() && (stop || !background_runnable())) {
           if (stop) return;
           continue;
         }
@@ -360,7 +435,7 @@ struct Mapper {
           keep_if_slow({end_ns - submitted_ns, start_ns - submitted_ns, end_ns - start_ns, acc.slowest_ns,
                         batch.size(), batches++, acc.slowest_kind, submitted_ns, after.cpu_ns - before.cpu_ns,
                         (before.runq_ns < 0 || after.runq_ns < 0) ? -1 : after.runq_ns - before.runq_ns,
-                        after.voluntary - before.voluntary, after.involuntary - before.involuntary});
+                        after.voluntary - before.voluntary, after.involuntary - before.involuntary, acc.drained});
         fold(acc);
         ops_done += batch.size();
         busy = false;
@@ -408,10 +483,46 @@ int vattn_mapper_submit_background(void* handle, const vattn_op* ops, uint64_t n
   {
     std::lock_guard<std::mutex> g(m->mu);
     if (m->stop) return -2;
-    m->background.insert(m->background.end(), ops, ops + n);
+    for (uint64_t i = 0; i < n; ++i) {
+      bool addressed = ops[i].kind <= VATTN_OP_ACCESS_RO;  // MAP, UNMAP, ACCESS_RW/RO: `va` is a row's
+      m->background.push_back({ops[i], ++m->bg_submitted, addressed ? m->row_of(ops[i].va) : -1, false});
+    }
     wake = m->worker_waiting;
   }
   if (wake) m->work_cv.notify_one();
+  return 0;
+}
+
+// Tests: with `on`, background ops run only where a DRAIN or DRAIN_ROW asks for them or while a
+// caller waits in vattn_mapper_wait, not in idle time, so a step that needs an op no drain ran
+// finds it missing instead of finding it run by chance. Returns 0, -1 on a bad handle.
+int vattn_mapper_hold_background(void* handle, int on) {
+  auto* m = static_cast<Mapper*>(handle);
+  if (!m) return -1;
+  bool wake;
+  {
+    std::lock_guard<std::mutex> g(m->mu);
+    m->hold = on != 0;
+    wake = !m->hold && m->worker_waiting;
+  }
+  if (wake) m->work_cv.notify_one();
+  return 0;
+}
+
+// Which row an address lies in, for DRAIN_ROW: `regions` regions of `region_bytes` follow `base`
+// (one for a layout whose rows are contiguous; one per layer and K/V for one that splits them), each
+// made of `rows` rows of `row_bytes`. Ops submitted to the background before this call keep no row
+// (a DRAIN_ROW among them acts as a DRAIN). Returns 0, -1 on bad arguments.
+int vattn_mapper_set_rows(void* handle, uint64_t base, uint64_t regions, uint64_t region_bytes, uint64_t row_bytes,
+                          uint64_t rows) {
+  auto* m = static_cast<Mapper*>(handle);
+  if (!m || !regions || !row_bytes || !rows || region_bytes < row_bytes * rows) return -1;
+  std::lock_guard<std::mutex> g(m->mu);
+  m->rows_base = base;
+  m->regions = regions;
+  m->rows_region = region_bytes;
+  m->row_bytes = row_bytes;
+  m->num_rows = rows;
   return 0;
 }
 
@@ -422,6 +533,7 @@ int vattn_mapper_wait(void* handle, char* text, uint64_t text_len, uint64_t* ops
   if (!m) return -1;
   std::unique_lock<std::mutex> lk(m->mu);
   ++m->idle_waiters;
+  if (m->hold && m->worker_waiting) m->work_cv.notify_one();  // held background ops run now
   m->idle_cv.wait(lk, [m] { return m->queue.empty() && m->background.empty() && !m->busy; });
   --m->idle_waiters;
   int rc = m->error;
@@ -466,11 +578,11 @@ int vattn_mapper_stats(void* handle, uint64_t* ns, uint64_t* calls, int reset) {
   return 0;
 }
 
-// The batches that took longest from submission to done, longest first: up to `max` rows of 12
+// The batches that took longest from submission to done, longest first: up to `max` rows of 13
 // values (latency, queued, running and slowest-op milliseconds, the slowest op's kind, the batch's
 // ops, its index among the batches run, its submission in seconds of CLOCK_MONOTONIC; while it ran:
 // the thread's CPU ms, its ms waiting for a CPU (-1: unknown), its voluntary and involuntary context
-// switches). Returns the rows written, -1 on bad arguments; `reset` forgets them (and restarts the index).
+// switches; the background ops its DRAIN / DRAIN_ROW ops ran). Returns the rows written, -1 on bad arguments; `reset` forgets them (and restarts the index).
 int vattn_mapper_slowest(void* handle, double* out, int max, int reset) {
   auto* m = static_cast<Mapper*>(handle);
   if (!m || (!out && max > 0) || max < 0) return -1;
@@ -491,6 +603,7 @@ int vattn_mapper_slowest(void* handle, double* out, int max, int reset) {
     row[9] = b.runq_ns < 0 ? -1.0 : b.runq_ns / 1e6;
     row[10] = static_cast<double>(b.voluntary);
     row[11] = static_cast<double>(b.involuntary);
+    row[12] = static_cast<double>(b.drained);
   }
   if (reset) {
     m->slowest.clear();

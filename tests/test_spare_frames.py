@@ -493,14 +493,22 @@ class SpareMachine(ManagerMachineBase):
 
     @initialize(layout=st.sampled_from(["interleaved", "per_layer"]), background=st.sampled_from([False, "stream"]),
                 zero_row=st.booleans(), growth=st.booleans(), keep_guards=st.booleans(),
-                guard_ahead=st.sampled_from([0, 0, 1, 2]), stale_guards=st.booleans())
-    def setup(self, layout, background, zero_row, growth, keep_guards, guard_ahead, stale_guards):
+                guard_ahead=st.sampled_from([0, 0, 1, 2]), stale_guards=st.booleans(),
+                drains=st.sampled_from(["fifo", "row", "row-held", "fifo-held"]))
+    def setup(self, layout, background, zero_row, growth, keep_guards, guard_ahead, stale_guards, drains):
         self.driver = FakeDriver(PAGE)
         lay = make_layout(layout, SMALL, PAGE, rows=ROWS + zero_row, min_row_tokens=24)
-        # guard_ahead (fa2-graphs' background guard extension) comes with keep_guards, as in the engine
+        # guard_ahead (fa2-graphs' background guard extension) comes with keep_guards, as in the engine;
+        # drains (stream mode): DRAIN or DRAIN_ROW (VATTN_ROW_DRAIN), and "held": background ops run only
+        # where a drain asks for them, so a step missing one reads or writes memory not mapped yet
+        stream = background == "stream"
         self.mgr = KVMemoryManager(self.driver, lay, NUM_BLOCKS, background=background, spare_blocks=SPARES,
                                    growth_ahead=growth, keep_guards=keep_guards or bool(guard_ahead),
-                                   guard_ahead=guard_ahead, stale_guards=stale_guards)
+                                   guard_ahead=guard_ahead, stale_guards=stale_guards,
+                                   row_drains=stream and drains.startswith("row"))
+        self.held = stream and drains.endswith("held")
+        if self.held:
+            self.mgr.mapper.executor.hold_background(True)
         self.mgr.GROWTH_WARM_ROWS = 1  # (of 4 rows) so that growth slots also take warm rows' spares
         self.mgr.pad_reserve = 1  # (0 at 4 spares) so that guards also take spares while warm() runs
         self.mgr.DEFER_READY_ROWS = 1  # (with 4 rows and 3 usable spares, so that warm(defer=True) defers)
@@ -522,9 +530,27 @@ class SpareMachine(ManagerMachineBase):
             self.driver.write(self.mgr.address(row, (start + j) * self.bs, 0, 0), self.tag[b])
 
     def _launch(self):
+        """The GPU may run the step now: its flag is reached (stream mode; held: background ops a
+        drain did not ask for are still queued), or every op has run."""
         if self.mgr.stream_mode:
-            self.mgr.publish()
+            seq = self.mgr.publish()
+            if self.held:
+                self._wait_flag(seq)
+                return
         self.mgr.sync()
+
+    def _wait_flag(self, seq: int) -> None:
+        import time
+        deadline = time.monotonic() + 10
+        while self.mgr.flag_value() < seq:
+            assert time.monotonic() < deadline, "the native thread never signaled the step"
+            time.sleep(1e-4)
+
+    @precondition(lambda self: self.held)
+    @rule()
+    def settle(self):
+        """Held: everything queued runs (as in idle time); the page table then says what the slots do."""
+        self.check_page_table()
 
     @precondition(lambda self: self.mgr.num_free_rows > 1)
     @rule(data=st.data())
@@ -628,7 +654,10 @@ class SpareMachine(ManagerMachineBase):
         if not hasattr(self, "mgr"):
             return
         m = self.mgr
-        self.check_page_table()
+        if self.held:  # what a step launched now reads: no sync, the held background ops stay queued
+            self._launch()
+        else:
+            self.check_page_table()
         frames = [m.pool.frame(b) for b in range(NUM_BLOCKS)]
         owned = [f for f in frames if f is not None]
         assert len(set(owned)) == len(owned)  # no two blocks share memory

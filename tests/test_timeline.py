@@ -158,11 +158,12 @@ def test_native_batches_are_placed_in_the_trace_by_the_clock_mark_with_the_calls
               api("cudaLaunchKernel", 20000, 10, 11), api("cudaLaunchKernel", 21000, 10, 11),
               api("cudaEventQuery", 40000, 5, 13)]  # after the batch: not counted
     # [latency, queued, running ms, slowest op ms, kind, ops, index, submitted s, CPU ms, run-queue ms, vol, invol]
-    batches = [[29.0, 4.0, 25.0, 25.0, "access_rw", 3, 7, 100.001, 12.5, 0.0, 6, 0],
+    batches = [[29.0, 4.0, 25.0, 25.0, "access_rw", 3, 7, 100.001, 12.5, 0.0, 6, 0, 40],
                [1.0, 0.0, 1.0, 1.0, "map", 1, 9, 99.0, 1.0, 0.0, 0, 0]]  # a second before the mark
     near = T.beside_batches(events, batches, top=2)
     b = near[0]
-    assert (b["at_ms"], b["in_trace"], b["step"], b["cpu_ms"], b["voluntary"]) == (5.0, True, 0, 12.5, 6)
+    assert (b["at_ms"], b["in_trace"], b["step"], b["cpu_ms"], b["voluntary"], b["drained"]) == (5.0, True, 0, 12.5, 6, 40)
+    assert near[1]["drained"] is None  # (a batch from before the native thread counted them)
     # running from 10000 to 35000: the first alloc 24 ms inside, the second 1 ms; the launches 0.02 ms (top 2 only)
     assert b["calls"] == [{"name": "cudaHostAlloc", "calls": 2, "inside_ms": 25.0, "threads": [12]},
                           {"name": "cudaLaunchKernel", "calls": 2, "inside_ms": 0.02, "threads": [11]}]
@@ -181,8 +182,8 @@ def test_native_batches_are_placed_in_the_trace_by_the_clock_mark_with_the_calls
     rep = json.loads((tmp_path / "tl.json").read_text())
     assert rep["tl-stock:rank0"]["native_batches"] is None and len(rep["tl-vattn:rank0"]["native_batches"]) == 2
     md = (tmp_path / "tl.md").read_text()
-    assert "| 5.0 | 0 | 29.0 | 25.0 | 12.5 | 6 | cudaHostAlloc 25.0 (2, 12); cudaLaunchKernel 0.02 (2, 11) |" in md
-    assert "| outside the trace | - | 1.0 | 1.0 | 1.0 | 0 | none |" in md
+    assert "| 5.0 | 0 | 29.0 | 25.0 | 12.5 | 6 | 40 | cudaHostAlloc 25.0 (2, 12); cudaLaunchKernel 0.02 (2, 11) |" in md
+    assert "| outside the trace | - | 1.0 | 1.0 | 1.0 | 0 | - | none |" in md
 
 
 def test_the_clock_mark_names_the_monotonic_instant_it_was_taken_at():

@@ -23,6 +23,7 @@
 | VATTN_WARM_DEFER | 0, 1 | 1 | 1: in a step that carries prefill chunks (its engine thread is on the critical path) warm() plans nothing while the next rows new requests get are warm already (8, or as many as one of the last 8 steps took if more: #115); the planning and its driver calls move to the next decode-only step, whose CPU time hides behind the GPU (benchmarks/NOTES.md #100), and with fa2-graphs the extension of running rows' guards waits one call, never two in a row (#109); 0: warm() plans after every step. For A/B runs (suite system vattn-warm-now) |
 | VATTN_BOUNDED_SCAN | 0, 1 | 1 | 1: when warm() runs out of spares mapped nowhere, a full alias scan frees only as many spares as the rows it stopped at need, the least needed first (past the warm depth, in the rows handed out last); 0: it frees every spare outside the rows warm() reached, which at 16 requests/s moved ~2,000 spares back and forth in single background batches that a step's DRAIN ran on its path (benchmarks/NOTES.md #117, #118). The default since an H200 serving pair: the longest waits at the mapping flag 24 ms against 62 ms, TPOT held (#120); 0 for A/B runs (suite system vattn-full-scan) |
 | VATTN_STALE_GUARDS | 0, 1 | 1 | 1: with VATTN_DECODE_KERNEL=fa2-graphs, the stale frames in a running request's guard (a row taken for its prefix hits still maps its last user's later blocks there) become spare frames: the first growth slot in the admitting step's own ops, the rest by warm()'s guard extension once no step in flight reads them; the request's growth then moves into them instead of unmapping a frame steps in flight over-read (a hazard wait). CPU harness, both serving rates in one server: hazard waits 103 -> 20, steps whose GPU waits for their own mappings 1,170 -> 779, growth maps 61 -> 12 and 1,011 -> 456 (4 / 16 req/s), one-launch mixed steps and offline counts unchanged (benchmarks/NOTES.md #126). 0: the stale frames stay, for A/B runs (suite system vattn-stale-guards-kept) |
+| VATTN_ROW_DRAIN | 0, 1 | 0 | with the native mapping thread: a step that changes a row with background ops still queued (a new request in a warm row, a guard) runs only that row's (DRAIN_ROW), not every op queued before them; on an H200 a serving step's 3-op batch ran 36.9 ms of other rows' warming first, and the GPU waited that long at the mapping flag (benchmarks/NOTES.md #143). CPU-tested, not yet run on a GPU: off until an A/B pair says (suite system vattn-row-drain) |
 | VATTN_FENCE | event, value | event | stream mode: how a step in flight reports that it is done, for an unmap that must wait for it (a hazard wait, on the native thread). event: a CUDA event, which the native thread waits on with cuEventSynchronize; value: the step's stream writes its number into a host word (cuStreamWriteValue32), which the native thread polls with no driver call (mapper.HostWordFence). On an H200 one cuEventSynchronize returned at least 33 ms after its event completed, while the GPU waited at the mapping flag behind it (benchmarks/NOTES.md #124). CPU-tested, not yet measured on a GPU; suite system vattn-value-fence |
 | VATTN_STEP_TRACE | a file path in an existing folder | unset | each serving step's timing, our hooks' share (and by part), written as JSON at shutdown (worker.StepTrace); on a stock run vLLM's own runner with only this trace |
 | VATTN_PREFIX_EVICTION | lru, discard-lru, second-chance, adaptive | lru | prefix-cache eviction order in vLLM's scheduler (prefix_eviction.py); works with any attention backend |
@@ -151,6 +152,7 @@ class VattnConfig:
     bounded_scan: bool = True  # (the default since benchmarks/NOTES.md #120)
     fence: str = "event"  # VATTN_FENCE: event (CUDA events) or value (host words: NOTES #124)
     stale_guards: bool = True  # VATTN_STALE_GUARDS (NOTES #126)
+    row_drains: bool = False  # VATTN_ROW_DRAIN (NOTES #143)
     prefix_eviction: str = "lru"
     prefix_min_users: int = DEFAULT_MIN_USERS
     step_trace: str = ""  # VATTN_STEP_TRACE: a JSON file each serving step's timing is written to at shutdown
@@ -183,6 +185,7 @@ class VattnConfig:
             bounded_scan=_flag(env, "VATTN_BOUNDED_SCAN", True),
             fence=_choice(env, "VATTN_FENCE", FENCES, "event"),
             stale_guards=_flag(env, "VATTN_STALE_GUARDS", True),
+            row_drains=_flag(env, "VATTN_ROW_DRAIN", False),
             prefix_eviction=_choice(env, "VATTN_PREFIX_EVICTION", PREFIX_EVICTION_MODES, "lru"),
             prefix_min_users=_int(env, "VATTN_PREFIX_MIN_USERS", DEFAULT_MIN_USERS, minimum=2),
             step_trace=env.get("VATTN_STEP_TRACE", "").strip(),
@@ -204,6 +207,9 @@ class VattnConfig:
         if self.fence == "value" and self.background_map != "stream":
             raise ConfigError("VATTN_FENCE=value needs VATTN_BACKGROUND_MAP=stream (only the native thread waits "
                               "on a step's host word); set it, or VATTN_FENCE=event")
+        if self.row_drains and not self.background_map:
+            raise ConfigError("VATTN_ROW_DRAIN=1 needs the native mapping thread (VATTN_BACKGROUND_MAP=stream or 1): "
+                              "without it background ops run at once and there is nothing to drain; unset it")
         if self.growth_ahead and self.background_map != "stream":
             raise ConfigError("VATTN_GROWTH_AHEAD=1 needs VATTN_BACKGROUND_MAP=stream (growth slots are mapped "
                               "ahead by the native thread); set it, or VATTN_GROWTH_AHEAD=0")

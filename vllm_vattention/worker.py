@@ -297,7 +297,7 @@ class VattnModelRunner(V2ModelRunner):
                                      background=cfg.background_map, growth_ahead=cfg.growth_ahead,
                                      keep_guards=cfg.keep_guards, prefix_rows=cfg.prefix_rows,
                                      bounded_scan=cfg.bounded_scan, value_fences=cfg.fence == "value",
-                                     stale_guards=cfg.stale_guards,
+                                     stale_guards=cfg.stale_guards, row_drains=cfg.row_drains,
                                      guard_ahead=cfg.guard_ahead_slots(layout.block_size),
                                      spare_blocks=self._resolved_spares(cfg, vllm_config, kv_cache_config.num_blocks))
         dummy = self.vattn.reserve_zero_row()

@@ -78,6 +78,7 @@ SYSTEMS: dict[str, dict] = {
     "vattn-bounded-scan": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_BOUNDED_SCAN": "1"}, "args": []},
     # the alias scan before NOTES #120 made the bounded one the default: every spare outside the rows warm() reached
     "vattn-full-scan": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_BOUNDED_SCAN": "0"}, "args": []},
+    "vattn-row-drain": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_ROW_DRAIN": "1"}, "args": []},
     # the stale frames in a prefix row's guard left in place (the default before NOTES #126)
     "vattn-stale-guards-kept": {"env": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_STALE_GUARDS": "0"},
                                 "args": []},
@@ -917,6 +918,12 @@ def batch_times(batch: list) -> tuple | None:
     return tuple(batch[8:12]) if len(batch) >= 12 else None
 
 
+def drained_by(batch: list) -> int | str:
+    """A kept native batch's background ops that its DRAIN / DRAIN_ROW ops ran (value 12, NOTES
+    #143); "-" for batches from before the native thread counted them."""
+    return batch[12] if len(batch) >= 13 else "-"
+
+
 def _where_time_went(batch: list) -> list[str]:
     """batch_times as table cells ("-" where not measured)."""
     times = batch_times(batch)
@@ -1084,11 +1091,12 @@ def markdown(doc: dict) -> str:
     if slow:
         lines += _section("The native thread's slowest batch (submission to done; the most over repetitions)",
                           ["workload", "system", "runs", "latency ms", "queued ms", "running ms", "slowest op",
-                           "ops", "batch index", "its CPU ms", "waiting for a CPU ms", "switches: voluntary / involuntary",
-                           "longest flag stall ms (step)"],
+                           "ops", "background ops its drains ran", "batch index", "its CPU ms", "waiting for a CPU ms",
+                           "switches: voluntary / involuntary", "longest flag stall ms (step)"],
                           [[m["workload"], m["system"], m["n"], f"{m['batch'][0]:.1f}", f"{m['batch'][1]:.1f}",
                             f"{m['batch'][2]:.1f}", f"{m['batch'][4]} {m['batch'][3]:.1f} ms", m["batch"][5],
-                            m["batch"][6], *_where_time_went(m["batch"]), f"{m['stall'][0]:.1f} ({m['stall'][1]})"]
+                            drained_by(m["batch"]), m["batch"][6], *_where_time_went(m["batch"]),
+                            f"{m['stall'][0]:.1f} ({m['stall'][1]})"]
                            for m in slow])
     parts = hook_rows(res)
     if parts:

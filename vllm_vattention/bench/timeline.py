@@ -200,7 +200,7 @@ def memory_calls(events: list[dict], top: int = 10) -> dict:
 def beside_batches(events: list[dict], batches: list[list], top: int = 4) -> list[dict] | None:
     """The native thread's slowest batches (its stats' `native_slowest_batches` rows: latency,
     queued, running ms, ..., submission in CLOCK_MONOTONIC seconds at [7], CPU ms at [8], voluntary
-    switches at [10]) placed in the trace through its CLOCK_MARK annotation, with what every
+    switches at [10], background ops its drains ran at [12]) placed in the trace through its CLOCK_MARK annotation, with what every
     thread's traced API calls (CUPTI runtime and driver) were doing while each batch ran: per call
     name, the calls, their time inside the batch's running span and their threads, the `top` by
     that time. The native thread's own driver calls are not in it (CUPTI does not record them), so
@@ -221,7 +221,8 @@ def beside_batches(events: list[dict], batches: list[list], top: int = 4) -> lis
         s = offset + 1e6 * submitted + 1e3 * queued
         t = s + 1e3 * run
         row = {"latency_ms": lat, "run_ms": run, "cpu_ms": b[8] if len(b) > 8 else None,
-               "voluntary": b[10] if len(b) > 10 else None, "at_ms": round((s - t0) / 1e3, 3),
+               "voluntary": b[10] if len(b) > 10 else None, "drained": b[12] if len(b) > 12 else None,
+               "at_ms": round((s - t0) / 1e3, 3),
                "in_trace": mark["ts"] <= s <= end, "step": step_of(s), "calls": []}
         by: dict[str, dict] = {}
         lo = bisect.bisect_left(call_starts, s - longest)
@@ -284,14 +285,15 @@ def markdown(reports: dict[str, dict]) -> str:
         if not near:
             continue
         lines += ["", f"The native thread's slowest batches and the traced API calls of every thread while each ran, {name}:",
-                  "", "| at ms | step | batch ms | running ms | CPU ms | sleeps | calls meanwhile: ms inside (calls, threads) |",
-                  "|---|---|---|---|---|---|---|"]
+                  "", "| at ms | step | batch ms | running ms | CPU ms | sleeps | background ops its drains ran | "
+                  "calls meanwhile: ms inside (calls, threads) |", "|---|---|---|---|---|---|---|---|"]
         for b in near:
             seen = "; ".join(f"{c['name']} {c['inside_ms']} ({c['calls']}, {', '.join(str(t) for t in c['threads'])})"
                              for c in b["calls"]) or "none"
             lines.append(f"| {b['at_ms'] if b['in_trace'] else 'outside the trace'} | "
                          f"{'-' if b['step'] is None else b['step']} | {b['latency_ms']} | {b['run_ms']} | "
-                         f"{'-' if b['cpu_ms'] is None else b['cpu_ms']} | {'-' if b['voluntary'] is None else b['voluntary']} | {seen} |")
+                         f"{'-' if b['cpu_ms'] is None else b['cpu_ms']} | {'-' if b['voluntary'] is None else b['voluntary']} | "
+                         f"{'-' if b['drained'] is None else b['drained']} | {seen} |")
     return "\n".join(lines) + "\n"
 
 

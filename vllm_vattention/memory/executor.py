@@ -10,8 +10,8 @@ while planning, in Python) and hands it to an executor:
 Four op kinds are not driver calls: WAIT_EVENT (block until a fence completes: a step in flight
 still reads what the next UNMAP removes), WAIT_VALUE (the same for a fence the GPU reports in a
 host word, polled without a driver call: manager.HostWordFence), SIGNAL (store a sequence number
-into a 32-bit host word once every earlier op has run) and DRAIN (run the first `handle`
-background ops first).
+into a 32-bit host word once every earlier op has run), DRAIN (run the first `handle`
+background ops first) and DRAIN_ROW (of those, only row `size`'s: NativeExecutor.set_rows).
 
 Background ops (`run_background`, e.g. warming rows no request holds yet) run on the native thread
 only while no step's ops are queued; `run_background` returns how many have been submitted in all,
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-MAP, UNMAP, ACCESS_RW, ACCESS_RO, SIGNAL, WAIT_EVENT, DRAIN, WAIT_VALUE = 0, 1, 2, 3, 4, 5, 6, 7  # csrc/mapper.cpp's kinds
+MAP, UNMAP, ACCESS_RW, ACCESS_RO, SIGNAL, WAIT_EVENT, DRAIN, WAIT_VALUE, DRAIN_ROW = range(9)  # csrc/mapper.cpp's kinds
 
 Op = tuple[int, int, int, int]  # (kind, va, size, handle)
 
@@ -40,7 +40,7 @@ class SyncExecutor:
     def run(self, ops: Sequence[Op]) -> None:
         d = self.driver
         for kind, va, size, handle in ops:
-            if kind == DRAIN:
+            if kind in (DRAIN, DRAIN_ROW):
                 continue  # background ops already ran
             if kind == MAP:
                 d.map(va, size, handle)
@@ -50,6 +50,9 @@ class SyncExecutor:
                 d.set_access(va, size, kind == ACCESS_RW)
             else:
                 raise ValueError(f"op kind {kind} needs the native executor (VATTN_BACKGROUND_MAP=stream)")
+
+    def set_rows(self, base: int, regions: int, region_bytes: int, row_bytes: int, rows: int) -> None:
+        pass  # (background ops run at once: a DRAIN_ROW has nothing to pick)
 
     def wait(self) -> None:
         pass

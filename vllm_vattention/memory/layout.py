@@ -113,6 +113,12 @@ class Layout:
         """[rows, row_tokens, heads, head_size] view of layer `layer`'s K (kv=0) or V (kv=1)."""
         raise NotImplementedError
 
+    def row_regions(self) -> tuple[int, int, int]:
+        """(regions, region_bytes, row_bytes): from the reservation base, `regions` regions of
+        region_bytes, each holding every row in order, row_bytes apiece; the row of an offset is
+        (offset % region_bytes) // row_bytes (the native thread's DRAIN_ROW, csrc/mapper.cpp)."""
+        raise NotImplementedError
+
     def element_offset(self, row: int, token: int, layer: int, kv: int, head: int) -> int:
         """Byte offset of (row, token, layer, kv, head, dim 0), from the view math."""
         v = self.view(layer, kv)
@@ -142,6 +148,9 @@ class InterleavedLayout(Layout):
         self._check(row, slot)
         return [(row * self.row_tokens + slot * self.block_size) * self.geometry.token_bytes]
 
+    def row_regions(self) -> tuple[int, int, int]:
+        return 1, self.total_bytes, self.row_tokens * self.geometry.token_bytes
+
     def view(self, layer: int, kv: int) -> ViewSpec:
         g = self.geometry
         head_elems = g.num_kv_heads * g.head_size
@@ -169,6 +178,9 @@ class PerLayerLayout(Layout):
         self._check(row, slot)
         inside = (row * self.row_tokens + slot * self.block_size) * self.geometry.head_bytes
         return [r * self.region_bytes + inside for r in range(2 * self.geometry.num_layers)]
+
+    def row_regions(self) -> tuple[int, int, int]:
+        return 2 * self.geometry.num_layers, self.region_bytes, self.row_tokens * self.geometry.head_bytes
 
     def view(self, layer: int, kv: int) -> ViewSpec:
         g = self.geometry

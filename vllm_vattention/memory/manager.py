@@ -119,7 +119,8 @@ class KVMemoryManager:
     def __init__(self, driver: Driver, layout: Layout, num_blocks: int, reclaim: str = "deferred",
                  background: bool | str = False, spare_blocks: int = 0, growth_ahead: bool = False,
                  keep_guards: bool = False, prefix_rows: bool = True, guard_ahead: int = 0,
-                 bounded_scan: bool = True, value_fences: bool = False, stale_guards: bool = True):
+                 bounded_scan: bool = True, value_fences: bool = False, stale_guards: bool = True,
+                 row_drains: bool = False):
         if reclaim not in RECLAIM_POLICIES:
             raise ValueError(f"reclaim={reclaim!r}; use one of {RECLAIM_POLICIES}")
         if background not in (False, True, "stream"):
@@ -168,6 +169,9 @@ class KVMemoryManager:
         if value_fences:
             self._done_host, self._done_device = driver.host_flag()
         self.mapper = RowMapper(layout, self.pool, self.base_va, executor, defer_waits=self.stream_mode)
+        if row_drains and background:  # (VATTN_ROW_DRAIN: a row's change waits for its own background ops only)
+            executor.set_rows(self.base_va, *layout.row_regions(), layout.rows)
+            self.mapper.row_drains = True
         self._free_rows: deque[int] = deque(range(layout.rows))
         self._active: set[int] = set()
         self._zero_rows: set[int] = set()  # reserve_zero_row()'s: never a spare's place

@@ -30,7 +30,7 @@ from dataclasses import dataclass, fields
 from typing import Callable, Container, Iterable, Iterator, Protocol, Sequence
 
 from ..errors import MappingError
-from .executor import ACCESS_RO, ACCESS_RW, DRAIN, MAP, UNMAP, WAIT_EVENT, WAIT_VALUE, Op
+from .executor import ACCESS_RO, ACCESS_RW, DRAIN, DRAIN_ROW, MAP, UNMAP, WAIT_EVENT, WAIT_VALUE, Op
 from .layout import Layout
 from .pool import PagePool
 
@@ -120,6 +120,9 @@ class RowMapper:
         # row -> (background ops to run before a change that reaches `lo`, lo: the lowest slot those
         # ops touch); a change only below lo needs no DRAIN (_drain_warming)
         self._warming: dict[int, tuple[int, int]] = {}
+        # DRAIN_ROW in place of DRAIN: a row's change waits for its own background ops only (the
+        # executor knows where rows lie: set_rows; VATTN_ROW_DRAIN, NOTES #143)
+        self.row_drains = False
         self.unsignaled = False  # step ops went to the executor since the manager last published a signal
 
     # -- fences ----------------------------------------------------------------------------
@@ -590,9 +593,9 @@ class RowMapper:
         """Before a change to slots below `end` of `row` (None: any slot) is planned, and before the
         step that reads them: the row's background ops must have run, if any touches one of those
         slots. DRAIN runs the background queue up to the row's last op, every other row's queued
-        before it included, so a change that touches none of the row's pending slots (e.g. a running
-        request's growth below slots the alias scan unmapped past its end) need not wait for it
-        (NOTES #68)."""
+        before it included (with row_drains, DRAIN_ROW runs only the row's own), so a change that
+        touches none of the row's pending slots (e.g. a running request's growth below slots the
+        alias scan unmapped past its end) need not wait for it (NOTES #68)."""
         entry = self._warming.get(row)
         if entry is None:
             return
@@ -602,7 +605,7 @@ class RowMapper:
             return
         del self._warming[row]
         self.stats.drains += 1
-        self._ops.append((DRAIN, 0, 0, upto))
+        self._ops.append((DRAIN_ROW, 0, row, upto) if self.row_drains else (DRAIN, 0, 0, upto))
 
     def clear_row(self, row: int, from_slot: int = 0) -> None:
         """Unmap slots [from_slot, end) of `row`, waiting for any step that still reads them."""

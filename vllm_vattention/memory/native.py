@@ -14,10 +14,10 @@ import sys
 from typing import Sequence
 
 from ..errors import DriverError
-from .executor import ACCESS_RO, ACCESS_RW, DRAIN, MAP, SIGNAL, UNMAP, WAIT_EVENT, WAIT_VALUE, Op
+from .executor import ACCESS_RO, ACCESS_RW, DRAIN, DRAIN_ROW, MAP, SIGNAL, UNMAP, WAIT_EVENT, WAIT_VALUE, Op
 
 KIND_NAMES = {MAP: "map", UNMAP: "unmap", ACCESS_RW: "access_rw", ACCESS_RO: "access_ro", SIGNAL: "signal",
-              WAIT_EVENT: "wait_event", DRAIN: "drain", WAIT_VALUE: "wait_value"}
+              WAIT_EVENT: "wait_event", DRAIN: "drain", WAIT_VALUE: "wait_value", DRAIN_ROW: "drain_row"}
 MAP_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_uint64,
                           ctypes.c_uint64)
 UNMAP_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint64, ctypes.c_size_t)
@@ -77,6 +77,8 @@ def load_library() -> ctypes.CDLL:
                                             ctypes.POINTER(ctypes.c_uint64), ctypes.c_int]
         keep.vattn_mapper_slowest.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_double), ctypes.c_int,
                                               ctypes.c_int]
+        keep.vattn_mapper_set_rows.argtypes = [ctypes.c_void_p] + [ctypes.c_uint64] * 5
+        keep.vattn_mapper_hold_background.argtypes = [ctypes.c_void_p, ctypes.c_int]
         _LIB, _LIB_KEEP_GIL = lib, keep
     return _LIB
 
@@ -113,6 +115,19 @@ class NativeExecutor:
         self.background_submitted += len(ops)
         return self.background_submitted
 
+    def set_rows(self, base: int, regions: int, region_bytes: int, row_bytes: int, rows: int) -> None:
+        """Where rows lie, for DRAIN_ROW (csrc/mapper.cpp): `regions` regions of `region_bytes` from
+        `base`, each `rows` rows of `row_bytes`. Background ops submitted from now on know their row."""
+        if self._fast.vattn_mapper_set_rows(self._handle, base, regions, region_bytes, row_bytes, rows):
+            raise ValueError(f"vattn_mapper_set_rows: {regions} regions of {region_bytes} bytes cannot hold "
+                             f"{rows} rows of {row_bytes} bytes")
+
+    def hold_background(self, on: bool = True) -> None:
+        """Tests: background ops run only where a DRAIN / DRAIN_ROW asks for them or in wait(), never
+        in idle time, so that a step missing a drain finds its mappings missing (csrc/mapper.cpp)."""
+        if self._fast.vattn_mapper_hold_background(self._handle, int(on)):
+            raise RuntimeError("vattn_mapper_hold_background: no native mapping thread")
+
     def _submit(self, fn, ops: Sequence[Op]) -> None:
         words = pack(ops)  # the native side copies the ops before it returns
         if fn(self._handle, words.buffer_info()[0] if ops else None, len(ops)):
@@ -141,17 +156,18 @@ class NativeExecutor:
         trace on Linux; then, while it ran: the thread's CPU ms, its ms waiting for a CPU on the run
         queue (None where the kernel has no schedstat), its voluntary and involuntary context
         switches: a spinning driver call is CPU time, a sleeping one voluntary switches, a starved
-        thread run-queue time; NOTES #141)."""
+        thread run-queue time; NOTES #141; and the background ops its DRAIN or DRAIN_ROW ops ran,
+        NOTES #143)."""
         ns, calls = (ctypes.c_uint64 * 7)(), (ctypes.c_uint64 * 7)()
         if self._fast.vattn_mapper_stats(self._handle, ns, calls, int(reset)):
             raise RuntimeError("vattn_mapper_stats: the native mapping thread is closed")
-        w = 12  # values per batch (csrc/mapper.cpp kSlowRow)
+        w = 13  # values per batch (csrc/mapper.cpp kSlowRow)
         rows = (ctypes.c_double * (w * self.SLOWEST))()
         n = self._fast.vattn_mapper_slowest(self._handle, rows, self.SLOWEST, int(reset))
 
         def batch(r: list) -> list:
             return ([round(x, 3) for x in r[:4]] + [KIND_NAMES.get(int(r[4]), "-"), int(r[5]), int(r[6]), round(r[7], 6),
-                     round(r[8], 3), None if r[9] < 0 else round(r[9], 3), int(r[10]), int(r[11])])
+                     round(r[8], 3), None if r[9] < 0 else round(r[9], 3), int(r[10]), int(r[11]), int(r[12])])
         slowest = [batch(rows[w * i:w * (i + 1)]) for i in range(max(n, 0))]
         s = lambda *kinds: round(sum(ns[k] for k in kinds) / 1e9, 6)  # noqa: E731
         return {"native_map_seconds": s(MAP), "native_unmap_seconds": s(UNMAP),
