@@ -28,7 +28,7 @@ from vllm_vattention.bench import sched_replay as S
 from vllm_vattention.bench import serve_hits
 from vllm_vattention.config import DECODE_KERNELS, VattnConfig
 from vllm_vattention.memory import KVMemoryManager, RequestRows, make_layout
-from vllm_vattention.memory.executor import ACCESS_RO, ACCESS_RW, DRAIN, MAP, UNMAP
+from vllm_vattention.memory.executor import ACCESS_RO, ACCESS_RW, DRAIN, DRAIN_ROW, MAP, UNMAP
 from vllm_vattention.memory.native import NativeExecutor, null_table
 from vllm_vattention.worker import has_prefill
 
@@ -58,19 +58,48 @@ class _TimedExecutor:
     """--timed: the native thread in the harness's simulated time. Background ops run one after
     another whenever the thread has nothing else (at the driver's cost per op, above); a step's
     batch runs after the op in progress, a DRAIN in it first runs the background queue up to its
-    mark. Per step that handed over a batch: when its last op ran, against when the step was
-    planned (the GPU reaches the step's flag between that time and one step later, as async
-    scheduling plans a step while the GPU runs the one before)."""
+    mark; a DRAIN_ROW (VATTN_ROW_DRAIN) only its row's ops up to the mark, as csrc/mapper.cpp does
+    once set_rows has said where rows lie. Per step that handed over a batch: when its last op ran,
+    against when the step was planned (the GPU reaches the step's flag between that time and one
+    step later, as async scheduling plans a step while the GPU runs the one before)."""
 
     background_submitted = 0
 
     def __init__(self, clock: list):
         self.clock = clock  # [the step's planning time (s), ...], set by drive()
-        self.queue: deque = deque()  # background ops' costs (s)
-        self.submitted = self.ran = 0
+        self.queue: deque = deque()  # background ops: [cost (s), row (None: unknown), number, done]
+        self.submitted = self.ran = 0  # background ops submitted, and run (in order or by a DRAIN_ROW)
         self.t = 0.0  # when the thread is next free
         self.critical_done = None  # when the current step's batch finished (None: it handed none over)
         self.drained = 0  # background ops the current step's DRAINs ran
+        self._rows = None  # set_rows: (base, region_bytes, row_bytes, regions, rows)
+
+    def set_rows(self, base: int, regions: int, region_bytes: int, row_bytes: int, rows: int) -> None:
+        self._rows = (base, region_bytes, row_bytes, regions, rows)
+
+    def _row_of(self, op):
+        if self._rows is None or op[0] not in (MAP, UNMAP, ACCESS_RW, ACCESS_RO):
+            return None
+        base, region_bytes, row_bytes, regions, rows = self._rows
+        off = op[1] - base
+        if off < 0 or off // region_bytes >= regions:
+            return None
+        row = (off % region_bytes) // row_bytes
+        return row if row < rows else None
+
+    def _pop(self) -> float:
+        """The next background op not yet run (by a DRAIN_ROW): its cost; 0.0 past the end."""
+        while self.queue:
+            cost, _, _, done = self.queue.popleft()
+            if not done:
+                self.ran += 1
+                return cost
+        return 0.0
+
+    def _front(self):
+        while self.queue and self.queue[0][3]:
+            self.queue.popleft()
+        return self.queue[0] if self.queue else None
 
     @staticmethod
     def cost(op) -> float:
@@ -84,25 +113,43 @@ class _TimedExecutor:
         return 0.0  # SIGNAL, DRAIN, WAIT_EVENT (a hazard wait, counted by the mapper, not timed here)
 
     def _catch_up(self, now: float) -> None:
-        while self.queue and self.t < now:
-            self.t += self.queue.popleft()
-            self.ran += 1
+        while self.t < now and self._front() is not None:
+            self.t += self._pop()
         self.t = max(self.t, now)  # (an op still running at `now` keeps the thread busy past it)
 
     def run_background(self, ops) -> int:
         self._catch_up(self.clock[0])
-        self.queue.extend(self.cost(op) for op in ops)
-        self.submitted += len(ops)
+        for op in ops:
+            self.submitted += 1
+            self.queue.append([self.cost(op), self._row_of(op), self.submitted, False])
         return self.submitted
+
+    def _drain(self, mark: int) -> None:
+        while (front := self._front()) is not None and front[2] <= mark:
+            self.t += self._pop()
+            self.drained += 1
+
+    def _drain_row(self, row: int, mark: int) -> None:
+        upto = [e for e in self.queue if e[2] <= mark and not e[3]]
+        mine = [e for e in upto if e[1] == row]
+        if not mine:
+            return
+        if any(e[1] is None for e in upto[:upto.index(mine[-1])]):
+            self._drain(mark)  # an op of no row in the way: the queue's order
+            return
+        for e in mine:
+            e[3] = True
+            self.t += e[0]
+            self.drained += 1
+            self.ran += 1
 
     def run(self, ops) -> None:
         self._catch_up(self.clock[0])
         for op in ops:
             if op[0] == DRAIN:
-                while self.ran < op[3] and self.queue:
-                    self.t += self.queue.popleft()
-                    self.ran += 1
-                    self.drained += 1
+                self._drain(op[3])
+            elif op[0] == DRAIN_ROW:
+                self._drain_row(op[2], op[3])
             else:
                 self.t += self.cost(op)
         self.critical_done = self.t
@@ -171,7 +218,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
         serve_prompts: str = "bench", prefix_rows: bool = True, timed: bool = False,
         warm_defer: bool = True, bounded_scan: bool = True, stale_guards: bool = True,
         fa3_decode_tokens: int | None = None, fa3_decode_row_tokens: int | None = None,
-        clip_guards: bool = True) -> dict | list[dict]:
+        clip_guards: bool = True, row_drain: bool = False) -> dict | list[dict]:
     """One workload in a fresh scheduler and manager; or, with `chain`, the suite's sequence in one
     engine (offline.py): an untimed warm-up of 16 x 64-token prompts (16 out), then each workload of
     `chain` in turn, the counters reset before each (a list of results, one per workload). lend: the
@@ -187,7 +234,7 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
     ops.plan_reads(long_decode=True), as the worker does; long_decode_steps_by_rule counts them by the
     rule they ran). clip_guards: after a long decode step, warm(clip_guards=True) as the worker calls it
     (False: as before NOTES #135). timed: the native thread in simulated time (_TimedExecutor): when each step's
-    mappings were done (`flag_model`)."""
+    mappings were done (`flag_model`). row_drain: VATTN_ROW_DRAIN (DRAIN_ROW, NOTES #143)."""
     from vllm.sampling_params import SamplingParams
     from vllm.v1.outputs import ModelRunnerOutput
     from vllm.v1.request import Request
@@ -218,6 +265,9 @@ def run(workload: str, num_blocks: int, spares: int | None, max_num_seqs: int = 
     clock = [0.0, 0.0]  # timed: [the step's planning time, the time the current drive() started at] (s)
     mgr.mapper.executor = (NativeExecutor(*null_table()) if native else _TimedExecutor(clock) if timed
                            else _NullExecutor())
+    if row_drain:  # (as KVMemoryManager(row_drains=True) sets up its own executor)
+        mgr.mapper.executor.set_rows(mgr.base_va, *lay.row_regions(), lay.rows)
+        mgr.mapper.row_drains = True
     timeline: list[tuple] = []  # timed: per step (planned at s, modeled ms, new requests, ms its batch ran past planning, background ops drained)
     mgr.reserve_zero_row()  # the worker's dummy row
     rows = RequestRows(mgr)
@@ -464,6 +514,8 @@ def main() -> None:
                     help="VATTN_WARM_DEFER=0: warm() plans after every step, prefill chunks or not")
     ap.add_argument("--fifo-rows", action="store_true",
                     help="VATTN_PREFIX_ROWS=0: rows in FIFO order only (prefix hits mapped into warm rows)")
+    ap.add_argument("--row-drain", action="store_true",
+                    help="VATTN_ROW_DRAIN: a row's change drains its own background ops only (NOTES #143)")
     ap.add_argument("--full-scan", action="store_true",
                     help="VATTN_BOUNDED_SCAN=0: a full alias scan frees every spare outside the rows warm() reached "
                          "(the default before NOTES #120)")
@@ -483,7 +535,8 @@ def main() -> None:
               fa3_decode_tokens=args.fa3_decode_tokens, fa3_decode_row_tokens=args.fa3_decode_row_tokens,
               clip_guards=not args.no_clip_guards, growth=args.growth, decode_kernel=args.decode_kernel, keep_guards=args.keep_guards,
               serve_prompts=args.serve_prompts, prefix_rows=not args.fifo_rows, timed=args.timed,
-              warm_defer=not args.warm_now, bounded_scan=not args.full_scan, stale_guards=not args.keep_stale_guards)
+              warm_defer=not args.warm_now, bounded_scan=not args.full_scan, stale_guards=not args.keep_stale_guards,
+              row_drain=args.row_drain)
     if args.profile:
         prof = cProfile.Profile()
         r = prof.runcall(run, args.workload, args.num_blocks, args.spares, **kw)

@@ -42,6 +42,7 @@ class _NullExecutor:
 
     def run(self, ops): pass
     def run_background(self, ops): return 0
+    def set_rows(self, *where): pass
     def wait(self): pass
     def poll(self): pass
     def close(self): pass

@@ -98,3 +98,27 @@ def test_mixed_lengths_stay_on_fa2_by_the_average_per_request():
     assert r0["long_decode_steps_by_rule"]["fa3"] > 100
     # (15 zero-page slots and 1 hazard wait without the long steps, from mixed steps; 6,484 and 223 with them)
     assert r0["zero_maps"] > 100 * max(r["zero_maps"], 1) and r0["hazard_waits"] > 100 * max(r["hazard_waits"], 1)
+
+
+def test_a_row_drain_runs_only_its_rows_ops_up_to_the_mark():
+    """VATTN_ROW_DRAIN in the model (NOTES #143): behind a long queue, a step that changes row 1 waits
+    for row 1's ops only; an op of no row ahead of them keeps the queue's order."""
+    from vllm_vattention.memory.executor import DRAIN_ROW, WAIT_EVENT
+    clock = [0.0, 0.0]
+    ex = H._TimedExecutor(clock)
+    row_bytes = 64 * PAGE
+    ex.set_rows(0, 1, 4 * row_bytes, row_bytes, 4)
+    ex.run_background([(UNMAP, 0, PAGE, 0)] * 100)  # row 0: 2.72 ms of unmaps
+    mark = ex.run_background([(MAP, row_bytes + i * PAGE, PAGE, 1) for i in range(4)]  # row 1's warming
+                             + [(ACCESS_RW, row_bytes, 4 * PAGE, 0)])
+    ex.run([(DRAIN_ROW, 0, 1, mark)])  # at t=0: only row 1's five ops run first
+    assert ex.drained == 5 and ex.critical_done == pytest.approx(4 * 4.7e-6 + 4 * 28.1e-6)
+    clock[0] = 1.0
+    ex.run([])  # row 0's ran in idle time; row 1's are not run twice
+    assert ex.ran == 105 and ex.t == pytest.approx(1.0)
+    ex2 = H._TimedExecutor([0.0, 0.0])
+    ex2.set_rows(0, 1, 4 * row_bytes, row_bytes, 4)
+    ex2.run_background([(UNMAP, 0, PAGE, 0)] * 10 + [(WAIT_EVENT, 0, 0, 7)])  # a wait: no row
+    mark = ex2.run_background([(MAP, row_bytes, PAGE, 1)])
+    ex2.run([(DRAIN_ROW, 0, 1, mark)])
+    assert ex2.drained == 12 and ex2.critical_done == pytest.approx(10 * 27.2e-6 + 4.7e-6)
