@@ -24,8 +24,8 @@
 // ops of different rows touch different addresses (a physical page may be mapped in several
 // places at once), so one row's ops need not wait for another's, and a step that admits a request
 // into a warm row no longer runs every row's warming queued before it (benchmarks/NOTES.md #143:
-// a 3-op batch ran 36.9 ms of other rows' work, and the GPU waited for it at the flag). An op of
-// no row (a WAIT_EVENT, say) among them makes it a DRAIN, as does a table of no rows.
+// a 3-op batch ran 36.9 ms, its slowest op 2 ms, the rest queued work, while the GPU waited). An op of
+// no row (a WAIT_EVENT, say) before the row's last makes it a DRAIN, as does a table of no rows.
 //
 // One thread runs the ops: splitting a batch over threads by row was tried and removed, since the
 // driver serializes VMM calls (on an H200, 2-8 threads mapping at once took 0.77-0.79x the time of
@@ -357,15 +357,14 @@ struct Mapper {
     {
       std::lock_guard<std::mutex> g(mu);
       drop_done_front();
-      size_t last = 0, n = 0;
-      bool barrier = false;
+      size_t last = 0, n = 0, barrier = SIZE_MAX;  // barrier: the first op of no row
       for (size_t i = 0; i < background.size() && background[i].seq <= target; ++i) {
         const BgOp& b = background[i];
         if (b.done) continue;
-        if (b.row < 0) barrier = true;
+        if (b.row < 0 && barrier == SIZE_MAX) barrier = i;
         if (b.row == row) last = i + 1, ++n;
       }
-      if (n && !barrier) {
+      if (n && barrier >= last) {
         mine.reserve(n);
         for (size_t i = 0; i < last; ++i) {
           BgOp& b = background[i];
@@ -379,7 +378,7 @@ struct Mapper {
         return;  // nothing of the row's is queued: nothing to wait for
       }
     }
-    if (mine.empty()) {  // an op of no row in the way: keep the order
+    if (mine.empty()) {  // an op of no row before the row's last: the queue's order up to there
       drain(target, acc);
       return;
     }

@@ -1,8 +1,8 @@
 """DRAIN_ROW (VATTN_ROW_DRAIN, NOTES #143): a step that changes a row with background ops still
 queued runs that row's only, not every op queued before them.
 
-On an H200 a serving step's 3-op batch ran 36.9 ms of other rows' warming before the step's own
-mappings, and the GPU waited that long at the mapping flag. These tests drive the native thread
+On an H200 a serving step's 3-op batch ran 36.9 ms (its slowest op 2 ms: the rest was queued
+background work its DRAIN ran), and the GPU waited that long at the mapping flag. These tests drive the native thread
 (csrc/mapper.cpp) through the fake driver's table: the order the driver sees the calls in, the
 count of background ops a batch's drains ran, and the cases that must keep the queue's order.
 """
@@ -193,3 +193,20 @@ def test_the_manager_sends_row_drains_with_its_layouts_rows(driver):
     with pytest.raises(ConfigError, match="VATTN_ROW_DRAIN=1 needs the native mapping thread"):
         VattnConfig.from_env({"VATTN_ROW_DRAIN": "1", "VATTN_BACKGROUND_MAP": "0"})
     assert VattnConfig.from_env({"VATTN_ROW_DRAIN": "1"}).row_drains and not VattnConfig.from_env({}).row_drains
+
+
+def test_an_op_of_no_row_after_the_rows_last_one_does_not_hold_it(driver):
+    ex, base, row_bytes, handles = _setup(driver)
+    gate = Gate(driver, base, row_bytes, row=0)
+    ex.run_background(_warm(0, base, row_bytes, handles))
+    assert gate.entered.wait(10)
+    ex.run_background(_warm(1, base, row_bytes, handles))
+    fence = FakeFence()
+    fence.complete()
+    upto = ex.run_background([(WAIT_EVENT, 0, 0, driver.register_event(fence))])  # after row 1's ops
+    ex.run([(DRAIN_ROW, 0, 1, upto)])
+    gate.open()
+    ex.wait()
+    rows = [r for _, r in gate.log]
+    assert rows == [0] + [1] * 5 + [0] * 4  # row 1's ran first: the wait orders only what follows it
+    _teardown(ex, driver, base, row_bytes, handles)
