@@ -17,6 +17,7 @@
 #          vattn-fa2,vattn-spare, else the default vattn-fa2;
 #          results kept in /root/suite across calls, copied to $OUT;
 #          DEADLINE=epoch seconds bounds it) suite_pair (the same on GPUs 0 and 1 at once, merged into $OUT)
+#          row_drain (VATTN_ROW_DRAIN: the libcuda spare/lent tests with held background ops, then e2e with it)
 #          timeline (torch.profiler traces of TL_WORKLOAD's steps in stock and the default, analysed by
 #          bench.timeline: GPU idle gaps, CPU-late or GPU-waited)
 #          profile (kernel time per step of stock, the default and the former default, or PROF_SYSTEMS;
@@ -109,6 +110,14 @@ for s in $steps; do
         echo "unit rc=$?"; tail -2 "$OUT/spare_unit.log"
         timeout 480 python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/gpu/test_e2e_gpu.py -k prefix > "$OUT/spare_e2e.log" 2>&1
         echo "e2e rc=$?"; grep -E "passed|failed|Error" "$OUT/spare_e2e.log" | tail -4;;
+    row_drain) # NOTES #144: VATTN_ROW_DRAIN on libcuda (the spare and lent-block tests with background ops
+        # held until a drain asks for them), then the e2e logprob and preemption tests with it (~6 min)
+        timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_vmm_gpu.py \
+          -k "spare_frames_on_libcuda or lent_blocks_on_libcuda" > "$OUT/row_drain_unit.log" 2>&1
+        echo "unit rc=$?"; tail -1 "$OUT/row_drain_unit.log"
+        VATTN_ROW_DRAIN=1 timeout 400 python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/gpu/test_e2e_gpu.py \
+          -k "logprobs_match or (preemption and flag)" > "$OUT/row_drain_e2e.log" 2>&1
+        echo "e2e rc=$?"; grep -E "greedy_prefix|absdiff_max|passed|failed|Error" "$OUT/row_drain_e2e.log" | tail -5;;
     suite_round) suite_rounds /root/suite suite_round; copy_suite /root/suite ${SUITE_TAG:-final};;
     timeline) # torch.profiler traces (CUPTI: nsys is not usable there) of one offline workload's steps
         # [TL_DELAY, +TL_STEPS) in stock and the default, then bench.timeline: the GPU's idle gaps, CPU-late

@@ -234,10 +234,14 @@ def test_stream_mode_gpu_replaces_a_guard_page_while_the_stream_waits(manager_fa
     assert m.stats()["zero_maps"] >= 2
 
 
-def stream_spare_manager(manager_factory, driver, cuda, layer: int, kv: int):
+def stream_spare_manager(manager_factory, driver, cuda, layer: int, kv: int, row_drains: bool = False):
     """A stream-mode manager with 8 spare frames, one layer's K or V rows as a tensor, and step():
-    publish the mappings planned so far and make the current stream wait for them."""
-    m = manager_factory(background="stream", spare_blocks=8)
+    publish the mappings planned so far and make the current stream wait for them. row_drains
+    (VATTN_ROW_DRAIN, NOTES #143): DRAIN_ROW, with background ops held until a drain asks for them,
+    so that a step whose row was not drained reads memory not mapped yet."""
+    m = manager_factory(background="stream", spare_blocks=8, row_drains=row_drains)
+    if row_drains:
+        m.mapper.executor.hold_background(True)
     rows = layer_views(m.base_va, m.layout, torch.bfloat16, cuda)[layer][kv]
     stream = torch.cuda.current_stream()
 
@@ -246,11 +250,12 @@ def stream_spare_manager(manager_factory, driver, cuda, layer: int, kv: int):
     return m, rows, step
 
 
-def test_stream_mode_spare_frames_on_libcuda(manager_factory, driver, cuda):
+@pytest.mark.parametrize("row_drains", [False, True], ids=["drain", "row-drain-held"])
+def test_stream_mode_spare_frames_on_libcuda(manager_factory, driver, cuda, row_drains):
     """VATTN_SPARE_BLOCKS: rows warmed by the native thread in the background; a new request's fresh
     blocks move into the warm slots (no driver call), its prefix hit keeps its own frame, and a later
     row that shares a moved block reads what was written through the first."""
-    m, k, step = stream_spare_manager(manager_factory, driver, cuda, layer=5, kv=0)
+    m, k, step = stream_spare_manager(manager_factory, driver, cuda, layer=5, kv=0, row_drains=row_drains)
     bs = m.layout.block_size
 
     a = m.acquire_row()
@@ -275,11 +280,12 @@ def test_stream_mode_spare_frames_on_libcuda(manager_factory, driver, cuda):
     assert torch.equal(k[c][:bs], new[:bs])
 
 
-def test_stream_mode_lent_blocks_on_libcuda(manager_factory, driver, cuda):
+@pytest.mark.parametrize("row_drains", [False, True], ids=["drain", "row-drain-held"])
+def test_stream_mode_lent_blocks_on_libcuda(manager_factory, driver, cuda, row_drains):
     """VATTN_LEND_BLOCKS: the frames of never-used blocks warm rows beside the spares; lent blocks
     handed out move into the warm slots (no driver call), and a later row that hits them reads what
     was written through the rows that computed them."""
-    m, k, step = stream_spare_manager(manager_factory, driver, cuda, layer=7, kv=1)
+    m, k, step = stream_spare_manager(manager_factory, driver, cuda, layer=7, kv=1, row_drains=row_drains)
     bs = m.layout.block_size
     a = m.acquire_row()
     m.set_blocks(a, [1, 2, 3, 4], fresh_from=0)  # teaches the warm depth (4); ids up to 4 handed out
