@@ -282,14 +282,17 @@ def test_the_slowest_batches_are_placed_in_the_trace_by_their_submission_time():
                        [0.05, 3.8, 0, 9, 4, 0, -1, 1.6], [0.06, 23.8, 1, 1033, 1, 8, 1, 1.4],
                        [0.09, 2.0, 0, 10, 0, 0, 2, 0.5]]}
     slow = [[45.1, 0.1, 45.0, 44.3, "wait_value", 16, 1454, 1000.0612], [12.0, 0.0, 12.0, 11.9, "unmap", 4, 9, 1000.02],
-            [3.0, 0.0, 3.0, 2.9, "unmap", 4, 2, 999.5, 0.4, None, 3, 0], [2.0, 0.0, 2.0, 1.9, "map", 2, 1]]
+            [3.0, 0.0, 3.0, 2.9, "unmap", 4, 2, 999.5, 0.4, None, 3, 0], [2.0, 0.0, 2.0, 1.9, "map", 2, 1],
+            [36.9, 0.0, 36.9, 2.0, "access_rw", 3, 738, 1000.09, 36.9, 0.0, 3, 0, 1180]]
     per = {"t0": 1000.0, "start_s": [0.0], "ttft_ms": [20.0], "tpot_ms": [5.0], "input_len": [1024]}
     res = [{"workload": "serve-rate-4", "system": "vattn-fa2", "rep": 0, "per_request": per, "step_trace": "v.json",
             "mapper": {"native_slowest_batches": slow}}]
-    rows = H.flag_stalls(res, {"v.json": trace}.get, n=4, before=0)
-    assert rows[0]["slowest_at"] == [(0.0612, 3, 57.9), (0.02, 1, None), (-0.5, None, None), None]
+    rows = H.flag_stalls(res, {"v.json": trace}.get, n=5, before=0)
+    assert rows[0]["slowest_at"] == [(0.0612, 3, 57.9), (0.02, 1, None), (-0.5, None, None), None, (0.09, 4, 1.0)]
     md = H.flag_stalls_markdown(rows)
     assert ("[45.1, 0.1, 45.0, 44.3, 'wait_value', 16, 1454] at 0.061 s, step 3 (flag wait 57.9 ms); "
             "[12.0, 0.0, 12.0, 11.9, 'unmap', 4, 9] at 0.020 s, step 1; "
             "[3.0, 0.0, 3.0, 2.9, 'unmap', 4, 2] at -0.500 s, before the first step "
-            "[CPU 0.4 ms, waiting for a CPU ? ms, switches 3 / 0]; [2.0, 0.0, 2.0, 1.9, 'map', 2, 1]") in md
+            "[CPU 0.4 ms, waiting for a CPU ? ms, switches 3 / 0]; [2.0, 0.0, 2.0, 1.9, 'map', 2, 1]; "
+            "[36.9, 0.0, 36.9, 2.0, 'access_rw', 3, 738] at 0.090 s, step 4 (flag wait 1.0 ms) [CPU 36.9 ms, waiting for a CPU 0.0 ms, "
+            "switches 3 / 0, drained 1180 background ops]") in md

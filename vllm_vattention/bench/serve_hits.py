@@ -26,7 +26,7 @@ import statistics
 import sys
 from typing import Callable
 
-from .suite import WORKLOADS, batch_times
+from .suite import WORKLOADS, batch_times, drained_by
 
 WORKLOAD_BY_NAME = {w.name: w for w in WORKLOADS}
 
@@ -342,7 +342,8 @@ def flag_stalls_markdown(rows: list[dict]) -> str:
         lines += ["", "The native thread's slowest batches (latency, queued, running, slowest op ms, its kind, ops, "
                       "batch index), and where each was submitted: s into the trace, the step then running and "
                       "its wait at the mapping flag; where measured, the thread's CPU ms, ms waiting for a CPU and "
-                      "voluntary / involuntary context switches while it ran (NOTES #141):", ""]
+                      "voluntary / involuntary context switches while it ran (NOTES #141), and the background "
+                      "ops its drains ran (NOTES #143):", ""]
         lines += [f"- {server}: " + "; ".join(str(b[:7]) + _placed(p) + _went(b) for b, p in batches)
                   for server, batches in slow.items()]
     return "\n".join(lines) + "\n"
@@ -353,7 +354,9 @@ def _went(b: list) -> str:
     if times is None:
         return ""
     cpu, runq, vol, invol = times
-    return f" [CPU {cpu:.1f} ms, waiting for a CPU {'?' if runq is None else f'{runq:.1f}'} ms, switches {vol} / {invol}]"
+    drained = drained_by(b)
+    return (f" [CPU {cpu:.1f} ms, waiting for a CPU {'?' if runq is None else f'{runq:.1f}'} ms, switches {vol} / {invol}"
+            + ("" if drained == "-" else f", drained {drained} background ops") + "]")
 
 
 def _placed(p: tuple | None) -> str:
