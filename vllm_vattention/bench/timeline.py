@@ -23,7 +23,9 @@ It also lists the trace's memory-management API calls (device and pinned host al
 registration, VMM calls where CUPTI recorded them) by name and thread, and the longest of them with
 the step they fell in: on an H200, another thread pinning 64-256 MiB of host memory made the
 native thread's VMM calls take up to 34 ms (benchmarks/NOTES.md #141), the length of the engine's
-slow cuMemSetAccess calls.
+slow cuMemSetAccess calls. With `--batches OFFLINE_JSON` (a run with `--timeline-delay 0`, whose
+worker marked CLOCK_MONOTONIC in the trace) it places the native thread's slowest batches in the
+trace, with every thread's API calls while each ran (NOTES #143).
 """
 
 from __future__ import annotations
@@ -200,12 +202,13 @@ def memory_calls(events: list[dict], top: int = 10) -> dict:
 def beside_batches(events: list[dict], batches: list[list], top: int = 4) -> list[dict] | None:
     """The native thread's slowest batches (its stats' `native_slowest_batches` rows: latency,
     queued, running ms, ..., submission in CLOCK_MONOTONIC seconds at [7], CPU ms at [8], voluntary
-    switches at [10], background ops its drains ran at [12]) placed in the trace through its CLOCK_MARK annotation, with what every
-    thread's traced API calls (CUPTI runtime and driver) were doing while each batch ran: per call
-    name, the calls, their time inside the batch's running span and their threads, the `top` by
-    that time. The native thread's own driver calls are not in it (CUPTI does not record them), so
-    what shows is who else held the driver meanwhile (NOTES #141: another thread pinning host
-    memory slows VMM calls). None without the annotation (the trace began later than the mark)."""
+    switches at [10], background ops its drains ran at [12]) placed in the trace through its
+    CLOCK_MARK annotation, with every thread's traced API calls (CUPTI runtime and driver) while
+    each batch ran: per call name, the calls, their time inside the batch's running span and their
+    threads, the `top` by that time. The native thread's own driver calls are not in it (CUPTI does
+    not record them), so what shows is who else used the driver meanwhile (NOTES #141: another
+    thread pinning host memory slows VMM calls; #143: the engine pins none of note). None without
+    the annotation (the trace began later than the mark)."""
     mark = next((e for e in events if e.get("name", "").startswith(CLOCK_MARK)), None)
     if mark is None:
         return None
