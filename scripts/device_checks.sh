@@ -130,7 +130,8 @@ for s in $steps; do
           ( if [ $sys = vattn ]; then export VLLM_ATTENTION_BACKEND=VATTENTION; else unset VLLM_ATTENTION_BACKEND; fi
             timeout ${TL_TIMEOUT:-280} python3 -m vllm_vattention.bench.offline --model models/llama-3.1-8b \
               --workloads "[[\"$tl_name\", $tl_in, $tl_out, $tl_n]]" --timeline /root/tl-$sys \
-              --timeline-delay ${TL_DELAY:-300} --timeline-steps ${TL_STEPS:-30} --out /root/tl-$sys.json ) \
+              --timeline-delay ${TL_DELAY:-300} --timeline-steps ${TL_STEPS:-30} --out /root/tl-$sys.json \
+              $([ "${TL_STACK:-0}" = 1 ] && echo --timeline-stack) ) \
             > "$OUT/timeline-$sys.log" 2>&1; echo "$sys rc=$? traces: $(ls /root/tl-$sys | head -3)"
         done
         cp /root/tl-vattn.json "$OUT/" 2>/dev/null

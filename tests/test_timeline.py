@@ -76,6 +76,7 @@ def test_the_offline_benchmark_asks_vllm_for_a_trace_of_the_chosen_steps(tmp_pat
     assert c.profiler == "torch" and c.torch_profiler_dir == str(tmp_path / "tl")
     assert (c.delay_iterations, c.max_iterations) == (300, 30) and c.ignore_frontend
     assert not c.torch_profiler_with_stack  # stacks would slow the traced steps further
+    assert timeline_profiler(str(tmp_path / "tl"), delay=0, steps=5, with_stack=True).torch_profiler_with_stack
 
 
 def _step_trace(stall_us: int):
@@ -198,3 +199,37 @@ def test_the_clock_mark_names_the_monotonic_instant_it_was_taken_at():
     marks = [e.name for e in prof.events() if e.name.startswith(CLOCK_MARK)]
     assert len(marks) == 1 and float(marks[0][len(CLOCK_MARK):]) == pytest.approx(t, abs=1e-6)
     assert before <= t <= time.monotonic()
+
+
+def test_cpu_ops_that_waited_for_the_gpu_are_found_with_the_lazy_module_load_inside():
+    """NOTES #145: in both systems the lm_head's aten::mm of each prefill step with a new batch size
+    blocked until the step's forward had finished: CUDA's lazy loading of that shape's GEMM kernel
+    waits for the device. An op counts when GPU work launched before it was pending at its start and
+    the last of it finished within the slack before its end; only the innermost op counts."""
+    def k(corr, ts, dur):
+        return {"ph": "X", "cat": "kernel", "name": f"k{corr}", "pid": 0, "tid": 7, "ts": ts, "dur": dur,
+                "args": {"correlation": corr}}
+
+    def launch(corr, ts):
+        return {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "pid": 1, "tid": 11, "ts": ts, "dur": 5,
+                "args": {"correlation": corr}}
+
+    def op(name, ts, dur, tid=11, cat="cpu_op"):
+        return {"ph": "X", "cat": cat, "name": name, "pid": 1, "tid": tid, "ts": ts, "dur": dur}
+    events = [k(1, 0, 40_000), launch(1, 0), k(2, 40_000, 20_000), launch(2, 100),  # GPU busy until 60 ms
+              op("forward", 150, 80_000, cat="python_function"),
+              op("aten::linear", 200, 60_000), op("aten::matmul", 210, 59_980), op("aten::mm", 220, 59_960),  # ends 60.18 ms
+              {"ph": "X", "cat": "overhead", "name": "Lazy Function Loading", "pid": 0, "tid": 0, "ts": 59_990, "dur": 160},
+              k(3, 60_300, 100), launch(3, 60_100),
+              op("aten::copy_", 61_000, 9_000),  # nothing pending when it began: not a wait
+              k(4, 70_000, 1_000), launch(4, 69_000),
+              op("aten::index", 69_500, 30_000),  # pending at its start, but ended 28.5 ms after the GPU did
+              op("aten::mm", 100_000, 6_000, tid=12)]  # another thread, nothing pending
+    w = T.gpu_waits(events, min_ms=5, top=3)
+    assert w["by_name"] == [{"name": "aten::mm", "ops": 1, "total_ms": 59.96, "lazy_loads": 1}]
+    assert w["lazy_loads_in_trace"] == 1
+    assert w["longest"] == [{"at_ms": 0.22, "ms": 59.96, "name": "aten::mm", "tid": 11, "lazy_load": True,
+                             "caller": "forward"}]
+    md = T.markdown({"v": {"span_ms": 1.0, "busy_ms": 0.5, "busy_share": 0.5, "gaps": 0,
+                           "idle_ms": {"cpu_late": 0, "gpu_waited": 0, "unknown": 0}, "longest": [], "gpu_waits": w}})
+    assert "| aten::mm | 1 | 60.0 | 1 |" in md and "| 0.22 | 59.96 | aten::mm | 11 | yes | forward |" in md

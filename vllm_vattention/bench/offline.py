@@ -125,11 +125,12 @@ def clock_marker(worker) -> float:
     return t
 
 
-def timeline_profiler(trace_dir: str, delay: int, steps: int):
+def timeline_profiler(trace_dir: str, delay: int, steps: int, with_stack: bool = False):
     """vLLM's worker profiler (torch.profiler: CPU ops and CUDA activity) over engine steps
-    [delay, delay + steps) after start_profile(); traces go to `trace_dir` (bench.timeline)."""
+    [delay, delay + steps) after start_profile(); traces go to `trace_dir` (bench.timeline).
+    with_stack: each op's Python stack too (slower steps; to find who calls an op that blocks)."""
     from vllm.config import ProfilerConfig
-    return ProfilerConfig(profiler="torch", torch_profiler_dir=trace_dir, torch_profiler_with_stack=False,
+    return ProfilerConfig(profiler="torch", torch_profiler_dir=trace_dir, torch_profiler_with_stack=with_stack,
                           ignore_frontend=True, delay_iterations=delay, max_iterations=steps)
 
 
@@ -150,6 +151,8 @@ def parser() -> argparse.ArgumentParser:
                          "the profiler slows those steps, so the run's throughput is not a measurement")
     ap.add_argument("--timeline-delay", type=int, default=200)
     ap.add_argument("--timeline-steps", type=int, default=30)
+    ap.add_argument("--timeline-stack", action="store_true",
+                    help="record each op's Python stack in the trace (NOTES #145: who blocks the engine thread)")
     return ap
 
 
@@ -168,7 +171,8 @@ def main(argv=None) -> None:
     if args.block_size:
         kw["block_size"] = args.block_size
     if args.timeline:
-        kw["profiler_config"] = timeline_profiler(args.timeline, args.timeline_delay, args.timeline_steps)
+        kw["profiler_config"] = timeline_profiler(args.timeline, args.timeline_delay, args.timeline_steps,
+                                                  args.timeline_stack)
     # the step timer is a function sent to the workers (pickled by reference to this module)
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     t = time.perf_counter()

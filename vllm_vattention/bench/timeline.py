@@ -243,6 +243,80 @@ def beside_batches(events: list[dict], batches: list[list], top: int = 4) -> lis
     return out
 
 
+LAZY_LOAD = "Lazy Function Loading"  # CUPTI's overhead record of a CUDA module loaded on a kernel's first use
+
+
+def gpu_waits(events: list[dict], min_ms: float = 5.0, top: int = 10, slack_ms: float = 1.0) -> dict:
+    """CPU ops that waited for the GPU: ops of at least `min_ms` that began while GPU work launched
+    before them was still pending and ended within `slack_ms` of the last of it finishing (a sync,
+    wherever it hides: no synchronizing API call need show in the trace). Only the innermost such op
+    is counted (aten::linear > matmul > mm counts mm). Per op name: how many, the total ms, and how
+    many had a CUDA lazy module load inside (CUPTI's "Lazy Function Loading" overhead: loading a
+    kernel's module on its first use waits for the device); and the `top` longest, with the Python
+    function around each where the trace has stacks (torch_profiler_with_stack; `offline.py
+    --timeline-stack`). NOTES #145: in both stock and vAttention, the lm_head's aten::mm waited for
+    the step's forward in every prefill step with a new number of requests, each time for a lazy
+    load of the GEMM kernel for that shape."""
+    gpu = {}
+    for e in events:
+        if e.get("cat") in GPU_CATS and _corr(e) is not None:
+            gpu[_corr(e)] = e["ts"] + e["dur"]
+    done = sorted((e["ts"], gpu[_corr(e)]) for e in events if e.get("cat") in LAUNCH_CATS and _corr(e) in gpu)
+    starts, prefix_end, m = [ts for ts, _ in done], [], float("-inf")
+    for _, end in done:
+        m = max(m, end)
+        prefix_end.append(m)  # the last GPU end of the work launched so far
+
+    def waited(op: dict) -> bool:
+        i = bisect.bisect_left(starts, op["ts"])
+        if i == 0:
+            return False
+        last = prefix_end[i - 1]
+        end = op["ts"] + op["dur"]
+        return op["ts"] < last <= end and end - last <= 1e3 * slack_ms
+    long_ops = [e for e in events if e.get("cat") == "cpu_op" and e["dur"] >= 1e3 * min_ms]
+    hits = [e for e in long_ops if waited(e)]
+    by_tid: dict = {}
+    for e in hits:
+        by_tid.setdefault(e.get("tid"), []).append(e)
+    inner = []
+    for evs in by_tid.values():  # drop an op that holds another hit of its thread (keep the innermost)
+        for e in evs:
+            if not any(o is not e and o["ts"] >= e["ts"] and o["ts"] + o["dur"] <= e["ts"] + e["dur"]
+                       and o["dur"] < e["dur"] for o in evs):
+                inner.append(e)
+    lazy = sorted(e["ts"] for e in events if e.get("name", "").startswith(LAZY_LOAD))
+
+    def loaded_inside(op: dict) -> bool:
+        i = bisect.bisect_left(lazy, op["ts"])
+        return i < len(lazy) and lazy[i] <= op["ts"] + op["dur"]
+    py = sorted((e for e in events if e.get("cat") == "python_function"), key=lambda e: e["ts"])
+    py_starts = [e["ts"] for e in py]
+
+    def caller(op: dict) -> str | None:
+        """The innermost Python function of the op's thread that holds it (begun at most 1 s before)."""
+        best = None
+        for i in range(bisect.bisect_right(py_starts, op["ts"]) - 1, -1, -1):
+            e = py[i]
+            if op["ts"] - e["ts"] > 1e6:
+                break
+            if e.get("tid") == op.get("tid") and e["ts"] + e["dur"] >= op["ts"] + op["dur"]:
+                if best is None or e["dur"] < best["dur"]:
+                    best = e
+        return best["name"][:120] if best else None
+    by_name: dict[str, list] = {}
+    for e in inner:
+        by_name.setdefault(e["name"], []).append((e["dur"] / 1e3, loaded_inside(e)))
+    t0 = _origin(events)
+    return {"by_name": sorted(({"name": n, "ops": len(d), "total_ms": round(sum(ms for ms, _ in d), 3),
+                                "lazy_loads": sum(lz for _, lz in d)} for n, d in by_name.items()),
+                              key=lambda r: -r["total_ms"]),
+            "lazy_loads_in_trace": len(lazy),
+            "longest": [{"at_ms": round((e["ts"] - t0) / 1e3, 3), "ms": round(e["dur"] / 1e3, 3), "name": e["name"],
+                         "tid": e.get("tid"), "lazy_load": loaded_inside(e), "caller": caller(e)}
+                        for e in sorted(inner, key=lambda e: -e["dur"])[:top]]}
+
+
 def label(path: str) -> str:
     """A trace's name in the report: its folder and the file name's first part (vLLM names the
     worker's traces alike in every run, so the folder tells the systems apart)."""
@@ -283,6 +357,17 @@ def markdown(reports: dict[str, dict]) -> str:
         lines += ["", "| at ms | ms | call | thread | step |", "|---|---|---|---|---|"]
         lines += [f"| {c['at_ms']} | {c['ms']} | {c['name']} | {c['tid']} | {'-' if c['step'] is None else c['step']} |"
                   for c in mem["longest"]]
+    for name, r in reports.items():
+        waits = r.get("gpu_waits")
+        if not waits or not waits["by_name"]:
+            continue
+        lines += ["", f"CPU ops that waited for the GPU (ended as the work launched before them finished), {name}; "
+                  f"CUDA lazy module loads in the trace: {waits['lazy_loads_in_trace']}:",
+                  "", "| op | ops | total ms | with a lazy module load inside |", "|---|---|---|---|"]
+        lines += [f"| {w['name']} | {w['ops']} | {w['total_ms']:.1f} | {w['lazy_loads']} |" for w in waits["by_name"]]
+        lines += ["", "| at ms | ms | op | thread | lazy load | Python caller |", "|---|---|---|---|---|---|"]
+        lines += [f"| {w['at_ms']} | {w['ms']} | {w['name']} | {w['tid']} | {'yes' if w['lazy_load'] else 'no'} | "
+                  f"{w['caller'] or '-'} |" for w in waits["longest"]]
     for name, r in reports.items():
         near = r.get("native_batches")
         if not near:
@@ -329,6 +414,7 @@ def main(argv=None) -> None:
         mine = batches and os.path.basename(os.path.dirname(os.path.abspath(p))) == run  # tl-vattn.json: tl-vattn/
         reports[label(p)] = {**analyze(events, top=args.top), "steps": per_step(events),
                              "memory_calls": memory_calls(events, top=args.top),
+                             "gpu_waits": gpu_waits(events, top=args.top),
                              "native_batches": beside_batches(events, batches) if mine else None}
     with open(args.out, "w") as f:
         f.write(markdown(reports))
