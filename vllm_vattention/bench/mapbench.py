@@ -576,6 +576,66 @@ def reading_loads(ms: float = 30.0):
     return loads_for
 
 
+def gpu_loads(d, ms: float = 30.0):
+    """under_load's phases on the GPU, and a function that frees what they use: idle; one spin kernel
+    of `ms` (a step's kernels running); the stream blocked at a host flag that a timer sets `ms`
+    after the start (a step queued behind the mapping flag, as in the engine; the timer also bounds
+    the wait if the calls needed the GPU idle); 4096^2 bf16 GEMMs back to back for about `ms`
+    (kernels that move memory). Each load's GPU ms is timed by events around it."""
+    import ctypes
+    import threading
+
+    stream = torch.cuda.current_stream()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    cycles = _spin_cycles(ms)
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    a @ a  # cuBLAS's first call sets itself up: not part of the calibration
+    start.record()
+    for _ in range(10):
+        a @ a
+    end.record()
+    end.synchronize()
+    gemms = max(1, int(ms / (start.elapsed_time(end) / 10)))
+    host, dev = d.host_flag()
+    word = ctypes.c_uint32.from_address(host)
+    timers: list = []
+
+    def timed(work, after=None):
+        def go():
+            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0.record()
+            work()
+            t1.record()
+
+            def wait() -> float:
+                t1.synchronize()
+                if after is not None:
+                    after()
+                return t0.elapsed_time(t1)
+            return wait
+        return go
+
+    def blocked_at_flag():
+        v = word.value + 1
+        timer = threading.Timer(ms / 1e3, lambda: setattr(word, "value", v))
+        d.stream_wait(stream.cuda_stream, dev, v)
+        torch.cuda._sleep(1000)
+        timer.start()
+        timers.append(timer)
+
+    loads = {"idle": None,
+             f"a spin kernel of {ms:.0f} ms": timed(lambda: torch.cuda._sleep(cycles)),
+             f"blocked at a host flag set after {ms:.0f} ms": timed(blocked_at_flag, after=lambda: timers.pop().join()),
+             f"{gemms} bf16 GEMMs of 4096^2": timed(lambda: [a @ a for _ in range(gemms)])}
+
+    def free():  # a flag still waited on (a round that raised) is set by its timer before it goes
+        while timers:
+            timers.pop().join()
+        torch.cuda.synchronize()
+        d.free_host_flag(host)
+    return loads, free
+
+
 def _under_load_on_gpu(d) -> dict:
     """The calls timed on this thread under the GPU's loads, and by the native thread under those
     and under another thread's launches (which would confound this thread's timing with the GIL)."""
