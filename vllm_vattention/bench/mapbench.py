@@ -488,6 +488,24 @@ def _register_unregister(buf) -> None:
         raise RuntimeError(f"cudaHostUnregister returned {err}")
 
 
+def _event_timed(work, after=None):
+    """A GPU load for under_load / native_under_load: go() queues `work` between two timing events and
+    returns wait(), which waits for it, runs `after` if given, and returns its GPU ms."""
+    def go():
+        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0.record()
+        work()
+        t1.record()
+
+        def wait() -> float:
+            t1.synchronize()
+            if after is not None:
+                after()
+            return t0.elapsed_time(t1)
+        return wait
+    return go
+
+
 def _spin_cycles(ms: float) -> int:
     """torch.cuda._sleep's cycles for a kernel of about `ms` (its first call outside the calibration)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -558,18 +576,10 @@ def reading_loads(ms: float = 30.0):
             end.synchronize()
             times = max(1, int(ms / max(start.elapsed_time(end), 1e-3)))
 
-            def go():
-                t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                t0.record()
+            def repeated():
                 for _ in range(times):
                     work()
-                t1.record()
-
-                def wait() -> float:
-                    t1.synchronize()
-                    return t0.elapsed_time(t1)
-                return wait
-            return go
+            return _event_timed(repeated)
 
         return {"streaming reads of the mapped pages": timed_repeat(lambda: flat.amax()),
                 "4 KiB of every mapped page, shuffled": timed_repeat(lambda: per_page[order, :2048].amax())}
@@ -600,21 +610,6 @@ def gpu_loads(d, ms: float = 30.0):
     word = ctypes.c_uint32.from_address(host)
     timers: list = []
 
-    def timed(work, after=None):
-        def go():
-            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            t0.record()
-            work()
-            t1.record()
-
-            def wait() -> float:
-                t1.synchronize()
-                if after is not None:
-                    after()
-                return t0.elapsed_time(t1)
-            return wait
-        return go
-
     def blocked_at_flag():
         v = word.value + 1
         timer = threading.Timer(ms / 1e3, lambda: setattr(word, "value", v))
@@ -624,9 +619,10 @@ def gpu_loads(d, ms: float = 30.0):
         timers.append(timer)
 
     loads = {"idle": None,
-             f"a spin kernel of {ms:.0f} ms": timed(lambda: torch.cuda._sleep(cycles)),
-             f"blocked at a host flag set after {ms:.0f} ms": timed(blocked_at_flag, after=lambda: timers.pop().join()),
-             f"{gemms} bf16 GEMMs of 4096^2": timed(lambda: [a @ a for _ in range(gemms)])}
+             f"a spin kernel of {ms:.0f} ms": _event_timed(lambda: torch.cuda._sleep(cycles)),
+             f"blocked at a host flag set after {ms:.0f} ms": _event_timed(blocked_at_flag,
+                                                                           after=lambda: timers.pop().join()),
+             f"{gemms} bf16 GEMMs of 4096^2": _event_timed(lambda: [a @ a for _ in range(gemms)])}
 
     def free():  # a flag still waited on (a round that raised) is set by its timer before it goes
         while timers:
