@@ -356,7 +356,7 @@ def _went(b: list) -> str:
     cpu, runq, vol, invol = times
     drained = drained_by(b)
     return (f" [CPU {cpu:.1f} ms, waiting for a CPU {'?' if runq is None else f'{runq:.1f}'} ms, switches {vol} / {invol}"
-            + ("" if drained == "-" else f", drained {drained} background ops") + "]")
+            + ("" if drained is None else f", drained {drained} background ops") + "]")
 
 
 def _placed(p: tuple | None) -> str:

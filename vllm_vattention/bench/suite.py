@@ -918,10 +918,16 @@ def batch_times(batch: list) -> tuple | None:
     return tuple(batch[8:12]) if len(batch) >= 12 else None
 
 
-def drained_by(batch: list) -> int | str:
+def drained_by(batch: list) -> int | None:
     """A kept native batch's background ops that its DRAIN / DRAIN_ROW ops ran (value 12, NOTES
-    #143); "-" for batches from before the native thread counted them."""
-    return batch[12] if len(batch) >= 13 else "-"
+    #143); None for batches from before the native thread counted them."""
+    return batch[12] if len(batch) >= 13 else None
+
+
+def _drained_cell(batch: list) -> int | str:
+    """drained_by as a table cell ("-" where not counted)."""
+    drained = drained_by(batch)
+    return "-" if drained is None else drained
 
 
 def _where_time_went(batch: list) -> list[str]:
@@ -1095,7 +1101,7 @@ def markdown(doc: dict) -> str:
                            "switches: voluntary / involuntary", "longest flag stall ms (step)"],
                           [[m["workload"], m["system"], m["n"], f"{m['batch'][0]:.1f}", f"{m['batch'][1]:.1f}",
                             f"{m['batch'][2]:.1f}", f"{m['batch'][4]} {m['batch'][3]:.1f} ms", m["batch"][5],
-                            drained_by(m["batch"]), m["batch"][6], *_where_time_went(m["batch"]),
+                            _drained_cell(m["batch"]), m["batch"][6], *_where_time_went(m["batch"]),
                             f"{m['stall'][0]:.1f} ({m['stall'][1]})"]
                            for m in slow])
     parts = hook_rows(res)

@@ -37,6 +37,7 @@ import json
 import os
 
 from vllm_vattention.bench.offline import CLOCK_MARK  # the clock annotation (offline.clock_marker)
+from vllm_vattention.bench.suite import batch_times, drained_by  # (a kept native batch's later values)
 
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 LAUNCH_CATS = ("cuda_runtime", "cuda_driver")
@@ -223,9 +224,9 @@ def beside_batches(events: list[dict], batches: list[list], top: int = 4) -> lis
         lat, queued, run, submitted = b[0], b[1], b[2], b[7]
         s = offset + 1e6 * submitted + 1e3 * queued
         t = s + 1e3 * run
-        row = {"latency_ms": lat, "run_ms": run, "cpu_ms": b[8] if len(b) > 8 else None,
-               "voluntary": b[10] if len(b) > 10 else None, "drained": b[12] if len(b) > 12 else None,
-               "at_ms": round((s - t0) / 1e3, 3),
+        times = batch_times(b)
+        row = {"latency_ms": lat, "run_ms": run, "cpu_ms": times[0] if times else None,
+               "voluntary": times[2] if times else None, "drained": drained_by(b), "at_ms": round((s - t0) / 1e3, 3),
                "in_trace": mark["ts"] <= s <= end, "step": step_of(s), "calls": []}
         by: dict[str, dict] = {}
         lo = bisect.bisect_left(call_starts, s - longest)
