@@ -129,7 +129,10 @@ def compare(a: dict, b: dict) -> dict:
 VATTN_SYSTEMS = {
     "vattention": {"VLLM_ATTENTION_BACKEND": "VATTENTION"},
     "vattention-sync": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_BACKGROUND_MAP": "0",
-                        "VATTN_FA3_GUARD": "always"},
+                        "VATTN_FA3_GUARD": "always",
+                        # no mapping thread, so nothing to drain: a VATTN_ROW_DRAIN=1 set for the other
+                        # vAttention systems of a run would be refused here (ConfigError)
+                        "VATTN_ROW_DRAIN": "0"},
     # few spare frames (benchmarks/NOTES.md #23) and no lent ones: rows run out of warm slots, so both paths mix
     "vattention-spare": {"VLLM_ATTENTION_BACKEND": "VATTENTION", "VATTN_SPARE_BLOCKS": "64", "VATTN_LEND_BLOCKS": "0"},
     # stream mode without spares (the default before NOTES.md #29): every fresh block is mapped
