@@ -6,6 +6,7 @@
 #          kbench (vattn-kbench: paged FA3 vs FA2 over our rows, FA2's split count swept; KB_ARGS)
 #          under_load (do VMM calls wait for a running kernel, a stream blocked at a host flag, or another thread's launches? GPU test + mapbench)
 #          host_ops (the native thread's calls beside another thread's allocs, pinned allocs, syncs, D2H copies, graph replays; and with 16K-48K pages mapped)
+#          first_launch (the native thread's calls beside another thread's first launch of a kernel: CUDA lazy module loading)
 #          mapbench (vattn-mapbench; MB_ARGS, e.g. "--sections driver_per_page,contention --tag mapbench-x")
 #          stream_check (the stream-mode GPU tests alone, no sanitizer; then the clipped-guard tests under it)
 #          spare_check (spare frames: the libcuda test, then the e2e prefix-caching test against stock)
@@ -193,6 +194,13 @@ for s in $steps; do
         echo "test rc=$?"; tail -1 "$OUT/host_ops.log"
         timeout 200 python3 -m vllm_vattention.bench.mapbench --out "$OUT" --sections host_ops,at_scale --tag mapbench-host \
           >> "$OUT/host_ops.log" 2>&1; echo "mapbench rc=$?"; tail -18 "$OUT"/*-mapbench-host.md;;
+    first_launch) # NOTES #146: does CUDA's lazy module loading (a kernel's first launch, waiting for the GPU in the
+        # engine: NOTES #145) hold up the native thread's VMM calls? Control: a loaded kernel's launch
+        echo "CUDA_MODULE_LOADING=${CUDA_MODULE_LOADING:-unset (torch sets LAZY)}"
+        timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_vmm_gpu.py -k first_launch > "$OUT/first_launch.log" 2>&1
+        echo "test rc=$?"; tail -1 "$OUT/first_launch.log"
+        timeout 120 python3 -m vllm_vattention.bench.mapbench --out "$OUT" --sections first_launch --tag mapbench-first \
+          >> "$OUT/first_launch.log" 2>&1; echo "mapbench rc=$?"; tail -5 "$OUT"/*-mapbench-first.md;;
     mapbench) timeout 200 python3 -m vllm_vattention.bench.mapbench --out "$OUT" ${MB_ARGS:-} > "$OUT/mapbench.log" 2>&1; echo "rc=$?"; tail -30 "$OUT/mapbench.log";;
     ab) timeout 420 python3 examples/offline_ab.py --out "$OUT/ab.json" ${AB_ARGS:-} > "$OUT/ab.log" 2>&1; echo "rc=$?"; tail -40 "$OUT/ab.log";;
     *) echo "unknown step $s";;

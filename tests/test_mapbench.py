@@ -169,6 +169,62 @@ def test_a_load_in_another_thread_runs_until_its_round_ends_and_raises_what_went
         in_a_thread(fails, sync=lambda: None)()()
 
 
+def test_a_call_once_per_round_runs_beside_the_batch_and_its_host_time_is_reported():
+    """first_launch_loads' phases (NOTES #146) make one call per round in another thread: a call that
+    holds up the driver (here: holds the fake driver's lock that set_access takes, for 10 ms) must
+    show in that round's slowest native call, its own host ms must come back as the round's
+    load_ms, `before` runs first on that thread, and an error in the call reaches the caller."""
+    import threading
+    import time
+
+    from vllm_vattention.bench.mapbench import native_under_load, once_in_a_thread
+    from vllm_vattention.memory import PAGE_SIZE
+
+    lock = threading.Lock()
+
+    class LockedAccess(FakeDriver):
+        def set_access(self, va, size, writable=True):
+            with lock:
+                super().set_access(va, size, writable)
+
+    seen = {"before": [], "call": [], "synced": 0}
+
+    def holds_the_lock():
+        seen["call"].append(threading.get_ident())
+        with lock:
+            time.sleep(0.010)
+
+    def quick():
+        seen["call"].append(threading.get_ident())
+
+    d = LockedAccess(PAGE_SIZE, capacity=8 * PAGE_SIZE)
+    sync = lambda: seen.__setitem__("synced", seen["synced"] + 1)  # noqa: E731
+    before = lambda: seen["before"].append(threading.get_ident())  # noqa: E731
+    quiet, held = native_under_load(d, {"quick": once_in_a_thread(quick, before, sync),
+                                        "holds": once_in_a_thread(holds_the_lock, before, sync)}, pages=4, rounds=3)
+    assert d.native_errors == [] and d.leaks() == []
+    assert seen["synced"] == 6 and seen["before"] == seen["call"] and threading.get_ident() not in seen["call"]
+    assert len(held["load_ms"]) == 3 and all(ms >= 10.0 for ms in held["load_ms"])
+    assert len(quiet["load_ms"]) == 3 and all(ms < 10.0 for ms in quiet["load_ms"])
+    # the call took the lock ~2 ms before the batch began: its first set_access waited the rest
+    assert all(ms >= 5.0 and kind == "access_rw" for ms, kind in held["rounds_slowest_ms"])
+    assert max(ms for ms, _ in quiet["rounds_slowest_ms"]) < min(ms for ms, _ in held["rounds_slowest_ms"])
+    # loads whose wait returns nothing leave load_ms out
+    (idle,) = native_under_load(d, {"idle": None}, pages=1, rounds=1)
+    assert idle["load_ms"] is None
+
+    def fails():
+        raise RuntimeError("cuModuleLoad failed")
+    with pytest.raises(RuntimeError, match="cuModuleLoad failed"):
+        once_in_a_thread(fails, sync=lambda: None)()()
+
+
+def test_first_launch_loads_refuses_more_rounds_than_it_has_fresh_kernels_before_any_gpu_work():
+    from vllm_vattention.bench.mapbench import FRESH_DTYPES, first_launch_loads
+    with pytest.raises(ValueError, match=f"has {len(FRESH_DTYPES)} fresh kernels"):
+        first_launch_loads(rounds=len(FRESH_DTYPES) + 1)
+
+
 def test_at_scale_maps_each_count_first_caps_it_to_free_memory_and_gives_everything_back():
     """at_scale (NOTES #141): with that many pages mapped, the native thread's batches on fresh pages
     of the same reservation, idle and under each load that loads_for builds over the mapped pages; a

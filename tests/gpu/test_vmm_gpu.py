@@ -414,6 +414,25 @@ def test_mapbench_under_load_runs_each_gpu_load_for_its_time_and_frees_what_it_u
     assert abs(driver.mem_info()[0] - free_before) < 16 << 20
 
 
+def test_mapbench_first_launch_times_each_rounds_call_beside_the_native_threads_batch(driver, cuda):
+    """mapbench's first_launch phases on libcuda (NOTES #146): in another thread, a spin kernel then a
+    launch, one per round, each timed on the host while the native thread runs its batch. The
+    control's launch (a kernel already loaded) is asynchronous, so it returns long before its spin
+    ends; the first launches run (a cast and cummax over a dtype each round); nothing is left
+    mapped."""
+    from vllm_vattention.bench.mapbench import first_launch_loads, native_under_load
+
+    loads = first_launch_loads(ms=20.0, rounds=2)
+    control, first = native_under_load(driver, loads, pages=8, rounds=2)
+    torch.cuda.synchronize()
+    assert [control["phase"], first["phase"]] == list(loads)
+    assert "loaded kernel" in control["phase"] and "first launch" in first["phase"]
+    assert all(len(r["load_ms"]) == 2 and len(r["rounds_slowest_ms"]) == 2 and r["set_access_us"] > 0
+               for r in (control, first))
+    assert all(ms < 15.0 for ms in control["load_ms"])  # a launch does not wait for the kernel before it
+    assert all(ms > 0 for ms in first["load_ms"])
+
+
 def test_mapbench_host_ops_and_at_scale_run_on_libcuda_and_keep_nothing(driver, cuda):
     """mapbench's host_ops loads (NOTES #141: another thread allocating and freeing device and pinned
     memory, waiting for a kernel, copying to the host, replaying a CUDA graph, pinning and unpinning

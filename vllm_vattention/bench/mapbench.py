@@ -18,7 +18,7 @@ from ..memory import PAGE_SIZE, CudaDriver, KVGeometry, KVMemoryManager, make_la
 from .env import environment, header, results_stem, write_markdown
 
 SECTIONS = ("driver_per_page", "manager", "step_loop", "contention", "parallel", "alloc_sizes", "under_load", "host_ops",
-            "at_scale")
+            "at_scale", "first_launch")
 LLAMA3_8B = KVGeometry(num_layers=32, num_kv_heads=8, head_size=128, dtype_bytes=2)
 
 
@@ -352,9 +352,10 @@ def native_under_load(d, loads: dict, pages: int = 64, rounds: int = 8, where: t
     thread's launches: does a thread making CUDA calls slow the native thread's VMM calls?). Each
     round is one batch of `pages` maps, set-accesses and unmaps (map_cycle_ops). Per phase: the
     mean us per call of each kind (the thread's own timing), each round's slowest call, in ms, with
-    its kind, and the share of the batches' running time the thread spent on a CPU (a slow call
-    that spins in the driver, against one that sleeps). `where`: (va, handles) of the pages to use,
-    unmapped, kept by the caller; default: `pages` pages of their own."""
+    its kind, the share of the batches' running time the thread spent on a CPU (a slow call
+    that spins in the driver, against one that sleeps), and what each round's load wait returned
+    (`load_ms`: its GPU ms, or the host ms of once_in_a_thread's call; None if nothing). `where`:
+    (va, handles) of the pages to use, unmapped, kept by the caller; default: `pages` pages of their own."""
     from ..memory.native import NativeExecutor
 
     if rounds > NativeExecutor.SLOWEST:
@@ -367,21 +368,24 @@ def native_under_load(d, loads: dict, pages: int = 64, rounds: int = 8, where: t
     try:
         for phase, load in loads.items():
             ex.stats(reset=True)
+            waited = []
             for _ in range(rounds):
                 done = load() if load is not None else None
                 ex.run(ops)
                 ex.wait()
                 if done is not None:
-                    done()
+                    waited.append(done())
             st = ex.stats(reset=True)
             n = len(hs) * rounds
+            waited = [ms for ms in waited if ms is not None]
             slowest = sorted(st["native_slowest_batches"], key=lambda b: -b[3])
             running = sum(b[2] for b in slowest)
             out.append({"phase": phase, "calls": 3 * n,
                         "map_us": st["native_map_seconds"] / n * 1e6, "set_access_us": st["native_access_seconds"] / n * 1e6,
                         "unmap_us": st["native_unmap_seconds"] / n * 1e6,
                         "rounds_slowest_ms": [[b[3], b[4]] for b in slowest],
-                        "cpu_of_running": sum(b[8] for b in slowest) / running if running > 0 else None})
+                        "cpu_of_running": sum(b[8] for b in slowest) / running if running > 0 else None,
+                        "load_ms": waited or None})
     finally:
         ex.wait()
         ex.close()
@@ -420,6 +424,77 @@ def in_a_thread(body, setup=None, sync=None):
             (sync or torch.cuda.synchronize)()
         return wait
     return load
+
+
+def once_in_a_thread(call, before=None, sync=None, lead_s: float = 0.002):
+    """A load for native_under_load that makes one call per round in another thread, timed there:
+    `before()` first if given (queue GPU work), then `call()`. load() returns once that thread is
+    about to make the call, `lead_s` later, so the round's batch runs while the call is under way (a
+    call that waits for the GPU keeps the batch beside it). The wait joins the thread, raises what it
+    raised, calls `sync` (default: synchronize the device) and returns the call's host ms."""
+    import threading
+
+    def load():
+        about = threading.Event()
+        out: dict = {}
+
+        def run():
+            try:
+                if before is not None:
+                    before()
+                about.set()
+                t = time.perf_counter()
+                call()
+                out["ms"] = (time.perf_counter() - t) * 1e3
+            except BaseException as e:  # noqa: BLE001 - raised by wait() on the caller's thread
+                out["error"] = e
+            finally:
+                about.set()
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        about.wait()
+        time.sleep(lead_s)
+
+        def wait() -> float:
+            t.join()
+            if "error" in out:
+                raise out["error"]
+            (sync or torch.cuda.synchronize)()
+            return out["ms"]
+        return wait
+    return load
+
+
+# dtypes for first_launch_loads' fresh kernels: each is one more instantiation of a kernel template that
+# the process has not launched (cummax over it, and the cast to it)
+FRESH_DTYPES = ("float16", "bfloat16", "float64", "int8", "int16", "int32", "int64", "uint8")
+
+
+def first_launch_loads(ms: float = 30.0, rounds: int = 8) -> dict:
+    """native_under_load's loads for NOTES #145/#146's question: CUDA's lazy module loading (the
+    default since 12.2) loads a kernel at its first launch, and in the engine that waited for the
+    device (the lm_head GEMM of each new batch size returned only when the step's forward ended).
+    Does a lazy load also hold up the native thread's VMM calls (the engine's 20-30 ms set_access
+    calls that sleep in the driver)? Two phases, in another thread, one call per round: a spin
+    kernel of `ms`, then a kernel already loaded (an add; the control); the same spin, then a
+    kernel never launched before in this process (cummax over the next of FRESH_DTYPES, after a
+    cast to it). The phases' load_ms is that call's host ms: about `ms` where the launch waited for
+    the spin, well under 1 ms where it did not."""
+    if rounds > len(FRESH_DTYPES):
+        raise ValueError(f"rounds={rounds}: first_launch_loads has {len(FRESH_DTYPES)} fresh kernels, one per round")
+    spin = _spin_cycles(ms)
+    x = torch.rand(4096, device="cuda")
+    torch.add(x, 1.0)  # the control's kernel: loaded before its phase
+    torch.cuda.synchronize()
+    fresh = iter(FRESH_DTYPES)
+
+    def first_launch():
+        torch.cummax(x.to(getattr(torch, next(fresh))), 0)
+    queue_spin = lambda: torch.cuda._sleep(spin)  # noqa: E731
+    return {f"another thread: a {ms:.0f} ms kernel, then a loaded kernel's launch": once_in_a_thread(
+                lambda: torch.add(x, 1.0), before=queue_spin),
+            f"another thread: a {ms:.0f} ms kernel, then a kernel's first launch (lazy module load)": once_in_a_thread(
+                first_launch, before=queue_spin)}
 
 
 def _tiny():
@@ -643,13 +718,17 @@ def _under_load_on_gpu(d) -> dict:
         free()
 
 
-def _native_table(rows: list[dict], title: str) -> list[str]:
-    """native_under_load's rows as a markdown table."""
+def _native_table(rows: list[dict], title: str, load_ms: str | None = None) -> list[str]:
+    """native_under_load's rows as a markdown table; with `load_ms` (its heading), a column of each
+    round's load_ms."""
     cpu = lambda r: "-" if r.get("cpu_of_running") is None else f"{100 * r['cpu_of_running']:.0f}%"  # noqa: E731
+    extra = lambda r: "" if load_ms is None else " " + (  # noqa: E731
+        "-" if not r.get("load_ms") else ", ".join(f"{ms:.2f}" for ms in r["load_ms"])) + " |"
     return ["", f"| {title} | map us | set_access us | unmap us | on a CPU, of the batches' time | "
-                "each round's slowest call, ms |", "|---|---|---|---|---|---|"] + [
+                "each round's slowest call, ms |" + ("" if load_ms is None else f" {load_ms} |"),
+            "|---|---|---|---|---|---|" + ("" if load_ms is None else "---|")] + [
         f"| {r['phase']} | {r['map_us']:.1f} | {r['set_access_us']:.1f} | {r['unmap_us']:.1f} | {cpu(r)} | "
-        f"{', '.join(f'{ms:.2f} ({kind})' for ms, kind in r['rounds_slowest_ms'])} |" for r in rows]
+        f"{', '.join(f'{ms:.2f} ({kind})' for ms, kind in r['rounds_slowest_ms'])} |{extra(r)}" for r in rows]
 
 
 def main(argv=None) -> None:
@@ -673,7 +752,8 @@ def main(argv=None) -> None:
             "contention": lambda: contention(d), "parallel": lambda: parallel_driver(d, args.pages),
             "alloc_sizes": lambda: alloc_size_costs(d), "under_load": lambda: _under_load_on_gpu(d),
             "host_ops": lambda: native_under_load(d, host_loads(d)),
-            "at_scale": lambda: at_scale(d, loads_for=reading_loads(), release=torch.cuda.empty_cache)}
+            "at_scale": lambda: at_scale(d, loads_for=reading_loads(), release=torch.cuda.empty_cache),
+            "first_launch": lambda: native_under_load(d, first_launch_loads())}
     res = {**env, **{name: runs[name]() for name in SECTIONS if name in wanted}}
     os.makedirs(args.out, exist_ok=True)
     stem = results_stem(args.out, env, f"-{args.tag}")
@@ -729,6 +809,9 @@ def main(argv=None) -> None:
         setup = {r["mapped_pages"]: r["setup_s"] for r in res["at_scale"]}  # (one per count; its rows share it)
         lines += ["", "Mapping the pages beforehand took: " + ", ".join(
             f"{n} pages {s:.2f} s" for n, s in setup.items())]
+    if "first_launch" in res:
+        lines += _native_table(res["first_launch"], "the native thread's calls (one batch per round), meanwhile",
+                               load_ms="the other thread's call, host ms per round")
     write_markdown(stem, "\n".join(lines) + "\n")
 
 
