@@ -736,6 +736,34 @@ def test_serving_jobs_side_by_side_each_get_a_port_of_their_own(tmp_path):
                                       "tpot_ms": [4.0, 3.0], "chunks": [2, 3], "input_len": [9, 8]}
     # stock's server is traced too (worker.TracedWorker), in a file of its own beside the run's
     assert rows[0]["step_trace"].startswith("steps-stock-fa3-") and (tmp_path / rows[0]["step_trace"]).exists()
+    # the CPU the server's processes and the client used over each run (NOTES #149): the fake server is
+    # one process, the root; the client is a Python process that ran (its start-up alone takes CPU)
+    for r in rows:
+        assert [p["root"] for p in r["cpu"]["procs"]] == [True] and r["cpu"]["wall_s"] > 0
+        assert r["cpu"]["client_cpu_s"] > 0.01 and r["cpu"]["procs"][0]["cpu_s"] >= 0
+    (c,) = S.cpu_rows([{**rows[0], "system": "stock-fa3"}])
+    assert c["engine_s"] is None and c["others_s"] == 0 and c["client_s"] == rows[0]["cpu"]["client_cpu_s"]
+    assert "## CPU over each serving run" in md
+
+
+def test_cpu_rows_take_the_busiest_process_below_the_api_server_as_the_engine_and_median_over_repetitions():
+    def run(rep, api, engine, helper, client, machine):
+        procs = [{"pid": 10, "name": "vllm", "root": True, "cpu_s": api, "busiest_thread": "vllm",
+                  "busiest_thread_s": api * 0.9, "busiest_thread_share": api * 0.9 / 20.0},
+                 {"pid": 12, "name": "resource_tracker", "root": False, "cpu_s": helper, "busiest_thread": "python3",
+                  "busiest_thread_s": helper, "busiest_thread_share": helper / 20.0},
+                 {"pid": 11, "name": "VLLM::EngineCor", "root": False, "cpu_s": engine, "busiest_thread": "VLLM::EngineCor",
+                  "busiest_thread_s": engine * 0.7, "busiest_thread_share": engine * 0.7 / 20.0}]
+        return {"workload": "serve-rate-16", "system": "vattn-fa2", "rep": rep, "call": rep + 1, "error": None,
+                "requests_per_s": 15.0, "cpu": {"wall_s": 20.0, "procs": procs, "machine_busy_cpus": machine, "cpus": 16,
+                                                "client_cpu_s": client}}
+    res = [run(0, 18.0, 25.0, 0.5, 6.0, 3.0), run(1, 19.0, 27.0, 0.25, 7.0, 3.5), run(2, 20.0, 26.0, 0.75, 8.0, 4.0)]
+    (c,) = S.cpu_rows(res + [{**run(3, 99.0, 99.0, 9.0, 99.0, 9.0), "error": "failed"}])  # a failed run is left out
+    assert (c["n"], c["engine_name"], c["cpus"]) == (3, "VLLM::EngineCor", 16)
+    assert (c["api_s"], c["engine_s"], c["others_s"], c["client_s"], c["machine"]) == (19.0, 26.0, 0.5, 7.0, 3.5)
+    assert c["api_thread"] == pytest.approx(19.0 * 0.9 / 20.0) and c["engine_thread"] == pytest.approx(26.0 * 0.7 / 20.0)
+    md = S.markdown({"results": res})
+    assert "| serve-rate-16 | vattn-fa2 | 3 | 20.0 | 19.0 | 86% | 26.0 (VLLM::EngineCor) | 91% | 0.5 | 7.0 | 3.5 (16) |" in md
 
 
 def test_per_request_needs_every_list_and_equal_lengths():

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from . import procstat
 from .env import engine_env, environment, header, pyplot, results_stem, save_figure, write_markdown
 
 SYSTEMS: dict[str, dict] = {
@@ -356,6 +357,11 @@ class RunningServer:
     def __exit__(self, *exc) -> None:
         self._stop()
 
+    @property
+    def pid(self) -> int:
+        """The server process's pid (the API server; the engine runs in a process below it)."""
+        return self._proc.pid
+
     def _stop(self) -> None:
         self._proc.terminate()
         try:
@@ -494,6 +500,13 @@ def histogram_means(before: dict | None, after: dict | None) -> dict | None:
     return out
 
 
+def _children_cpu_s() -> float:
+    """CPU seconds of this process's waited-for children so far (the `vllm bench serve` clients)."""
+    import resource
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def _run_serve(cli, model: str, workloads: list[Workload], system: str, env, raw, timeout, tp: int = 1,
                on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """One server; `vllm bench serve` at each workload's request rate in turn."""
@@ -515,11 +528,14 @@ def _run_serve(cli, model: str, workloads: list[Workload], system: str, env, raw
             client = cli + ["bench", "serve", "--model", model, "--port", str(port), *_dataset_args(model, w, raw),
                             "--num-prompts", str(w.num_prompts), "--request-rate", str(w.request_rate),
                             "--ignore-eos", "--save-result", "--save-detailed", "--result-filename", raw]
+            cpu_before, client_before = procstat.snapshot(server.pid), _children_cpu_s()
             try:
                 p = subprocess.run(client, env=env, capture_output=True, text=True, timeout=timeout)
             finally:
                 if w.dataset == "distinct" and os.path.exists(f"{raw}.{w.name}.jsonl"):
                     os.remove(f"{raw}.{w.name}.jsonl")
+            cpu = {**procstat.between(cpu_before, procstat.snapshot(server.pid)),
+                   "client_cpu_s": round(_children_cpu_s() - client_before, 3)}
             if p.returncode != 0:
                 raise RuntimeError(f"bench serve failed:\n{(p.stdout + p.stderr)[-3000:]}")
             d = json.load(open(raw))
@@ -530,7 +546,7 @@ def _run_serve(cli, model: str, workloads: list[Workload], system: str, env, raw
                             "tpot_p50_ms": d.get("median_tpot_ms"), "tpot_p99_ms": d.get("p99_tpot_ms"),
                             "ttft_mean_ms": d.get("mean_ttft_ms"), "tpot_mean_ms": d.get("mean_tpot_ms"),
                             "server": histogram_means(before, _scrape_after(port, before, w.num_prompts)),
-                            "per_request": per_request(d)})
+                            "per_request": per_request(d), "cpu": cpu})
             if on_row:
                 on_row(dict(results[-1]))
     log = server.log
@@ -972,6 +988,31 @@ def server_rows(res: list[dict]) -> list[dict]:
     return out
 
 
+def cpu_rows(res: list[dict]) -> list[dict]:
+    """Per serving workload and system: the CPU its processes used over the client's run (NOTES #149;
+    medians over repetitions): the API server (the server's own process) and its busiest thread's
+    share of the wall time (1.0: an event loop that never waited), the engine (the busiest process
+    below it) likewise, the server's other processes, the client, and the machine's busy CPUs."""
+    def parts(r: dict) -> dict:
+        c = r["cpu"]
+        api = next((p for p in c["procs"] if p["root"]), None)
+        below = sorted((p for p in c["procs"] if not p["root"]), key=lambda p: -p["cpu_s"])
+        engine = below[0] if below else None
+        return {"wall_s": c["wall_s"], "api_s": api and api["cpu_s"], "api_thread": api and api["busiest_thread_share"],
+                "engine_s": engine and engine["cpu_s"], "engine_thread": engine and engine["busiest_thread_share"],
+                "engine_name": engine and engine["name"], "others_s": sum(p["cpu_s"] for p in below[1:]),
+                "client_s": c.get("client_cpu_s"), "machine": c.get("machine_busy_cpus"), "cpus": c.get("cpus")}
+
+    out = []
+    for (w, sy), ps in _grouped(res, lambda r: parts(r) if r.get("cpu") else None).items():
+        row = {"workload": w, "system": sy, "n": len(ps), "engine_name": ps[0]["engine_name"], "cpus": ps[0]["cpus"]}
+        for k in ("wall_s", "api_s", "api_thread", "engine_s", "engine_thread", "others_s", "client_s", "machine"):
+            xs = [p[k] for p in ps if p[k] is not None]
+            row[k] = statistics.median(xs) if xs else None
+        out.append(row)
+    return out
+
+
 def _ms(x) -> str:
     return "-" if x is None else f"{x:.1f}"
 
@@ -1016,6 +1057,19 @@ def markdown(doc: dict) -> str:
                            "inter-token (server)"],
                           [[m["workload"], m["system"], m["n"]] + [_ms(m[k]) for k in
                            ("client", "ttft", "queue", "prefill", "outside", "frontend", "itl")] for m in split])
+    cpu = cpu_rows(res)
+    if cpu:
+        share = lambda x: "-" if x is None else f"{100 * x:.0f}%"  # noqa: E731
+        secs = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
+        lines += _section("CPU over each serving run (CPU seconds; a thread's share of the wall time; medians over "
+                          "repetitions; NOTES #149)",
+                          ["workload", "system", "runs", "wall s", "API server", "its busiest thread",
+                           "engine process", "its busiest thread", "other server processes", "client",
+                           "machine: busy CPUs (of)"],
+                          [[c["workload"], c["system"], c["n"], secs(c["wall_s"]), secs(c["api_s"]), share(c["api_thread"]),
+                            f"{secs(c['engine_s'])} ({c['engine_name'] or '-'})", share(c["engine_thread"]),
+                            secs(c["others_s"]), secs(c["client_s"]),
+                            f"{'-' if c['machine'] is None else format(c['machine'], '.1f')} ({c['cpus']})"] for c in cpu])
     maps = mapping_rows(res)
     if maps:
         lines += _section("Page mapping on the engine thread (medians over repetitions)",
