@@ -1060,15 +1060,14 @@ def markdown(doc: dict) -> str:
     cpu = cpu_rows(res)
     if cpu:
         share = lambda x: "-" if x is None else f"{100 * x:.0f}%"  # noqa: E731
-        secs = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
         lines += _section("CPU over each serving run (CPU seconds; a thread's share of the wall time; medians over "
                           "repetitions; NOTES #149)",
                           ["workload", "system", "runs", "wall s", "API server", "its busiest thread",
                            "engine process", "its busiest thread", "other server processes", "client",
                            "machine: busy CPUs (of)"],
-                          [[c["workload"], c["system"], c["n"], secs(c["wall_s"]), secs(c["api_s"]), share(c["api_thread"]),
-                            f"{secs(c['engine_s'])} ({c['engine_name'] or '-'})", share(c["engine_thread"]),
-                            secs(c["others_s"]), secs(c["client_s"]),
+                          [[c["workload"], c["system"], c["n"], _ms(c["wall_s"]), _ms(c["api_s"]), share(c["api_thread"]),
+                            f"{_ms(c['engine_s'])} ({c['engine_name'] or '-'})", share(c["engine_thread"]),
+                            _ms(c["others_s"]), _ms(c["client_s"]),
                             f"{'-' if c['machine'] is None else format(c['machine'], '.1f')} ({c['cpus']})"] for c in cpu])
     maps = mapping_rows(res)
     if maps:
