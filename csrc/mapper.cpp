@@ -53,6 +53,7 @@
 #include <vector>
 
 #include <fcntl.h>
+#include <pthread.h>
 #include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
@@ -387,6 +388,8 @@ struct Mapper {
   }
 
   void run() {
+    // named for top, /proc/<pid>/task/*/comm and the suite's CPU table (bench/procstat.py)
+    pthread_setname_np(pthread_self(), "vattn-mapper");
     set_context_or_fail("mapping thread");
     int schedstat = open("/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC);  // -1: runq_ns unknown
     struct CloseFd {

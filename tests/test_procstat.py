@@ -74,3 +74,38 @@ def test_a_name_with_spaces_and_parentheses_is_read_whole(tmp_path):
     name, ppid, cpu = procstat._stat(str(stat))
     assert (name, ppid) == ("VLLM::Engine) x", 77) and cpu == pytest.approx(300 / procstat._TICKS)
     assert procstat._stat(str(tmp_path / "gone")) is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux's /proc")
+def test_the_native_mapping_thread_is_named_and_its_cpu_counted_by_that_name():
+    """csrc/mapper.cpp names its thread "vattn-mapper", so the suite's CPU table can tell it from the
+    engine's other threads: here the fake driver's calls run on it and burn CPU there."""
+    import os
+    import time
+
+    from vllm_vattention.bench.mapbench import map_cycle_ops
+    from vllm_vattention.bench.suite import MAPPER_THREAD
+    from vllm_vattention.memory import PAGE_SIZE, FakeDriver
+    from vllm_vattention.memory.native import NativeExecutor
+
+    class SlowMap(FakeDriver):
+        def map(self, va, size, handle, offset=0):
+            t = time.thread_time()
+            while time.thread_time() - t < 0.01:  # 10 ms of CPU per call, on the calling thread
+                pass
+            super().map(va, size, handle, offset)
+
+    d = SlowMap(PAGE_SIZE, capacity=8 * PAGE_SIZE)
+    va = d.reserve(4 * PAGE_SIZE)
+    hs = [d.create(PAGE_SIZE) for _ in range(4)]
+    ex = NativeExecutor(*d.native_table())
+    try:
+        before = procstat.snapshot(os.getpid())
+        for _ in range(5):
+            ex.run(map_cycle_ops(va, hs, PAGE_SIZE))
+        ex.wait()
+        (me,) = procstat.between(before, procstat.snapshot(os.getpid()))["procs"]
+    finally:
+        ex.close()
+    assert d.native_errors == []
+    assert me["threads_by_name"][MAPPER_THREAD] >= 0.15  # 20 maps x 10 ms, ticks of 10 ms

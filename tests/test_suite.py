@@ -743,6 +743,7 @@ def test_serving_jobs_side_by_side_each_get_a_port_of_their_own(tmp_path):
         assert r["cpu"]["client_cpu_s"] > 0.01 and r["cpu"]["procs"][0]["cpu_s"] >= 0
     (c,) = S.cpu_rows([{**rows[0], "system": "stock-fa3"}])
     assert c["engine_s"] is None and c["others_s"] == 0 and c["client_s"] == rows[0]["cpu"]["client_cpu_s"]
+    assert c["mapper_s"] == 0  # stock's server: no mapping thread
     assert "## CPU over each serving run" in md
 
 
@@ -753,7 +754,8 @@ def test_cpu_rows_take_the_busiest_process_below_the_api_server_as_the_engine_an
                  {"pid": 12, "name": "resource_tracker", "root": False, "cpu_s": helper, "busiest_thread": "python3",
                   "busiest_thread_s": helper, "busiest_thread_share": helper / 20.0},
                  {"pid": 11, "name": "VLLM::EngineCor", "root": False, "cpu_s": engine, "busiest_thread": "VLLM::EngineCor",
-                  "busiest_thread_s": engine * 0.7, "busiest_thread_share": engine * 0.7 / 20.0}]
+                  "busiest_thread_s": engine * 0.7, "busiest_thread_share": engine * 0.7 / 20.0,
+                  "threads_by_name": {"VLLM::EngineCor": engine * 0.8, "vattn-mapper": engine / 10}}]
         return {"workload": "serve-rate-16", "system": "vattn-fa2", "rep": rep, "call": rep + 1, "error": None,
                 "requests_per_s": 15.0, "cpu": {"wall_s": 20.0, "procs": procs, "machine_busy_cpus": machine, "cpus": 16,
                                                 "client_cpu_s": client}}
@@ -761,9 +763,10 @@ def test_cpu_rows_take_the_busiest_process_below_the_api_server_as_the_engine_an
     (c,) = S.cpu_rows(res + [{**run(3, 99.0, 99.0, 9.0, 99.0, 9.0), "error": "failed"}])  # a failed run is left out
     assert (c["n"], c["engine_name"], c["cpus"]) == (3, "VLLM::EngineCor", 16)
     assert (c["api_s"], c["engine_s"], c["others_s"], c["client_s"], c["machine"]) == (19.0, 26.0, 0.5, 7.0, 3.5)
+    assert c["mapper_s"] == pytest.approx(2.6)  # the native thread's, by its name
     assert c["api_thread"] == pytest.approx(19.0 * 0.9 / 20.0) and c["engine_thread"] == pytest.approx(26.0 * 0.7 / 20.0)
     md = S.markdown({"results": res})
-    assert "| serve-rate-16 | vattn-fa2 | 3 | 20.0 | 19.0 | 86% | 26.0 (VLLM::EngineCor) | 91% | 0.5 | 7.0 | 3.5 (16) |" in md
+    assert "| serve-rate-16 | vattn-fa2 | 3 | 20.0 | 19.0 | 86% | 26.0 (VLLM::EngineCor) | 91% | 2.6 | 0.5 | 7.0 | 3.5 (16) |" in md
 
 
 def test_per_request_needs_every_list_and_equal_lengths():

@@ -69,10 +69,14 @@ def snapshot(root: int) -> dict:
             "cpus": os.cpu_count()}
 
 
+NAMED = 8  # per process, the thread names that used the most CPU (e.g. the native "vattn-mapper")
+
+
 def between(before: dict, after: dict) -> dict:
     """What the tree and the machine used from `before` to `after` (two snapshots of one root):
-    wall seconds; per process (by pid, the root first) its name, CPU seconds and busiest thread
-    (name, CPU seconds, share of the wall time: 1.0 is a thread that never left a CPU); and how
+    wall seconds; per process (by pid, the root first) its name, CPU seconds, busiest thread
+    (name, CPU seconds, share of the wall time: 1.0 is a thread that never left a CPU) and the
+    CPU seconds of its threads by name (the NAMED busiest names; threads share a name); and how
     many of the machine's CPUs were busy on average. Processes that started in between count from
     zero; those that ended are left out (their time is not in /proc any more)."""
     wall = after["at"] - before["at"]
@@ -84,10 +88,15 @@ def between(before: dict, after: dict) -> dict:
             was = b["threads"].get(tid, (name, 0.0))[1] if b else 0.0
             threads.append((cpu - was, name))
         top = max(threads) if threads else (0.0, "")
+        by_name: dict[str, float] = {}
+        for cpu, name in threads:
+            by_name[name] = by_name.get(name, 0.0) + cpu
+        named = sorted(by_name.items(), key=lambda kv: -kv[1])[:NAMED]
         rows.append({"pid": pid, "name": a["name"], "root": pid == after["root"],
                      "cpu_s": round(a["cpu_s"] - (b["cpu_s"] if b else 0.0), 3),
                      "busiest_thread": top[1], "busiest_thread_s": round(top[0], 3),
-                     "busiest_thread_share": round(top[0] / wall, 3) if wall > 0 else None})
+                     "busiest_thread_share": round(top[0] / wall, 3) if wall > 0 else None,
+                     "threads_by_name": {name: round(cpu, 3) for name, cpu in named}})
     busy = None
     if after["machine_busy_s"] is not None and before["machine_busy_s"] is not None and wall > 0:
         busy = round((after["machine_busy_s"] - before["machine_busy_s"]) / wall, 2)

@@ -988,11 +988,15 @@ def server_rows(res: list[dict]) -> list[dict]:
     return out
 
 
+MAPPER_THREAD = "vattn-mapper"  # the native mapping thread's name (csrc/mapper.cpp)
+
+
 def cpu_rows(res: list[dict]) -> list[dict]:
     """Per serving workload and system: the CPU its processes used over the client's run (NOTES #149;
     medians over repetitions): the API server (the server's own process) and its busiest thread's
     share of the wall time (1.0: an event loop that never waited), the engine (the busiest process
-    below it) likewise, the server's other processes, the client, and the machine's busy CPUs."""
+    below it) likewise, of it the native mapping thread's CPU (0 for stock), the server's other
+    processes, the client, and the machine's busy CPUs."""
     def parts(r: dict) -> dict:
         c = r["cpu"]
         api = next((p for p in c["procs"] if p["root"]), None)
@@ -1001,12 +1005,15 @@ def cpu_rows(res: list[dict]) -> list[dict]:
         return {"wall_s": c["wall_s"], "api_s": api and api["cpu_s"], "api_thread": api and api["busiest_thread_share"],
                 "engine_s": engine and engine["cpu_s"], "engine_thread": engine and engine["busiest_thread_share"],
                 "engine_name": engine and engine["name"], "others_s": sum(p["cpu_s"] for p in below[1:]),
+                # the native mapping thread (csrc/mapper.cpp names it), in whichever process runs it
+                "mapper_s": sum(p.get("threads_by_name", {}).get(MAPPER_THREAD, 0.0) for p in c["procs"]),
                 "client_s": c.get("client_cpu_s"), "machine": c.get("machine_busy_cpus"), "cpus": c.get("cpus")}
 
     out = []
     for (w, sy), ps in _grouped(res, lambda r: parts(r) if r.get("cpu") else None).items():
         row = {"workload": w, "system": sy, "n": len(ps), "engine_name": ps[0]["engine_name"], "cpus": ps[0]["cpus"]}
-        for k in ("wall_s", "api_s", "api_thread", "engine_s", "engine_thread", "others_s", "client_s", "machine"):
+        for k in ("wall_s", "api_s", "api_thread", "engine_s", "engine_thread", "mapper_s", "others_s", "client_s",
+                  "machine"):
             xs = [p[k] for p in ps if p[k] is not None]
             row[k] = statistics.median(xs) if xs else None
         out.append(row)
@@ -1063,10 +1070,11 @@ def markdown(doc: dict) -> str:
         lines += _section("CPU over each serving run (CPU seconds; a thread's share of the wall time; medians over "
                           "repetitions; NOTES #149)",
                           ["workload", "system", "runs", "wall s", "API server", "its busiest thread",
-                           "engine process", "its busiest thread", "other server processes", "client",
+                           "engine process", "its busiest thread", "of it the mapping thread", "other server processes",
+                           "client",
                            "machine: busy CPUs (of)"],
                           [[c["workload"], c["system"], c["n"], _ms(c["wall_s"]), _ms(c["api_s"]), share(c["api_thread"]),
-                            f"{_ms(c['engine_s'])} ({c['engine_name'] or '-'})", share(c["engine_thread"]),
+                            f"{_ms(c['engine_s'])} ({c['engine_name'] or '-'})", share(c["engine_thread"]), _ms(c["mapper_s"]),
                             _ms(c["others_s"]), _ms(c["client_s"]),
                             f"{'-' if c['machine'] is None else format(c['machine'], '.1f')} ({c['cpus']})"] for c in cpu])
     maps = mapping_rows(res)
