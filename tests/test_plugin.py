@@ -207,6 +207,19 @@ def test_step_trace_on_a_stock_run_picks_the_traced_worker_only(vllm_config_fact
     apply_if_selected(vc)
     assert vc.parallel_config.worker_cls == TRACED_WORKER_PATH
     assert (vc.cache_config.block_size, vc.attention_config.backend) == before
+    # vLLM checks the config again in the engine process: the traced worker stays, with no warning
+    # that it is not traced (a stock server's log said so while it wrote its trace)
+    import logging
+    seen = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    from vllm_vattention.selection import logger
+    logger.addHandler(handler)
+    try:
+        apply_if_selected(vc)
+    finally:
+        logger.removeHandler(handler)
+    assert vc.parallel_config.worker_cls == TRACED_WORKER_PATH and not [m for m in seen if "not traced" in m]
     other = vllm_config_factory()
     other.parallel_config.worker_cls = "my.own.Worker"
     apply_if_selected(other)

@@ -135,8 +135,12 @@ def validate_and_apply(vllm_config, cfg: VattnConfig) -> None:
 def trace_stock(vllm_config, cfg: VattnConfig) -> None:
     """VATTN_STEP_TRACE on a stock run (vAttention not selected): vLLM's own worker and runner with
     the step trace only (worker.TracedWorker), so an A/B's baseline server is traced as ours is.
-    A worker class someone else chose is left alone."""
+    A worker class someone else chose is left alone. Idempotent: vLLM checks the config again in
+    the engine process, where the traced worker is already chosen (it warned "not traced" there,
+    while the trace was written)."""
     pc = vllm_config.parallel_config
+    if pc.worker_cls == TRACED_WORKER_PATH:
+        return
     if pc.worker_cls not in STOCK_WORKERS:
         logger.warning("VATTN_STEP_TRACE=%s: not traced, the worker class is %s (not vLLM's own)",
                        cfg.step_trace, pc.worker_cls)
