@@ -296,3 +296,29 @@ def test_fa2_order_is_checked_and_refused_where_no_fa2_decode_runs():
         VattnConfig.from_env({"VATTN_FA2_ORDER": "shortest"})
     with pytest.raises(ConfigError, match="VATTN_FA2_ORDER=longest-first.*VATTN_DECODE_KERNEL=fa3"):
         VattnConfig.from_env({"VATTN_FA2_ORDER": "longest-first", "VATTN_DECODE_KERNEL": "fa3"})
+
+
+def test_the_option_list_is_what_from_env_reads_and_every_option_is_documented():
+    """option_variables() is learnt from from_env itself; README's options table and config.py's own
+    table must name each of them (and nothing else), so a new option cannot go undocumented."""
+    import os
+    import re
+
+    from vllm_vattention import config
+    opts = config.option_variables()
+    assert {"VATTN_LAYOUT", "VATTN_ROW_DRAIN", "VATTN_STEP_TRACE", "VATTN_PREFIX_MIN_USERS"} <= opts
+    assert not opts & set(config.TOOL_VARIABLES)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme = open(os.path.join(root, "README.md")).read()
+    readme_table = set(re.findall(r"^\| `(VATTN_[A-Z0-9_]+)` \|", readme, re.M))
+    doc_table = set(re.findall(r"^\| (VATTN_[A-Z0-9_]+) \|", config.__doc__, re.M))
+    assert readme_table == opts and doc_table == opts
+
+
+def test_unknown_variables_name_the_closest_option_and_tool_variables_pass():
+    from vllm_vattention.config import check_variables
+    check_variables({"VATTN_LAYOUT": "interleaved", "VATTN_COMMIT": "abc", "VATTN_SCHED_SEEDS": "4", "OTHER": "x"})
+    with pytest.raises(ConfigError, match=r"VATTN_SPARE_BLOCK \(did you mean VATTN_SPARE_BLOCKS\?\)") as e:
+        check_variables({"VATTN_SPARE_BLOCK": "64", "VATTN_ZZZ": "1"})
+    # both named, the one close to no option without a guess
+    assert "(did you mean VATTN_SPARE_BLOCKS?), VATTN_ZZZ; vllm-vattention reads VATTN_BACKGROUND_MAP" in str(e.value)

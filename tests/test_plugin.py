@@ -141,6 +141,26 @@ def test_selected_without_gpu_raises_in_check_and_update_config(vllm_config_fact
         apply_if_selected(vc)
 
 
+def test_a_misspelt_variable_is_refused_once_vattention_is_selected_and_ignored_otherwise(vllm_config_factory,
+                                                                                         monkeypatch):
+    """VATTN_ROWDRAIN=1 would otherwise run the default silently: with vAttention selected it is a
+    ConfigError naming the variable and the option it is closest to (before the GPU check, so a CPU
+    sees it); in a stock run the plugin stays inert."""
+    from vllm_vattention.selection import apply_if_selected
+    monkeypatch.delenv("VLLM_ATTENTION_BACKEND", raising=False)
+    monkeypatch.setenv("VATTN_ROWDRAIN", "1")
+    vc = vllm_config_factory()
+    before = (vc.cache_config.block_size, vc.parallel_config.worker_cls)
+    apply_if_selected(vc)  # stock: nothing refused, nothing changed
+    assert (vc.cache_config.block_size, vc.parallel_config.worker_cls) == before
+    monkeypatch.setenv("VLLM_ATTENTION_BACKEND", "VATTENTION")
+    with pytest.raises(ConfigError, match=r"unknown vAttention variable\(s\): VATTN_ROWDRAIN \(did you mean VATTN_ROW_DRAIN\?\)"):
+        apply_if_selected(vc)
+    monkeypatch.delenv("VATTN_ROWDRAIN")
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):  # the next check: the variables passed
+        apply_if_selected(vc)
+
+
 @pytest.mark.parametrize("kwargs, env, match", [
     (dict(block_size=24), {}, r"--block-size 24 .* multiple of 16"),
     (dict(kv_cache_dtype="fp8"), {}, r"--kv-cache-dtype fp8"),

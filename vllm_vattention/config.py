@@ -105,6 +105,50 @@ def _spares(env: Mapping[str, str], name: str, default: int | str | None) -> int
         raise ConfigError(f"{name}={raw!r} is not supported; use a whole number >= 0 or auto") from None
 
 
+# VATTN_* variables that are not options of the plugin: the repository's own tools read them
+# (bench/env.py: the commit a result names; tests: how many examples and seeds to draw)
+TOOL_VARIABLES = ("VATTN_COMMIT", "VATTN_HYPOTHESIS_EXAMPLES", "VATTN_SCHED_SEEDS")
+
+
+class _Reads(dict):
+    """An empty environment that notes every name looked up in it (option_variables)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def get(self, name, default=None):
+        self.names.add(name)
+        return default
+
+
+def option_variables() -> frozenset[str]:
+    """Every VATTN_ variable VattnConfig.from_env reads: learnt by reading an empty environment, so
+    the list cannot fall behind from_env."""
+    reads = _Reads()
+    VattnConfig.from_env(reads)
+    return frozenset(n for n in reads.names if n.startswith("VATTN_"))
+
+
+def check_variables(env: Mapping[str, str] | None = None) -> None:
+    """With vAttention selected, a VATTN_ variable that is neither an option nor one of the tools'
+    is a typo or an option this version no longer has: a ConfigError naming it (and the option it
+    is closest to), where ignoring it would run the default silently."""
+    import difflib
+
+    env = os.environ if env is None else env
+    known = option_variables()
+    unknown = sorted(n for n in env if n.startswith("VATTN_") and n not in known and n not in TOOL_VARIABLES)
+    if unknown:
+        hints = []
+        suffixes = sorted(n[len("VATTN_"):] for n in known)  # (the shared prefix would make any name look close)
+        for name in unknown:
+            close = difflib.get_close_matches(name[len("VATTN_"):], suffixes, n=1, cutoff=0.6)
+            hints.append(f"{name} (did you mean VATTN_{close[0]}?)" if close else name)
+        raise ConfigError(f"unknown vAttention variable(s): {', '.join(hints)}; vllm-vattention reads "
+                          f"{', '.join(sorted(known))}; unset or rename the variable (README.md, Options)")
+
+
 def _step_blocks(max_num_batched_tokens: int, block_size: int, blocks: int, share: float) -> int:
     """auto: the blocks one step's tokens fill, at most `share` of `blocks`."""
     return min(-(-max_num_batched_tokens // block_size), int(blocks * share))

@@ -9,7 +9,7 @@ import logging
 
 import torch
 
-from .config import VattnConfig
+from .config import VattnConfig, check_variables
 from .errors import ConfigError
 from .memory import PAGE_SIZE, KVGeometry, preferred_block_size
 
@@ -169,6 +169,7 @@ def apply_if_selected(vllm_config) -> None:
         if cfg.step_trace:
             trace_stock(vllm_config, cfg)
         return
+    check_variables()
     if not torch.cuda.is_available():
         raise ConfigError("vAttention needs a CUDA GPU, and none is visible to this process "
                           "(check CUDA_VISIBLE_DEVICES); unset VLLM_ATTENTION_BACKEND to run without it")
