@@ -322,3 +322,11 @@ def test_unknown_variables_name_the_closest_option_and_tool_variables_pass():
         check_variables({"VATTN_SPARE_BLOCK": "64", "VATTN_ZZZ": "1"})
     # both named, the one close to no option without a guess
     assert "(did you mean VATTN_SPARE_BLOCKS?), VATTN_ZZZ; vllm-vattention reads VATTN_BACKGROUND_MAP" in str(e.value)
+
+
+def test_options_set_lists_only_the_plugins_options_in_name_order():
+    from vllm_vattention.config import options_set
+    assert options_set({"VATTN_ROW_DRAIN": "1", "VATTN_COMMIT": "abc", "VATTN_LAYOUT": "per_layer", "HOME": "/"}) == {
+        "VATTN_LAYOUT": "per_layer", "VATTN_ROW_DRAIN": "1"}
+    assert list(options_set({"VATTN_ROW_DRAIN": "1", "VATTN_LAYOUT": "x"})) == ["VATTN_LAYOUT", "VATTN_ROW_DRAIN"]
+    assert options_set({}) == {}

@@ -113,6 +113,34 @@ def test_selected_by_env_or_flag_sets_block_size_and_worker(vllm_config_factory,
     assert vc.parallel_config.worker_cls == WORKER_PATH
 
 
+def test_the_start_log_names_the_options_given(vllm_config_factory, v2_runner, monkeypatch):
+    """The "vAttention selected" line lists the VATTN_ options set in the environment (an A/B run's
+    log then says which system it was), or says none were."""
+    import logging
+
+    from vllm_vattention.selection import logger, validate_and_apply
+    seen = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        for k in [k for k in os.environ if k.startswith("VATTN_")]:
+            monkeypatch.delenv(k)
+        validate_and_apply(vllm_config_factory(), VattnConfig.from_env(ON))
+        monkeypatch.setenv("VATTN_ROW_DRAIN", "1")
+        monkeypatch.setenv("VATTN_FA2_SPLITS", "4")
+        validate_and_apply(vllm_config_factory(), VattnConfig.from_env())
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    lines = [m for m in seen if m.startswith("vAttention selected")]
+    assert len(lines) == 2
+    assert lines[0].endswith("options given: none (the defaults)")
+    assert lines[1].endswith("options given: VATTN_FA2_SPLITS=4 VATTN_ROW_DRAIN=1")
+
+
 def test_block_size_follows_kv_heads_and_layout(vllm_config_factory, v2_runner):
     from vllm_vattention.selection import validate_and_apply
     vc = vllm_config_factory(model=YI6B)

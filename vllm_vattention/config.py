@@ -130,6 +130,12 @@ def option_variables() -> frozenset[str]:
     return frozenset(n for n in reads.names if n.startswith("VATTN_"))
 
 
+def options_set(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The plugin's options given in the environment, by name (for the start-up log line)."""
+    env = os.environ if env is None else env
+    return {n: env[n] for n in sorted(option_variables()) if n in env}
+
+
 def check_variables(env: Mapping[str, str] | None = None) -> None:
     """With vAttention selected, a VATTN_ variable that is neither an option nor one of the tools'
     is a typo or an option this version no longer has: a ConfigError naming it (and the option it

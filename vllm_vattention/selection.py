@@ -9,7 +9,7 @@ import logging
 
 import torch
 
-from .config import VattnConfig, check_variables
+from .config import VattnConfig, check_variables, options_set
 from .errors import ConfigError
 from .memory import PAGE_SIZE, KVGeometry, preferred_block_size
 
@@ -127,9 +127,11 @@ def validate_and_apply(vllm_config, cfg: VattnConfig) -> None:
             f"tokens x {geometry.token_bytes} bytes), over the {MAX_RESERVATION_BYTES / 2**40:.0f} TiB "
             "we allow per GPU; lower --max-model-len or --max-num-seqs, or set VATTN_EXTRA_ROWS=0")
     pc.worker_cls = WORKER_PATH
+    given = options_set()
     logger.info("vAttention selected: layout=%s block_size=%d rows=%d reclaim=%s decode=%s fa3_decode_tokens=%d "
-                "fa3_schedule=%s", cfg.layout, cc.block_size, rows, cfg.reclaim, cfg.decode_kernel,
-                cfg.fa3_decode_tokens, int(cfg.fa3_schedule))
+                "fa3_schedule=%s; options given: %s", cfg.layout, cc.block_size, rows, cfg.reclaim, cfg.decode_kernel,
+                cfg.fa3_decode_tokens, int(cfg.fa3_schedule),
+                " ".join(f"{k}={v}" for k, v in given.items()) or "none (the defaults)")
 
 
 def trace_stock(vllm_config, cfg: VattnConfig) -> None:
