@@ -182,7 +182,8 @@ for s in $steps; do
         ( cd "$OUT" && tar czf "prof$t.tgz" prof-*$t.json prof-*$t.log && rm -f prof-*$t.json prof-*$t.log );;
     kbench) # decode attention at serving geometry: paged FA3 vs FA2 over our rows, FA2's split count swept
         timeout ${KB_TIMEOUT:-540} python3 -m vllm_vattention.bench.kbench --out "$OUT" ${KB_ARGS:-} > "$OUT/kbench.log" 2>&1
-        echo "rc=$?"; grep "^|" "$OUT"/*-kbench.md | head -14;;
+        # (KB_ARGS' --tag names the file: show the newest table, whatever its tag)
+        echo "rc=$?"; grep "^|" "$(ls -t "$OUT"/*.md | head -1)" | head -14;;
     under_load) # do VMM calls wait for the GPU's work? (NOTES #140: the engine's 21-38 ms cuMemSetAccess calls)
         timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_vmm_gpu.py -k under_load > "$OUT/under_load.log" 2>&1
         echo "test rc=$?"; tail -1 "$OUT/under_load.log"
