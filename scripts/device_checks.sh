@@ -195,7 +195,7 @@ for s in $steps; do
         echo "test rc=$?"; tail -1 "$OUT/host_ops.log"
         timeout 200 python3 -m vllm_vattention.bench.mapbench --out "$OUT" --sections host_ops,at_scale --tag mapbench-host \
           >> "$OUT/host_ops.log" 2>&1; echo "mapbench rc=$?"; tail -18 "$OUT"/*-mapbench-host.md;;
-    first_launch) # NOTES #146: does CUDA's lazy module loading (a kernel's first launch, waiting for the GPU in the
+    first_launch) # NOTES #147: does CUDA's lazy module loading (a kernel's first launch, waiting for the GPU in the
         # engine: NOTES #145) hold up the native thread's VMM calls? Control: a loaded kernel's launch
         echo "CUDA_MODULE_LOADING=${CUDA_MODULE_LOADING:-unset (torch sets LAZY)}"
         timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_vmm_gpu.py -k first_launch > "$OUT/first_launch.log" 2>&1

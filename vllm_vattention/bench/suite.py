@@ -978,13 +978,16 @@ def server_rows(res: list[dict]) -> list[dict]:
                 "outside": None if None in (client, ttft) else client - ttft,
                 "frontend": None if None in (ttft, queue, prefill) else ttft - queue - prefill}
 
-    out = []
-    for (w, sy), ps in _grouped(res, lambda r: parts(r) if r.get("server") else None).items():
-        row = {"workload": w, "system": sy, "n": len(ps)}
-        for k in ps[0]:
-            xs = [p[k] for p in ps if p[k] is not None]
-            row[k] = statistics.median(xs) if xs else None
-        out.append(row)
+    return [{"workload": w, "system": sy, "n": len(ps), **_medians(ps, ps[0])}
+            for (w, sy), ps in _grouped(res, lambda r: parts(r) if r.get("server") else None).items()]
+
+
+def _medians(parts: list[dict], keys) -> dict:
+    """Per key, the median over repetitions of the values they have (None where none has one)."""
+    out = {}
+    for k in keys:
+        xs = [p[k] for p in parts if p[k] is not None]
+        out[k] = statistics.median(xs) if xs else None
     return out
 
 
@@ -1009,15 +1012,10 @@ def cpu_rows(res: list[dict]) -> list[dict]:
                 "mapper_s": sum(p.get("threads_by_name", {}).get(MAPPER_THREAD, 0.0) for p in c["procs"]),
                 "client_s": c.get("client_cpu_s"), "machine": c.get("machine_busy_cpus"), "cpus": c.get("cpus")}
 
-    out = []
-    for (w, sy), ps in _grouped(res, lambda r: parts(r) if r.get("cpu") else None).items():
-        row = {"workload": w, "system": sy, "n": len(ps), "engine_name": ps[0]["engine_name"], "cpus": ps[0]["cpus"]}
-        for k in ("wall_s", "api_s", "api_thread", "engine_s", "engine_thread", "mapper_s", "others_s", "client_s",
-                  "machine"):
-            xs = [p[k] for p in ps if p[k] is not None]
-            row[k] = statistics.median(xs) if xs else None
-        out.append(row)
-    return out
+    return [{"workload": w, "system": sy, "n": len(ps), "engine_name": ps[0]["engine_name"], "cpus": ps[0]["cpus"],
+             **_medians(ps, ("wall_s", "api_s", "api_thread", "engine_s", "engine_thread", "mapper_s", "others_s",
+                             "client_s", "machine"))}
+            for (w, sy), ps in _grouped(res, lambda r: parts(r) if r.get("cpu") else None).items()]
 
 
 def _ms(x) -> str:
