@@ -581,6 +581,18 @@ def _event_timed(work, after=None):
     return go
 
 
+def _repeats_in(ms: float, work, sample: int = 1) -> int:
+    """How many runs of `work` back to back take about `ms` of GPU time (at least 1), from `sample`
+    runs timed by events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(sample):
+        work()
+    end.record()
+    end.synchronize()
+    return max(1, int(ms / max(start.elapsed_time(end) / sample, 1e-3)))
+
+
 def _spin_cycles(ms: float) -> int:
     """torch.cuda._sleep's cycles for a kernel of about `ms` (its first call outside the calibration)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -644,12 +656,7 @@ def reading_loads(ms: float = 30.0):
         order = torch.randperm(n, device=dev)
 
         def timed_repeat(work):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            work()
-            end.record()
-            end.synchronize()
-            times = max(1, int(ms / max(start.elapsed_time(end), 1e-3)))
+            times = _repeats_in(ms, work)
 
             def repeated():
                 for _ in range(times):
@@ -671,16 +678,10 @@ def gpu_loads(d, ms: float = 30.0):
     import threading
 
     stream = torch.cuda.current_stream()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     cycles = _spin_cycles(ms)
     a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
     a @ a  # cuBLAS's first call sets itself up: not part of the calibration
-    start.record()
-    for _ in range(10):
-        a @ a
-    end.record()
-    end.synchronize()
-    gemms = max(1, int(ms / (start.elapsed_time(end) / 10)))
+    gemms = _repeats_in(ms, lambda: a @ a, sample=10)
     host, dev = d.host_flag()
     word = ctypes.c_uint32.from_address(host)
     timers: list = []
